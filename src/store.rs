@@ -1,0 +1,164 @@
+//! Stores: where snapshot objects live.
+//!
+//! A [`BlockStore`] is a small object-safe trait over a flat key space under
+//! one prefix: get a whole object (bounded in length), put one, ask whether
+//! one exists. Backends: `file://` ([`file::FileStore`], a directory laid out
+//! exactly as the same snapshot would be in a bucket) and `s3://`
+//! (`store/s3.rs`). Every policy (rate limit, retry, timeout, fallback, fault
+//! injection, metrics) wraps this same trait and forwards every method.
+//!
+//! Errors are classified where they arise ([`StoreError`] carries its
+//! [`ErrorClass`](crate::error::ErrorClass)).
+
+pub mod file;
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+pub use crate::error::StoreError;
+
+/// A boxed future, so the store trait stays object-safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A store of snapshot objects under one prefix.
+pub trait BlockStore: Send + Sync + fmt::Debug {
+    /// Where this store points (for reports; never carries credentials).
+    fn url(&self) -> &StoreUrl;
+
+    /// Read the whole object `key`. An object longer than `len_max_bytes` is
+    /// refused as corrupt without reading it all: a store cannot make us
+    /// buffer more than the caller budgeted.
+    fn get<'a>(&'a self, key: &'a str, len_max_bytes: u64) -> BoxFuture<'a, Result<Bytes, StoreError>>;
+
+    /// Write the whole object `key` atomically: readers see all of it or none.
+    fn put<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Whether object `key` exists.
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
+}
+
+/// A shared store handle.
+pub type SharedStore = Arc<dyn BlockStore>;
+
+/// Where a store lives: `file:///abs/dir` or `s3://bucket/prefix`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum StoreUrl {
+    File { root: PathBuf },
+    S3 { bucket: String, prefix: String },
+}
+
+/// Why a URL is not a store or manifest URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid URL {url:?}: {reason}")]
+pub struct UrlError {
+    pub url: String,
+    pub reason: String,
+}
+
+impl StoreUrl {
+    /// Parse `file:///abs/dir` (or a bare absolute path) or
+    /// `s3://bucket[/prefix]`.
+    pub fn parse(url: &str) -> Result<Self, UrlError> {
+        let err = |reason: &str| UrlError { url: url.to_owned(), reason: reason.to_owned() };
+        if url.contains('\0') {
+            return Err(err("contains a NUL byte"));
+        }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if !valid_bucket(bucket) {
+                return Err(err("bucket names are 3-63 characters of a-z, 0-9, '.', '-'"));
+            }
+            let prefix = prefix.trim_matches('/');
+            if prefix.split('/').any(|part| part == "." || part == "..") {
+                return Err(err("a prefix may not contain '.' or '..' segments"));
+            }
+            return Ok(StoreUrl::S3 { bucket: bucket.to_owned(), prefix: prefix.to_owned() });
+        }
+        let path = url.strip_prefix("file://").unwrap_or(url);
+        if !path.starts_with('/') {
+            return Err(err("use file:///absolute/path or s3://bucket/prefix"));
+        }
+        let root = PathBuf::from(path);
+        if root.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(err("a path may not contain '..'"));
+        }
+        Ok(StoreUrl::File { root })
+    }
+
+    /// Split a manifest URL into its store (the manifest's parent) and the
+    /// manifest's key within it.
+    pub fn parse_manifest(url: &str) -> Result<(Self, String), UrlError> {
+        let err = |reason: &str| UrlError { url: url.to_owned(), reason: reason.to_owned() };
+        let trimmed = url.trim_end_matches('/');
+        let (parent, key) = trimmed.rsplit_once('/').ok_or_else(|| err("no manifest name in the URL"))?;
+        if key.is_empty() || !key.ends_with(MANIFEST_SUFFIX) {
+            return Err(err(&format!("a manifest URL ends in <name>{MANIFEST_SUFFIX}")));
+        }
+        let parent = if parent == "file://" || parent.is_empty() { "/" } else { parent };
+        let parent = if parent == "s3:/" { return Err(err("no bucket in the URL")) } else { parent };
+        Ok((Self::parse(parent)?, key.to_owned()))
+    }
+
+    /// The URL of object `key` in this store.
+    pub fn join(&self, key: &str) -> String {
+        let base = self.to_string();
+        format!("{}/{}", base.trim_end_matches('/'), key)
+    }
+}
+
+/// Manifests are stored as `<store>/<name>.manifest`.
+pub const MANIFEST_SUFFIX: &str = ".manifest";
+
+fn valid_bucket(bucket: &str) -> bool {
+    (3..=63).contains(&bucket.len())
+        && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreUrl::File { root } => write!(f, "file://{}", root.display()),
+            StoreUrl::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            StoreUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
+
+/// Open the store a URL names. S3 stores are opened by `store::s3`.
+pub async fn open(url: &StoreUrl) -> Result<SharedStore, StoreError> {
+    match url {
+        StoreUrl::File { root } => Ok(Arc::new(file::FileStore::new(root.clone()))),
+        StoreUrl::S3 { .. } => Err(StoreError::permanent(format!("{url}: s3:// stores are not built yet"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_store_and_manifest_urls() {
+        assert_eq!(StoreUrl::parse("file:///a/b").unwrap(), StoreUrl::File { root: "/a/b".into() });
+        assert_eq!(
+            StoreUrl::parse("s3://bucket/x/y/").unwrap(),
+            StoreUrl::S3 { bucket: "bucket".into(), prefix: "x/y".into() }
+        );
+        let (store, key) = StoreUrl::parse_manifest("s3://bucket/p/vol.manifest").unwrap();
+        assert_eq!(store.join(&key), "s3://bucket/p/vol.manifest");
+        let (store, key) = StoreUrl::parse_manifest("file:///srv/vol.manifest").unwrap();
+        assert_eq!((store.to_string(), key.as_str()), ("file:///srv".to_owned(), "vol.manifest"));
+    }
+
+    #[test]
+    fn rejects_hostile_urls() {
+        for bad in ["relative/path", "file://../x", "/a/../b", "s3://B/x", "s3://bu", "s3://bucket/../x", "/a\0b"] {
+            assert!(StoreUrl::parse(bad).is_err(), "{bad} accepted");
+        }
+        assert!(StoreUrl::parse_manifest("s3://bucket/p/vol.txt").is_err());
+    }
+}

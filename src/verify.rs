@@ -1,0 +1,138 @@
+//! Verify: the only way bytes become writable.
+//!
+//! In: the raw bytes of a block object as a source returned them, and what the
+//! manifest says they must be. Out: a [`VerifiedBlock`], whose constructor is
+//! private to this module, so an unverified block cannot reach the writer: the
+//! writer only accepts `VerifiedBlock`s. Decompression is bounded by the
+//! block's length (a zstd bomb cannot make us allocate more), and any mismatch
+//! (length, hash, compression) is a [`Corrupt`](crate::error::ErrorClass::Corrupt)
+//! fault of the source that sent the bytes.
+
+use bytes::Bytes;
+
+use crate::block::{Compression, ContentHash, HashAlgorithm};
+use crate::error::StoreError;
+
+/// What a block object must turn out to be.
+#[derive(Debug, Clone, Copy)]
+pub struct Expected {
+    pub hash: ContentHash,
+    pub algorithm: HashAlgorithm,
+    pub compression: Compression,
+    /// Length of the stored object.
+    pub stored_len_bytes: u32,
+    /// Length of the block once decompressed.
+    pub len_bytes: u32,
+}
+
+/// Bytes whose length and content hash matched the manifest.
+#[derive(Debug, Clone)]
+pub struct VerifiedBlock {
+    bytes: Bytes,
+}
+
+impl VerifiedBlock {
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// A block of zeros: what the manifest says an absent block holds, so it
+    /// needs no check.
+    pub fn zeros(len_bytes: usize) -> Self {
+        Self { bytes: zero_bytes(len_bytes) }
+    }
+}
+
+/// A shared zero buffer: zero blocks are written from one allocation.
+fn zero_bytes(len_bytes: usize) -> Bytes {
+    use std::sync::OnceLock;
+    static ZEROS: OnceLock<Bytes> = OnceLock::new();
+    let zeros = ZEROS.get_or_init(|| Bytes::from(vec![0u8; crate::block::BLOCK_SIZE_MAX_BYTES as usize]));
+    debug_assert!(len_bytes <= zeros.len());
+    zeros.slice(..len_bytes.min(zeros.len()))
+}
+
+/// Check `raw` against `expected`; decompress when the object is compressed.
+pub fn verify(raw: Bytes, expected: &Expected) -> Result<VerifiedBlock, StoreError> {
+    if raw.len() != expected.stored_len_bytes as usize {
+        return Err(StoreError::corrupt(format!(
+            "object is {} bytes, the manifest says {}",
+            raw.len(),
+            expected.stored_len_bytes
+        )));
+    }
+    let bytes = match expected.compression {
+        Compression::None => raw,
+        Compression::Zstd => {
+            // bulk::decompress refuses output larger than the capacity given.
+            let out = zstd::bulk::decompress(&raw, expected.len_bytes as usize)
+                .map_err(|e| StoreError::corrupt(format!("zstd: {e}")))?;
+            Bytes::from(out)
+        }
+    };
+    if bytes.len() != expected.len_bytes as usize {
+        return Err(StoreError::corrupt(format!(
+            "block is {} bytes, the manifest says {}",
+            bytes.len(),
+            expected.len_bytes
+        )));
+    }
+    let actual = expected.algorithm.hash(&bytes);
+    if actual != expected.hash {
+        return Err(StoreError::corrupt(format!(
+            "{} mismatch: got {}, the manifest says {}",
+            expected.algorithm.name(),
+            actual.to_hex(),
+            expected.hash.to_hex()
+        )));
+    }
+    Ok(VerifiedBlock { bytes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorClass;
+
+    fn expected_for(data: &[u8], compression: Compression, stored: &[u8]) -> Expected {
+        Expected {
+            hash: HashAlgorithm::Blake3.hash(data),
+            algorithm: HashAlgorithm::Blake3,
+            compression,
+            stored_len_bytes: stored.len() as u32,
+            len_bytes: data.len() as u32,
+        }
+    }
+
+    #[test]
+    fn accepts_good_and_rejects_corrupt() {
+        let data = vec![7u8; 8192];
+        let exp = expected_for(&data, Compression::None, &data);
+        assert_eq!(verify(Bytes::from(data.clone()), &exp).unwrap().bytes()[..], data[..]);
+        let mut bad = data.clone();
+        bad[100] ^= 1;
+        assert_eq!(verify(Bytes::from(bad), &exp).unwrap_err().class, ErrorClass::Corrupt);
+        assert_eq!(verify(Bytes::from(data[..100].to_vec()), &exp).unwrap_err().class, ErrorClass::Corrupt);
+    }
+
+    #[test]
+    fn zstd_is_bounded_and_checked() {
+        let data = vec![3u8; 8192];
+        let packed = zstd::bulk::compress(&data, 3).unwrap();
+        let exp = expected_for(&data, Compression::Zstd, &packed);
+        assert_eq!(verify(Bytes::from(packed.clone()), &exp).unwrap().len(), 8192);
+        // A bomb: claims a small block but decompresses larger.
+        let big = zstd::bulk::compress(&vec![0u8; 1 << 20], 3).unwrap();
+        let mut bomb = exp;
+        bomb.stored_len_bytes = big.len() as u32;
+        assert_eq!(verify(Bytes::from(big), &bomb).unwrap_err().class, ErrorClass::Corrupt);
+    }
+}
