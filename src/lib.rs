@@ -4,8 +4,19 @@
 //! `job` as the control plane and `cli`, `metrics`, `config` at the edges.
 
 pub mod block;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod demo;
 pub mod error;
+pub mod fetch;
+pub mod job;
 pub mod manifest;
+pub mod metrics;
+pub mod progress_bar;
+pub mod sample;
+pub mod snapshot;
 pub mod store;
+pub mod target;
 pub mod verify;
 pub mod write;

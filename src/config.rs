@@ -1,0 +1,340 @@
+//! Configuration: read raw from TOML, resolved to typed values, validated.
+//!
+//! Every section may be given partially (serde defaults fill the rest) and an
+//! unknown key is an error that names it. Sizes are whole bytes in keys ending
+//! `_bytes`, durations whole milliseconds in keys ending `_millis`: one
+//! convention everywhere. Each default says why it is that value; the same
+//! text is in `config/rehydrate.toml`.
+
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::write::{BackendChoice, WriterConfig};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub fetch: FetchConfig,
+    pub write: WriteConfig,
+    pub checkpoint: CheckpointConfig,
+    pub manifest: ManifestConfig,
+}
+
+/// How blocks are fetched: in-flight budget, deadlines, retry bounds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FetchConfig {
+    /// Bytes of block data fetched but not yet written, over ALL restores in
+    /// the process. 256 MiB keeps a 2-core machine's disk and loopback busy
+    /// (256 blocks of 1 MiB in flight) without letting memory grow with jobs.
+    pub inflight_bytes_max: NonZeroU64,
+    /// Deadline of one attempt to fetch one block, body included. 10 s: a
+    /// 4 MiB block at 1 MiB/s still fits; a stalled body is cut well before a
+    /// human notices the restore is stuck.
+    pub attempt_timeout_millis: NonZeroU64,
+    /// Attempts per block per source before going to the next source. 4: three
+    /// retries ride out a brief 503 storm; more only delays the fallback.
+    pub attempts_max: NonZeroU32,
+    /// Time per block per source, backoff included, before going to the next
+    /// source. 60 s bounds how long one cold block can hold its budget.
+    pub source_elapsed_max_millis: NonZeroU64,
+    /// Decorrelated-jitter backoff: first sleep at least this. 50 ms.
+    pub backoff_base_millis: NonZeroU64,
+    /// Decorrelated-jitter backoff: no sleep longer than this. 2 s keeps a
+    /// throttled source probed often enough to recover quickly.
+    pub backoff_cap_millis: NonZeroU64,
+    /// Seed of the jitter's random source. Unset in production (seeded from
+    /// the clock); tests set it so backoff schedules repeat exactly.
+    pub jitter_seed: Option<u64>,
+    /// A running restore with nothing settled for this long is flagged
+    /// stalled. 30 s: three times the attempt deadline.
+    pub stall_after_millis: NonZeroU64,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            inflight_bytes_max: nz64(256 << 20),
+            attempt_timeout_millis: nz64(10_000),
+            attempts_max: NonZeroU32::new(4).expect("non-zero"),
+            source_elapsed_max_millis: nz64(60_000),
+            backoff_base_millis: nz64(50),
+            backoff_cap_millis: nz64(2_000),
+            jitter_seed: None,
+            stall_after_millis: nz64(30_000),
+        }
+    }
+}
+
+/// How the target is written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WriteConfig {
+    /// `auto` probes io_uring and falls back to pwrite (old kernels, seccomp).
+    pub backend: BackendChoice,
+    /// Writes queued or in flight per target. 64 keeps NVMe queues fed.
+    pub queue_depth: NonZeroUsize,
+    /// Threads of the pwrite backend. 4 overlaps writes on 2 cores.
+    pub pwrite_threads: NonZeroUsize,
+}
+
+impl Default for WriteConfig {
+    fn default() -> Self {
+        Self {
+            backend: BackendChoice::Auto,
+            queue_depth: nzu(64),
+            pwrite_threads: nzu(4),
+        }
+    }
+}
+
+/// When written blocks are made durable (fdatasync) and the checkpoint saved.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Save checkpoints. Off: blocks still settle (fdatasync) on the same
+    /// cadence, but a crashed restore starts over.
+    pub enabled: bool,
+    /// Where checkpoints live. Unset: `$STATE_DIRECTORY`, else
+    /// `$XDG_STATE_HOME/rehydrate`, else `~/.local/state/rehydrate`.
+    pub dir: Option<PathBuf>,
+    /// fdatasync + checkpoint at least this often. 2 s bounds the work a crash
+    /// can lose to two seconds of throughput.
+    pub interval_millis: NonZeroU64,
+    /// ... or after this many newly written bytes, whichever comes first.
+    /// 1 GiB: one fdatasync per GiB costs well under 1 % of a restore.
+    pub interval_bytes: NonZeroU64,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dir: None,
+            interval_millis: nz64(2_000),
+            interval_bytes: nz64(1 << 30),
+        }
+    }
+}
+
+/// Limits on manifests read.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ManifestConfig {
+    /// Most block entries in a manifest. 16 Mi: a 64 TiB volume in 4 MiB
+    /// blocks; 768 MiB of entries in memory at most.
+    pub entries_max: NonZeroU64,
+}
+
+impl Default for ManifestConfig {
+    fn default() -> Self {
+        Self {
+            entries_max: nz64(16 << 20),
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parse and validate config text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check relations between fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let f = &self.fetch;
+        if f.backoff_base_millis > f.backoff_cap_millis {
+            return Err(ConfigError::Invalid(format!(
+                "fetch.backoff_base_millis ({}) is larger than fetch.backoff_cap_millis ({})",
+                f.backoff_base_millis, f.backoff_cap_millis
+            )));
+        }
+        if f.inflight_bytes_max.get() < u64::from(crate::block::BLOCK_SIZE_MAX_BYTES) {
+            return Err(ConfigError::Invalid(format!(
+                "fetch.inflight_bytes_max ({}) must hold at least one block of the largest size ({} bytes)",
+                f.inflight_bytes_max,
+                crate::block::BLOCK_SIZE_MAX_BYTES
+            )));
+        }
+        if f.attempt_timeout_millis.get() > f.source_elapsed_max_millis.get() {
+            return Err(ConfigError::Invalid(format!(
+                "fetch.attempt_timeout_millis ({}) is longer than fetch.source_elapsed_max_millis ({}): no attempt could finish",
+                f.attempt_timeout_millis, f.source_elapsed_max_millis
+            )));
+        }
+        if let Some(dir) = &self.checkpoint.dir
+            && !dir.is_absolute()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "checkpoint.dir {} must be an absolute path",
+                dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn writer(&self) -> WriterConfig {
+        WriterConfig {
+            backend: self.write.backend,
+            queue_depth: self.write.queue_depth,
+            pwrite_threads: self.write.pwrite_threads,
+        }
+    }
+
+    /// The checkpoint directory, resolved from the config or the environment.
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.checkpoint.dir {
+            return dir.clone();
+        }
+        if let Some(dir) = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
+            return PathBuf::from(dir);
+        }
+        if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+            return PathBuf::from(dir).join("rehydrate");
+        }
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/lib"));
+        home.join(".local/state/rehydrate")
+    }
+}
+
+impl FetchConfig {
+    pub fn attempt_timeout(&self) -> Duration {
+        Duration::from_millis(self.attempt_timeout_millis.get())
+    }
+    pub fn source_elapsed_max(&self) -> Duration {
+        Duration::from_millis(self.source_elapsed_max_millis.get())
+    }
+    pub fn backoff_base(&self) -> Duration {
+        Duration::from_millis(self.backoff_base_millis.get())
+    }
+    pub fn backoff_cap(&self) -> Duration {
+        Duration::from_millis(self.backoff_cap_millis.get())
+    }
+    pub fn stall_after(&self) -> Duration {
+        Duration::from_millis(self.stall_after_millis.get())
+    }
+}
+
+impl CheckpointConfig {
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_millis.get())
+    }
+}
+
+fn nz64(v: u64) -> NonZeroU64 {
+    NonZeroU64::new(v).expect("default is non-zero")
+}
+
+fn nzu(v: usize) -> NonZeroUsize {
+    NonZeroUsize::new(v).expect("default is non-zero")
+}
+
+/// Parse a human size: `4096`, `64KiB`, `1MiB`, `4M`, `1GiB`.
+pub fn parse_size_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (examples: 4096, 64KiB, 1MiB)"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {text:?}: use KiB, MiB, GiB or TiB"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {text:?} overflows"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_sections_and_unknown_keys() {
+        let c = Config::parse("[fetch]\nattempts_max = 2\n").unwrap();
+        assert_eq!(c.fetch.attempts_max.get(), 2);
+        assert_eq!(c.fetch.backoff_cap_millis.get(), 2000);
+        let err = Config::parse("[fetch]\nattempts = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("attempts"), "{err}");
+        let err = Config::parse("[fetch]\nattempts_max = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("attempts_max") || err.contains("zero"),
+            "{err}"
+        );
+        let err = Config::parse("[fetch]\nbackoff_base_millis = 5000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("backoff_cap_millis"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_config_is_valid_and_matches_defaults() {
+        let text = include_str!("../config/rehydrate.toml");
+        let c = Config::parse(text).unwrap();
+        let d = Config::default();
+        assert_eq!(c.fetch.inflight_bytes_max, d.fetch.inflight_bytes_max);
+        assert_eq!(c.fetch.attempts_max, d.fetch.attempts_max);
+        assert_eq!(c.checkpoint.interval_bytes, d.checkpoint.interval_bytes);
+        assert_eq!(c.write.queue_depth, d.write.queue_depth);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size_bytes("1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_size_bytes("4096").unwrap(), 4096);
+        assert!(parse_size_bytes("1XB").is_err());
+        assert!(parse_size_bytes("99999999999999999999T").is_err());
+    }
+}

@@ -1,0 +1,86 @@
+//! The global in-flight byte budget.
+//!
+//! One budget per process, shared by every restore: memory is bounded by the
+//! budget, not by the number of jobs. A block takes its length from the budget
+//! before its fetch starts and gives it back when its bytes are written (or
+//! dropped): the [`BudgetPermit`] travels with the block.
+
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Permits are KiB so that a budget of terabytes still fits a semaphore's
+/// `u32` acquire count for one block.
+const UNIT_BYTES: u64 = 1024;
+
+#[derive(Debug, Clone)]
+pub struct Budget {
+    semaphore: Arc<Semaphore>,
+    capacity_bytes: u64,
+}
+
+/// Bytes held in flight; returned to the budget when dropped.
+#[derive(Debug)]
+pub struct BudgetPermit {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Budget {
+    pub fn new(capacity_bytes: u64) -> Self {
+        let units = (capacity_bytes / UNIT_BYTES).max(1) as usize;
+        Self {
+            semaphore: Arc::new(Semaphore::new(units)),
+            capacity_bytes,
+        }
+    }
+
+    /// Wait until `bytes` fit in the budget. A request larger than the whole
+    /// budget is clamped to it, so it waits for an empty budget rather than
+    /// forever.
+    pub async fn acquire(&self, bytes: u64) -> BudgetPermit {
+        let units = bytes
+            .div_ceil(UNIT_BYTES)
+            .clamp(1, (self.capacity_bytes / UNIT_BYTES).max(1)) as u32;
+        let permit = Arc::clone(&self.semaphore)
+            .acquire_many_owned(units)
+            .await
+            .expect("budget semaphore is never closed");
+        BudgetPermit { _permit: permit }
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity_bytes
+    }
+
+    /// Bytes currently held by blocks in flight.
+    pub fn inflight_bytes(&self) -> u64 {
+        let free = self.semaphore.available_permits() as u64;
+        ((self.capacity_bytes / UNIT_BYTES).max(1) - free) * UNIT_BYTES
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn holds_and_returns_bytes() {
+        let budget = Budget::new(4 << 20);
+        let a = budget.acquire(3 << 20).await;
+        assert_eq!(budget.inflight_bytes(), 3 << 20);
+        let waiting = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            budget.acquire(2 << 20),
+        )
+        .await;
+        assert!(waiting.is_err(), "over budget must wait");
+        drop(a);
+        let _b = budget.acquire(2 << 20).await;
+        let _huge = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            budget.acquire(1 << 40),
+        )
+        .await;
+        assert_eq!(budget.inflight_bytes(), 2 << 20);
+    }
+}

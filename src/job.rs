@@ -1,0 +1,114 @@
+//! Job: the control plane of a restore.
+//!
+//! [`Engine`] holds what every restore in the process shares: the config, the
+//! in-flight byte budget, the opened stores. [`restore::restore`] runs one
+//! restore through its phases; [`readback`] reads a target back against a
+//! manifest. Every outcome maps to one [`RestoreError`] variant, and each
+//! variant to one documented exit code.
+
+pub mod plan;
+pub mod progress;
+pub mod readback;
+pub mod restore;
+
+use crate::config::Config;
+use crate::error::{ErrorClass, ExitCode};
+use crate::fetch::budget::Budget;
+use crate::manifest::{Manifest, ManifestLimits};
+use crate::store::{self, SharedStore, StoreUrl};
+
+pub use restore::{DamagedBlock, RestoreReport, RestoreSpec};
+
+/// What all restores in one process share.
+#[derive(Debug)]
+pub struct Engine {
+    pub config: Config,
+    pub budget: Budget,
+}
+
+impl Engine {
+    pub fn new(config: Config) -> Self {
+        let budget = Budget::new(config.fetch.inflight_bytes_max.get());
+        crate::metrics::describe();
+        Self { config, budget }
+    }
+
+    /// Open a store by URL.
+    pub async fn open_store(&self, url: &StoreUrl) -> Result<SharedStore, RestoreError> {
+        store::open(url)
+            .await
+            .map_err(|e| RestoreError::Source(format!("cannot open store {url}: {e}")))
+    }
+
+    pub fn manifest_limits(&self) -> ManifestLimits {
+        ManifestLimits {
+            entries_max: self.config.manifest.entries_max.get(),
+        }
+    }
+}
+
+/// Why a restore did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The request itself is wrong (a bad URL, bad flags).
+    #[error("{0}")]
+    Usage(String),
+    /// Refused input: a malformed manifest, an unusable target, a checkpoint
+    /// that belongs to another restore. Nothing was written.
+    #[error("{0}")]
+    Refused(String),
+    /// A store could not be read (the manifest missing or unreachable).
+    #[error("{0}")]
+    Source(String),
+    /// Writing or syncing the target failed.
+    #[error("{0}")]
+    Io(String),
+    /// Stopped on request, after settling what was written.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
+    /// Some blocks failed on every source; everything else was restored.
+    #[error(
+        "{} of {} blocks could not be restored from any source (first: block {}); the target was not swapped into place",
+        .0.blocks_failed, .0.blocks_total, .0.damage.first().map(|d| d.index).unwrap_or(0)
+    )]
+    BlocksFailed(Box<RestoreReport>),
+}
+
+impl RestoreError {
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            RestoreError::Usage(_) => ExitCode::Usage,
+            RestoreError::Refused(_) => ExitCode::Refused,
+            RestoreError::Source(_) | RestoreError::BlocksFailed(_) => ExitCode::DataFailure,
+            RestoreError::Io(_) => ExitCode::IoFailure,
+            RestoreError::Interrupted(_) => ExitCode::Interrupted,
+        }
+    }
+}
+
+impl From<crate::target::TargetError> for RestoreError {
+    fn from(e: crate::target::TargetError) -> Self {
+        match e {
+            crate::target::TargetError::Refused { .. } => RestoreError::Refused(e.to_string()),
+            crate::target::TargetError::Io { .. } => RestoreError::Io(e.to_string()),
+        }
+    }
+}
+
+/// Read and parse a manifest from its store, bounded by the limits.
+pub async fn load_manifest(
+    engine: &Engine,
+    store: &SharedStore,
+    key: &str,
+) -> Result<Manifest, RestoreError> {
+    let limits = engine.manifest_limits();
+    let url = store.url().join(key);
+    let bytes = store
+        .get(key, Manifest::encoded_len_max(&limits))
+        .await
+        .map_err(|e| match e.class {
+            ErrorClass::Corrupt => RestoreError::Refused(format!("manifest {url}: {e}")),
+            _ => RestoreError::Source(format!("cannot read manifest {url}: {e}")),
+        })?;
+    Manifest::decode(&bytes, &limits).map_err(|e| RestoreError::Refused(format!("{url}: {e}")))
+}

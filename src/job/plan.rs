@@ -1,0 +1,123 @@
+//! Plan: the work still to do, as pure computation over the manifest.
+//!
+//! Blocks still to do = manifest blocks − settled. Each distinct block object
+//! becomes one [`Unit`], fetched once and written at every block that holds it
+//! (identical blocks). Zero blocks are units without a fetch; on a fresh
+//! target (all zero by construction) they need no write at all and settle with
+//! the first fdatasync. Units come in order of their first block, so the
+//! settled cursor advances from the start of the volume.
+
+use std::collections::HashMap;
+
+use crate::block::{BlockIndex, BlockLayout, Compression, ContentHash, block_key};
+use crate::manifest::Manifest;
+use crate::verify::Expected;
+
+/// Where a unit's bytes come from.
+#[derive(Debug, Clone)]
+pub enum UnitSource {
+    /// A block object, fetched and verified.
+    Object { key: String, expected: Expected },
+    /// Zeros: nothing to fetch.
+    Zeros { len_bytes: u32 },
+}
+
+/// One fetch (or zero fill) and the blocks it is written to.
+#[derive(Debug, Clone)]
+pub struct Unit {
+    pub source: UnitSource,
+    /// Block indexes to write, ascending; never empty.
+    pub blocks: Vec<BlockIndex>,
+}
+
+impl Unit {
+    /// Bytes this unit holds in flight: the fetched object (decompressed).
+    pub fn inflight_bytes(&self) -> u64 {
+        match &self.source {
+            UnitSource::Object { expected, .. } => {
+                u64::from(expected.stored_len_bytes) + u64::from(expected.len_bytes)
+            }
+            UnitSource::Zeros { .. } => 0,
+        }
+    }
+
+    pub fn first_block(&self) -> BlockIndex {
+        self.blocks[0]
+    }
+}
+
+/// The work of one restore run.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub units: Vec<Unit>,
+    /// Zero blocks on a fresh target: settled by the first fdatasync, no write.
+    pub zero_free: Vec<BlockIndex>,
+    /// Blocks the plan covers (units' blocks + zero_free).
+    pub blocks_planned: u64,
+    /// Logical bytes the plan covers.
+    pub bytes_planned: u64,
+    /// Blocks that are copies of another block's object (fetched once).
+    pub blocks_deduplicated: u64,
+}
+
+/// Build the plan. `settled(i)` tells which blocks are already done.
+pub fn plan(manifest: &Manifest, fresh: bool, settled: impl Fn(BlockIndex) -> bool) -> Plan {
+    let layout = manifest.layout;
+    let mut out = Plan::default();
+    let mut by_object: HashMap<(ContentHash, Compression), usize> = HashMap::new();
+    let mut entries = manifest.entries().iter().peekable();
+    for index in 0..layout.block_count() {
+        let entry = match entries.peek() {
+            Some(e) if e.index == index => entries.next(),
+            _ => None,
+        };
+        if settled(index) {
+            continue;
+        }
+        out.blocks_planned += 1;
+        out.bytes_planned += u64::from(layout.len(index));
+        let Some(entry) = entry else {
+            if fresh {
+                out.zero_free.push(index);
+            } else {
+                out.units.push(Unit {
+                    source: UnitSource::Zeros {
+                        len_bytes: layout.len(index),
+                    },
+                    blocks: vec![index],
+                });
+            }
+            continue;
+        };
+        match by_object.get(&(entry.hash, entry.compression)) {
+            Some(&u) => {
+                out.units[u].blocks.push(index);
+                out.blocks_deduplicated += 1;
+            }
+            None => {
+                by_object.insert((entry.hash, entry.compression), out.units.len());
+                let expected = expected_of(manifest, &layout, entry);
+                let key = block_key(&entry.hash, entry.compression);
+                out.units.push(Unit {
+                    source: UnitSource::Object { key, expected },
+                    blocks: vec![index],
+                });
+            }
+        }
+    }
+    out
+}
+
+fn expected_of(
+    manifest: &Manifest,
+    layout: &BlockLayout,
+    entry: &crate::manifest::BlockEntry,
+) -> Expected {
+    Expected {
+        hash: entry.hash,
+        algorithm: manifest.hash_algorithm,
+        compression: entry.compression,
+        stored_len_bytes: entry.stored_len_bytes,
+        len_bytes: layout.len(entry.index),
+    }
+}

@@ -1,0 +1,322 @@
+//! Snapshot create: cut a file or block device into blocks and store them.
+//!
+//! A reader thread reads the source sequentially, one block at a time, skips
+//! zero blocks (absent from the manifest) and hashes the rest. Each distinct
+//! block is compressed (zstd, kept only when it is smaller) and put under its
+//! content address, unless the store already holds it; up to
+//! `puts_inflight_max` puts run at once. The manifest is put last, after every
+//! block it names is stored, so a manifest never names a missing object.
+//! Memory: the blocks queued to the writer plus those being put, each at most
+//! one block; the dedup index takes 32 bytes per distinct block.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use crate::block::{
+    BlockIndex, BlockLayout, Compression, ContentHash, HashAlgorithm, block_key, is_zero,
+};
+use crate::manifest::{BlockEntry, ManifestBuilder};
+use crate::store::{MANIFEST_SUFFIX, SharedStore};
+
+/// Blocks read ahead of the puts.
+const READ_AHEAD_BLOCKS: usize = 8;
+
+#[derive(Debug, Clone)]
+pub struct CreateSpec {
+    pub source: PathBuf,
+    pub name: String,
+    pub block_size_bytes: u32,
+    pub compression: Compression,
+    pub hash_algorithm: HashAlgorithm,
+    /// Puts in flight at once.
+    pub puts_inflight_max: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CreateReport {
+    pub manifest_url: String,
+    pub snapshot_digest: String,
+    pub volume_size_bytes: u64,
+    pub block_size_bytes: u32,
+    pub blocks_total: u64,
+    pub blocks_zero: u64,
+    pub blocks_deduplicated: u64,
+    /// Distinct objects put by this run.
+    pub objects_stored: u64,
+    /// Distinct objects the store already held.
+    pub objects_existing: u64,
+    pub bytes_stored: u64,
+    pub duration_secs: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Store(String),
+}
+
+/// A block read from the source, hashed.
+struct ReadBlock {
+    index: BlockIndex,
+    hash: ContentHash,
+    bytes: Bytes,
+}
+
+/// Create a snapshot of `spec.source` in `store`.
+pub async fn create(store: SharedStore, spec: &CreateSpec) -> Result<CreateReport, CreateError> {
+    let started = Instant::now();
+    validate_name(&spec.name)?;
+    let manifest_key = format!("{}{MANIFEST_SUFFIX}", spec.name);
+    if store
+        .exists(&manifest_key)
+        .await
+        .map_err(|e| CreateError::Store(e.to_string()))?
+    {
+        return Err(CreateError::Usage(format!(
+            "{} already exists: snapshots are immutable, choose another --name",
+            store.url().join(&manifest_key)
+        )));
+    }
+    let file = std::fs::File::open(&spec.source).map_err(|source| CreateError::Read {
+        path: spec.source.clone(),
+        source,
+    })?;
+    let size = crate::target::device_size_bytes(&file).map_err(|source| CreateError::Read {
+        path: spec.source.clone(),
+        source,
+    })?;
+    let layout = BlockLayout::new(size, spec.block_size_bytes)
+        .map_err(|e| CreateError::Usage(format!("{}: {e}", spec.source.display())))?;
+    let mut builder =
+        ManifestBuilder::new(&spec.name, layout, spec.hash_algorithm, spec.compression)
+            .map_err(|e| CreateError::Usage(e.to_string()))?;
+
+    let (tx, mut rx) = mpsc::channel::<std::io::Result<ReadBlock>>(READ_AHEAD_BLOCKS);
+    let algorithm = spec.hash_algorithm;
+    let reader = tokio::task::spawn_blocking(move || read_blocks(&file, layout, algorithm, &tx));
+
+    let puts = Arc::new(Semaphore::new(spec.puts_inflight_max.max(1)));
+    let mut tasks: JoinSet<Result<(ContentHash, u32, Compression, bool), CreateError>> =
+        JoinSet::new();
+    let mut objects: HashMap<ContentHash, Option<(u32, Compression)>> = HashMap::new();
+    let mut refs: Vec<(BlockIndex, ContentHash)> = Vec::new();
+    let mut dedup = 0;
+    let mut tally = PutTally::default();
+    while let Some(read) = rx.recv().await {
+        let block = read.map_err(|source| CreateError::Read {
+            path: spec.source.clone(),
+            source,
+        })?;
+        refs.push((block.index, block.hash));
+        if objects.contains_key(&block.hash) {
+            dedup += 1;
+            continue;
+        }
+        objects.insert(block.hash, None);
+        let permit = Arc::clone(&puts)
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let store = Arc::clone(&store);
+        let compression = spec.compression;
+        tasks.spawn(async move {
+            let out = put_block(&store, block, compression).await;
+            drop(permit);
+            out
+        });
+        while let Some(done) = tasks.try_join_next() {
+            record_put(&mut objects, &mut tally, done)?;
+        }
+    }
+    reader
+        .await
+        .map_err(|e| CreateError::Store(format!("reader task failed: {e}")))?;
+    while let Some(done) = tasks.join_next().await {
+        record_put(&mut objects, &mut tally, done)?;
+    }
+    for (index, hash) in &refs {
+        let (stored_len_bytes, compression) = objects[hash].expect("every put finished");
+        builder
+            .push(BlockEntry {
+                index: *index,
+                hash: *hash,
+                stored_len_bytes,
+                compression,
+            })
+            .map_err(|e| CreateError::Store(format!("internal: {e}")))?;
+    }
+    let manifest = builder.finish();
+    store
+        .put(&manifest_key, Bytes::from(manifest.encode()))
+        .await
+        .map_err(|e| CreateError::Store(format!("putting the manifest: {e}")))?;
+    Ok(CreateReport {
+        manifest_url: store.url().join(&manifest_key),
+        snapshot_digest: manifest.digest().to_hex(),
+        volume_size_bytes: size,
+        block_size_bytes: spec.block_size_bytes,
+        blocks_total: layout.block_count(),
+        blocks_zero: layout.block_count() - refs.len() as u64,
+        blocks_deduplicated: dedup,
+        objects_stored: tally.stored,
+        objects_existing: tally.existing,
+        bytes_stored: tally.bytes_stored,
+        duration_secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+#[derive(Debug, Default)]
+struct PutTally {
+    stored: u64,
+    existing: u64,
+    bytes_stored: u64,
+}
+
+fn record_put(
+    objects: &mut HashMap<ContentHash, Option<(u32, Compression)>>,
+    tally: &mut PutTally,
+    done: Result<
+        Result<(ContentHash, u32, Compression, bool), CreateError>,
+        tokio::task::JoinError,
+    >,
+) -> Result<(), CreateError> {
+    let (hash, len, compression, fresh) =
+        done.map_err(|e| CreateError::Store(format!("put task failed: {e}")))??;
+    objects.insert(hash, Some((len, compression)));
+    if fresh {
+        tally.stored += 1;
+        tally.bytes_stored += u64::from(len);
+    } else {
+        tally.existing += 1;
+    }
+    Ok(())
+}
+
+/// Compress (when it pays) and put one block unless the store has it.
+async fn put_block(
+    store: &SharedStore,
+    block: ReadBlock,
+    compression: Compression,
+) -> Result<(ContentHash, u32, Compression, bool), CreateError> {
+    let (stored, compression) = match compression {
+        Compression::None => (block.bytes, Compression::None),
+        Compression::Zstd => {
+            let raw = block.bytes;
+            let packed = tokio::task::spawn_blocking(move || {
+                let packed = zstd::bulk::compress(&raw, 3)
+                    .ok()
+                    .filter(|p| p.len() < raw.len());
+                (raw, packed)
+            })
+            .await
+            .map_err(|e| CreateError::Store(format!("compress task failed: {e}")))?;
+            match packed {
+                (_, Some(p)) => (Bytes::from(p), Compression::Zstd),
+                (raw, None) => (raw, Compression::None),
+            }
+        }
+    };
+    let key = block_key(&block.hash, compression);
+    let len = stored.len() as u32;
+    let err = |e: crate::error::StoreError| {
+        CreateError::Store(format!("{}: {e}", store.url().join(&key)))
+    };
+    if store.exists(&key).await.map_err(err)? {
+        return Ok((block.hash, len, compression, false));
+    }
+    store.put(&key, stored).await.map_err(err)?;
+    Ok((block.hash, len, compression, true))
+}
+
+/// The reader thread: sequential reads, zero blocks dropped, others hashed.
+fn read_blocks(
+    file: &std::fs::File,
+    layout: BlockLayout,
+    algorithm: HashAlgorithm,
+    tx: &mpsc::Sender<std::io::Result<ReadBlock>>,
+) {
+    for index in 0..layout.block_count() {
+        let mut buf = vec![0u8; layout.len(index) as usize];
+        if let Err(e) = file.read_exact_at(&mut buf, layout.offset(index)) {
+            let _ = tx.blocking_send(Err(e));
+            return;
+        }
+        if is_zero(&buf) {
+            continue;
+        }
+        let hash = algorithm.hash(&buf);
+        if tx
+            .blocking_send(Ok(ReadBlock {
+                index,
+                hash,
+                bytes: Bytes::from(buf),
+            }))
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Snapshot names become object keys: keep them plain.
+pub fn validate_name(name: &str) -> Result<(), CreateError> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CreateError::Usage(format!(
+            "snapshot name {name:?} is not allowed: use 1-200 characters of A-Z a-z 0-9 - _ . not starting with '.'"
+        )))
+    }
+}
+
+/// A default snapshot name from the source path.
+pub fn default_name(source: &std::path::Path) -> String {
+    let stem = source
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let clean: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(120)
+        .collect();
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!(
+        "{}-{secs}",
+        if clean.is_empty() {
+            "volume".into()
+        } else {
+            clean
+        }
+    )
+}

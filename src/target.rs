@@ -1,0 +1,408 @@
+//! Target: the file or block device a restore writes.
+//!
+//! A **file** target is written as a staging file next to it
+//! (`.<name>.rehydrate-staging`), created sparse at the volume's size, so the
+//! blocks a snapshot leaves absent are already zero and need no write. Only
+//! after every block is settled is it fsynced and atomically renamed into
+//! place, and the directory fsynced (phase `swap`): a reader of the target path
+//! sees the old file or the whole restored one, never a partial one. A
+//! **block device** (or a file given with `--in-place`) is written in place
+//! after a size check; a device is opened with `O_EXCL`, so one that is
+//! mounted or held by another process is refused.
+//!
+//! Nothing is written outside the target: the staging file is the only other
+//! file, it is removed on error by [`StagingGuard`], and staging files leaked
+//! by a crash are recognised by their name ([`is_staging_name`]).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// Suffix of staging files; a sweep removes only files whose names end so.
+pub const STAGING_SUFFIX: &str = ".rehydrate-staging";
+
+/// What kind of thing is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetKind {
+    /// A regular file, written as a staging file and swapped into place.
+    File,
+    /// A regular file written in place (`--in-place`).
+    FileInPlace,
+    /// A block device, written in place.
+    BlockDevice,
+}
+
+/// Device number, inode and size of the file actually written: what a
+/// checkpoint is bound to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TargetIdentity {
+    pub dev: u64,
+    pub ino: u64,
+    pub size_bytes: u64,
+}
+
+/// An opened target.
+#[derive(Debug)]
+pub struct Target {
+    /// The path the user named.
+    pub path: PathBuf,
+    /// The path written: the staging file for a file target, else `path`.
+    pub write_path: PathBuf,
+    pub kind: TargetKind,
+    pub file: File,
+    /// Whether every byte is known to be zero (a staging file this restore
+    /// just created): zero blocks then need no write.
+    pub fresh: bool,
+    pub identity: TargetIdentity,
+}
+
+/// Why a target cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("target {path}: {message}")]
+    Refused { path: PathBuf, message: String },
+    #[error("target {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+impl TargetError {
+    fn refused(path: &Path, message: impl Into<String>) -> Self {
+        Self::Refused {
+            path: path.to_owned(),
+            message: message.into(),
+        }
+    }
+    fn io(path: &Path, source: io::Error) -> Self {
+        Self::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// How to open a target.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenOptionsSpec {
+    pub volume_size_bytes: u64,
+    /// Write an existing regular file in place instead of staging it.
+    pub in_place: bool,
+    /// Reopen an existing staging file (a resumed restore) instead of
+    /// replacing it.
+    pub reuse_staging: bool,
+}
+
+/// The staging path of a file target.
+pub fn staging_path(path: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?.to_string_lossy();
+    Some(path.with_file_name(format!(".{name}{STAGING_SUFFIX}")))
+}
+
+/// Whether a file name is one of our staging files.
+pub fn is_staging_name(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(STAGING_SUFFIX)
+}
+
+/// Open (or create) the target for writing.
+pub fn open(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetError> {
+    if path.file_name().is_none() || path.as_os_str().as_encoded_bytes().contains(&0) {
+        return Err(TargetError::refused(path, "not a file path"));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_block_device() => open_device(path, spec),
+        Ok(meta) if meta.file_type().is_symlink() => Err(TargetError::refused(
+            path,
+            "is a symbolic link: name the file or device it points to",
+        )),
+        Ok(meta) if meta.is_file() && spec.in_place => open_in_place(path, spec),
+        Ok(meta) if meta.is_file() => open_staging(path, spec),
+        Ok(_) => Err(TargetError::refused(
+            path,
+            "is neither a regular file nor a block device",
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && spec.in_place => Err(
+            TargetError::refused(path, "does not exist: --in-place writes an existing file"),
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => open_staging(path, spec),
+        Err(e) => Err(TargetError::io(path, e)),
+    }
+}
+
+fn open_device(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetError> {
+    // O_EXCL on a block device: refused while it is mounted or held open
+    // exclusively by anyone else.
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EBUSY) => TargetError::refused(
+                path,
+                "the device is mounted or in use (EBUSY): unmount it first",
+            ),
+            _ => TargetError::io(path, e),
+        })?;
+    let size = device_size_bytes(&file).map_err(|e| TargetError::io(path, e))?;
+    check_capacity(path, size, spec.volume_size_bytes)?;
+    let identity = identity_of(&file, size).map_err(|e| TargetError::io(path, e))?;
+    Ok(Target {
+        path: path.to_owned(),
+        write_path: path.to_owned(),
+        kind: TargetKind::BlockDevice,
+        file,
+        fresh: false,
+        identity,
+    })
+}
+
+fn open_in_place(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| TargetError::io(path, e))?;
+    let len = file.metadata().map_err(|e| TargetError::io(path, e))?.len();
+    if len < spec.volume_size_bytes {
+        file.set_len(spec.volume_size_bytes)
+            .map_err(|e| TargetError::io(path, e))?;
+    }
+    let size = len.max(spec.volume_size_bytes);
+    let identity = identity_of(&file, size).map_err(|e| TargetError::io(path, e))?;
+    Ok(Target {
+        path: path.to_owned(),
+        write_path: path.to_owned(),
+        kind: TargetKind::FileInPlace,
+        file,
+        fresh: false,
+        identity,
+    })
+}
+
+fn open_staging(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetError> {
+    let staging =
+        staging_path(path).ok_or_else(|| TargetError::refused(path, "not a file path"))?;
+    let dir = parent_dir(path);
+    if !dir.is_dir() {
+        return Err(TargetError::refused(
+            path,
+            format!("directory {} does not exist", dir.display()),
+        ));
+    }
+    let reuse = spec.reuse_staging && staging.is_file();
+    if !reuse {
+        match std::fs::remove_file(&staging) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(TargetError::io(&staging, e)),
+        }
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(!reuse)
+        .create_new(!reuse)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o600)
+        .open(&staging)
+        .map_err(|e| TargetError::io(&staging, e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| TargetError::io(&staging, e))?
+        .len();
+    if len != spec.volume_size_bytes {
+        if reuse {
+            return Err(TargetError::refused(
+                &staging,
+                format!(
+                    "staging file is {len} bytes, the volume {}: rerun with --restart",
+                    spec.volume_size_bytes
+                ),
+            ));
+        }
+        file.set_len(spec.volume_size_bytes)
+            .map_err(|e| TargetError::io(&staging, e))?;
+    }
+    let identity =
+        identity_of(&file, spec.volume_size_bytes).map_err(|e| TargetError::io(&staging, e))?;
+    Ok(Target {
+        path: path.to_owned(),
+        write_path: staging,
+        kind: TargetKind::File,
+        file,
+        fresh: !reuse,
+        identity,
+    })
+}
+
+fn check_capacity(path: &Path, size: u64, volume: u64) -> Result<(), TargetError> {
+    if size < volume {
+        return Err(TargetError::refused(
+            path,
+            format!(
+                "holds {size} bytes, the snapshot's volume is {volume} bytes: use a device at least that large"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn identity_of(file: &File, size_bytes: u64) -> io::Result<TargetIdentity> {
+    let meta = file.metadata()?;
+    // A block device is identified by the device it is (rdev), a file by
+    // the filesystem and inode it lives in.
+    let dev = if meta.file_type().is_block_device() {
+        meta.rdev()
+    } else {
+        meta.dev()
+    };
+    Ok(TargetIdentity {
+        dev,
+        ino: meta.ino(),
+        size_bytes,
+    })
+}
+
+/// Size of a block device (BLKGETSIZE64) or a regular file.
+pub fn device_size_bytes(file: &File) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    if !meta.file_type().is_block_device() {
+        return Ok(meta.len());
+    }
+    use std::os::fd::AsRawFd;
+    let mut size: u64 = 0;
+    // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
+    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+    // SAFETY: the fd is open for the call's duration and `size` is a valid
+    // u64 for the kernel to write.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// Free bytes for unprivileged writers on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    // SAFETY: statvfs is plain old data; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// The directory a file target lives in.
+pub fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Make the target whole: fsync, then (file targets) rename the staging file
+/// into place and fsync the directory.
+pub fn swap(target: &Target) -> io::Result<()> {
+    target.file.sync_all()?;
+    if target.kind == TargetKind::File {
+        std::fs::rename(&target.write_path, &target.path)?;
+        File::open(parent_dir(&target.path))?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Removes a staging file when dropped, unless disarmed: a failed restore
+/// leaves nothing behind.
+#[derive(Debug)]
+pub struct StagingGuard {
+    path: Option<PathBuf>,
+}
+
+impl StagingGuard {
+    pub fn new(target: &Target) -> Self {
+        Self {
+            path: (target.kind == TargetKind::File).then(|| target.write_path.clone()),
+        }
+    }
+
+    /// Keep the staging file (it was swapped into place, or a checkpoint
+    /// owns it for a resume).
+    pub fn disarm(&mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for StagingGuard {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::info!(path = %path.display(), "removed staging file"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove staging file")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(size: u64) -> OpenOptionsSpec {
+        OpenOptionsSpec {
+            volume_size_bytes: size,
+            in_place: false,
+            reuse_staging: false,
+        }
+    }
+
+    #[test]
+    fn file_target_stages_and_swaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vol.img");
+        std::fs::write(&path, b"old").unwrap();
+        let t = open(&path, spec(8192)).unwrap();
+        assert_eq!(t.kind, TargetKind::File);
+        assert!(t.fresh);
+        assert!(is_staging_name(
+            &t.write_path.file_name().unwrap().to_string_lossy()
+        ));
+        assert_eq!(std::fs::metadata(&t.write_path).unwrap().len(), 8192);
+        swap(&t).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 8192);
+        assert!(!t.write_path.exists());
+    }
+
+    #[test]
+    fn guard_removes_staging() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vol.img");
+        let t = open(&path, spec(4096)).unwrap();
+        let staging = t.write_path.clone();
+        drop(StagingGuard::new(&t));
+        assert!(!staging.exists());
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn refuses_symlinks_and_missing_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
+        assert!(matches!(
+            open(&link, spec(4096)),
+            Err(TargetError::Refused { .. })
+        ));
+        assert!(open(&dir.path().join("nope/vol"), spec(4096)).is_err());
+    }
+}
