@@ -1,0 +1,156 @@
+//! Shared test fixtures: sample volumes, snapshots in file stores, configs,
+//! and the ledger oracle every restore test ends with.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rehydrate::block::{Compression, HashAlgorithm};
+use rehydrate::config::Config;
+use rehydrate::job::progress::Progress;
+use rehydrate::job::{Engine, RestoreError, RestoreReport, RestoreSpec};
+use rehydrate::manifest::{Manifest, ManifestLimits};
+use rehydrate::sample::SampleVolume;
+use rehydrate::store::file::FileStore;
+use rehydrate::write::BackendChoice;
+use tokio_util::sync::CancellationToken;
+
+pub const BLOCK: u32 = 64 * 1024;
+
+/// A sample volume of `blocks` full blocks plus a short tail.
+pub fn volume(blocks: u64, seed: u64) -> SampleVolume {
+    SampleVolume {
+        size_bytes: blocks * u64::from(BLOCK) + 1000,
+        block_size_bytes: BLOCK,
+        seed,
+    }
+}
+
+/// Write `volume` under `dir` and snapshot it into `<dir>/store/bucket/snap`.
+pub async fn snapshot(
+    dir: &Path,
+    volume: &SampleVolume,
+    compression: Compression,
+    hash: HashAlgorithm,
+) -> String {
+    let source = dir.join(format!("source-{}.img", volume.seed));
+    volume.write_to(&source).unwrap();
+    let store = Arc::new(FileStore::new(store_root(dir)));
+    let spec = rehydrate::snapshot::CreateSpec {
+        source,
+        name: format!("vol-{}", volume.seed),
+        block_size_bytes: volume.block_size_bytes,
+        compression,
+        hash_algorithm: hash,
+        puts_inflight_max: 8,
+    };
+    rehydrate::snapshot::create(store, &spec)
+        .await
+        .unwrap()
+        .manifest_url
+}
+
+pub fn store_root(dir: &Path) -> PathBuf {
+    dir.join("store/bucket/snap")
+}
+
+pub fn config(backend: BackendChoice) -> Config {
+    let mut c = Config::default();
+    c.write.backend = backend;
+    c.fetch.jitter_seed = Some(1);
+    c.fetch.backoff_base_millis = std::num::NonZeroU64::new(1).unwrap();
+    c.fetch.backoff_cap_millis = std::num::NonZeroU64::new(5).unwrap();
+    c
+}
+
+pub fn spec(manifest_url: &str, target: &Path) -> RestoreSpec {
+    RestoreSpec {
+        manifest_url: manifest_url.to_owned(),
+        target: target.to_owned(),
+        secondaries: vec![],
+        in_place: false,
+        restart: false,
+    }
+}
+
+pub async fn restore(engine: &Engine, spec: &RestoreSpec) -> Result<RestoreReport, RestoreError> {
+    rehydrate::job::restore::restore(
+        engine,
+        spec,
+        &Arc::new(Progress::default()),
+        &CancellationToken::new(),
+    )
+    .await
+}
+
+pub fn load_manifest(url: &str) -> Manifest {
+    let path = url.strip_prefix("file://").unwrap();
+    Manifest::decode(&std::fs::read(path).unwrap(), &ManifestLimits::default()).unwrap()
+}
+
+/// The ledger oracle: every block settled or failed, never neither; counts add
+/// up; a success reads back byte-identical.
+pub fn check_ledger(report: &RestoreReport, manifest: &Manifest) {
+    let failed: std::collections::BTreeSet<u64> = report.damage.iter().map(|d| d.index).collect();
+    assert_eq!(
+        failed.len() as u64,
+        report.blocks_failed,
+        "damage report and failed count disagree"
+    );
+    assert_eq!(
+        report.blocks_settled + report.blocks_failed,
+        report.blocks_total,
+        "a block is neither settled nor failed: {report:#?}"
+    );
+    assert_eq!(report.blocks_total, manifest.layout.block_count());
+    assert_eq!(
+        report.succeeded,
+        failed.is_empty(),
+        "succeeded with failed blocks"
+    );
+    // Metrics add up: every distinct object was served by one source or failed.
+    let distinct: std::collections::HashSet<_> = manifest
+        .entries()
+        .iter()
+        .map(|e| (e.hash, e.compression))
+        .collect();
+    let served: u64 = report.fetch.served_by_source.iter().map(|(_, n)| n).sum();
+    let failed_objects: std::collections::HashSet<_> = report
+        .damage
+        .iter()
+        .map(|d| {
+            manifest
+                .entry(d.index)
+                .map(|e| (e.hash, e.compression))
+                .expect("a damaged block has an object")
+        })
+        .collect();
+    assert_eq!(
+        served + failed_objects.len() as u64,
+        distinct.len() as u64,
+        "served + failed != planned objects"
+    );
+}
+
+/// Read the target back independently and against the volume's pattern.
+pub fn check_identical(manifest: &Manifest, volume: &SampleVolume, target: &Path) {
+    let readback = rehydrate::job::readback::readback(manifest, target).unwrap();
+    assert!(
+        readback.matches(),
+        "read-back mismatches: {:?}",
+        readback.mismatched
+    );
+    assert_eq!(volume.mismatches(target).unwrap(), Vec::<u64>::new());
+}
+
+/// Files in a directory whose names look like rehydrate's staging files.
+pub fn staging_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| rehydrate::target::is_staging_name(n))
+                .collect()
+        })
+        .unwrap_or_default()
+}
