@@ -52,12 +52,8 @@ impl BlockLayout {
         if volume_size_bytes == 0 || volume_size_bytes > VOLUME_SIZE_MAX_BYTES {
             return Err(LayoutError::VolumeSize(volume_size_bytes));
         }
-        let block_size_bytes =
-            NonZeroU32::new(block_size_bytes).ok_or(LayoutError::BlockSize(0))?;
-        Ok(Self {
-            volume_size_bytes,
-            block_size_bytes,
-        })
+        let block_size_bytes = NonZeroU32::new(block_size_bytes).ok_or(LayoutError::BlockSize(0))?;
+        Ok(Self { volume_size_bytes, block_size_bytes })
     }
 
     pub fn volume_size_bytes(&self) -> u64 {
@@ -70,8 +66,7 @@ impl BlockLayout {
 
     /// Number of blocks, the short tail included.
     pub fn block_count(&self) -> u64 {
-        self.volume_size_bytes
-            .div_ceil(u64::from(self.block_size_bytes.get()))
+        self.volume_size_bytes.div_ceil(u64::from(self.block_size_bytes.get()))
     }
 
     /// Byte offset of block `index` in the volume.
@@ -96,9 +91,7 @@ impl BlockLayout {
 }
 
 /// Hash algorithm of block contents.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HashAlgorithm {
     /// BLAKE3: about 2.3 GiB/s per core here, the default.
@@ -133,17 +126,13 @@ impl std::str::FromStr for HashAlgorithm {
         match s {
             "blake3" => Ok(Self::Blake3),
             "sha256" => Ok(Self::Sha256),
-            other => Err(format!(
-                "unknown hash algorithm {other:?}: use blake3 or sha256"
-            )),
+            other => Err(format!("unknown hash algorithm {other:?}: use blake3 or sha256")),
         }
     }
 }
 
 /// How a block object's bytes are stored.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
     #[default]

@@ -10,11 +10,7 @@ pub struct SettledSet {
 
 impl SettledSet {
     pub fn new(block_count: u64) -> Self {
-        Self {
-            bits: vec![false; block_count as usize],
-            cursor: 0,
-            count: 0,
-        }
+        Self { bits: vec![false; block_count as usize], cursor: 0, count: 0 }
     }
     pub fn settle(&mut self, index: BlockIndex) {
         if !self.bits[index as usize] {

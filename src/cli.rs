@@ -19,11 +19,7 @@ use crate::job::{Engine, RestoreError, RestoreReport, RestoreSpec};
 use crate::store::StoreUrl;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "rehydrate",
-    version,
-    about = "Restore volumes from block snapshots in object stores"
-)]
+#[command(name = "rehydrate", version, about = "Restore volumes from block snapshots in object stores")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -113,10 +109,7 @@ pub struct VerifyArgs {
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -132,10 +125,7 @@ pub fn main() -> std::process::ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("REHYDRATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 async fn run(cli: Cli) -> ExitCode {
@@ -177,9 +167,7 @@ async fn snapshot_create(args: CreateArgs) -> ExitCode {
         Err(e) => return fail(&e.to_string(), e.exit_code()),
     };
     let spec = crate::snapshot::CreateSpec {
-        name: args
-            .name
-            .unwrap_or_else(|| crate::snapshot::default_name(&args.source)),
+        name: args.name.unwrap_or_else(|| crate::snapshot::default_name(&args.source)),
         source: args.source,
         block_size_bytes: block_size,
         compression: args.compression,
@@ -189,10 +177,7 @@ async fn snapshot_create(args: CreateArgs) -> ExitCode {
     match crate::snapshot::create(store, &spec).await {
         Ok(report) => {
             if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
+                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
             } else {
                 println!(
                     "snapshot {}: {} blocks ({} zero, {} duplicate), {} objects stored, {} already present, {} in {:.2}s",
@@ -251,10 +236,7 @@ pub async fn restore_with_progress(
 
 async fn cancel_on_signal(cancel: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         return;
     };
     tokio::select! {
@@ -274,19 +256,13 @@ pub fn print_restore_result(result: &Result<RestoreReport, RestoreError>, json: 
         }
         Err(RestoreError::BlocksFailed(report)) => {
             print_report(report, json);
-            eprintln!(
-                "error: {}",
-                result
-                    .as_ref()
-                    .err()
-                    .map(|e| e.to_string())
-                    .unwrap_or_default()
-            );
+            eprintln!("error: {}", result.as_ref().err().map(|e| e.to_string()).unwrap_or_default());
             ExitCode::DataFailure
         }
         Err(e) => {
             if json {
-                let body = serde_json::json!({ "succeeded": false, "error": e.to_string(), "exit_code": e.exit_code() as u8 });
+                let body =
+                    serde_json::json!({ "succeeded": false, "error": e.to_string(), "exit_code": e.exit_code() as u8 });
                 println!("{body}");
             }
             fail(&e.to_string(), e.exit_code())
@@ -296,17 +272,10 @@ pub fn print_restore_result(result: &Result<RestoreReport, RestoreError>, json: 
 
 fn print_report(report: &RestoreReport, json: bool) {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(report).unwrap_or_default()
-        );
+        println!("{}", serde_json::to_string_pretty(report).unwrap_or_default());
         return;
     }
-    let state = if report.succeeded {
-        "restored"
-    } else {
-        "FAILED"
-    };
+    let state = if report.succeeded { "restored" } else { "FAILED" };
     println!(
         "{state}: {} blocks ({} settled, {} resumed, {} failed, {} zero, {} duplicate), {} in {:.2}s, {}/s, writer {:?}",
         report.blocks_total,
@@ -318,17 +287,9 @@ fn print_report(report: &RestoreReport, json: bool) {
         human_bytes(report.bytes_total),
         report.duration_secs,
         human_bytes(report.throughput_bytes_per_sec as u64),
-        report
-            .writer_backend
-            .map(|b| format!("{b:?}").to_lowercase())
-            .unwrap_or_default(),
+        report.writer_backend.map(|b| format!("{b:?}").to_lowercase()).unwrap_or_default(),
     );
-    let sources: Vec<String> = report
-        .fetch
-        .served_by_source
-        .iter()
-        .map(|(name, n)| format!("{name} {n}"))
-        .collect();
+    let sources: Vec<String> = report.fetch.served_by_source.iter().map(|(name, n)| format!("{name} {n}")).collect();
     println!(
         "sources: {}; requests {}, retries {}, fallbacks {}, corrupt responses {}",
         sources.join(", "),
@@ -341,19 +302,9 @@ fn print_report(report: &RestoreReport, json: bool) {
         let errors: Vec<String> = damaged
             .failures
             .iter()
-            .map(|f| {
-                format!(
-                    "{} after {} attempts: {}",
-                    f.source, f.attempts, f.last_error
-                )
-            })
+            .map(|f| format!("{} after {} attempts: {}", f.source, f.attempts, f.last_error))
             .collect();
-        println!(
-            "damaged block {} at offset {}: {}",
-            damaged.index,
-            damaged.offset_bytes,
-            errors.join("; ")
-        );
+        println!("damaged block {} at offset {}: {}", damaged.index, damaged.offset_bytes, errors.join("; "));
     }
 }
 
@@ -376,31 +327,17 @@ async fn verify(args: VerifyArgs) -> ExitCode {
         Err(e) => return fail(&e.to_string(), e.exit_code()),
     };
     let target = args.target.clone();
-    let report = match tokio::task::spawn_blocking(move || {
-        crate::job::readback::readback(&manifest, &target)
-    })
-    .await
-    {
+    let report = match tokio::task::spawn_blocking(move || crate::job::readback::readback(&manifest, &target)).await {
         Ok(Ok(report)) => report,
         Ok(Err(e)) => {
-            return fail(
-                &format!("reading {}: {e}", args.target.display()),
-                ExitCode::IoFailure,
-            );
+            return fail(&format!("reading {}: {e}", args.target.display()), ExitCode::IoFailure);
         }
         Err(e) => return fail(&format!("read-back task failed: {e}"), ExitCode::Internal),
     };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_default()
-        );
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
     } else if report.matches() {
-        println!(
-            "verified: all {} blocks of {} match",
-            report.blocks_total,
-            args.target.display()
-        );
+        println!("verified: all {} blocks of {} match", report.blocks_total, args.target.display());
     } else {
         println!(
             "MISMATCH: {} of {} blocks differ: {:?}",
@@ -409,11 +346,7 @@ async fn verify(args: VerifyArgs) -> ExitCode {
             report.mismatched
         );
     }
-    if report.matches() {
-        ExitCode::Success
-    } else {
-        ExitCode::DataFailure
-    }
+    if report.matches() { ExitCode::Success } else { ExitCode::DataFailure }
 }
 
 fn usage(message: &str) -> ExitCode {
@@ -435,9 +368,5 @@ pub fn human_bytes(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.2} {}", UNITS[unit])
-    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.2} {}", UNITS[unit]) }
 }

@@ -84,11 +84,7 @@ pub struct WriteConfig {
 
 impl Default for WriteConfig {
     fn default() -> Self {
-        Self {
-            backend: BackendChoice::Auto,
-            queue_depth: nzu(64),
-            pwrite_threads: nzu(4),
-        }
+        Self { backend: BackendChoice::Auto, queue_depth: nzu(64), pwrite_threads: nzu(4) }
     }
 }
 
@@ -112,12 +108,7 @@ pub struct CheckpointConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self {
-            enabled: true,
-            dir: None,
-            interval_millis: nz64(2_000),
-            interval_bytes: nz64(1 << 30),
-        }
+        Self { enabled: true, dir: None, interval_millis: nz64(2_000), interval_bytes: nz64(1 << 30) }
     }
 }
 
@@ -132,9 +123,7 @@ pub struct ManifestConfig {
 
 impl Default for ManifestConfig {
     fn default() -> Self {
-        Self {
-            entries_max: nz64(16 << 20),
-        }
+        Self { entries_max: nz64(16 << 20) }
     }
 }
 
@@ -142,10 +131,7 @@ impl Default for ManifestConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config: {0}")]
@@ -155,25 +141,18 @@ pub enum ConfigError {
 impl Config {
     /// Read, parse and validate a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.to_owned(),
-                message,
-            },
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.to_owned(), message },
             other => other,
         })
     }
 
     /// Parse and validate config text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::from("<text>"),
-            message: e.to_string(),
-        })?;
+        let config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: PathBuf::from("<text>"), message: e.to_string() })?;
         config.validate()?;
         Ok(config)
     }
@@ -203,10 +182,7 @@ impl Config {
         if let Some(dir) = &self.checkpoint.dir
             && !dir.is_absolute()
         {
-            return Err(ConfigError::Invalid(format!(
-                "checkpoint.dir {} must be an absolute path",
-                dir.display()
-            )));
+            return Err(ConfigError::Invalid(format!("checkpoint.dir {} must be an absolute path", dir.display())));
         }
         Ok(())
     }
@@ -230,9 +206,7 @@ impl Config {
         if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
             return PathBuf::from(dir).join("rehydrate");
         }
-        let home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/lib"));
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib"));
         home.join(".local/state/rehydrate")
     }
 }
@@ -274,9 +248,7 @@ pub fn parse_size_bytes(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size (examples: 4096, 64KiB, 1MiB)"))?;
+    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size (examples: 4096, 64KiB, 1MiB)"))?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "K" | "KiB" | "k" => 1 << 10,
@@ -284,13 +256,10 @@ pub fn parse_size_bytes(text: &str) -> Result<u64, String> {
         "G" | "GiB" => 1 << 30,
         "T" | "TiB" => 1 << 40,
         other => {
-            return Err(format!(
-                "unknown size unit {other:?} in {text:?}: use KiB, MiB, GiB or TiB"
-            ));
+            return Err(format!("unknown size unit {other:?} in {text:?}: use KiB, MiB, GiB or TiB"));
         }
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {text:?} overflows"))
+    n.checked_mul(mult).ok_or_else(|| format!("size {text:?} overflows"))
 }
 
 #[cfg(test)]
@@ -302,20 +271,11 @@ mod tests {
         let c = Config::parse("[fetch]\nattempts_max = 2\n").unwrap();
         assert_eq!(c.fetch.attempts_max.get(), 2);
         assert_eq!(c.fetch.backoff_cap_millis.get(), 2000);
-        let err = Config::parse("[fetch]\nattempts = 2\n")
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse("[fetch]\nattempts = 2\n").unwrap_err().to_string();
         assert!(err.contains("attempts"), "{err}");
-        let err = Config::parse("[fetch]\nattempts_max = 0\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("attempts_max") || err.contains("zero"),
-            "{err}"
-        );
-        let err = Config::parse("[fetch]\nbackoff_base_millis = 5000\n")
-            .unwrap_err()
-            .to_string();
+        let err = Config::parse("[fetch]\nattempts_max = 0\n").unwrap_err().to_string();
+        assert!(err.contains("attempts_max") || err.contains("zero"), "{err}");
+        let err = Config::parse("[fetch]\nbackoff_base_millis = 5000\n").unwrap_err().to_string();
         assert!(err.contains("backoff_cap_millis"), "{err}");
     }
 

@@ -47,8 +47,7 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, String> {
     let dir = match &args.dir {
         Some(dir) => dir.clone(),
         None => {
-            tmp = tempfile::tempdir()
-                .map_err(|e| format!("cannot make a temporary directory: {e}"))?;
+            tmp = tempfile::tempdir().map_err(|e| format!("cannot make a temporary directory: {e}"))?;
             tmp.path().to_owned()
         }
     };
@@ -57,11 +56,7 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, String> {
             println!("{line}")
         }
     };
-    let volume = SampleVolume {
-        size_bytes: size,
-        block_size_bytes: 1 << 20,
-        seed: 0x5EED,
-    };
+    let volume = SampleVolume { size_bytes: size, block_size_bytes: 1 << 20, seed: 0x5EED };
     let source = dir.join("source.img");
     let store_root = dir.join("store/bucket/demo");
     let target = dir.join("restored/volume.img");
@@ -71,17 +66,10 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, String> {
         human_bytes(size),
         volume.block_count()
     ));
-    volume
-        .write_to(&source)
-        .map_err(|e| format!("writing {}: {e}", source.display()))?;
+    volume.write_to(&source).map_err(|e| format!("writing {}: {e}", source.display()))?;
 
     let engine = Engine::new(Config::default());
-    let store = engine
-        .open_store(&StoreUrl::File {
-            root: store_root.clone(),
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+    let store = engine.open_store(&StoreUrl::File { root: store_root.clone() }).await.map_err(|e| e.to_string())?;
     let spec = crate::snapshot::CreateSpec {
         source: source.clone(),
         name: "demo".into(),
@@ -90,9 +78,7 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, String> {
         hash_algorithm: HashAlgorithm::Blake3,
         puts_inflight_max: 16,
     };
-    let created = crate::snapshot::create(store, &spec)
-        .await
-        .map_err(|e| e.to_string())?;
+    let created = crate::snapshot::create(store, &spec).await.map_err(|e| e.to_string())?;
     say(format!(
         "2. snapshot {}: {} objects stored ({} zero blocks left out, {} duplicates stored once)\n   {}",
         &created.snapshot_digest[..16],
@@ -118,9 +104,7 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, String> {
 
     let (url, key) = StoreUrl::parse_manifest(&created.manifest_url).map_err(|e| e.to_string())?;
     let store = engine.open_store(&url).await.map_err(|e| e.to_string())?;
-    let manifest = crate::job::load_manifest(&engine, &store, &key)
-        .await
-        .map_err(|e| e.to_string())?;
+    let manifest = crate::job::load_manifest(&engine, &store, &key).await.map_err(|e| e.to_string())?;
     let readback = crate::job::readback::readback(&manifest, &target).map_err(|e| e.to_string())?;
     let pattern = volume.mismatches(&target).map_err(|e| e.to_string())?;
     if !readback.matches() || !pattern.is_empty() {
@@ -130,9 +114,6 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, String> {
         ));
         return Ok(ExitCode::DataFailure);
     }
-    say(format!(
-        "4. verified: all {} blocks match the manifest and the source, byte for byte",
-        readback.blocks_total
-    ));
+    say(format!("4. verified: all {} blocks match the manifest and the source, byte for byte", readback.blocks_total));
     Ok(ExitCode::Success)
 }

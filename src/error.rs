@@ -57,10 +57,7 @@ pub struct StoreError {
 
 impl StoreError {
     pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
-        Self {
-            class,
-            message: message.into(),
-        }
+        Self { class, message: message.into() }
     }
 
     pub fn throttled(message: impl Into<String>) -> Self {

@@ -51,14 +51,7 @@ impl Source {
         stores
             .into_iter()
             .enumerate()
-            .map(|(i, store)| Source {
-                name: if i == 0 {
-                    "primary".into()
-                } else {
-                    format!("secondary{i}")
-                },
-                store,
-            })
+            .map(|(i, store)| Source { name: if i == 0 { "primary".into() } else { format!("secondary{i}") }, store })
             .collect()
     }
 }
@@ -88,10 +81,7 @@ impl RetryPolicy {
 }
 
 fn clock_seed() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 /// How one source failed one block.
@@ -178,22 +168,11 @@ impl FetchTelemetry {
 
     fn track(&self, block: BlockIndex, source: &str, attempts: u32, started: Instant) {
         let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        map.insert(
-            block,
-            InFlight {
-                block,
-                source: source.to_owned(),
-                attempts,
-                started,
-            },
-        );
+        map.insert(block, InFlight { block, source: source.to_owned(), attempts, started });
     }
 
     fn untrack(&self, block: BlockIndex) {
-        self.inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&block);
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner()).remove(&block);
     }
 }
 
@@ -217,11 +196,7 @@ pub async fn fetch_block(
             metrics::counter!(m::FALLBACKS_TOTAL, "source" => source.name.clone()).increment(1);
         }
         let seed = policy.jitter_seed ^ block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64;
-        match fetch_from(
-            source, key, expected, block, policy, seed, started, telemetry,
-        )
-        .await
-        {
+        match fetch_from(source, key, expected, block, policy, seed, started, telemetry).await {
             Ok(verified) => {
                 telemetry.untrack(block);
                 telemetry.served[i].fetch_add(1, Ordering::Relaxed);
@@ -267,14 +242,9 @@ async fn fetch_from(
         }
         tracing::debug!(block, source = %source.name, attempts, %error, "fetch attempt failed");
         let sleep = backoff.next_sleep();
-        let out_of_time =
-            source_started.elapsed() + sleep + policy.attempt_timeout > policy.elapsed_max;
+        let out_of_time = source_started.elapsed() + sleep + policy.attempt_timeout > policy.elapsed_max;
         if !error.class.is_retryable() || attempts >= policy.attempts_max || out_of_time {
-            return Err(SourceFailure {
-                source: source.name.clone(),
-                attempts,
-                last_error: error,
-            });
+            return Err(SourceFailure { source: source.name.clone(), attempts, last_error: error });
         }
         telemetry.retries.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::RETRIES_TOTAL, "source" => source.name.clone(), "reason" => error.class.name())
@@ -300,14 +270,12 @@ async fn attempt(
             )));
         }
     };
-    metrics::counter!(m::FETCHED_BYTES_TOTAL, "source" => source.name.clone())
-        .increment(raw.len() as u64);
+    metrics::counter!(m::FETCHED_BYTES_TOTAL, "source" => source.name.clone()).increment(raw.len() as u64);
     verify(raw, expected).map_err(|e| StoreError::new(e.class, format!("{key}: {}", e.message)))
 }
 
 fn record_request(source: &Source, outcome: &'static str, started: Instant) {
-    metrics::counter!(m::REQUESTS_TOTAL, "source" => source.name.clone(), "outcome" => outcome)
-        .increment(1);
+    metrics::counter!(m::REQUESTS_TOTAL, "source" => source.name.clone(), "outcome" => outcome).increment(1);
     metrics::histogram!(m::FETCH_LATENCY_SECONDS, "source" => source.name.clone())
         .record(started.elapsed().as_secs_f64());
 }

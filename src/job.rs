@@ -35,15 +35,11 @@ impl Engine {
 
     /// Open a store by URL.
     pub async fn open_store(&self, url: &StoreUrl) -> Result<SharedStore, RestoreError> {
-        store::open(url)
-            .await
-            .map_err(|e| RestoreError::Source(format!("cannot open store {url}: {e}")))
+        store::open(url).await.map_err(|e| RestoreError::Source(format!("cannot open store {url}: {e}")))
     }
 
     pub fn manifest_limits(&self) -> ManifestLimits {
-        ManifestLimits {
-            entries_max: self.config.manifest.entries_max.get(),
-        }
+        ManifestLimits { entries_max: self.config.manifest.entries_max.get() }
     }
 }
 
@@ -96,19 +92,12 @@ impl From<crate::target::TargetError> for RestoreError {
 }
 
 /// Read and parse a manifest from its store, bounded by the limits.
-pub async fn load_manifest(
-    engine: &Engine,
-    store: &SharedStore,
-    key: &str,
-) -> Result<Manifest, RestoreError> {
+pub async fn load_manifest(engine: &Engine, store: &SharedStore, key: &str) -> Result<Manifest, RestoreError> {
     let limits = engine.manifest_limits();
     let url = store.url().join(key);
-    let bytes = store
-        .get(key, Manifest::encoded_len_max(&limits))
-        .await
-        .map_err(|e| match e.class {
-            ErrorClass::Corrupt => RestoreError::Refused(format!("manifest {url}: {e}")),
-            _ => RestoreError::Source(format!("cannot read manifest {url}: {e}")),
-        })?;
+    let bytes = store.get(key, Manifest::encoded_len_max(&limits)).await.map_err(|e| match e.class {
+        ErrorClass::Corrupt => RestoreError::Refused(format!("manifest {url}: {e}")),
+        _ => RestoreError::Source(format!("cannot read manifest {url}: {e}")),
+    })?;
     Manifest::decode(&bytes, &limits).map_err(|e| RestoreError::Refused(format!("{url}: {e}")))
 }

@@ -11,9 +11,7 @@ pub struct ManifestLimits {
 
 impl Default for ManifestLimits {
     fn default() -> Self {
-        Self {
-            entries_max: 16 << 20,
-        }
+        Self { entries_max: 16 << 20 }
     }
 }
 
@@ -74,13 +72,7 @@ impl ManifestBuilder {
         _c: Compression,
     ) -> Result<Self, ManifestError> {
         Ok(Self {
-            m: Manifest {
-                name: name.into(),
-                layout,
-                hash_algorithm,
-                entries: vec![],
-                digest: ManifestDigest([0; 32]),
-            },
+            m: Manifest { name: name.into(), layout, hash_algorithm, entries: vec![], digest: ManifestDigest([0; 32]) },
         })
     }
     pub fn push(&mut self, entry: BlockEntry) -> Result<(), ManifestError> {

@@ -22,56 +22,17 @@ pub const SYNC_LATENCY_SECONDS: &str = "rehydrate_target_sync_latency_seconds";
 /// Register help texts and units with whatever recorder is installed.
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(
-        REQUESTS_TOTAL,
-        "Block object requests sent, by source and outcome (ok or error class)."
-    );
-    describe_counter!(
-        RETRIES_TOTAL,
-        "Retries of block fetches on the same source, by source and error class."
-    );
-    describe_counter!(
-        FALLBACKS_TOTAL,
-        "Blocks that went to a later source, by the source they went to."
-    );
-    describe_histogram!(
-        FETCH_LATENCY_SECONDS,
-        Unit::Seconds,
-        "Latency of one fetch attempt, body included."
-    );
-    describe_counter!(
-        FETCHED_BYTES_TOTAL,
-        Unit::Bytes,
-        "Bytes of block objects received, by source."
-    );
-    describe_counter!(
-        WRITTEN_BYTES_TOTAL,
-        Unit::Bytes,
-        "Bytes written to targets (not yet durable)."
-    );
-    describe_counter!(
-        SETTLED_BLOCKS_TOTAL,
-        "Blocks written and made durable by fdatasync."
-    );
-    describe_counter!(
-        SETTLED_BYTES_TOTAL,
-        Unit::Bytes,
-        "Bytes written and made durable by fdatasync."
-    );
+    describe_counter!(REQUESTS_TOTAL, "Block object requests sent, by source and outcome (ok or error class).");
+    describe_counter!(RETRIES_TOTAL, "Retries of block fetches on the same source, by source and error class.");
+    describe_counter!(FALLBACKS_TOTAL, "Blocks that went to a later source, by the source they went to.");
+    describe_histogram!(FETCH_LATENCY_SECONDS, Unit::Seconds, "Latency of one fetch attempt, body included.");
+    describe_counter!(FETCHED_BYTES_TOTAL, Unit::Bytes, "Bytes of block objects received, by source.");
+    describe_counter!(WRITTEN_BYTES_TOTAL, Unit::Bytes, "Bytes written to targets (not yet durable).");
+    describe_counter!(SETTLED_BLOCKS_TOTAL, "Blocks written and made durable by fdatasync.");
+    describe_counter!(SETTLED_BYTES_TOTAL, Unit::Bytes, "Bytes written and made durable by fdatasync.");
     describe_counter!(FAILED_BLOCKS_TOTAL, "Blocks that failed on every source.");
-    describe_gauge!(
-        INFLIGHT_BYTES,
-        Unit::Bytes,
-        "Bytes of block data held between fetch and write, all jobs."
-    );
-    describe_gauge!(
-        INFLIGHT_ATTEMPTS_MAX,
-        "The highest attempt count of any block in flight."
-    );
+    describe_gauge!(INFLIGHT_BYTES, Unit::Bytes, "Bytes of block data held between fetch and write, all jobs.");
+    describe_gauge!(INFLIGHT_ATTEMPTS_MAX, "The highest attempt count of any block in flight.");
     describe_counter!(SYNCS_TOTAL, "fdatasync calls on targets.");
-    describe_histogram!(
-        SYNC_LATENCY_SECONDS,
-        Unit::Seconds,
-        "Latency of fdatasync on targets."
-    );
+    describe_histogram!(SYNC_LATENCY_SECONDS, Unit::Seconds, "Latency of fdatasync on targets.");
 }

@@ -18,8 +18,7 @@ pub struct Bar {
 
 /// Draw the bar until [`Bar::finish`].
 pub fn spawn(progress: Arc<Progress>) -> Bar {
-    let bar =
-        ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr_with_hz(5));
+    let bar = ProgressBar::with_draw_target(Some(0), indicatif::ProgressDrawTarget::stderr_with_hz(5));
     let style = ProgressStyle::with_template(
         "{prefix:>9} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
     )

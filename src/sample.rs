@@ -55,8 +55,7 @@ impl SampleVolume {
         if let Content::Data(id) = self.content(index) {
             // A full block of content `id`, cut to this block's length, so a
             // duplicate in the tail would still match its prefix.
-            let mut rng =
-                SmallRng::seed_from_u64(self.seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut rng = SmallRng::seed_from_u64(self.seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             rng.fill_bytes(&mut buf);
         }
         buf

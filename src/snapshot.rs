@@ -20,9 +20,7 @@ use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
-use crate::block::{
-    BlockIndex, BlockLayout, Compression, ContentHash, HashAlgorithm, block_key, is_zero,
-};
+use crate::block::{BlockIndex, BlockLayout, Compression, ContentHash, HashAlgorithm, block_key, is_zero};
 use crate::manifest::{BlockEntry, ManifestBuilder};
 use crate::store::{MANIFEST_SUFFIX, SharedStore};
 
@@ -62,10 +60,7 @@ pub enum CreateError {
     #[error("{0}")]
     Usage(String),
     #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Store(String),
 }
@@ -82,56 +77,40 @@ pub async fn create(store: SharedStore, spec: &CreateSpec) -> Result<CreateRepor
     let started = Instant::now();
     validate_name(&spec.name)?;
     let manifest_key = format!("{}{MANIFEST_SUFFIX}", spec.name);
-    if store
-        .exists(&manifest_key)
-        .await
-        .map_err(|e| CreateError::Store(e.to_string()))?
-    {
+    if store.exists(&manifest_key).await.map_err(|e| CreateError::Store(e.to_string()))? {
         return Err(CreateError::Usage(format!(
             "{} already exists: snapshots are immutable, choose another --name",
             store.url().join(&manifest_key)
         )));
     }
-    let file = std::fs::File::open(&spec.source).map_err(|source| CreateError::Read {
-        path: spec.source.clone(),
-        source,
-    })?;
-    let size = crate::target::device_size_bytes(&file).map_err(|source| CreateError::Read {
-        path: spec.source.clone(),
-        source,
-    })?;
+    let file =
+        std::fs::File::open(&spec.source).map_err(|source| CreateError::Read { path: spec.source.clone(), source })?;
+    let size = crate::target::device_size_bytes(&file)
+        .map_err(|source| CreateError::Read { path: spec.source.clone(), source })?;
     let layout = BlockLayout::new(size, spec.block_size_bytes)
         .map_err(|e| CreateError::Usage(format!("{}: {e}", spec.source.display())))?;
-    let mut builder =
-        ManifestBuilder::new(&spec.name, layout, spec.hash_algorithm, spec.compression)
-            .map_err(|e| CreateError::Usage(e.to_string()))?;
+    let mut builder = ManifestBuilder::new(&spec.name, layout, spec.hash_algorithm, spec.compression)
+        .map_err(|e| CreateError::Usage(e.to_string()))?;
 
     let (tx, mut rx) = mpsc::channel::<std::io::Result<ReadBlock>>(READ_AHEAD_BLOCKS);
     let algorithm = spec.hash_algorithm;
     let reader = tokio::task::spawn_blocking(move || read_blocks(&file, layout, algorithm, &tx));
 
     let puts = Arc::new(Semaphore::new(spec.puts_inflight_max.max(1)));
-    let mut tasks: JoinSet<Result<(ContentHash, u32, Compression, bool), CreateError>> =
-        JoinSet::new();
+    let mut tasks: JoinSet<Result<(ContentHash, u32, Compression, bool), CreateError>> = JoinSet::new();
     let mut objects: HashMap<ContentHash, Option<(u32, Compression)>> = HashMap::new();
     let mut refs: Vec<(BlockIndex, ContentHash)> = Vec::new();
     let mut dedup = 0;
     let mut tally = PutTally::default();
     while let Some(read) = rx.recv().await {
-        let block = read.map_err(|source| CreateError::Read {
-            path: spec.source.clone(),
-            source,
-        })?;
+        let block = read.map_err(|source| CreateError::Read { path: spec.source.clone(), source })?;
         refs.push((block.index, block.hash));
         if objects.contains_key(&block.hash) {
             dedup += 1;
             continue;
         }
         objects.insert(block.hash, None);
-        let permit = Arc::clone(&puts)
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
+        let permit = Arc::clone(&puts).acquire_owned().await.expect("semaphore never closed");
         let store = Arc::clone(&store);
         let compression = spec.compression;
         tasks.spawn(async move {
@@ -143,21 +122,14 @@ pub async fn create(store: SharedStore, spec: &CreateSpec) -> Result<CreateRepor
             record_put(&mut objects, &mut tally, done)?;
         }
     }
-    reader
-        .await
-        .map_err(|e| CreateError::Store(format!("reader task failed: {e}")))?;
+    reader.await.map_err(|e| CreateError::Store(format!("reader task failed: {e}")))?;
     while let Some(done) = tasks.join_next().await {
         record_put(&mut objects, &mut tally, done)?;
     }
     for (index, hash) in &refs {
         let (stored_len_bytes, compression) = objects[hash].expect("every put finished");
         builder
-            .push(BlockEntry {
-                index: *index,
-                hash: *hash,
-                stored_len_bytes,
-                compression,
-            })
+            .push(BlockEntry { index: *index, hash: *hash, stored_len_bytes, compression })
             .map_err(|e| CreateError::Store(format!("internal: {e}")))?;
     }
     let manifest = builder.finish();
@@ -190,13 +162,9 @@ struct PutTally {
 fn record_put(
     objects: &mut HashMap<ContentHash, Option<(u32, Compression)>>,
     tally: &mut PutTally,
-    done: Result<
-        Result<(ContentHash, u32, Compression, bool), CreateError>,
-        tokio::task::JoinError,
-    >,
+    done: Result<Result<(ContentHash, u32, Compression, bool), CreateError>, tokio::task::JoinError>,
 ) -> Result<(), CreateError> {
-    let (hash, len, compression, fresh) =
-        done.map_err(|e| CreateError::Store(format!("put task failed: {e}")))??;
+    let (hash, len, compression, fresh) = done.map_err(|e| CreateError::Store(format!("put task failed: {e}")))??;
     objects.insert(hash, Some((len, compression)));
     if fresh {
         tally.stored += 1;
@@ -218,9 +186,7 @@ async fn put_block(
         Compression::Zstd => {
             let raw = block.bytes;
             let packed = tokio::task::spawn_blocking(move || {
-                let packed = zstd::bulk::compress(&raw, 3)
-                    .ok()
-                    .filter(|p| p.len() < raw.len());
+                let packed = zstd::bulk::compress(&raw, 3).ok().filter(|p| p.len() < raw.len());
                 (raw, packed)
             })
             .await
@@ -233,9 +199,7 @@ async fn put_block(
     };
     let key = block_key(&block.hash, compression);
     let len = stored.len() as u32;
-    let err = |e: crate::error::StoreError| {
-        CreateError::Store(format!("{}: {e}", store.url().join(&key)))
-    };
+    let err = |e: crate::error::StoreError| CreateError::Store(format!("{}: {e}", store.url().join(&key)));
     if store.exists(&key).await.map_err(err)? {
         return Ok((block.hash, len, compression, false));
     }
@@ -260,14 +224,7 @@ fn read_blocks(
             continue;
         }
         let hash = algorithm.hash(&buf);
-        if tx
-            .blocking_send(Ok(ReadBlock {
-                index,
-                hash,
-                bytes: Bytes::from(buf),
-            }))
-            .is_err()
-        {
+        if tx.blocking_send(Ok(ReadBlock { index, hash, bytes: Bytes::from(buf) })).is_err() {
             return;
         }
     }
@@ -278,9 +235,7 @@ pub fn validate_name(name: &str) -> Result<(), CreateError> {
     let ok = !name.is_empty()
         && name.len() <= 200
         && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
     if ok {
         Ok(())
     } else {
@@ -292,31 +247,12 @@ pub fn validate_name(name: &str) -> Result<(), CreateError> {
 
 /// A default snapshot name from the source path.
 pub fn default_name(source: &std::path::Path) -> String {
-    let stem = source
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let stem = source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let clean: String = stem
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '-'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
         .take(120)
         .collect();
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    format!(
-        "{}-{secs}",
-        if clean.is_empty() {
-            "volume".into()
-        } else {
-            clean
-        }
-    )
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!("{}-{secs}", if clean.is_empty() { "volume".into() } else { clean })
 }

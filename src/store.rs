@@ -33,11 +33,7 @@ pub trait BlockStore: Send + Sync + fmt::Debug {
     /// Read the whole object `key`. An object longer than `len_max_bytes` is
     /// refused as corrupt without reading it all: a store cannot make us
     /// buffer more than the caller budgeted.
-    fn get<'a>(
-        &'a self,
-        key: &'a str,
-        len_max_bytes: u64,
-    ) -> BoxFuture<'a, Result<Bytes, StoreError>>;
+    fn get<'a>(&'a self, key: &'a str, len_max_bytes: u64) -> BoxFuture<'a, Result<Bytes, StoreError>>;
 
     /// Write the whole object `key` atomically: readers see all of it or none.
     fn put<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, Result<(), StoreError>>;
@@ -68,38 +64,27 @@ impl StoreUrl {
     /// Parse `file:///abs/dir` (or a bare absolute path) or
     /// `s3://bucket[/prefix]`.
     pub fn parse(url: &str) -> Result<Self, UrlError> {
-        let err = |reason: &str| UrlError {
-            url: url.to_owned(),
-            reason: reason.to_owned(),
-        };
+        let err = |reason: &str| UrlError { url: url.to_owned(), reason: reason.to_owned() };
         if url.contains('\0') {
             return Err(err("contains a NUL byte"));
         }
         if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if !valid_bucket(bucket) {
-                return Err(err(
-                    "bucket names are 3-63 characters of a-z, 0-9, '.', '-'",
-                ));
+                return Err(err("bucket names are 3-63 characters of a-z, 0-9, '.', '-'"));
             }
             let prefix = prefix.trim_matches('/');
             if prefix.split('/').any(|part| part == "." || part == "..") {
                 return Err(err("a prefix may not contain '.' or '..' segments"));
             }
-            return Ok(StoreUrl::S3 {
-                bucket: bucket.to_owned(),
-                prefix: prefix.to_owned(),
-            });
+            return Ok(StoreUrl::S3 { bucket: bucket.to_owned(), prefix: prefix.to_owned() });
         }
         let path = url.strip_prefix("file://").unwrap_or(url);
         if !path.starts_with('/') {
             return Err(err("use file:///absolute/path or s3://bucket/prefix"));
         }
         let root = PathBuf::from(path);
-        if root
-            .components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
-        {
+        if root.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
             return Err(err("a path may not contain '..'"));
         }
         Ok(StoreUrl::File { root })
@@ -108,24 +93,13 @@ impl StoreUrl {
     /// Split a manifest URL into its store (the manifest's parent) and the
     /// manifest's key within it.
     pub fn parse_manifest(url: &str) -> Result<(Self, String), UrlError> {
-        let err = |reason: &str| UrlError {
-            url: url.to_owned(),
-            reason: reason.to_owned(),
-        };
+        let err = |reason: &str| UrlError { url: url.to_owned(), reason: reason.to_owned() };
         let trimmed = url.trim_end_matches('/');
-        let (parent, key) = trimmed
-            .rsplit_once('/')
-            .ok_or_else(|| err("no manifest name in the URL"))?;
+        let (parent, key) = trimmed.rsplit_once('/').ok_or_else(|| err("no manifest name in the URL"))?;
         if key.is_empty() || !key.ends_with(MANIFEST_SUFFIX) {
-            return Err(err(&format!(
-                "a manifest URL ends in <name>{MANIFEST_SUFFIX}"
-            )));
+            return Err(err(&format!("a manifest URL ends in <name>{MANIFEST_SUFFIX}")));
         }
-        let parent = if parent == "file://" || parent.is_empty() {
-            "/"
-        } else {
-            parent
-        };
+        let parent = if parent == "file://" || parent.is_empty() { "/" } else { parent };
         let parent = if parent == "s3:/" {
             return Err(err("no bucket in the URL"));
         } else {
@@ -146,9 +120,7 @@ pub const MANIFEST_SUFFIX: &str = ".manifest";
 
 fn valid_bucket(bucket: &str) -> bool {
     (3..=63).contains(&bucket.len())
-        && bucket
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
 }
 
 impl fmt::Display for StoreUrl {
@@ -165,9 +137,7 @@ impl fmt::Display for StoreUrl {
 pub async fn open(url: &StoreUrl) -> Result<SharedStore, StoreError> {
     match url {
         StoreUrl::File { root } => Ok(Arc::new(file::FileStore::new(root.clone()))),
-        StoreUrl::S3 { .. } => Err(StoreError::permanent(format!(
-            "{url}: s3:// stores are not built yet"
-        ))),
+        StoreUrl::S3 { .. } => Err(StoreError::permanent(format!("{url}: s3:// stores are not built yet"))),
     }
 }
 
@@ -177,39 +147,20 @@ mod tests {
 
     #[test]
     fn parses_store_and_manifest_urls() {
-        assert_eq!(
-            StoreUrl::parse("file:///a/b").unwrap(),
-            StoreUrl::File {
-                root: "/a/b".into()
-            }
-        );
+        assert_eq!(StoreUrl::parse("file:///a/b").unwrap(), StoreUrl::File { root: "/a/b".into() });
         assert_eq!(
             StoreUrl::parse("s3://bucket/x/y/").unwrap(),
-            StoreUrl::S3 {
-                bucket: "bucket".into(),
-                prefix: "x/y".into()
-            }
+            StoreUrl::S3 { bucket: "bucket".into(), prefix: "x/y".into() }
         );
         let (store, key) = StoreUrl::parse_manifest("s3://bucket/p/vol.manifest").unwrap();
         assert_eq!(store.join(&key), "s3://bucket/p/vol.manifest");
         let (store, key) = StoreUrl::parse_manifest("file:///srv/vol.manifest").unwrap();
-        assert_eq!(
-            (store.to_string(), key.as_str()),
-            ("file:///srv".to_owned(), "vol.manifest")
-        );
+        assert_eq!((store.to_string(), key.as_str()), ("file:///srv".to_owned(), "vol.manifest"));
     }
 
     #[test]
     fn rejects_hostile_urls() {
-        for bad in [
-            "relative/path",
-            "file://../x",
-            "/a/../b",
-            "s3://B/x",
-            "s3://bu",
-            "s3://bucket/../x",
-            "/a\0b",
-        ] {
+        for bad in ["relative/path", "file://../x", "/a/../b", "s3://B/x", "s3://bu", "s3://bucket/../x", "/a\0b"] {
             assert!(StoreUrl::parse(bad).is_err(), "{bad} accepted");
         }
         assert!(StoreUrl::parse_manifest("s3://bucket/p/vol.txt").is_err());

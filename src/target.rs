@@ -71,16 +71,10 @@ pub enum TargetError {
 
 impl TargetError {
     fn refused(path: &Path, message: impl Into<String>) -> Self {
-        Self::Refused {
-            path: path.to_owned(),
-            message: message.into(),
-        }
+        Self::Refused { path: path.to_owned(), message: message.into() }
     }
     fn io(path: &Path, source: io::Error) -> Self {
-        Self::Io {
-            path: path.to_owned(),
-            source,
-        }
+        Self::Io { path: path.to_owned(), source }
     }
 }
 
@@ -113,19 +107,15 @@ pub fn open(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetError> {
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_block_device() => open_device(path, spec),
-        Ok(meta) if meta.file_type().is_symlink() => Err(TargetError::refused(
-            path,
-            "is a symbolic link: name the file or device it points to",
-        )),
+        Ok(meta) if meta.file_type().is_symlink() => {
+            Err(TargetError::refused(path, "is a symbolic link: name the file or device it points to"))
+        }
         Ok(meta) if meta.is_file() && spec.in_place => open_in_place(path, spec),
         Ok(meta) if meta.is_file() => open_staging(path, spec),
-        Ok(_) => Err(TargetError::refused(
-            path,
-            "is neither a regular file nor a block device",
-        )),
-        Err(e) if e.kind() == io::ErrorKind::NotFound && spec.in_place => Err(
-            TargetError::refused(path, "does not exist: --in-place writes an existing file"),
-        ),
+        Ok(_) => Err(TargetError::refused(path, "is neither a regular file nor a block device")),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && spec.in_place => {
+            Err(TargetError::refused(path, "does not exist: --in-place writes an existing file"))
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => open_staging(path, spec),
         Err(e) => Err(TargetError::io(path, e)),
     }
@@ -134,18 +124,15 @@ pub fn open(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetError> {
 fn open_device(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetError> {
     // O_EXCL on a block device: refused while it is mounted or held open
     // exclusively by anyone else.
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::EBUSY) => TargetError::refused(
-                path,
-                "the device is mounted or in use (EBUSY): unmount it first",
-            ),
-            _ => TargetError::io(path, e),
-        })?;
+    let file =
+        OpenOptions::new().read(true).write(true).custom_flags(libc::O_EXCL | libc::O_CLOEXEC).open(path).map_err(
+            |e| match e.raw_os_error() {
+                Some(libc::EBUSY) => {
+                    TargetError::refused(path, "the device is mounted or in use (EBUSY): unmount it first")
+                }
+                _ => TargetError::io(path, e),
+            },
+        )?;
     let size = device_size_bytes(&file).map_err(|e| TargetError::io(path, e))?;
     check_capacity(path, size, spec.volume_size_bytes)?;
     let identity = identity_of(&file, size).map_err(|e| TargetError::io(path, e))?;
@@ -168,8 +155,7 @@ fn open_in_place(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetErr
         .map_err(|e| TargetError::io(path, e))?;
     let len = file.metadata().map_err(|e| TargetError::io(path, e))?.len();
     if len < spec.volume_size_bytes {
-        file.set_len(spec.volume_size_bytes)
-            .map_err(|e| TargetError::io(path, e))?;
+        file.set_len(spec.volume_size_bytes).map_err(|e| TargetError::io(path, e))?;
     }
     let size = len.max(spec.volume_size_bytes);
     let identity = identity_of(&file, size).map_err(|e| TargetError::io(path, e))?;
@@ -184,14 +170,10 @@ fn open_in_place(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetErr
 }
 
 fn open_staging(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetError> {
-    let staging =
-        staging_path(path).ok_or_else(|| TargetError::refused(path, "not a file path"))?;
+    let staging = staging_path(path).ok_or_else(|| TargetError::refused(path, "not a file path"))?;
     let dir = parent_dir(path);
     if !dir.is_dir() {
-        return Err(TargetError::refused(
-            path,
-            format!("directory {} does not exist", dir.display()),
-        ));
+        return Err(TargetError::refused(path, format!("directory {} does not exist", dir.display())));
     }
     let reuse = spec.reuse_staging && staging.is_file();
     if !reuse {
@@ -210,42 +192,25 @@ fn open_staging(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetErro
         .mode(0o600)
         .open(&staging)
         .map_err(|e| TargetError::io(&staging, e))?;
-    let len = file
-        .metadata()
-        .map_err(|e| TargetError::io(&staging, e))?
-        .len();
+    let len = file.metadata().map_err(|e| TargetError::io(&staging, e))?.len();
     if len != spec.volume_size_bytes {
         if reuse {
             return Err(TargetError::refused(
                 &staging,
-                format!(
-                    "staging file is {len} bytes, the volume {}: rerun with --restart",
-                    spec.volume_size_bytes
-                ),
+                format!("staging file is {len} bytes, the volume {}: rerun with --restart", spec.volume_size_bytes),
             ));
         }
-        file.set_len(spec.volume_size_bytes)
-            .map_err(|e| TargetError::io(&staging, e))?;
+        file.set_len(spec.volume_size_bytes).map_err(|e| TargetError::io(&staging, e))?;
     }
-    let identity =
-        identity_of(&file, spec.volume_size_bytes).map_err(|e| TargetError::io(&staging, e))?;
-    Ok(Target {
-        path: path.to_owned(),
-        write_path: staging,
-        kind: TargetKind::File,
-        file,
-        fresh: !reuse,
-        identity,
-    })
+    let identity = identity_of(&file, spec.volume_size_bytes).map_err(|e| TargetError::io(&staging, e))?;
+    Ok(Target { path: path.to_owned(), write_path: staging, kind: TargetKind::File, file, fresh: !reuse, identity })
 }
 
 fn check_capacity(path: &Path, size: u64, volume: u64) -> Result<(), TargetError> {
     if size < volume {
         return Err(TargetError::refused(
             path,
-            format!(
-                "holds {size} bytes, the snapshot's volume is {volume} bytes: use a device at least that large"
-            ),
+            format!("holds {size} bytes, the snapshot's volume is {volume} bytes: use a device at least that large"),
         ));
     }
     Ok(())
@@ -255,16 +220,8 @@ fn identity_of(file: &File, size_bytes: u64) -> io::Result<TargetIdentity> {
     let meta = file.metadata()?;
     // A block device is identified by the device it is (rdev), a file by
     // the filesystem and inode it lives in.
-    let dev = if meta.file_type().is_block_device() {
-        meta.rdev()
-    } else {
-        meta.dev()
-    };
-    Ok(TargetIdentity {
-        dev,
-        ino: meta.ino(),
-        size_bytes,
-    })
+    let dev = if meta.file_type().is_block_device() { meta.rdev() } else { meta.dev() };
+    Ok(TargetIdentity { dev, ino: meta.ino(), size_bytes })
 }
 
 /// Size of a block device (BLKGETSIZE64) or a regular file.
@@ -328,9 +285,7 @@ pub struct StagingGuard {
 
 impl StagingGuard {
     pub fn new(target: &Target) -> Self {
-        Self {
-            path: (target.kind == TargetKind::File).then(|| target.write_path.clone()),
-        }
+        Self { path: (target.kind == TargetKind::File).then(|| target.write_path.clone()) }
     }
 
     /// Keep the staging file (it was swapped into place, or a checkpoint
@@ -359,11 +314,7 @@ mod tests {
     use super::*;
 
     fn spec(size: u64) -> OpenOptionsSpec {
-        OpenOptionsSpec {
-            volume_size_bytes: size,
-            in_place: false,
-            reuse_staging: false,
-        }
+        OpenOptionsSpec { volume_size_bytes: size, in_place: false, reuse_staging: false }
     }
 
     #[test]
@@ -374,9 +325,7 @@ mod tests {
         let t = open(&path, spec(8192)).unwrap();
         assert_eq!(t.kind, TargetKind::File);
         assert!(t.fresh);
-        assert!(is_staging_name(
-            &t.write_path.file_name().unwrap().to_string_lossy()
-        ));
+        assert!(is_staging_name(&t.write_path.file_name().unwrap().to_string_lossy()));
         assert_eq!(std::fs::metadata(&t.write_path).unwrap().len(), 8192);
         swap(&t).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 8192);
@@ -399,10 +348,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let link = dir.path().join("link");
         std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
-        assert!(matches!(
-            open(&link, spec(4096)),
-            Err(TargetError::Refused { .. })
-        ));
+        assert!(matches!(open(&link, spec(4096)), Err(TargetError::Refused { .. })));
         assert!(open(&dir.path().join("nope/vol"), spec(4096)).is_err());
     }
 }

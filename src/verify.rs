@@ -47,9 +47,7 @@ impl VerifiedBlock {
     /// A block of zeros: what the manifest says an absent block holds, so it
     /// needs no check.
     pub fn zeros(len_bytes: usize) -> Self {
-        Self {
-            bytes: zero_bytes(len_bytes),
-        }
+        Self { bytes: zero_bytes(len_bytes) }
     }
 }
 
@@ -57,8 +55,7 @@ impl VerifiedBlock {
 fn zero_bytes(len_bytes: usize) -> Bytes {
     use std::sync::OnceLock;
     static ZEROS: OnceLock<Bytes> = OnceLock::new();
-    let zeros =
-        ZEROS.get_or_init(|| Bytes::from(vec![0u8; crate::block::BLOCK_SIZE_MAX_BYTES as usize]));
+    let zeros = ZEROS.get_or_init(|| Bytes::from(vec![0u8; crate::block::BLOCK_SIZE_MAX_BYTES as usize]));
     debug_assert!(len_bytes <= zeros.len());
     zeros.slice(..len_bytes.min(zeros.len()))
 }
@@ -119,22 +116,11 @@ mod tests {
     fn accepts_good_and_rejects_corrupt() {
         let data = vec![7u8; 8192];
         let exp = expected_for(&data, Compression::None, &data);
-        assert_eq!(
-            verify(Bytes::from(data.clone()), &exp).unwrap().bytes()[..],
-            data[..]
-        );
+        assert_eq!(verify(Bytes::from(data.clone()), &exp).unwrap().bytes()[..], data[..]);
         let mut bad = data.clone();
         bad[100] ^= 1;
-        assert_eq!(
-            verify(Bytes::from(bad), &exp).unwrap_err().class,
-            ErrorClass::Corrupt
-        );
-        assert_eq!(
-            verify(Bytes::from(data[..100].to_vec()), &exp)
-                .unwrap_err()
-                .class,
-            ErrorClass::Corrupt
-        );
+        assert_eq!(verify(Bytes::from(bad), &exp).unwrap_err().class, ErrorClass::Corrupt);
+        assert_eq!(verify(Bytes::from(data[..100].to_vec()), &exp).unwrap_err().class, ErrorClass::Corrupt);
     }
 
     #[test]
@@ -142,17 +128,11 @@ mod tests {
         let data = vec![3u8; 8192];
         let packed = zstd::bulk::compress(&data, 3).unwrap();
         let exp = expected_for(&data, Compression::Zstd, &packed);
-        assert_eq!(
-            verify(Bytes::from(packed.clone()), &exp).unwrap().len(),
-            8192
-        );
+        assert_eq!(verify(Bytes::from(packed.clone()), &exp).unwrap().len(), 8192);
         // A bomb: claims a small block but decompresses larger.
         let big = zstd::bulk::compress(&vec![0u8; 1 << 20], 3).unwrap();
         let mut bomb = exp;
         bomb.stored_len_bytes = big.len() as u32;
-        assert_eq!(
-            verify(Bytes::from(big), &bomb).unwrap_err().class,
-            ErrorClass::Corrupt
-        );
+        assert_eq!(verify(Bytes::from(big), &bomb).unwrap_err().class, ErrorClass::Corrupt);
     }
 }

@@ -25,27 +25,20 @@ fn run(cmd: &mut Command) -> Run {
 }
 
 fn create(dir: &std::path::Path) -> String {
-    let vol = SampleVolume {
-        size_bytes: 10 * 65536 + 17,
-        block_size_bytes: 65536,
-        seed: 4,
-    };
+    let vol = SampleVolume { size_bytes: 10 * 65536 + 17, block_size_bytes: 65536, seed: 4 };
     let source = dir.join("src.img");
     vol.write_to(&source).unwrap();
     let store = format!("file://{}/store/bucket/p", dir.display());
-    let r = run(bin()
-        .args(["snapshot", "create", "--source"])
-        .arg(&source)
-        .args([
-            "--store",
-            &store,
-            "--name",
-            "vol",
-            "--block-size",
-            "64KiB",
-            "--compression",
-            "zstd",
-        ]));
+    let r = run(bin().args(["snapshot", "create", "--source"]).arg(&source).args([
+        "--store",
+        &store,
+        "--name",
+        "vol",
+        "--block-size",
+        "64KiB",
+        "--compression",
+        "zstd",
+    ]));
     assert_eq!(r.code, 0, "{}", r.stderr);
     let last = r.stdout.lines().last().unwrap().to_owned();
     assert_eq!(last, format!("{store}/vol.manifest"));
@@ -58,43 +51,34 @@ fn create_restore_verify_and_exit_codes() {
     let manifest = create(dir.path());
     let target = dir.path().join("out.img");
 
-    let r = run(bin()
-        .args(["restore", "--json", "--manifest", &manifest, "--target"])
-        .arg(&target));
+    let r = run(bin().args(["restore", "--json", "--manifest", &manifest, "--target"]).arg(&target));
     assert_eq!(r.code, 0, "{}", r.stderr);
     let summary: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(summary["succeeded"], true);
     assert_eq!(summary["blocks_total"], 11);
     assert_eq!(summary["blocks_failed"], 0);
 
-    let r = run(bin()
-        .args(["verify", "--manifest", &manifest, "--target"])
-        .arg(&target));
+    let r = run(bin().args(["verify", "--manifest", &manifest, "--target"]).arg(&target));
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
 
     // Damage one block of the target: verify names it and exits 3.
     let mut data = std::fs::read(&target).unwrap();
     data[2 * 65536 + 5] ^= 1;
     std::fs::write(&target, &data).unwrap();
-    let r = run(bin()
-        .args(["verify", "--json", "--manifest", &manifest, "--target"])
-        .arg(&target));
+    let r = run(bin().args(["verify", "--json", "--manifest", &manifest, "--target"]).arg(&target));
     assert_eq!(r.code, 3);
     let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(report["mismatched"], serde_json::json!([2]));
 
     // The same name twice is refused: snapshots are immutable.
-    let r = run(bin()
-        .args(["snapshot", "create", "--source"])
-        .arg(dir.path().join("src.img"))
-        .args([
-            "--store",
-            manifest.trim_end_matches("/vol.manifest"),
-            "--name",
-            "vol",
-            "--block-size",
-            "64KiB",
-        ]));
+    let r = run(bin().args(["snapshot", "create", "--source"]).arg(dir.path().join("src.img")).args([
+        "--store",
+        manifest.trim_end_matches("/vol.manifest"),
+        "--name",
+        "vol",
+        "--block-size",
+        "64KiB",
+    ]));
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("already exists"), "{}", r.stderr);
 }
@@ -105,14 +89,7 @@ fn usage_and_config_errors_exit_2_and_name_the_problem() {
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, "[fetch]\nattempts_mx = 3\n").unwrap();
     let r = run(bin()
-        .args([
-            "restore",
-            "--manifest",
-            "file:///x/y.manifest",
-            "--target",
-            "/tmp/x",
-            "--config",
-        ])
+        .args(["restore", "--manifest", "file:///x/y.manifest", "--target", "/tmp/x", "--config"])
         .arg(&config));
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("attempts_mx"), "{}", r.stderr);
@@ -129,13 +106,7 @@ fn usage_and_config_errors_exit_2_and_name_the_problem() {
     ]));
     assert_eq!(r.code, 2, "{}", r.stderr);
 
-    let r = run(bin().args([
-        "restore",
-        "--manifest",
-        "relative/x.manifest",
-        "--target",
-        "/tmp/x",
-    ]));
+    let r = run(bin().args(["restore", "--manifest", "relative/x.manifest", "--target", "/tmp/x"]));
     assert_eq!(r.code, 2, "{}", r.stderr);
 
     // A manifest that does not exist: a data failure (3), nothing written.
@@ -147,9 +118,5 @@ fn usage_and_config_errors_exit_2_and_name_the_problem() {
         .arg(&target));
     assert_eq!(r.code, 3, "{}", r.stderr);
     assert!(!target.exists());
-    assert_eq!(
-        std::fs::read_dir(dir.path()).unwrap().count(),
-        1,
-        "only bad.toml"
-    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only bad.toml");
 }

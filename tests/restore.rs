@@ -19,36 +19,20 @@ async fn roundtrip(backend: BackendChoice, compression: Compression, hash: HashA
     let report = restore(&engine, &spec(&url, &target)).await.unwrap();
     check_ledger(&report, &manifest);
     assert!(report.succeeded);
-    assert!(
-        report.blocks_zero > 0 && report.blocks_deduplicated > 0,
-        "{report:#?}"
-    );
+    assert!(report.blocks_zero > 0 && report.blocks_deduplicated > 0, "{report:#?}");
     check_identical(&manifest, &vol, &target);
-    assert_eq!(
-        staging_files(target.parent().unwrap()),
-        Vec::<String>::new()
-    );
+    assert_eq!(staging_files(target.parent().unwrap()), Vec::<String>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_is_byte_identical_with_pwrite() {
-    roundtrip(
-        BackendChoice::Pwrite,
-        Compression::None,
-        HashAlgorithm::Blake3,
-    )
-    .await;
+    roundtrip(BackendChoice::Pwrite, Compression::None, HashAlgorithm::Blake3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_is_byte_identical_with_uring_or_auto() {
     // `auto` is io_uring where the kernel allows it, pwrite elsewhere.
-    roundtrip(
-        BackendChoice::Auto,
-        Compression::Zstd,
-        HashAlgorithm::Sha256,
-    )
-    .await;
+    roundtrip(BackendChoice::Auto, Compression::Zstd, HashAlgorithm::Sha256).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,16 +45,10 @@ async fn restore_into_existing_file_zeroes_zero_blocks() {
     std::fs::write(&target, vec![0xAB; vol.size_bytes as usize + 4096]).unwrap();
     let mut s = spec(&url, &target);
     s.in_place = true;
-    let report = restore(&Engine::new(config(BackendChoice::Pwrite)), &s)
-        .await
-        .unwrap();
+    let report = restore(&Engine::new(config(BackendChoice::Pwrite)), &s).await.unwrap();
     check_ledger(&report, &manifest);
     let readback = rehydrate::job::readback::readback(&manifest, &target).unwrap();
-    assert!(
-        readback.matches(),
-        "zero blocks not zeroed: {:?}",
-        readback.mismatched
-    );
+    assert!(readback.matches(), "zero blocks not zeroed: {:?}", readback.mismatched);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,31 +68,15 @@ async fn corrupt_block_is_never_written_and_named() {
     std::fs::write(&target, vec![0xCD; vol.size_bytes as usize]).unwrap();
     let mut s = spec(&url, &target);
     s.in_place = true;
-    let err = restore(&Engine::new(config(BackendChoice::Pwrite)), &s)
-        .await
-        .unwrap_err();
-    let RestoreError::BlocksFailed(report) = &err else {
-        panic!("expected BlocksFailed, got {err}")
-    };
+    let err = restore(&Engine::new(config(BackendChoice::Pwrite)), &s).await.unwrap_err();
+    let RestoreError::BlocksFailed(report) = &err else { panic!("expected BlocksFailed, got {err}") };
     check_ledger(report, &manifest);
-    assert_eq!(
-        report.damage.iter().map(|d| d.index).collect::<Vec<_>>(),
-        vec![victim.index]
-    );
-    assert_eq!(
-        report.damage[0].failures[0].last_error.class,
-        rehydrate::error::ErrorClass::Corrupt
-    );
-    assert!(
-        err.to_string().contains(&format!("block {}", victim.index)),
-        "{err}"
-    );
+    assert_eq!(report.damage.iter().map(|d| d.index).collect::<Vec<_>>(), vec![victim.index]);
+    assert_eq!(report.damage[0].failures[0].last_error.class, rehydrate::error::ErrorClass::Corrupt);
+    assert!(err.to_string().contains(&format!("block {}", victim.index)), "{err}");
     let data = std::fs::read(&target).unwrap();
     let offset = manifest.layout.offset(victim.index) as usize;
-    assert!(
-        data[offset..offset + 65536].iter().all(|&b| b == 0xCD),
-        "corrupt bytes reached the target"
-    );
+    assert!(data[offset..offset + 65536].iter().all(|&b| b == 0xCD), "corrupt bytes reached the target");
     // Everything else was restored.
     let readback = rehydrate::job::readback::readback(&manifest, &target).unwrap();
     assert_eq!(readback.mismatched, vec![victim.index]);
@@ -127,17 +89,11 @@ async fn failed_file_restore_is_not_swapped_and_leaves_no_staging() {
     let url = snapshot(dir.path(), &vol, Compression::None, HashAlgorithm::Blake3).await;
     let manifest = load_manifest(&url);
     let victim = manifest.entries()[0];
-    std::fs::remove_file(store_root(dir.path()).join(block_key(&victim.hash, victim.compression)))
-        .unwrap();
+    std::fs::remove_file(store_root(dir.path()).join(block_key(&victim.hash, victim.compression))).unwrap();
     let out = dir.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     let target = out.join("vol.img");
-    let err = restore(
-        &Engine::new(config(BackendChoice::Pwrite)),
-        &spec(&url, &target),
-    )
-    .await
-    .unwrap_err();
+    let err = restore(&Engine::new(config(BackendChoice::Pwrite)), &spec(&url, &target)).await.unwrap_err();
     assert!(matches!(err, RestoreError::BlocksFailed(_)), "{err}");
     assert!(!target.exists(), "a failed restore was swapped into place");
     assert_eq!(staging_files(&out), Vec::<String>::new());
@@ -153,19 +109,15 @@ async fn secondary_serves_what_the_primary_lacks() {
     let secondary = dir.path().join("mirror");
     copy_dir(&store_root(dir.path()), &secondary);
     for e in &manifest.entries()[3..5] {
-        std::fs::remove_file(store_root(dir.path()).join(block_key(&e.hash, e.compression)))
-            .unwrap();
+        std::fs::remove_file(store_root(dir.path()).join(block_key(&e.hash, e.compression))).unwrap();
     }
     let target = dir.path().join("vol.img");
     let mut s = spec(&url, &target);
     s.secondaries = vec![format!("file://{}", secondary.display())];
-    let report = restore(&Engine::new(config(BackendChoice::Pwrite)), &s)
-        .await
-        .unwrap();
+    let report = restore(&Engine::new(config(BackendChoice::Pwrite)), &s).await.unwrap();
     check_ledger(&report, &manifest);
     check_identical(&manifest, &vol, &target);
-    let served: std::collections::HashMap<_, _> =
-        report.fetch.served_by_source.iter().cloned().collect();
+    let served: std::collections::HashMap<_, _> = report.fetch.served_by_source.iter().cloned().collect();
     assert_eq!(served["secondary1"], 2);
     assert_eq!(report.fetch.fallbacks, 2);
     // 404 is permanent: one request on the primary, no retries.
@@ -197,11 +149,7 @@ async fn hostile_manifest_is_refused_before_any_write() {
         let err = restore(&engine, &spec(&url, &target)).await.unwrap_err();
         assert!(matches!(err, RestoreError::Refused(_)), "{what}: {err}");
         assert!(err.to_string().contains("manifest"), "{what}: {err}");
-        assert_eq!(
-            std::fs::read_dir(&out).unwrap().count(),
-            0,
-            "{what}: something was written"
-        );
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "{what}: something was written");
     }
 }
 

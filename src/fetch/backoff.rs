@@ -22,20 +22,13 @@ pub struct Backoff {
 impl Backoff {
     pub fn new(base: Duration, cap: Duration, seed: u64) -> Self {
         debug_assert!(base <= cap, "backoff base above cap");
-        Self {
-            base,
-            cap,
-            previous: base,
-            rng: SmallRng::seed_from_u64(seed),
-        }
+        Self { base, cap, previous: base, rng: SmallRng::seed_from_u64(seed) }
     }
 
     /// The next sleep.
     pub fn next_sleep(&mut self) -> Duration {
         let low = self.base.as_micros() as u64;
-        let high = (self.previous.as_micros() as u64)
-            .saturating_mul(3)
-            .max(low + 1);
+        let high = (self.previous.as_micros() as u64).saturating_mul(3).max(low + 1);
         let sleep = Duration::from_micros(self.rng.random_range(low..high)).min(self.cap);
         self.previous = sleep;
         sleep
@@ -53,13 +46,7 @@ mod tests {
         let sa: Vec<_> = (0..50).map(|_| a.next_sleep()).collect();
         let sb: Vec<_> = (0..50).map(|_| b.next_sleep()).collect();
         assert_eq!(sa, sb);
-        assert!(
-            sa.iter()
-                .all(|s| *s >= Duration::from_millis(50) && *s <= Duration::from_secs(2))
-        );
-        assert!(
-            sa.iter().any(|s| *s > Duration::from_millis(500)),
-            "grows toward the cap: {sa:?}"
-        );
+        assert!(sa.iter().all(|s| *s >= Duration::from_millis(50) && *s <= Duration::from_secs(2)));
+        assert!(sa.iter().any(|s| *s > Duration::from_millis(500)), "grows toward the cap: {sa:?}");
     }
 }

@@ -28,23 +28,16 @@ pub struct BudgetPermit {
 impl Budget {
     pub fn new(capacity_bytes: u64) -> Self {
         let units = (capacity_bytes / UNIT_BYTES).max(1) as usize;
-        Self {
-            semaphore: Arc::new(Semaphore::new(units)),
-            capacity_bytes,
-        }
+        Self { semaphore: Arc::new(Semaphore::new(units)), capacity_bytes }
     }
 
     /// Wait until `bytes` fit in the budget. A request larger than the whole
     /// budget is clamped to it, so it waits for an empty budget rather than
     /// forever.
     pub async fn acquire(&self, bytes: u64) -> BudgetPermit {
-        let units = bytes
-            .div_ceil(UNIT_BYTES)
-            .clamp(1, (self.capacity_bytes / UNIT_BYTES).max(1)) as u32;
-        let permit = Arc::clone(&self.semaphore)
-            .acquire_many_owned(units)
-            .await
-            .expect("budget semaphore is never closed");
+        let units = bytes.div_ceil(UNIT_BYTES).clamp(1, (self.capacity_bytes / UNIT_BYTES).max(1)) as u32;
+        let permit =
+            Arc::clone(&self.semaphore).acquire_many_owned(units).await.expect("budget semaphore is never closed");
         BudgetPermit { _permit: permit }
     }
 
@@ -68,19 +61,11 @@ mod tests {
         let budget = Budget::new(4 << 20);
         let a = budget.acquire(3 << 20).await;
         assert_eq!(budget.inflight_bytes(), 3 << 20);
-        let waiting = tokio::time::timeout(
-            std::time::Duration::from_millis(50),
-            budget.acquire(2 << 20),
-        )
-        .await;
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), budget.acquire(2 << 20)).await;
         assert!(waiting.is_err(), "over budget must wait");
         drop(a);
         let _b = budget.acquire(2 << 20).await;
-        let _huge = tokio::time::timeout(
-            std::time::Duration::from_millis(50),
-            budget.acquire(1 << 40),
-        )
-        .await;
+        let _huge = tokio::time::timeout(std::time::Duration::from_millis(50), budget.acquire(1 << 40)).await;
         assert_eq!(budget.inflight_bytes(), 2 << 20);
     }
 }

@@ -34,9 +34,7 @@ impl Unit {
     /// Bytes this unit holds in flight: the fetched object (decompressed).
     pub fn inflight_bytes(&self) -> u64 {
         match &self.source {
-            UnitSource::Object { expected, .. } => {
-                u64::from(expected.stored_len_bytes) + u64::from(expected.len_bytes)
-            }
+            UnitSource::Object { expected, .. } => u64::from(expected.stored_len_bytes) + u64::from(expected.len_bytes),
             UnitSource::Zeros { .. } => 0,
         }
     }
@@ -80,12 +78,8 @@ pub fn plan(manifest: &Manifest, fresh: bool, settled: impl Fn(BlockIndex) -> bo
             if fresh {
                 out.zero_free.push(index);
             } else {
-                out.units.push(Unit {
-                    source: UnitSource::Zeros {
-                        len_bytes: layout.len(index),
-                    },
-                    blocks: vec![index],
-                });
+                out.units
+                    .push(Unit { source: UnitSource::Zeros { len_bytes: layout.len(index) }, blocks: vec![index] });
             }
             continue;
         };
@@ -98,21 +92,14 @@ pub fn plan(manifest: &Manifest, fresh: bool, settled: impl Fn(BlockIndex) -> bo
                 by_object.insert((entry.hash, entry.compression), out.units.len());
                 let expected = expected_of(manifest, &layout, entry);
                 let key = block_key(&entry.hash, entry.compression);
-                out.units.push(Unit {
-                    source: UnitSource::Object { key, expected },
-                    blocks: vec![index],
-                });
+                out.units.push(Unit { source: UnitSource::Object { key, expected }, blocks: vec![index] });
             }
         }
     }
     out
 }
 
-fn expected_of(
-    manifest: &Manifest,
-    layout: &BlockLayout,
-    entry: &crate::manifest::BlockEntry,
-) -> Expected {
+fn expected_of(manifest: &Manifest, layout: &BlockLayout, entry: &crate::manifest::BlockEntry) -> Expected {
     Expected {
         hash: entry.hash,
         algorithm: manifest.hash_algorithm,

@@ -106,10 +106,7 @@ impl Progress {
     }
 
     pub fn stalled(&self) -> Option<String> {
-        self.stalled
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.stalled.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn attach_telemetry(&self, telemetry: Arc<FetchTelemetry>) {

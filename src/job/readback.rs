@@ -34,11 +34,7 @@ pub fn readback(manifest: &Manifest, target: &Path) -> std::io::Result<ReadbackR
     if size < layout.volume_size_bytes() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
-            format!(
-                "{} holds {size} bytes, the volume {}",
-                target.display(),
-                layout.volume_size_bytes()
-            ),
+            format!("{} holds {size} bytes, the volume {}", target.display(), layout.volume_size_bytes()),
         ));
     }
     let mut buf = vec![0u8; layout.block_size_bytes() as usize];
@@ -58,9 +54,5 @@ pub fn readback(manifest: &Manifest, target: &Path) -> std::io::Result<ReadbackR
             mismatched.push(index);
         }
     }
-    Ok(ReadbackReport {
-        blocks_total: layout.block_count(),
-        blocks_checked: layout.block_count(),
-        mismatched,
-    })
+    Ok(ReadbackReport { blocks_total: layout.block_count(), blocks_checked: layout.block_count(), mismatched })
 }

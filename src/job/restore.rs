@@ -99,8 +99,8 @@ pub async fn restore(
     cancel: &CancellationToken,
 ) -> Result<RestoreReport, RestoreError> {
     progress.set_phase(Phase::Validate);
-    let (store_url, manifest_key) = StoreUrl::parse_manifest(&spec.manifest_url)
-        .map_err(|e| RestoreError::Usage(e.to_string()))?;
+    let (store_url, manifest_key) =
+        StoreUrl::parse_manifest(&spec.manifest_url).map_err(|e| RestoreError::Usage(e.to_string()))?;
     let primary = engine.open_store(&store_url).await?;
     let manifest = super::load_manifest(engine, &primary, &manifest_key).await?;
     let mut stores = vec![primary];
@@ -122,35 +122,22 @@ pub async fn restore(
     )?;
     let mut staging = StagingGuard::new(&target);
     check_free_space(&target, &manifest)?;
-    let writer_file = target
-        .file
-        .try_clone()
-        .map_err(|e| io_error(&target, "cannot duplicate the target handle", e))?;
+    let writer_file =
+        target.file.try_clone().map_err(|e| io_error(&target, "cannot duplicate the target handle", e))?;
     let writer = Writer::open(writer_file, &engine.config.writer())
         .map_err(|e| io_error(&target, "cannot start the writer", e))?;
 
     progress.set_phase(Phase::Rehydrate);
     let settled = SettledSet::new(layout.block_count());
     let plan = plan::plan(&manifest, target.fresh, |i| settled.is_settled(i));
-    progress
-        .blocks_total
-        .store(layout.block_count(), Ordering::Relaxed);
-    progress
-        .bytes_total
-        .store(layout.volume_size_bytes(), Ordering::Relaxed);
+    progress.blocks_total.store(layout.block_count(), Ordering::Relaxed);
+    progress.bytes_total.store(layout.volume_size_bytes(), Ordering::Relaxed);
     let telemetry = Arc::new(FetchTelemetry::new(&sources));
     progress.attach_telemetry(Arc::clone(&telemetry));
     let blocks_zero = (layout.block_count() - manifest.entries().len() as u64) as u64;
     let blocks_deduplicated = plan.blocks_deduplicated;
 
-    let mut settler = Settler::new(
-        engine,
-        &target,
-        layout,
-        writer.clone(),
-        settled,
-        Arc::clone(progress),
-    );
+    let mut settler = Settler::new(engine, &target, layout, writer.clone(), settled, Arc::clone(progress));
     let units = UnitContext {
         sources,
         policy: RetryPolicy::from_config(&engine.config.fetch),
@@ -158,9 +145,7 @@ pub async fn restore(
         writer: writer.clone(),
         layout,
     };
-    let run = settler
-        .run(plan, units, engine.budget.clone(), cancel)
-        .await;
+    let run = settler.run(plan, units, engine.budget.clone(), cancel).await;
     let backend = writer.backend();
     let closed = writer.close().await;
     run?;
@@ -188,21 +173,16 @@ pub async fn restore(
     report.damage.sort_by_key(|d| d.index);
     let finish = |report: &mut RestoreReport| {
         report.duration_secs = progress.started.elapsed().as_secs_f64();
-        report.throughput_bytes_per_sec =
-            report.bytes_total as f64 / report.duration_secs.max(1e-9);
+        report.throughput_bytes_per_sec = report.bytes_total as f64 / report.duration_secs.max(1e-9);
     };
     if !report.damage.is_empty() {
         finish(&mut report);
         return Err(RestoreError::BlocksFailed(Box::new(report)));
     }
-    debug_assert_eq!(
-        report.blocks_settled, report.blocks_total,
-        "succeeded with blocks unsettled"
-    );
+    debug_assert_eq!(report.blocks_settled, report.blocks_total, "succeeded with blocks unsettled");
 
     progress.set_phase(Phase::Swap);
-    target::swap(&target)
-        .map_err(|e| io_error(&target, "swap (fsync and rename into place) failed", e))?;
+    target::swap(&target).map_err(|e| io_error(&target, "swap (fsync and rename into place) failed", e))?;
     staging.disarm();
     progress.set_phase(Phase::Online);
     report.succeeded = true;
@@ -242,40 +222,19 @@ struct UnitContext {
 
 /// How one unit ended.
 enum UnitOutcome {
-    Written {
-        blocks: Vec<BlockIndex>,
-        bytes: u64,
-    },
-    Failed {
-        blocks: Vec<BlockIndex>,
-        failures: Vec<SourceFailure>,
-    },
-    WriteFailed {
-        block: BlockIndex,
-        error: std::io::Error,
-    },
+    Written { blocks: Vec<BlockIndex>, bytes: u64 },
+    Failed { blocks: Vec<BlockIndex>, failures: Vec<SourceFailure> },
+    WriteFailed { block: BlockIndex, error: std::io::Error },
 }
 
 async fn run_unit(ctx: &UnitContext, unit: Unit) -> UnitOutcome {
     let block = match &unit.source {
         UnitSource::Zeros { len_bytes } => VerifiedBlock::zeros(*len_bytes as usize),
         UnitSource::Object { key, expected } => {
-            match fetch_block(
-                &ctx.sources,
-                key,
-                expected,
-                unit.first_block(),
-                &ctx.policy,
-                &ctx.telemetry,
-            )
-            .await
-            {
+            match fetch_block(&ctx.sources, key, expected, unit.first_block(), &ctx.policy, &ctx.telemetry).await {
                 Ok((block, _source)) => block,
                 Err(failures) => {
-                    return UnitOutcome::Failed {
-                        blocks: unit.blocks,
-                        failures,
-                    };
+                    return UnitOutcome::Failed { blocks: unit.blocks, failures };
                 }
             }
         }
@@ -283,17 +242,11 @@ async fn run_unit(ctx: &UnitContext, unit: Unit) -> UnitOutcome {
     let mut bytes = 0;
     for &index in &unit.blocks {
         if let Err(error) = ctx.writer.write(ctx.layout.offset(index), &block).await {
-            return UnitOutcome::WriteFailed {
-                block: index,
-                error,
-            };
+            return UnitOutcome::WriteFailed { block: index, error };
         }
         bytes += block.len() as u64;
     }
-    UnitOutcome::Written {
-        blocks: unit.blocks,
-        bytes,
-    }
+    UnitOutcome::Written { blocks: unit.blocks, bytes }
 }
 
 /// Walk the plan in order, each unit waiting for its bytes in the budget.
@@ -305,9 +258,7 @@ async fn dispatch(
     cancel: CancellationToken,
 ) {
     for unit in units {
-        let charge = unit
-            .inflight_bytes()
-            .max(u64::from(ctx.layout.len(unit.first_block())));
+        let charge = unit.inflight_bytes().max(u64::from(ctx.layout.len(unit.first_block())));
         let permit = tokio::select! {
             permit = budget.acquire(charge) => permit,
             () = cancel.cancelled() => return,
@@ -386,13 +337,7 @@ impl Settler {
         let ctx = Arc::new(units);
         let (tx, mut rx) = mpsc::channel(OUTCOME_QUEUE_MAX);
         let stop = cancel.child_token();
-        let dispatcher = tokio::spawn(dispatch(
-            plan.units,
-            budget,
-            Arc::clone(&ctx),
-            tx,
-            stop.clone(),
-        ));
+        let dispatcher = tokio::spawn(dispatch(plan.units, budget, Arc::clone(&ctx), tx, stop.clone()));
         let _stop_on_exit = stop.clone().drop_guard();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -425,25 +370,17 @@ impl Settler {
         match outcome {
             UnitOutcome::Written { blocks, bytes } => {
                 self.written_bytes_since_sync += bytes;
-                self.progress
-                    .bytes_written
-                    .fetch_add(bytes, Ordering::Relaxed);
+                self.progress.bytes_written.fetch_add(bytes, Ordering::Relaxed);
                 metrics::counter!(m::WRITTEN_BYTES_TOTAL).increment(bytes);
                 self.written.extend(blocks);
             }
             UnitOutcome::Failed { blocks, failures } => {
                 metrics::counter!(m::FAILED_BLOCKS_TOTAL).increment(blocks.len() as u64);
-                self.progress
-                    .blocks_failed
-                    .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+                self.progress.blocks_failed.fetch_add(blocks.len() as u64, Ordering::Relaxed);
                 for index in blocks {
                     tracing::warn!(block = index, "block failed on every source");
                     let offset_bytes = self.layout.offset(index);
-                    self.damage.push(DamagedBlock {
-                        index,
-                        offset_bytes,
-                        failures: failures.clone(),
-                    });
+                    self.damage.push(DamagedBlock { index, offset_bytes, failures: failures.clone() });
                 }
             }
             UnitOutcome::WriteFailed { block, error } => {
@@ -485,12 +422,8 @@ impl Settler {
         }
         metrics::counter!(m::SETTLED_BLOCKS_TOTAL).increment(blocks);
         metrics::counter!(m::SETTLED_BYTES_TOTAL).increment(bytes);
-        self.progress
-            .blocks_settled
-            .fetch_add(blocks, Ordering::Relaxed);
-        self.progress
-            .bytes_settled
-            .fetch_add(bytes, Ordering::Relaxed);
+        self.progress.blocks_settled.fetch_add(blocks, Ordering::Relaxed);
+        self.progress.bytes_settled.fetch_add(bytes, Ordering::Relaxed);
         self.written_bytes_since_sync = 0;
         self.last_sync = Instant::now();
         self.last_settle = self.last_sync;
@@ -515,10 +448,9 @@ impl Settler {
                 f.attempts,
                 f.started.elapsed().as_secs()
             ),
-            None => format!(
-                "nothing settled for {}s; no block in flight (waiting on budget or writer)",
-                quiet.as_secs()
-            ),
+            None => {
+                format!("nothing settled for {}s; no block in flight (waiting on budget or writer)", quiet.as_secs())
+            }
         };
         if self.progress.stalled().is_none() {
             tracing::warn!(%reason, "restore stalled");

@@ -27,20 +27,14 @@ pub const STAGING_MARKER: &str = ".rhtmp-";
 impl FileStore {
     pub fn new(root: PathBuf) -> Self {
         let url = StoreUrl::File { root: root.clone() };
-        Self {
-            root,
-            url,
-            tmp_counter: AtomicU64::new(0),
-        }
+        Self { root, url, tmp_counter: AtomicU64::new(0) }
     }
 
     fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
         let valid = !key.is_empty()
             && !key.starts_with('/')
             && !key.contains('\0')
-            && key
-                .split('/')
-                .all(|part| !part.is_empty() && part != "." && part != "..");
+            && key.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
         if !valid {
             return Err(StoreError::permanent(format!("invalid object key {key:?}")));
         }
@@ -50,10 +44,7 @@ impl FileStore {
     fn get_blocking(path: &Path, len_max_bytes: u64) -> Result<Bytes, StoreError> {
         let ctx = path.display().to_string();
         let mut file = std::fs::File::open(path).map_err(|e| StoreError::from_io(&ctx, &e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| StoreError::from_io(&ctx, &e))?
-            .len();
+        let len = file.metadata().map_err(|e| StoreError::from_io(&ctx, &e))?.len();
         if len > len_max_bytes {
             return Err(StoreError::corrupt(format!(
                 "{ctx}: object is {len} bytes, more than the {len_max_bytes} expected"
@@ -61,14 +52,9 @@ impl FileStore {
         }
         let mut buf = Vec::with_capacity(len as usize);
         // take(): a file that grows while we read cannot make us read more.
-        (&mut file)
-            .take(len_max_bytes + 1)
-            .read_to_end(&mut buf)
-            .map_err(|e| StoreError::from_io(&ctx, &e))?;
+        (&mut file).take(len_max_bytes + 1).read_to_end(&mut buf).map_err(|e| StoreError::from_io(&ctx, &e))?;
         if buf.len() as u64 > len_max_bytes {
-            return Err(StoreError::corrupt(format!(
-                "{ctx}: object grew past {len_max_bytes} bytes while read"
-            )));
+            return Err(StoreError::corrupt(format!("{ctx}: object grew past {len_max_bytes} bytes while read")));
         }
         Ok(Bytes::from(buf))
     }
@@ -76,14 +62,9 @@ impl FileStore {
     fn put_blocking(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         let ctx = path.display().to_string();
         let io = |e: std::io::Error| StoreError::from_io(&ctx, &e);
-        let dir = path
-            .parent()
-            .ok_or_else(|| StoreError::permanent(format!("{ctx}: no parent directory")))?;
+        let dir = path.parent().ok_or_else(|| StoreError::permanent(format!("{ctx}: no parent directory")))?;
         std::fs::create_dir_all(dir).map_err(io)?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!(".{name}{STAGING_MARKER}{}-{n}", std::process::id()));
         let result = (|| {
@@ -105,11 +86,7 @@ impl BlockStore for FileStore {
         &self.url
     }
 
-    fn get<'a>(
-        &'a self,
-        key: &'a str,
-        len_max_bytes: u64,
-    ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+    fn get<'a>(&'a self, key: &'a str, len_max_bytes: u64) -> BoxFuture<'a, Result<Bytes, StoreError>> {
         Box::pin(async move {
             let path = self.path(key)?;
             tokio::task::spawn_blocking(move || Self::get_blocking(&path, len_max_bytes))
@@ -146,25 +123,13 @@ mod tests {
     async fn put_get_exists_and_bounds() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::new(dir.path().join("bucket/prefix"));
-        store
-            .put("blocks/abc", Bytes::from_static(b"hello"))
-            .await
-            .unwrap();
+        store.put("blocks/abc", Bytes::from_static(b"hello")).await.unwrap();
         assert!(store.exists("blocks/abc").await.unwrap());
         assert!(!store.exists("blocks/abd").await.unwrap());
         assert_eq!(&store.get("blocks/abc", 5).await.unwrap()[..], b"hello");
-        assert_eq!(
-            store.get("blocks/abc", 4).await.unwrap_err().class,
-            ErrorClass::Corrupt
-        );
-        assert_eq!(
-            store.get("blocks/nope", 4).await.unwrap_err().class,
-            ErrorClass::Permanent
-        );
-        assert_eq!(
-            store.get("../escape", 4).await.unwrap_err().class,
-            ErrorClass::Permanent
-        );
+        assert_eq!(store.get("blocks/abc", 4).await.unwrap_err().class, ErrorClass::Corrupt);
+        assert_eq!(store.get("blocks/nope", 4).await.unwrap_err().class, ErrorClass::Permanent);
+        assert_eq!(store.get("../escape", 4).await.unwrap_err().class, ErrorClass::Permanent);
         // No staging leftovers.
         let names: Vec<_> = std::fs::read_dir(dir.path().join("bucket/prefix/blocks"))
             .unwrap()

@@ -19,20 +19,11 @@ pub const BLOCK: u32 = 64 * 1024;
 
 /// A sample volume of `blocks` full blocks plus a short tail.
 pub fn volume(blocks: u64, seed: u64) -> SampleVolume {
-    SampleVolume {
-        size_bytes: blocks * u64::from(BLOCK) + 1000,
-        block_size_bytes: BLOCK,
-        seed,
-    }
+    SampleVolume { size_bytes: blocks * u64::from(BLOCK) + 1000, block_size_bytes: BLOCK, seed }
 }
 
 /// Write `volume` under `dir` and snapshot it into `<dir>/store/bucket/snap`.
-pub async fn snapshot(
-    dir: &Path,
-    volume: &SampleVolume,
-    compression: Compression,
-    hash: HashAlgorithm,
-) -> String {
+pub async fn snapshot(dir: &Path, volume: &SampleVolume, compression: Compression, hash: HashAlgorithm) -> String {
     let source = dir.join(format!("source-{}.img", volume.seed));
     volume.write_to(&source).unwrap();
     let store = Arc::new(FileStore::new(store_root(dir)));
@@ -44,10 +35,7 @@ pub async fn snapshot(
         hash_algorithm: hash,
         puts_inflight_max: 8,
     };
-    rehydrate::snapshot::create(store, &spec)
-        .await
-        .unwrap()
-        .manifest_url
+    rehydrate::snapshot::create(store, &spec).await.unwrap().manifest_url
 }
 
 pub fn store_root(dir: &Path) -> PathBuf {
@@ -74,13 +62,7 @@ pub fn spec(manifest_url: &str, target: &Path) -> RestoreSpec {
 }
 
 pub async fn restore(engine: &Engine, spec: &RestoreSpec) -> Result<RestoreReport, RestoreError> {
-    rehydrate::job::restore::restore(
-        engine,
-        spec,
-        &Arc::new(Progress::default()),
-        &CancellationToken::new(),
-    )
-    .await
+    rehydrate::job::restore::restore(engine, spec, &Arc::new(Progress::default()), &CancellationToken::new()).await
 }
 
 pub fn load_manifest(url: &str) -> Manifest {
@@ -92,54 +74,29 @@ pub fn load_manifest(url: &str) -> Manifest {
 /// up; a success reads back byte-identical.
 pub fn check_ledger(report: &RestoreReport, manifest: &Manifest) {
     let failed: std::collections::BTreeSet<u64> = report.damage.iter().map(|d| d.index).collect();
-    assert_eq!(
-        failed.len() as u64,
-        report.blocks_failed,
-        "damage report and failed count disagree"
-    );
+    assert_eq!(failed.len() as u64, report.blocks_failed, "damage report and failed count disagree");
     assert_eq!(
         report.blocks_settled + report.blocks_failed,
         report.blocks_total,
         "a block is neither settled nor failed: {report:#?}"
     );
     assert_eq!(report.blocks_total, manifest.layout.block_count());
-    assert_eq!(
-        report.succeeded,
-        failed.is_empty(),
-        "succeeded with failed blocks"
-    );
+    assert_eq!(report.succeeded, failed.is_empty(), "succeeded with failed blocks");
     // Metrics add up: every distinct object was served by one source or failed.
-    let distinct: std::collections::HashSet<_> = manifest
-        .entries()
-        .iter()
-        .map(|e| (e.hash, e.compression))
-        .collect();
+    let distinct: std::collections::HashSet<_> = manifest.entries().iter().map(|e| (e.hash, e.compression)).collect();
     let served: u64 = report.fetch.served_by_source.iter().map(|(_, n)| n).sum();
     let failed_objects: std::collections::HashSet<_> = report
         .damage
         .iter()
-        .map(|d| {
-            manifest
-                .entry(d.index)
-                .map(|e| (e.hash, e.compression))
-                .expect("a damaged block has an object")
-        })
+        .map(|d| manifest.entry(d.index).map(|e| (e.hash, e.compression)).expect("a damaged block has an object"))
         .collect();
-    assert_eq!(
-        served + failed_objects.len() as u64,
-        distinct.len() as u64,
-        "served + failed != planned objects"
-    );
+    assert_eq!(served + failed_objects.len() as u64, distinct.len() as u64, "served + failed != planned objects");
 }
 
 /// Read the target back independently and against the volume's pattern.
 pub fn check_identical(manifest: &Manifest, volume: &SampleVolume, target: &Path) {
     let readback = rehydrate::job::readback::readback(manifest, target).unwrap();
-    assert!(
-        readback.matches(),
-        "read-back mismatches: {:?}",
-        readback.mismatched
-    );
+    assert!(readback.matches(), "read-back mismatches: {:?}", readback.mismatched);
     assert_eq!(volume.mismatches(target).unwrap(), Vec::<u64>::new());
 }
 
