@@ -4,6 +4,7 @@
 //! `job` as the control plane and `cli`, `metrics`, `config` at the edges.
 
 pub mod block;
+pub mod checkpoint;
 pub mod error;
 pub mod manifest;
 pub mod store;
