@@ -149,11 +149,7 @@ impl JobIdentity {
         compare("target device", self.target.dev.to_string(), found.target.dev.to_string());
         compare("target inode", self.target.ino.to_string(), found.target.ino.to_string());
         compare("target size", bytes(self.target.size_bytes), bytes(found.target.size_bytes));
-        compare(
-            "volume size",
-            bytes(self.layout.volume_size_bytes()),
-            bytes(found.layout.volume_size_bytes()),
-        );
+        compare("volume size", bytes(self.layout.volume_size_bytes()), bytes(found.layout.volume_size_bytes()));
         compare(
             "block size",
             bytes(self.layout.block_size_bytes().into()),

@@ -228,10 +228,7 @@ impl Checkpoint {
     /// [`FormatError::Corrupt`].
     pub fn decode(bytes: &[u8]) -> Result<Checkpoint, FormatError> {
         if bytes.len() < MIN_BYTES {
-            return Err(corrupt(format!(
-                "truncated: {} bytes, a checkpoint has at least {MIN_BYTES}",
-                bytes.len()
-            )));
+            return Err(corrupt(format!("truncated: {} bytes, a checkpoint has at least {MIN_BYTES}", bytes.len())));
         }
         if bytes.len() > CHECKPOINT_SIZE_MAX_BYTES {
             return Err(corrupt(format!(
@@ -415,10 +412,7 @@ impl<'a> Reader<'a> {
     fn count(&mut self, what: &str) -> Result<u64, FormatError> {
         let count = self.u64()?;
         if count > (self.remaining() / 2) as u64 {
-            return Err(corrupt(format!(
-                "claims {count} {what} but only {} bytes remain",
-                self.remaining()
-            )));
+            return Err(corrupt(format!("claims {count} {what} but only {} bytes remain", self.remaining())));
         }
         Ok(count)
     }
@@ -539,15 +533,19 @@ mod tests {
         // Cursor beyond the layout.
         let mut beyond = bytes.clone();
         beyond[cursor_at..cursor_at + 8].copy_from_slice(&1000u64.to_le_bytes());
-        assert!(matches!(Checkpoint::decode(&resealed(beyond)), Err(FormatError::Corrupt(_))));
+        assert!(
+            matches!(Checkpoint::decode(&resealed(beyond)), Err(FormatError::Corrupt(d)) if d.contains("cursor 1000"))
+        );
         // A range count the file cannot hold.
         let mut count = bytes.clone();
         count[cursor_at + 8..cursor_at + 16].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(Checkpoint::decode(&resealed(count)), Err(FormatError::Corrupt(_))));
+        assert!(matches!(Checkpoint::decode(&resealed(count)), Err(FormatError::Corrupt(d)) if d.contains("claims")));
         // Trailing garbage before the checksum.
         let mut trailing = bytes.clone();
         trailing.insert(bytes.len() - CHECKSUM_BYTES, 0);
-        assert!(matches!(Checkpoint::decode(&resealed(trailing)), Err(FormatError::Corrupt(_))));
+        assert!(
+            matches!(Checkpoint::decode(&resealed(trailing)), Err(FormatError::Corrupt(d)) if d.contains("unexpected bytes"))
+        );
     }
 
     #[test]

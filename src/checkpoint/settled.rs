@@ -81,11 +81,7 @@ impl SettledSet {
     /// If `index` is outside the layout: that is a bug in the caller, and
     /// settling it would corrupt the ledger.
     pub fn settle(&mut self, index: BlockIndex) -> bool {
-        assert!(
-            index < self.block_count,
-            "settling block {index} outside a layout of {} blocks",
-            self.block_count
-        );
+        assert!(index < self.block_count, "settling block {index} outside a layout of {} blocks", self.block_count);
         if self.is_settled(index) {
             return false;
         }
@@ -131,10 +127,8 @@ impl SettledSet {
     /// Counts of settled, failed and pending blocks: for tests and reports to
     /// check invariant 1.
     pub fn ledger(&self, failed: &FailedSet) -> Ledger {
-        let stray_failed = failed
-            .iter()
-            .filter(|&(index, _)| index >= self.block_count || self.is_settled(index))
-            .count() as u64;
+        let stray_failed =
+            failed.iter().filter(|&(index, _)| index >= self.block_count || self.is_settled(index)).count() as u64;
         let failed_count = failed.len() as u64 - stray_failed;
         Ledger {
             block_count: self.block_count,
@@ -371,14 +365,37 @@ mod tests {
         let mut failed = FailedSet::new();
         set.settle_many([0, 3]);
         failed.fail(1, "404 on every source");
-        assert_eq!(
-            set.ledger(&failed),
-            Ledger { block_count: 5, settled: 2, failed: 1, pending: 2, stray_failed: 0 }
-        );
+        assert_eq!(set.ledger(&failed), Ledger { block_count: 5, settled: 2, failed: 1, pending: 2, stray_failed: 0 });
         failed.fail(3, "settled and failed: a bug");
         let ledger = set.ledger(&failed);
         assert_eq!(ledger.stray_failed, 1);
         assert!(!ledger.is_consistent());
+    }
+
+    /// The memory claim of this module: with blocks handed out in index order
+    /// and at most `window` in flight, completing in any order, the ranges
+    /// above the cursor never outnumber the blocks in flight.
+    #[test]
+    fn fragmentation_is_bounded_by_the_blocks_in_flight() {
+        use rand::{Rng, SeedableRng};
+        let (block_count, window) = (65_536u64, 64usize);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        let mut set = SettledSet::new(block_count);
+        let mut in_flight: Vec<u64> = Vec::with_capacity(window);
+        let mut next = 0;
+        let mut range_count_max = 0;
+        while !set.is_complete() {
+            while in_flight.len() < window && next < block_count {
+                in_flight.push(next);
+                next += 1;
+            }
+            let done = in_flight.swap_remove(rng.random_range(0..in_flight.len()));
+            assert!(set.settle(done));
+            range_count_max = range_count_max.max(set.range_count());
+        }
+        assert!(range_count_max <= window, "{range_count_max} ranges for {window} blocks in flight");
+        assert!(range_count_max > 1, "the test did complete out of order");
+        assert_eq!(set.settled_count(), block_count);
     }
 
     proptest! {
