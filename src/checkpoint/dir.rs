@@ -84,7 +84,15 @@ impl CheckpointDir {
     /// Open (creating if needed) the state directory `dir` given by the
     /// configuration.
     pub fn open(dir: PathBuf) -> io::Result<Self> {
+        let existed = dir.is_dir();
         fs::create_dir_all(&dir)?;
+        if !existed {
+            // A checkpoint in a directory whose own entry is not durable could
+            // vanish with it in a crash.
+            if let Some(parent) = dir.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
         Ok(Self { dir, cursors: Mutex::new(HashMap::new()) })
     }
 
@@ -288,7 +296,11 @@ fn parse_temp_name(name: &str) -> Option<TempOwner> {
     CheckpointKey::parse(key)?;
     let mut parts = suffix.split('-');
     let (pid, nonce, seq) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || nonce.len() != 16 || !seq.bytes().all(|b| b.is_ascii_digit()) || seq.is_empty() {
+    let digits = |part: &str, hex: bool| {
+        !part.is_empty() && part.bytes().all(|b| if hex { b.is_ascii_hexdigit() } else { b.is_ascii_digit() })
+    };
+    if parts.next().is_some() || nonce.len() != 16 || !digits(nonce, true) || !digits(pid, false) || !digits(seq, false)
+    {
         return None;
     }
     let pid: u32 = pid.parse().ok()?;
@@ -342,6 +354,8 @@ mod tests {
             format!("{key}.ckpt.tmp-12-{nonce:016x}"),
             format!("{key}.ckpt.tmp-12-{nonce:016x}-1-2"),
             format!("{key}.ckpt.tmp-x-{nonce:016x}-1"),
+            format!("{key}.ckpt.tmp-+12-{nonce:016x}-1"),
+            format!("{key}.ckpt.tmp-12-+{:015x}-1", nonce >> 4),
             format!("notakey.ckpt.tmp-12-{nonce:016x}-1"),
             "job.db".to_owned(),
         ] {

@@ -183,6 +183,10 @@ impl Checkpoint {
 
     /// The file bytes of this checkpoint.
     pub fn encode(&self) -> Vec<u8> {
+        // What is persisted must satisfy invariant 1; O(ranges + failed), small
+        // next to the two fsyncs of a save.
+        debug_assert!(self.ledger().is_consistent(), "ledger broken: {:?}", self.ledger());
+        debug_assert_eq!(self.settled.check_invariants(), Ok(()));
         let identity = &self.identity;
         let mut out = Vec::with_capacity(MIN_BYTES + 4 * self.settled.range_count() + 64 * self.failed.len());
         out.extend_from_slice(MAGIC);
