@@ -1,33 +1,196 @@
-//! Placeholder until the checkpoint branch lands (same API).
-use crate::block::BlockIndex;
+//! Checkpoint: restore progress that survives a crash.
+//!
+//! # Invariants
+//!
+//! These are the ledger invariants of ARCHITECTURE.md that this module owns;
+//! the code asserts them and the tests check them.
+//!
+//! 1. **The ledger is complete and disjoint.** Every block of the layout is
+//!    exactly one of settled, failed or pending ([`Ledger::is_consistent`]).
+//!    Settling a failed block (a rerun that succeeded) removes it from the
+//!    failed set; a settled block is never recorded as failed.
+//! 3. **A checkpoint names only durable blocks, and its cursor only moves
+//!    forward.** A block is settled only after its write completed AND a later
+//!    fdatasync of the target returned success: the caller settles, this
+//!    module persists exactly what was settled and nothing else. The cursor of
+//!    a [`SettledSet`] never decreases (asserted), and [`CheckpointDir::save`]
+//!    refuses to replace a checkpoint with one whose cursor is lower than the
+//!    one it last saved or loaded for that key.
+//! 4. **A checkpoint is used only by the job it belongs to.** It carries the
+//!    job's [`JobIdentity`]: manifest digest, target identity (device and
+//!    inode of the file actually written, and its size) and block layout.
+//!    [`CheckpointDir::load`] refuses a checkpoint whose identity differs
+//!    ([`CheckpointError::Mismatch`], naming every field that differs) and a
+//!    torn or corrupt one ([`CheckpointError::Corrupt`]). Neither is ever
+//!    silently reused, and neither is ever silently treated as "start from
+//!    zero": the operator discards it with `--restart`.
+//!
+//! # What flows in and out
+//!
+//! In: settled and failed block indexes from the write stage (after each
+//! successful fdatasync), and the job identity. Out: a small versioned binary
+//! file per job in the state directory the configuration names, written
+//! atomically (temp file, fsync, rename, fsync the directory), and on resume
+//! the [`SettledSet`] the planner subtracts from the manifest.
+//!
+//! # Limits
+//!
+//! - Memory: the cursor plus settled ranges above it, proportional to how
+//!   fragmented the settled blocks are (in a restore: blocks in flight plus
+//!   failed blocks), never to the block count. See [`settled`].
+//! - File: the ranges and failed blocks as varints, with failure reasons cut
+//!   to [`FAILURE_REASON_MAX_BYTES`]; a file over [`CHECKPOINT_SIZE_MAX_BYTES`]
+//!   is neither written nor read.
+//! - Cadence: [`SaveCadence`] saves every interval of time or of newly
+//!   settled bytes, whichever comes first, which bounds the work a crash can
+//!   make a job redo.
+//!
+//! # How it fails
+//!
+//! Loading fails with a [`CheckpointError`] an operator can act on: `Corrupt`
+//! (torn, truncated, checksum mismatch, impossible content), `Mismatch`
+//! (belongs to another restore), `UnsupportedVersion`, or `Io`. Saving fails
+//! with an `io::Error` and leaves the previous checkpoint intact.
 
-#[derive(Debug, Clone)]
-pub struct SettledSet {
-    bits: Vec<bool>,
-    cursor: u64,
-    count: u64,
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::PathBuf;
+
+use crate::block::BlockLayout;
+use crate::manifest::ManifestDigest;
+
+mod cadence;
+mod dir;
+mod format;
+pub mod settled;
+
+pub use cadence::{CHECKPOINT_INTERVAL_BYTES_DEFAULT, CHECKPOINT_INTERVAL_MILLIS_DEFAULT, SaveCadence};
+pub use dir::{CheckpointDir, CheckpointKey, checkpoint_key};
+pub use format::{CHECKPOINT_SIZE_MAX_BYTES, Checkpoint, FORMAT_VERSION, FormatError, unix_now_secs};
+pub use settled::{FAILURE_REASON_MAX_BYTES, FailedSet, Ledger, SettledSet};
+
+/// What kind of target a restore writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TargetKind {
+    /// A regular file (for a file target: the staging file).
+    File,
+    BlockDevice,
 }
 
-impl SettledSet {
-    pub fn new(block_count: u64) -> Self {
-        Self { bits: vec![false; block_count as usize], cursor: 0, count: 0 }
-    }
-    pub fn settle(&mut self, index: BlockIndex) {
-        if !self.bits[index as usize] {
-            self.bits[index as usize] = true;
-            self.count += 1;
-        }
-        while (self.cursor as usize) < self.bits.len() && self.bits[self.cursor as usize] {
-            self.cursor += 1;
+impl TargetKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::File => "file",
+            TargetKind::BlockDevice => "block device",
         }
     }
-    pub fn is_settled(&self, index: BlockIndex) -> bool {
-        self.bits[index as usize]
+}
+
+/// Which file is actually being written: a path can be replaced under us, a
+/// device and inode cannot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TargetIdentity {
+    pub kind: TargetKind,
+    pub dev: u64,
+    pub ino: u64,
+    pub size_bytes: u64,
+}
+
+impl TargetIdentity {
+    /// The identity of an open target. A block device's size is found by
+    /// seeking to its end (its metadata says 0); the writer uses positioned
+    /// writes, so the file position does not matter.
+    pub fn of_file(file: &File) -> io::Result<Self> {
+        let metadata = file.metadata()?;
+        let file_type = metadata.file_type();
+        let (kind, size_bytes) = if file_type.is_block_device() {
+            let mut handle = file;
+            (TargetKind::BlockDevice, handle.seek(SeekFrom::End(0))?)
+        } else if file_type.is_file() {
+            (TargetKind::File, metadata.len())
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a restore target must be a regular file or a block device",
+            ));
+        };
+        Ok(Self { kind, dev: metadata.dev(), ino: metadata.ino(), size_bytes })
     }
-    pub fn cursor(&self) -> BlockIndex {
-        self.cursor
+}
+
+impl fmt::Display for TargetIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} dev {} inode {} of {} bytes", self.kind.name(), self.dev, self.ino, self.size_bytes)
     }
-    pub fn settled_count(&self) -> u64 {
-        self.count
+}
+
+/// What a checkpoint belongs to (invariant 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobIdentity {
+    pub manifest_digest: ManifestDigest,
+    pub target: TargetIdentity,
+    pub layout: BlockLayout,
+}
+
+impl JobIdentity {
+    /// Every field of `found` that differs from `self`, as
+    /// "what: expected X, found Y" lines. Empty when they are the same job.
+    pub fn differences(&self, found: &JobIdentity) -> Vec<String> {
+        let mut what = Vec::new();
+        let mut compare = |name: &str, expected: String, found: String| {
+            if expected != found {
+                what.push(format!("{name}: expected {expected}, found {found}"));
+            }
+        };
+        compare("manifest digest", self.manifest_digest.to_hex(), found.manifest_digest.to_hex());
+        compare("target kind", self.target.kind.name().into(), found.target.kind.name().into());
+        compare("target device", self.target.dev.to_string(), found.target.dev.to_string());
+        compare("target inode", self.target.ino.to_string(), found.target.ino.to_string());
+        compare("target size", bytes(self.target.size_bytes), bytes(found.target.size_bytes));
+        compare("volume size", bytes(self.layout.volume_size_bytes()), bytes(found.layout.volume_size_bytes()));
+        compare(
+            "block size",
+            bytes(self.layout.block_size_bytes().into()),
+            bytes(found.layout.block_size_bytes().into()),
+        );
+        what
     }
+}
+
+fn bytes(count: u64) -> String {
+    format!("{count} bytes")
+}
+
+/// Why a checkpoint could not be used. Each variant says what the operator
+/// can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(
+        "the checkpoint at {} is corrupt ({detail}). rehydrate will not guess: rerun with --restart to discard it and restore from the beginning",
+        path.display()
+    )]
+    Corrupt { path: PathBuf, detail: String },
+
+    #[error(
+        "the checkpoint at {} belongs to another restore ({}). rehydrate will neither reuse nor discard it: check the job's snapshot and target, or rerun with --restart to discard it and restore from the beginning",
+        path.display(),
+        what.join("; ")
+    )]
+    Mismatch { path: PathBuf, what: Vec<String> },
+
+    #[error(
+        "the checkpoint at {} has format version {found}, this rehydrate reads version {supported}: resume with the rehydrate that wrote it, or rerun with --restart to discard it",
+        path.display()
+    )]
+    UnsupportedVersion { path: PathBuf, found: u32, supported: u32 },
+
+    #[error("cannot {op} the checkpoint at {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
 }

@@ -10,6 +10,7 @@
 //! Errors are classified where they arise ([`StoreError`] carries its
 //! [`ErrorClass`](crate::error::ErrorClass)).
 
+pub mod fault;
 pub mod file;
 
 use std::fmt;
