@@ -1,6 +1,8 @@
 //! Manifest tests: roundtrips, digest identity, and every hostile input the
 //! decoder must refuse with the right error (never a panic).
 
+#![allow(clippy::unwrap_used, reason = "a test that unwraps fails loudly, which is the point")]
+
 use super::*;
 use proptest::prelude::*;
 
