@@ -63,7 +63,9 @@
 //! creation time) makes a different snapshot.
 //!
 //! The name is what the manifest object is called in its store, so it is 1 to
-//! 255 bytes of UTF-8 without `/`, NUL or other control characters.
+//! 255 bytes of UTF-8 without `/`, NUL or other control characters, and does
+//! not start with `.` (dot files are hidden, and staged objects are dot files
+//! that a startup sweep removes).
 //!
 //! An entry's stored length is checked against what the block can be: a block
 //! stored as is is exactly its length in the layout (the tail block may be
@@ -214,7 +216,7 @@ pub enum ManifestError {
     #[error("manifest header has an invalid layout: {0}: {CORRUPT_ADVICE}")]
     Layout(LayoutError),
     #[error(
-        "snapshot name {name:?} is refused: {reason}; a name is 1 to {NAME_LEN_MAX_BYTES} bytes of UTF-8 without '/', NUL or control characters"
+        "snapshot name {name:?} is refused: {reason}; a name is 1 to {NAME_LEN_MAX_BYTES} bytes of UTF-8 without '/', NUL or control characters, not starting with '.'"
     )]
     Name { name: String, reason: NameProblem },
     #[error("manifest entry {position} (block {index}) is invalid: {problem}: {CORRUPT_ADVICE}")]
@@ -238,6 +240,8 @@ pub enum NameProblem {
     Slash,
     #[error("it contains the control character {0:?}")]
     Control(char),
+    #[error("it starts with '.'")]
+    LeadingDot,
 }
 
 /// What is wrong with one block entry.
@@ -432,7 +436,8 @@ impl ManifestBuilder {
 }
 
 /// Check a snapshot name: 1 to 255 bytes of UTF-8, no '/', NUL or control
-/// characters (it names an object in a store and shows up in logs).
+/// characters, not starting with '.' (it names an object in a store and
+/// shows up in logs).
 pub fn validate_name(name: &[u8]) -> Result<&str, ManifestError> {
     let lossy = || String::from_utf8_lossy(name).into_owned();
     let refuse = |reason| Err(ManifestError::Name { name: lossy(), reason });
@@ -450,6 +455,11 @@ pub fn validate_name(name: &[u8]) -> Result<&str, ManifestError> {
     }
     if text.contains('/') {
         return refuse(NameProblem::Slash);
+    }
+    // A leading dot makes a hidden file in a directory store, and staged
+    // objects are dot files that a startup sweep removes.
+    if text.starts_with('.') {
+        return refuse(NameProblem::LeadingDot);
     }
     Ok(text)
 }

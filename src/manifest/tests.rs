@@ -372,6 +372,8 @@ fn bad_names_are_refused_by_builder_and_decoder() {
         ("a\0b", NameProblem::Control('\0')),
         ("line\nbreak", NameProblem::Control('\n')),
         ("del\u{7f}", NameProblem::Control('\u{7f}')),
+        ("..", NameProblem::LeadingDot),
+        (".hidden", NameProblem::LeadingDot),
     ] {
         let err = new(name).unwrap_err();
         assert_eq!(err, ManifestError::Name { name: name.to_owned(), reason: problem });
@@ -477,7 +479,15 @@ fn many_entries_decode_in_bounded_memory() {
 /// A random valid manifest: any layout shape (short tail or not), both hash
 /// algorithms, both compressions, a random subset of blocks.
 fn arb_manifest() -> impl Strategy<Value = Manifest> {
-    (1u32..=16, 1u64..=64, 0u32..4096, any::<bool>(), any::<bool>(), "[a-zA-Z0-9 ._é€-]{1,60}", any::<u64>())
+    (
+        1u32..=16,
+        1u64..=64,
+        0u32..4096,
+        any::<bool>(),
+        any::<bool>(),
+        "[a-zA-Z0-9é€][a-zA-Z0-9 ._é€-]{0,59}",
+        any::<u64>(),
+    )
         .prop_flat_map(|(blocks_4k, full_blocks, tail_bytes, sha, zstd, name, created)| {
             let block_size = blocks_4k * 4096;
             let volume = u64::from(block_size) * full_blocks + u64::from(tail_bytes);
