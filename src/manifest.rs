@@ -216,7 +216,7 @@ pub enum ManifestError {
     #[error("manifest header has an invalid layout: {0}: {CORRUPT_ADVICE}")]
     Layout(LayoutError),
     #[error(
-        "snapshot name {name:?} is refused: {reason}; a name is 1 to {NAME_LEN_MAX_BYTES} bytes of UTF-8 without '/', NUL or control characters, not starting with '.'"
+        "snapshot name {name:?} is refused: {reason}; use 1 to {NAME_LEN_MAX_BYTES} bytes of UTF-8 without '/', NUL or control characters, not starting with '.' (a manifest that carries such a name is corrupt: re-create it)"
     )]
     Name { name: String, reason: NameProblem },
     #[error("manifest entry {position} (block {index}) is invalid: {problem}: {CORRUPT_ADVICE}")]
