@@ -68,7 +68,9 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, String> {
     ));
     volume.write_to(&source).map_err(|e| format!("writing {}: {e}", source.display()))?;
 
-    let engine = Engine::new(Config::default());
+    let mut config = Config::default();
+    config.checkpoint.dir = Some(dir.join("state"));
+    let engine = Engine::new(config);
     let store = engine.open_store(&StoreUrl::File { root: store_root.clone() }).await.map_err(|e| e.to_string())?;
     let spec = crate::snapshot::CreateSpec {
         source: source.clone(),

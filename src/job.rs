@@ -11,6 +11,9 @@ pub mod progress;
 pub mod readback;
 pub mod restore;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use crate::config::Config;
 use crate::error::{ErrorClass, ExitCode};
 use crate::fetch::budget::Budget;
@@ -24,18 +27,33 @@ pub use restore::{DamagedBlock, RestoreReport, RestoreSpec};
 pub struct Engine {
     pub config: Config,
     pub budget: Budget,
+    /// Stores opened so far, by URL: every restore that reads a store goes
+    /// through the same handle, so its rate limits are shared.
+    stores: Mutex<HashMap<StoreUrl, SharedStore>>,
 }
 
 impl Engine {
     pub fn new(config: Config) -> Self {
         let budget = Budget::new(config.fetch.inflight_bytes_max.get());
         crate::metrics::describe();
-        Self { config, budget }
+        Self { config, budget, stores: Mutex::new(HashMap::new()) }
     }
 
-    /// Open a store by URL.
+    /// Open a store by URL (once per URL per process).
     pub async fn open_store(&self, url: &StoreUrl) -> Result<SharedStore, RestoreError> {
-        store::open(url).await.map_err(|e| RestoreError::Source(format!("cannot open store {url}: {e}")))
+        if let Some(store) = self.stores.lock().unwrap_or_else(|e| e.into_inner()).get(url) {
+            return Ok(Arc::clone(store));
+        }
+        let store =
+            store::open(url).await.map_err(|e| RestoreError::Source(format!("cannot open store {url}: {e}")))?;
+        let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(Arc::clone(stores.entry(url.clone()).or_insert(store)))
+    }
+
+    /// Serve `url` from `store` (a decorated store: fault injection in tests,
+    /// an in-process endpoint in the demo).
+    pub fn register_store(&self, url: StoreUrl, store: SharedStore) {
+        self.stores.lock().unwrap_or_else(|e| e.into_inner()).insert(url, store);
     }
 
     pub fn manifest_limits(&self) -> ManifestLimits {

@@ -16,7 +16,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -36,14 +36,7 @@ pub enum TargetKind {
     BlockDevice,
 }
 
-/// Device number, inode and size of the file actually written: what a
-/// checkpoint is bound to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct TargetIdentity {
-    pub dev: u64,
-    pub ino: u64,
-    pub size_bytes: u64,
-}
+pub use crate::checkpoint::TargetIdentity;
 
 /// An opened target.
 #[derive(Debug)]
@@ -135,7 +128,7 @@ fn open_device(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetError
         )?;
     let size = device_size_bytes(&file).map_err(|e| TargetError::io(path, e))?;
     check_capacity(path, size, spec.volume_size_bytes)?;
-    let identity = identity_of(&file, size).map_err(|e| TargetError::io(path, e))?;
+    let identity = identity_of(&file).map_err(|e| TargetError::io(path, e))?;
     Ok(Target {
         path: path.to_owned(),
         write_path: path.to_owned(),
@@ -157,8 +150,7 @@ fn open_in_place(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetErr
     if len < spec.volume_size_bytes {
         file.set_len(spec.volume_size_bytes).map_err(|e| TargetError::io(path, e))?;
     }
-    let size = len.max(spec.volume_size_bytes);
-    let identity = identity_of(&file, size).map_err(|e| TargetError::io(path, e))?;
+    let identity = identity_of(&file).map_err(|e| TargetError::io(path, e))?;
     Ok(Target {
         path: path.to_owned(),
         write_path: path.to_owned(),
@@ -202,7 +194,7 @@ fn open_staging(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetErro
         }
         file.set_len(spec.volume_size_bytes).map_err(|e| TargetError::io(&staging, e))?;
     }
-    let identity = identity_of(&file, spec.volume_size_bytes).map_err(|e| TargetError::io(&staging, e))?;
+    let identity = identity_of(&file).map_err(|e| TargetError::io(&staging, e))?;
     Ok(Target { path: path.to_owned(), write_path: staging, kind: TargetKind::File, file, fresh: !reuse, identity })
 }
 
@@ -216,12 +208,8 @@ fn check_capacity(path: &Path, size: u64, volume: u64) -> Result<(), TargetError
     Ok(())
 }
 
-fn identity_of(file: &File, size_bytes: u64) -> io::Result<TargetIdentity> {
-    let meta = file.metadata()?;
-    // A block device is identified by the device it is (rdev), a file by
-    // the filesystem and inode it lives in.
-    let dev = if meta.file_type().is_block_device() { meta.rdev() } else { meta.dev() };
-    Ok(TargetIdentity { dev, ino: meta.ino(), size_bytes })
+fn identity_of(file: &File) -> io::Result<TargetIdentity> {
+    TargetIdentity::of_file(file)
 }
 
 /// Size of a block device (BLKGETSIZE64) or a regular file.

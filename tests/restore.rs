@@ -6,6 +6,11 @@ mod common;
 use common::*;
 use rehydrate::block::{Compression, HashAlgorithm, block_key};
 use rehydrate::job::{Engine, RestoreError};
+use std::sync::Arc;
+
+use rehydrate::store::StoreUrl;
+use rehydrate::store::fault::FaultStore;
+use rehydrate::store::file::FileStore;
 use rehydrate::write::BackendChoice;
 
 async fn roundtrip(backend: BackendChoice, compression: Compression, hash: HashAlgorithm) {
@@ -15,7 +20,7 @@ async fn roundtrip(backend: BackendChoice, compression: Compression, hash: HashA
     let manifest = load_manifest(&url);
     let target = dir.path().join("out/restored.img");
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-    let engine = Engine::new(config(backend));
+    let engine = Engine::new(config(backend, &dir.path().join("state")));
     let report = restore(&engine, &spec(&url, &target)).await.unwrap();
     check_ledger(&report, &manifest);
     assert!(report.succeeded);
@@ -45,7 +50,7 @@ async fn restore_into_existing_file_zeroes_zero_blocks() {
     std::fs::write(&target, vec![0xAB; vol.size_bytes as usize + 4096]).unwrap();
     let mut s = spec(&url, &target);
     s.in_place = true;
-    let report = restore(&Engine::new(config(BackendChoice::Pwrite)), &s).await.unwrap();
+    let report = restore(&Engine::new(config(BackendChoice::Pwrite, &dir.path().join("state"))), &s).await.unwrap();
     check_ledger(&report, &manifest);
     let readback = rehydrate::job::readback::readback(&manifest, &target).unwrap();
     assert!(readback.matches(), "zero blocks not zeroed: {:?}", readback.mismatched);
@@ -68,7 +73,7 @@ async fn corrupt_block_is_never_written_and_named() {
     std::fs::write(&target, vec![0xCD; vol.size_bytes as usize]).unwrap();
     let mut s = spec(&url, &target);
     s.in_place = true;
-    let err = restore(&Engine::new(config(BackendChoice::Pwrite)), &s).await.unwrap_err();
+    let err = restore(&Engine::new(config(BackendChoice::Pwrite, &dir.path().join("state"))), &s).await.unwrap_err();
     let RestoreError::BlocksFailed(report) = &err else { panic!("expected BlocksFailed, got {err}") };
     check_ledger(report, &manifest);
     assert_eq!(report.damage.iter().map(|d| d.index).collect::<Vec<_>>(), vec![victim.index]);
@@ -83,7 +88,7 @@ async fn corrupt_block_is_never_written_and_named() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_file_restore_is_not_swapped_and_leaves_no_staging() {
+async fn failed_restore_without_checkpoints_is_not_swapped_and_leaves_no_staging() {
     let dir = tempfile::tempdir().unwrap();
     let vol = volume(8, 9);
     let url = snapshot(dir.path(), &vol, Compression::None, HashAlgorithm::Blake3).await;
@@ -93,9 +98,50 @@ async fn failed_file_restore_is_not_swapped_and_leaves_no_staging() {
     let out = dir.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     let target = out.join("vol.img");
-    let err = restore(&Engine::new(config(BackendChoice::Pwrite)), &spec(&url, &target)).await.unwrap_err();
+    let mut c = config(BackendChoice::Pwrite, &dir.path().join("state"));
+    c.checkpoint.enabled = false;
+    let err = restore(&Engine::new(c), &spec(&url, &target)).await.unwrap_err();
     assert!(matches!(err, RestoreError::BlocksFailed(_)), "{err}");
     assert!(!target.exists(), "a failed restore was swapped into place");
+    assert_eq!(staging_files(&out), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_missing_everywhere_fails_the_job_and_a_rerun_fetches_only_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = volume(30, 13);
+    let url = snapshot(dir.path(), &vol, Compression::None, HashAlgorithm::Blake3).await;
+    let manifest = load_manifest(&url);
+    let victim = manifest.entries()[7];
+    let victim_key = block_key(&victim.hash, victim.compression);
+    let object = store_root(dir.path()).join(&victim_key);
+    let saved = std::fs::read(&object).unwrap();
+    std::fs::remove_file(&object).unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let target = out.join("vol.img");
+
+    // Count requests at the store, not through rehydrate's report.
+    let store_url = StoreUrl::File { root: store_root(dir.path()) };
+    let counted = Arc::new(FaultStore::new(Arc::new(FileStore::new(store_root(dir.path())))));
+    let engine = Engine::new(config(BackendChoice::Pwrite, &dir.path().join("state")));
+    engine.register_store(store_url, counted.clone());
+    let err = restore(&engine, &spec(&url, &target)).await.unwrap_err();
+    let RestoreError::BlocksFailed(report) = &err else { panic!("expected BlocksFailed, got {err}") };
+    check_ledger(report, &manifest);
+    assert_eq!(report.damage.iter().map(|d| d.index).collect::<Vec<_>>(), vec![victim.index]);
+    assert_eq!(counted.calls(&victim_key), 1, "a 404 is not retried");
+    assert!(!target.exists(), "not swapped into place");
+    assert_eq!(staging_files(&out).len(), 1, "the staging file is kept for the rerun");
+
+    // The object comes back; the rerun fetches it and nothing else.
+    std::fs::write(&object, &saved).unwrap();
+    let blocks_before = counted.calls("blocks/");
+    let report = restore(&engine, &spec(&url, &target)).await.unwrap();
+    check_ledger(&report, &manifest);
+    assert_eq!(counted.calls("blocks/") - blocks_before, 1, "the rerun fetched more than the failed block");
+    assert_eq!(report.blocks_resumed, report.blocks_total - 1);
+    check_identical(&manifest, &vol, &target);
     assert_eq!(staging_files(&out), Vec::<String>::new());
 }
 
@@ -114,7 +160,7 @@ async fn secondary_serves_what_the_primary_lacks() {
     let target = dir.path().join("vol.img");
     let mut s = spec(&url, &target);
     s.secondaries = vec![format!("file://{}", secondary.display())];
-    let report = restore(&Engine::new(config(BackendChoice::Pwrite)), &s).await.unwrap();
+    let report = restore(&Engine::new(config(BackendChoice::Pwrite, &dir.path().join("state"))), &s).await.unwrap();
     check_ledger(&report, &manifest);
     check_identical(&manifest, &vol, &target);
     let served: std::collections::HashMap<_, _> = report.fetch.served_by_source.iter().cloned().collect();
@@ -134,7 +180,7 @@ async fn hostile_manifest_is_refused_before_any_write() {
     let out = dir.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     let target = out.join("vol.img");
-    let engine = Engine::new(config(BackendChoice::Pwrite));
+    let engine = Engine::new(config(BackendChoice::Pwrite, &dir.path().join("state")));
     for (what, bytes) in [
         ("truncated", good[..good.len() - 7].to_vec()),
         ("bit flip", {

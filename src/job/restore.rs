@@ -32,13 +32,16 @@ use super::plan::{self, Plan, Unit, UnitSource};
 use super::progress::{Phase, Progress};
 use super::{Engine, RestoreError};
 use crate::block::{BlockIndex, BlockLayout};
-use crate::checkpoint::SettledSet;
+use crate::checkpoint::{
+    Checkpoint, CheckpointDir, CheckpointKey, JobIdentity, SaveCadence, TargetIdentity, checkpoint_key, unix_now_secs,
+};
 use crate::fetch::budget::Budget;
 use crate::fetch::{FetchCounts, FetchTelemetry, RetryPolicy, Source, SourceFailure, fetch_block};
 use crate::manifest::Manifest;
 use crate::metrics as m;
 use crate::store::StoreUrl;
 use crate::target::{self, OpenOptionsSpec, StagingGuard, Target, TargetKind};
+
 use crate::verify::VerifiedBlock;
 use crate::write::{Backend, Writer};
 
@@ -112,32 +115,47 @@ pub async fn restore(
 
     progress.set_phase(Phase::Allocate);
     let layout = manifest.layout;
-    let target = target::open(
-        &spec.target,
-        OpenOptionsSpec {
-            volume_size_bytes: layout.volume_size_bytes(),
-            in_place: spec.in_place,
-            reuse_staging: false,
-        },
-    )?;
+    let durable = Durable::open(engine, spec)?;
+    let (target, checkpoint) = match allocate(spec, &manifest, durable.as_ref())? {
+        Allocation::Ready { target, checkpoint } => (target, checkpoint),
+        Allocation::AlreadyRestored => {
+            if let Some(d) = &durable {
+                d.remove();
+            }
+            progress.set_phase(Phase::Online);
+            return Ok(already_restored_report(spec, &manifest, progress));
+        }
+    };
     let mut staging = StagingGuard::new(&target);
-    check_free_space(&target, &manifest)?;
+    let blocks_resumed = checkpoint.settled().settled_count();
+    if blocks_resumed == 0 {
+        check_free_space(&target, &manifest)?;
+    } else {
+        tracing::info!(
+            blocks_resumed,
+            percent = 100.0 * blocks_resumed as f64 / layout.block_count() as f64,
+            "resuming from checkpoint"
+        );
+    }
     let writer_file =
         target.file.try_clone().map_err(|e| io_error(&target, "cannot duplicate the target handle", e))?;
     let writer = Writer::open(writer_file, &engine.config.writer())
         .map_err(|e| io_error(&target, "cannot start the writer", e))?;
 
     progress.set_phase(Phase::Rehydrate);
-    let settled = SettledSet::new(layout.block_count());
-    let plan = plan::plan(&manifest, target.fresh, |i| settled.is_settled(i));
+    let plan = plan::plan(&manifest, target.fresh, |i| checkpoint.settled().is_settled(i));
     progress.blocks_total.store(layout.block_count(), Ordering::Relaxed);
     progress.bytes_total.store(layout.volume_size_bytes(), Ordering::Relaxed);
+    progress.blocks_resumed.store(blocks_resumed, Ordering::Relaxed);
+    progress.blocks_settled.store(blocks_resumed, Ordering::Relaxed);
+    progress.bytes_settled.store(checkpoint.bytes_settled(), Ordering::Relaxed);
     let telemetry = Arc::new(FetchTelemetry::new(&sources));
     progress.attach_telemetry(Arc::clone(&telemetry));
-    let blocks_zero = (layout.block_count() - manifest.entries().len() as u64) as u64;
+    let blocks_zero = layout.block_count() - manifest.entries().len() as u64;
     let blocks_deduplicated = plan.blocks_deduplicated;
 
-    let mut settler = Settler::new(engine, &target, layout, writer.clone(), settled, Arc::clone(progress));
+    let mut settler =
+        Settler::new(engine, &target, layout, writer.clone(), checkpoint, durable.clone(), Arc::clone(progress));
     let units = UnitContext {
         sources,
         policy: RetryPolicy::from_config(&engine.config.fetch),
@@ -148,8 +166,23 @@ pub async fn restore(
     let run = settler.run(plan, units, engine.budget.clone(), cancel).await;
     let backend = writer.backend();
     let closed = writer.close().await;
-    run?;
-    closed.map_err(|e| io_error(&target, "closing the writer failed", e))?;
+    let run = run.and_then(|()| closed.map_err(|e| io_error(&target, "closing the writer failed", e)));
+    if let Err(e) = run {
+        match &e {
+            // Progress is real and the staging file is what the checkpoint
+            // names: keep both, so a rerun resumes.
+            RestoreError::Interrupted(_) if durable.is_some() => staging.disarm(),
+            // After EIO/ENOSPC the staging file is suspect: it goes (the guard
+            // removes it) and so does the checkpoint naming it.
+            RestoreError::Io(_) if target.kind == TargetKind::File => {
+                if let Some(d) = &durable {
+                    d.remove();
+                }
+            }
+            _ => {}
+        }
+        return Err(e);
+    }
 
     let mut report = RestoreReport {
         succeeded: false,
@@ -158,8 +191,8 @@ pub async fn restore(
         target: spec.target.display().to_string(),
         writer_backend: Some(backend),
         blocks_total: layout.block_count(),
-        blocks_settled: settler.settled.settled_count(),
-        blocks_resumed: 0,
+        blocks_settled: settler.checkpoint.settled().settled_count(),
+        blocks_resumed,
         blocks_failed: settler.damage.len() as u64,
         blocks_zero,
         blocks_deduplicated,
@@ -177,17 +210,170 @@ pub async fn restore(
     };
     if !report.damage.is_empty() {
         finish(&mut report);
+        if durable.is_some() {
+            // The checkpoint holds the settled and the failed blocks: a rerun
+            // fetches only what is not settled.
+            staging.disarm();
+        }
         return Err(RestoreError::BlocksFailed(Box::new(report)));
     }
-    debug_assert_eq!(report.blocks_settled, report.blocks_total, "succeeded with blocks unsettled");
+    debug_assert!(settler.checkpoint.settled().is_complete(), "succeeded with blocks unsettled");
 
     progress.set_phase(Phase::Swap);
+    fail::fail_point!("restore-before-swap");
     target::swap(&target).map_err(|e| io_error(&target, "swap (fsync and rename into place) failed", e))?;
     staging.disarm();
+    fail::fail_point!("restore-before-status");
+    if let Some(d) = &durable {
+        d.remove();
+    }
     progress.set_phase(Phase::Online);
     report.succeeded = true;
     finish(&mut report);
     Ok(report)
+}
+
+/// Where this restore's checkpoint lives, when checkpoints are on.
+#[derive(Debug, Clone)]
+struct Durable {
+    dir: Arc<CheckpointDir>,
+    key: CheckpointKey,
+}
+
+impl Durable {
+    /// Open the checkpoint directory, sweep temporaries of crashed writers,
+    /// and discard this target's checkpoint on `--restart`.
+    fn open(engine: &Engine, spec: &RestoreSpec) -> Result<Option<Durable>, RestoreError> {
+        if !engine.config.checkpoint.enabled {
+            return Ok(None);
+        }
+        let path = engine.config.checkpoint_dir();
+        let dir = CheckpointDir::open(path.clone()).map_err(|e| {
+            RestoreError::Io(format!(
+                "checkpoint directory {}: {e}: set checkpoint.dir to a writable directory",
+                path.display()
+            ))
+        })?;
+        if let Err(e) = dir.sweep_temporaries() {
+            tracing::warn!(dir = %path.display(), error = %e, "could not sweep checkpoint temporaries");
+        }
+        let durable = Durable { dir: Arc::new(dir), key: checkpoint_key(&spec.target) };
+        if spec.restart {
+            durable
+                .dir
+                .remove(&durable.key)
+                .map_err(|e| RestoreError::Io(format!("discarding the checkpoint: {e}")))?;
+        }
+        Ok(Some(durable))
+    }
+
+    fn exists(&self) -> bool {
+        self.dir.file_path(&self.key).exists()
+    }
+
+    fn save(&self, checkpoint: &Checkpoint) -> Result<(), RestoreError> {
+        self.dir.save(&self.key, checkpoint).map_err(|e| {
+            RestoreError::Io(format!("saving the checkpoint {}: {e}", self.dir.file_path(&self.key).display()))
+        })
+    }
+
+    fn remove(&self) {
+        if let Err(e) = self.dir.remove(&self.key) {
+            tracing::warn!(error = %e, "could not remove the checkpoint");
+        }
+    }
+}
+
+enum Allocation {
+    Ready {
+        target: Target,
+        checkpoint: Checkpoint,
+    },
+    /// A crash came between the swap and the final status: the target in
+    /// place is the whole restore the checkpoint describes.
+    AlreadyRestored,
+}
+
+/// Open the target and find the checkpoint that belongs to it: resume from
+/// it, or start a new one. A checkpoint of another restore is refused and the
+/// target left as it was.
+fn allocate(spec: &RestoreSpec, manifest: &Manifest, durable: Option<&Durable>) -> Result<Allocation, RestoreError> {
+    let layout = manifest.layout;
+    let has_checkpoint = durable.is_some_and(Durable::exists);
+    let identity_of = |target: TargetIdentity| JobIdentity { manifest_digest: manifest.digest(), target, layout };
+    let staged = !spec.in_place && std::fs::symlink_metadata(&spec.target).map(|m| m.is_file()).unwrap_or(true);
+    if let (Some(d), true, true) = (durable, has_checkpoint, staged) {
+        let staging_gone = target::staging_path(&spec.target).is_some_and(|p| !p.exists());
+        if staging_gone {
+            return already_restored_or_refuse(spec, d, &identity_of);
+        }
+    }
+    let target = target::open(
+        &spec.target,
+        OpenOptionsSpec {
+            volume_size_bytes: layout.volume_size_bytes(),
+            in_place: spec.in_place,
+            reuse_staging: has_checkpoint,
+        },
+    )?;
+    let identity = identity_of(target.identity);
+    let checkpoint = match durable {
+        Some(d) if has_checkpoint => match d.dir.load(&d.key, &identity) {
+            Ok(Some(checkpoint)) => checkpoint,
+            Ok(None) => Checkpoint::new(identity, unix_now_secs()),
+            Err(e) => return Err(RestoreError::Refused(e.to_string())),
+        },
+        _ => Checkpoint::new(identity, unix_now_secs()),
+    };
+    if let Some(d) = durable {
+        if !has_checkpoint {
+            // From now on the staging file is owned by this checkpoint.
+            d.save(&checkpoint)?;
+        }
+    }
+    Ok(Allocation::Ready { target, checkpoint })
+}
+
+fn already_restored_or_refuse(
+    spec: &RestoreSpec,
+    durable: &Durable,
+    identity_of: &dyn Fn(TargetIdentity) -> JobIdentity,
+) -> Result<Allocation, RestoreError> {
+    let in_place = std::fs::File::open(&spec.target).and_then(|f| TargetIdentity::of_file(&f));
+    if let Ok(found) = in_place
+        && let Ok(Some(checkpoint)) = durable.dir.load(&durable.key, &identity_of(found))
+        && checkpoint.settled().is_complete()
+    {
+        return Ok(Allocation::AlreadyRestored);
+    }
+    Err(RestoreError::Refused(format!(
+        "a checkpoint for {} exists ({}) but its staging file is gone, so its progress cannot be resumed: rerun with --restart to restore from the beginning",
+        spec.target.display(),
+        durable.dir.file_path(&durable.key).display()
+    )))
+}
+
+fn already_restored_report(spec: &RestoreSpec, manifest: &Manifest, progress: &Progress) -> RestoreReport {
+    let layout = manifest.layout;
+    RestoreReport {
+        succeeded: true,
+        manifest: spec.manifest_url.clone(),
+        snapshot_digest: manifest.digest().to_hex(),
+        target: spec.target.display().to_string(),
+        writer_backend: None,
+        blocks_total: layout.block_count(),
+        blocks_settled: layout.block_count(),
+        blocks_resumed: layout.block_count(),
+        blocks_failed: 0,
+        blocks_zero: layout.block_count() - manifest.entries().len() as u64,
+        blocks_deduplicated: 0,
+        bytes_total: layout.volume_size_bytes(),
+        bytes_written: 0,
+        duration_secs: progress.started.elapsed().as_secs_f64(),
+        throughput_bytes_per_sec: 0.0,
+        fetch: FetchCounts::default(),
+        damage: vec![],
+    }
 }
 
 fn io_error(target: &Target, what: &str, e: std::io::Error) -> RestoreError {
@@ -227,6 +413,18 @@ enum UnitOutcome {
     WriteFailed { block: BlockIndex, error: std::io::Error },
 }
 
+/// fdatasync of the target, with a fail point that injects EIO.
+async fn sync_target(writer: &Writer) -> std::io::Result<()> {
+    fail::fail_point!("target-sync-eio", |_| Err(std::io::Error::from_raw_os_error(libc::EIO)));
+    writer.sync().await
+}
+
+/// One write, with a fail point that injects ENOSPC.
+async fn write_block(writer: &Writer, offset: u64, block: &VerifiedBlock) -> std::io::Result<()> {
+    fail::fail_point!("target-write-enospc", |_| Err(std::io::Error::from_raw_os_error(libc::ENOSPC)));
+    writer.write(offset, block).await
+}
+
 async fn run_unit(ctx: &UnitContext, unit: Unit) -> UnitOutcome {
     let block = match &unit.source {
         UnitSource::Zeros { len_bytes } => VerifiedBlock::zeros(*len_bytes as usize),
@@ -241,7 +439,7 @@ async fn run_unit(ctx: &UnitContext, unit: Unit) -> UnitOutcome {
     };
     let mut bytes = 0;
     for &index in &unit.blocks {
-        if let Err(error) = ctx.writer.write(ctx.layout.offset(index), &block).await {
+        if let Err(error) = write_block(&ctx.writer, ctx.layout.offset(index), &block).await {
             return UnitOutcome::WriteFailed { block: index, error };
         }
         bytes += block.len() as u64;
@@ -284,14 +482,16 @@ struct Settler {
     target_path: PathBuf,
     layout: BlockLayout,
     writer: Writer,
-    settled: SettledSet,
+    /// Settled and failed blocks: the ledger, saved when `durable`.
+    checkpoint: Checkpoint,
+    durable: Option<Durable>,
+    /// Failures recorded since the last save.
+    dirty: bool,
     /// Written, not yet covered by a successful fdatasync.
     written: Vec<BlockIndex>,
     written_bytes_since_sync: u64,
-    last_sync: Instant,
+    cadence: SaveCadence,
     last_settle: Instant,
-    sync_interval: Duration,
-    sync_interval_bytes: u64,
     stall_after: Duration,
     damage: Vec<DamagedBlock>,
     progress: Arc<Progress>,
@@ -303,7 +503,8 @@ impl Settler {
         target: &Target,
         layout: BlockLayout,
         writer: Writer,
-        settled: SettledSet,
+        checkpoint: Checkpoint,
+        durable: Option<Durable>,
         progress: Arc<Progress>,
     ) -> Self {
         let c = &engine.config;
@@ -311,13 +512,13 @@ impl Settler {
             target_path: target.write_path.clone(),
             layout,
             writer,
-            settled,
+            checkpoint,
+            durable,
+            dirty: false,
             written: Vec::new(),
             written_bytes_since_sync: 0,
-            last_sync: Instant::now(),
+            cadence: SaveCadence::new(c.checkpoint.interval_millis, c.checkpoint.interval_bytes, Instant::now()),
             last_settle: Instant::now(),
-            sync_interval: c.checkpoint.interval(),
-            sync_interval_bytes: c.checkpoint.interval_bytes.get(),
             stall_after: c.fetch.stall_after(),
             damage: Vec::new(),
             progress,
@@ -353,7 +554,7 @@ impl Settler {
                     self.settle().await?;
                     return Err(RestoreError::Interrupted(format!(
                         "stopped after settling {} of {} blocks; rerun the same restore to resume",
-                        self.settled.settled_count(),
+                        self.checkpoint.settled().settled_count(),
                         self.layout.block_count()
                     )));
                 }
@@ -377,11 +578,14 @@ impl Settler {
             UnitOutcome::Failed { blocks, failures } => {
                 metrics::counter!(m::FAILED_BLOCKS_TOTAL).increment(blocks.len() as u64);
                 self.progress.blocks_failed.fetch_add(blocks.len() as u64, Ordering::Relaxed);
+                let reason = failures.last().map(|f| format!("{}: {}", f.source, f.last_error)).unwrap_or_default();
                 for index in blocks {
-                    tracing::warn!(block = index, "block failed on every source");
+                    tracing::warn!(block = index, %reason, "block failed on every source");
                     let offset_bytes = self.layout.offset(index);
+                    self.checkpoint.fail(index, &reason);
                     self.damage.push(DamagedBlock { index, offset_bytes, failures: failures.clone() });
                 }
+                self.dirty = true;
             }
             UnitOutcome::WriteFailed { block, error } => {
                 return Err(RestoreError::Io(format!(
@@ -395,18 +599,19 @@ impl Settler {
     }
 
     fn sync_due(&self) -> bool {
-        !self.written.is_empty()
-            && (self.written_bytes_since_sync >= self.sync_interval_bytes
-                || self.last_sync.elapsed() >= self.sync_interval)
+        !self.written.is_empty() && self.cadence.due(Instant::now(), self.written_bytes_since_sync)
     }
 
-    /// fdatasync, then count every block written before it as settled.
+    /// fdatasync, then count every block written before it as settled, then
+    /// save the checkpoint. The order is the invariant: a checkpoint never
+    /// names a block that was not durable when it was written.
     async fn settle(&mut self) -> Result<(), RestoreError> {
         if self.written.is_empty() {
-            return Ok(());
+            return self.save_if_dirty();
         }
+        fail::fail_point!("settle-before-sync");
         let started = Instant::now();
-        self.writer.sync().await.map_err(|e| {
+        sync_target(&self.writer).await.map_err(|e| {
             RestoreError::Io(format!(
                 "{}: fdatasync failed: {e}; blocks written since the last successful sync are not counted as restored",
                 self.target_path.display()
@@ -414,20 +619,31 @@ impl Settler {
         })?;
         metrics::counter!(m::SYNCS_TOTAL).increment(1);
         metrics::histogram!(m::SYNC_LATENCY_SECONDS).record(started.elapsed().as_secs_f64());
-        let mut bytes = 0;
         let blocks = self.written.len() as u64;
-        for index in self.written.drain(..) {
-            self.settled.settle(index);
-            bytes += u64::from(self.layout.len(index));
-        }
+        let bytes: u64 = self.written.iter().map(|&i| u64::from(self.layout.len(i))).sum();
+        self.checkpoint.settle_many(self.written.drain(..));
         metrics::counter!(m::SETTLED_BLOCKS_TOTAL).increment(blocks);
         metrics::counter!(m::SETTLED_BYTES_TOTAL).increment(bytes);
         self.progress.blocks_settled.fetch_add(blocks, Ordering::Relaxed);
         self.progress.bytes_settled.fetch_add(bytes, Ordering::Relaxed);
         self.written_bytes_since_sync = 0;
-        self.last_sync = Instant::now();
-        self.last_settle = self.last_sync;
+        self.last_settle = Instant::now();
         self.progress.set_stalled(None);
+        fail::fail_point!("settle-before-checkpoint");
+        self.dirty = true;
+        self.save_if_dirty()
+    }
+
+    fn save_if_dirty(&mut self) -> Result<(), RestoreError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        if let Some(durable) = &self.durable {
+            self.checkpoint.set_updated_unix_secs(unix_now_secs());
+            durable.save(&self.checkpoint)?;
+        }
+        self.cadence.saved(Instant::now());
+        self.dirty = false;
         Ok(())
     }
 

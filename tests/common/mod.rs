@@ -42,8 +42,10 @@ pub fn store_root(dir: &Path) -> PathBuf {
     dir.join("store/bucket/snap")
 }
 
-pub fn config(backend: BackendChoice) -> Config {
+/// A config for tests: fixed jitter, short backoff, checkpoints in `state`.
+pub fn config(backend: BackendChoice, state: &Path) -> Config {
     let mut c = Config::default();
+    c.checkpoint.dir = Some(state.to_owned());
     c.write.backend = backend;
     c.fetch.jitter_seed = Some(1);
     c.fetch.backoff_base_millis = std::num::NonZeroU64::new(1).unwrap();
