@@ -1,0 +1,159 @@
+//! The io_uring backend: one dedicated thread running a tokio-uring runtime.
+//!
+//! In: requests from a bounded `tokio::sync::mpsc` channel. Out: each
+//! request's result on its own tokio oneshot. Every request becomes a local
+//! task on the ring thread, so up to `queue_depth` writes are in the ring at
+//! once; each owns its buffer (a `Bytes` refcount), which the kernel hands
+//! back with the completion.
+//!
+//! Why a tokio channel and not crossbeam: the ring thread must keep polling
+//! its runtime. tokio-uring submits queued entries and reaps completions when
+//! the runtime parks; a blocking crossbeam `recv` would park the thread inside
+//! `recv` instead, so in-flight writes would neither be submitted nor
+//! completed until the next request happened to arrive. Awaiting a tokio
+//! receiver yields to the runtime, which waits on the ring and the channel at
+//! once.
+//!
+//! Start-up is a probe: the thread builds the ring and completes a no-op
+//! through it before reporting ready, because a seccomp profile can refuse
+//! `io_uring_setup` (`EPERM`/`ENOSYS`) or, worse, let setup pass and swallow
+//! submissions; the no-op has a deadline for that case.
+
+use std::fs::File;
+use std::io;
+use std::rc::Rc;
+use std::sync::mpsc as std_mpsc;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use super::progress::{INTERRUPTED_MAX, write_all_at};
+use super::{Request, URING_START_TIMEOUT, WriterThread};
+
+/// Start the ring thread for `file`, fed by a channel of `queue_depth`
+/// slots. Returns once the ring completed a no-op, or its error.
+pub(super) fn start(file: File, queue_depth: usize) -> io::Result<(mpsc::Sender<Request>, WriterThread)> {
+    let (tx, rx) = mpsc::channel(queue_depth);
+    let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
+    let (exit_tx, exited) = oneshot::channel();
+    // Requests in flight never exceed queue_depth (one permit each), so a
+    // submission queue that large never needs an early flush. The kernel
+    // wants a power of two.
+    let entries = queue_depth.next_power_of_two().max(8) as u32;
+    let handle = std::thread::Builder::new().name("rehydrate-uring".to_owned()).spawn(move || {
+        let _ = exit_tx.send(run(file, rx, entries, ready_tx));
+    })?;
+    // Bounded wait: a ring that never answers must not hang `open`. On
+    // timeout the thread is left to exit on its own: it finds `tx` dropped.
+    match ready_rx.recv_timeout(URING_START_TIMEOUT + std::time::Duration::from_secs(1)) {
+        Ok(Ok(())) => Ok((tx, WriterThread { handle, exited })),
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            Err(e)
+        }
+        Err(std_mpsc::RecvTimeoutError::Timeout) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("io_uring thread did not start within {URING_START_TIMEOUT:?}"),
+        )),
+        Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+            let _ = handle.join();
+            Err(io::Error::other("io_uring thread stopped while starting"))
+        }
+    }
+}
+
+/// The ring thread's body. Reports start-up on `ready`, then serves until
+/// the channel is disconnected and drained; returns the file's close result.
+fn run(
+    file: File,
+    rx: mpsc::Receiver<Request>,
+    entries: u32,
+    ready: std_mpsc::SyncSender<io::Result<()>>,
+) -> io::Result<()> {
+    let runtime = match tokio_uring::Runtime::new(tokio_uring::builder().entries(entries)) {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            let _ = ready.send(Err(io::Error::new(e.kind(), format!("io_uring setup: {e}"))));
+            return Ok(());
+        }
+    };
+    runtime.block_on(async move {
+        match tokio::time::timeout(URING_START_TIMEOUT, tokio_uring::no_op()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = ready.send(Err(io::Error::new(e.kind(), format!("io_uring no-op: {e}"))));
+                return Ok(());
+            }
+            Err(_) => {
+                let _ = ready.send(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("io_uring no-op did not complete within {URING_START_TIMEOUT:?}"),
+                )));
+                return Ok(());
+            }
+        }
+        let _ = ready.send(Ok(()));
+        serve(tokio_uring::fs::File::from_std(file), rx).await
+    })
+}
+
+async fn serve(file: tokio_uring::fs::File, mut rx: mpsc::Receiver<Request>) -> io::Result<()> {
+    let file = Rc::new(file);
+    // Bounded by queue_depth: each task holds its request's permit until it
+    // answers, and finished tasks are reaped as we go.
+    let mut in_flight = JoinSet::new();
+    loop {
+        tokio::select! {
+            request = rx.recv() => match request {
+                Some(request) => {
+                    in_flight.spawn_local(handle(file.clone(), request));
+                }
+                // Disconnected and empty: everything queued was taken.
+                None => break,
+            },
+            Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => log_panic(joined),
+        }
+    }
+    while let Some(joined) = in_flight.join_next().await {
+        log_panic(joined);
+    }
+    match Rc::try_unwrap(file) {
+        Ok(file) => file.close().await,
+        // Unreachable once every task is joined; the fd closes on drop.
+        Err(_) => Ok(()),
+    }
+}
+
+async fn handle(file: Rc<tokio_uring::fs::File>, request: Request) {
+    match request {
+        Request::Write { offset, bytes, reply, _permit } => {
+            let result = write_all_at(bytes, offset, |buf, at| file.write_at(buf, at).submit()).await;
+            let _ = reply.send(result);
+        }
+        Request::Sync { reply, _permit } => {
+            let _ = reply.send(sync_data(&file).await);
+        }
+    }
+}
+
+/// `fdatasync` through the ring, retried on `EINTR` at most
+/// [`INTERRUPTED_MAX`] times.
+async fn sync_data(file: &tokio_uring::fs::File) -> io::Result<()> {
+    let mut interrupted_count = 0;
+    loop {
+        match file.sync_data().await {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted && interrupted_count < INTERRUPTED_MAX => {
+                interrupted_count += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+fn log_panic(joined: Result<(), tokio::task::JoinError>) {
+    // The task's reply sender dropped with it, so its caller already got
+    // "writer thread stopped before answering".
+    if let Err(e) = joined {
+        tracing::error!(error = %e, "io_uring write task failed");
+    }
+}
