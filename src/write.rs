@@ -196,9 +196,8 @@ impl Writer {
         let (backend, queue, threads) = match config.backend {
             BackendChoice::Pwrite => start_pwrite(file, config)?,
             BackendChoice::Uring => {
-                let (queue, thread) = uring::start(file, queue_depth).map_err(|e| {
-                    io::Error::new(e.kind(), format!("io_uring writer backend cannot start: {e}"))
-                })?;
+                let (queue, thread) = uring::start(file, queue_depth)
+                    .map_err(|e| io::Error::new(e.kind(), format!("io_uring writer backend cannot start: {e}")))?;
                 (Backend::Uring, Queue::Uring(queue), vec![thread])
             }
             BackendChoice::Auto => match uring::start(file.try_clone()?, queue_depth) {

@@ -58,6 +58,13 @@ pub struct Plan {
     pub blocks_deduplicated: u64,
 }
 
+impl Plan {
+    /// Distinct block objects to fetch.
+    pub fn objects(&self) -> u64 {
+        self.units.iter().filter(|u| matches!(u.source, UnitSource::Object { .. })).count() as u64
+    }
+}
+
 /// Build the plan. `settled(i)` tells which blocks are already done.
 pub fn plan(manifest: &Manifest, fresh: bool, settled: impl Fn(BlockIndex) -> bool) -> Plan {
     let layout = manifest.layout;

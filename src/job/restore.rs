@@ -80,6 +80,8 @@ pub struct RestoreReport {
     pub blocks_failed: u64,
     pub blocks_zero: u64,
     pub blocks_deduplicated: u64,
+    /// Distinct block objects this run set out to fetch.
+    pub objects_planned: u64,
     pub bytes_total: u64,
     pub bytes_written: u64,
     pub duration_secs: f64,
@@ -153,6 +155,7 @@ pub async fn restore(
     progress.attach_telemetry(Arc::clone(&telemetry));
     let blocks_zero = layout.block_count() - manifest.entries().len() as u64;
     let blocks_deduplicated = plan.blocks_deduplicated;
+    let objects_planned = plan.objects();
 
     let mut settler =
         Settler::new(engine, &target, layout, writer.clone(), checkpoint, durable.clone(), Arc::clone(progress));
@@ -196,6 +199,7 @@ pub async fn restore(
         blocks_failed: settler.damage.len() as u64,
         blocks_zero,
         blocks_deduplicated,
+        objects_planned,
         bytes_total: layout.volume_size_bytes(),
         bytes_written: progress.bytes_written.load(Ordering::Relaxed),
         duration_secs: 0.0,
@@ -367,6 +371,7 @@ fn already_restored_report(spec: &RestoreSpec, manifest: &Manifest, progress: &P
         blocks_failed: 0,
         blocks_zero: layout.block_count() - manifest.entries().len() as u64,
         blocks_deduplicated: 0,
+        objects_planned: 0,
         bytes_total: layout.volume_size_bytes(),
         bytes_written: 0,
         duration_secs: progress.started.elapsed().as_secs_f64(),

@@ -37,7 +37,10 @@ pub(crate) struct Progress {
 pub(crate) enum Next {
     Done,
     /// Write the block's bytes from `from` to its end at `offset`.
-    Submit { offset: u64, from: usize },
+    Submit {
+        offset: u64,
+        from: usize,
+    },
 }
 
 impl Progress {
@@ -67,9 +70,9 @@ impl Progress {
             )),
             // More than asked is a kernel or backend bug; counting it would
             // claim bytes as written that never were.
-            Ok(written) if written > remaining_bytes => Err(io::Error::other(format!(
-                "a write of {remaining_bytes} bytes reported {written} bytes written"
-            ))),
+            Ok(written) if written > remaining_bytes => {
+                Err(io::Error::other(format!("a write of {remaining_bytes} bytes reported {written} bytes written")))
+            }
             Ok(written) => {
                 self.written_bytes += written;
                 self.interrupted_count = 0;
@@ -192,8 +195,8 @@ mod tests {
         let err = write_all_at_blocking(&[1, 2, 3], 0, |_, _| Ok(0)).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WriteZero);
         assert!(write_all_at_blocking(&[1, 2, 3], 0, |_, _| Ok(4)).is_err());
-        let err = write_all_at_blocking(&[1, 2, 3], 0, |_, _| Err(io::Error::from_raw_os_error(libc::EIO)))
-            .unwrap_err();
+        let err =
+            write_all_at_blocking(&[1, 2, 3], 0, |_, _| Err(io::Error::from_raw_os_error(libc::EIO))).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EIO));
     }
 
