@@ -11,6 +11,9 @@
 //! [`ErrorClass`](crate::error::ErrorClass)).
 
 pub mod file;
+pub mod limit;
+pub mod loopback;
+pub mod s3;
 
 use std::fmt;
 use std::future::Future;
