@@ -637,7 +637,8 @@ mod tests {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         let arrivals = [at(0), at(10), at(20), at(500), at(990), at(1000), at(1005)];
-        assert_eq!(max_arrivals_in_window(&arrivals, Duration::from_secs(1)), 5);
+        // [10, 1005] spans 995 ms.
+        assert_eq!(max_arrivals_in_window(&arrivals, Duration::from_secs(1)), 6);
         assert_eq!(max_arrivals_in_window(&arrivals, Duration::from_millis(30)), 3);
         assert_eq!(max_arrivals_in_window(&[], Duration::from_secs(1)), 0);
     }
