@@ -20,7 +20,7 @@
 
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -434,6 +434,7 @@ mod tests {
     use super::*;
     use crate::store::file::FileStore;
     use governor::clock::FakeRelativeClock;
+    use std::sync::Arc;
 
     fn nz32(n: u32) -> NonZeroU32 {
         NonZeroU32::new(n).unwrap()

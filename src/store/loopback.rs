@@ -129,7 +129,13 @@ pub struct FaultRule {
 impl FaultRule {
     /// `fault` on every request, until narrowed by the builder methods.
     pub fn new(fault: Fault) -> Self {
-        Self { path_contains: String::new(), path_ends_with: String::new(), method: FaultMethod::Any, times: None, fault }
+        Self {
+            path_contains: String::new(),
+            path_ends_with: String::new(),
+            method: FaultMethod::Any,
+            times: None,
+            fault,
+        }
     }
 
     /// Only requests whose path contains `part` (e.g. a key or part of one).
@@ -180,7 +186,8 @@ impl TokenBucket {
     }
 
     fn try_take(&mut self, now: Instant) -> bool {
-        let refill = now.saturating_duration_since(self.last).as_secs_f64() * f64::from(self.limit.requests_per_sec.get());
+        let refill =
+            now.saturating_duration_since(self.last).as_secs_f64() * f64::from(self.limit.requests_per_sec.get());
         self.tokens = (self.tokens + refill).min(f64::from(self.limit.burst.get()));
         self.last = now;
         if self.tokens >= 1.0 {
@@ -454,16 +461,31 @@ impl FaultService {
         self.state.record(&method, &path);
         if !self.state.admit() {
             self.state.slowdowns_sent.fetch_add(1, Ordering::Relaxed);
-            return error_response(StatusCode::SERVICE_UNAVAILABLE, "SlowDown", "Please reduce your request rate.", &path);
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "SlowDown",
+                "Please reduce your request rate.",
+                &path,
+            );
         }
         let fault = self.state.take_fault(&method, &path);
         match fault {
             Some(Fault::SlowDown) => {
                 self.state.slowdowns_sent.fetch_add(1, Ordering::Relaxed);
-                return error_response(StatusCode::SERVICE_UNAVAILABLE, "SlowDown", "Please reduce your request rate.", &path);
+                return error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "SlowDown",
+                    "Please reduce your request rate.",
+                    &path,
+                );
             }
             Some(Fault::InternalError) => {
-                return error_response(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "We encountered an internal error. Please try again.", &path);
+                return error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    "We encountered an internal error. Please try again.",
+                    &path,
+                );
             }
             Some(Fault::NotFound) => {
                 return error_response(StatusCode::NOT_FOUND, "NoSuchKey", "The specified key does not exist.", &path);
@@ -480,9 +502,12 @@ impl FaultService {
         };
         let body_fault = fault.filter(|_| method == Method::GET && response.status().is_success());
         match body_fault {
-            Some(fault @ (Fault::StallAfterHeaders { .. } | Fault::Truncate { .. } | Fault::Corrupt | Fault::Trickle { .. })) => {
-                response.map(|body| shape_body(body, fault))
-            }
+            Some(
+                fault @ (Fault::StallAfterHeaders { .. }
+                | Fault::Truncate { .. }
+                | Fault::Corrupt
+                | Fault::Trickle { .. }),
+            ) => response.map(|body| shape_body(body, fault)),
             _ => response.map(|body| body.boxed_unsync()),
         }
     }
@@ -606,7 +631,8 @@ mod tests {
     #[test]
     fn token_bucket_allows_burst_then_rate() {
         let t0 = Instant::now();
-        let limit = ServerRateLimit { requests_per_sec: NonZeroU32::new(10).unwrap(), burst: NonZeroU32::new(3).unwrap() };
+        let limit =
+            ServerRateLimit { requests_per_sec: NonZeroU32::new(10).unwrap(), burst: NonZeroU32::new(3).unwrap() };
         let mut bucket = TokenBucket::new(limit, t0);
         assert_eq!((0..5).filter(|_| bucket.try_take(t0)).count(), 3);
         assert!(!bucket.try_take(t0 + Duration::from_millis(50)));
@@ -624,7 +650,8 @@ mod tests {
             rule: FaultRule::new(Fault::NotFound).path_contains("k1").method(FaultMethod::Get).first(1),
             uses_left: Some(1),
         });
-        lock(&state.faults).push(ActiveRule { rule: FaultRule::new(Fault::SlowDown).path_ends_with("1"), uses_left: None });
+        lock(&state.faults)
+            .push(ActiveRule { rule: FaultRule::new(Fault::SlowDown).path_ends_with("1"), uses_left: None });
         state.faults_present.store(true, Ordering::Release);
         assert_eq!(state.take_fault(&Method::HEAD, "/b/k1"), Some(Fault::SlowDown));
         assert_eq!(state.take_fault(&Method::GET, "/b/k1"), Some(Fault::NotFound));

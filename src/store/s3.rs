@@ -50,6 +50,9 @@ use bytes::{Bytes, BytesMut};
 use super::{BlockStore, BoxFuture, StoreError, StoreUrl};
 use crate::error::ErrorClass;
 
+/// S3 refuses object keys longer than this.
+const S3_KEY_LEN_MAX_BYTES: usize = 1024;
+
 /// Configuration of one S3 store. Every field may be omitted.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -206,7 +209,8 @@ impl S3Store {
         credentials: Option<&StaticCredentials>,
     ) -> Result<S3Store, StoreError> {
         config.validate().map_err(StoreError::permanent)?;
-        let url = StoreUrl::parse(&format!("s3://{bucket}/{prefix}")).map_err(|e| StoreError::permanent(e.to_string()))?;
+        let url =
+            StoreUrl::parse(&format!("s3://{bucket}/{prefix}")).map_err(|e| StoreError::permanent(e.to_string()))?;
         let StoreUrl::S3 { bucket, prefix } = url.clone() else {
             return Err(StoreError::permanent(format!("s3://{bucket}/{prefix} is not an S3 URL")));
         };
@@ -249,8 +253,9 @@ impl S3Store {
 
     /// The full object key of `key` under this store's prefix.
     fn object_key(&self, key: &str) -> Result<String, StoreError> {
+        let full_len_bytes = if self.prefix.is_empty() { key.len() } else { self.prefix.len() + 1 + key.len() };
         let valid = !key.is_empty()
-            && key.len() <= 1024 - self.prefix.len().min(1023) - 1
+            && full_len_bytes <= S3_KEY_LEN_MAX_BYTES
             && !key.contains('\0')
             && key.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
         if !valid {
@@ -314,8 +319,9 @@ async fn read_body(
             }
             Ok(None) => break,
             Ok(Some(Err(e))) => {
+                let of = advertised.map(|len| format!(" of {len}")).unwrap_or_default();
                 return Err(StoreError::transient(format!(
-                    "GET {what}: body read failed after {} bytes ({}): the connection broke; another attempt may pass",
+                    "GET {what}: body read failed after {}{of} bytes ({}): connection broke or body truncated; another attempt may pass",
                     buf.len(),
                     error_chain(&e)
                 )));
@@ -329,7 +335,9 @@ async fn read_body(
             });
         }
         buf.extend_from_slice(&chunk);
-        guard.check_throughput(Instant::now(), buf.len() as u64).map_err(|cut| cut.error(what, buf.len() as u64, advertised))?;
+        guard
+            .check_throughput(Instant::now(), buf.len() as u64)
+            .map_err(|cut| cut.error(what, buf.len() as u64, advertised))?;
     }
     if let Some(len) = advertised
         && (buf.len() as u64) < len
@@ -366,13 +374,18 @@ impl BodyGuard {
     /// is left of the body deadline.
     fn next_wait(&self, now: Instant) -> Result<Duration, BodyCut> {
         let elapsed = now.saturating_duration_since(self.start);
-        let left = self.deadline.checked_sub(elapsed).filter(|d| !d.is_zero()).ok_or(BodyCut::Deadline(self.deadline))?;
+        let left =
+            self.deadline.checked_sub(elapsed).filter(|d| !d.is_zero()).ok_or(BodyCut::Deadline(self.deadline))?;
         Ok(left.min(self.idle))
     }
 
     /// A wait from [`next_wait`](Self::next_wait) expired: which deadline was it.
     fn cut_after_wait(&self, now: Instant) -> BodyCut {
-        if now.saturating_duration_since(self.start) >= self.deadline { BodyCut::Deadline(self.deadline) } else { BodyCut::Idle(self.idle) }
+        if now.saturating_duration_since(self.start) >= self.deadline {
+            BodyCut::Deadline(self.deadline)
+        } else {
+            BodyCut::Idle(self.idle)
+        }
     }
 
     /// After the grace period, the average rate since the headers must stay
@@ -553,7 +566,9 @@ where
             };
             (class, format!("{kind}: {}", error_chain(err)))
         }
-        SdkError::ConstructionFailure(_) => (ErrorClass::Permanent, format!("request could not be built: {}", error_chain(err))),
+        SdkError::ConstructionFailure(_) => {
+            (ErrorClass::Permanent, format!("request could not be built: {}", error_chain(err)))
+        }
         _ => (ErrorClass::Transient, format!("unrecognised SDK failure: {}", error_chain(err))),
     };
     StoreError::new(class, format!("{what}: {detail}: {}", meaning(class)))
@@ -637,7 +652,10 @@ mod tests {
         };
         let e = classify_sdk_error("GET s3://b/k", &service(503, "SlowDown"));
         assert_eq!(e.class, ErrorClass::Throttled);
-        assert!(e.message.contains("GET s3://b/k") && e.message.contains("503") && e.message.contains("SlowDown"), "{e}");
+        assert!(
+            e.message.contains("GET s3://b/k") && e.message.contains("503") && e.message.contains("SlowDown"),
+            "{e}"
+        );
         assert_eq!(classify_sdk_error("k", &service(404, "NoSuchKey")).class, ErrorClass::Permanent);
         assert_eq!(classify_sdk_error("k", &service(500, "InternalError")).class, ErrorClass::Transient);
         assert_eq!(classify_sdk_error("k", &service(403, "AccessDenied")).class, ErrorClass::Permanent);
