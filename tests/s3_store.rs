@@ -428,3 +428,37 @@ async fn adaptive_concurrency_shrinks_under_a_slowdown_storm() {
         store.current_limit()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_are_permanent_and_a_dead_endpoint_is_transient() {
+    let f = fixture().await;
+    f.store.put("blocks/c", pattern(100, 6)).await.unwrap();
+    let wrong = rehydrate::store::s3::StaticCredentials {
+        access_key_id: LoopbackS3::credentials().access_key_id,
+        secret_access_key: "not-the-secret".into(),
+    };
+    let intruder =
+        S3Store::connect_with_static_credentials(BUCKET, PREFIX, &test_config(&f.server), &wrong)
+            .await
+            .unwrap();
+    let e = intruder.get("blocks/c", 100).await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Permanent, "{e}");
+    assert!(e.message.contains("403"), "{e}");
+
+    // Once the server is gone, connections are refused: worth a retry.
+    let config = test_config(&f.server);
+    f.server.shutdown().await;
+    let e = f.store.get("blocks/c", 100).await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Transient, "{e}");
+    let store = S3Store::connect_with_static_credentials(
+        BUCKET,
+        PREFIX,
+        &config,
+        &LoopbackS3::credentials(),
+    )
+    .await
+    .unwrap();
+    let e = store.exists("blocks/c").await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Transient, "{e}");
+    eprintln!("dead endpoint: {e}");
+}
