@@ -137,9 +137,18 @@ async fn get_with_fault(
     key: &str,
     rule: FaultRule,
 ) -> Result<Bytes, rehydrate::error::StoreError> {
+    get_with_fault_on(f, &f.store, key, rule).await
+}
+
+async fn get_with_fault_on(
+    f: &Fixture,
+    store: &S3Store,
+    key: &str,
+    rule: FaultRule,
+) -> Result<Bytes, rehydrate::error::StoreError> {
     f.server.clear_faults();
     f.server.add_fault(rule.path_contains(key));
-    let result = f.store.get(&format!("blocks/{key}"), 1 << 20).await;
+    let result = store.get(&format!("blocks/{key}"), 1 << 20).await;
     assert_eq!(f.server.requests(key), 1, "{key}: requests at the server");
     if let Err(e) = &result {
         eprintln!("{key}: {e}");
@@ -283,7 +292,20 @@ async fn deadlines_cut_stalled_slow_and_late_answers() {
     let trickle = Fault::Trickle {
         bytes_per_sec: NonZeroU32::new(32 * 1024).unwrap(),
     };
-    let e = get_with_fault(&f, "ktrickle", FaultRule::new(trickle))
+    // A generous idle timeout, so only the throughput floor can cut it.
+    let patient = S3Config {
+        body_idle_timeout_millis: 1_000,
+        ..test_config(&f.server)
+    };
+    let store = S3Store::connect_with_static_credentials(
+        BUCKET,
+        PREFIX,
+        &patient,
+        &LoopbackS3::credentials(),
+    )
+    .await
+    .unwrap();
+    let e = get_with_fault_on(&f, &store, "ktrickle", FaultRule::new(trickle))
         .await
         .unwrap_err();
     assert_eq!(e.class, ErrorClass::Transient, "{e}");
