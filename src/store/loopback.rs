@@ -61,8 +61,8 @@ pub const LOOPBACK_SECRET_ACCESS_KEY: &str = "rehydrate-loopback-secret-key";
 /// The region clients should sign for.
 pub const LOOPBACK_REGION: &str = "us-east-1";
 /// At most this many arrivals are kept in the log; later ones are counted
-/// but not logged (about 64 MiB at most).
-pub const ARRIVAL_LOG_MAX: usize = 1 << 20;
+/// but not logged (a few tens of MiB at most).
+pub const ARRIVAL_LOG_MAX: usize = 1 << 18;
 /// A stalled body is held open at most this long, so a client without a
 /// body deadline cannot leak a server task forever.
 pub const STALL_MAX: Duration = Duration::from_secs(300);
