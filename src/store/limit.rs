@@ -47,11 +47,16 @@ pub struct RateLimitConfig {
     /// of a second's worth (at least 1), so a restart after idling does not
     /// spike past what a token bucket on the server of the same rate admits.
     pub request_burst: Option<NonZeroU32>,
-    /// Bytes per second, charged before each request: a GET is charged its
-    /// `len_max_bytes` (the actual length is only known once the store has
-    /// already sent it, and the point is to wait *before* asking), a PUT its
-    /// length. Blocks shorter than their budget are over-charged, which errs
-    /// on the side of staying under the budget. Default: no limit.
+    /// Bytes per second (burst: one second's worth). A GET is charged
+    /// before it is sent, since the point is to wait *before* asking: its
+    /// `len_max_bytes`, capped at the burst. For blocks `len_max_bytes` is
+    /// the block's exact stored length, so the charge is exact. A larger
+    /// object (a manifest, bounded by the largest manifest the limits allow)
+    /// is charged the rest of its *actual* length once it arrived, before
+    /// the call returns: the following requests wait for that debt, and one
+    /// small manifest is never charged hundreds of MiB. Over-charge is at
+    /// most one burst per GET, which errs on the side of staying under the
+    /// budget. A PUT is charged its length up front. Default: no limit.
     pub bytes_per_sec: Option<NonZeroU64>,
 }
 
@@ -121,8 +126,8 @@ impl RateLimited {
         })
     }
 
-    /// Wait until one request and `bytes` bytes may go.
-    async fn admit(&self, bytes: u64) {
+    /// Wait until `bytes` more bytes may go.
+    async fn charge_bytes(&self, bytes: u64) {
         if let Some((limiter, burst)) = &self.bytes {
             for charge in byte_charges(bytes, *burst) {
                 // Charges never exceed the burst, so capacity is never
@@ -130,6 +135,18 @@ impl RateLimited {
                 let _ = limiter.until_n_ready(charge).await;
             }
         }
+    }
+
+    /// The most bytes charged before a GET is sent: one burst.
+    fn upfront_bytes_max(&self) -> u64 {
+        self.bytes
+            .as_ref()
+            .map_or(0, |(_, burst)| u64::from(burst.get()) * BYTE_TOKEN_BYTES)
+    }
+
+    /// Wait until one request and `bytes` bytes may go.
+    async fn admit(&self, bytes: u64) {
+        self.charge_bytes(bytes).await;
         if let Some(limiter) = &self.requests {
             limiter.until_ready().await;
         }
@@ -147,8 +164,12 @@ impl BlockStore for RateLimited {
         len_max_bytes: u64,
     ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
         Box::pin(async move {
-            self.admit(len_max_bytes).await;
-            self.inner.get(key, len_max_bytes).await
+            let upfront = len_max_bytes.min(self.upfront_bytes_max());
+            self.admit(upfront).await;
+            let bytes = self.inner.get(key, len_max_bytes).await?;
+            self.charge_bytes((bytes.len() as u64).saturating_sub(upfront))
+                .await;
+            Ok(bytes)
         })
     }
 
@@ -522,6 +543,40 @@ mod tests {
         assert!(limiter.check_n(nz32(1)).unwrap().is_err());
         clock.advance(Duration::from_millis(500));
         assert!(limiter.check_n(nz32(2048)).unwrap().is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn get_charges_at_most_a_burst_up_front_and_the_rest_of_the_actual_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let file: SharedStore = Arc::new(FileStore::new(dir.path().to_owned()));
+        file.put("small", Bytes::from(vec![1u8; 1024]))
+            .await
+            .unwrap();
+        file.put("large", Bytes::from(vec![2u8; 1536 * 1024]))
+            .await
+            .unwrap();
+        let config = RateLimitConfig {
+            bytes_per_sec: NonZeroU64::new(1 << 20),
+            ..RateLimitConfig::default()
+        };
+        let store = RateLimited::new(file, &config).unwrap();
+        // A 1 KiB object read with a 64 MiB bound is not charged 64 MiB
+        // (which would take 63 s at this rate).
+        let started = Instant::now();
+        assert_eq!(store.get("small", 64 << 20).await.unwrap().len(), 1024);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // 1.5 MiB: one burst (1 MiB) up front, waiting for the refill of
+        // what the first GET took, then the other 0.5 MiB before returning.
+        let started = Instant::now();
+        assert_eq!(
+            store.get("large", 2 << 20).await.unwrap().len(),
+            1536 * 1024
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
