@@ -98,6 +98,12 @@ async fn put_get_exists_roundtrip_in_the_file_store_layout() {
     let small = pattern(5000, 3);
     file.put("blocks/bb/three", small.clone()).await.unwrap();
     assert_eq!(f.store.get("blocks/bb/three", 5000).await.unwrap(), small);
+    // The one-line way the demo gets a store on the loopback server.
+    let demo_store = f.server.connect_store(BUCKET, PREFIX).await.unwrap();
+    assert_eq!(
+        demo_store.get("blocks/bb/three", 5000).await.unwrap(),
+        small
+    );
     assert_eq!(f.store.url().to_string(), format!("s3://{BUCKET}/{PREFIX}"));
 }
 

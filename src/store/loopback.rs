@@ -52,7 +52,8 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
-use super::s3::{S3Config, StaticCredentials};
+use super::StoreError;
+use super::s3::{S3Config, S3Store, StaticCredentials};
 
 /// The access key the loopback server accepts (not a secret: loopback only).
 pub const LOOPBACK_ACCESS_KEY_ID: &str = "rehydrate-loopback";
@@ -350,6 +351,18 @@ impl LoopbackS3 {
             force_path_style: Some(true),
             ..S3Config::default()
         }
+    }
+
+    /// An [`S3Store`] on `s3://<bucket>/<prefix>` of this server, with the
+    /// default deadlines of [`S3Config`] and the loopback credentials.
+    pub async fn connect_store(&self, bucket: &str, prefix: &str) -> Result<S3Store, StoreError> {
+        S3Store::connect_with_static_credentials(
+            bucket,
+            prefix,
+            &self.s3_config(),
+            &Self::credentials(),
+        )
+        .await
     }
 
     pub fn add_fault(&self, rule: FaultRule) {
