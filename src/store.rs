@@ -12,6 +12,9 @@
 
 pub mod fault;
 pub mod file;
+pub mod limit;
+pub mod loopback;
+pub mod s3;
 
 use std::fmt;
 use std::future::Future;

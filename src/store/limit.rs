@@ -1,0 +1,769 @@
+//! Per-store budgets, as decorators of [`BlockStore`]: [`RateLimited`]
+//! (requests and bytes per second) and [`AdaptiveConcurrency`] (an AIMD
+//! concurrency limit that shrinks on `Throttled` and grows on success).
+//!
+//! Each wraps an `Arc<dyn BlockStore>` and forwards every method, and one
+//! instance per store is shared by every restore in the process, so the
+//! budget is the store's, not a job's. Put them **inside** the retry loop
+//! (retry → rate limit → concurrency → store): every attempt, retries
+//! included, passes through them, so a 503 storm can never push the request
+//! rate past the limit. The S3 store enforces its own per-attempt deadlines,
+//! so no wait here counts against an attempt.
+//!
+//! Waiting: a rate-limited request waits for its tokens and never fails for
+//! lack of them; how long is bounded by the requests queued ahead of it
+//! (bounded by the fetch stage's in-flight budget) over the rate. A request
+//! waiting for a concurrency slot gives up after `acquire_timeout_millis`
+//! with a `Throttled` error: a store that cannot take one more request in
+//! that long is overloaded, and the retry loop's backoff is the right place
+//! to wait.
+
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::Notify;
+
+use super::{BlockStore, BoxFuture, SharedStore, StoreError, StoreUrl};
+use crate::error::ErrorClass;
+
+/// Byte budgets are counted in tokens of this many bytes, so a `u32` quota
+/// reaches 4 TiB/s and a 4 MiB block is 4096 tokens, not 4 Mi.
+pub const BYTE_TOKEN_BYTES: u64 = 1024;
+
+/// Rate limits of one store. Every field may be omitted; an omitted limit is
+/// off.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Requests per second, every attempt counted. Default: no limit. S3
+    /// allows 5,500 GET/s per prefix; set this below what the store (or the
+    /// account's share of it) allows.
+    pub requests_per_sec: Option<NonZeroU32>,
+    /// Requests that may start at once after an idle spell. Default: a tenth
+    /// of a second's worth (at least 1), so a restart after idling does not
+    /// spike past what a token bucket on the server of the same rate admits.
+    pub request_burst: Option<NonZeroU32>,
+    /// Bytes per second (burst: one second's worth). A GET is charged
+    /// before it is sent, since the point is to wait *before* asking: its
+    /// `len_max_bytes`, capped at the burst. For blocks `len_max_bytes` is
+    /// the block's exact stored length, so the charge is exact. A larger
+    /// object (a manifest, bounded by the largest manifest the limits allow)
+    /// is charged the rest of its *actual* length once it arrived, before
+    /// the call returns: the following requests wait for that debt, and one
+    /// small manifest is never charged hundreds of MiB. Over-charge is at
+    /// most one burst per GET, which errs on the side of staying under the
+    /// budget. A PUT is charged its length up front. Default: no limit.
+    pub bytes_per_sec: Option<NonZeroU64>,
+}
+
+impl RateLimitConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.request_burst.is_some() && self.requests_per_sec.is_none() {
+            return Err("rate_limit.request_burst needs rate_limit.requests_per_sec".into());
+        }
+        if let Some(bytes) = self.bytes_per_sec
+            && bytes.get() / BYTE_TOKEN_BYTES > u64::from(u32::MAX)
+        {
+            return Err("rate_limit.bytes_per_sec is above 4 TiB/s".into());
+        }
+        Ok(())
+    }
+
+    /// The request quota, if limited.
+    fn request_quota(&self) -> Option<Quota> {
+        let rate = self.requests_per_sec?;
+        let burst = self
+            .request_burst
+            .unwrap_or_else(|| NonZeroU32::new(rate.get() / 10).unwrap_or(NonZeroU32::MIN));
+        Some(Quota::per_second(rate).allow_burst(burst))
+    }
+
+    /// The byte quota in [`BYTE_TOKEN_BYTES`] tokens (burst: one second's
+    /// worth), if limited.
+    fn byte_quota(&self) -> Option<Quota> {
+        let bytes = self.bytes_per_sec?;
+        let tokens = u32::try_from(bytes.get().div_ceil(BYTE_TOKEN_BYTES)).unwrap_or(u32::MAX);
+        Some(Quota::per_second(
+            NonZeroU32::new(tokens).unwrap_or(NonZeroU32::MIN),
+        ))
+    }
+}
+
+/// The byte charge of `bytes`, split into waits of at most `burst` tokens
+/// (governor refuses a single charge above its burst).
+fn byte_charges(bytes: u64, burst: NonZeroU32) -> impl Iterator<Item = NonZeroU32> {
+    let mut tokens = bytes.div_ceil(BYTE_TOKEN_BYTES);
+    std::iter::from_fn(move || {
+        let n = tokens.min(u64::from(burst.get()));
+        tokens -= n;
+        NonZeroU32::new(n as u32)
+    })
+}
+
+/// A store whose requests and bytes are rate limited (see the module docs).
+#[derive(Debug)]
+pub struct RateLimited {
+    inner: SharedStore,
+    requests: Option<DefaultDirectRateLimiter>,
+    bytes: Option<(DefaultDirectRateLimiter, NonZeroU32)>,
+}
+
+impl RateLimited {
+    pub fn new(inner: SharedStore, config: &RateLimitConfig) -> Result<Self, String> {
+        config.validate()?;
+        let requests = config.request_quota().map(RateLimiter::direct);
+        let bytes = config
+            .byte_quota()
+            .map(|quota| (RateLimiter::direct(quota), quota.burst_size()));
+        Ok(Self {
+            inner,
+            requests,
+            bytes,
+        })
+    }
+
+    /// Wait until `bytes` more bytes may go.
+    async fn charge_bytes(&self, bytes: u64) {
+        if let Some((limiter, burst)) = &self.bytes {
+            for charge in byte_charges(bytes, *burst) {
+                // Charges never exceed the burst, so capacity is never
+                // insufficient; were it, going unthrottled beats deadlock.
+                let _ = limiter.until_n_ready(charge).await;
+            }
+        }
+    }
+
+    /// The most bytes charged before a GET is sent: one burst.
+    fn upfront_bytes_max(&self) -> u64 {
+        self.bytes
+            .as_ref()
+            .map_or(0, |(_, burst)| u64::from(burst.get()) * BYTE_TOKEN_BYTES)
+    }
+
+    /// Wait until one request and `bytes` bytes may go.
+    async fn admit(&self, bytes: u64) {
+        self.charge_bytes(bytes).await;
+        if let Some(limiter) = &self.requests {
+            limiter.until_ready().await;
+        }
+    }
+}
+
+impl BlockStore for RateLimited {
+    fn url(&self) -> &StoreUrl {
+        self.inner.url()
+    }
+
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        len_max_bytes: u64,
+    ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+        Box::pin(async move {
+            let upfront = len_max_bytes.min(self.upfront_bytes_max());
+            self.admit(upfront).await;
+            let bytes = self.inner.get(key, len_max_bytes).await?;
+            self.charge_bytes((bytes.len() as u64).saturating_sub(upfront))
+                .await;
+            Ok(bytes)
+        })
+    }
+
+    fn put<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.admit(bytes.len() as u64).await;
+            self.inner.put(key, bytes).await
+        })
+    }
+
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            self.admit(0).await;
+            self.inner.exists(key).await
+        })
+    }
+}
+
+/// The AIMD concurrency window of one store. Every field may be omitted.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdaptiveConcurrencyConfig {
+    /// The floor. Default 4: even a throttling store gets some parallelism,
+    /// or one slow request would serialise a restore.
+    pub concurrency_min: NonZeroUsize,
+    /// The ceiling. Default 64: enough to fill a 10 Gbit/s link with 4 MiB
+    /// blocks at S3's typical per-request latency.
+    pub concurrency_max: NonZeroUsize,
+    /// Where the window starts. Default: the ceiling (a healthy store should
+    /// not be ramped up into; the first 503 brings it down).
+    pub concurrency_start: Option<NonZeroUsize>,
+    /// Multiplier applied on a throttled answer. Default 0.7: a third off
+    /// per throttling episode, gentler than halving since S3 throttles per
+    /// prefix and recovers quickly.
+    pub decrease_factor: f64,
+    /// At most one decrease per this long. Default 1000: every request in
+    /// flight when the store started throttling may come back 503; that is
+    /// one signal, not one per request, or a burst collapses the window to
+    /// the floor.
+    pub decrease_cooldown_millis: u64,
+    /// A request waits at most this long for a slot before failing as
+    /// throttled. Default 60000: far longer than any healthy request.
+    pub acquire_timeout_millis: u64,
+}
+
+impl Default for AdaptiveConcurrencyConfig {
+    fn default() -> Self {
+        Self {
+            concurrency_min: NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN),
+            concurrency_max: NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN),
+            concurrency_start: None,
+            decrease_factor: 0.7,
+            decrease_cooldown_millis: 1_000,
+            acquire_timeout_millis: 60_000,
+        }
+    }
+}
+
+impl AdaptiveConcurrencyConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        let (min, max) = (self.concurrency_min.get(), self.concurrency_max.get());
+        if min > max {
+            return Err(format!(
+                "concurrency_min {min} is above concurrency_max {max}"
+            ));
+        }
+        if let Some(start) = self.concurrency_start
+            && !(min..=max).contains(&start.get())
+        {
+            return Err(format!(
+                "concurrency_start {start} is outside [{min}, {max}]"
+            ));
+        }
+        if !(self.decrease_factor > 0.0 && self.decrease_factor < 1.0) {
+            return Err(format!(
+                "decrease_factor {} must be in (0, 1)",
+                self.decrease_factor
+            ));
+        }
+        if self.acquire_timeout_millis == 0 {
+            return Err("acquire_timeout_millis must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// The AIMD rule, pure (time is passed in): +1 per `limit` successes,
+/// ×`decrease_factor` on a throttled answer at most once per cooldown,
+/// always within `[min, max]`.
+#[derive(Debug, Clone)]
+pub struct Aimd {
+    limit: f64,
+    min: f64,
+    max: f64,
+    decrease_factor: f64,
+    cooldown: Duration,
+    last_decrease: Option<Instant>,
+}
+
+impl Aimd {
+    pub fn new(config: &AdaptiveConcurrencyConfig) -> Self {
+        let max = config.concurrency_max.get() as f64;
+        let min = (config.concurrency_min.get() as f64).min(max);
+        let start = config
+            .concurrency_start
+            .map_or(max, |s| s.get() as f64)
+            .clamp(min, max);
+        Self {
+            limit: start,
+            min,
+            max,
+            decrease_factor: config.decrease_factor,
+            cooldown: Duration::from_millis(config.decrease_cooldown_millis),
+            last_decrease: None,
+        }
+    }
+
+    /// The current window, in requests.
+    pub fn limit(&self) -> usize {
+        self.limit.floor() as usize
+    }
+
+    /// A request succeeded: grow by `1 / limit` (so +1 per window's worth).
+    pub fn on_success(&mut self) {
+        self.limit = (self.limit + 1.0 / self.limit).min(self.max);
+    }
+
+    /// The store throttled a request: shrink, unless it already did within
+    /// the cooldown. Returns whether the window shrank.
+    pub fn on_throttled(&mut self, now: Instant) -> bool {
+        if let Some(last) = self.last_decrease
+            && now.saturating_duration_since(last) < self.cooldown
+        {
+            return false;
+        }
+        self.last_decrease = Some(now);
+        self.limit = (self.limit * self.decrease_factor).floor().max(self.min);
+        true
+    }
+}
+
+#[derive(Debug)]
+struct Window {
+    aimd: Aimd,
+    in_flight: usize,
+}
+
+/// What a finished request tells the window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Success,
+    Throttled,
+    /// Other failures say nothing about capacity (a 404, a corrupt body).
+    Neutral,
+}
+
+impl Outcome {
+    fn of<T>(result: &Result<T, StoreError>) -> Self {
+        match result {
+            Ok(_) => Outcome::Success,
+            Err(e) if e.class == ErrorClass::Throttled => Outcome::Throttled,
+            Err(_) => Outcome::Neutral,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Gate {
+    window: Mutex<Window>,
+    notify: Notify,
+    /// The window, readable without the lock (for metrics).
+    limit: AtomicUsize,
+    acquire_timeout: Duration,
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, Window> {
+        self.window
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    async fn acquire(&self) -> Option<Slot<'_>> {
+        tokio::time::timeout(self.acquire_timeout, async {
+            loop {
+                // Register before checking, so a release between the check
+                // and the wait is not missed.
+                let notified = self.notify.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                {
+                    let mut window = self.lock();
+                    if window.in_flight < window.aimd.limit() {
+                        window.in_flight += 1;
+                        return Slot {
+                            gate: self,
+                            outcome: Outcome::Neutral,
+                        };
+                    }
+                }
+                notified.await;
+            }
+        })
+        .await
+        .ok()
+    }
+
+    fn release(&self, outcome: Outcome) {
+        let mut window = self.lock();
+        window.in_flight -= 1;
+        let before = window.aimd.limit();
+        match outcome {
+            Outcome::Success => window.aimd.on_success(),
+            Outcome::Throttled => {
+                window.aimd.on_throttled(Instant::now());
+            }
+            Outcome::Neutral => {}
+        }
+        let after = window.aimd.limit();
+        self.limit.store(after, Ordering::Relaxed);
+        let free = after.saturating_sub(window.in_flight);
+        drop(window);
+        // One slot freed, plus one more if the window just grew.
+        for _ in 0..free.min(1 + after.saturating_sub(before)) {
+            self.notify.notify_one();
+        }
+    }
+}
+
+/// A held concurrency slot; released (with its outcome) on drop, so a
+/// cancelled request frees its slot too.
+struct Slot<'a> {
+    gate: &'a Gate,
+    outcome: Outcome,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.gate.release(self.outcome);
+    }
+}
+
+/// A store whose concurrency follows AIMD (see the module docs).
+#[derive(Debug)]
+pub struct AdaptiveConcurrency {
+    inner: SharedStore,
+    gate: Gate,
+}
+
+impl AdaptiveConcurrency {
+    pub fn new(inner: SharedStore, config: &AdaptiveConcurrencyConfig) -> Result<Self, String> {
+        config.validate()?;
+        let aimd = Aimd::new(config);
+        let gate = Gate {
+            limit: AtomicUsize::new(aimd.limit()),
+            window: Mutex::new(Window { aimd, in_flight: 0 }),
+            notify: Notify::new(),
+            acquire_timeout: Duration::from_millis(config.acquire_timeout_millis),
+        };
+        Ok(Self { inner, gate })
+    }
+
+    /// The current concurrency window (for the metrics gauge and reports).
+    pub fn current_limit(&self) -> usize {
+        self.gate.limit.load(Ordering::Relaxed)
+    }
+
+    /// Requests in flight through this store now.
+    pub fn in_flight(&self) -> usize {
+        self.gate.lock().in_flight
+    }
+
+    /// Run `op` in a slot and feed its outcome back to the window.
+    async fn run<T>(
+        &self,
+        what: &str,
+        op: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let Some(mut slot) = self.gate.acquire().await else {
+            return Err(StoreError::throttled(format!(
+                "{what}: no concurrency slot within {} ms (window {}): the store is saturated; back off",
+                self.gate.acquire_timeout.as_millis(),
+                self.current_limit()
+            )));
+        };
+        let result = op.await;
+        slot.outcome = Outcome::of(&result);
+        result
+    }
+}
+
+impl BlockStore for AdaptiveConcurrency {
+    fn url(&self) -> &StoreUrl {
+        self.inner.url()
+    }
+
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        len_max_bytes: u64,
+    ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+        Box::pin(self.run(key, self.inner.get(key, len_max_bytes)))
+    }
+
+    fn put<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.run(key, self.inner.put(key, bytes)))
+    }
+
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(self.run(key, self.inner.exists(key)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::file::FileStore;
+    use governor::clock::FakeRelativeClock;
+    use std::sync::Arc;
+
+    fn nz32(n: u32) -> NonZeroU32 {
+        NonZeroU32::new(n).unwrap()
+    }
+
+    fn nz(n: usize) -> NonZeroUsize {
+        NonZeroUsize::new(n).unwrap()
+    }
+
+    #[test]
+    fn request_quota_allows_burst_then_rate_on_a_fake_clock() {
+        let config = RateLimitConfig {
+            requests_per_sec: Some(nz32(100)),
+            ..RateLimitConfig::default()
+        };
+        let clock = FakeRelativeClock::default();
+        let limiter =
+            RateLimiter::direct_with_clock(config.request_quota().unwrap(), clock.clone());
+        // Default burst: a tenth of a second's worth.
+        assert_eq!((0..50).filter(|_| limiter.check().is_ok()).count(), 10);
+        // Then exactly the rate: 100 per second.
+        let mut admitted = 0;
+        for _ in 0..1000 {
+            clock.advance(Duration::from_millis(1));
+            admitted += usize::from(limiter.check().is_ok());
+        }
+        assert_eq!(admitted, 100);
+    }
+
+    #[test]
+    fn byte_quota_counts_kib_tokens_and_charges_split_at_the_burst() {
+        let config = RateLimitConfig {
+            bytes_per_sec: NonZeroU64::new(4 << 20),
+            ..RateLimitConfig::default()
+        };
+        let quota = config.byte_quota().unwrap();
+        assert_eq!(quota.burst_size().get(), 4096);
+        let charges: Vec<u32> = byte_charges(10 << 20, quota.burst_size())
+            .map(NonZeroU32::get)
+            .collect();
+        assert_eq!(charges, vec![4096, 4096, 2048]);
+        assert_eq!(
+            byte_charges(1, quota.burst_size())
+                .map(NonZeroU32::get)
+                .collect::<Vec<_>>(),
+            vec![1]
+        );
+        assert_eq!(byte_charges(0, quota.burst_size()).count(), 0);
+        let clock = FakeRelativeClock::default();
+        let limiter = RateLimiter::direct_with_clock(quota, clock.clone());
+        assert!(limiter.check_n(nz32(4096)).unwrap().is_ok());
+        assert!(limiter.check_n(nz32(1)).unwrap().is_err());
+        clock.advance(Duration::from_millis(500));
+        assert!(limiter.check_n(nz32(2048)).unwrap().is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn get_charges_at_most_a_burst_up_front_and_the_rest_of_the_actual_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let file: SharedStore = Arc::new(FileStore::new(dir.path().to_owned()));
+        file.put("small", Bytes::from(vec![1u8; 1024]))
+            .await
+            .unwrap();
+        file.put("large", Bytes::from(vec![2u8; 1536 * 1024]))
+            .await
+            .unwrap();
+        let config = RateLimitConfig {
+            bytes_per_sec: NonZeroU64::new(1 << 20),
+            ..RateLimitConfig::default()
+        };
+        let store = RateLimited::new(file, &config).unwrap();
+        // A 1 KiB object read with a 64 MiB bound is not charged 64 MiB
+        // (which would take 63 s at this rate).
+        let started = Instant::now();
+        assert_eq!(store.get("small", 64 << 20).await.unwrap().len(), 1024);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // 1.5 MiB: one burst (1 MiB) up front, waiting for the refill of
+        // what the first GET took, then the other 0.5 MiB before returning.
+        let started = Instant::now();
+        assert_eq!(
+            store.get("large", 2 << 20).await.unwrap().len(),
+            1536 * 1024
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn rate_config_validates() {
+        assert!(
+            RateLimitConfig {
+                request_burst: Some(nz32(5)),
+                ..RateLimitConfig::default()
+            }
+            .validate()
+            .is_err()
+        );
+        let parsed: RateLimitConfig =
+            toml::from_str("requests_per_sec = 300\nrequest_burst = 30").unwrap();
+        assert_eq!(parsed.request_quota().unwrap().burst_size().get(), 30);
+        assert!(toml::from_str::<RateLimitConfig>("requests_per_sec = 0").is_err());
+    }
+
+    fn aimd(min: usize, max: usize) -> Aimd {
+        Aimd::new(&AdaptiveConcurrencyConfig {
+            concurrency_min: nz(min),
+            concurrency_max: nz(max),
+            ..AdaptiveConcurrencyConfig::default()
+        })
+    }
+
+    #[test]
+    fn aimd_decreases_once_per_cooldown_and_never_below_the_floor() {
+        let t0 = Instant::now();
+        let mut a = aimd(4, 64);
+        assert_eq!(a.limit(), 64);
+        assert!(a.on_throttled(t0));
+        assert_eq!(a.limit(), 44);
+        // A burst of 503s within the cooldown is one signal.
+        for ms in 1..100 {
+            assert!(!a.on_throttled(t0 + Duration::from_millis(ms)));
+        }
+        assert_eq!(a.limit(), 44);
+        let mut t = t0;
+        for _ in 0..20 {
+            t += Duration::from_secs(1);
+            a.on_throttled(t);
+        }
+        assert_eq!(a.limit(), 4);
+    }
+
+    #[test]
+    fn aimd_grows_by_one_per_window_of_successes_up_to_the_ceiling() {
+        let mut a = Aimd::new(&AdaptiveConcurrencyConfig {
+            concurrency_min: nz(2),
+            concurrency_max: nz(12),
+            concurrency_start: Some(nz(10)),
+            ..AdaptiveConcurrencyConfig::default()
+        });
+        assert_eq!(a.limit(), 10);
+        // Each success adds 1/limit: ten are not quite +1 (the window grew
+        // meanwhile), eleven are.
+        for _ in 0..10 {
+            a.on_success();
+        }
+        assert_eq!(a.limit(), 10);
+        a.on_success();
+        assert_eq!(a.limit(), 11);
+        for _ in 0..1000 {
+            a.on_success();
+        }
+        assert_eq!(a.limit(), 12);
+    }
+
+    #[test]
+    fn concurrency_config_validates() {
+        let bad = AdaptiveConcurrencyConfig {
+            concurrency_min: nz(8),
+            concurrency_max: nz(4),
+            ..Default::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = AdaptiveConcurrencyConfig {
+            decrease_factor: 1.0,
+            ..Default::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = AdaptiveConcurrencyConfig {
+            concurrency_start: Some(nz(1)),
+            ..Default::default()
+        };
+        assert!(bad.validate().is_err());
+        AdaptiveConcurrencyConfig::default().validate().unwrap();
+    }
+
+    /// A store that throttles every get and counts the peak concurrency.
+    #[derive(Debug)]
+    struct Probe {
+        url: StoreUrl,
+        in_flight: AtomicUsize,
+        peak: AtomicUsize,
+        throttle: bool,
+    }
+
+    impl BlockStore for Probe {
+        fn url(&self) -> &StoreUrl {
+            &self.url
+        }
+        fn get<'a>(&'a self, _key: &'a str, _len: u64) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+            Box::pin(async move {
+                let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                self.peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                if self.throttle {
+                    Err(StoreError::throttled("503 SlowDown"))
+                } else {
+                    Ok(Bytes::new())
+                }
+            })
+        }
+        fn put<'a>(
+            &'a self,
+            _key: &'a str,
+            _bytes: Bytes,
+        ) -> BoxFuture<'a, Result<(), StoreError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn exists<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+            Box::pin(async { Ok(true) })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gate_holds_the_window_and_shrinks_on_throttling() {
+        let probe = Arc::new(Probe {
+            url: StoreUrl::File {
+                root: "/probe".into(),
+            },
+            in_flight: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            throttle: true,
+        });
+        let config = AdaptiveConcurrencyConfig {
+            concurrency_min: nz(2),
+            concurrency_max: nz(8),
+            decrease_cooldown_millis: 0,
+            ..AdaptiveConcurrencyConfig::default()
+        };
+        let store = Arc::new(AdaptiveConcurrency::new(probe.clone(), &config).unwrap());
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..64 {
+            let store = store.clone();
+            tasks.spawn(async move { store.get(&format!("k{i}"), 1).await });
+        }
+        while let Some(result) = tasks.join_next().await {
+            assert_eq!(result.unwrap().unwrap_err().class, ErrorClass::Throttled);
+        }
+        assert!(
+            probe.peak.load(Ordering::SeqCst) <= 8,
+            "peak {}",
+            probe.peak.load(Ordering::SeqCst)
+        );
+        assert_eq!(store.current_limit(), 2);
+        assert_eq!(store.in_flight(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn decorators_forward_every_method() {
+        let dir = tempfile::tempdir().unwrap();
+        let file: SharedStore = Arc::new(FileStore::new(dir.path().to_owned()));
+        let rate = RateLimitConfig {
+            requests_per_sec: Some(nz32(1000)),
+            bytes_per_sec: NonZeroU64::new(1 << 30),
+            ..RateLimitConfig::default()
+        };
+        let limited: SharedStore = Arc::new(RateLimited::new(file, &rate).unwrap());
+        let store =
+            AdaptiveConcurrency::new(limited, &AdaptiveConcurrencyConfig::default()).unwrap();
+        assert_eq!(
+            store.url(),
+            &StoreUrl::File {
+                root: dir.path().to_owned()
+            }
+        );
+        store.put("a/b", Bytes::from_static(b"xyz")).await.unwrap();
+        assert!(store.exists("a/b").await.unwrap());
+        assert_eq!(&store.get("a/b", 3).await.unwrap()[..], b"xyz");
+        assert_eq!(
+            store.get("a/c", 3).await.unwrap_err().class,
+            ErrorClass::Permanent
+        );
+        assert_eq!(store.current_limit(), 64);
+    }
+}

@@ -1,0 +1,915 @@
+//! `s3://` store: [`S3Store`], a [`BlockStore`] over `aws-sdk-s3`.
+//!
+//! In: object keys under `<prefix>/` in one bucket. Out: whole objects as
+//! [`Bytes`], or a [`StoreError`] whose [`ErrorClass`] was decided here, in
+//! one table ([`classify`] for HTTP status + S3 error code, [`classify_sdk_error`]
+//! for the SDK's failure kinds), so the fetch stage applies one policy per
+//! class.
+//!
+//! Limits and deadlines, per attempt (see [`S3Config`]):
+//! - the SDK's own retries are **off** (`RetryConfig::disabled()`): the fetch
+//!   stage owns the only retry loop, so one `get` is exactly one HTTP request
+//!   and a 503 storm is never multiplied by a hidden inner loop;
+//! - connect, attempt (request sent .. response headers) and operation
+//!   (credentials + the one attempt) timeouts are set on the SDK;
+//! - the SDK's timeouts do not cover a streamed body, so the body is read
+//!   here chunk by chunk under three guards of our own: a whole-body
+//!   deadline, an idle deadline per chunk (a stalled connection) and a minimum
+//!   throughput after a grace period (a trickling straggler). A cut body is
+//!   `Transient`: another attempt, or another source, may be fast;
+//! - `Content-Length` above the caller's `len_max_bytes` is refused as
+//!   `Corrupt` before a byte of the body is read, and the body may never grow
+//!   past what was advertised; a body shorter than advertised is `Transient`
+//!   (truncated in flight).
+//!
+//! Integrity of the bytes is checked by the verify stage against the
+//! manifest's content hash, so SDK checksums are only computed or validated
+//! when S3 requires it (`WhenRequired`): one integrity layer, not two hashes
+//! per block on a CPU-bound path.
+//!
+//! Credentials come from the standard AWS chain (env, profile, SSO, process,
+//! IMDS/ECS). [`S3Store::connect_with_static_credentials`] exists only for
+//! loopback endpoints (tests, `rehydrate demo` with
+//! [`LoopbackS3`](super::loopback::LoopbackS3)).
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    StalledStreamProtectionConfig,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use aws_smithy_types::retry::{ErrorKind, RetryConfig};
+use aws_smithy_types::timeout::TimeoutConfig;
+use bytes::{Bytes, BytesMut};
+
+use super::{BlockStore, BoxFuture, StoreError, StoreUrl};
+use crate::error::ErrorClass;
+
+/// S3 refuses object keys longer than this.
+const S3_KEY_LEN_MAX_BYTES: usize = 1024;
+
+/// Configuration of one S3 store. Every field may be omitted.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    /// Endpoint URL, e.g. `http://127.0.0.1:9000`. Default: none, so the
+    /// standard `AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` environment and
+    /// profile settings apply, and otherwise the AWS regional endpoint.
+    pub endpoint_url: Option<String>,
+    /// Region. Default: the standard chain (env, profile, IMDS), else
+    /// `us-east-1`, which is also what S3-compatible servers expect.
+    pub region: Option<String>,
+    /// Address buckets as `/<bucket>/<key>` instead of `<bucket>.<host>`.
+    /// Default: true when an endpoint is set (S3-compatible servers and
+    /// loopback fixtures rarely have wildcard DNS), false for AWS.
+    pub force_path_style: Option<bool>,
+    /// TCP + TLS connect timeout. Default 3000: a healthy endpoint connects
+    /// in milliseconds; a black-holed one should fail fast and be retried.
+    pub connect_timeout_millis: u64,
+    /// One attempt, from sending the request to the response headers (the
+    /// body is covered by the `body_*` guards below). Default 5000: S3's
+    /// first-byte latency is tens of milliseconds, p99.9 well under a second.
+    pub operation_attempt_timeout_millis: u64,
+    /// The whole operation: credential resolution plus the single attempt
+    /// (SDK retries are off). Default 10000: leaves room for a first
+    /// IMDS/SSO credential fetch on top of one attempt.
+    pub operation_timeout_millis: u64,
+    /// Deadline for reading the whole body, from the response headers.
+    /// Default 30000: a 4 MiB block at the 1 MiB/s floor takes 4 s; far past
+    /// that something is wrong and another attempt or source is better.
+    pub body_deadline_millis: u64,
+    /// No body bytes for this long = a stalled connection, cut as transient.
+    /// Default 5000: longer than any healthy pause between TCP segments.
+    pub body_idle_timeout_millis: u64,
+    /// Minimum average body throughput once the grace period has passed; a
+    /// slower body is cut as transient (a straggler that would hold a block
+    /// and an in-flight budget slot hostage). Default 1 MiB/s: one S3
+    /// connection normally gives 50-100 MB/s. Keep it below link bandwidth
+    /// divided by the fetch concurrency.
+    pub body_throughput_min_bytes_per_sec: u64,
+    /// Time after the headers before the throughput floor applies. Default
+    /// 2000: lets TCP slow-start and small objects finish unjudged.
+    pub body_throughput_grace_millis: u64,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            endpoint_url: None,
+            region: None,
+            force_path_style: None,
+            connect_timeout_millis: 3_000,
+            operation_attempt_timeout_millis: 5_000,
+            operation_timeout_millis: 10_000,
+            body_deadline_millis: 30_000,
+            body_idle_timeout_millis: 5_000,
+            body_throughput_min_bytes_per_sec: 1024 * 1024,
+            body_throughput_grace_millis: 2_000,
+        }
+    }
+}
+
+impl S3Config {
+    /// Check the relations between fields; the error says which field to fix.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("connect_timeout_millis", self.connect_timeout_millis),
+            (
+                "operation_attempt_timeout_millis",
+                self.operation_attempt_timeout_millis,
+            ),
+            ("operation_timeout_millis", self.operation_timeout_millis),
+            ("body_deadline_millis", self.body_deadline_millis),
+            ("body_idle_timeout_millis", self.body_idle_timeout_millis),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(format!("s3.{name} must be positive"));
+            }
+        }
+        if self.operation_timeout_millis < self.operation_attempt_timeout_millis {
+            return Err(
+                "s3.operation_timeout_millis must be at least s3.operation_attempt_timeout_millis"
+                    .into(),
+            );
+        }
+        if self.body_idle_timeout_millis > self.body_deadline_millis {
+            return Err(
+                "s3.body_idle_timeout_millis must not exceed s3.body_deadline_millis".into(),
+            );
+        }
+        if self.body_throughput_grace_millis >= self.body_deadline_millis {
+            return Err(
+                "s3.body_throughput_grace_millis must be below s3.body_deadline_millis".into(),
+            );
+        }
+        if let Some(url) = &self.endpoint_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(format!(
+                "s3.endpoint_url {url:?} must start with http:// or https://"
+            ));
+        }
+        Ok(())
+    }
+
+    fn body_guard(&self, start: Instant) -> BodyGuard {
+        BodyGuard {
+            start,
+            deadline: Duration::from_millis(self.body_deadline_millis),
+            idle: Duration::from_millis(self.body_idle_timeout_millis),
+            grace: Duration::from_millis(self.body_throughput_grace_millis),
+            throughput_min_bytes_per_sec: self.body_throughput_min_bytes_per_sec,
+        }
+    }
+}
+
+/// Static credentials, for loopback endpoints only (tests and the demo's
+/// in-process server). Production uses the standard AWS credential chain.
+#[derive(Clone)]
+pub struct StaticCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+impl fmt::Debug for StaticCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the secret.
+        f.debug_struct("StaticCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A [`BlockStore`] over one bucket and prefix of an S3(-compatible) service.
+#[derive(Debug)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    prefix: String,
+    url: StoreUrl,
+    config: S3Config,
+}
+
+impl S3Store {
+    /// Open `s3://<bucket>/<prefix>` with the standard AWS credential chain.
+    /// No request is sent: an unreachable endpoint shows on the first call.
+    pub async fn connect(
+        bucket: &str,
+        prefix: &str,
+        config: &S3Config,
+    ) -> Result<S3Store, StoreError> {
+        Self::build(bucket, prefix, config, None).await
+    }
+
+    /// Open a store with fixed credentials. **For loopback endpoints only**
+    /// (tests, the demo's [`LoopbackS3`](super::loopback::LoopbackS3)):
+    /// production credentials come from the standard chain, never from
+    /// configuration.
+    pub async fn connect_with_static_credentials(
+        bucket: &str,
+        prefix: &str,
+        config: &S3Config,
+        credentials: &StaticCredentials,
+    ) -> Result<S3Store, StoreError> {
+        Self::build(bucket, prefix, config, Some(credentials)).await
+    }
+
+    async fn build(
+        bucket: &str,
+        prefix: &str,
+        config: &S3Config,
+        credentials: Option<&StaticCredentials>,
+    ) -> Result<S3Store, StoreError> {
+        config.validate().map_err(StoreError::permanent)?;
+        let url = StoreUrl::parse(&format!("s3://{bucket}/{prefix}"))
+            .map_err(|e| StoreError::permanent(e.to_string()))?;
+        let StoreUrl::S3 { bucket, prefix } = url.clone() else {
+            return Err(StoreError::permanent(format!(
+                "s3://{bucket}/{prefix} is not an S3 URL"
+            )));
+        };
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(Duration::from_millis(config.connect_timeout_millis))
+            .operation_attempt_timeout(Duration::from_millis(
+                config.operation_attempt_timeout_millis,
+            ))
+            .operation_timeout(Duration::from_millis(config.operation_timeout_millis))
+            .build();
+        let region = match &config.region {
+            Some(region) => aws_config::meta::region::RegionProviderChain::first_try(Region::new(
+                region.clone(),
+            )),
+            None => aws_config::meta::region::RegionProviderChain::default_provider(),
+        }
+        .or_else(Region::from_static("us-east-1"));
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(region)
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(timeouts)
+            // Our body guards are the one stall detector (configurable, and
+            // classified here); the SDK's would be a second, fixed one.
+            .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        if let Some(endpoint) = &config.endpoint_url {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let Some(credentials) = credentials {
+            loader = loader.credentials_provider(Credentials::new(
+                &credentials.access_key_id,
+                &credentials.secret_access_key,
+                None,
+                None,
+                "rehydrate-static",
+            ));
+        }
+        let sdk_config = loader.load().await;
+        let path_style = config
+            .force_path_style
+            .unwrap_or(sdk_config.endpoint_url().is_some());
+        let s3_config = aws_sdk_s3::config::Builder::from(&sdk_config)
+            .force_path_style(path_style)
+            .build();
+        Ok(S3Store {
+            client: Client::from_conf(s3_config),
+            bucket,
+            prefix,
+            url,
+            config: config.clone(),
+        })
+    }
+
+    /// The full object key of `key` under this store's prefix.
+    fn object_key(&self, key: &str) -> Result<String, StoreError> {
+        let full_len_bytes = if self.prefix.is_empty() {
+            key.len()
+        } else {
+            self.prefix.len() + 1 + key.len()
+        };
+        let valid = !key.is_empty()
+            && full_len_bytes <= S3_KEY_LEN_MAX_BYTES
+            && !key.contains('\0')
+            && key
+                .split('/')
+                .all(|part| !part.is_empty() && part != "." && part != "..");
+        if !valid {
+            return Err(StoreError::permanent(format!(
+                "{}: invalid object key {key:?}",
+                self.url
+            )));
+        }
+        Ok(if self.prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}/{key}", self.prefix)
+        })
+    }
+
+    fn describe(&self, object_key: &str) -> String {
+        format!("s3://{}/{object_key}", self.bucket)
+    }
+
+    async fn get_object(&self, key: &str, len_max_bytes: u64) -> Result<Bytes, StoreError> {
+        let object_key = self.object_key(key)?;
+        let what = self.describe(&object_key);
+        let output = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&object_key)
+            .send()
+            .await
+            .map_err(|e| classify_sdk_error(&format!("GET {what}"), &e))?;
+        let headers_at = Instant::now();
+        let advertised = match output.content_length() {
+            Some(len) if len < 0 => {
+                return Err(StoreError::transient(format!(
+                    "GET {what}: negative Content-Length {len}"
+                )));
+            }
+            Some(len) => Some(len as u64),
+            None => None,
+        };
+        if let Some(len) = advertised
+            && len > len_max_bytes
+        {
+            return Err(StoreError::corrupt(format!(
+                "GET {what}: object is {len} bytes, more than the {len_max_bytes} expected (refused before reading)"
+            )));
+        }
+        read_body(
+            &what,
+            output.body,
+            advertised,
+            len_max_bytes,
+            self.config.body_guard(headers_at),
+        )
+        .await
+    }
+}
+
+/// Read a whole body under the [`BodyGuard`]; check its length against the
+/// advertised `Content-Length` (or `len_max_bytes` when none was sent).
+async fn read_body(
+    what: &str,
+    mut body: ByteStream,
+    advertised: Option<u64>,
+    len_max_bytes: u64,
+    guard: BodyGuard,
+) -> Result<Bytes, StoreError> {
+    let limit = advertised.unwrap_or(len_max_bytes);
+    // Capacity from the (already bounded) advertised length: one allocation.
+    let mut buf = BytesMut::with_capacity(advertised.unwrap_or(0) as usize);
+    loop {
+        let wait = guard
+            .next_wait(Instant::now())
+            .map_err(|cut| cut.error(what, buf.len() as u64, advertised))?;
+        let chunk = match tokio::time::timeout(wait, body.next()).await {
+            Err(_elapsed) => {
+                let cut = guard.cut_after_wait(Instant::now());
+                return Err(cut.error(what, buf.len() as u64, advertised));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                let of = advertised
+                    .map(|len| format!(" of {len}"))
+                    .unwrap_or_default();
+                return Err(StoreError::transient(format!(
+                    "GET {what}: body read failed after {}{of} bytes ({}): connection broke or body truncated; another attempt may pass",
+                    buf.len(),
+                    error_chain(&e)
+                )));
+            }
+            Ok(Some(Ok(chunk))) => chunk,
+        };
+        if buf.len() as u64 + chunk.len() as u64 > limit {
+            return Err(match advertised {
+                Some(len) => StoreError::corrupt(format!(
+                    "GET {what}: body longer than its Content-Length {len}"
+                )),
+                None => StoreError::corrupt(format!(
+                    "GET {what}: body longer than the {len_max_bytes} bytes expected"
+                )),
+            });
+        }
+        buf.extend_from_slice(&chunk);
+        guard
+            .check_throughput(Instant::now(), buf.len() as u64)
+            .map_err(|cut| cut.error(what, buf.len() as u64, advertised))?;
+    }
+    if let Some(len) = advertised
+        && (buf.len() as u64) < len
+    {
+        return Err(StoreError::transient(format!(
+            "GET {what}: truncated body, {} of {len} bytes: the connection closed early; another attempt may pass",
+            buf.len()
+        )));
+    }
+    Ok(buf.freeze())
+}
+
+/// The deadlines over one streamed body. Pure: time is passed in, so the
+/// rules are unit-tested without sleeping.
+#[derive(Debug, Clone, Copy)]
+struct BodyGuard {
+    start: Instant,
+    deadline: Duration,
+    idle: Duration,
+    grace: Duration,
+    throughput_min_bytes_per_sec: u64,
+}
+
+/// Why a body read was cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyCut {
+    Deadline(Duration),
+    Idle(Duration),
+    Slow {
+        bytes_per_sec: u64,
+        min_bytes_per_sec: u64,
+    },
+}
+
+impl BodyGuard {
+    /// How long to wait for the next chunk: the idle timeout, capped by what
+    /// is left of the body deadline.
+    fn next_wait(&self, now: Instant) -> Result<Duration, BodyCut> {
+        let elapsed = now.saturating_duration_since(self.start);
+        let left = self
+            .deadline
+            .checked_sub(elapsed)
+            .filter(|d| !d.is_zero())
+            .ok_or(BodyCut::Deadline(self.deadline))?;
+        Ok(left.min(self.idle))
+    }
+
+    /// A wait from [`next_wait`](Self::next_wait) expired: which deadline was it.
+    fn cut_after_wait(&self, now: Instant) -> BodyCut {
+        if now.saturating_duration_since(self.start) >= self.deadline {
+            BodyCut::Deadline(self.deadline)
+        } else {
+            BodyCut::Idle(self.idle)
+        }
+    }
+
+    /// After the grace period, the average rate since the headers must stay
+    /// at or above the floor.
+    fn check_throughput(&self, now: Instant, bytes_read: u64) -> Result<(), BodyCut> {
+        let elapsed = now.saturating_duration_since(self.start);
+        if elapsed <= self.grace || self.throughput_min_bytes_per_sec == 0 {
+            return Ok(());
+        }
+        let bytes_per_sec = (bytes_read as f64 / elapsed.as_secs_f64()) as u64;
+        if bytes_per_sec < self.throughput_min_bytes_per_sec {
+            return Err(BodyCut::Slow {
+                bytes_per_sec,
+                min_bytes_per_sec: self.throughput_min_bytes_per_sec,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl BodyCut {
+    fn error(self, what: &str, bytes_read: u64, advertised: Option<u64>) -> StoreError {
+        let of = advertised
+            .map(|len| format!(" of {len}"))
+            .unwrap_or_default();
+        let why = match self {
+            BodyCut::Deadline(d) => format!(
+                "body not complete within the {} ms body deadline",
+                d.as_millis()
+            ),
+            BodyCut::Idle(d) => format!(
+                "no body bytes for {} ms (stalled connection)",
+                d.as_millis()
+            ),
+            BodyCut::Slow {
+                bytes_per_sec,
+                min_bytes_per_sec,
+            } => {
+                format!(
+                    "body arriving at {bytes_per_sec} B/s, below the {min_bytes_per_sec} B/s floor (straggler)"
+                )
+            }
+        };
+        StoreError::transient(format!(
+            "GET {what}: {why} after {bytes_read}{of} bytes; another attempt may be faster"
+        ))
+    }
+}
+
+impl BlockStore for S3Store {
+    fn url(&self) -> &StoreUrl {
+        &self.url
+    }
+
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        len_max_bytes: u64,
+    ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+        Box::pin(self.get_object(key, len_max_bytes))
+    }
+
+    fn put<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let object_key = self.object_key(key)?;
+            let what = self.describe(&object_key);
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&object_key)
+                .content_length(bytes.len() as i64)
+                .body(ByteStream::from(bytes))
+                .send()
+                .await
+                .map_err(|e| classify_sdk_error(&format!("PUT {what}"), &e))?;
+            Ok(())
+        })
+    }
+
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let object_key = self.object_key(key)?;
+            let what = self.describe(&object_key);
+            match self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(&object_key)
+                .send()
+                .await
+            {
+                Ok(_) => Ok(true),
+                // HEAD has no body, so a 404 carries no code: a missing key
+                // (or bucket) is simply "not there".
+                Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => Ok(false),
+                Err(e) => Err(classify_sdk_error(&format!("HEAD {what}"), &e)),
+            }
+        })
+    }
+}
+
+/// S3 error codes that mean "slow down", whatever the status.
+const THROTTLE_CODES: &[&str] = &[
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottled",
+    "RequestThrottledException",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+    "TooManyRequestsException",
+    "ProvisionedThroughputExceededException",
+    "BandwidthLimitExceeded",
+    "TransactionInProgressException",
+    "EC2ThrottledException",
+    "PriorRequestNotComplete",
+];
+
+/// S3 error codes that may pass on another attempt, whatever the status.
+const TRANSIENT_CODES: &[&str] = &[
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "IDPCommunicationError",
+];
+
+/// **The** classification table of S3 answers: an HTTP status (if a response
+/// arrived) and an S3 error code (if the body carried one) to a class.
+///
+/// - throttled: any throttling code (`SlowDown`, `Throttling`, ...), 429, and
+///   503 with any or no code: S3 documents 503 as "reduce your request rate",
+///   and load balancers in front of S3-compatible stores answer it the same
+///   way, so backing off and shrinking concurrency is the right response;
+/// - transient: other 5xx, 408 and `RequestTimeout`, `InternalError`; and no
+///   response at all (handled by [`classify_sdk_error`]);
+/// - permanent: 404 (`NoSuchKey`, `NoSuchBucket`), 403 (`AccessDenied`,
+///   signature and clock errors), 400, 401 and every other 4xx: the same
+///   request to the same source will get the same answer;
+/// - a 2xx/3xx answer that still failed (an unparsable response) is
+///   transient. `Corrupt` is never decided from a status: it is a length or
+///   content mismatch, decided where the body is read.
+pub fn classify(status: Option<u16>, code: Option<&str>) -> ErrorClass {
+    if let Some(code) = code {
+        if THROTTLE_CODES.contains(&code) {
+            return ErrorClass::Throttled;
+        }
+        if TRANSIENT_CODES.contains(&code) {
+            return ErrorClass::Transient;
+        }
+    }
+    match status {
+        Some(429 | 503) => ErrorClass::Throttled,
+        Some(408) => ErrorClass::Transient,
+        Some(400..=499) => ErrorClass::Permanent,
+        // 5xx, and answers that failed without an error status.
+        Some(_) | None => ErrorClass::Transient,
+    }
+}
+
+/// What a class means for the block, for error messages.
+fn meaning(class: ErrorClass) -> &'static str {
+    match class {
+        ErrorClass::Throttled => "the store asks us to slow down; back off and retry",
+        ErrorClass::Transient => "may pass; retry with backoff",
+        ErrorClass::Permanent => "this source will not serve it; try the next source",
+        ErrorClass::Corrupt => "the bytes are wrong; try the next source",
+    }
+}
+
+/// Map an SDK failure to a classified [`StoreError`]: service answers go
+/// through [`classify`]; failures without a usable answer by kind:
+/// timeouts, I/O and dispatch failures (including credential resolution,
+/// which runs at dispatch) are transient; a request that could not even be
+/// built (construction failure) or that the HTTP client calls a user error
+/// (a malformed endpoint) is permanent, since repeating it builds it the
+/// same way.
+pub fn classify_sdk_error<E>(what: &str, err: &SdkError<E, HttpResponse>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let (class, detail) = match err {
+        SdkError::ServiceError(service) => {
+            let status = Some(service.raw().status().as_u16());
+            let code = service.err().code();
+            let class = classify(status, code);
+            let status_text = status
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "no status".into());
+            let message = service
+                .err()
+                .message()
+                .map(|m| format!(" ({m})"))
+                .unwrap_or_default();
+            (
+                class,
+                format!(
+                    "HTTP {status_text}, S3 code {}{message}",
+                    code.unwrap_or("none")
+                ),
+            )
+        }
+        SdkError::ResponseError(response) => {
+            let status = Some(response.raw().status().as_u16());
+            let class = classify(status, None);
+            let status_text = status
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "no status".into());
+            (
+                class,
+                format!(
+                    "HTTP {status_text}, unreadable response ({})",
+                    error_chain(err)
+                ),
+            )
+        }
+        SdkError::TimeoutError(_) => (
+            ErrorClass::Transient,
+            "no response within the attempt/operation timeout".into(),
+        ),
+        SdkError::DispatchFailure(dispatch) => {
+            let (class, kind) = if dispatch.is_timeout() {
+                (ErrorClass::Transient, "connect timeout")
+            } else if dispatch.is_io() {
+                (ErrorClass::Transient, "connection failed or was reset")
+            } else if dispatch.is_user() {
+                (
+                    ErrorClass::Permanent,
+                    "request refused by the HTTP client (bad endpoint or request)",
+                )
+            } else {
+                match dispatch.as_other() {
+                    Some(ErrorKind::ThrottlingError) => {
+                        (ErrorClass::Throttled, "throttled before dispatch")
+                    }
+                    Some(ErrorKind::ClientError) => {
+                        (ErrorClass::Permanent, "client error before dispatch")
+                    }
+                    _ => (
+                        ErrorClass::Transient,
+                        "dispatch failed (credentials, endpoint or connector)",
+                    ),
+                }
+            };
+            (class, format!("{kind}: {}", error_chain(err)))
+        }
+        SdkError::ConstructionFailure(_) => (
+            ErrorClass::Permanent,
+            format!("request could not be built: {}", error_chain(err)),
+        ),
+        _ => (
+            ErrorClass::Transient,
+            format!("unrecognised SDK failure: {}", error_chain(err)),
+        ),
+    };
+    StoreError::new(class, format!("{what}: {detail}: {}", meaning(class)))
+}
+
+/// An error and its sources on one line (SDK errors put the useful part in
+/// the source chain, e.g. "connection refused").
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    let mut depth = 0;
+    while let Some(s) = source {
+        if depth == 8 {
+            break;
+        }
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+        depth += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_s3::operation::get_object::GetObjectError;
+    use aws_smithy_runtime_api::client::result::ConnectorError;
+    use aws_smithy_runtime_api::http::{Response, StatusCode};
+    use aws_smithy_types::body::SdkBody;
+    use aws_smithy_types::error::ErrorMetadata;
+
+    #[test]
+    fn classification_table() {
+        use ErrorClass::*;
+        let table: &[(Option<u16>, Option<&str>, ErrorClass)] = &[
+            (Some(503), Some("SlowDown"), Throttled),
+            (Some(503), None, Throttled),
+            (Some(503), Some("ServiceUnavailable"), Transient),
+            (Some(429), None, Throttled),
+            (Some(400), Some("Throttling"), Throttled),
+            (Some(400), Some("ThrottlingException"), Throttled),
+            (Some(400), Some("RequestLimitExceeded"), Throttled),
+            (Some(429), Some("TooManyRequests"), Throttled),
+            (None, Some("SlowDown"), Throttled),
+            (Some(500), Some("InternalError"), Transient),
+            (Some(500), None, Transient),
+            (Some(502), None, Transient),
+            (Some(504), None, Transient),
+            (Some(400), Some("RequestTimeout"), Transient),
+            (Some(408), None, Transient),
+            (None, None, Transient),
+            (Some(200), None, Transient),
+            (Some(404), Some("NoSuchKey"), Permanent),
+            (Some(404), Some("NoSuchBucket"), Permanent),
+            (Some(404), None, Permanent),
+            (Some(403), Some("AccessDenied"), Permanent),
+            (Some(403), Some("SignatureDoesNotMatch"), Permanent),
+            (Some(400), Some("InvalidArgument"), Permanent),
+            (Some(401), None, Permanent),
+            (Some(416), Some("InvalidRange"), Permanent),
+        ];
+        for &(status, code, want) in table {
+            assert_eq!(
+                classify(status, code),
+                want,
+                "status {status:?} code {code:?}"
+            );
+        }
+    }
+
+    fn http_response(status: u16) -> Response {
+        Response::new(StatusCode::try_from(status).unwrap(), SdkBody::empty())
+    }
+
+    #[test]
+    fn sdk_failures_map_to_classes() {
+        type E = SdkError<GetObjectError, Response>;
+        let service = |status: u16, code: &str| -> E {
+            let meta = ErrorMetadata::builder().code(code).message("msg").build();
+            SdkError::service_error(GetObjectError::generic(meta), http_response(status))
+        };
+        let e = classify_sdk_error("GET s3://b/k", &service(503, "SlowDown"));
+        assert_eq!(e.class, ErrorClass::Throttled);
+        assert!(
+            e.message.contains("GET s3://b/k")
+                && e.message.contains("503")
+                && e.message.contains("SlowDown"),
+            "{e}"
+        );
+        assert_eq!(
+            classify_sdk_error("k", &service(404, "NoSuchKey")).class,
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            classify_sdk_error("k", &service(500, "InternalError")).class,
+            ErrorClass::Transient
+        );
+        assert_eq!(
+            classify_sdk_error("k", &service(403, "AccessDenied")).class,
+            ErrorClass::Permanent
+        );
+
+        let timeout: E = SdkError::timeout_error("attempt timeout");
+        assert_eq!(
+            classify_sdk_error("k", &timeout).class,
+            ErrorClass::Transient
+        );
+        let io: E = SdkError::dispatch_failure(ConnectorError::io("connection reset".into()));
+        assert_eq!(classify_sdk_error("k", &io).class, ErrorClass::Transient);
+        let connect_timeout: E =
+            SdkError::dispatch_failure(ConnectorError::timeout("connect".into()));
+        assert_eq!(
+            classify_sdk_error("k", &connect_timeout).class,
+            ErrorClass::Transient
+        );
+        let user: E = SdkError::dispatch_failure(ConnectorError::user("bad uri".into()));
+        assert_eq!(classify_sdk_error("k", &user).class, ErrorClass::Permanent);
+        let other: E =
+            SdkError::dispatch_failure(ConnectorError::other("no credentials".into(), None));
+        assert_eq!(classify_sdk_error("k", &other).class, ErrorClass::Transient);
+        let construction: E = SdkError::construction_failure("bad input");
+        assert_eq!(
+            classify_sdk_error("k", &construction).class,
+            ErrorClass::Permanent
+        );
+        let response: E = SdkError::response_error("garbled xml", http_response(502));
+        assert_eq!(
+            classify_sdk_error("k", &response).class,
+            ErrorClass::Transient
+        );
+    }
+
+    #[test]
+    fn body_guard_rules() {
+        let t0 = Instant::now();
+        let guard = BodyGuard {
+            start: t0,
+            deadline: Duration::from_secs(30),
+            idle: Duration::from_secs(5),
+            grace: Duration::from_secs(2),
+            throughput_min_bytes_per_sec: 1 << 20,
+        };
+        assert_eq!(guard.next_wait(t0), Ok(Duration::from_secs(5)));
+        assert_eq!(
+            guard.next_wait(t0 + Duration::from_secs(28)),
+            Ok(Duration::from_secs(2))
+        );
+        assert_eq!(
+            guard.next_wait(t0 + Duration::from_secs(30)),
+            Err(BodyCut::Deadline(Duration::from_secs(30)))
+        );
+        assert_eq!(
+            guard.cut_after_wait(t0 + Duration::from_secs(5)),
+            BodyCut::Idle(Duration::from_secs(5))
+        );
+        assert_eq!(
+            guard.cut_after_wait(t0 + Duration::from_secs(31)),
+            BodyCut::Deadline(Duration::from_secs(30))
+        );
+        // Within the grace period anything goes; after it, the average rules.
+        assert_eq!(
+            guard.check_throughput(t0 + Duration::from_secs(2), 0),
+            Ok(())
+        );
+        assert_eq!(
+            guard.check_throughput(t0 + Duration::from_secs(4), 4 << 20),
+            Ok(())
+        );
+        assert!(matches!(
+            guard.check_throughput(t0 + Duration::from_secs(4), 1 << 20),
+            Err(BodyCut::Slow { .. })
+        ));
+        let e = BodyCut::Idle(Duration::from_secs(5)).error("s3://b/k", 10, Some(100));
+        assert_eq!(e.class, ErrorClass::Transient);
+        assert!(
+            e.message.contains("s3://b/k") && e.message.contains("10 of 100"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn config_defaults_parse_and_validate() {
+        let config: S3Config = toml::from_str("endpoint_url = \"http://127.0.0.1:9000\"").unwrap();
+        assert_eq!(config.connect_timeout_millis, 3_000);
+        config.validate().unwrap();
+        assert!(toml::from_str::<S3Config>("no_such_field = 1").is_err());
+        let bad = S3Config {
+            operation_timeout_millis: 1,
+            ..S3Config::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = S3Config {
+            endpoint_url: Some("127.0.0.1:9000".into()),
+            ..S3Config::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+}
