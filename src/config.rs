@@ -19,6 +19,13 @@ use crate::write::{BackendChoice, WriterConfig};
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub fetch: FetchConfig,
+    /// The S3 client: endpoint, region, timeouts, body guards.
+    pub s3: crate::store::s3::S3Config,
+    /// Per-store request and byte rate limits (S3 stores), shared by every
+    /// restore in the process.
+    pub rate_limit: crate::store::limit::RateLimitConfig,
+    /// Per-store adaptive concurrency (S3 stores).
+    pub concurrency: crate::store::limit::AdaptiveConcurrencyConfig,
     pub write: WriteConfig,
     pub checkpoint: CheckpointConfig,
     pub manifest: ManifestConfig,
@@ -179,6 +186,9 @@ impl Config {
                 f.attempt_timeout_millis, f.source_elapsed_max_millis
             )));
         }
+        self.s3.validate().map_err(|e| ConfigError::Invalid(format!("s3: {e}")))?;
+        self.rate_limit.validate().map_err(|e| ConfigError::Invalid(format!("rate_limit: {e}")))?;
+        self.concurrency.validate().map_err(|e| ConfigError::Invalid(format!("concurrency: {e}")))?;
         if let Some(dir) = &self.checkpoint.dir
             && !dir.is_absolute()
         {
@@ -192,6 +202,16 @@ impl Config {
             backend: self.write.backend,
             queue_depth: self.write.queue_depth,
             pwrite_threads: self.write.pwrite_threads,
+        }
+    }
+
+    /// How stores are opened.
+    pub fn store_options(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            s3: self.s3.clone(),
+            rate_limit: self.rate_limit.clone(),
+            concurrency: self.concurrency.clone(),
+            attempt_timeout: self.fetch.attempt_timeout(),
         }
     }
 

@@ -229,7 +229,7 @@ async fn fetch_from(
         telemetry.track(block, &source.name, attempts, job_started);
         telemetry.requests.fetch_add(1, Ordering::Relaxed);
         let attempt_started = Instant::now();
-        let error = match attempt(source, key, expected, policy.attempt_timeout).await {
+        let error = match attempt(source, key, expected).await {
             Ok(verified) => {
                 record_request(source, "ok", attempt_started);
                 return Ok(verified);
@@ -254,22 +254,10 @@ async fn fetch_from(
 }
 
 /// One attempt: get under its own deadline, then verify.
-async fn attempt(
-    source: &Source,
-    key: &str,
-    expected: &Expected,
-    deadline: Duration,
-) -> Result<VerifiedBlock, StoreError> {
+async fn attempt(source: &Source, key: &str, expected: &Expected) -> Result<VerifiedBlock, StoreError> {
     let len_max = u64::from(expected.stored_len_bytes);
-    let raw = match tokio::time::timeout(deadline, source.store.get(key, len_max)).await {
-        Ok(result) => result?,
-        Err(_) => {
-            return Err(StoreError::transient(format!(
-                "{key}: no complete answer within the {} ms attempt deadline",
-                deadline.as_millis()
-            )));
-        }
-    };
+    // The attempt deadline is the store's innermost layer (`store/timeout.rs`).
+    let raw = source.store.get(key, len_max).await?;
     metrics::counter!(m::FETCHED_BYTES_TOTAL, "source" => source.name.clone()).increment(raw.len() as u64);
     verify(raw, expected).map_err(|e| StoreError::new(e.class, format!("{key}: {}", e.message)))
 }

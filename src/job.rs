@@ -44,15 +44,19 @@ impl Engine {
         if let Some(store) = self.stores.lock().unwrap_or_else(|e| e.into_inner()).get(url) {
             return Ok(Arc::clone(store));
         }
-        let store =
-            store::open(url).await.map_err(|e| RestoreError::Source(format!("cannot open store {url}: {e}")))?;
+        let store = store::open(url, &self.config.store_options())
+            .await
+            .map_err(|e| RestoreError::Source(format!("cannot open store {url}: {e}")))?;
         let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
         Ok(Arc::clone(stores.entry(url.clone()).or_insert(store)))
     }
 
     /// Serve `url` from `store` (a decorated store: fault injection in tests,
     /// an in-process endpoint in the demo).
+    /// The attempt deadline is put around it; other policies are the
+    /// caller's (see [`store::wrap_policies`]).
     pub fn register_store(&self, url: StoreUrl, store: SharedStore) {
+        let store = store::wrap_timeout(store, &self.config.store_options());
         self.stores.lock().unwrap_or_else(|e| e.into_inner()).insert(url, store);
     }
 

@@ -16,6 +16,9 @@ pub const SETTLED_BYTES_TOTAL: &str = "rehydrate_settled_bytes_total";
 pub const FAILED_BLOCKS_TOTAL: &str = "rehydrate_failed_blocks_total";
 pub const INFLIGHT_BYTES: &str = "rehydrate_inflight_bytes";
 pub const INFLIGHT_ATTEMPTS_MAX: &str = "rehydrate_inflight_attempts_max";
+pub const SOURCE_CONCURRENCY_LIMIT: &str = "rehydrate_source_concurrency_limit";
+pub const STALLED_RESTORES: &str = "rehydrate_stalled_restores";
+pub const PROGRESS_RATIO: &str = "rehydrate_restore_progress_ratio";
 pub const SYNCS_TOTAL: &str = "rehydrate_target_syncs_total";
 pub const SYNC_LATENCY_SECONDS: &str = "rehydrate_target_sync_latency_seconds";
 
@@ -33,6 +36,12 @@ pub fn describe() {
     describe_counter!(FAILED_BLOCKS_TOTAL, "Blocks that failed on every source.");
     describe_gauge!(INFLIGHT_BYTES, Unit::Bytes, "Bytes of block data held between fetch and write, all jobs.");
     describe_gauge!(INFLIGHT_ATTEMPTS_MAX, "The highest attempt count of any block in flight.");
+    describe_gauge!(
+        SOURCE_CONCURRENCY_LIMIT,
+        "Requests a source may have in flight now (AIMD: shrinks on throttling, grows on success)."
+    );
+    describe_gauge!(STALLED_RESTORES, "Running restores with nothing settled for fetch.stall_after_millis.");
+    describe_gauge!(PROGRESS_RATIO, "Settled bytes over total bytes of the most recently updated restore.");
     describe_counter!(SYNCS_TOTAL, "fdatasync calls on targets.");
     describe_histogram!(SYNC_LATENCY_SECONDS, Unit::Seconds, "Latency of fdatasync on targets.");
 }

@@ -15,6 +15,7 @@ pub mod file;
 pub mod limit;
 pub mod loopback;
 pub mod s3;
+pub mod timeout;
 
 use std::fmt;
 use std::future::Future;
@@ -137,12 +138,45 @@ impl fmt::Display for StoreUrl {
     }
 }
 
-/// Open the store a URL names. S3 stores are opened by `store::s3`.
-pub async fn open(url: &StoreUrl) -> Result<SharedStore, StoreError> {
+/// How stores are opened: the backend settings and the policies that wrap
+/// them.
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    pub s3: s3::S3Config,
+    pub rate_limit: limit::RateLimitConfig,
+    pub concurrency: limit::AdaptiveConcurrencyConfig,
+    /// The deadline of one attempt, body included.
+    pub attempt_timeout: std::time::Duration,
+}
+
+/// Open the store a URL names, with its policies: from the outside in, rate
+/// limit → adaptive concurrency → attempt deadline → backend (S3), or attempt
+/// deadline → backend (file). The retry loop in `fetch.rs` wraps all of it.
+pub async fn open(url: &StoreUrl, options: &StoreOptions) -> Result<SharedStore, StoreError> {
     match url {
-        StoreUrl::File { root } => Ok(Arc::new(file::FileStore::new(root.clone()))),
-        StoreUrl::S3 { .. } => Err(StoreError::permanent(format!("{url}: s3:// stores are not built yet"))),
+        StoreUrl::File { root } => Ok(wrap_timeout(Arc::new(file::FileStore::new(root.clone())), options)),
+        StoreUrl::S3 { bucket, prefix } => {
+            let backend = Arc::new(s3::S3Store::connect(bucket, prefix, &options.s3).await?);
+            wrap_policies(backend, options)
+        }
     }
+}
+
+/// Put the attempt deadline around a store.
+pub fn wrap_timeout(backend: SharedStore, options: &StoreOptions) -> SharedStore {
+    Arc::new(timeout::Timeout::new(backend, options.attempt_timeout))
+}
+
+/// Put every policy of a remote store around it.
+pub fn wrap_policies(backend: SharedStore, options: &StoreOptions) -> Result<SharedStore, StoreError> {
+    let label = backend.url().to_string();
+    let timed = wrap_timeout(backend, options);
+    let gated = limit::AdaptiveConcurrency::new(timed, &options.concurrency)
+        .map_err(|e| StoreError::permanent(format!("concurrency config: {e}")))?
+        .with_metric_label(label);
+    let limited = limit::RateLimited::new(Arc::new(gated), &options.rate_limit)
+        .map_err(|e| StoreError::permanent(format!("rate_limit config: {e}")))?;
+    Ok(Arc::new(limited))
 }
 
 #[cfg(test)]

@@ -76,9 +76,7 @@ impl RateLimitConfig {
     /// The request quota, if limited.
     fn request_quota(&self) -> Option<Quota> {
         let rate = self.requests_per_sec?;
-        let burst = self
-            .request_burst
-            .unwrap_or_else(|| NonZeroU32::new(rate.get() / 10).unwrap_or(NonZeroU32::MIN));
+        let burst = self.request_burst.unwrap_or_else(|| NonZeroU32::new(rate.get() / 10).unwrap_or(NonZeroU32::MIN));
         Some(Quota::per_second(rate).allow_burst(burst))
     }
 
@@ -87,9 +85,7 @@ impl RateLimitConfig {
     fn byte_quota(&self) -> Option<Quota> {
         let bytes = self.bytes_per_sec?;
         let tokens = u32::try_from(bytes.get().div_ceil(BYTE_TOKEN_BYTES)).unwrap_or(u32::MAX);
-        Some(Quota::per_second(
-            NonZeroU32::new(tokens).unwrap_or(NonZeroU32::MIN),
-        ))
+        Some(Quota::per_second(NonZeroU32::new(tokens).unwrap_or(NonZeroU32::MIN)))
     }
 }
 
@@ -116,14 +112,8 @@ impl RateLimited {
     pub fn new(inner: SharedStore, config: &RateLimitConfig) -> Result<Self, String> {
         config.validate()?;
         let requests = config.request_quota().map(RateLimiter::direct);
-        let bytes = config
-            .byte_quota()
-            .map(|quota| (RateLimiter::direct(quota), quota.burst_size()));
-        Ok(Self {
-            inner,
-            requests,
-            bytes,
-        })
+        let bytes = config.byte_quota().map(|quota| (RateLimiter::direct(quota), quota.burst_size()));
+        Ok(Self { inner, requests, bytes })
     }
 
     /// Wait until `bytes` more bytes may go.
@@ -139,9 +129,7 @@ impl RateLimited {
 
     /// The most bytes charged before a GET is sent: one burst.
     fn upfront_bytes_max(&self) -> u64 {
-        self.bytes
-            .as_ref()
-            .map_or(0, |(_, burst)| u64::from(burst.get()) * BYTE_TOKEN_BYTES)
+        self.bytes.as_ref().map_or(0, |(_, burst)| u64::from(burst.get()) * BYTE_TOKEN_BYTES)
     }
 
     /// Wait until one request and `bytes` bytes may go.
@@ -158,17 +146,12 @@ impl BlockStore for RateLimited {
         self.inner.url()
     }
 
-    fn get<'a>(
-        &'a self,
-        key: &'a str,
-        len_max_bytes: u64,
-    ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+    fn get<'a>(&'a self, key: &'a str, len_max_bytes: u64) -> BoxFuture<'a, Result<Bytes, StoreError>> {
         Box::pin(async move {
             let upfront = len_max_bytes.min(self.upfront_bytes_max());
             self.admit(upfront).await;
             let bytes = self.inner.get(key, len_max_bytes).await?;
-            self.charge_bytes((bytes.len() as u64).saturating_sub(upfront))
-                .await;
+            self.charge_bytes((bytes.len() as u64).saturating_sub(upfront)).await;
             Ok(bytes)
         })
     }
@@ -232,22 +215,15 @@ impl AdaptiveConcurrencyConfig {
     pub fn validate(&self) -> Result<(), String> {
         let (min, max) = (self.concurrency_min.get(), self.concurrency_max.get());
         if min > max {
-            return Err(format!(
-                "concurrency_min {min} is above concurrency_max {max}"
-            ));
+            return Err(format!("concurrency_min {min} is above concurrency_max {max}"));
         }
         if let Some(start) = self.concurrency_start
             && !(min..=max).contains(&start.get())
         {
-            return Err(format!(
-                "concurrency_start {start} is outside [{min}, {max}]"
-            ));
+            return Err(format!("concurrency_start {start} is outside [{min}, {max}]"));
         }
         if !(self.decrease_factor > 0.0 && self.decrease_factor < 1.0) {
-            return Err(format!(
-                "decrease_factor {} must be in (0, 1)",
-                self.decrease_factor
-            ));
+            return Err(format!("decrease_factor {} must be in (0, 1)", self.decrease_factor));
         }
         if self.acquire_timeout_millis == 0 {
             return Err("acquire_timeout_millis must be positive".into());
@@ -273,10 +249,7 @@ impl Aimd {
     pub fn new(config: &AdaptiveConcurrencyConfig) -> Self {
         let max = config.concurrency_max.get() as f64;
         let min = (config.concurrency_min.get() as f64).min(max);
-        let start = config
-            .concurrency_start
-            .map_or(max, |s| s.get() as f64)
-            .clamp(min, max);
+        let start = config.concurrency_start.map_or(max, |s| s.get() as f64).clamp(min, max);
         Self {
             limit: start,
             min,
@@ -347,9 +320,7 @@ struct Gate {
 
 impl Gate {
     fn lock(&self) -> MutexGuard<'_, Window> {
-        self.window
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.window.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     async fn acquire(&self) -> Option<Slot<'_>> {
@@ -364,10 +335,7 @@ impl Gate {
                     let mut window = self.lock();
                     if window.in_flight < window.aimd.limit() {
                         window.in_flight += 1;
-                        return Slot {
-                            gate: self,
-                            outcome: Outcome::Neutral,
-                        };
+                        return Slot { gate: self, outcome: Outcome::Neutral };
                     }
                 }
                 notified.await;
@@ -417,6 +385,8 @@ impl Drop for Slot<'_> {
 pub struct AdaptiveConcurrency {
     inner: SharedStore,
     gate: Gate,
+    /// The `store` label of the concurrency gauge; unset: no gauge.
+    metric_label: Option<String>,
 }
 
 impl AdaptiveConcurrency {
@@ -429,7 +399,16 @@ impl AdaptiveConcurrency {
             notify: Notify::new(),
             acquire_timeout: Duration::from_millis(config.acquire_timeout_millis),
         };
-        Ok(Self { inner, gate })
+        Ok(Self { inner, gate, metric_label: None })
+    }
+
+    /// Export the window as the `rehydrate_source_concurrency_limit` gauge
+    /// with this `store` label.
+    pub fn with_metric_label(mut self, label: String) -> Self {
+        metrics::gauge!(crate::metrics::SOURCE_CONCURRENCY_LIMIT, "store" => label.clone())
+            .set(self.current_limit() as f64);
+        self.metric_label = Some(label);
+        self
     }
 
     /// The current concurrency window (for the metrics gauge and reports).
@@ -457,6 +436,11 @@ impl AdaptiveConcurrency {
         };
         let result = op.await;
         slot.outcome = Outcome::of(&result);
+        drop(slot);
+        if let Some(label) = &self.metric_label {
+            metrics::gauge!(crate::metrics::SOURCE_CONCURRENCY_LIMIT, "store" => label.clone())
+                .set(self.current_limit() as f64);
+        }
         result
     }
 }
@@ -466,11 +450,7 @@ impl BlockStore for AdaptiveConcurrency {
         self.inner.url()
     }
 
-    fn get<'a>(
-        &'a self,
-        key: &'a str,
-        len_max_bytes: u64,
-    ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+    fn get<'a>(&'a self, key: &'a str, len_max_bytes: u64) -> BoxFuture<'a, Result<Bytes, StoreError>> {
         Box::pin(self.run(key, self.inner.get(key, len_max_bytes)))
     }
 
@@ -500,13 +480,9 @@ mod tests {
 
     #[test]
     fn request_quota_allows_burst_then_rate_on_a_fake_clock() {
-        let config = RateLimitConfig {
-            requests_per_sec: Some(nz32(100)),
-            ..RateLimitConfig::default()
-        };
+        let config = RateLimitConfig { requests_per_sec: Some(nz32(100)), ..RateLimitConfig::default() };
         let clock = FakeRelativeClock::default();
-        let limiter =
-            RateLimiter::direct_with_clock(config.request_quota().unwrap(), clock.clone());
+        let limiter = RateLimiter::direct_with_clock(config.request_quota().unwrap(), clock.clone());
         // Default burst: a tenth of a second's worth.
         assert_eq!((0..50).filter(|_| limiter.check().is_ok()).count(), 10);
         // Then exactly the rate: 100 per second.
@@ -520,22 +496,12 @@ mod tests {
 
     #[test]
     fn byte_quota_counts_kib_tokens_and_charges_split_at_the_burst() {
-        let config = RateLimitConfig {
-            bytes_per_sec: NonZeroU64::new(4 << 20),
-            ..RateLimitConfig::default()
-        };
+        let config = RateLimitConfig { bytes_per_sec: NonZeroU64::new(4 << 20), ..RateLimitConfig::default() };
         let quota = config.byte_quota().unwrap();
         assert_eq!(quota.burst_size().get(), 4096);
-        let charges: Vec<u32> = byte_charges(10 << 20, quota.burst_size())
-            .map(NonZeroU32::get)
-            .collect();
+        let charges: Vec<u32> = byte_charges(10 << 20, quota.burst_size()).map(NonZeroU32::get).collect();
         assert_eq!(charges, vec![4096, 4096, 2048]);
-        assert_eq!(
-            byte_charges(1, quota.burst_size())
-                .map(NonZeroU32::get)
-                .collect::<Vec<_>>(),
-            vec![1]
-        );
+        assert_eq!(byte_charges(1, quota.burst_size()).map(NonZeroU32::get).collect::<Vec<_>>(), vec![1]);
         assert_eq!(byte_charges(0, quota.burst_size()).count(), 0);
         let clock = FakeRelativeClock::default();
         let limiter = RateLimiter::direct_with_clock(quota, clock.clone());
@@ -549,16 +515,9 @@ mod tests {
     async fn get_charges_at_most_a_burst_up_front_and_the_rest_of_the_actual_length() {
         let dir = tempfile::tempdir().unwrap();
         let file: SharedStore = Arc::new(FileStore::new(dir.path().to_owned()));
-        file.put("small", Bytes::from(vec![1u8; 1024]))
-            .await
-            .unwrap();
-        file.put("large", Bytes::from(vec![2u8; 1536 * 1024]))
-            .await
-            .unwrap();
-        let config = RateLimitConfig {
-            bytes_per_sec: NonZeroU64::new(1 << 20),
-            ..RateLimitConfig::default()
-        };
+        file.put("small", Bytes::from(vec![1u8; 1024])).await.unwrap();
+        file.put("large", Bytes::from(vec![2u8; 1536 * 1024])).await.unwrap();
+        let config = RateLimitConfig { bytes_per_sec: NonZeroU64::new(1 << 20), ..RateLimitConfig::default() };
         let store = RateLimited::new(file, &config).unwrap();
         // A 1 KiB object read with a 64 MiB bound is not charged 64 MiB
         // (which would take 63 s at this rate).
@@ -568,29 +527,14 @@ mod tests {
         // 1.5 MiB: one burst (1 MiB) up front, waiting for the refill of
         // what the first GET took, then the other 0.5 MiB before returning.
         let started = Instant::now();
-        assert_eq!(
-            store.get("large", 2 << 20).await.unwrap().len(),
-            1536 * 1024
-        );
-        assert!(
-            started.elapsed() >= Duration::from_millis(400),
-            "{:?}",
-            started.elapsed()
-        );
+        assert_eq!(store.get("large", 2 << 20).await.unwrap().len(), 1536 * 1024);
+        assert!(started.elapsed() >= Duration::from_millis(400), "{:?}", started.elapsed());
     }
 
     #[test]
     fn rate_config_validates() {
-        assert!(
-            RateLimitConfig {
-                request_burst: Some(nz32(5)),
-                ..RateLimitConfig::default()
-            }
-            .validate()
-            .is_err()
-        );
-        let parsed: RateLimitConfig =
-            toml::from_str("requests_per_sec = 300\nrequest_burst = 30").unwrap();
+        assert!(RateLimitConfig { request_burst: Some(nz32(5)), ..RateLimitConfig::default() }.validate().is_err());
+        let parsed: RateLimitConfig = toml::from_str("requests_per_sec = 300\nrequest_burst = 30").unwrap();
         assert_eq!(parsed.request_quota().unwrap().burst_size().get(), 30);
         assert!(toml::from_str::<RateLimitConfig>("requests_per_sec = 0").is_err());
     }
@@ -648,21 +592,11 @@ mod tests {
 
     #[test]
     fn concurrency_config_validates() {
-        let bad = AdaptiveConcurrencyConfig {
-            concurrency_min: nz(8),
-            concurrency_max: nz(4),
-            ..Default::default()
-        };
+        let bad = AdaptiveConcurrencyConfig { concurrency_min: nz(8), concurrency_max: nz(4), ..Default::default() };
         assert!(bad.validate().is_err());
-        let bad = AdaptiveConcurrencyConfig {
-            decrease_factor: 1.0,
-            ..Default::default()
-        };
+        let bad = AdaptiveConcurrencyConfig { decrease_factor: 1.0, ..Default::default() };
         assert!(bad.validate().is_err());
-        let bad = AdaptiveConcurrencyConfig {
-            concurrency_start: Some(nz(1)),
-            ..Default::default()
-        };
+        let bad = AdaptiveConcurrencyConfig { concurrency_start: Some(nz(1)), ..Default::default() };
         assert!(bad.validate().is_err());
         AdaptiveConcurrencyConfig::default().validate().unwrap();
     }
@@ -686,18 +620,10 @@ mod tests {
                 self.peak.fetch_max(now, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 self.in_flight.fetch_sub(1, Ordering::SeqCst);
-                if self.throttle {
-                    Err(StoreError::throttled("503 SlowDown"))
-                } else {
-                    Ok(Bytes::new())
-                }
+                if self.throttle { Err(StoreError::throttled("503 SlowDown")) } else { Ok(Bytes::new()) }
             })
         }
-        fn put<'a>(
-            &'a self,
-            _key: &'a str,
-            _bytes: Bytes,
-        ) -> BoxFuture<'a, Result<(), StoreError>> {
+        fn put<'a>(&'a self, _key: &'a str, _bytes: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
             Box::pin(async { Ok(()) })
         }
         fn exists<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
@@ -708,9 +634,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn gate_holds_the_window_and_shrinks_on_throttling() {
         let probe = Arc::new(Probe {
-            url: StoreUrl::File {
-                root: "/probe".into(),
-            },
+            url: StoreUrl::File { root: "/probe".into() },
             in_flight: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             throttle: true,
@@ -730,11 +654,7 @@ mod tests {
         while let Some(result) = tasks.join_next().await {
             assert_eq!(result.unwrap().unwrap_err().class, ErrorClass::Throttled);
         }
-        assert!(
-            probe.peak.load(Ordering::SeqCst) <= 8,
-            "peak {}",
-            probe.peak.load(Ordering::SeqCst)
-        );
+        assert!(probe.peak.load(Ordering::SeqCst) <= 8, "peak {}", probe.peak.load(Ordering::SeqCst));
         assert_eq!(store.current_limit(), 2);
         assert_eq!(store.in_flight(), 0);
     }
@@ -749,21 +669,12 @@ mod tests {
             ..RateLimitConfig::default()
         };
         let limited: SharedStore = Arc::new(RateLimited::new(file, &rate).unwrap());
-        let store =
-            AdaptiveConcurrency::new(limited, &AdaptiveConcurrencyConfig::default()).unwrap();
-        assert_eq!(
-            store.url(),
-            &StoreUrl::File {
-                root: dir.path().to_owned()
-            }
-        );
+        let store = AdaptiveConcurrency::new(limited, &AdaptiveConcurrencyConfig::default()).unwrap();
+        assert_eq!(store.url(), &StoreUrl::File { root: dir.path().to_owned() });
         store.put("a/b", Bytes::from_static(b"xyz")).await.unwrap();
         assert!(store.exists("a/b").await.unwrap());
         assert_eq!(&store.get("a/b", 3).await.unwrap()[..], b"xyz");
-        assert_eq!(
-            store.get("a/c", 3).await.unwrap_err().class,
-            ErrorClass::Permanent
-        );
+        assert_eq!(store.get("a/c", 3).await.unwrap_err().class, ErrorClass::Permanent);
         assert_eq!(store.current_limit(), 64);
     }
 }

@@ -163,9 +163,7 @@ impl FaultRule {
     }
 
     fn matches(&self, method: &Method, path: &str) -> bool {
-        self.method.matches(method)
-            && path.contains(&self.path_contains)
-            && path.ends_with(&self.path_ends_with)
+        self.method.matches(method) && path.contains(&self.path_contains) && path.ends_with(&self.path_ends_with)
     }
 }
 
@@ -185,16 +183,12 @@ struct TokenBucket {
 
 impl TokenBucket {
     fn new(limit: ServerRateLimit, now: Instant) -> Self {
-        Self {
-            limit,
-            tokens: f64::from(limit.burst.get()),
-            last: now,
-        }
+        Self { limit, tokens: f64::from(limit.burst.get()), last: now }
     }
 
     fn try_take(&mut self, now: Instant) -> bool {
-        let refill = now.saturating_duration_since(self.last).as_secs_f64()
-            * f64::from(self.limit.requests_per_sec.get());
+        let refill =
+            now.saturating_duration_since(self.last).as_secs_f64() * f64::from(self.limit.requests_per_sec.get());
         self.tokens = (self.tokens + refill).min(f64::from(self.limit.burst.get()));
         self.last = now;
         if self.tokens >= 1.0 {
@@ -235,9 +229,7 @@ struct State {
 /// Lock a mutex, recovering from poisoning: the guarded data (counters,
 /// rules) stays consistent even if a holder panicked mid-test.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl State {
@@ -245,11 +237,7 @@ impl State {
         self.requests_total.fetch_add(1, Ordering::Relaxed);
         let mut arrivals = lock(&self.arrivals);
         if arrivals.len() < ARRIVAL_LOG_MAX {
-            arrivals.push(Arrival {
-                at: Instant::now(),
-                method: method.clone(),
-                path: path.to_owned(),
-            });
+            arrivals.push(Arrival { at: Instant::now(), method: method.clone(), path: path.to_owned() });
         }
     }
 
@@ -265,9 +253,7 @@ impl State {
             return None;
         }
         let mut faults = lock(&self.faults);
-        let active = faults
-            .iter_mut()
-            .find(|a| a.uses_left != Some(0) && a.rule.matches(method, path))?;
+        let active = faults.iter_mut().find(|a| a.uses_left != Some(0) && a.rule.matches(method, path))?;
         if let Some(n) = active.uses_left.as_mut() {
             *n -= 1;
         }
@@ -287,10 +273,7 @@ pub struct LoopbackS3 {
 
 impl fmt::Debug for LoopbackS3 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LoopbackS3")
-            .field("addr", &self.addr)
-            .field("root", &self.root)
-            .finish_non_exhaustive()
+        f.debug_struct("LoopbackS3").field("addr", &self.addr).field("root", &self.root).finish_non_exhaustive()
     }
 }
 
@@ -298,30 +281,18 @@ impl LoopbackS3 {
     /// Serve `root` (an existing directory; each subdirectory is a bucket) on
     /// an ephemeral loopback port. Spawns on the current tokio runtime.
     pub async fn start(root: PathBuf) -> io::Result<LoopbackS3> {
-        let fs = s3s_fs::FileSystem::new(&root)
-            .map_err(|e| io::Error::other(format!("{}: {e:?}", root.display())))?;
+        let fs = s3s_fs::FileSystem::new(&root).map_err(|e| io::Error::other(format!("{}: {e:?}", root.display())))?;
         let s3 = {
             let mut builder = s3s::service::S3ServiceBuilder::new(fs);
-            builder.set_auth(s3s::auth::SimpleAuth::from_single(
-                LOOPBACK_ACCESS_KEY_ID,
-                LOOPBACK_SECRET_ACCESS_KEY,
-            ));
+            builder.set_auth(s3s::auth::SimpleAuth::from_single(LOOPBACK_ACCESS_KEY_ID, LOOPBACK_SECRET_ACCESS_KEY));
             builder.build()
         };
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State::default());
-        let service = FaultService {
-            inner: s3,
-            state: state.clone(),
-        };
+        let service = FaultService { inner: s3, state: state.clone() };
         let server = tokio::spawn(serve(listener, service));
-        Ok(LoopbackS3 {
-            addr,
-            root,
-            state,
-            server: Some(server),
-        })
+        Ok(LoopbackS3 { addr, root, state, server: Some(server) })
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -356,21 +327,12 @@ impl LoopbackS3 {
     /// An [`S3Store`] on `s3://<bucket>/<prefix>` of this server, with the
     /// default deadlines of [`S3Config`] and the loopback credentials.
     pub async fn connect_store(&self, bucket: &str, prefix: &str) -> Result<S3Store, StoreError> {
-        S3Store::connect_with_static_credentials(
-            bucket,
-            prefix,
-            &self.s3_config(),
-            &Self::credentials(),
-        )
-        .await
+        S3Store::connect_with_static_credentials(bucket, prefix, &self.s3_config(), &Self::credentials()).await
     }
 
     pub fn add_fault(&self, rule: FaultRule) {
         let mut faults = lock(&self.state.faults);
-        faults.push(ActiveRule {
-            uses_left: rule.times,
-            rule,
-        });
+        faults.push(ActiveRule { uses_left: rule.times, rule });
         self.state.faults_present.store(true, Ordering::Release);
     }
 
@@ -388,10 +350,7 @@ impl LoopbackS3 {
 
     /// Requests whose path contains `path_substring` (logged arrivals only).
     pub fn requests(&self, path_substring: &str) -> u64 {
-        lock(&self.state.arrivals)
-            .iter()
-            .filter(|a| a.path.contains(path_substring))
-            .count() as u64
+        lock(&self.state.arrivals).iter().filter(|a| a.path.contains(path_substring)).count() as u64
     }
 
     /// Every request received, logged or not.
@@ -536,12 +495,7 @@ impl FaultService {
                 );
             }
             Some(Fault::NotFound) => {
-                return error_response(
-                    StatusCode::NOT_FOUND,
-                    "NoSuchKey",
-                    "The specified key does not exist.",
-                    &path,
-                );
+                return error_response(StatusCode::NOT_FOUND, "NoSuchKey", "The specified key does not exist.", &path);
             }
             Some(Fault::Latency(delay)) => tokio::time::sleep(delay).await,
             _ => {}
@@ -550,12 +504,7 @@ impl FaultService {
             Ok(response) => response,
             Err(e) => {
                 let message = format!("s3s failed: {e:?}");
-                return error_response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "InternalError",
-                    &message,
-                    &path,
-                );
+                return error_response(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", &message, &path);
             }
         };
         let body_fault = fault.filter(|_| method == Method::GET && response.status().is_success());
@@ -571,39 +520,24 @@ impl FaultService {
     }
 }
 
-fn error_response(
-    status: StatusCode,
-    code: &str,
-    message: &str,
-    resource: &str,
-) -> Response<LoopbackBody> {
+fn error_response(status: StatusCode, code: &str, message: &str, resource: &str) -> Response<LoopbackBody> {
     let xml = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{}</Message><Resource>{}</Resource><RequestId>loopback</RequestId></Error>",
         xml_escape(message),
         xml_escape(resource)
     );
     let len = xml.len();
-    let body = http_body_util::Full::new(Bytes::from(xml))
-        .map_err(|never| match never {})
-        .boxed_unsync();
+    let body = http_body_util::Full::new(Bytes::from(xml)).map_err(|never| match never {}).boxed_unsync();
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/xml"),
-    );
-    headers.insert(
-        hyper::header::CONTENT_LENGTH,
-        hyper::header::HeaderValue::from(len),
-    );
+    headers.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/xml"));
+    headers.insert(hyper::header::CONTENT_LENGTH, hyper::header::HeaderValue::from(len));
     response
 }
 
 fn xml_escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 /// A body fed by a task that reshapes the real one (stall, truncate, corrupt,
@@ -692,13 +626,8 @@ impl hyper::body::Body for ChannelBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.rx
-            .poll_recv(cx)
-            .map(|item| item.map(|result| result.map(Frame::data)))
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.rx.poll_recv(cx).map(|item| item.map(|result| result.map(Frame::data)))
     }
 }
 
@@ -709,10 +638,8 @@ mod tests {
     #[test]
     fn token_bucket_allows_burst_then_rate() {
         let t0 = Instant::now();
-        let limit = ServerRateLimit {
-            requests_per_sec: NonZeroU32::new(10).unwrap(),
-            burst: NonZeroU32::new(3).unwrap(),
-        };
+        let limit =
+            ServerRateLimit { requests_per_sec: NonZeroU32::new(10).unwrap(), burst: NonZeroU32::new(3).unwrap() };
         let mut bucket = TokenBucket::new(limit, t0);
         assert_eq!((0..5).filter(|_| bucket.try_take(t0)).count(), 3);
         assert!(!bucket.try_take(t0 + Duration::from_millis(50)));
@@ -727,29 +654,15 @@ mod tests {
         let state = State::default();
         assert_eq!(state.take_fault(&Method::GET, "/b/k"), None);
         lock(&state.faults).push(ActiveRule {
-            rule: FaultRule::new(Fault::NotFound)
-                .path_contains("k1")
-                .method(FaultMethod::Get)
-                .first(1),
+            rule: FaultRule::new(Fault::NotFound).path_contains("k1").method(FaultMethod::Get).first(1),
             uses_left: Some(1),
         });
-        lock(&state.faults).push(ActiveRule {
-            rule: FaultRule::new(Fault::SlowDown).path_ends_with("1"),
-            uses_left: None,
-        });
+        lock(&state.faults)
+            .push(ActiveRule { rule: FaultRule::new(Fault::SlowDown).path_ends_with("1"), uses_left: None });
         state.faults_present.store(true, Ordering::Release);
-        assert_eq!(
-            state.take_fault(&Method::HEAD, "/b/k1"),
-            Some(Fault::SlowDown)
-        );
-        assert_eq!(
-            state.take_fault(&Method::GET, "/b/k1"),
-            Some(Fault::NotFound)
-        );
-        assert_eq!(
-            state.take_fault(&Method::GET, "/b/k1"),
-            Some(Fault::SlowDown)
-        );
+        assert_eq!(state.take_fault(&Method::HEAD, "/b/k1"), Some(Fault::SlowDown));
+        assert_eq!(state.take_fault(&Method::GET, "/b/k1"), Some(Fault::NotFound));
+        assert_eq!(state.take_fault(&Method::GET, "/b/k1"), Some(Fault::SlowDown));
         assert_eq!(state.take_fault(&Method::GET, "/b/k2"), None);
     }
 
@@ -760,10 +673,7 @@ mod tests {
         let arrivals = [at(0), at(10), at(20), at(500), at(990), at(1000), at(1005)];
         // [10, 1005] spans 995 ms.
         assert_eq!(max_arrivals_in_window(&arrivals, Duration::from_secs(1)), 6);
-        assert_eq!(
-            max_arrivals_in_window(&arrivals, Duration::from_millis(30)),
-            3
-        );
+        assert_eq!(max_arrivals_in_window(&arrivals, Duration::from_millis(30)), 3);
         assert_eq!(max_arrivals_in_window(&[], Duration::from_secs(1)), 0);
     }
 }

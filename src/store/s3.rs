@@ -38,8 +38,7 @@ use std::time::{Duration, Instant};
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{
-    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
-    StalledStreamProtectionConfig,
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation, StalledStreamProtectionConfig,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
@@ -120,10 +119,7 @@ impl S3Config {
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
             ("connect_timeout_millis", self.connect_timeout_millis),
-            (
-                "operation_attempt_timeout_millis",
-                self.operation_attempt_timeout_millis,
-            ),
+            ("operation_attempt_timeout_millis", self.operation_attempt_timeout_millis),
             ("operation_timeout_millis", self.operation_timeout_millis),
             ("body_deadline_millis", self.body_deadline_millis),
             ("body_idle_timeout_millis", self.body_idle_timeout_millis),
@@ -134,27 +130,18 @@ impl S3Config {
             }
         }
         if self.operation_timeout_millis < self.operation_attempt_timeout_millis {
-            return Err(
-                "s3.operation_timeout_millis must be at least s3.operation_attempt_timeout_millis"
-                    .into(),
-            );
+            return Err("s3.operation_timeout_millis must be at least s3.operation_attempt_timeout_millis".into());
         }
         if self.body_idle_timeout_millis > self.body_deadline_millis {
-            return Err(
-                "s3.body_idle_timeout_millis must not exceed s3.body_deadline_millis".into(),
-            );
+            return Err("s3.body_idle_timeout_millis must not exceed s3.body_deadline_millis".into());
         }
         if self.body_throughput_grace_millis >= self.body_deadline_millis {
-            return Err(
-                "s3.body_throughput_grace_millis must be below s3.body_deadline_millis".into(),
-            );
+            return Err("s3.body_throughput_grace_millis must be below s3.body_deadline_millis".into());
         }
         if let Some(url) = &self.endpoint_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
-            return Err(format!(
-                "s3.endpoint_url {url:?} must start with http:// or https://"
-            ));
+            return Err(format!("s3.endpoint_url {url:?} must start with http:// or https://"));
         }
         Ok(())
     }
@@ -181,9 +168,7 @@ pub struct StaticCredentials {
 impl fmt::Debug for StaticCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print the secret.
-        f.debug_struct("StaticCredentials")
-            .field("access_key_id", &self.access_key_id)
-            .finish_non_exhaustive()
+        f.debug_struct("StaticCredentials").field("access_key_id", &self.access_key_id).finish_non_exhaustive()
     }
 }
 
@@ -200,11 +185,7 @@ pub struct S3Store {
 impl S3Store {
     /// Open `s3://<bucket>/<prefix>` with the standard AWS credential chain.
     /// No request is sent: an unreachable endpoint shows on the first call.
-    pub async fn connect(
-        bucket: &str,
-        prefix: &str,
-        config: &S3Config,
-    ) -> Result<S3Store, StoreError> {
+    pub async fn connect(bucket: &str, prefix: &str, config: &S3Config) -> Result<S3Store, StoreError> {
         Self::build(bucket, prefix, config, None).await
     }
 
@@ -228,24 +209,18 @@ impl S3Store {
         credentials: Option<&StaticCredentials>,
     ) -> Result<S3Store, StoreError> {
         config.validate().map_err(StoreError::permanent)?;
-        let url = StoreUrl::parse(&format!("s3://{bucket}/{prefix}"))
-            .map_err(|e| StoreError::permanent(e.to_string()))?;
+        let url =
+            StoreUrl::parse(&format!("s3://{bucket}/{prefix}")).map_err(|e| StoreError::permanent(e.to_string()))?;
         let StoreUrl::S3 { bucket, prefix } = url.clone() else {
-            return Err(StoreError::permanent(format!(
-                "s3://{bucket}/{prefix} is not an S3 URL"
-            )));
+            return Err(StoreError::permanent(format!("s3://{bucket}/{prefix} is not an S3 URL")));
         };
         let timeouts = TimeoutConfig::builder()
             .connect_timeout(Duration::from_millis(config.connect_timeout_millis))
-            .operation_attempt_timeout(Duration::from_millis(
-                config.operation_attempt_timeout_millis,
-            ))
+            .operation_attempt_timeout(Duration::from_millis(config.operation_attempt_timeout_millis))
             .operation_timeout(Duration::from_millis(config.operation_timeout_millis))
             .build();
         let region = match &config.region {
-            Some(region) => aws_config::meta::region::RegionProviderChain::first_try(Region::new(
-                region.clone(),
-            )),
+            Some(region) => aws_config::meta::region::RegionProviderChain::first_try(Region::new(region.clone())),
             None => aws_config::meta::region::RegionProviderChain::default_provider(),
         }
         .or_else(Region::from_static("us-east-1"));
@@ -271,45 +246,22 @@ impl S3Store {
             ));
         }
         let sdk_config = loader.load().await;
-        let path_style = config
-            .force_path_style
-            .unwrap_or(sdk_config.endpoint_url().is_some());
-        let s3_config = aws_sdk_s3::config::Builder::from(&sdk_config)
-            .force_path_style(path_style)
-            .build();
-        Ok(S3Store {
-            client: Client::from_conf(s3_config),
-            bucket,
-            prefix,
-            url,
-            config: config.clone(),
-        })
+        let path_style = config.force_path_style.unwrap_or(sdk_config.endpoint_url().is_some());
+        let s3_config = aws_sdk_s3::config::Builder::from(&sdk_config).force_path_style(path_style).build();
+        Ok(S3Store { client: Client::from_conf(s3_config), bucket, prefix, url, config: config.clone() })
     }
 
     /// The full object key of `key` under this store's prefix.
     fn object_key(&self, key: &str) -> Result<String, StoreError> {
-        let full_len_bytes = if self.prefix.is_empty() {
-            key.len()
-        } else {
-            self.prefix.len() + 1 + key.len()
-        };
+        let full_len_bytes = if self.prefix.is_empty() { key.len() } else { self.prefix.len() + 1 + key.len() };
         let valid = !key.is_empty()
             && full_len_bytes <= S3_KEY_LEN_MAX_BYTES
             && !key.contains('\0')
-            && key
-                .split('/')
-                .all(|part| !part.is_empty() && part != "." && part != "..");
+            && key.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
         if !valid {
-            return Err(StoreError::permanent(format!(
-                "{}: invalid object key {key:?}",
-                self.url
-            )));
+            return Err(StoreError::permanent(format!("{}: invalid object key {key:?}", self.url)));
         }
-        Ok(if self.prefix.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{}/{key}", self.prefix)
-        })
+        Ok(if self.prefix.is_empty() { key.to_owned() } else { format!("{}/{key}", self.prefix) })
     }
 
     fn describe(&self, object_key: &str) -> String {
@@ -330,9 +282,7 @@ impl S3Store {
         let headers_at = Instant::now();
         let advertised = match output.content_length() {
             Some(len) if len < 0 => {
-                return Err(StoreError::transient(format!(
-                    "GET {what}: negative Content-Length {len}"
-                )));
+                return Err(StoreError::transient(format!("GET {what}: negative Content-Length {len}")));
             }
             Some(len) => Some(len as u64),
             None => None,
@@ -344,14 +294,7 @@ impl S3Store {
                 "GET {what}: object is {len} bytes, more than the {len_max_bytes} expected (refused before reading)"
             )));
         }
-        read_body(
-            &what,
-            output.body,
-            advertised,
-            len_max_bytes,
-            self.config.body_guard(headers_at),
-        )
-        .await
+        read_body(&what, output.body, advertised, len_max_bytes, self.config.body_guard(headers_at)).await
     }
 }
 
@@ -368,9 +311,7 @@ async fn read_body(
     // Capacity from the (already bounded) advertised length: one allocation.
     let mut buf = BytesMut::with_capacity(advertised.unwrap_or(0) as usize);
     loop {
-        let wait = guard
-            .next_wait(Instant::now())
-            .map_err(|cut| cut.error(what, buf.len() as u64, advertised))?;
+        let wait = guard.next_wait(Instant::now()).map_err(|cut| cut.error(what, buf.len() as u64, advertised))?;
         let chunk = match tokio::time::timeout(wait, body.next()).await {
             Err(_elapsed) => {
                 let cut = guard.cut_after_wait(Instant::now());
@@ -378,9 +319,7 @@ async fn read_body(
             }
             Ok(None) => break,
             Ok(Some(Err(e))) => {
-                let of = advertised
-                    .map(|len| format!(" of {len}"))
-                    .unwrap_or_default();
+                let of = advertised.map(|len| format!(" of {len}")).unwrap_or_default();
                 return Err(StoreError::transient(format!(
                     "GET {what}: body read failed after {}{of} bytes ({}): connection broke or body truncated; another attempt may pass",
                     buf.len(),
@@ -391,12 +330,8 @@ async fn read_body(
         };
         if buf.len() as u64 + chunk.len() as u64 > limit {
             return Err(match advertised {
-                Some(len) => StoreError::corrupt(format!(
-                    "GET {what}: body longer than its Content-Length {len}"
-                )),
-                None => StoreError::corrupt(format!(
-                    "GET {what}: body longer than the {len_max_bytes} bytes expected"
-                )),
+                Some(len) => StoreError::corrupt(format!("GET {what}: body longer than its Content-Length {len}")),
+                None => StoreError::corrupt(format!("GET {what}: body longer than the {len_max_bytes} bytes expected")),
             });
         }
         buf.extend_from_slice(&chunk);
@@ -431,10 +366,7 @@ struct BodyGuard {
 enum BodyCut {
     Deadline(Duration),
     Idle(Duration),
-    Slow {
-        bytes_per_sec: u64,
-        min_bytes_per_sec: u64,
-    },
+    Slow { bytes_per_sec: u64, min_bytes_per_sec: u64 },
 }
 
 impl BodyGuard {
@@ -442,11 +374,8 @@ impl BodyGuard {
     /// is left of the body deadline.
     fn next_wait(&self, now: Instant) -> Result<Duration, BodyCut> {
         let elapsed = now.saturating_duration_since(self.start);
-        let left = self
-            .deadline
-            .checked_sub(elapsed)
-            .filter(|d| !d.is_zero())
-            .ok_or(BodyCut::Deadline(self.deadline))?;
+        let left =
+            self.deadline.checked_sub(elapsed).filter(|d| !d.is_zero()).ok_or(BodyCut::Deadline(self.deadline))?;
         Ok(left.min(self.idle))
     }
 
@@ -468,10 +397,7 @@ impl BodyGuard {
         }
         let bytes_per_sec = (bytes_read as f64 / elapsed.as_secs_f64()) as u64;
         if bytes_per_sec < self.throughput_min_bytes_per_sec {
-            return Err(BodyCut::Slow {
-                bytes_per_sec,
-                min_bytes_per_sec: self.throughput_min_bytes_per_sec,
-            });
+            return Err(BodyCut::Slow { bytes_per_sec, min_bytes_per_sec: self.throughput_min_bytes_per_sec });
         }
         Ok(())
     }
@@ -479,30 +405,15 @@ impl BodyGuard {
 
 impl BodyCut {
     fn error(self, what: &str, bytes_read: u64, advertised: Option<u64>) -> StoreError {
-        let of = advertised
-            .map(|len| format!(" of {len}"))
-            .unwrap_or_default();
+        let of = advertised.map(|len| format!(" of {len}")).unwrap_or_default();
         let why = match self {
-            BodyCut::Deadline(d) => format!(
-                "body not complete within the {} ms body deadline",
-                d.as_millis()
-            ),
-            BodyCut::Idle(d) => format!(
-                "no body bytes for {} ms (stalled connection)",
-                d.as_millis()
-            ),
-            BodyCut::Slow {
-                bytes_per_sec,
-                min_bytes_per_sec,
-            } => {
-                format!(
-                    "body arriving at {bytes_per_sec} B/s, below the {min_bytes_per_sec} B/s floor (straggler)"
-                )
+            BodyCut::Deadline(d) => format!("body not complete within the {} ms body deadline", d.as_millis()),
+            BodyCut::Idle(d) => format!("no body bytes for {} ms (stalled connection)", d.as_millis()),
+            BodyCut::Slow { bytes_per_sec, min_bytes_per_sec } => {
+                format!("body arriving at {bytes_per_sec} B/s, below the {min_bytes_per_sec} B/s floor (straggler)")
             }
         };
-        StoreError::transient(format!(
-            "GET {what}: {why} after {bytes_read}{of} bytes; another attempt may be faster"
-        ))
+        StoreError::transient(format!("GET {what}: {why} after {bytes_read}{of} bytes; another attempt may be faster"))
     }
 }
 
@@ -511,11 +422,7 @@ impl BlockStore for S3Store {
         &self.url
     }
 
-    fn get<'a>(
-        &'a self,
-        key: &'a str,
-        len_max_bytes: u64,
-    ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+    fn get<'a>(&'a self, key: &'a str, len_max_bytes: u64) -> BoxFuture<'a, Result<Bytes, StoreError>> {
         Box::pin(self.get_object(key, len_max_bytes))
     }
 
@@ -540,14 +447,7 @@ impl BlockStore for S3Store {
         Box::pin(async move {
             let object_key = self.object_key(key)?;
             let what = self.describe(&object_key);
-            match self
-                .client
-                .head_object()
-                .bucket(&self.bucket)
-                .key(&object_key)
-                .send()
-                .await
-            {
+            match self.client.head_object().bucket(&self.bucket).key(&object_key).send().await {
                 Ok(_) => Ok(true),
                 // HEAD has no body, so a 404 carries no code: a missing key
                 // (or bucket) is simply "not there".
@@ -577,13 +477,8 @@ const THROTTLE_CODES: &[&str] = &[
 ];
 
 /// S3 error codes that may pass on another attempt, whatever the status.
-const TRANSIENT_CODES: &[&str] = &[
-    "InternalError",
-    "ServiceUnavailable",
-    "RequestTimeout",
-    "RequestTimeoutException",
-    "IDPCommunicationError",
-];
+const TRANSIENT_CODES: &[&str] =
+    &["InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeoutException", "IDPCommunicationError"];
 
 /// **The** classification table of S3 answers: an HTTP status (if a response
 /// arrived) and an S3 error code (if the body carried one) to a class.
@@ -644,74 +539,37 @@ where
             let status = Some(service.raw().status().as_u16());
             let code = service.err().code();
             let class = classify(status, code);
-            let status_text = status
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| "no status".into());
-            let message = service
-                .err()
-                .message()
-                .map(|m| format!(" ({m})"))
-                .unwrap_or_default();
-            (
-                class,
-                format!(
-                    "HTTP {status_text}, S3 code {}{message}",
-                    code.unwrap_or("none")
-                ),
-            )
+            let status_text = status.map(|s| s.to_string()).unwrap_or_else(|| "no status".into());
+            let message = service.err().message().map(|m| format!(" ({m})")).unwrap_or_default();
+            (class, format!("HTTP {status_text}, S3 code {}{message}", code.unwrap_or("none")))
         }
         SdkError::ResponseError(response) => {
             let status = Some(response.raw().status().as_u16());
             let class = classify(status, None);
-            let status_text = status
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| "no status".into());
-            (
-                class,
-                format!(
-                    "HTTP {status_text}, unreadable response ({})",
-                    error_chain(err)
-                ),
-            )
+            let status_text = status.map(|s| s.to_string()).unwrap_or_else(|| "no status".into());
+            (class, format!("HTTP {status_text}, unreadable response ({})", error_chain(err)))
         }
-        SdkError::TimeoutError(_) => (
-            ErrorClass::Transient,
-            "no response within the attempt/operation timeout".into(),
-        ),
+        SdkError::TimeoutError(_) => (ErrorClass::Transient, "no response within the attempt/operation timeout".into()),
         SdkError::DispatchFailure(dispatch) => {
             let (class, kind) = if dispatch.is_timeout() {
                 (ErrorClass::Transient, "connect timeout")
             } else if dispatch.is_io() {
                 (ErrorClass::Transient, "connection failed or was reset")
             } else if dispatch.is_user() {
-                (
-                    ErrorClass::Permanent,
-                    "request refused by the HTTP client (bad endpoint or request)",
-                )
+                (ErrorClass::Permanent, "request refused by the HTTP client (bad endpoint or request)")
             } else {
                 match dispatch.as_other() {
-                    Some(ErrorKind::ThrottlingError) => {
-                        (ErrorClass::Throttled, "throttled before dispatch")
-                    }
-                    Some(ErrorKind::ClientError) => {
-                        (ErrorClass::Permanent, "client error before dispatch")
-                    }
-                    _ => (
-                        ErrorClass::Transient,
-                        "dispatch failed (credentials, endpoint or connector)",
-                    ),
+                    Some(ErrorKind::ThrottlingError) => (ErrorClass::Throttled, "throttled before dispatch"),
+                    Some(ErrorKind::ClientError) => (ErrorClass::Permanent, "client error before dispatch"),
+                    _ => (ErrorClass::Transient, "dispatch failed (credentials, endpoint or connector)"),
                 }
             };
             (class, format!("{kind}: {}", error_chain(err)))
         }
-        SdkError::ConstructionFailure(_) => (
-            ErrorClass::Permanent,
-            format!("request could not be built: {}", error_chain(err)),
-        ),
-        _ => (
-            ErrorClass::Transient,
-            format!("unrecognised SDK failure: {}", error_chain(err)),
-        ),
+        SdkError::ConstructionFailure(_) => {
+            (ErrorClass::Permanent, format!("request could not be built: {}", error_chain(err)))
+        }
+        _ => (ErrorClass::Transient, format!("unrecognised SDK failure: {}", error_chain(err))),
     };
     StoreError::new(class, format!("{what}: {detail}: {}", meaning(class)))
 }
@@ -777,11 +635,7 @@ mod tests {
             (Some(416), Some("InvalidRange"), Permanent),
         ];
         for &(status, code, want) in table {
-            assert_eq!(
-                classify(status, code),
-                want,
-                "status {status:?} code {code:?}"
-            );
+            assert_eq!(classify(status, code), want, "status {status:?} code {code:?}");
         }
     }
 
@@ -799,52 +653,27 @@ mod tests {
         let e = classify_sdk_error("GET s3://b/k", &service(503, "SlowDown"));
         assert_eq!(e.class, ErrorClass::Throttled);
         assert!(
-            e.message.contains("GET s3://b/k")
-                && e.message.contains("503")
-                && e.message.contains("SlowDown"),
+            e.message.contains("GET s3://b/k") && e.message.contains("503") && e.message.contains("SlowDown"),
             "{e}"
         );
-        assert_eq!(
-            classify_sdk_error("k", &service(404, "NoSuchKey")).class,
-            ErrorClass::Permanent
-        );
-        assert_eq!(
-            classify_sdk_error("k", &service(500, "InternalError")).class,
-            ErrorClass::Transient
-        );
-        assert_eq!(
-            classify_sdk_error("k", &service(403, "AccessDenied")).class,
-            ErrorClass::Permanent
-        );
+        assert_eq!(classify_sdk_error("k", &service(404, "NoSuchKey")).class, ErrorClass::Permanent);
+        assert_eq!(classify_sdk_error("k", &service(500, "InternalError")).class, ErrorClass::Transient);
+        assert_eq!(classify_sdk_error("k", &service(403, "AccessDenied")).class, ErrorClass::Permanent);
 
         let timeout: E = SdkError::timeout_error("attempt timeout");
-        assert_eq!(
-            classify_sdk_error("k", &timeout).class,
-            ErrorClass::Transient
-        );
+        assert_eq!(classify_sdk_error("k", &timeout).class, ErrorClass::Transient);
         let io: E = SdkError::dispatch_failure(ConnectorError::io("connection reset".into()));
         assert_eq!(classify_sdk_error("k", &io).class, ErrorClass::Transient);
-        let connect_timeout: E =
-            SdkError::dispatch_failure(ConnectorError::timeout("connect".into()));
-        assert_eq!(
-            classify_sdk_error("k", &connect_timeout).class,
-            ErrorClass::Transient
-        );
+        let connect_timeout: E = SdkError::dispatch_failure(ConnectorError::timeout("connect".into()));
+        assert_eq!(classify_sdk_error("k", &connect_timeout).class, ErrorClass::Transient);
         let user: E = SdkError::dispatch_failure(ConnectorError::user("bad uri".into()));
         assert_eq!(classify_sdk_error("k", &user).class, ErrorClass::Permanent);
-        let other: E =
-            SdkError::dispatch_failure(ConnectorError::other("no credentials".into(), None));
+        let other: E = SdkError::dispatch_failure(ConnectorError::other("no credentials".into(), None));
         assert_eq!(classify_sdk_error("k", &other).class, ErrorClass::Transient);
         let construction: E = SdkError::construction_failure("bad input");
-        assert_eq!(
-            classify_sdk_error("k", &construction).class,
-            ErrorClass::Permanent
-        );
+        assert_eq!(classify_sdk_error("k", &construction).class, ErrorClass::Permanent);
         let response: E = SdkError::response_error("garbled xml", http_response(502));
-        assert_eq!(
-            classify_sdk_error("k", &response).class,
-            ErrorClass::Transient
-        );
+        assert_eq!(classify_sdk_error("k", &response).class, ErrorClass::Transient);
     }
 
     #[test]
@@ -858,41 +687,17 @@ mod tests {
             throughput_min_bytes_per_sec: 1 << 20,
         };
         assert_eq!(guard.next_wait(t0), Ok(Duration::from_secs(5)));
-        assert_eq!(
-            guard.next_wait(t0 + Duration::from_secs(28)),
-            Ok(Duration::from_secs(2))
-        );
-        assert_eq!(
-            guard.next_wait(t0 + Duration::from_secs(30)),
-            Err(BodyCut::Deadline(Duration::from_secs(30)))
-        );
-        assert_eq!(
-            guard.cut_after_wait(t0 + Duration::from_secs(5)),
-            BodyCut::Idle(Duration::from_secs(5))
-        );
-        assert_eq!(
-            guard.cut_after_wait(t0 + Duration::from_secs(31)),
-            BodyCut::Deadline(Duration::from_secs(30))
-        );
+        assert_eq!(guard.next_wait(t0 + Duration::from_secs(28)), Ok(Duration::from_secs(2)));
+        assert_eq!(guard.next_wait(t0 + Duration::from_secs(30)), Err(BodyCut::Deadline(Duration::from_secs(30))));
+        assert_eq!(guard.cut_after_wait(t0 + Duration::from_secs(5)), BodyCut::Idle(Duration::from_secs(5)));
+        assert_eq!(guard.cut_after_wait(t0 + Duration::from_secs(31)), BodyCut::Deadline(Duration::from_secs(30)));
         // Within the grace period anything goes; after it, the average rules.
-        assert_eq!(
-            guard.check_throughput(t0 + Duration::from_secs(2), 0),
-            Ok(())
-        );
-        assert_eq!(
-            guard.check_throughput(t0 + Duration::from_secs(4), 4 << 20),
-            Ok(())
-        );
-        assert!(matches!(
-            guard.check_throughput(t0 + Duration::from_secs(4), 1 << 20),
-            Err(BodyCut::Slow { .. })
-        ));
+        assert_eq!(guard.check_throughput(t0 + Duration::from_secs(2), 0), Ok(()));
+        assert_eq!(guard.check_throughput(t0 + Duration::from_secs(4), 4 << 20), Ok(()));
+        assert!(matches!(guard.check_throughput(t0 + Duration::from_secs(4), 1 << 20), Err(BodyCut::Slow { .. })));
         let e = BodyCut::Idle(Duration::from_secs(5)).error("s3://b/k", 10, Some(100));
         assert_eq!(e.class, ErrorClass::Transient);
-        assert!(
-            e.message.contains("s3://b/k") && e.message.contains("10 of 100"),
-            "{e}"
-        );
+        assert!(e.message.contains("s3://b/k") && e.message.contains("10 of 100"), "{e}");
     }
 
     #[test]
@@ -901,15 +706,9 @@ mod tests {
         assert_eq!(config.connect_timeout_millis, 3_000);
         config.validate().unwrap();
         assert!(toml::from_str::<S3Config>("no_such_field = 1").is_err());
-        let bad = S3Config {
-            operation_timeout_millis: 1,
-            ..S3Config::default()
-        };
+        let bad = S3Config { operation_timeout_millis: 1, ..S3Config::default() };
         assert!(bad.validate().is_err());
-        let bad = S3Config {
-            endpoint_url: Some("127.0.0.1:9000".into()),
-            ..S3Config::default()
-        };
+        let bad = S3Config { endpoint_url: Some("127.0.0.1:9000".into()), ..S3Config::default() };
         assert!(bad.validate().is_err());
     }
 }
