@@ -179,8 +179,16 @@ struct WriterThread {
 /// One unit of work for a backend thread.
 #[derive(Debug)]
 enum Request {
-    Write { offset: u64, bytes: Bytes, reply: Reply, _permit: OwnedSemaphorePermit },
-    Sync { reply: Reply, _permit: OwnedSemaphorePermit },
+    Write {
+        offset: u64,
+        bytes: Bytes,
+        reply: Reply,
+        _permit: OwnedSemaphorePermit,
+    },
+    Sync {
+        reply: Reply,
+        _permit: OwnedSemaphorePermit,
+    },
 }
 
 type Reply = oneshot::Sender<io::Result<()>>;
@@ -197,7 +205,10 @@ impl Writer {
             BackendChoice::Pwrite => start_pwrite(file, config)?,
             BackendChoice::Uring => {
                 let (queue, thread) = uring::start(file, queue_depth).map_err(|e| {
-                    io::Error::new(e.kind(), format!("io_uring writer backend cannot start: {e}"))
+                    io::Error::new(
+                        e.kind(),
+                        format!("io_uring writer backend cannot start: {e}"),
+                    )
                 })?;
                 (Backend::Uring, Queue::Uring(queue), vec![thread])
             }
@@ -237,7 +248,12 @@ impl Writer {
         check_range(offset, block.len())?;
         let permit = self.permit().await?;
         let (reply, answer) = oneshot::channel();
-        self.send(Request::Write { offset, bytes: block.bytes().clone(), reply, _permit: permit })?;
+        self.send(Request::Write {
+            offset,
+            bytes: block.bytes().clone(),
+            reply,
+            _permit: permit,
+        })?;
         receive(answer).await
     }
 
@@ -254,7 +270,10 @@ impl Writer {
         self.check_sync_failure()?;
         let permit = self.permit().await?;
         let (reply, answer) = oneshot::channel();
-        self.send(Request::Sync { reply, _permit: permit })?;
+        self.send(Request::Sync {
+            reply,
+            _permit: permit,
+        })?;
         let result = receive(answer).await;
         if let Err(e) = &result {
             let _ = self.inner.sync_failure.set(e.to_string());
@@ -284,7 +303,9 @@ impl Writer {
         for thread in threads.drain(..) {
             let exited = match thread.exited.await {
                 Ok(exited) => exited,
-                Err(_) => Err(io::Error::other("a writer thread stopped without reporting")),
+                Err(_) => Err(io::Error::other(
+                    "a writer thread stopped without reporting",
+                )),
             };
             // The thread has sent its last word: joining does not block.
             if thread.handle.join().is_err() {
@@ -296,7 +317,12 @@ impl Writer {
     }
 
     async fn permit(&self) -> io::Result<OwnedSemaphorePermit> {
-        self.inner.permits.clone().acquire_owned().await.map_err(|_| closed())
+        self.inner
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| closed())
     }
 
     fn send(&self, request: Request) -> io::Result<()> {
@@ -327,11 +353,19 @@ impl Writer {
     }
 }
 
-fn start_pwrite(file: File, config: &WriterConfig) -> io::Result<(Backend, Queue, Vec<WriterThread>)> {
+fn start_pwrite(
+    file: File,
+    config: &WriterConfig,
+) -> io::Result<(Backend, Queue, Vec<WriterThread>)> {
     // Threads beyond queue_depth could never all have work.
     let threads_count = config.pwrite_threads.get().min(config.queue_depth.get());
     let (queue, threads) = pwrite::start(file, threads_count, config.queue_depth.get())?;
-    tracing::info!(backend = "pwrite", threads_count, queue_depth = config.queue_depth.get(), "writer started");
+    tracing::info!(
+        backend = "pwrite",
+        threads_count,
+        queue_depth = config.queue_depth.get(),
+        "writer started"
+    );
     Ok((Backend::Pwrite, Queue::Pwrite(queue), threads))
 }
 
@@ -341,7 +375,9 @@ fn start_pwrite(file: File, config: &WriterConfig) -> io::Result<(Backend, Queue
 fn check_range(offset: u64, len_bytes: usize) -> io::Result<()> {
     match offset.checked_add(len_bytes as u64) {
         Some(end) if end <= i64::MAX as u64 => Ok(()),
-        _ => Err(invalid(format!("a block of {len_bytes} bytes at offset {offset} ends past the largest file offset"))),
+        _ => Err(invalid(format!(
+            "a block of {len_bytes} bytes at offset {offset} ends past the largest file offset"
+        ))),
     }
 }
 
@@ -369,6 +405,7 @@ fn queue_overflow() -> io::Error {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test stops loudly at an unexpected error
 mod tests {
     use super::*;
 
@@ -376,17 +413,27 @@ mod tests {
     fn ranges_past_the_largest_offset_are_refused() {
         assert!(check_range(0, 4096).is_ok());
         assert!(check_range(i64::MAX as u64 - 4096, 4096).is_ok());
-        assert_eq!(check_range(i64::MAX as u64 - 4095, 4096).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            check_range(i64::MAX as u64 - 4095, 4096)
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::InvalidInput
+        );
         assert!(check_range(u64::MAX, 1).is_err());
     }
 
     #[test]
     fn limits_are_validated() {
         assert!(WriterConfig::default().validate().is_ok());
-        let deep = WriterConfig { queue_depth: NonZeroUsize::new(QUEUE_DEPTH_MAX + 1).unwrap(), ..Default::default() };
+        let deep = WriterConfig {
+            queue_depth: NonZeroUsize::new(QUEUE_DEPTH_MAX + 1).unwrap(),
+            ..Default::default()
+        };
         assert!(deep.validate().is_err());
-        let many =
-            WriterConfig { pwrite_threads: NonZeroUsize::new(PWRITE_THREADS_MAX + 1).unwrap(), ..Default::default() };
+        let many = WriterConfig {
+            pwrite_threads: NonZeroUsize::new(PWRITE_THREADS_MAX + 1).unwrap(),
+            ..Default::default()
+        };
         assert!(many.validate().is_err());
     }
 }

@@ -37,19 +37,30 @@ pub(crate) struct Progress {
 pub(crate) enum Next {
     Done,
     /// Write the block's bytes from `from` to its end at `offset`.
-    Submit { offset: u64, from: usize },
+    Submit {
+        offset: u64,
+        from: usize,
+    },
 }
 
 impl Progress {
     pub(crate) fn new(offset: u64, len_bytes: usize) -> Self {
-        Self { offset, len_bytes, written_bytes: 0, interrupted_count: 0 }
+        Self {
+            offset,
+            len_bytes,
+            written_bytes: 0,
+            interrupted_count: 0,
+        }
     }
 
     pub(crate) fn next(&self) -> Next {
         if self.written_bytes == self.len_bytes {
             Next::Done
         } else {
-            Next::Submit { offset: self.offset + self.written_bytes as u64, from: self.written_bytes }
+            Next::Submit {
+                offset: self.offset + self.written_bytes as u64,
+                from: self.written_bytes,
+            }
         }
     }
 
@@ -124,6 +135,7 @@ where
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test stops loudly at an unexpected error
 mod tests {
     use super::*;
 
@@ -138,12 +150,17 @@ mod tests {
 
     impl FakeDevice {
         fn new(len: usize, chunk_bytes: usize, interrupt_every: usize) -> Self {
-            Self { data: vec![0; len], chunk_bytes, interrupt_every, calls: 0 }
+            Self {
+                data: vec![0; len],
+                chunk_bytes,
+                interrupt_every,
+                calls: 0,
+            }
         }
 
         fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<usize> {
             self.calls += 1;
-            if self.interrupt_every > 0 && self.calls % self.interrupt_every == 0 {
+            if self.interrupt_every > 0 && self.calls.is_multiple_of(self.interrupt_every) {
                 return Err(io::Error::from(io::ErrorKind::Interrupted));
             }
             let n = buf.len().min(self.chunk_bytes);
@@ -192,8 +209,10 @@ mod tests {
         let err = write_all_at_blocking(&[1, 2, 3], 0, |_, _| Ok(0)).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WriteZero);
         assert!(write_all_at_blocking(&[1, 2, 3], 0, |_, _| Ok(4)).is_err());
-        let err = write_all_at_blocking(&[1, 2, 3], 0, |_, _| Err(io::Error::from_raw_os_error(libc::EIO)))
-            .unwrap_err();
+        let err = write_all_at_blocking(&[1, 2, 3], 0, |_, _| {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        })
+        .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EIO));
     }
 

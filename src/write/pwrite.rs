@@ -33,10 +33,15 @@ pub(super) fn start(
         let (exit_tx, exited) = oneshot::channel();
         // On a spawn error, `tx` drops with this function's return, so the
         // threads already started see the channel disconnect and exit.
-        let handle = std::thread::Builder::new().name(format!("rehydrate-pwrite-{index}")).spawn(move || {
-            serve(&file, &rx);
-            let _ = exit_tx.send(Ok(()));
-        })?;
+        let handle = std::thread::Builder::new()
+            .name(format!("rehydrate-pwrite-{index}"))
+            .spawn(move || {
+                serve(&file, &rx);
+                // Let go of the file before saying we are done: once every
+                // thread has, the fd is closed when `close` returns.
+                drop(file);
+                let _ = exit_tx.send(Ok(()));
+            })?;
         threads.push(WriterThread { handle, exited });
     }
     Ok((tx, threads))
@@ -47,8 +52,14 @@ fn serve(file: &File, rx: &crossbeam_channel::Receiver<Request>) {
     // close drains the queue before the threads stop.
     while let Ok(request) = rx.recv() {
         match request {
-            Request::Write { offset, bytes, reply, _permit } => {
-                let result = write_all_at_blocking(&bytes, offset, |buf, at| file.write_at(buf, at));
+            Request::Write {
+                offset,
+                bytes,
+                reply,
+                _permit,
+            } => {
+                let result =
+                    write_all_at_blocking(&bytes, offset, |buf, at| file.write_at(buf, at));
                 let _ = reply.send(result);
                 // `_permit` drops here: the queue slot frees once answered.
             }
@@ -65,7 +76,10 @@ fn sync_data(file: &File) -> io::Result<()> {
     let mut interrupted_count = 0;
     loop {
         match file.sync_data() {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted && interrupted_count < INTERRUPTED_MAX => {
+            Err(e)
+                if e.kind() == io::ErrorKind::Interrupted
+                    && interrupted_count < INTERRUPTED_MAX =>
+            {
                 interrupted_count += 1;
             }
             result => return result,

@@ -32,7 +32,10 @@ use super::{Request, URING_START_TIMEOUT, WriterThread};
 
 /// Start the ring thread for `file`, fed by a channel of `queue_depth`
 /// slots. Returns once the ring completed a no-op, or its error.
-pub(super) fn start(file: File, queue_depth: usize) -> io::Result<(mpsc::Sender<Request>, WriterThread)> {
+pub(super) fn start(
+    file: File,
+    queue_depth: usize,
+) -> io::Result<(mpsc::Sender<Request>, WriterThread)> {
     let (tx, rx) = mpsc::channel(queue_depth);
     let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
     let (exit_tx, exited) = oneshot::channel();
@@ -40,23 +43,24 @@ pub(super) fn start(file: File, queue_depth: usize) -> io::Result<(mpsc::Sender<
     // submission queue that large never needs an early flush. The kernel
     // wants a power of two.
     let entries = queue_depth.next_power_of_two().max(8) as u32;
-    let handle = std::thread::Builder::new().name("rehydrate-uring".to_owned()).spawn(move || {
-        let _ = exit_tx.send(run(file, rx, entries, ready_tx));
-    })?;
-    // Bounded wait: a ring that never answers must not hang `open`. On
-    // timeout the thread is left to exit on its own: it finds `tx` dropped.
+    let handle = std::thread::Builder::new()
+        .name("rehydrate-uring".to_owned())
+        .spawn(move || {
+            let _ = exit_tx.send(run(file, rx, entries, ready_tx));
+        })?;
+    // Bounded wait: a ring that never answers must not hang `open`. On any
+    // failure the thread is not joined (tearing down a ring with a stuck
+    // no-op may block); it exits on its own, finding `tx` dropped.
     match ready_rx.recv_timeout(URING_START_TIMEOUT + std::time::Duration::from_secs(1)) {
         Ok(Ok(())) => Ok((tx, WriterThread { handle, exited })),
-        Ok(Err(e)) => {
-            let _ = handle.join();
-            Err(e)
-        }
+        Ok(Err(e)) => Err(e),
         Err(std_mpsc::RecvTimeoutError::Timeout) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("io_uring thread did not start within {URING_START_TIMEOUT:?}"),
         )),
+        // The thread panicked while setting up (tokio-uring unwraps some
+        // setup steps, e.g. registering the ring with epoll).
         Err(std_mpsc::RecvTimeoutError::Disconnected) => {
-            let _ = handle.join();
             Err(io::Error::other("io_uring thread stopped while starting"))
         }
     }
@@ -73,7 +77,10 @@ fn run(
     let runtime = match tokio_uring::Runtime::new(tokio_uring::builder().entries(entries)) {
         Ok(runtime) => runtime,
         Err(e) => {
-            let _ = ready.send(Err(io::Error::new(e.kind(), format!("io_uring setup: {e}"))));
+            let _ = ready.send(Err(io::Error::new(
+                e.kind(),
+                format!("io_uring setup: {e}"),
+            )));
             return Ok(());
         }
     };
@@ -81,7 +88,10 @@ fn run(
         match tokio::time::timeout(URING_START_TIMEOUT, tokio_uring::no_op()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                let _ = ready.send(Err(io::Error::new(e.kind(), format!("io_uring no-op: {e}"))));
+                let _ = ready.send(Err(io::Error::new(
+                    e.kind(),
+                    format!("io_uring no-op: {e}"),
+                )));
                 return Ok(());
             }
             Err(_) => {
@@ -126,8 +136,14 @@ async fn serve(file: tokio_uring::fs::File, mut rx: mpsc::Receiver<Request>) -> 
 
 async fn handle(file: Rc<tokio_uring::fs::File>, request: Request) {
     match request {
-        Request::Write { offset, bytes, reply, _permit } => {
-            let result = write_all_at(bytes, offset, |buf, at| file.write_at(buf, at).submit()).await;
+        Request::Write {
+            offset,
+            bytes,
+            reply,
+            _permit,
+        } => {
+            let result =
+                write_all_at(bytes, offset, |buf, at| file.write_at(buf, at).submit()).await;
             let _ = reply.send(result);
         }
         Request::Sync { reply, _permit } => {
@@ -142,7 +158,10 @@ async fn sync_data(file: &tokio_uring::fs::File) -> io::Result<()> {
     let mut interrupted_count = 0;
     loop {
         match file.sync_data().await {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted && interrupted_count < INTERRUPTED_MAX => {
+            Err(e)
+                if e.kind() == io::ErrorKind::Interrupted
+                    && interrupted_count < INTERRUPTED_MAX =>
+            {
                 interrupted_count += 1;
             }
             result => return result,
