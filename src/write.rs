@@ -210,6 +210,7 @@ impl Writer {
                         format!("io_uring writer backend cannot start: {e}"),
                     )
                 })?;
+                tracing::info!(backend = "uring", queue_depth, "writer started");
                 (Backend::Uring, Queue::Uring(queue), vec![thread])
             }
             BackendChoice::Auto => match uring::start(file.try_clone()?, queue_depth) {
