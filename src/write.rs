@@ -198,6 +198,7 @@ impl Writer {
             BackendChoice::Uring => {
                 let (queue, thread) = uring::start(file, queue_depth)
                     .map_err(|e| io::Error::new(e.kind(), format!("io_uring writer backend cannot start: {e}")))?;
+                tracing::info!(backend = "uring", queue_depth, "writer started");
                 (Backend::Uring, Queue::Uring(queue), vec![thread])
             }
             BackendChoice::Auto => match uring::start(file.try_clone()?, queue_depth) {
@@ -368,6 +369,7 @@ fn queue_overflow() -> io::Error {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test stops loudly at an unexpected error
 mod tests {
     use super::*;
 

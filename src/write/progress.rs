@@ -127,6 +127,7 @@ where
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test stops loudly at an unexpected error
 mod tests {
     use super::*;
 
@@ -146,7 +147,7 @@ mod tests {
 
         fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<usize> {
             self.calls += 1;
-            if self.interrupt_every > 0 && self.calls % self.interrupt_every == 0 {
+            if self.interrupt_every > 0 && self.calls.is_multiple_of(self.interrupt_every) {
                 return Err(io::Error::from(io::ErrorKind::Interrupted));
             }
             let n = buf.len().min(self.chunk_bytes);

@@ -35,6 +35,9 @@ pub(super) fn start(
         // threads already started see the channel disconnect and exit.
         let handle = std::thread::Builder::new().name(format!("rehydrate-pwrite-{index}")).spawn(move || {
             serve(&file, &rx);
+            // Let go of the file before saying we are done: once every
+            // thread has, the fd is closed when `close` returns.
+            drop(file);
             let _ = exit_tx.send(Ok(()));
         })?;
         threads.push(WriterThread { handle, exited });

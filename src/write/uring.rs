@@ -43,20 +43,19 @@ pub(super) fn start(file: File, queue_depth: usize) -> io::Result<(mpsc::Sender<
     let handle = std::thread::Builder::new().name("rehydrate-uring".to_owned()).spawn(move || {
         let _ = exit_tx.send(run(file, rx, entries, ready_tx));
     })?;
-    // Bounded wait: a ring that never answers must not hang `open`. On
-    // timeout the thread is left to exit on its own: it finds `tx` dropped.
+    // Bounded wait: a ring that never answers must not hang `open`. On any
+    // failure the thread is not joined (tearing down a ring with a stuck
+    // no-op may block); it exits on its own, finding `tx` dropped.
     match ready_rx.recv_timeout(URING_START_TIMEOUT + std::time::Duration::from_secs(1)) {
         Ok(Ok(())) => Ok((tx, WriterThread { handle, exited })),
-        Ok(Err(e)) => {
-            let _ = handle.join();
-            Err(e)
-        }
+        Ok(Err(e)) => Err(e),
         Err(std_mpsc::RecvTimeoutError::Timeout) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("io_uring thread did not start within {URING_START_TIMEOUT:?}"),
         )),
+        // The thread panicked while setting up (tokio-uring unwraps some
+        // setup steps, e.g. registering the ring with epoll).
         Err(std_mpsc::RecvTimeoutError::Disconnected) => {
-            let _ = handle.join();
             Err(io::Error::other("io_uring thread stopped while starting"))
         }
     }
