@@ -125,7 +125,12 @@ pub fn main() -> std::process::ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("REHYDRATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 async fn run(cli: Cli) -> ExitCode {
@@ -277,7 +282,7 @@ fn print_report(report: &RestoreReport, json: bool) {
     }
     let state = if report.succeeded { "restored" } else { "FAILED" };
     println!(
-        "{state}: {} blocks ({} settled, {} resumed, {} failed, {} zero, {} duplicate), {} in {:.2}s, {}/s, writer {:?}",
+        "{state}: {} blocks ({} settled, {} resumed, {} failed, {} zero, {} duplicate), {} in {:.2}s, {}/s, writer {}",
         report.blocks_total,
         report.blocks_settled,
         report.blocks_resumed,
@@ -287,7 +292,7 @@ fn print_report(report: &RestoreReport, json: bool) {
         human_bytes(report.bytes_total),
         report.duration_secs,
         human_bytes(report.throughput_bytes_per_sec as u64),
-        report.writer_backend.map(|b| format!("{b:?}").to_lowercase()).unwrap_or_default(),
+        report.writer_backend.map(|b| b.name()).unwrap_or("none"),
     );
     let sources: Vec<String> = report.fetch.served_by_source.iter().map(|(name, n)| format!("{name} {n}")).collect();
     println!(

@@ -1,22 +1,32 @@
 //! `rehydrate demo`: the whole story on embedded defaults, in a temporary
 //! directory, with nothing to install.
 //!
-//! It builds a sample volume (zero blocks, duplicate blocks, a short tail),
-//! snapshots it into a `file://` store, restores it into a new file, reads it
-//! back against the manifest and against the volume's own pattern, and prints
-//! the summary. The temporary directory is removed at the end.
+//! It builds a sample volume (zero blocks, duplicate blocks, a short tail) and
+//! snapshots it. An in-process S3-compatible endpoint (real HTTP, the real AWS
+//! SDK on the client side) serves the snapshot as the primary, with the faults
+//! this tool exists for: one block whose body stalls forever after the
+//! headers, and a burst of `503 SlowDown`. A local mirror is the secondary.
+//! The restore climbs while the wedged block is cut by its deadline, retried a
+//! bounded number of times, flagged as the stall's reason, and served by the
+//! secondary; then the target is read back and compared, byte for byte.
+//! The temporary directory is removed at the end.
 
-use std::path::PathBuf;
+use std::num::{NonZeroU32, NonZeroU64};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use clap::Args;
 
-use crate::block::{Compression, HashAlgorithm};
+use crate::block::{BlockIndex, Compression, HashAlgorithm, block_key};
 use crate::cli::{human_bytes, print_restore_result, restore_with_progress};
 use crate::config::Config;
 use crate::error::ExitCode;
 use crate::job::{Engine, RestoreSpec};
+use crate::manifest::{Manifest, ManifestLimits};
 use crate::sample::SampleVolume;
-use crate::store::StoreUrl;
+use crate::store::loopback::{Fault, FaultRule, LoopbackS3};
+use crate::store::s3::{S3Config, S3Store};
+use crate::store::{StoreUrl, wrap_policies};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -40,6 +50,19 @@ pub async fn run(args: DemoArgs) -> ExitCode {
     }
 }
 
+/// The demo's config: the defaults, with deadlines short enough that the
+/// wedged block's story takes seconds, not minutes.
+fn demo_config(dir: &Path) -> Config {
+    let mut config = Config::default();
+    config.checkpoint.dir = Some(dir.join("state"));
+    config.checkpoint.interval_millis = nz64(250);
+    config.fetch.attempt_timeout_millis = nz64(3_000);
+    config.fetch.attempts_max = NonZeroU32::new(3).expect("non-zero");
+    config.fetch.stall_after_millis = nz64(1_500);
+    config.s3.body_idle_timeout_millis = 1_000;
+    config
+}
+
 async fn demo(args: DemoArgs) -> Result<ExitCode, String> {
     // An odd size: the last block is short.
     let size = crate::config::parse_size_bytes(&args.size)? + 12_345;
@@ -58,20 +81,21 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, String> {
     };
     let volume = SampleVolume { size_bytes: size, block_size_bytes: 1 << 20, seed: 0x5EED };
     let source = dir.join("source.img");
-    let store_root = dir.join("store/bucket/demo");
+    let bucket_root = dir.join("store");
+    let store_dir = bucket_root.join("bucket/demo");
+    let mirror_dir = dir.join("mirror/bucket/demo");
     let target = dir.join("restored/volume.img");
     std::fs::create_dir_all(target.parent().expect("has parent")).map_err(|e| e.to_string())?;
     say(format!(
-        "1. sample volume: {} ({} blocks of 1 MiB: every 8th zero, every 8th a duplicate, short tail)",
+        "1. sample volume: {} ({} blocks of 1 MiB: every 8th zero, every 8th a duplicate, a short tail)",
         human_bytes(size),
         volume.block_count()
     ));
     volume.write_to(&source).map_err(|e| format!("writing {}: {e}", source.display()))?;
 
-    let mut config = Config::default();
-    config.checkpoint.dir = Some(dir.join("state"));
-    let engine = Engine::new(config);
-    let store = engine.open_store(&StoreUrl::File { root: store_root.clone() }).await.map_err(|e| e.to_string())?;
+    let config = demo_config(&dir);
+    let engine = Engine::new(config.clone());
+    let local = engine.open_store(&StoreUrl::File { root: store_dir.clone() }).await.map_err(|e| e.to_string())?;
     let spec = crate::snapshot::CreateSpec {
         source: source.clone(),
         name: "demo".into(),
@@ -80,42 +104,100 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, String> {
         hash_algorithm: HashAlgorithm::Blake3,
         puts_inflight_max: 16,
     };
-    let created = crate::snapshot::create(store, &spec).await.map_err(|e| e.to_string())?;
+    let created = crate::snapshot::create(local, &spec).await.map_err(|e| e.to_string())?;
+    copy_dir(&store_dir, &mirror_dir).map_err(|e| format!("mirroring the store: {e}"))?;
     say(format!(
-        "2. snapshot {}: {} objects stored ({} zero blocks left out, {} duplicates stored once)\n   {}",
+        "2. snapshot {}: {} objects stored ({} zero blocks left out, {} duplicates stored once), mirrored to {}",
         &created.snapshot_digest[..16],
         created.objects_stored,
         created.blocks_zero,
         created.blocks_deduplicated,
-        created.manifest_url
+        mirror_dir.display()
     ));
 
-    say(format!("3. restore into {}", target.display()));
+    let server = LoopbackS3::start(bucket_root.clone()).await.map_err(|e| format!("starting the S3 endpoint: {e}"))?;
+    let manifest = local_manifest(&store_dir)?;
+    let (wedged, wedged_key) = pick_wedged_block(&manifest);
+    server.add_fault(FaultRule::new(Fault::StallAfterHeaders { bytes: 4096 }).path_contains(&wedged_key));
+    server.add_fault(FaultRule::new(Fault::SlowDown).path_contains("/blocks/").first(12));
+    let s3_config = S3Config { body_idle_timeout_millis: config.s3.body_idle_timeout_millis, ..server.s3_config() };
+    let primary = S3Store::connect_with_static_credentials("bucket", "demo", &s3_config, &LoopbackS3::credentials())
+        .await
+        .map_err(|e| e.to_string())?;
+    let primary = wrap_policies(Arc::new(primary), &config.store_options()).map_err(|e| e.to_string())?;
+    engine.register_store(StoreUrl::S3 { bucket: "bucket".into(), prefix: "demo".into() }, primary);
+    say(format!(
+        "3. primary: s3://bucket/demo at {} (in-process, real HTTP); block {wedged} stalls after its headers, \
+         the first 12 block requests get 503 SlowDown; secondary: file://{}",
+        server.endpoint_url(),
+        mirror_dir.display()
+    ));
+
+    say(format!("4. restore into {}", target.display()));
     let spec = RestoreSpec {
-        manifest_url: created.manifest_url.clone(),
+        manifest_url: "s3://bucket/demo/demo.manifest".into(),
         target: target.clone(),
-        secondaries: vec![],
+        secondaries: vec![format!("file://{}", mirror_dir.display())],
         in_place: false,
-        restart: false,
+        restart: true,
     };
     let result = restore_with_progress(&engine, &spec, !args.json).await;
     let code = print_restore_result(&result, args.json);
+    if let Ok(report) = &result {
+        for stall in &report.stalls {
+            say(format!("   stalled at {:.1}s: {}", stall.at_secs, stall.reason));
+        }
+        say(format!(
+            "   the server saw {} requests for block {wedged}'s object and sent {} SlowDown answers",
+            server.requests(&wedged_key),
+            server.slowdowns_sent()
+        ));
+    }
+    server.shutdown().await;
     if code != ExitCode::Success {
         return Ok(code);
     }
 
-    let (url, key) = StoreUrl::parse_manifest(&created.manifest_url).map_err(|e| e.to_string())?;
-    let store = engine.open_store(&url).await.map_err(|e| e.to_string())?;
-    let manifest = crate::job::load_manifest(&engine, &store, &key).await.map_err(|e| e.to_string())?;
     let readback = crate::job::readback::readback(&manifest, &target).map_err(|e| e.to_string())?;
     let pattern = volume.mismatches(&target).map_err(|e| e.to_string())?;
     if !readback.matches() || !pattern.is_empty() {
         say(format!(
-            "4. verify FAILED: manifest mismatches {:?}, pattern mismatches {:?}",
+            "5. verify FAILED: manifest mismatches {:?}, pattern mismatches {:?}",
             readback.mismatched, pattern
         ));
         return Ok(ExitCode::DataFailure);
     }
-    say(format!("4. verified: all {} blocks match the manifest and the source, byte for byte", readback.blocks_total));
+    say(format!("5. verified: all {} blocks match the manifest and the source, byte for byte", readback.blocks_total));
     Ok(ExitCode::Success)
+}
+
+fn local_manifest(store_dir: &Path) -> Result<Manifest, String> {
+    let bytes = std::fs::read(store_dir.join("demo.manifest")).map_err(|e| e.to_string())?;
+    Manifest::decode(&bytes, &ManifestLimits::default()).map_err(|e| e.to_string())
+}
+
+/// A block about a sixth into the volume whose object no other block shares.
+fn pick_wedged_block(manifest: &Manifest) -> (BlockIndex, String) {
+    let entries = manifest.entries();
+    let shared = |i: usize| entries.iter().filter(|e| e.hash == entries[i].hash).count() > 1;
+    let i = (entries.len() / 6..entries.len()).find(|&i| !shared(i)).unwrap_or(0);
+    (entries[i].index, block_key(&entries[i].hash, entries[i].compression))
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &dest)?;
+        } else {
+            std::fs::copy(entry.path(), dest)?;
+        }
+    }
+    Ok(())
+}
+
+fn nz64(v: u64) -> NonZeroU64 {
+    NonZeroU64::new(v).expect("non-zero")
 }

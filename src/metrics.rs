@@ -41,7 +41,10 @@ pub fn describe() {
         "Requests a source may have in flight now (AIMD: shrinks on throttling, grows on success)."
     );
     describe_gauge!(STALLED_RESTORES, "Running restores with nothing settled for fetch.stall_after_millis.");
-    describe_gauge!(PROGRESS_RATIO, "Settled bytes over total bytes of the most recently updated restore.");
+    describe_gauge!(
+        PROGRESS_RATIO,
+        "Settled bytes over total bytes, of the last restore that settled blocks (one-shot CLI: its only restore)."
+    );
     describe_counter!(SYNCS_TOTAL, "fdatasync calls on targets.");
     describe_histogram!(SYNC_LATENCY_SECONDS, Unit::Seconds, "Latency of fdatasync on targets.");
 }

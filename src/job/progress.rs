@@ -57,7 +57,20 @@ pub struct Progress {
     pub blocks_failed: AtomicU64,
     pub bytes_written: AtomicU64,
     stalled: Mutex<Option<String>>,
+    /// Each time the restore became stalled, oldest first, at most
+    /// [`STALL_EVENTS_MAX`].
+    stall_events: Mutex<Vec<StallEvent>>,
     telemetry: OnceLock<Arc<FetchTelemetry>>,
+}
+
+/// Stall episodes kept per restore (the first ones: they explain the rest).
+pub const STALL_EVENTS_MAX: usize = 16;
+
+/// A moment the restore was flagged stalled, and why.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct StallEvent {
+    pub at_secs: f64,
+    pub reason: String,
 }
 
 impl Default for Progress {
@@ -73,6 +86,7 @@ impl Default for Progress {
             blocks_failed: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
             stalled: Mutex::new(None),
+            stall_events: Mutex::new(Vec::new()),
             telemetry: OnceLock::new(),
         }
     }
@@ -101,8 +115,26 @@ impl Progress {
         self.phase.store(phase as u8, Ordering::Relaxed);
     }
 
+    /// Set or clear the stalled flag; entering a stall is recorded as an
+    /// event and counted in the stalled-restores gauge.
     pub fn set_stalled(&self, reason: Option<String>) {
-        *self.stalled.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+        let mut stalled = self.stalled.lock().unwrap_or_else(|e| e.into_inner());
+        match (&*stalled, &reason) {
+            (None, Some(reason)) => {
+                metrics::gauge!(crate::metrics::STALLED_RESTORES).increment(1.0);
+                let mut events = self.stall_events.lock().unwrap_or_else(|e| e.into_inner());
+                if events.len() < STALL_EVENTS_MAX {
+                    events.push(StallEvent { at_secs: self.started.elapsed().as_secs_f64(), reason: reason.clone() });
+                }
+            }
+            (Some(_), None) => metrics::gauge!(crate::metrics::STALLED_RESTORES).decrement(1.0),
+            _ => {}
+        }
+        *stalled = reason;
+    }
+
+    pub fn stall_events(&self) -> Vec<StallEvent> {
+        self.stall_events.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn stalled(&self) -> Option<String> {

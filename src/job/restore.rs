@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::plan::{self, Plan, Unit, UnitSource};
-use super::progress::{Phase, Progress};
+use super::progress::{Phase, Progress, StallEvent};
 use super::{Engine, RestoreError};
 use crate::block::{BlockIndex, BlockLayout};
 use crate::checkpoint::{
@@ -87,6 +87,8 @@ pub struct RestoreReport {
     pub duration_secs: f64,
     pub throughput_bytes_per_sec: f64,
     pub fetch: FetchCounts,
+    /// Times the restore was flagged stalled, and why.
+    pub stalls: Vec<StallEvent>,
     pub damage: Vec<DamagedBlock>,
 }
 
@@ -205,10 +207,13 @@ pub async fn restore(
         duration_secs: 0.0,
         throughput_bytes_per_sec: 0.0,
         fetch: telemetry.counts(),
+        stalls: vec![],
         damage: std::mem::take(&mut settler.damage),
     };
     report.damage.sort_by_key(|d| d.index);
     let finish = |report: &mut RestoreReport| {
+        report.stalls = progress.stall_events();
+        progress.set_stalled(None);
         report.duration_secs = progress.started.elapsed().as_secs_f64();
         report.throughput_bytes_per_sec = report.bytes_total as f64 / report.duration_secs.max(1e-9);
     };
@@ -377,6 +382,7 @@ fn already_restored_report(spec: &RestoreSpec, manifest: &Manifest, progress: &P
         duration_secs: progress.started.elapsed().as_secs_f64(),
         throughput_bytes_per_sec: 0.0,
         fetch: FetchCounts::default(),
+        stalls: vec![],
         damage: vec![],
     }
 }
@@ -630,7 +636,8 @@ impl Settler {
         metrics::counter!(m::SETTLED_BLOCKS_TOTAL).increment(blocks);
         metrics::counter!(m::SETTLED_BYTES_TOTAL).increment(bytes);
         self.progress.blocks_settled.fetch_add(blocks, Ordering::Relaxed);
-        self.progress.bytes_settled.fetch_add(bytes, Ordering::Relaxed);
+        let settled = self.progress.bytes_settled.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        metrics::gauge!(m::PROGRESS_RATIO).set(settled as f64 / self.layout.volume_size_bytes() as f64);
         self.written_bytes_since_sync = 0;
         self.last_settle = Instant::now();
         self.progress.set_stalled(None);
@@ -662,15 +669,18 @@ impl Settler {
         }
         let reason = match telemetry.oldest_inflight() {
             Some(f) => format!(
-                "nothing settled for {}s; oldest block in flight: {} on {} (attempt {}, for {}s)",
-                quiet.as_secs(),
+                "nothing settled for {:.1}s; oldest block in flight: {} on {} (attempt {}, for {:.1}s)",
+                quiet.as_secs_f64(),
                 f.block,
                 f.source,
                 f.attempts,
-                f.started.elapsed().as_secs()
+                f.started.elapsed().as_secs_f64()
             ),
             None => {
-                format!("nothing settled for {}s; no block in flight (waiting on budget or writer)", quiet.as_secs())
+                format!(
+                    "nothing settled for {:.1}s; no block in flight (waiting on budget or writer)",
+                    quiet.as_secs_f64()
+                )
             }
         };
         if self.progress.stalled().is_none() {
