@@ -90,7 +90,8 @@ pub fn staging_path(path: &Path) -> Option<PathBuf> {
 
 /// Whether a file name is one of our staging files.
 pub fn is_staging_name(name: &str) -> bool {
-    name.starts_with('.') && name.ends_with(STAGING_SUFFIX)
+    // `.` + at least one character of the target's name + the suffix.
+    name.len() > STAGING_SUFFIX.len() + 1 && name.starts_with('.') && name.ends_with(STAGING_SUFFIX)
 }
 
 /// Open (or create) the target for writing.
@@ -264,6 +265,49 @@ pub fn swap(target: &Target) -> io::Result<()> {
     Ok(())
 }
 
+/// Directory levels a staging sweep descends below a root.
+pub const SWEEP_DEPTH_MAX: usize = 8;
+
+/// Remove staging files under `root` (a directory rehydrate owns, such as a
+/// worker's target root) that no checkpoint in `checkpoints` owns: partial
+/// files of crashed restores that cannot be resumed. Only files named like
+/// staging files are touched; symlinks are not followed. Returns the paths
+/// removed.
+pub fn sweep_staging(root: &Path, checkpoints: &crate::checkpoint::CheckpointDir) -> io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    sweep_dir(root, checkpoints, SWEEP_DEPTH_MAX, &mut removed)?;
+    Ok(removed)
+}
+
+fn sweep_dir(
+    dir: &Path,
+    checkpoints: &crate::checkpoint::CheckpointDir,
+    depth_left: usize,
+    removed: &mut Vec<PathBuf>,
+) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let file_type = entry.file_type()?;
+        let path = entry.path();
+        if file_type.is_dir() && depth_left > 0 {
+            sweep_dir(&path, checkpoints, depth_left - 1, removed)?;
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !file_type.is_file() || !is_staging_name(&name) {
+            continue;
+        }
+        let target_name = &name[1..name.len() - STAGING_SUFFIX.len()];
+        let key = crate::checkpoint::checkpoint_key(&dir.join(target_name));
+        if !checkpoints.file_path(&key).exists() {
+            std::fs::remove_file(&path)?;
+            tracing::info!(path = %path.display(), "swept a staging file no checkpoint owns");
+            removed.push(path);
+        }
+    }
+    Ok(())
+}
+
 /// Removes a staging file when dropped, unless disarmed: a failed restore
 /// leaves nothing behind.
 #[derive(Debug)]
@@ -329,6 +373,30 @@ mod tests {
         drop(StagingGuard::new(&t));
         assert!(!staging.exists());
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn sweep_removes_only_unowned_staging_files() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let checkpoints = crate::checkpoint::CheckpointDir::open(state.path().to_owned()).unwrap();
+        let sub = root.path().join("vms");
+        std::fs::create_dir_all(&sub).unwrap();
+        let orphan = staging_path(&sub.join("a.img")).unwrap();
+        let owned = staging_path(&sub.join("b.img")).unwrap();
+        let bare = sub.join(STAGING_SUFFIX);
+        for f in [&orphan, &owned, &sub.join("a.img"), &sub.join(".hidden"), &sub.join("x.rehydrate-staging"), &bare] {
+            std::fs::write(f, b"data").unwrap();
+        }
+        // A checkpoint file owns b.img's staging file.
+        let key = crate::checkpoint::checkpoint_key(&sub.join("b.img"));
+        std::fs::write(checkpoints.file_path(&key), b"owned").unwrap();
+        let removed = sweep_staging(root.path(), &checkpoints).unwrap();
+        assert_eq!(removed, vec![orphan.clone()]);
+        assert!(!orphan.exists());
+        for kept in [&owned, &sub.join("a.img"), &sub.join(".hidden"), &sub.join("x.rehydrate-staging")] {
+            assert!(kept.exists(), "{} was removed", kept.display());
+        }
     }
 
     #[test]
