@@ -36,8 +36,9 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct FetchConfig {
     /// Bytes of block data fetched but not yet written, over ALL restores in
-    /// the process. 256 MiB keeps a 2-core machine's disk and loopback busy
-    /// (256 blocks of 1 MiB in flight) without letting memory grow with jobs.
+    /// the process. 128 MiB: 128 blocks of 1 MiB in flight restore as fast as
+    /// 256 here (4 GiB in 3.1-3.5 s either way) and peak RSS stays near
+    /// 200 MiB; memory does not grow with the number of jobs.
     pub inflight_bytes_max: NonZeroU64,
     /// Deadline of one attempt to fetch one block, body included. 10 s: a
     /// 4 MiB block at 1 MiB/s still fits; a stalled body is cut well before a
@@ -65,7 +66,8 @@ pub struct FetchConfig {
 impl Default for FetchConfig {
     fn default() -> Self {
         Self {
-            inflight_bytes_max: nz64(256 << 20),
+            inflight_bytes_max: nz64(128 << 20),
+
             attempt_timeout_millis: nz64(10_000),
             attempts_max: NonZeroU32::new(4).expect("non-zero"),
             source_elapsed_max_millis: nz64(60_000),

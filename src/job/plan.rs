@@ -31,13 +31,19 @@ pub struct Unit {
 }
 
 impl Unit {
-    /// Bytes this unit holds in flight: the fetched object (decompressed).
+    /// Bytes this unit holds in flight: the object as received, plus the
+    /// decompressed block when it is compressed (a raw block is written from
+    /// the very buffer it arrived in).
     pub fn inflight_bytes(&self) -> u64 {
         match &self.source {
-            UnitSource::Object { expected, .. } => u64::from(expected.stored_len_bytes) + u64::from(expected.len_bytes),
+            UnitSource::Object { expected, .. } => match expected.compression {
+                Compression::None => u64::from(expected.len_bytes),
+                Compression::Zstd => u64::from(expected.stored_len_bytes) + u64::from(expected.len_bytes),
+            },
             UnitSource::Zeros { .. } => 0,
         }
     }
+
 
     pub fn first_block(&self) -> BlockIndex {
         self.blocks[0]
