@@ -61,6 +61,8 @@ pub struct FetchConfig {
     /// A running restore with nothing settled for this long is flagged
     /// stalled. 30 s: three times the attempt deadline.
     pub stall_after_millis: NonZeroU64,
+    /// Hedged requests for slow attempts (`[fetch.hedge]`).
+    pub hedge: crate::fetch::HedgeConfig,
 }
 
 impl Default for FetchConfig {
@@ -75,6 +77,7 @@ impl Default for FetchConfig {
             backoff_cap_millis: nz64(2_000),
             jitter_seed: None,
             stall_after_millis: nz64(30_000),
+            hedge: crate::fetch::HedgeConfig::default(),
         }
     }
 }
@@ -188,6 +191,7 @@ impl Config {
                 f.attempt_timeout_millis, f.source_elapsed_max_millis
             )));
         }
+        f.hedge.validate().map_err(|e| ConfigError::Invalid(format!("fetch.{e}")))?;
         self.s3.validate().map_err(|e| ConfigError::Invalid(format!("s3: {e}")))?;
         self.rate_limit.validate().map_err(|e| ConfigError::Invalid(format!("rate_limit: {e}")))?;
         self.concurrency.validate().map_err(|e| ConfigError::Invalid(format!("concurrency: {e}")))?;

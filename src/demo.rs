@@ -60,6 +60,9 @@ fn demo_config(dir: &Path) -> Config {
     config.fetch.attempts_max = NonZeroU32::new(3).expect("non-zero");
     config.fetch.stall_after_millis = nz64(1_500);
     config.s3.body_idle_timeout_millis = 1_000;
+    // Hedging would send the wedged block to the mirror within milliseconds;
+    // the demo shows the deadline, the bounded retries and the fallback.
+    config.fetch.hedge.enabled = false;
     config
 }
 

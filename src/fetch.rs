@@ -22,6 +22,7 @@
 
 pub mod backoff;
 pub mod budget;
+pub mod hedge;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -36,6 +37,7 @@ use crate::metrics as m;
 use crate::store::SharedStore;
 use crate::verify::{Expected, VerifiedBlock, verify};
 use backoff::Backoff;
+pub use hedge::{HedgeConfig, Hedger};
 
 /// A place blocks can come from, with its role in the fallback order.
 #[derive(Debug, Clone)]
@@ -102,6 +104,7 @@ pub struct FetchTelemetry {
     retries: AtomicU64,
     fallbacks: AtomicU64,
     corrupt: AtomicU64,
+    hedges: AtomicU64,
     inflight: Mutex<HashMap<BlockIndex, InFlight>>,
 }
 
@@ -124,6 +127,8 @@ pub struct FetchCounts {
     pub retries: u64,
     pub fallbacks: u64,
     pub corrupt_responses: u64,
+    /// Second requests sent for slow attempts.
+    pub hedges: u64,
 }
 
 impl FetchTelemetry {
@@ -135,6 +140,7 @@ impl FetchTelemetry {
             retries: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
+            hedges: AtomicU64::new(0),
             inflight: Mutex::new(HashMap::new()),
         }
     }
@@ -151,6 +157,7 @@ impl FetchTelemetry {
             retries: self.retries.load(Ordering::Relaxed),
             fallbacks: self.fallbacks.load(Ordering::Relaxed),
             corrupt_responses: self.corrupt.load(Ordering::Relaxed),
+            hedges: self.hedges.load(Ordering::Relaxed),
         }
     }
 
@@ -176,31 +183,48 @@ impl FetchTelemetry {
     }
 }
 
+/// What every fetch of one restore shares.
+#[derive(Debug)]
+pub struct FetchContext {
+    pub sources: Vec<Source>,
+    pub policy: RetryPolicy,
+    pub telemetry: std::sync::Arc<FetchTelemetry>,
+    pub hedger: Hedger,
+}
+
+impl FetchContext {
+    pub fn new(sources: Vec<Source>, config: &crate::config::FetchConfig) -> Self {
+        let telemetry = std::sync::Arc::new(FetchTelemetry::new(&sources));
+        let hedger = Hedger::new(config.hedge, sources.len());
+        Self { policy: RetryPolicy::from_config(config), telemetry, hedger, sources }
+    }
+}
+
 /// Fetch and verify one block object, trying each source in order.
 ///
 /// `block` names the block for telemetry (the first index holding this
-/// object); the object may be written at several offsets afterwards.
+/// object); the object may be written at several offsets afterwards. Returns
+/// the block and the index of the source that served it.
 pub async fn fetch_block(
-    sources: &[Source],
+    ctx: &FetchContext,
     key: &str,
     expected: &Expected,
     block: BlockIndex,
-    policy: &RetryPolicy,
-    telemetry: &FetchTelemetry,
 ) -> Result<(VerifiedBlock, usize), Vec<SourceFailure>> {
     let started = Instant::now();
+    let telemetry = &ctx.telemetry;
     let mut failures = Vec::new();
-    for (i, source) in sources.iter().enumerate() {
+    for (i, source) in ctx.sources.iter().enumerate() {
         if i > 0 {
             telemetry.fallbacks.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(m::FALLBACKS_TOTAL, "source" => source.name.clone()).increment(1);
         }
-        let seed = policy.jitter_seed ^ block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64;
-        match fetch_from(source, key, expected, block, policy, seed, started, telemetry).await {
-            Ok(verified) => {
+        let seed = ctx.policy.jitter_seed ^ block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64;
+        match fetch_from(ctx, i, key, expected, block, seed, started).await {
+            Ok((verified, served_by)) => {
                 telemetry.untrack(block);
-                telemetry.served[i].fetch_add(1, Ordering::Relaxed);
-                return Ok((verified, i));
+                telemetry.served[served_by].fetch_add(1, Ordering::Relaxed);
+                return Ok((verified, served_by));
             }
             Err(failure) => failures.push(failure),
         }
@@ -209,34 +233,27 @@ pub async fn fetch_block(
     Err(failures)
 }
 
-/// The retry loop on one source.
-#[allow(clippy::too_many_arguments)]
+/// The retry loop on source `i`.
 async fn fetch_from(
-    source: &Source,
+    ctx: &FetchContext,
+    i: usize,
     key: &str,
     expected: &Expected,
     block: BlockIndex,
-    policy: &RetryPolicy,
     seed: u64,
-    job_started: Instant,
-    telemetry: &FetchTelemetry,
-) -> Result<VerifiedBlock, SourceFailure> {
+    block_started: Instant,
+) -> Result<(VerifiedBlock, usize), SourceFailure> {
+    let (source, policy, telemetry) = (&ctx.sources[i], &ctx.policy, &ctx.telemetry);
     let source_started = Instant::now();
     let mut backoff = Backoff::new(policy.backoff_base, policy.backoff_cap, seed);
     let mut attempts = 0;
     loop {
         attempts += 1;
-        telemetry.track(block, &source.name, attempts, job_started);
-        telemetry.requests.fetch_add(1, Ordering::Relaxed);
-        let attempt_started = Instant::now();
-        let error = match attempt(source, key, expected).await {
-            Ok(verified) => {
-                record_request(source, "ok", attempt_started);
-                return Ok(verified);
-            }
+        telemetry.track(block, &source.name, attempts, block_started);
+        let error = match attempt_hedged(ctx, i, key, expected).await {
+            Ok(served) => return Ok(served),
             Err(error) => error,
         };
-        record_request(source, error.class.name(), attempt_started);
         if error.class == ErrorClass::Corrupt {
             telemetry.corrupt.fetch_add(1, Ordering::Relaxed);
         }
@@ -253,17 +270,158 @@ async fn fetch_from(
     }
 }
 
-/// One attempt: get under its own deadline, then verify.
-async fn attempt(source: &Source, key: &str, expected: &Expected) -> Result<VerifiedBlock, StoreError> {
-    let len_max = u64::from(expected.stored_len_bytes);
-    // The attempt deadline is the store's innermost layer (`store/timeout.rs`).
-    let raw = source.store.get(key, len_max).await?;
-    metrics::counter!(m::FETCHED_BYTES_TOTAL, "source" => source.name.clone()).increment(raw.len() as u64);
-    verify(raw, expected).map_err(|e| StoreError::new(e.class, format!("{key}: {}", e.message)))
+/// One attempt on source `i`, hedged when it runs past the source's usual
+/// latency: the first good answer wins. Returns the block and the source that
+/// served it; on failure, the first attempt's error (the hedge's when the
+/// first attempt succeeded... never: a success wins).
+async fn attempt_hedged(
+    ctx: &FetchContext,
+    i: usize,
+    key: &str,
+    expected: &Expected,
+) -> Result<(VerifiedBlock, usize), StoreError> {
+    let first = attempt(ctx, i, key, expected);
+    let Some(delay) = ctx.hedger.delay(i) else {
+        return first.await.map(|b| (b, i));
+    };
+    tokio::pin!(first);
+    tokio::select! {
+        result = &mut first => return result.map(|b| (b, i)),
+        () = tokio::time::sleep(delay) => {}
+    }
+    if !ctx.hedger.try_hedge() {
+        return first.await.map(|b| (b, i));
+    }
+    // A key slow on one source is often slow there again: prefer the next.
+    let j = if i + 1 < ctx.sources.len() { i + 1 } else { i };
+    ctx.telemetry.hedges.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(m::HEDGES_TOTAL, "source" => ctx.sources[j].name.clone()).increment(1);
+    let second = attempt(ctx, j, key, expected);
+    tokio::pin!(second);
+    tokio::select! {
+        result = &mut first => match result {
+            Ok(b) => Ok((b, i)),
+            Err(e) => second.await.map(|b| (b, j)).map_err(|_| e),
+        },
+        result = &mut second => match result {
+            Ok(b) => Ok((b, j)),
+            Err(_) => first.await.map(|b| (b, i)),
+        },
+    }
 }
 
-fn record_request(source: &Source, outcome: &'static str, started: Instant) {
+/// One request to source `i`, then verify.
+async fn attempt(ctx: &FetchContext, i: usize, key: &str, expected: &Expected) -> Result<VerifiedBlock, StoreError> {
+    let source = &ctx.sources[i];
+    ctx.telemetry.requests.fetch_add(1, Ordering::Relaxed);
+    ctx.hedger.count_request();
+    let started = Instant::now();
+    // The attempt deadline is the store's innermost layer (`store/timeout.rs`).
+    let result = match source.store.get(key, u64::from(expected.stored_len_bytes)).await {
+        Ok(raw) => {
+            metrics::counter!(m::FETCHED_BYTES_TOTAL, "source" => source.name.clone()).increment(raw.len() as u64);
+            verify(raw, expected).map_err(|e| StoreError::new(e.class, format!("{key}: {}", e.message)))
+        }
+        Err(e) => Err(e),
+    };
+    let outcome = match &result {
+        Ok(_) => {
+            ctx.hedger.record(i, started.elapsed());
+            "ok"
+        }
+        Err(e) => e.class.name(),
+    };
     metrics::counter!(m::REQUESTS_TOTAL, "source" => source.name.clone(), "outcome" => outcome).increment(1);
     metrics::histogram!(m::FETCH_LATENCY_SECONDS, "source" => source.name.clone())
         .record(started.elapsed().as_secs_f64());
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::block::{Compression, HashAlgorithm, block_key};
+    use crate::store::BlockStore;
+    use crate::store::fault::{Fault, FaultRule, FaultStore};
+    use crate::store::file::FileStore;
+
+    /// A store holding one block object, behind a fault layer.
+    async fn store_with_block(dir: &std::path::Path, data: &[u8]) -> (Arc<FaultStore>, String, Expected) {
+        let hash = HashAlgorithm::Blake3.hash(data);
+        let key = block_key(&hash, Compression::None);
+        let file = FileStore::new(dir.to_owned());
+        file.put(&key, Bytes::copy_from_slice(data)).await.unwrap();
+        let expected = Expected {
+            hash,
+            algorithm: HashAlgorithm::Blake3,
+            compression: Compression::None,
+            stored_len_bytes: data.len() as u32,
+            len_bytes: data.len() as u32,
+        };
+        (Arc::new(FaultStore::new(Arc::new(file))), key, expected)
+    }
+
+    fn context(stores: Vec<crate::store::SharedStore>) -> FetchContext {
+        let ctx = FetchContext::new(Source::ordered(stores), &crate::config::FetchConfig::default());
+        // A history of fast answers, so a slow one stands out; enough
+        // requests that the 5 % cap allows a hedge.
+        for i in 0..ctx.sources.len() {
+            for _ in 0..64 {
+                ctx.hedger.record(i, Duration::from_millis(1));
+                ctx.hedger.count_request();
+            }
+        }
+        ctx
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_attempt_is_hedged_and_the_first_good_answer_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, key, expected) = store_with_block(dir.path(), &[9u8; 8192]).await;
+        // The first request hangs for a minute; any second one is fast.
+        store.add(FaultRule {
+            key_contains: key.clone(),
+            fault: Fault::Delay(Duration::from_secs(60)),
+            times: Some(1),
+        });
+        let ctx = context(vec![store.clone()]);
+        let (block, served_by) = fetch_block(&ctx, &key, &expected, 0).await.unwrap();
+        assert_eq!(block.len(), 8192);
+        assert_eq!(served_by, 0);
+        assert_eq!(store.calls(&key), 2, "one hedge, no more");
+        assert_eq!(ctx.telemetry.counts().hedges, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hedge_goes_to_the_next_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = [5u8; 4096];
+        let (slow, key, expected) = store_with_block(&dir.path().join("a"), &data).await;
+        let (fast, _, _) = store_with_block(&dir.path().join("b"), &data).await;
+        slow.add(FaultRule { key_contains: key.clone(), fault: Fault::Hang, times: None });
+        let ctx = context(vec![slow.clone(), fast.clone()]);
+        let (_, served_by) = fetch_block(&ctx, &key, &expected, 0).await.unwrap();
+        assert_eq!(served_by, 1, "the secondary's hedge won");
+        assert_eq!((slow.calls(&key), fast.calls(&key)), (1, 1));
+        assert_eq!(ctx.telemetry.counts().served_by_source[1].1, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_hedge_without_history_or_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, key, expected) = store_with_block(dir.path(), &[1u8; 4096]).await;
+        store.add(FaultRule {
+            key_contains: key.clone(),
+            fault: Fault::Delay(Duration::from_millis(200)),
+            times: None,
+        });
+        let ctx = FetchContext::new(Source::ordered(vec![store.clone()]), &crate::config::FetchConfig::default());
+        fetch_block(&ctx, &key, &expected, 0).await.unwrap();
+        assert_eq!(store.calls(&key), 1);
+        assert_eq!(ctx.telemetry.counts().hedges, 0);
+    }
 }

@@ -8,6 +8,7 @@
 pub const REQUESTS_TOTAL: &str = "rehydrate_fetch_requests_total";
 pub const RETRIES_TOTAL: &str = "rehydrate_fetch_retries_total";
 pub const FALLBACKS_TOTAL: &str = "rehydrate_fetch_fallbacks_total";
+pub const HEDGES_TOTAL: &str = "rehydrate_fetch_hedges_total";
 pub const FETCH_LATENCY_SECONDS: &str = "rehydrate_fetch_latency_seconds";
 pub const FETCHED_BYTES_TOTAL: &str = "rehydrate_fetched_bytes_total";
 pub const WRITTEN_BYTES_TOTAL: &str = "rehydrate_written_bytes_total";
@@ -28,6 +29,7 @@ pub fn describe() {
     describe_counter!(REQUESTS_TOTAL, "Block object requests sent, by source and outcome (ok or error class).");
     describe_counter!(RETRIES_TOTAL, "Retries of block fetches on the same source, by source and error class.");
     describe_counter!(FALLBACKS_TOTAL, "Blocks that went to a later source, by the source they went to.");
+    describe_counter!(HEDGES_TOTAL, "Second requests sent for slow attempts, by the source they went to.");
     describe_histogram!(FETCH_LATENCY_SECONDS, Unit::Seconds, "Latency of one fetch attempt, body included.");
     describe_counter!(FETCHED_BYTES_TOTAL, Unit::Bytes, "Bytes of block objects received, by source.");
     describe_counter!(WRITTEN_BYTES_TOTAL, Unit::Bytes, "Bytes written to targets (not yet durable).");

@@ -44,7 +44,6 @@ impl Unit {
         }
     }
 
-
     pub fn first_block(&self) -> BlockIndex {
         self.blocks[0]
     }

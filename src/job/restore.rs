@@ -36,7 +36,7 @@ use crate::checkpoint::{
     Checkpoint, CheckpointDir, CheckpointKey, JobIdentity, SaveCadence, TargetIdentity, checkpoint_key, unix_now_secs,
 };
 use crate::fetch::budget::Budget;
-use crate::fetch::{FetchCounts, FetchTelemetry, RetryPolicy, Source, SourceFailure, fetch_block};
+use crate::fetch::{FetchContext, FetchCounts, FetchTelemetry, Source, SourceFailure, fetch_block};
 use crate::manifest::Manifest;
 use crate::metrics as m;
 use crate::store::StoreUrl;
@@ -153,7 +153,8 @@ pub async fn restore(
     progress.blocks_resumed.store(blocks_resumed, Ordering::Relaxed);
     progress.blocks_settled.store(blocks_resumed, Ordering::Relaxed);
     progress.bytes_settled.store(checkpoint.bytes_settled(), Ordering::Relaxed);
-    let telemetry = Arc::new(FetchTelemetry::new(&sources));
+    let fetch = FetchContext::new(sources, &engine.config.fetch);
+    let telemetry = Arc::clone(&fetch.telemetry);
     progress.attach_telemetry(Arc::clone(&telemetry));
     let blocks_zero = layout.block_count() - manifest.entries().len() as u64;
     let blocks_deduplicated = plan.blocks_deduplicated;
@@ -161,13 +162,7 @@ pub async fn restore(
 
     let mut settler =
         Settler::new(engine, &target, layout, writer.clone(), checkpoint, durable.clone(), Arc::clone(progress));
-    let units = UnitContext {
-        sources,
-        policy: RetryPolicy::from_config(&engine.config.fetch),
-        telemetry: Arc::clone(&telemetry),
-        writer: writer.clone(),
-        layout,
-    };
+    let units = UnitContext { fetch, writer: writer.clone(), layout };
     let run = settler.run(plan, units, engine.budget.clone(), cancel).await;
     let backend = writer.backend();
     let closed = writer.close().await;
@@ -410,9 +405,7 @@ fn check_free_space(target: &Target, manifest: &Manifest) -> Result<(), RestoreE
 
 /// What every unit task shares.
 struct UnitContext {
-    sources: Vec<Source>,
-    policy: RetryPolicy,
-    telemetry: Arc<FetchTelemetry>,
+    fetch: FetchContext,
     writer: Writer,
     layout: BlockLayout,
 }
@@ -440,7 +433,7 @@ async fn run_unit(ctx: &UnitContext, unit: Unit) -> UnitOutcome {
     let block = match &unit.source {
         UnitSource::Zeros { len_bytes } => VerifiedBlock::zeros(*len_bytes as usize),
         UnitSource::Object { key, expected } => {
-            match fetch_block(&ctx.sources, key, expected, unit.first_block(), &ctx.policy, &ctx.telemetry).await {
+            match fetch_block(&ctx.fetch, key, expected, unit.first_block()).await {
                 Ok((block, _source)) => block,
                 Err(failures) => {
                     return UnitOutcome::Failed { blocks: unit.blocks, failures };
@@ -559,7 +552,7 @@ impl Settler {
                     Some(outcome) => self.record(outcome)?,
                     None => break,
                 },
-                _ = tick.tick() => self.watch_stall(&ctx.telemetry),
+                _ = tick.tick() => self.watch_stall(&ctx.fetch.telemetry),
                 () = cancel.cancelled() => {
                     stop.cancel();
                     self.settle().await?;
