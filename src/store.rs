@@ -47,6 +47,43 @@ pub trait BlockStore: Send + Sync + fmt::Debug {
     fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
 }
 
+/// Implement [`BlockStore`] for a decorator with an `inner: SharedStore` and
+/// an `async fn run(&self, what: &str, op) -> Result<T, StoreError>` that
+/// wraps every call (a deadline, a concurrency slot).
+macro_rules! forward_through_run {
+    ($decorator:ty) => {
+        impl $crate::store::BlockStore for $decorator {
+            fn url(&self) -> &$crate::store::StoreUrl {
+                self.inner.url()
+            }
+
+            fn get<'a>(
+                &'a self,
+                key: &'a str,
+                len_max_bytes: u64,
+            ) -> $crate::store::BoxFuture<'a, Result<bytes::Bytes, $crate::store::StoreError>> {
+                Box::pin(self.run(key, self.inner.get(key, len_max_bytes)))
+            }
+
+            fn put<'a>(
+                &'a self,
+                key: &'a str,
+                bytes: bytes::Bytes,
+            ) -> $crate::store::BoxFuture<'a, Result<(), $crate::store::StoreError>> {
+                Box::pin(self.run(key, self.inner.put(key, bytes)))
+            }
+
+            fn exists<'a>(
+                &'a self,
+                key: &'a str,
+            ) -> $crate::store::BoxFuture<'a, Result<bool, $crate::store::StoreError>> {
+                Box::pin(self.run(key, self.inner.exists(key)))
+            }
+        }
+    };
+}
+pub(crate) use forward_through_run;
+
 /// A shared store handle.
 pub type SharedStore = Arc<dyn BlockStore>;
 

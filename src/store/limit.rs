@@ -445,23 +445,7 @@ impl AdaptiveConcurrency {
     }
 }
 
-impl BlockStore for AdaptiveConcurrency {
-    fn url(&self) -> &StoreUrl {
-        self.inner.url()
-    }
-
-    fn get<'a>(&'a self, key: &'a str, len_max_bytes: u64) -> BoxFuture<'a, Result<Bytes, StoreError>> {
-        Box::pin(self.run(key, self.inner.get(key, len_max_bytes)))
-    }
-
-    fn put<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.run(key, self.inner.put(key, bytes)))
-    }
-
-    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(self.run(key, self.inner.exists(key)))
-    }
-}
+crate::store::forward_through_run!(AdaptiveConcurrency);
 
 #[cfg(test)]
 mod tests {
