@@ -31,7 +31,7 @@ use rehydrate::store::fault::FaultStore;
 use rehydrate::store::file::FileStore;
 use rehydrate::store::loopback::{Fault, FaultMethod, FaultRule, LoopbackS3, ServerRateLimit, max_arrivals_in_window};
 use rehydrate::store::s3::{S3Config, S3Store};
-use rehydrate::store::{BlockStore, StoreUrl};
+use rehydrate::store::StoreUrl;
 use rehydrate::write::BackendChoice;
 use tokio_util::sync::CancellationToken;
 
