@@ -27,11 +27,11 @@ use rehydrate::job::progress::Progress;
 use rehydrate::job::{Engine, RestoreError, RestoreReport, RestoreSpec};
 use rehydrate::manifest::Manifest;
 use rehydrate::sample::SampleVolume;
+use rehydrate::store::StoreUrl;
 use rehydrate::store::fault::FaultStore;
 use rehydrate::store::file::FileStore;
 use rehydrate::store::loopback::{Fault, FaultMethod, FaultRule, LoopbackS3, ServerRateLimit, max_arrivals_in_window};
 use rehydrate::store::s3::{S3Config, S3Store};
-use rehydrate::store::StoreUrl;
 use rehydrate::write::BackendChoice;
 use tokio_util::sync::CancellationToken;
 
