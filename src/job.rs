@@ -53,11 +53,25 @@ impl Engine {
 
     /// Serve `url` from `store` (a decorated store: fault injection in tests,
     /// an in-process endpoint in the demo).
-    /// The attempt deadline is put around it; other policies are the
-    /// caller's (see [`store::wrap_policies`]).
+    /// Only the attempt deadline is put around it. Never pass a store already
+    /// wrapped in a rate limit or a concurrency window: a deadline outside
+    /// them counts the wait for a token or a slot against the attempt, so
+    /// healthy blocks time out in the queue. Use
+    /// [`register_remote_store`](Self::register_remote_store) for those.
     pub fn register_store(&self, url: StoreUrl, store: SharedStore) {
         let store = store::wrap_timeout(store, &self.config.store_options());
         self.stores.lock().unwrap_or_else(|e| e.into_inner()).insert(url, store);
+    }
+
+    /// Serve `url` from a remote `backend` (an S3 store on an in-process or
+    /// test endpoint) with every policy [`store::open`] puts around an S3
+    /// store: rate limit, adaptive concurrency, and innermost the attempt
+    /// deadline.
+    pub fn register_remote_store(&self, url: StoreUrl, backend: SharedStore) -> Result<(), RestoreError> {
+        let store = store::wrap_policies(backend, &self.config.store_options())
+            .map_err(|e| RestoreError::Usage(format!("store {url}: {e}")))?;
+        self.stores.lock().unwrap_or_else(|e| e.into_inner()).insert(url, store);
+        Ok(())
     }
 
     pub fn manifest_limits(&self) -> ManifestLimits {
