@@ -71,9 +71,12 @@ impl Setup {
 
 /// Small deadlines so every cut fires in about a second: S3 body idle 300 ms,
 /// attempt 1 s, 3 attempts, backoff 5-20 ms, fdatasync + checkpoint every
-/// 50 ms.
+/// 50 ms. No hedging: these tests count the retry policy's requests exactly
+/// (hedging has its own tests in `src/fetch.rs`).
 fn test_config(state: &Path, server: &LoopbackS3) -> Config {
     let mut c = config(BackendChoice::Pwrite, state);
+    c.fetch.hedge.enabled = false;
+
     c.fetch.attempt_timeout_millis = NonZeroU64::new(ATTEMPT_TIMEOUT_MILLIS).unwrap();
     c.fetch.attempts_max = NonZeroU32::new(ATTEMPTS_MAX).unwrap();
     c.fetch.backoff_base_millis = NonZeroU64::new(5).unwrap();
