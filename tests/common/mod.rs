@@ -42,9 +42,13 @@ pub fn store_root(dir: &Path) -> PathBuf {
     dir.join("store/bucket/snap")
 }
 
-/// A config for tests: fixed jitter, short backoff, checkpoints in `state`.
+/// A config for tests: fixed jitter, short backoff, checkpoints in `state`,
+/// no hedging (tests count requests exactly; hedging is tested in
+/// `src/fetch.rs`).
 pub fn config(backend: BackendChoice, state: &Path) -> Config {
     let mut c = Config::default();
+    c.fetch.hedge.enabled = false;
+
     c.checkpoint.dir = Some(state.to_owned());
     c.write.backend = backend;
     c.fetch.jitter_seed = Some(1);
