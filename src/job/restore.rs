@@ -221,7 +221,19 @@ pub async fn restore(
         }
         return Err(RestoreError::BlocksFailed(Box::new(report)));
     }
-    debug_assert!(settler.checkpoint.settled().is_complete(), "succeeded with blocks unsettled");
+    if !settler.checkpoint.settled().is_complete() {
+        // Every unit reports an outcome unless it was cancelled; whatever the
+        // cause, a target with blocks neither settled nor failed is never
+        // swapped into place or reported restored.
+        if durable.is_some() {
+            staging.disarm();
+        }
+        return Err(RestoreError::Interrupted(format!(
+            "stopped with {} of {} blocks settled; rerun the same restore to resume",
+            settler.checkpoint.settled().settled_count(),
+            layout.block_count()
+        )));
+    }
 
     progress.set_phase(Phase::Swap);
     fail::fail_point!("restore-before-swap");
@@ -554,22 +566,31 @@ impl Settler {
                     None => break,
                 },
                 _ = tick.tick() => self.watch_stall(&ctx.telemetry),
-                () = cancel.cancelled() => {
-                    stop.cancel();
-                    self.settle().await?;
-                    return Err(RestoreError::Interrupted(format!(
-                        "stopped after settling {} of {} blocks; rerun the same restore to resume",
-                        self.checkpoint.settled().settled_count(),
-                        self.layout.block_count()
-                    )));
-                }
+                () = cancel.cancelled() => return self.interrupted(&stop).await,
             }
             if self.sync_due() {
                 self.settle().await?;
             }
         }
+        // Units that see the cancellation drop their outcome, and the queue
+        // closes: a cancellation that races the end of the plan lands here,
+        // not in the branch above, and must not pass for the end.
+        if cancel.is_cancelled() {
+            return self.interrupted(&stop).await;
+        }
         let _ = dispatcher.await;
         self.settle().await
+    }
+
+    /// Stop on request: settle what was written, then report how far it got.
+    async fn interrupted(&mut self, stop: &CancellationToken) -> Result<(), RestoreError> {
+        stop.cancel();
+        self.settle().await?;
+        Err(RestoreError::Interrupted(format!(
+            "stopped after settling {} of {} blocks; rerun the same restore to resume",
+            self.checkpoint.settled().settled_count(),
+            self.layout.block_count()
+        )))
     }
 
     fn record(&mut self, outcome: UnitOutcome) -> Result<(), RestoreError> {
