@@ -175,6 +175,10 @@ pub async fn restore(
             // Progress is real and the staging file is what the checkpoint
             // names: keep both, so a rerun resumes.
             RestoreError::Interrupted(_) if durable.is_some() => staging.disarm(),
+            // Saving a checkpoint failed (the state directory, not the
+            // target): the previous checkpoint names only blocks that are
+            // durable in the staging file, so both stay for a rerun.
+            RestoreError::Io(_) if settler.checkpoint_save_failed && durable.is_some() => staging.disarm(),
             // After EIO/ENOSPC the staging file is suspect: it goes (the guard
             // removes it) and so does the checkpoint naming it.
             RestoreError::Io(_) if target.kind == TargetKind::File => {
@@ -343,8 +347,14 @@ fn allocate(spec: &RestoreSpec, manifest: &Manifest, durable: Option<&Durable>) 
     };
     if let Some(d) = durable {
         if !has_checkpoint {
-            // From now on the staging file is owned by this checkpoint.
-            d.save(&checkpoint)?;
+            // From now on the staging file is owned by this checkpoint; if
+            // that cannot be recorded, the new staging file goes.
+            if let Err(e) = d.save(&checkpoint) {
+                if target.kind == TargetKind::File && target.fresh {
+                    let _ = std::fs::remove_file(&target.write_path);
+                }
+                return Err(e);
+            }
         }
     }
     Ok(Allocation::Ready { target, checkpoint })
@@ -504,6 +514,9 @@ struct Settler {
     durable: Option<Durable>,
     /// Failures recorded since the last save.
     dirty: bool,
+    /// A checkpoint save failed: the error is the state directory's, not the
+    /// target's.
+    checkpoint_save_failed: bool,
     /// Written, not yet covered by a successful fdatasync.
     written: Vec<BlockIndex>,
     written_bytes_since_sync: u64,
@@ -532,6 +545,7 @@ impl Settler {
             checkpoint,
             durable,
             dirty: false,
+            checkpoint_save_failed: false,
             written: Vec::new(),
             written_bytes_since_sync: 0,
             cadence: SaveCadence::new(c.checkpoint.interval_millis, c.checkpoint.interval_bytes, Instant::now()),
@@ -666,7 +680,10 @@ impl Settler {
         }
         if let Some(durable) = &self.durable {
             self.checkpoint.set_updated_unix_secs(unix_now_secs());
-            durable.save(&self.checkpoint)?;
+            if let Err(e) = durable.save(&self.checkpoint) {
+                self.checkpoint_save_failed = true;
+                return Err(e);
+            }
         }
         self.cadence.saved(Instant::now());
         self.dirty = false;
