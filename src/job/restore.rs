@@ -345,16 +345,16 @@ fn allocate(spec: &RestoreSpec, manifest: &Manifest, durable: Option<&Durable>) 
         },
         _ => Checkpoint::new(identity, unix_now_secs()),
     };
-    if let Some(d) = durable {
-        if !has_checkpoint {
-            // From now on the staging file is owned by this checkpoint; if
-            // that cannot be recorded, the new staging file goes.
-            if let Err(e) = d.save(&checkpoint) {
-                if target.kind == TargetKind::File && target.fresh {
-                    let _ = std::fs::remove_file(&target.write_path);
-                }
-                return Err(e);
+    if let Some(d) = durable
+        && !has_checkpoint
+    {
+        // From now on the staging file is owned by this checkpoint; if that
+        // cannot be recorded, the new staging file goes.
+        if let Err(e) = d.save(&checkpoint) {
+            if target.kind == TargetKind::File && target.fresh {
+                let _ = std::fs::remove_file(&target.write_path);
             }
+            return Err(e);
         }
     }
     Ok(Allocation::Ready { target, checkpoint })
