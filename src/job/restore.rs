@@ -172,6 +172,10 @@ pub async fn restore(
             // Progress is real and the staging file is what the checkpoint
             // names: keep both, so a rerun resumes.
             RestoreError::Interrupted(_) if durable.is_some() => staging.disarm(),
+            // Saving a checkpoint failed (the state directory, not the
+            // target): the previous checkpoint names only blocks that are
+            // durable in the staging file, so both stay for a rerun.
+            RestoreError::Io(_) if settler.checkpoint_save_failed && durable.is_some() => staging.disarm(),
             // After EIO/ENOSPC the staging file is suspect: it goes (the guard
             // removes it) and so does the checkpoint naming it.
             RestoreError::Io(_) if target.kind == TargetKind::File => {
@@ -221,7 +225,19 @@ pub async fn restore(
         }
         return Err(RestoreError::BlocksFailed(Box::new(report)));
     }
-    debug_assert!(settler.checkpoint.settled().is_complete(), "succeeded with blocks unsettled");
+    if !settler.checkpoint.settled().is_complete() {
+        // Every unit reports an outcome unless it was cancelled; whatever the
+        // cause, a target with blocks neither settled nor failed is never
+        // swapped into place or reported restored.
+        if durable.is_some() {
+            staging.disarm();
+        }
+        return Err(RestoreError::Interrupted(format!(
+            "stopped with {} of {} blocks settled; rerun the same restore to resume",
+            settler.checkpoint.settled().settled_count(),
+            layout.block_count()
+        )));
+    }
 
     progress.set_phase(Phase::Swap);
     fail::fail_point!("restore-before-swap");
@@ -329,10 +345,16 @@ fn allocate(spec: &RestoreSpec, manifest: &Manifest, durable: Option<&Durable>) 
         },
         _ => Checkpoint::new(identity, unix_now_secs()),
     };
-    if let Some(d) = durable {
-        if !has_checkpoint {
-            // From now on the staging file is owned by this checkpoint.
-            d.save(&checkpoint)?;
+    if let Some(d) = durable
+        && !has_checkpoint
+    {
+        // From now on the staging file is owned by this checkpoint; if that
+        // cannot be recorded, the new staging file goes.
+        if let Err(e) = d.save(&checkpoint) {
+            if target.kind == TargetKind::File && target.fresh {
+                let _ = std::fs::remove_file(&target.write_path);
+            }
+            return Err(e);
         }
     }
     Ok(Allocation::Ready { target, checkpoint })
@@ -491,6 +513,9 @@ struct Settler {
     durable: Option<Durable>,
     /// Failures recorded since the last save.
     dirty: bool,
+    /// A checkpoint save failed: the error is the state directory's, not the
+    /// target's.
+    checkpoint_save_failed: bool,
     /// Written, not yet covered by a successful fdatasync.
     written: Vec<BlockIndex>,
     written_bytes_since_sync: u64,
@@ -519,6 +544,7 @@ impl Settler {
             checkpoint,
             durable,
             dirty: false,
+            checkpoint_save_failed: false,
             written: Vec::new(),
             written_bytes_since_sync: 0,
             cadence: SaveCadence::new(c.checkpoint.interval_millis, c.checkpoint.interval_bytes, Instant::now()),
@@ -553,22 +579,31 @@ impl Settler {
                     None => break,
                 },
                 _ = tick.tick() => self.watch_stall(&ctx.fetch.telemetry),
-                () = cancel.cancelled() => {
-                    stop.cancel();
-                    self.settle().await?;
-                    return Err(RestoreError::Interrupted(format!(
-                        "stopped after settling {} of {} blocks; rerun the same restore to resume",
-                        self.checkpoint.settled().settled_count(),
-                        self.layout.block_count()
-                    )));
-                }
+                () = cancel.cancelled() => return self.interrupted(&stop).await,
             }
             if self.sync_due() {
                 self.settle().await?;
             }
         }
+        // Units that see the cancellation drop their outcome, and the queue
+        // closes: a cancellation that races the end of the plan lands here,
+        // not in the branch above, and must not pass for the end.
+        if cancel.is_cancelled() {
+            return self.interrupted(&stop).await;
+        }
         let _ = dispatcher.await;
         self.settle().await
+    }
+
+    /// Stop on request: settle what was written, then report how far it got.
+    async fn interrupted(&mut self, stop: &CancellationToken) -> Result<(), RestoreError> {
+        stop.cancel();
+        self.settle().await?;
+        Err(RestoreError::Interrupted(format!(
+            "stopped after settling {} of {} blocks; rerun the same restore to resume",
+            self.checkpoint.settled().settled_count(),
+            self.layout.block_count()
+        )))
     }
 
     fn record(&mut self, outcome: UnitOutcome) -> Result<(), RestoreError> {
@@ -645,7 +680,10 @@ impl Settler {
         }
         if let Some(durable) = &self.durable {
             self.checkpoint.set_updated_unix_secs(unix_now_secs());
-            durable.save(&self.checkpoint)?;
+            if let Err(e) = durable.save(&self.checkpoint) {
+                self.checkpoint_save_failed = true;
+                return Err(e);
+            }
         }
         self.cadence.saved(Instant::now());
         self.dirty = false;

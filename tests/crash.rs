@@ -1,0 +1,451 @@
+//! Crash test: the real binary, killed again and again, resumes from its
+//! checkpoint and ends byte-identical.
+//!
+//! A snapshot is served over real HTTP by [`LoopbackS3`] in this process; the
+//! child `rehydrate restore` reads it as `s3://bucket/prefix` through the AWS
+//! SDK's standard environment chain. Every block GET waits a fixed latency at
+//! the server and the child is held to a few requests in flight, so a restore
+//! takes seconds and can be stopped part way.
+//!
+//! Each cycle runs the child until it dies:
+//! - **kill**: SIGKILL once the child has requested a seeded-random number of
+//!   blocks nobody requested before (a random moment, measured in progress);
+//! - **fail point** (with the `failpoints` feature): `FAILPOINTS=<name>=N*off->panic`
+//!   crashes the child at the N+1-th pass through a named durability edge
+//!   (the binary turns that panic into an abort: no cleanup runs).
+//!
+//! After every crash the checkpoint on disk is checked against the staging
+//! file: every block it names as settled holds the snapshot's bytes there, and
+//! the settled count never goes down. Rework is measured at the server, from
+//! its request log, in two parts that together bound it:
+//! - a restart requests no object its checkpoint names as settled (zero);
+//! - a crash loses at most [`lost_bound_objects`] of the objects its run
+//!   requested (those its checkpoint does not name as settled).
+//!
+//! The last run
+//! goes to completion: exit 0, target byte-identical, checkpoint removed, no
+//! staging or temporary file left.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use rehydrate::block::{Compression, HashAlgorithm, block_key};
+use rehydrate::checkpoint::{Checkpoint, checkpoint_key};
+use rehydrate::manifest::{Manifest, ManifestLimits};
+use rehydrate::sample::SampleVolume;
+use rehydrate::store::file::FileStore;
+use rehydrate::store::loopback::{
+    Fault, FaultMethod, FaultRule, LOOPBACK_ACCESS_KEY_ID, LOOPBACK_REGION, LOOPBACK_SECRET_ACCESS_KEY, LoopbackS3,
+};
+
+const BUCKET: &str = "crash-bucket";
+const PREFIX: &str = "vols";
+const NAME: &str = "vol";
+const BLOCK_BYTES: u32 = 64 * 1024;
+/// 480 blocks of 64 KiB: 360 distinct objects (the sample volume has zero and
+/// duplicate blocks), enough for twenty crashes that each make some progress.
+const BLOCKS: u64 = 480;
+/// Server-side latency of every block GET.
+const BLOCK_LATENCY: Duration = Duration::from_millis(40);
+/// `concurrency.concurrency_max` of the child: block requests in flight.
+const INFLIGHT_REQUESTS_MAX: u64 = 4;
+/// `checkpoint.interval_bytes` of the child, in blocks.
+const INTERVAL_BLOCKS: u64 = 8;
+/// Crash cycles before the final ones (swap, status, completion).
+const CYCLES: usize = 20;
+/// No single child may live longer than this (it would be a hang).
+const CHILD_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The most block objects one crash may throw away: objects the crashed run
+/// requested that the checkpoint it left does not name as settled.
+///
+/// At the crash, what the run requested but its checkpoint does not hold is:
+/// - requests in flight at the server: at most [`INFLIGHT_REQUESTS_MAX`];
+/// - blocks written since the last fdatasync: the byte cadence syncs once
+///   `INTERVAL_BLOCKS` blocks were written, overshooting by at most one unit
+///   (a unit writes at most 2 blocks: an object and its duplicate), so at
+///   most `INTERVAL_BLOCKS + 2`;
+/// - one more such interval when the crash came after an fdatasync but before
+///   the checkpoint's rename (`settle-before-checkpoint`,
+///   `checkpoint-before-rename`): `INTERVAL_BLOCKS + 2`;
+/// - blocks fetched while the settler waited on fdatasync and not yet
+///   recorded: one more interval's worth as slack (the server serves at most
+///   4 blocks per 40 ms, so filling it takes an 80 ms fdatasync).
+///
+/// Objects are at most blocks: 32 of the 361 objects. Together with the
+/// other check (a restart requests nothing its checkpoint names as settled),
+/// the work a crash makes the job redo is at most this.
+fn lost_bound_objects() -> u64 {
+    INFLIGHT_REQUESTS_MAX + 2 * (INTERVAL_BLOCKS + 2) + INTERVAL_BLOCKS
+}
+
+#[derive(Debug, Clone)]
+enum Crash {
+    /// SIGKILL once this many never-requested blocks were requested, plus a
+    /// random few milliseconds.
+    Kill { fresh_requests: u64, extra_millis: u64 },
+    /// Crash at the `skip + 1`-th pass through this fail point.
+    FailPoint { name: &'static str, skip: u32 },
+    /// Run to completion.
+    Complete,
+}
+
+const SETTLE_FAIL_POINTS: [&str; 4] =
+    ["settle-before-sync", "settle-before-checkpoint", "checkpoint-before-rename", "checkpoint-before-dir-sync"];
+
+fn plan(rng: &mut SmallRng) -> Vec<Crash> {
+    let mut plan = Vec::new();
+    for cycle in 0..CYCLES {
+        let fail_points = cfg!(feature = "failpoints");
+        if cycle % 2 == 0 || !fail_points {
+            plan.push(Crash::Kill { fresh_requests: rng.random_range(2..=12), extra_millis: rng.random_range(0..30) });
+        } else {
+            let name = SETTLE_FAIL_POINTS[(cycle / 2) % SETTLE_FAIL_POINTS.len()];
+            plan.push(Crash::FailPoint { name, skip: rng.random_range(0..=2) });
+        }
+    }
+    if cfg!(feature = "failpoints") {
+        plan.push(Crash::FailPoint { name: "restore-before-swap", skip: 0 });
+        plan.push(Crash::FailPoint { name: "restore-before-status", skip: 0 });
+    } else {
+        println!("SKIP: fail point crashes (build with --features failpoints)");
+    }
+    plan.push(Crash::Complete);
+    plan
+}
+
+/// A child that is killed and reaped however the test ends.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        // Already dead and reaped in the normal path; these then fail harmlessly.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    server: LoopbackS3,
+    volume: SampleVolume,
+    manifest: Manifest,
+    target: PathBuf,
+    state: PathBuf,
+    config: PathBuf,
+}
+
+impl Fixture {
+    async fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("s3");
+        let prefix_dir = root.join(BUCKET).join(PREFIX);
+        std::fs::create_dir_all(&prefix_dir).unwrap();
+        let volume = SampleVolume {
+            size_bytes: BLOCKS * u64::from(BLOCK_BYTES) + 1000,
+            block_size_bytes: BLOCK_BYTES,
+            seed: 77,
+        };
+        let source = dir.path().join("source.img");
+        volume.write_to(&source).unwrap();
+        let spec = rehydrate::snapshot::CreateSpec {
+            source,
+            name: NAME.to_owned(),
+            block_size_bytes: BLOCK_BYTES,
+            compression: Compression::None,
+            hash_algorithm: HashAlgorithm::Blake3,
+            puts_inflight_max: 8,
+        };
+        // A file store writes exactly the layout the S3 server serves.
+        rehydrate::snapshot::create(Arc::new(FileStore::new(prefix_dir.clone())), &spec).await.unwrap();
+        let manifest_bytes = std::fs::read(prefix_dir.join(format!("{NAME}.manifest"))).unwrap();
+        let manifest = Manifest::decode(&manifest_bytes, &ManifestLimits::default()).unwrap();
+
+        let server = LoopbackS3::start(root).await.unwrap();
+        server.add_fault(
+            FaultRule::new(Fault::Latency(BLOCK_LATENCY)).path_contains("/blocks/").method(FaultMethod::Get),
+        );
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let state = dir.path().join("state");
+        let config = dir.path().join("rehydrate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[fetch]
+attempt_timeout_millis = 5000
+backoff_base_millis = 5
+backoff_cap_millis = 50
+jitter_seed = 7
+
+[checkpoint]
+dir = "{state}"
+interval_millis = 100
+interval_bytes = {interval_bytes}
+
+[concurrency]
+concurrency_min = 2
+concurrency_max = {INFLIGHT_REQUESTS_MAX}
+
+[s3]
+connect_timeout_millis = 1000
+operation_attempt_timeout_millis = 3000
+operation_timeout_millis = 5000
+body_deadline_millis = 5000
+body_idle_timeout_millis = 2000
+"#,
+                state = state.display(),
+                interval_bytes = INTERVAL_BLOCKS * u64::from(BLOCK_BYTES),
+            ),
+        )
+        .unwrap();
+        Fixture { target: out.join("restored.img"), dir, server, volume, manifest, state, config }
+    }
+
+    fn spawn(&self, cycle: usize, failpoints: Option<String>) -> Reaped {
+        let log = |what: &str| std::fs::File::create(self.dir.path().join(format!("cycle-{cycle}.{what}"))).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rehydrate"));
+        cmd.args(["restore", "--json", "--manifest", &format!("s3://{BUCKET}/{PREFIX}/{NAME}.manifest"), "--target"])
+            .arg(&self.target)
+            .arg("--config")
+            .arg(&self.config)
+            .env("AWS_ENDPOINT_URL", self.server.endpoint_url())
+            .env("AWS_ACCESS_KEY_ID", LOOPBACK_ACCESS_KEY_ID)
+            .env("AWS_SECRET_ACCESS_KEY", LOOPBACK_SECRET_ACCESS_KEY)
+            .env("AWS_REGION", LOOPBACK_REGION)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", self.dir.path().join("no-aws-config"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", self.dir.path().join("no-aws-credentials"))
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_SESSION_TOKEN")
+            .env("REHYDRATE_LOG", "warn")
+            .env_remove("FAILPOINTS")
+            .stdin(Stdio::null())
+            .stdout(log("stdout"))
+            .stderr(log("stderr"));
+        if let Some(fp) = failpoints {
+            cmd.env("FAILPOINTS", fp);
+        }
+        Reaped(cmd.spawn().unwrap())
+    }
+
+    fn output(&self, cycle: usize, what: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("cycle-{cycle}.{what}"))).unwrap_or_default()
+    }
+
+    fn checkpoint_path(&self) -> PathBuf {
+        self.state.join(format!("{}.ckpt", checkpoint_key(&self.target)))
+    }
+
+    /// Keys of block GETs the server received, from arrival `from` on.
+    fn block_requests(&self, from: usize) -> Vec<String> {
+        self.server
+            .arrivals()
+            .into_iter()
+            .skip(from)
+            .filter(|a| a.method == hyper::Method::GET && a.path.contains("/blocks/"))
+            .map(|a| a.path)
+            .collect()
+    }
+}
+
+/// Wait for the child to exit on its own, within [`CHILD_DEADLINE`].
+async fn wait_exit(child: &mut Reaped) -> ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(started.elapsed() < CHILD_DEADLINE, "the child did not exit within {CHILD_DEADLINE:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The checkpoint on disk names only blocks whose bytes are in `file`, and
+/// has no failed blocks.
+fn check_checkpoint_against(fx: &Fixture, file: &Path) -> Checkpoint {
+    let bytes = std::fs::read(fx.checkpoint_path()).expect("a crashed restore keeps its checkpoint");
+    let checkpoint = Checkpoint::decode(&bytes).expect("the checkpoint on disk decodes");
+    assert_eq!(checkpoint.identity().manifest_digest, fx.manifest.digest());
+    assert!(checkpoint.failed().is_empty(), "blocks recorded failed: {:?}", checkpoint.failed());
+    let data = std::fs::read(file).unwrap();
+    let block = u64::from(BLOCK_BYTES);
+    for index in (0..fx.volume.block_count()).filter(|&i| checkpoint.settled().is_settled(i)) {
+        let want = fx.volume.block(index);
+        let offset = (index * block) as usize;
+        assert_eq!(
+            data.get(offset..offset + want.len()),
+            Some(&want[..]),
+            "the checkpoint names block {index} as settled but {} does not hold its bytes",
+            file.display()
+        );
+    }
+    checkpoint
+}
+
+/// The server path of every block object, with the blocks it holds.
+fn blocks_by_path(manifest: &Manifest) -> HashMap<String, Vec<u64>> {
+    let mut by_path: HashMap<String, Vec<u64>> = HashMap::new();
+    for entry in manifest.entries() {
+        let path = format!("/{BUCKET}/{PREFIX}/{}", block_key(&entry.hash, entry.compression));
+        by_path.entry(path).or_default().push(entry.index);
+    }
+    by_path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_again_and_again_resumes_with_bounded_rework_and_ends_identical() {
+    let seed = std::env::var("CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);
+    println!("crash test seed {seed} (rerun with CRASH_SEED={seed})");
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let fx = Fixture::new().await;
+    let staging = rehydrate::target::staging_path(&fx.target).unwrap();
+    let bound = lost_bound_objects();
+    let objects = blocks_by_path(&fx.manifest);
+    let fully_settled = |checkpoint: &Checkpoint, path: &String| {
+        objects[path].iter().all(|&index| checkpoint.settled().is_settled(index))
+    };
+    println!("{} objects, at most {bound} objects lost per crash", objects.len());
+
+    let mut requested_before: HashSet<String> = HashSet::new();
+    // The checkpoint the next run resumes from.
+    let mut resumed_from: Option<Checkpoint> = None;
+    let (mut lost_max, mut rework_max, mut resumed_settled_max) = (0u64, 0u64, 0u64);
+    let started = Instant::now();
+    let plan = plan(&mut rng);
+    let crashes = plan.len() - 1;
+    for (cycle, crash) in plan.into_iter().enumerate() {
+        let mark = fx.server.arrivals().len();
+        let failpoints = match &crash {
+            Crash::FailPoint { name, skip } if *skip == 0 => Some(format!("{name}=panic")),
+            Crash::FailPoint { name, skip } => Some(format!("{name}={skip}*off->panic")),
+            _ => None,
+        };
+        let mut child = fx.spawn(cycle, failpoints);
+        let status = match &crash {
+            Crash::Kill { fresh_requests, extra_millis } => {
+                let deadline = Instant::now() + CHILD_DEADLINE;
+                loop {
+                    if let Some(status) = child.0.try_wait().unwrap() {
+                        panic!(
+                            "cycle {cycle}: the child exited ({status}) before it could be killed: {}",
+                            fx.output(cycle, "stderr")
+                        );
+                    }
+                    let fresh =
+                        fx.block_requests(mark).iter().filter(|k| !requested_before.contains(*k)).count() as u64;
+                    if fresh >= *fresh_requests {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "cycle {cycle}: no progress within {CHILD_DEADLINE:?}");
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(*extra_millis)).await;
+                let pid = i32::try_from(child.0.id()).unwrap();
+                // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet.
+                assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+                let status = child.0.wait().unwrap();
+                assert_eq!(status.signal(), Some(libc::SIGKILL), "cycle {cycle}: {status}");
+                status
+            }
+            Crash::FailPoint { name, .. } => {
+                let status = wait_exit(&mut child).await;
+                let stderr = fx.output(cycle, "stderr");
+                assert_eq!(
+                    status.signal(),
+                    Some(libc::SIGABRT),
+                    "cycle {cycle}: expected a crash at {name} (is the binary built with --features failpoints?): {status}\n{stderr}"
+                );
+                assert!(stderr.contains(name), "cycle {cycle}: crashed elsewhere than {name}:\n{stderr}");
+                status
+            }
+            Crash::Complete => wait_exit(&mut child).await,
+        };
+        // A request the dead child wrote may still be read by the server.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        // The restart used its checkpoint: nothing it names as settled was
+        // requested again, not one object.
+        let requested: HashSet<String> = fx.block_requests(mark).into_iter().collect();
+        if let Some(checkpoint) = &resumed_from {
+            let refetched: Vec<_> = requested.iter().filter(|p| fully_settled(checkpoint, p)).collect();
+            assert!(
+                refetched.is_empty(),
+                "cycle {cycle}: the restart requested {} objects its checkpoint names as settled, e.g. {:?}",
+                refetched.len(),
+                refetched.first()
+            );
+            resumed_settled_max = resumed_settled_max.max(checkpoint.settled().settled_count());
+        }
+        let rework = requested.intersection(&requested_before).count() as u64;
+        rework_max = rework_max.max(rework);
+        requested_before.extend(requested.iter().cloned());
+
+        resumed_from = match crash {
+            Crash::Complete => {
+                assert_eq!(status.code(), Some(0), "final run: {}", fx.output(cycle, "stderr"));
+                let summary: serde_json::Value = serde_json::from_str(&fx.output(cycle, "stdout")).unwrap();
+                assert_eq!(summary["succeeded"], true, "{summary}");
+                assert_eq!(summary["blocks_settled"], summary["blocks_total"], "{summary}");
+                assert_eq!(summary["blocks_failed"], 0, "{summary}");
+                println!(
+                    "cycle {cycle:2} {crash:?}: {status}; requested again {rework}, new {}",
+                    requested.len() as u64 - rework
+                );
+                None
+            }
+            crash => {
+                let file = match crash {
+                    // Swapped into place, status not reported: the checkpoint
+                    // names the file now in place.
+                    Crash::FailPoint { name: "restore-before-status", .. } => {
+                        assert!(!staging.exists());
+                        &fx.target
+                    }
+                    _ => &staging,
+                };
+                let checkpoint = check_checkpoint_against(&fx, file);
+                if let Some(before) = &resumed_from {
+                    let (was, is) = (before.settled().settled_count(), checkpoint.settled().settled_count());
+                    assert!(is >= was, "cycle {cycle}: settled went from {was} to {is}");
+                }
+                // What this crash threw away: objects this run requested
+                // that its checkpoint does not hold.
+                let lost = requested.iter().filter(|p| !fully_settled(&checkpoint, p)).count() as u64;
+                println!(
+                    "cycle {cycle:2} {crash:?}: {status}; requested again {rework}, new {}, lost {lost}, settled {}",
+                    requested.len() as u64 - rework,
+                    checkpoint.settled().settled_count()
+                );
+                assert!(lost <= bound, "cycle {cycle}: the crash lost {lost} objects of work (bound {bound})");
+                lost_max = lost_max.max(lost);
+                Some(checkpoint)
+            }
+        };
+    }
+    println!(
+        "{crashes} crashes in {:.1}s; lost per crash max {lost_max} objects (bound {bound}); requested again per restart max {rework_max}",
+        started.elapsed().as_secs_f64()
+    );
+    // The refetch check had teeth: some restart resumed from a checkpoint
+    // holding most of the volume, which a restart from zero would refetch.
+    assert!(resumed_settled_max > fx.volume.block_count() / 2, "no restart resumed from much progress");
+    assert_eq!(requested_before.len(), objects.len(), "every object was requested at least once");
+
+    assert_eq!(fx.volume.mismatches(&fx.target).unwrap(), Vec::<u64>::new());
+    let readback = rehydrate::job::readback::readback(&fx.manifest, &fx.target).unwrap();
+    assert!(readback.matches(), "read-back mismatches: {:?}", readback.mismatched);
+    let out = fx.target.parent().unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(out).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers, vec![std::ffi::OsString::from("restored.img")], "staging files left behind");
+    assert!(!fx.checkpoint_path().exists(), "the checkpoint outlived a successful restore");
+    let state_files: Vec<_> = std::fs::read_dir(&fx.state).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(state_files.is_empty(), "files left in the checkpoint directory: {state_files:?}");
+}
