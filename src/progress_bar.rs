@@ -29,9 +29,22 @@ pub fn spawn(progress: Arc<Progress>) -> Bar {
         let bar = bar.clone();
         async move {
             let mut tick = tokio::time::interval(Duration::from_millis(200));
+            let mut told_resume = false;
             loop {
                 tick.tick().await;
                 let s = progress.snapshot();
+                let resumed = progress.blocks_resumed.load(std::sync::atomic::Ordering::Relaxed);
+                if resumed > 0 && !told_resume {
+                    told_resume = true;
+                    bar.suspend(|| {
+                        eprintln!(
+                            "resuming from checkpoint: {resumed} of {} blocks already settled ({:.1} %), skipped",
+                            s.blocks_total,
+                            100.0 * resumed as f64 / s.blocks_total.max(1) as f64
+                        )
+                    });
+                }
+
                 bar.set_prefix(s.phase.name());
                 bar.set_length(s.bytes_total);
                 bar.set_position(s.bytes_settled);
