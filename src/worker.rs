@@ -491,17 +491,36 @@ impl Worker {
         };
         let worker = Arc::clone(self);
         self.tasks.spawn(async move {
-            let result = crate::job::restore::restore(&worker.engine, &spec, &progress, &cancel).await;
+            // Its own task, so a panic in the restore still ends the run
+            // (the job fails, the target is released) instead of the worker.
+            let engine = Arc::clone(&worker.engine);
+            let watched = Arc::clone(&progress);
+            let result =
+                tokio::spawn(async move { crate::job::restore::restore(&engine, &spec, &watched, &cancel).await })
+                    .await
+                    .map_err(|e| format!("internal error: the restore task ended abnormally: {e}"));
             worker.finish_run(&record, result, &progress);
         });
     }
 
     /// Store a run's outcome, compare-and-set on the run: if the job was
     /// cancelled or replaced meanwhile, its status stays what that decided.
-    fn finish_run(&self, record: &JobRecord, result: Result<RestoreReport, RestoreError>, progress: &Progress) {
+    fn finish_run(
+        &self,
+        record: &JobRecord,
+        result: Result<Result<RestoreReport, RestoreError>, String>,
+        progress: &Progress,
+    ) {
         let id = &record.spec.id;
         let shutting_down = self.shutdown.is_cancelled();
         let phase = progress.phase();
+        let result = match result {
+            Ok(result) => result,
+            Err(internal) => {
+                tracing::error!(job = %id, error = %internal, "restore task failed");
+                Err(RestoreError::Io(internal))
+            }
+        };
         let (state, reason, summary, damage) = match result {
             Ok(report) => (JobState::Succeeded, None, Some(summary_of(&report)), Vec::new()),
             Err(RestoreError::BlocksFailed(report)) => {

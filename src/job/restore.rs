@@ -549,27 +549,40 @@ impl Settler {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // Cancellation first: cancelled units stop without reporting,
+                // so the outcome channel can close with blocks not done.
+                biased;
+                () = cancel.cancelled() => {
+                    stop.cancel();
+                    self.settle().await?;
+                    return Err(self.interrupted());
+                }
                 outcome = rx.recv() => match outcome {
                     Some(outcome) => self.record(outcome)?,
                     None => break,
                 },
                 _ = tick.tick() => self.watch_stall(&ctx.telemetry),
-                () = cancel.cancelled() => {
-                    stop.cancel();
-                    self.settle().await?;
-                    return Err(RestoreError::Interrupted(format!(
-                        "stopped after settling {} of {} blocks; rerun the same restore to resume",
-                        self.checkpoint.settled().settled_count(),
-                        self.layout.block_count()
-                    )));
-                }
             }
             if self.sync_due() {
                 self.settle().await?;
             }
         }
         let _ = dispatcher.await;
-        self.settle().await
+        self.settle().await?;
+        if cancel.is_cancelled() {
+            // Units cancelled between the last outcome and here never
+            // reported: the restore is not complete.
+            return Err(self.interrupted());
+        }
+        Ok(())
+    }
+
+    fn interrupted(&self) -> RestoreError {
+        RestoreError::Interrupted(format!(
+            "stopped after settling {} of {} blocks; rerun the same restore to resume",
+            self.checkpoint.settled().settled_count(),
+            self.layout.block_count()
+        ))
     }
 
     fn record(&mut self, outcome: UnitOutcome) -> Result<(), RestoreError> {
