@@ -637,7 +637,7 @@ fn staged_bytes(target: &Path) -> u64 {
 }
 
 /// (available, total) bytes of the filesystem holding `path`.
-fn filesystem_bytes(path: &Path) -> std::io::Result<(u64, u64)> {
+pub fn filesystem_bytes(path: &Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL"))?;

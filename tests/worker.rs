@@ -465,3 +465,66 @@ async fn ten_concurrent_jobs_complete_byte_identical() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_can_never_fit_fails_at_once() {
+    let f = Fixture::new(30).await;
+    let (_, total) = rehydrate::worker::filesystem_bytes(&f.roots()).unwrap();
+    let block = 64u32 << 20;
+    let blocks = total / u64::from(block) + 16;
+    let layout = rehydrate::block::BlockLayout::new(blocks * u64::from(block), block).unwrap();
+    let mut builder =
+        rehydrate::manifest::ManifestBuilder::new("huge", layout, HashAlgorithm::Blake3, Compression::None).unwrap();
+    for index in 0..blocks {
+        let hash = rehydrate::block::ContentHash(*blake3::hash(&index.to_le_bytes()).as_bytes());
+        let entry =
+            rehydrate::manifest::BlockEntry { index, hash, stored_len_bytes: block, compression: Compression::None };
+        builder.push(entry).unwrap();
+    }
+    std::fs::write(store_root(f.dir.path()).join("huge.manifest"), builder.finish().encode()).unwrap();
+    let server = start(Engine::new(f.config()), Tokens::default(), None).await;
+    let target = f.target("huge.img");
+    let mut spec = f.spec("huge", &target);
+    spec.manifest = "huge.manifest".into();
+    assert_eq!(submit(&server.client, &spec).await.status.as_u16(), 201);
+    let job = wait_for(&server.client, "huge", "failed", |j| state(j) == "failed").await;
+    assert!(job["reason"].as_str().unwrap().contains("whole size"), "{job:#}");
+    assert_eq!(job["run"], json!(0), "it never started: {job:#}");
+    assert_eq!(std::fs::read_dir(f.roots()).unwrap().count(), 0, "nothing written");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_held_by_free_space_does_not_block_the_jobs_behind_it() {
+    let f = Fixture::new(31).await;
+    // Two target roots on two filesystems (tmpfs and the disk); the floor sits
+    // between their free space, so one of them cannot take any job.
+    let Ok(shm) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("skipped: no /dev/shm to put a second filesystem's root on");
+        return;
+    };
+    let (free_disk, _) = rehydrate::worker::filesystem_bytes(&f.roots()).unwrap();
+    let (free_shm, _) = rehydrate::worker::filesystem_bytes(shm.path()).unwrap();
+    let (small, large) =
+        if free_shm < free_disk { (shm.path().to_owned(), f.roots()) } else { (f.roots(), shm.path().to_owned()) };
+    if free_shm.abs_diff(free_disk) < 1 << 30 {
+        eprintln!("skipped: /dev/shm and the disk have about the same free space");
+        return;
+    }
+    let mut config = f.config();
+    config.worker.target_roots = vec![f.roots(), shm.path().to_owned()];
+    config.worker.target_free_bytes_min = free_shm.min(free_disk) + free_shm.abs_diff(free_disk) / 2;
+    let server = start(Engine::new(config), Tokens::default(), None).await;
+    let held_target = small.join("held.img");
+    let free_target = large.join("free.img");
+    assert_eq!(submit(&server.client, &f.spec("held", &held_target)).await.status.as_u16(), 201);
+    assert_eq!(submit(&server.client, &f.spec("behind", &free_target)).await.status.as_u16(), 201);
+    let job = wait_for(&server.client, "behind", "succeeded", |j| state(j) == "succeeded").await;
+    check_succeeded(&f, &job, &free_target);
+    let held = wait_for(&server.client, "held", "held", |j| j["held_by"].is_string()).await;
+    assert_eq!(state(&held), "queued", "{held:#}");
+    assert!(held["held_by"].as_str().unwrap().contains("free space"), "{held:#}");
+    assert!(!held_target.exists());
+    assert_eq!(state(&server.client.cancel("held").await.unwrap()), "cancelled");
+    server.stop().await;
+}
