@@ -453,7 +453,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Err(e) => return fail(&e.to_string(), ExitCode::IoFailure),
     };
     let stop = CancellationToken::new();
-    let signals = tokio::spawn(cancel_on_signal(stop.clone()));
+    let signals = tokio::spawn(stop_on_signal(stop.clone()));
     let http_stop = CancellationToken::new();
     let mut server = tokio::spawn(crate::api::serve(listener, Arc::clone(&worker), tokens, {
         let http_stop = http_stop.clone();
@@ -477,6 +477,21 @@ async fn serve(args: ServeArgs) -> ExitCode {
     http_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
     if clean { ExitCode::Success } else { ExitCode::Interrupted }
+}
+
+/// The worker's signal handler: logs through tracing (its logs may be JSON).
+async fn stop_on_signal(stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the worker with SIGKILL");
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "stopping");
+    stop.cancel();
 }
 
 fn init_worker_tracing(format: crate::config::LogFormat) {

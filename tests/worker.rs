@@ -528,3 +528,87 @@ async fn a_job_held_by_free_space_does_not_block_the_jobs_behind_it() {
     assert_eq!(state(&server.client.cancel("held").await.unwrap()), "cancelled");
     server.stop().await;
 }
+
+/// Run `rehydrate job …` against `server`: exit code and stdout.
+async fn job_cli(server: &str, args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_rehydrate"))
+        .arg("job")
+        .args(args)
+        .args(["--server", server, "--json"])
+        .env("REHYDRATE_LOG", "error")
+        .output()
+        .await
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_jobs_and_stops_on_sigterm() {
+    let f = Fixture::new(32).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config_path = f.dir.path().join("worker.toml");
+    let config = format!(
+        "[checkpoint]\ndir = {state:?}\n[worker]\nlisten = \"127.0.0.1:{port}\"\ntarget_roots = [{roots:?}]\n\
+         target_free_bytes_min = 0\nshutdown_grace_millis = 10000\nlog_format = \"json\"\n\
+         [worker.profiles.main]\nstore = \"file://{store}\"\n",
+        state = f.dir.path().join("state").display().to_string(),
+        roots = f.roots().display().to_string(),
+        store = store_root(f.dir.path()).display(),
+    );
+    std::fs::write(&config_path, config).unwrap();
+    let stderr = std::fs::File::create(f.dir.path().join("serve.log")).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rehydrate"))
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .env("REHYDRATE_LOG", "info")
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let server = format!("http://127.0.0.1:{port}");
+    let client = ApiClient::new(&server, None).unwrap();
+    let start = Instant::now();
+    while !client.raw(Method::GET, "/readyz", None).await.is_ok_and(|a| a.status.is_success()) {
+        assert!(start.elapsed() < DEADLINE, "the worker never became ready");
+        assert!(child.try_wait().unwrap().is_none(), "the worker exited at startup");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let target = f.target("cli.img");
+    let target_arg = target.display().to_string();
+    let submit_args =
+        ["submit", "--id", "cli", "--profile", "main", "--manifest", &f.manifest_key, "--target", &target_arg];
+    let (code, out) = job_cli(&server, &submit_args).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["id"], json!("cli"));
+    let start = Instant::now();
+    loop {
+        let (code, out) = job_cli(&server, &["get", "cli"]).await;
+        assert_eq!(code, 0, "{out}");
+        let job: Value = serde_json::from_str(&out).unwrap();
+        if state(&job) == "succeeded" {
+            check_succeeded(&f, &job, &target);
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "never succeeded: {job:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, out) = job_cli(&server, &["get", "nope"]).await;
+    assert_eq!(code, 2, "a missing job is a usage error: {out}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["status"], json!(404));
+    let (code, _) = job_cli(&server, &["list"]).await;
+    assert_eq!(code, 0);
+
+    // SIGTERM: the process exits, successfully, within its grace period.
+    let pid = child.id().unwrap() as libc::pid_t;
+    // SAFETY: sending a signal to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(DEADLINE, child.wait()).await.expect("exits after SIGTERM").unwrap();
+    assert_eq!(status.code(), Some(0));
+    let log = std::fs::read_to_string(f.dir.path().join("serve.log")).unwrap();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in lines {
+        serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+    }
+}
