@@ -70,6 +70,9 @@ pub fn router(worker: Arc<Worker>, tokens: Tokens) -> Result<Router, String> {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "not-found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "this route does not take that method")
+        })
         .layer(DefaultBodyLimit::max(body_max))
         .with_state(api))
 }

@@ -370,7 +370,9 @@ impl Worker {
 
     /// Start every queued job that passes its gates, while there is room.
     async fn schedule_once(self: &Arc<Self>) -> Result<(), StoreError> {
-        let queued: Vec<JobRecord> = self.store.list()?.into_iter().filter(|r| r.state == JobState::Queued).collect();
+        let records = self.store.list()?;
+        self.publish_gauges(&records);
+        let queued: Vec<JobRecord> = records.into_iter().filter(|r| r.state == JobState::Queued).collect();
         for record in queued {
             if self.shutdown.is_cancelled() || self.live().running.len() >= self.config.jobs_running_max.get() {
                 return Ok(());
@@ -386,6 +388,17 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Jobs by state, and running restores flagged stalled.
+    fn publish_gauges(&self, records: &[JobRecord]) {
+        use crate::metrics as m;
+        for state in [JobState::Queued, JobState::Running, JobState::Succeeded, JobState::Failed, JobState::Cancelled] {
+            let n = records.iter().filter(|r| r.state == state).count();
+            metrics::gauge!(m::JOBS, "state" => state.name()).set(n as f64);
+        }
+        let stalled = self.live().running.values().filter(|r| r.progress.stalled().is_some()).count();
+        metrics::gauge!(m::STALLED_RESTORES).set(stalled as f64);
     }
 
     fn hold(&self, id: &str, reason: String) {
