@@ -123,4 +123,19 @@ mod tests {
         assert!(Tokens::from_list(&["short"]).is_err());
         assert!(format!("{tokens:?}").contains("2 configured"));
     }
+
+    #[test]
+    fn tokens_file_skips_comments_and_blank_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, "# rotated 2026-11\nfirst-token-0123456789\n\n  second-token-0123456789  \n").unwrap();
+        let config = WorkerConfig { tokens_file: Some(path.clone()), ..WorkerConfig::default() };
+        let tokens = Tokens::load(&config).unwrap();
+        assert!(tokens.accepts("first-token-0123456789") && tokens.accepts("second-token-0123456789"));
+        assert!(!tokens.accepts("# rotated 2026-11"));
+        std::fs::write(&path, "tiny\n").unwrap();
+        assert!(Tokens::load(&config).is_err());
+        let missing = WorkerConfig { tokens_file: Some(dir.path().join("none")), ..WorkerConfig::default() };
+        assert!(Tokens::load(&missing).is_err(), "a configured but missing tokens file must stop the worker");
+    }
 }
