@@ -86,6 +86,10 @@ pub enum JobCommand {
         /// Cancel an active job on the same target and take over its work.
         #[arg(long)]
         replace: bool,
+        /// Discard a checkpoint an earlier restore (of another snapshot) left
+        /// on the target instead of resuming it.
+        #[arg(long)]
+        restart: bool,
     },
     /// Show one job.
     Get {
@@ -519,13 +523,14 @@ async fn job(command: JobCommand) -> ExitCode {
         Err(e) => return usage(&e.to_string()),
     };
     let result = match &command {
-        JobCommand::Submit { id, profile, manifest, target, replace, .. } => {
+        JobCommand::Submit { id, profile, manifest, target, replace, restart, .. } => {
             let spec = crate::worker::JobSpec {
                 id: id.clone(),
                 profile: profile.clone(),
                 manifest: manifest.clone(),
                 target: target.clone(),
                 replace: *replace,
+                restart: *restart,
             };
             client.submit(&spec).await.map(|a| a.body)
         }

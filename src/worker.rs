@@ -151,8 +151,8 @@ pub struct JobStatus {
     pub stalled_reason: Option<String>,
     /// The gate a queued job waits on.
     pub held_by: Option<String>,
-    /// Distinct block objects served, by source.
-    pub sources: Vec<(String, u64)>,
+    /// Distinct block objects served, by source (`primary`, `secondary1`, …).
+    pub sources: std::collections::BTreeMap<String, u64>,
     pub reason: Option<String>,
     pub damage: Vec<DamagedBlock>,
     pub created_unix_secs: u64,
@@ -326,7 +326,7 @@ impl Worker {
             stalled: false,
             stalled_reason: None,
             held_by: None,
-            sources: Vec::new(),
+            sources: Default::default(),
             reason: record.reason.clone(),
             damage: record.damage.clone(),
             created_unix_secs: record.created_unix_secs,
@@ -342,7 +342,7 @@ impl Worker {
             };
             status.bytes = ByteCounts { total: s.bytes_total, settled: s.bytes_settled, written: s.bytes_written };
             status.throughput_bytes_per_sec = s.throughput_bytes_per_sec;
-            status.sources = s.fetch.served_by_source.clone();
+            status.sources = s.fetch.served_by_source.iter().cloned().collect();
         }
         match (record.state, live.running.get(&id)) {
             (JobState::Running, Some(run)) if run.run == record.run => fill_live(&mut status, &run.progress),
@@ -477,10 +477,12 @@ impl Worker {
         let started = self.store.transition(&id, &[JobState::Queued], None, |r| {
             r.state = JobState::Running;
             r.run += 1;
+            r.restart_pending = false;
             r.phase = Some(Phase::Validate);
             r.reason = None;
             r.started_unix_secs = Some(unix_now_secs());
         });
+        let restart_pending = record.restart_pending;
         let record = match started {
             Ok(r) => r,
             Err(e) => {
@@ -500,7 +502,7 @@ impl Worker {
             target: resolved.target,
             secondaries: resolved.secondaries,
             in_place: false,
-            restart: false,
+            restart: restart_pending,
         };
         let worker = Arc::clone(self);
         self.tasks.spawn(async move {
@@ -593,7 +595,7 @@ fn fill_live(status: &mut JobStatus, progress: &Progress) {
     status.stalled = p.stalled.is_some();
     status.stalled_reason = p.stalled;
     if let Some(t) = progress.telemetry() {
-        status.sources = t.counts().served_by_source;
+        status.sources = t.counts().served_by_source.into_iter().collect();
     }
 }
 

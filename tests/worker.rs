@@ -126,6 +126,7 @@ impl Fixture {
             manifest: self.manifest_key.clone(),
             target: target.to_owned(),
             replace: false,
+            restart: false,
         }
     }
 
@@ -231,7 +232,8 @@ async fn submit_poll_and_idempotent_resubmission() {
     check_succeeded(&f, &job, &target);
     assert_eq!(job["run"], json!(1), "one job, one run: {job:#}");
     assert!(job["throughput_bytes_per_sec"].as_f64().unwrap() > 0.0);
-    assert_eq!(job["sources"][0][0], json!("primary"));
+    let served = f.manifest.entries().iter().map(|e| e.hash).collect::<std::collections::HashSet<_>>().len();
+    assert_eq!(job["sources"]["primary"], json!(served), "every distinct object once, from the primary: {job:#}");
     // The same spec once more: the same finished job, not a new run.
     let after = submit(&server.client, &spec).await;
     assert_eq!(after.status.as_u16(), 200);
@@ -620,4 +622,28 @@ async fn the_binary_serves_jobs_and_stops_on_sigterm() {
     for line in lines {
         serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_with_another_snapshot_restarts_the_target() {
+    let f = Fixture::new(33).await;
+    let other = volume(BLOCKS + 3, 34);
+    snapshot(f.dir.path(), &other, Compression::None, HashAlgorithm::Blake3).await;
+    let other_manifest = load_manifest(&format!("file://{}/vol-34.manifest", store_root(f.dir.path()).display()));
+    let (engine, gate) = f.gated_engine(f.config());
+    let server = start(engine, Tokens::default(), None).await;
+    let target = f.target("swap.img");
+    assert_eq!(submit(&server.client, &f.spec("first", &target)).await.status.as_u16(), 201);
+    wait_for(&server.client, "first", "settled some", |j| j["blocks"]["settled"].as_u64() > Some(0)).await;
+    let mut second = f.spec("second", &target);
+    second.manifest = "vol-34.manifest".into();
+    second.replace = true;
+    assert_eq!(submit(&server.client, &second).await.status.as_u16(), 201);
+    gate.send_replace(true);
+    let job = wait_for(&server.client, "second", "finished", |j| state(j) == "succeeded" || state(j) == "failed").await;
+    assert_eq!(state(&job), "succeeded", "{job:#}");
+    assert_eq!(job["blocks"]["resumed"], json!(0), "another snapshot's progress was reused: {job:#}");
+    check_identical(&other_manifest, &other, &target);
+    assert_eq!(state(&server.client.get("first").await.unwrap()), "cancelled");
+    server.stop().await;
 }

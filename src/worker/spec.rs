@@ -37,11 +37,16 @@ pub struct JobSpec {
     /// Cancel an active job on the same target and take over its work.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replace: bool,
+    /// Discard a checkpoint an earlier restore left on this target (of
+    /// another snapshot) instead of resuming it. Implied when `replace`
+    /// takes over a job restoring another snapshot.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restart: bool,
 }
 
 impl JobSpec {
-    /// Whether two specs ask for the same restore (`replace` is how to submit,
-    /// not what to restore).
+    /// Whether two specs ask for the same restore (`replace` and `restart`
+    /// are how to submit, not what to restore).
     pub fn same_job(&self, other: &JobSpec) -> bool {
         self.id == other.id
             && self.profile == other.profile

@@ -75,6 +75,10 @@ pub struct RunSummary {
 pub struct JobRecord {
     pub spec: JobSpec,
     pub state: JobState,
+    /// The next run discards the target's checkpoint first (cleared when
+    /// that run starts, so later runs resume).
+    #[serde(default)]
+    pub restart_pending: bool,
     /// Runs started so far; a runner's changes are compare-and-set on it.
     pub run: u64,
     pub phase: Option<Phase>,
@@ -90,7 +94,8 @@ pub struct JobRecord {
 impl JobRecord {
     pub fn new(spec: JobSpec, now_unix_secs: u64) -> Self {
         Self {
-            spec: JobSpec { replace: false, ..spec },
+            restart_pending: spec.restart,
+            spec: JobSpec { replace: false, restart: false, ..spec },
             state: JobState::Queued,
             run: 0,
             phase: None,
@@ -200,6 +205,10 @@ impl JobStore {
                 }
                 _ if queued >= queued_max => Insert::QueueFull,
                 existing => {
+                    // A replaced job of another snapshot leaves a checkpoint the
+                    // new one cannot use.
+                    let other_snapshot =
+                        busy.is_some_and(|b| (&b.spec.profile, &b.spec.manifest) != (&spec.profile, &spec.manifest));
                     if let Some(old) = busy {
                         let mut old = old.clone();
                         old.state = JobState::Cancelled;
@@ -215,10 +224,13 @@ impl JobStore {
                             r.reason = Some("resubmitted: resumes from its checkpoint".to_owned());
                             r.finished_unix_secs = None;
                             r.damage.clear();
+                            r.restart_pending = spec.restart;
                             (r, true)
                         }
                         None => (JobRecord::new(spec.clone(), now), false),
                     };
+                    let mut record = record;
+                    record.restart_pending |= other_snapshot;
                     put(&mut table, &record)?;
                     if requeued {
                         Insert::Existing { record, requeued }
