@@ -381,11 +381,16 @@ impl Worker {
             if self.live().held.get(&id).is_some_and(|h| h.next_try > Instant::now()) {
                 continue;
             }
-            match self.gate(&record).await {
-                Gate::Pass => self.start_run(record),
-                Gate::Hold(reason) => self.hold(&id, reason),
-                Gate::Never(reason) => self.fail_queued(&record, reason),
-            }
+            // Record changes commit with fsync: off the async threads.
+            let worker = Arc::clone(self);
+            let _ = match self.gate(&record).await {
+                Gate::Pass => tokio::task::spawn_blocking(move || worker.start_run(record)).await,
+                Gate::Hold(reason) => {
+                    self.hold(&id, reason);
+                    Ok(())
+                }
+                Gate::Never(reason) => tokio::task::spawn_blocking(move || worker.fail_queued(&record, reason)).await,
+            };
         }
         Ok(())
     }
@@ -514,7 +519,7 @@ impl Worker {
                 tokio::spawn(async move { crate::job::restore::restore(&engine, &spec, &watched, &cancel).await })
                     .await
                     .map_err(|e| format!("internal error: the restore task ended abnormally: {e}"));
-            worker.finish_run(&record, result, &progress);
+            let _ = tokio::task::spawn_blocking(move || worker.finish_run(&record, result, &progress)).await;
         });
     }
 
