@@ -289,13 +289,22 @@ async fn busy_target_is_refused_and_replacement_adopts_the_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_then_resubmit_resumes() {
     let f = Fixture::new(23).await;
-    let (engine, gate) = f.gated_engine(f.config());
+    let mut config = f.config();
+    config.fetch.stall_after_millis = std::num::NonZeroU64::new(200).unwrap();
+    let (engine, gate) = f.gated_engine(config);
     let server = start(engine, Tokens::default(), None).await;
     let total = f.manifest.layout.block_count();
     let target = f.target("c.img");
     let spec = f.spec("job-c", &target);
     assert_eq!(submit(&server.client, &spec).await.status.as_u16(), 201);
     wait_for(&server.client, "job-c", "settled but one block", |j| j["blocks"]["settled"] == json!(total - 1)).await;
+    // Nothing settles while block 16 is held: the job is flagged stalled and
+    // the reason names that block.
+    let stalled = wait_for(&server.client, "job-c", "stalled", |j| j["stalled"] == json!(true)).await;
+    assert_eq!(state(&stalled), "running");
+    let reason = stalled["stalled_reason"].as_str().unwrap();
+    assert!(reason.contains("oldest block in flight: 16"), "{reason}");
+    assert!(stalled.get("eta_secs").is_some() && stalled["bytes"]["total"].as_u64() > Some(0), "{stalled:#}");
     let cancelled = server.client.cancel("job-c").await.unwrap();
     assert_eq!(state(&cancelled), "cancelled", "{cancelled:#}");
     assert!(!target.exists(), "a cancelled restore was swapped into place");

@@ -185,4 +185,36 @@ mod tests {
             assert!(check_target(&bad, &roots).is_err(), "{}", bad.display());
         }
     }
+
+    proptest::proptest! {
+        /// Whatever a client sends, resolving never panics, and an accepted
+        /// target lies under the root and an accepted manifest key has no
+        /// way out of the store prefix.
+        #[test]
+        fn resolve_never_escapes(
+            target in "[a-z./\\-]{0,12}(/\\.\\.)?[a-z./]{0,12}",
+            manifest in "[a-z./\\-]{0,16}(\\.manifest)?",
+            id in "[A-Za-z0-9_/-]{0,70}",
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("root");
+            std::fs::create_dir_all(root.join("a")).unwrap();
+            let mut config = WorkerConfig { target_roots: vec![root.clone()], ..WorkerConfig::default() };
+            let profile = crate::config::ProfileConfig { store: "s3://bucket/p".into(), secondaries: vec![] };
+            config.profiles.insert("main".into(), profile);
+            let spec = JobSpec {
+                id,
+                profile: "main".into(),
+                manifest: manifest.clone(),
+                target: root.join(target.trim_start_matches('/')),
+                replace: false,
+                restart: false,
+            };
+            if let Ok(resolved) = resolve(&spec, &config) {
+                proptest::prop_assert!(resolved.target.starts_with(root.canonicalize().unwrap()));
+                proptest::prop_assert!(!manifest.split('/').any(|p| p == ".." || p.is_empty()));
+                proptest::prop_assert!(resolved.manifest_url.starts_with("s3://bucket/p/"));
+            }
+        }
+    }
 }
