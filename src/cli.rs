@@ -1,4 +1,5 @@
-//! The command line: `snapshot create`, `restore`, `verify`, `demo`.
+//! The command line: `snapshot create`, `restore`, `verify`, `demo`, and the
+//! worker: `serve` and its client `job submit|get|list|cancel`.
 //!
 //! Human output goes to stdout (summaries) and stderr (progress, logs);
 //! `--json` replaces the summary with one JSON object on stdout. Every command
@@ -36,6 +37,77 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Snapshot, restore and verify a sample volume, on embedded defaults.
     Demo(crate::demo::DemoArgs),
+    /// Run the worker: an HTTP API that takes restore jobs.
+    Serve(ServeArgs),
+    /// Talk to a worker: submit, get, list, cancel jobs.
+    #[command(subcommand)]
+    Job(JobCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The config file ([worker] section: listener, target roots, profiles).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override worker.listen.
+    #[arg(long)]
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The worker: http://host:port.
+    #[arg(long, env = "REHYDRATE_SERVER", default_value = "http://127.0.0.1:7878")]
+    pub server: String,
+    /// Bearer token (prefer the environment: it stays out of `ps`).
+    #[arg(long, env = "REHYDRATE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the server's JSON as is.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Submit a job (idempotent on --id).
+    Submit {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        id: String,
+        /// A store profile of the worker's configuration.
+        #[arg(long)]
+        profile: String,
+        /// The manifest's key under the profile's store (vol.manifest).
+        #[arg(long)]
+        manifest: String,
+        #[arg(long)]
+        target: PathBuf,
+        /// Cancel an active job on the same target and take over its work.
+        #[arg(long)]
+        replace: bool,
+        /// Discard a checkpoint an earlier restore (of another snapshot) left
+        /// on the target instead of resuming it.
+        #[arg(long)]
+        restart: bool,
+    },
+    /// Show one job.
+    Get {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+    },
+    /// List jobs.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cancel a job (it checkpoints; resubmitting resumes it).
+    Cancel {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -108,7 +180,10 @@ pub struct VerifyArgs {
 /// Parse the command line and run it.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // The worker sets up its own logging, in the format its config asks for.
+    if !matches!(cli.command, Command::Serve(_)) {
+        init_tracing();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -139,6 +214,8 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Restore(args) => restore(args).await,
         Command::Verify(args) => verify(args).await,
         Command::Demo(args) => crate::demo::run(args).await,
+        Command::Serve(args) => serve(args).await,
+        Command::Job(command) => job(command).await,
     }
 }
 
@@ -352,6 +429,165 @@ async fn verify(args: VerifyArgs) -> ExitCode {
         );
     }
     if report.matches() { ExitCode::Success } else { ExitCode::DataFailure }
+}
+
+/// `rehydrate serve`: run the worker until SIGTERM/SIGINT, then stop taking
+/// jobs, let running ones checkpoint, and exit within the grace period.
+async fn serve(args: ServeArgs) -> ExitCode {
+    let Ok(mut config) = load_config(args.config.as_ref()) else {
+        return ExitCode::Usage;
+    };
+    if let Some(listen) = args.listen {
+        config.worker.listen = listen;
+        if let Err(e) = config.validate() {
+            return usage(&e.to_string());
+        }
+    }
+    init_worker_tracing(config.worker.log_format);
+    let tokens = match crate::api::Tokens::load(&config.worker) {
+        Ok(t) => t,
+        Err(e) => return usage(&e),
+    };
+    let listener = match tokio::net::TcpListener::bind(&config.worker.listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(&format!("cannot listen on {}: {e}", config.worker.listen), ExitCode::IoFailure),
+    };
+    if let Err(e) = crate::api::metrics_handle() {
+        return fail(&format!("cannot install the metrics recorder: {e}"), ExitCode::Internal);
+    }
+    let grace = config.worker.shutdown_grace();
+    let engine = Arc::new(Engine::new(config));
+    let worker = match crate::worker::Worker::start(engine) {
+        Ok(w) => w,
+        Err(e) => return fail(&e.to_string(), ExitCode::IoFailure),
+    };
+    let stop = CancellationToken::new();
+    let signals = tokio::spawn(stop_on_signal(stop.clone()));
+    let http_stop = CancellationToken::new();
+    let mut server = tokio::spawn(crate::api::serve(listener, Arc::clone(&worker), tokens, {
+        let http_stop = http_stop.clone();
+        async move { http_stop.cancelled().await }
+    }));
+    tokio::select! {
+        () = stop.cancelled() => {}
+        result = &mut server => {
+            signals.abort();
+            worker.shutdown(grace).await;
+            return match result {
+                Ok(Err(e)) => fail(&format!("the API server stopped: {e}"), ExitCode::Usage),
+                _ => fail("the API server stopped", ExitCode::Internal),
+            };
+        }
+    }
+    // /readyz turns 503 and submissions get 503 from here on; the listener
+    // stays up through the grace period so status can still be read.
+    tracing::info!("shutting down: no new jobs; running jobs checkpoint and resume at the next start");
+    let clean = worker.shutdown(grace).await;
+    http_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+    if clean { ExitCode::Success } else { ExitCode::Interrupted }
+}
+
+/// The worker's signal handler: logs through tracing (its logs may be JSON).
+async fn stop_on_signal(stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the worker with SIGKILL");
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "stopping");
+    stop.cancel();
+}
+
+fn init_worker_tracing(format: crate::config::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REHYDRATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        crate::config::LogFormat::Json => builder.json().try_init(),
+        crate::config::LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// `rehydrate job …`: 0 on a 2xx answer; 2 for a refused request (400, 401,
+/// 404, 413, 422); 5 for a conflict (409) or a full queue (429); 1 otherwise.
+async fn job(command: JobCommand) -> ExitCode {
+    use crate::api::client::ApiClient;
+    let client_args = match &command {
+        JobCommand::Submit { client, .. }
+        | JobCommand::Get { client, .. }
+        | JobCommand::List { client }
+        | JobCommand::Cancel { client, .. } => client,
+    };
+    let client = match ApiClient::new(&client_args.server, client_args.token.clone()) {
+        Ok(c) => c,
+        Err(e) => return usage(&e.to_string()),
+    };
+    let result = match &command {
+        JobCommand::Submit { id, profile, manifest, target, replace, restart, .. } => {
+            let spec = crate::worker::JobSpec {
+                id: id.clone(),
+                profile: profile.clone(),
+                manifest: manifest.clone(),
+                target: target.clone(),
+                replace: *replace,
+                restart: *restart,
+            };
+            client.submit(&spec).await.map(|a| a.body)
+        }
+        JobCommand::Get { id, .. } => client.get(id).await,
+        JobCommand::List { .. } => client.list().await,
+        JobCommand::Cancel { id, .. } => client.cancel(id).await,
+    };
+    match result {
+        Ok(body) if client_args.json => {
+            println!("{body}");
+            ExitCode::Success
+        }
+        Ok(body) => {
+            match body.get("jobs").and_then(|j| j.as_array()) {
+                Some(jobs) => jobs.iter().for_each(print_job_line),
+                None => print_job_line(&body),
+            }
+            ExitCode::Success
+        }
+        Err(e) => {
+            if client_args.json
+                && let crate::api::client::ClientError::Status { body, .. } = &e
+            {
+                println!("{body}");
+            }
+            let code = match e.status().map(|s| s.as_u16()) {
+                Some(400 | 401 | 404 | 413 | 422) => ExitCode::Usage,
+                Some(409 | 429) => ExitCode::Refused,
+                _ => ExitCode::Internal,
+            };
+            fail(&e.to_string(), code)
+        }
+    }
+}
+
+fn print_job_line(job: &serde_json::Value) {
+    let s = |k: &str| job.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_owned();
+    let n = |a: &str, b: &str| job.get(a).and_then(|v| v.get(b)).and_then(|v| v.as_u64()).unwrap_or(0);
+    let stalled = if job.get("stalled").and_then(|v| v.as_bool()).unwrap_or(false) { " STALLED" } else { "" };
+    println!(
+        "{} {}{} phase={} blocks {}/{} failed {} target={}{}{}",
+        s("id"),
+        s("state"),
+        stalled,
+        s("phase"),
+        n("blocks", "settled"),
+        n("blocks", "total"),
+        n("blocks", "failed"),
+        s("target"),
+        job.get("held_by").and_then(|v| v.as_str()).map(|h| format!(" held: {h}")).unwrap_or_default(),
+        job.get("reason").and_then(|v| v.as_str()).map(|r| format!(" ({r})")).unwrap_or_default(),
+    );
 }
 
 fn usage(message: &str) -> ExitCode {

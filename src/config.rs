@@ -29,6 +29,8 @@ pub struct Config {
     pub write: WriteConfig,
     pub checkpoint: CheckpointConfig,
     pub manifest: ManifestConfig,
+    /// `rehydrate serve`: listener, job limits, gates, store profiles.
+    pub worker: WorkerConfig,
 }
 
 /// How blocks are fetched: in-flight budget, deadlines, retry bounds.
@@ -139,6 +141,126 @@ impl Default for ManifestConfig {
     }
 }
 
+/// The worker service (`rehydrate serve`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Where the HTTP API listens. Loopback by default: a worker is reachable
+    /// from elsewhere only when someone chose so (and then tokens are required).
+    pub listen: String,
+    /// Where the job database lives. Unset: the checkpoint directory.
+    pub state_dir: Option<PathBuf>,
+    /// Directories targets must resolve under. Empty: every submission is
+    /// refused (a worker writes nowhere it was not told it may).
+    pub target_roots: Vec<PathBuf>,
+    /// Restores running at once. 4 keeps 2 cores and one disk busy; they all
+    /// share one in-flight byte budget and per-store rate limits.
+    pub jobs_running_max: NonZeroUsize,
+    /// Jobs waiting to run; beyond this a submission gets 429. 64 is far more
+    /// than one node's volumes.
+    pub jobs_queued_max: NonZeroUsize,
+    /// Job records kept; the oldest finished ones are pruned beyond this.
+    pub jobs_records_max: NonZeroUsize,
+    /// Free bytes a file target's filesystem must keep after the restore's
+    /// need, before the job may start. 256 MiB leaves room for logs and the
+    /// checkpoint files themselves.
+    pub target_free_bytes_min: u64,
+    /// A job held by a gate is looked at again after this, doubling up to
+    /// `gate_backoff_max_millis`. 500 ms / 30 s.
+    pub gate_backoff_millis: NonZeroU64,
+    pub gate_backoff_max_millis: NonZeroU64,
+    /// On SIGTERM, running jobs are cancelled (they checkpoint) and the process
+    /// exits within this. 10 s is well inside Kubernetes' default 30 s.
+    pub shutdown_grace_millis: NonZeroU64,
+    /// Bearer tokens, one per line (`#` comments). Also `REHYDRATE_TOKENS`
+    /// (comma-separated). Required when `listen` is not loopback.
+    pub tokens_file: Option<PathBuf>,
+    /// Largest request body. 64 KiB: a job spec is a few hundred bytes.
+    pub request_body_bytes_max: NonZeroUsize,
+    /// `text` or `json` (one JSON object per line, for log shippers).
+    pub log_format: LogFormat,
+    /// Store profiles jobs name: `[worker.profiles.NAME]`.
+    pub profiles: std::collections::BTreeMap<String, ProfileConfig>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7878".to_owned(),
+            state_dir: None,
+            target_roots: Vec::new(),
+            jobs_running_max: nzu(4),
+            jobs_queued_max: nzu(64),
+            jobs_records_max: nzu(10_000),
+            target_free_bytes_min: 256 << 20,
+            gate_backoff_millis: nz64(500),
+            gate_backoff_max_millis: nz64(30_000),
+            shutdown_grace_millis: nz64(10_000),
+            tokens_file: None,
+            request_body_bytes_max: nzu(64 << 10),
+            log_format: LogFormat::Text,
+            profiles: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// How the worker writes its logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A store a job may name: where snapshots live, and fallbacks. Credentials
+/// never appear here (S3 takes them from the standard AWS chain).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// Store URL prefix: `s3://bucket/prefix` or `file:///dir`.
+    pub store: String,
+    /// Fallback stores holding the same block objects, in order.
+    #[serde(default)]
+    pub secondaries: Vec<String>,
+}
+
+impl WorkerConfig {
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_millis.get())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(format!("worker.{m}")));
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad(format!("listen {:?} is not an address:port (example: 127.0.0.1:7878)", self.listen));
+        }
+        for root in &self.target_roots {
+            if !root.is_absolute() {
+                return bad(format!("target_roots: {} must be an absolute path", root.display()));
+            }
+        }
+        if let Some(dir) = &self.state_dir
+            && !dir.is_absolute()
+        {
+            return bad(format!("state_dir {} must be an absolute path", dir.display()));
+        }
+        if self.gate_backoff_millis > self.gate_backoff_max_millis {
+            return bad("gate_backoff_millis is larger than gate_backoff_max_millis".to_owned());
+        }
+        for (name, profile) in &self.profiles {
+            if !crate::worker::spec::valid_name(name) {
+                return bad(format!("profiles.{name}: profile names are 1-64 of A-Z a-z 0-9 _ -"));
+            }
+            for url in std::iter::once(&profile.store).chain(&profile.secondaries) {
+                if let Err(e) = crate::store::StoreUrl::parse(url) {
+                    return bad(format!("profiles.{name}: {e}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -200,7 +322,7 @@ impl Config {
         {
             return Err(ConfigError::Invalid(format!("checkpoint.dir {} must be an absolute path", dir.display())));
         }
-        Ok(())
+        self.worker.validate()
     }
 
     pub fn writer(&self) -> WriterConfig {
@@ -219,6 +341,11 @@ impl Config {
             concurrency: self.concurrency.clone(),
             attempt_timeout: self.fetch.attempt_timeout(),
         }
+    }
+
+    /// Where the worker keeps its job database.
+    pub fn worker_state_dir(&self) -> PathBuf {
+        self.worker.state_dir.clone().unwrap_or_else(|| self.checkpoint_dir())
     }
 
     /// The checkpoint directory, resolved from the config or the environment.
@@ -314,6 +441,27 @@ mod tests {
         assert_eq!(c.fetch.attempts_max, d.fetch.attempts_max);
         assert_eq!(c.checkpoint.interval_bytes, d.checkpoint.interval_bytes);
         assert_eq!(c.write.queue_depth, d.write.queue_depth);
+        assert_eq!(c.worker.listen, d.worker.listen);
+        assert_eq!(c.worker.jobs_queued_max, d.worker.jobs_queued_max);
+        assert_eq!(c.worker.target_free_bytes_min, d.worker.target_free_bytes_min);
+        assert_eq!(c.worker.request_body_bytes_max, d.worker.request_body_bytes_max);
+    }
+
+    #[test]
+    fn worker_section() {
+        let c =
+            Config::parse("[worker]\nlisten = \"0.0.0.0:80\"\n[worker.profiles.main]\nstore = \"s3://bucket/vols\"\n")
+                .unwrap();
+        assert_eq!(c.worker.profiles["main"].store, "s3://bucket/vols");
+        for bad in [
+            "[worker]\nlisten = \"nowhere\"\n",
+            "[worker]\ntarget_roots = [\"relative\"]\n",
+            "[worker.profiles.main]\nstore = \"relative\"\n",
+            "[worker.profiles.main]\nstore = \"s3://bucket\"\nkey = \"secret\"\n",
+            "[worker]\nlog_format = \"xml\"\n",
+        ] {
+            assert!(Config::parse(bad).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

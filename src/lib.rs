@@ -1,8 +1,10 @@
 //! rehydrate: restore volumes from block snapshots in object stores.
 //!
 //! A block flows manifest → store → fetch → verify → write → checkpoint, with
-//! `job` as the control plane and `cli`, `metrics`, `config` at the edges.
+//! `job` as the control plane (`worker` runs many jobs) and `api`, `cli`,
+//! `metrics`, `config` at the edges.
 
+pub mod api;
 pub mod block;
 pub mod checkpoint;
 pub mod cli;
@@ -19,4 +21,5 @@ pub mod snapshot;
 pub mod store;
 pub mod target;
 pub mod verify;
+pub mod worker;
 pub mod write;

@@ -22,6 +22,7 @@ pub const STALLED_RESTORES: &str = "rehydrate_stalled_restores";
 pub const PROGRESS_RATIO: &str = "rehydrate_restore_progress_ratio";
 pub const SYNCS_TOTAL: &str = "rehydrate_target_syncs_total";
 pub const SYNC_LATENCY_SECONDS: &str = "rehydrate_target_sync_latency_seconds";
+pub const JOBS: &str = "rehydrate_jobs";
 
 /// Register help texts and units with whatever recorder is installed.
 pub fn describe() {
@@ -49,4 +50,5 @@ pub fn describe() {
     );
     describe_counter!(SYNCS_TOTAL, "fdatasync calls on targets.");
     describe_histogram!(SYNC_LATENCY_SECONDS, Unit::Seconds, "Latency of fdatasync on targets.");
+    describe_gauge!(JOBS, "Jobs in the worker's job table, by state.");
 }

@@ -574,12 +574,15 @@ impl Settler {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // Cancellation first: cancelled units stop without reporting,
+                // so the outcome channel can close with blocks not done.
+                biased;
+                () = cancel.cancelled() => return self.interrupted(&stop).await,
                 outcome = rx.recv() => match outcome {
                     Some(outcome) => self.record(outcome)?,
                     None => break,
                 },
                 _ = tick.tick() => self.watch_stall(&ctx.fetch.telemetry),
-                () = cancel.cancelled() => return self.interrupted(&stop).await,
             }
             if self.sync_due() {
                 self.settle().await?;
@@ -592,6 +595,11 @@ impl Settler {
             return self.interrupted(&stop).await;
         }
         let _ = dispatcher.await;
+        if cancel.is_cancelled() {
+            // Units cancelled between the last outcome and here never
+            // reported: the restore is not complete.
+            return self.interrupted(&stop).await;
+        }
         self.settle().await
     }
 

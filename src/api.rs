@@ -1,0 +1,186 @@
+//! The worker's HTTP API (axum), versioned under `/v1`.
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /v1/jobs` | submit a [`JobSpec`]: 201 new, 200 the same job again |
+//! | `GET /v1/jobs` | every job's status |
+//! | `GET /v1/jobs/{id}` | one job's status |
+//! | `POST /v1/jobs/{id}/cancel` | cancel a queued or running job |
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /healthz`, `GET /readyz` | liveness; readiness (503 once shutdown began) |
+//!
+//! In: JSON bodies of at most `worker.request_body_bytes_max` bytes, unknown
+//! fields refused. Out: JSON, and every error as an RFC 9457 problem
+//! ([`problem::Problem`], `application/problem+json`). `/v1` routes need a
+//! bearer token when tokens are configured ([`auth`]); a listener that is not
+//! loopback refuses to start without them.
+
+pub mod auth;
+pub mod client;
+pub mod problem;
+
+use std::sync::{Arc, OnceLock};
+
+use axum::Router;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::worker::{CancelError, JobSpec, SubmitError, Submitted, Worker};
+pub use auth::Tokens;
+use problem::Problem;
+
+/// What every handler shares.
+#[derive(Clone)]
+struct Api {
+    worker: Arc<Worker>,
+    tokens: Arc<Tokens>,
+    metrics: PrometheusHandle,
+}
+
+/// The process's Prometheus recorder, installed on first use (a process has
+/// one global recorder; every server in it renders the same one).
+pub fn metrics_handle() -> Result<PrometheusHandle, String> {
+    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new().install_recorder().map_err(|e| e.to_string())?;
+            crate::metrics::describe();
+            Ok(handle)
+        })
+        .clone()
+}
+
+/// The router, with its body limit and authentication.
+pub fn router(worker: Arc<Worker>, tokens: Tokens) -> Result<Router, String> {
+    let body_max = worker.config().request_body_bytes_max.get();
+    let api = Api { worker, tokens: Arc::new(tokens), metrics: metrics_handle()? };
+    let v1 = Router::new()
+        .route("/v1/jobs", post(submit).get(list))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route_layer(axum::middleware::from_fn_with_state(api.clone(), auth::require_token));
+    Ok(Router::new()
+        .merge(v1)
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "not-found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "this route does not take that method")
+        })
+        .layer(DefaultBodyLimit::max(body_max))
+        .with_state(api))
+}
+
+/// Serve the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    worker: Arc<Worker>,
+    tokens: Tokens,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let local = listener.local_addr()?;
+    if !local.ip().is_loopback() && tokens.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "refusing to listen on {local} without bearer tokens: set worker.tokens_file or REHYDRATE_TOKENS, or listen on 127.0.0.1"
+            ),
+        ));
+    }
+    let app = router(worker, tokens).map_err(std::io::Error::other)?;
+    tracing::info!(%local, "worker API listening");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+async fn submit(State(api): State<Api>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return Problem::new(e.status(), "bad-body", &e.body_text()).into_response(),
+    };
+    let spec: JobSpec = match serde_json::from_slice(&body) {
+        Ok(spec) => spec,
+        Err(e) if e.is_syntax() || e.is_eof() => {
+            return Problem::new(StatusCode::BAD_REQUEST, "bad-json", &format!("the body is not JSON: {e}"))
+                .into_response();
+        }
+        Err(e) => {
+            return Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-spec", &format!("job spec: {e}"))
+                .into_response();
+        }
+    };
+    let worker = Arc::clone(&api.worker);
+    // The job database commits with fsync: off the async threads.
+    let result = tokio::task::spawn_blocking(move || worker.submit(spec)).await;
+    match result {
+        Ok(Ok((Submitted::Created, status))) => (StatusCode::CREATED, axum::Json(status)).into_response(),
+        Ok(Ok((Submitted::Existing, status))) => (StatusCode::OK, axum::Json(status)).into_response(),
+        Ok(Err(e)) => submit_problem(&e).into_response(),
+        Err(e) => Problem::internal(&e.to_string()).into_response(),
+    }
+}
+
+fn submit_problem(e: &SubmitError) -> Problem {
+    let detail = e.to_string();
+    match e {
+        SubmitError::Invalid(spec) => {
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-spec", &detail).with("field", spec.field)
+        }
+        SubmitError::IdConflict { .. } => Problem::new(StatusCode::CONFLICT, "id-conflict", &detail),
+        SubmitError::TargetBusy { holder, .. } => {
+            Problem::new(StatusCode::CONFLICT, "target-busy", &detail).with("holder", holder.as_str())
+        }
+        SubmitError::QueueFull(_) => Problem::new(StatusCode::TOO_MANY_REQUESTS, "queue-full", &detail),
+        SubmitError::ShuttingDown => Problem::new(StatusCode::SERVICE_UNAVAILABLE, "shutting-down", &detail),
+        SubmitError::Store(_) => Problem::internal(&detail),
+    }
+}
+
+async fn list(State(api): State<Api>) -> Response {
+    match api.worker.list() {
+        Ok(jobs) => axum::Json(serde_json::json!({ "jobs": jobs })).into_response(),
+        Err(e) => Problem::internal(&e.to_string()).into_response(),
+    }
+}
+
+async fn get_job(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    match api.worker.get(&id) {
+        Ok(Some(status)) => axum::Json(status).into_response(),
+        Ok(None) => Problem::new(StatusCode::NOT_FOUND, "no-such-job", &format!("no job {id:?}")).into_response(),
+        Err(e) => Problem::internal(&e.to_string()).into_response(),
+    }
+}
+
+async fn cancel(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    let worker = Arc::clone(&api.worker);
+    let result = tokio::task::spawn_blocking(move || worker.cancel(&id)).await;
+    match result {
+        Ok(Ok(status)) => axum::Json(status).into_response(),
+        Ok(Err(e @ CancelError::NotFound(_))) => {
+            Problem::new(StatusCode::NOT_FOUND, "no-such-job", &e.to_string()).into_response()
+        }
+        Ok(Err(e @ CancelError::Finished { .. })) => {
+            Problem::new(StatusCode::CONFLICT, "job-finished", &e.to_string()).into_response()
+        }
+        Ok(Err(e)) => Problem::internal(&e.to_string()).into_response(),
+        Err(e) => Problem::internal(&e.to_string()).into_response(),
+    }
+}
+
+async fn metrics(State(api): State<Api>) -> Response {
+    let text = api.metrics.render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+async fn readyz(State(api): State<Api>) -> Response {
+    if api.worker.is_accepting() {
+        "ready\n".into_response()
+    } else {
+        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "shutting-down", "the worker is shutting down").into_response()
+    }
+}

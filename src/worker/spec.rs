@@ -1,0 +1,220 @@
+//! Job specs: what a client may ask for, and the checks that keep it inside
+//! what the worker's configuration allows.
+//!
+//! In: a [`JobSpec`] parsed from a request body (unknown fields refused). Out:
+//! a [`ResolvedSpec`] naming a configured store profile, a manifest key under
+//! it and a target path under one of `worker.target_roots`, or a [`SpecError`]
+//! saying which field is wrong. Nothing is written while checking: the target's
+//! parent directory must already exist and is canonicalized, so a symlink that
+//! points out of the root is caught; a target that is itself a symlink is
+//! refused.
+
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::WorkerConfig;
+use crate::store::{MANIFEST_SUFFIX, StoreUrl};
+
+/// Longest job id, profile name.
+pub const NAME_LEN_MAX: usize = 64;
+/// Longest manifest key and target path accepted.
+pub const PATH_LEN_MAX: usize = 1024;
+
+/// A job as a client submits it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Client-chosen, `[A-Za-z0-9_-]{1,64}`: resubmitting the same spec under
+    /// the same id returns the same job.
+    pub id: String,
+    /// A `[worker.profiles.NAME]` of the worker's configuration.
+    pub profile: String,
+    /// The manifest's key under the profile's store (`vol.manifest`).
+    pub manifest: String,
+    /// The file to restore into, under one of `worker.target_roots`.
+    pub target: PathBuf,
+    /// Cancel an active job on the same target and take over its work.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replace: bool,
+    /// Discard a checkpoint an earlier restore left on this target (of
+    /// another snapshot) instead of resuming it. Implied when `replace`
+    /// takes over a job restoring another snapshot.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restart: bool,
+}
+
+impl JobSpec {
+    /// Whether two specs ask for the same restore (`replace` and `restart`
+    /// are how to submit, not what to restore).
+    pub fn same_job(&self, other: &JobSpec) -> bool {
+        self.id == other.id
+            && self.profile == other.profile
+            && self.manifest == other.manifest
+            && self.target == other.target
+    }
+}
+
+/// A spec checked against the configuration.
+#[derive(Debug, Clone)]
+pub struct ResolvedSpec {
+    pub manifest_url: String,
+    pub secondaries: Vec<String>,
+    /// The target with its parent canonicalized.
+    pub target: PathBuf,
+}
+
+/// Which field of a spec is unacceptable, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct SpecError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn err(field: &'static str, reason: impl Into<String>) -> SpecError {
+    SpecError { field, reason: reason.into() }
+}
+
+/// `[A-Za-z0-9_-]{1,64}`.
+pub fn valid_name(name: &str) -> bool {
+    (1..=NAME_LEN_MAX).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Check a spec against the worker's configuration.
+pub fn resolve(spec: &JobSpec, config: &WorkerConfig) -> Result<ResolvedSpec, SpecError> {
+    if !valid_name(&spec.id) {
+        return Err(err("id", "1-64 characters of A-Z a-z 0-9 _ -"));
+    }
+    let profile = config
+        .profiles
+        .get(&spec.profile)
+        .ok_or_else(|| err("profile", format!("no store profile {:?} is configured", spec.profile)))?;
+    check_manifest_key(&spec.manifest)?;
+    let store = StoreUrl::parse(&profile.store).map_err(|e| err("profile", e.to_string()))?;
+    let target = check_target(&spec.target, &config.target_roots)?;
+    Ok(ResolvedSpec { manifest_url: store.join(&spec.manifest), secondaries: profile.secondaries.clone(), target })
+}
+
+fn check_manifest_key(key: &str) -> Result<(), SpecError> {
+    if key.is_empty() || key.len() > PATH_LEN_MAX {
+        return Err(err("manifest", format!("a key of 1-{PATH_LEN_MAX} bytes")));
+    }
+    if key.starts_with('/') || key.contains('\0') || key.contains('\\') {
+        return Err(err("manifest", "a relative key without NUL or backslashes"));
+    }
+    if key.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
+        return Err(err("manifest", "no empty, '.' or '..' segments"));
+    }
+    if !key.ends_with(MANIFEST_SUFFIX) {
+        return Err(err("manifest", format!("a manifest key ends in {MANIFEST_SUFFIX}")));
+    }
+    Ok(())
+}
+
+/// The target must be an absolute path whose (existing, canonicalized) parent
+/// lies under a root, and must not itself be a symlink or a directory.
+fn check_target(target: &Path, roots: &[PathBuf]) -> Result<PathBuf, SpecError> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = target.as_os_str().as_bytes();
+    if bytes.is_empty() || bytes.len() > PATH_LEN_MAX || bytes.contains(&0) {
+        return Err(err("target", format!("an absolute path of 1-{PATH_LEN_MAX} bytes without NUL")));
+    }
+    if !target.is_absolute() || target.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+        return Err(err("target", "an absolute path without '.' or '..' segments"));
+    }
+    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
+        return Err(err("target", "a file path, not a directory"));
+    };
+    if roots.is_empty() {
+        return Err(err("target", "this worker has no worker.target_roots configured: it restores nowhere"));
+    }
+    let parent = parent
+        .canonicalize()
+        .map_err(|e| err("target", format!("the parent directory {} is not usable: {e}", parent.display())))?;
+    let under_root = roots.iter().any(|root| root.canonicalize().is_ok_and(|root| parent.starts_with(root)));
+    if !under_root {
+        return Err(err("target", "not under any of worker.target_roots (symlinks resolved)"));
+    }
+    let resolved = parent.join(name);
+    match std::fs::symlink_metadata(&resolved) {
+        Ok(m) if m.file_type().is_symlink() => Err(err("target", "is a symlink")),
+        Ok(m) if m.is_dir() => Err(err("target", "is a directory")),
+        Ok(m) if !m.is_file() => Err(err("target", "the worker restores into regular files only")),
+        _ => Ok(resolved),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_manifest_keys() {
+        assert!(valid_name("job-1_A"));
+        for bad in ["", "a/b", "a b", "ä", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+        assert!(check_manifest_key("dir/vol.manifest").is_ok());
+        for bad in ["/vol.manifest", "../vol.manifest", "a//vol.manifest", "vol.txt", "a\0.manifest", "./v.manifest"] {
+            assert!(check_manifest_key(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn targets_stay_under_roots() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("escape")).unwrap();
+        std::os::unix::fs::symlink(outside.join("x"), root.join("link.img")).unwrap();
+        let roots = vec![root.clone()];
+        assert!(check_target(&root.join("sub/a.img"), &roots).is_ok());
+        for bad in [
+            root.join("escape/a.img"),
+            root.join("link.img"),
+            root.join("../outside/a.img"),
+            outside.join("a.img"),
+            root.join("missing/a.img"),
+            PathBuf::from("relative.img"),
+            root.join("sub"),
+        ] {
+            assert!(check_target(&bad, &roots).is_err(), "{}", bad.display());
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever a client sends, resolving never panics, and an accepted
+        /// target lies under the root and an accepted manifest key has no
+        /// way out of the store prefix.
+        #[test]
+        fn resolve_never_escapes(
+            target in "[a-z./\\-]{0,12}(/\\.\\.)?[a-z./]{0,12}",
+            manifest in "[a-z./\\-]{0,16}(\\.manifest)?",
+            id in "[A-Za-z0-9_/-]{0,70}",
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("root");
+            std::fs::create_dir_all(root.join("a")).unwrap();
+            let mut config = WorkerConfig { target_roots: vec![root.clone()], ..WorkerConfig::default() };
+            let profile = crate::config::ProfileConfig { store: "s3://bucket/p".into(), secondaries: vec![] };
+            config.profiles.insert("main".into(), profile);
+            let spec = JobSpec {
+                id,
+                profile: "main".into(),
+                manifest: manifest.clone(),
+                target: root.join(target.trim_start_matches('/')),
+                replace: false,
+                restart: false,
+            };
+            if let Ok(resolved) = resolve(&spec, &config) {
+                proptest::prop_assert!(resolved.target.starts_with(root.canonicalize().unwrap()));
+                proptest::prop_assert!(!manifest.split('/').any(|p| p == ".." || p.is_empty()));
+                proptest::prop_assert!(resolved.manifest_url.starts_with("s3://bucket/p/"));
+            }
+        }
+    }
+}

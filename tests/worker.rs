@@ -1,0 +1,658 @@
+//! The worker through its real HTTP API on 127.0.0.1:0 and the real client:
+//! submit and poll, idempotency, busy targets and replacement, cancel and
+//! resume, hostile specs, tokens, metrics, restart. Every restore ends with a
+//! read-back of the target; replacement and resume check the ledger the
+//! finishing job reports (every block settled, the earlier run's work resumed).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use hyper::Method;
+use rehydrate::api::Tokens;
+use rehydrate::api::client::{Answer, ApiClient};
+use rehydrate::block::{Compression, HashAlgorithm, block_key};
+use rehydrate::config::{Config, ProfileConfig};
+use rehydrate::job::Engine;
+use rehydrate::manifest::Manifest;
+use rehydrate::sample::SampleVolume;
+use rehydrate::store::file::FileStore;
+use rehydrate::store::{BlockStore, BoxFuture, SharedStore, StoreError, StoreUrl};
+use rehydrate::worker::{JobSpec, Worker};
+use rehydrate::write::BackendChoice;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// Generous: polls end as soon as the condition holds.
+const DEADLINE: Duration = Duration::from_secs(60);
+const BLOCKS: u64 = 37;
+
+/// A store whose gets of one object wait until the test opens the gate: a
+/// job then settles everything but that block and stays running.
+#[derive(Debug)]
+struct GateStore {
+    inner: SharedStore,
+    key: String,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl BlockStore for GateStore {
+    fn url(&self) -> &StoreUrl {
+        self.inner.url()
+    }
+    fn get<'a>(&'a self, key: &'a str, len_max_bytes: u64) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+        Box::pin(async move {
+            if key.contains(&self.key) {
+                let mut rx = self.open.subscribe();
+                let _ = rx.wait_for(|open| *open).await;
+            }
+            self.inner.get(key, len_max_bytes).await
+        })
+    }
+    fn put<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.put(key, bytes)
+    }
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.exists(key)
+    }
+}
+
+/// A snapshot in a file store, a target root and a state directory.
+struct Fixture {
+    dir: tempfile::TempDir,
+    volume: SampleVolume,
+    manifest: Manifest,
+    manifest_key: String,
+}
+
+impl Fixture {
+    async fn new(seed: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = volume(BLOCKS, seed);
+        let url = snapshot(dir.path(), &volume, Compression::None, HashAlgorithm::Blake3).await;
+        let manifest = load_manifest(&url);
+        std::fs::create_dir_all(dir.path().join("targets")).unwrap();
+        Self { dir, volume, manifest, manifest_key: format!("vol-{seed}.manifest") }
+    }
+
+    fn roots(&self) -> PathBuf {
+        self.dir.path().join("targets")
+    }
+
+    fn target(&self, name: &str) -> PathBuf {
+        self.roots().join(name)
+    }
+
+    fn config(&self) -> Config {
+        let mut c = config(BackendChoice::Pwrite, &self.dir.path().join("state"));
+        c.checkpoint.interval_millis = std::num::NonZeroU64::new(20).unwrap();
+        // A gated block waits; it must not time out meanwhile.
+        c.fetch.attempt_timeout_millis = std::num::NonZeroU64::new(120_000).unwrap();
+        c.fetch.source_elapsed_max_millis = std::num::NonZeroU64::new(120_000).unwrap();
+        c.worker.target_roots = vec![self.roots()];
+        c.worker.target_free_bytes_min = 0;
+        c.worker.gate_backoff_millis = std::num::NonZeroU64::new(20).unwrap();
+        c.worker.gate_backoff_max_millis = std::num::NonZeroU64::new(200).unwrap();
+        let store = format!("file://{}", store_root(self.dir.path()).display());
+        c.worker.profiles.insert("main".into(), ProfileConfig { store, secondaries: vec![] });
+        c
+    }
+
+    /// The object of block 16 (no duplicates, not zero).
+    fn gated_key(&self) -> String {
+        let e = self.manifest.entry(16).expect("block 16 holds data");
+        block_key(&e.hash, e.compression)
+    }
+
+    /// An engine whose store holds back the gated block until opened.
+    fn gated_engine(&self, config: Config) -> (Engine, tokio::sync::watch::Sender<bool>) {
+        let engine = Engine::new(config);
+        let (open, _) = tokio::sync::watch::channel(false);
+        let root = store_root(self.dir.path());
+        let gate =
+            GateStore { inner: Arc::new(FileStore::new(root.clone())), key: self.gated_key(), open: open.clone() };
+        engine.register_store(StoreUrl::File { root }, Arc::new(gate));
+        (engine, open)
+    }
+
+    fn spec(&self, id: &str, target: &Path) -> JobSpec {
+        JobSpec {
+            id: id.into(),
+            profile: "main".into(),
+            manifest: self.manifest_key.clone(),
+            target: target.to_owned(),
+            replace: false,
+            restart: false,
+        }
+    }
+
+    fn check_target(&self, target: &Path) {
+        check_identical(&self.manifest, &self.volume, target);
+    }
+}
+
+struct Server {
+    base: String,
+    worker: Arc<Worker>,
+    client: ApiClient,
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+async fn start(engine: Engine, tokens: Tokens, token: Option<&str>) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let worker = Worker::start(Arc::new(engine)).unwrap();
+    let stop = CancellationToken::new();
+    let handle =
+        tokio::spawn(rehydrate::api::serve(listener, Arc::clone(&worker), tokens, stop.clone().cancelled_owned()));
+    let base = format!("http://{addr}");
+    let client = ApiClient::new(&base, token.map(str::to_owned)).unwrap();
+    Server { base, worker, client, stop, handle }
+}
+
+impl Server {
+    /// Graceful stop: running jobs checkpoint and are stored as queued.
+    async fn stop(self) {
+        assert!(self.worker.shutdown(Duration::from_secs(30)).await, "runs did not stop");
+        self.stop.cancel();
+        drop(self.client);
+        tokio::time::timeout(DEADLINE, self.handle).await.expect("server stops").unwrap().unwrap();
+        // Connection tasks drop their router (and its worker handle) just
+        // after the server returns; the job database closes with the last one.
+        let start = Instant::now();
+        while Arc::strong_count(&self.worker) > 1 {
+            assert!(start.elapsed() < DEADLINE, "something still holds the worker");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+async fn post(client: &ApiClient, body: Vec<u8>) -> Answer {
+    client.raw(Method::POST, "/v1/jobs", Some(body)).await.unwrap()
+}
+
+async fn submit(client: &ApiClient, spec: &JobSpec) -> Answer {
+    post(client, serde_json::to_vec(spec).unwrap()).await
+}
+
+/// Poll a job until `done` holds, within the deadline.
+async fn wait_for(client: &ApiClient, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let job = client.get(id).await.unwrap();
+        if done(&job) {
+            return job;
+        }
+        assert!(start.elapsed() < DEADLINE, "job {id} never became {what}: {job:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn state(job: &Value) -> &str {
+    job["state"].as_str().unwrap_or("?")
+}
+
+fn is_problem(answer: &Answer, status: u16) {
+    assert_eq!(answer.status.as_u16(), status, "{}", answer.text);
+    assert_eq!(answer.content_type, "application/problem+json", "{}", answer.text);
+    assert_eq!(answer.body["status"], json!(status), "{}", answer.text);
+    assert!(answer.body["type"].as_str().is_some_and(|t| t.starts_with("urn:rehydrate:problem:")));
+    assert!(answer.body["detail"].as_str().is_some_and(|d| !d.is_empty()));
+}
+
+/// Every block is settled and the target reads back identical.
+fn check_succeeded(f: &Fixture, job: &Value, target: &Path) {
+    assert_eq!(state(job), "succeeded", "{job:#}");
+    assert_eq!(job["blocks"]["total"], json!(f.manifest.layout.block_count()), "{job:#}");
+    assert_eq!(job["blocks"]["settled"], job["blocks"]["total"], "{job:#}");
+    assert_eq!(job["blocks"]["failed"], json!(0), "{job:#}");
+    assert!(job["finished_unix_secs"].as_u64().is_some(), "{job:#}");
+    f.check_target(target);
+    let staging = rehydrate::target::staging_path(target).unwrap();
+    assert!(!staging.exists(), "staging file left: {}", staging.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_poll_and_idempotent_resubmission() {
+    let f = Fixture::new(21).await;
+    let server = start(Engine::new(f.config()), Tokens::default(), None).await;
+    let target = f.target("a.img");
+    let spec = f.spec("job-a", &target);
+    let first = submit(&server.client, &spec).await;
+    assert_eq!(first.status.as_u16(), 201, "{}", first.text);
+    assert_eq!(first.body["id"], json!("job-a"));
+    let again = submit(&server.client, &spec).await;
+    assert_eq!(again.status.as_u16(), 200, "{}", again.text);
+    let job = wait_for(&server.client, "job-a", "finished", |j| state(j) != "queued" && state(j) != "running").await;
+    check_succeeded(&f, &job, &target);
+    assert_eq!(job["run"], json!(1), "one job, one run: {job:#}");
+    assert!(job["throughput_bytes_per_sec"].as_f64().unwrap() > 0.0);
+    let served = f.manifest.entries().iter().map(|e| e.hash).collect::<std::collections::HashSet<_>>().len();
+    assert_eq!(job["sources"]["primary"], json!(served), "every distinct object once, from the primary: {job:#}");
+    // The same spec once more: the same finished job, not a new run.
+    let after = submit(&server.client, &spec).await;
+    assert_eq!(after.status.as_u16(), 200);
+    assert_eq!((after.body["state"].clone(), after.body["run"].clone()), (json!("succeeded"), json!(1)));
+    // The same id with another spec is a conflict.
+    let other = f.spec("job-a", &f.target("b.img"));
+    is_problem(&submit(&server.client, &other).await, 409);
+    let list = server.client.list().await.unwrap();
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+    is_problem(&server.client.raw(Method::GET, "/v1/jobs/nope", None).await.unwrap(), 404);
+    is_problem(&server.client.raw(Method::DELETE, "/v1/jobs", None).await.unwrap(), 405);
+    is_problem(&server.client.raw(Method::GET, "/v2/jobs", None).await.unwrap(), 404);
+    is_problem(&server.client.raw(Method::POST, "/v1/jobs/job-a/cancel", None).await.unwrap(), 409);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_target_is_refused_and_replacement_adopts_the_work() {
+    let f = Fixture::new(22).await;
+    let (engine, gate) = f.gated_engine(f.config());
+    let server = start(engine, Tokens::default(), None).await;
+    let total = f.manifest.layout.block_count();
+    let target = f.target("shared.img");
+    assert_eq!(submit(&server.client, &f.spec("old", &target)).await.status.as_u16(), 201);
+    // Everything but the gated block settles; the job keeps running.
+    wait_for(&server.client, "old", "settled but one block", |j| {
+        state(j) == "running" && j["blocks"]["settled"] == json!(total - 1)
+    })
+    .await;
+
+    let busy = submit(&server.client, &f.spec("new", &target)).await;
+    is_problem(&busy, 409);
+    assert_eq!(busy.body["holder"], json!("old"));
+
+    let mut replace = f.spec("new", &target);
+    replace.replace = true;
+    assert_eq!(submit(&server.client, &replace).await.status.as_u16(), 201);
+    let old = server.client.get("old").await.unwrap();
+    assert_eq!(state(&old), "cancelled", "{old:#}");
+    assert!(old["reason"].as_str().unwrap().contains("replaced by job new"), "{old:#}");
+
+    gate.send_replace(true);
+    let new = wait_for(&server.client, "new", "finished", |j| state(j) == "succeeded" || state(j) == "failed").await;
+    check_succeeded(&f, &new, &target);
+    // The replacement's ledger covers every block, and it took over every
+    // block the replaced job had settled.
+    assert_eq!(new["blocks"]["resumed"], json!(total - 1), "{new:#}");
+    let old = server.client.get("old").await.unwrap();
+    assert_eq!(state(&old), "cancelled", "the replaced run set a status: {old:#}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_then_resubmit_resumes() {
+    let f = Fixture::new(23).await;
+    let mut config = f.config();
+    config.fetch.stall_after_millis = std::num::NonZeroU64::new(200).unwrap();
+    let (engine, gate) = f.gated_engine(config);
+    let server = start(engine, Tokens::default(), None).await;
+    let total = f.manifest.layout.block_count();
+    let target = f.target("c.img");
+    let spec = f.spec("job-c", &target);
+    assert_eq!(submit(&server.client, &spec).await.status.as_u16(), 201);
+    wait_for(&server.client, "job-c", "settled but one block", |j| j["blocks"]["settled"] == json!(total - 1)).await;
+    // Nothing settles while block 16 is held: the job is flagged stalled and
+    // the reason names that block.
+    let stalled = wait_for(&server.client, "job-c", "stalled", |j| j["stalled"] == json!(true)).await;
+    assert_eq!(state(&stalled), "running");
+    let reason = stalled["stalled_reason"].as_str().unwrap();
+    assert!(reason.contains("oldest block in flight: 16"), "{reason}");
+    assert!(stalled.get("eta_secs").is_some() && stalled["bytes"]["total"].as_u64() > Some(0), "{stalled:#}");
+    let cancelled = server.client.cancel("job-c").await.unwrap();
+    assert_eq!(state(&cancelled), "cancelled", "{cancelled:#}");
+    assert!(!target.exists(), "a cancelled restore was swapped into place");
+    is_problem(&server.client.raw(Method::POST, "/v1/jobs/job-c/cancel", None).await.unwrap(), 409);
+
+    gate.send_replace(true);
+    let again = submit(&server.client, &spec).await;
+    assert_eq!(again.status.as_u16(), 200, "{}", again.text);
+    let job = wait_for(&server.client, "job-c", "succeeded", |j| state(j) == "succeeded").await;
+    check_succeeded(&f, &job, &target);
+    assert_eq!(job["run"], json!(2), "{job:#}");
+    assert_eq!(job["blocks"]["resumed"], json!(total - 1), "the resumed run redid settled work: {job:#}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_specs_get_problems_and_write_nothing() {
+    let f = Fixture::new(24).await;
+    let outside = f.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, f.roots().join("escape")).unwrap();
+    let server = start(Engine::new(f.config()), Tokens::default(), None).await;
+    let root = f.roots().display().to_string();
+    let good = json!({ "id": "h", "profile": "main", "manifest": f.manifest_key, "target": format!("{root}/x.img") });
+    let with = |key: &str, value: Value| {
+        let mut spec = good.clone();
+        spec[key] = value;
+        serde_json::to_vec(&spec).unwrap()
+    };
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("dotdot target", with("target", json!(format!("{root}/../outside/x.img"))), 422),
+        ("dotdot manifest", with("manifest", json!("../other/vol.manifest")), 422),
+        ("absolute manifest", with("manifest", json!("/etc/vol.manifest")), 422),
+        ("outside roots", with("target", json!(outside.join("x.img"))), 422),
+        ("symlink escape", with("target", json!(format!("{root}/escape/x.img"))), 422),
+        ("NUL", with("target", json!(format!("{root}/x\u{0}.img"))), 422),
+        ("unknown field", with("credentials", json!("AKIA...")), 422),
+        ("unknown profile", with("profile", json!("other")), 422),
+        ("bad id", with("id", json!("a/b")), 422),
+        ("missing field", serde_json::to_vec(&json!({ "id": "h" })).unwrap(), 422),
+        ("not JSON", b"{ nope".to_vec(), 400),
+        ("huge body", with("manifest", json!("a".repeat(100 << 10))), 413),
+    ];
+    for (name, body, status) in cases {
+        let answer = post(&server.client, body).await;
+        assert_eq!(answer.status.as_u16(), status, "{name}: {}", answer.text);
+        is_problem(&answer, status);
+    }
+    assert_eq!(server.client.list().await.unwrap()["jobs"], json!([]));
+    let written = |dir: &Path| std::fs::read_dir(dir).unwrap().count();
+    assert_eq!(written(&outside), 0, "something was written outside the roots");
+    assert_eq!(written(&f.roots()), 1, "only the symlink the test made");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_enforced_when_configured() {
+    let f = Fixture::new(25).await;
+    let tokens = Tokens::from_list(&["old-token-0123456789", "new-token-0123456789"]).unwrap();
+    let server = start(Engine::new(f.config()), tokens.clone(), None).await;
+    is_problem(&server.client.raw(Method::GET, "/v1/jobs", None).await.unwrap(), 401);
+    let spec = serde_json::to_vec(&f.spec("t", &f.target("t.img"))).unwrap();
+    is_problem(&post(&server.client, spec).await, 401);
+    // Health and metrics stay open; both tokens work.
+    assert_eq!(server.client.raw(Method::GET, "/healthz", None).await.unwrap().status.as_u16(), 200);
+    let base = server.base.clone();
+    for token in ["old-token-0123456789", "new-token-0123456789"] {
+        let client = ApiClient::new(&base, Some(token.into())).unwrap();
+        assert_eq!(client.list().await.unwrap()["jobs"], json!([]));
+    }
+    let wrong = ApiClient::new(&base, Some("new-token-012345678X".into())).unwrap();
+    is_problem(&wrong.raw(Method::GET, "/v1/jobs", None).await.unwrap(), 401);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_a_public_listener_without_tokens() {
+    let f = Fixture::new(26).await;
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let worker = Worker::start(Arc::new(Engine::new(f.config()))).unwrap();
+    let err = rehydrate::api::serve(listener, Arc::clone(&worker), Tokens::default(), std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("without bearer tokens"), "{err}");
+    worker.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_prometheus_text() {
+    let f = Fixture::new(27).await;
+    let server = start(Engine::new(f.config()), Tokens::default(), None).await;
+    let target = f.target("m.img");
+    submit(&server.client, &f.spec("m", &target)).await;
+    let job = wait_for(&server.client, "m", "succeeded", |j| state(j) == "succeeded").await;
+    check_succeeded(&f, &job, &target);
+    let answer = server.client.raw(Method::GET, "/metrics", None).await.unwrap();
+    assert_eq!(answer.status.as_u16(), 200);
+    assert!(answer.content_type.starts_with("text/plain"), "{}", answer.content_type);
+    let mut names = std::collections::BTreeSet::new();
+    for line in answer.text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        names.insert(parse_sample(line).unwrap_or_else(|| panic!("not a Prometheus sample: {line:?}")));
+    }
+    assert!(names.contains("rehydrate_settled_blocks_total"), "{names:?}");
+    assert!(answer.text.contains("rehydrate_jobs{state=\"succeeded\"}"), "{}", answer.text);
+    assert!(answer.text.contains("# HELP rehydrate_settled_blocks_total"), "help texts are registered");
+    assert_eq!(server.client.raw(Method::GET, "/readyz", None).await.unwrap().status.as_u16(), 200);
+    server.stop().await;
+}
+
+/// `name{labels} value`: the metric name, if the line is one sample.
+fn parse_sample(line: &str) -> Option<String> {
+    let (series, value) = line.rsplit_once(' ')?;
+    value.parse::<f64>().ok().or_else(|| ["+Inf", "-Inf", "NaN"].contains(&value).then_some(0.0))?;
+    let (name, labels) = match series.split_once('{') {
+        Some((name, rest)) => (name, Some(rest.strip_suffix('}')?)),
+        None => (series, None),
+    };
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && !n.starts_with(|c: char| c.is_ascii_digit())
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    };
+    if !valid_name(name) {
+        return None;
+    }
+    if let Some(labels) = labels {
+        for pair in labels.split("\",").filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once("=\"")?;
+            if !valid_name(key) || value.trim_end_matches('"').contains('"') {
+                return None;
+            }
+        }
+    }
+    Some(name.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_worker_resumes_unfinished_jobs() {
+    let f = Fixture::new(28).await;
+    let total = f.manifest.layout.block_count();
+    let target = f.target("r.img");
+    let (engine, _closed) = f.gated_engine(f.config());
+    let server = start(engine, Tokens::default(), None).await;
+    assert_eq!(submit(&server.client, &f.spec("r", &target)).await.status.as_u16(), 201);
+    wait_for(&server.client, "r", "settled but one block", |j| j["blocks"]["settled"] == json!(total - 1)).await;
+
+    // SIGTERM's path: stop taking jobs, checkpoint, store the job as queued.
+    assert!(server.worker.shutdown(Duration::from_secs(30)).await);
+    is_problem(&server.client.raw(Method::GET, "/readyz", None).await.unwrap(), 503);
+    is_problem(&submit(&server.client, &f.spec("late", &f.target("late.img"))).await, 503);
+    let job = server.client.get("r").await.unwrap();
+    assert_eq!(state(&job), "queued", "a job stopped by shutdown is resumed, not cancelled: {job:#}");
+    server.stop().await;
+
+    // A new worker on the same state directory, its store serving everything.
+    let server = start(Engine::new(f.config()), Tokens::default(), None).await;
+    let job = wait_for(&server.client, "r", "succeeded", |j| state(j) == "succeeded").await;
+    check_succeeded(&f, &job, &target);
+    assert_eq!(job["blocks"]["resumed"], json!(total - 1), "the restart redid settled work: {job:#}");
+    assert_eq!(job["run"], json!(2));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_concurrent_jobs_complete_byte_identical() {
+    let f = Fixture::new(29).await;
+    let mut config = f.config();
+    config.worker.jobs_running_max = std::num::NonZeroUsize::new(4).unwrap();
+    let server = start(Engine::new(config), Tokens::default(), None).await;
+    let targets: Vec<PathBuf> = (0..10).map(|i| f.target(&format!("many-{i}.img"))).collect();
+    for (i, target) in targets.iter().enumerate() {
+        let answer = submit(&server.client, &f.spec(&format!("many-{i}"), target)).await;
+        assert_eq!(answer.status.as_u16(), 201, "{}", answer.text);
+    }
+    for (i, target) in targets.iter().enumerate() {
+        let job = wait_for(&server.client, &format!("many-{i}"), "succeeded", |j| state(j) == "succeeded").await;
+        check_succeeded(&f, &job, target);
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_can_never_fit_fails_at_once() {
+    let f = Fixture::new(30).await;
+    let (_, total) = rehydrate::worker::filesystem_bytes(&f.roots()).unwrap();
+    let block = 64u32 << 20;
+    let blocks = total / u64::from(block) + 16;
+    let layout = rehydrate::block::BlockLayout::new(blocks * u64::from(block), block).unwrap();
+    let mut builder =
+        rehydrate::manifest::ManifestBuilder::new("huge", layout, HashAlgorithm::Blake3, Compression::None).unwrap();
+    for index in 0..blocks {
+        let hash = rehydrate::block::ContentHash(*blake3::hash(&index.to_le_bytes()).as_bytes());
+        let entry =
+            rehydrate::manifest::BlockEntry { index, hash, stored_len_bytes: block, compression: Compression::None };
+        builder.push(entry).unwrap();
+    }
+    std::fs::write(store_root(f.dir.path()).join("huge.manifest"), builder.finish().encode()).unwrap();
+    let server = start(Engine::new(f.config()), Tokens::default(), None).await;
+    let target = f.target("huge.img");
+    let mut spec = f.spec("huge", &target);
+    spec.manifest = "huge.manifest".into();
+    assert_eq!(submit(&server.client, &spec).await.status.as_u16(), 201);
+    let job = wait_for(&server.client, "huge", "failed", |j| state(j) == "failed").await;
+    assert!(job["reason"].as_str().unwrap().contains("whole size"), "{job:#}");
+    assert_eq!(job["run"], json!(0), "it never started: {job:#}");
+    assert_eq!(std::fs::read_dir(f.roots()).unwrap().count(), 0, "nothing written");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_held_by_free_space_does_not_block_the_jobs_behind_it() {
+    let f = Fixture::new(31).await;
+    // Two target roots on two filesystems (tmpfs and the disk); the floor sits
+    // between their free space, so one of them cannot take any job.
+    let Ok(shm) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("skipped: no /dev/shm to put a second filesystem's root on");
+        return;
+    };
+    let (free_disk, _) = rehydrate::worker::filesystem_bytes(&f.roots()).unwrap();
+    let (free_shm, _) = rehydrate::worker::filesystem_bytes(shm.path()).unwrap();
+    let (small, large) =
+        if free_shm < free_disk { (shm.path().to_owned(), f.roots()) } else { (f.roots(), shm.path().to_owned()) };
+    if free_shm.abs_diff(free_disk) < 1 << 30 {
+        eprintln!("skipped: /dev/shm and the disk have about the same free space");
+        return;
+    }
+    let mut config = f.config();
+    config.worker.target_roots = vec![f.roots(), shm.path().to_owned()];
+    config.worker.target_free_bytes_min = free_shm.min(free_disk) + free_shm.abs_diff(free_disk) / 2;
+    let server = start(Engine::new(config), Tokens::default(), None).await;
+    let held_target = small.join("held.img");
+    let free_target = large.join("free.img");
+    assert_eq!(submit(&server.client, &f.spec("held", &held_target)).await.status.as_u16(), 201);
+    assert_eq!(submit(&server.client, &f.spec("behind", &free_target)).await.status.as_u16(), 201);
+    let job = wait_for(&server.client, "behind", "succeeded", |j| state(j) == "succeeded").await;
+    check_succeeded(&f, &job, &free_target);
+    let held = wait_for(&server.client, "held", "held", |j| j["held_by"].is_string()).await;
+    assert_eq!(state(&held), "queued", "{held:#}");
+    assert!(held["held_by"].as_str().unwrap().contains("free space"), "{held:#}");
+    assert!(!held_target.exists());
+    assert_eq!(state(&server.client.cancel("held").await.unwrap()), "cancelled");
+    server.stop().await;
+}
+
+/// Run `rehydrate job …` against `server`: exit code and stdout.
+async fn job_cli(server: &str, args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_rehydrate"))
+        .arg("job")
+        .args(args)
+        .args(["--server", server, "--json"])
+        .env("REHYDRATE_LOG", "error")
+        .output()
+        .await
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_jobs_and_stops_on_sigterm() {
+    let f = Fixture::new(32).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config_path = f.dir.path().join("worker.toml");
+    let config = format!(
+        "[checkpoint]\ndir = {state:?}\n[worker]\nlisten = \"127.0.0.1:{port}\"\ntarget_roots = [{roots:?}]\n\
+         target_free_bytes_min = 0\nshutdown_grace_millis = 10000\nlog_format = \"json\"\n\
+         [worker.profiles.main]\nstore = \"file://{store}\"\n",
+        state = f.dir.path().join("state").display().to_string(),
+        roots = f.roots().display().to_string(),
+        store = store_root(f.dir.path()).display(),
+    );
+    std::fs::write(&config_path, config).unwrap();
+    let stderr = std::fs::File::create(f.dir.path().join("serve.log")).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rehydrate"))
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .env("REHYDRATE_LOG", "info")
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let server = format!("http://127.0.0.1:{port}");
+    let client = ApiClient::new(&server, None).unwrap();
+    let start = Instant::now();
+    while !client.raw(Method::GET, "/readyz", None).await.is_ok_and(|a| a.status.is_success()) {
+        assert!(start.elapsed() < DEADLINE, "the worker never became ready");
+        assert!(child.try_wait().unwrap().is_none(), "the worker exited at startup");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let target = f.target("cli.img");
+    let target_arg = target.display().to_string();
+    let submit_args =
+        ["submit", "--id", "cli", "--profile", "main", "--manifest", &f.manifest_key, "--target", &target_arg];
+    let (code, out) = job_cli(&server, &submit_args).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["id"], json!("cli"));
+    let start = Instant::now();
+    loop {
+        let (code, out) = job_cli(&server, &["get", "cli"]).await;
+        assert_eq!(code, 0, "{out}");
+        let job: Value = serde_json::from_str(&out).unwrap();
+        if state(&job) == "succeeded" {
+            check_succeeded(&f, &job, &target);
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "never succeeded: {job:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, out) = job_cli(&server, &["get", "nope"]).await;
+    assert_eq!(code, 2, "a missing job is a usage error: {out}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["status"], json!(404));
+    let (code, _) = job_cli(&server, &["list"]).await;
+    assert_eq!(code, 0);
+
+    // SIGTERM: the process exits, successfully, within its grace period.
+    let pid = child.id().unwrap() as libc::pid_t;
+    // SAFETY: sending a signal to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(DEADLINE, child.wait()).await.expect("exits after SIGTERM").unwrap();
+    assert_eq!(status.code(), Some(0));
+    let log = std::fs::read_to_string(f.dir.path().join("serve.log")).unwrap();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in lines {
+        serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_with_another_snapshot_restarts_the_target() {
+    let f = Fixture::new(33).await;
+    let other = volume(BLOCKS + 3, 34);
+    snapshot(f.dir.path(), &other, Compression::None, HashAlgorithm::Blake3).await;
+    let other_manifest = load_manifest(&format!("file://{}/vol-34.manifest", store_root(f.dir.path()).display()));
+    let (engine, gate) = f.gated_engine(f.config());
+    let server = start(engine, Tokens::default(), None).await;
+    let target = f.target("swap.img");
+    assert_eq!(submit(&server.client, &f.spec("first", &target)).await.status.as_u16(), 201);
+    wait_for(&server.client, "first", "settled some", |j| j["blocks"]["settled"].as_u64() > Some(0)).await;
+    let mut second = f.spec("second", &target);
+    second.manifest = "vol-34.manifest".into();
+    second.replace = true;
+    assert_eq!(submit(&server.client, &second).await.status.as_u16(), 201);
+    gate.send_replace(true);
+    let job = wait_for(&server.client, "second", "finished", |j| state(j) == "succeeded" || state(j) == "failed").await;
+    assert_eq!(state(&job), "succeeded", "{job:#}");
+    assert_eq!(job["blocks"]["resumed"], json!(0), "another snapshot's progress was reused: {job:#}");
+    check_identical(&other_manifest, &other, &target);
+    assert_eq!(state(&server.client.get("first").await.unwrap()), "cancelled");
+    server.stop().await;
+}
