@@ -45,7 +45,7 @@ pub struct BlockLayout {
 impl BlockLayout {
     pub fn new(volume_size_bytes: u64, block_size_bytes: u32) -> Result<Self, LayoutError> {
         if !(BLOCK_SIZE_MIN_BYTES..=BLOCK_SIZE_MAX_BYTES).contains(&block_size_bytes)
-            || block_size_bytes % BLOCK_SIZE_MIN_BYTES != 0
+            || !block_size_bytes.is_multiple_of(BLOCK_SIZE_MIN_BYTES)
         {
             return Err(LayoutError::BlockSize(block_size_bytes));
         }

@@ -97,7 +97,7 @@ pub async fn create(store: SharedStore, spec: &CreateSpec) -> Result<CreateRepor
     let reader = tokio::task::spawn_blocking(move || read_blocks(&file, layout, algorithm, &tx));
 
     let puts = Arc::new(Semaphore::new(spec.puts_inflight_max.max(1)));
-    let mut tasks: JoinSet<Result<(ContentHash, u32, Compression, bool), CreateError>> = JoinSet::new();
+    let mut tasks: JoinSet<Result<PutDone, CreateError>> = JoinSet::new();
     let mut objects: HashMap<ContentHash, Option<(u32, Compression)>> = HashMap::new();
     let mut refs: Vec<(BlockIndex, ContentHash)> = Vec::new();
     let mut dedup = 0;
@@ -162,9 +162,10 @@ struct PutTally {
 fn record_put(
     objects: &mut HashMap<ContentHash, Option<(u32, Compression)>>,
     tally: &mut PutTally,
-    done: Result<Result<(ContentHash, u32, Compression, bool), CreateError>, tokio::task::JoinError>,
+    done: Result<Result<PutDone, CreateError>, tokio::task::JoinError>,
 ) -> Result<(), CreateError> {
-    let (hash, len, compression, fresh) = done.map_err(|e| CreateError::Store(format!("put task failed: {e}")))??;
+    let PutDone { hash, len, compression, fresh } =
+        done.map_err(|e| CreateError::Store(format!("put task failed: {e}")))??;
     objects.insert(hash, Some((len, compression)));
     if fresh {
         tally.stored += 1;
@@ -175,12 +176,17 @@ fn record_put(
     Ok(())
 }
 
-/// Compress (when it pays) and put one block unless the store has it.
-async fn put_block(
-    store: &SharedStore,
-    block: ReadBlock,
+/// One distinct block object, stored: its stored length and compression, and
+/// whether this run put it (`fresh`) or the store already had it.
+struct PutDone {
+    hash: ContentHash,
+    len: u32,
     compression: Compression,
-) -> Result<(ContentHash, u32, Compression, bool), CreateError> {
+    fresh: bool,
+}
+
+/// Compress (when it pays) and put one block unless the store has it.
+async fn put_block(store: &SharedStore, block: ReadBlock, compression: Compression) -> Result<PutDone, CreateError> {
     let (stored, compression) = match compression {
         Compression::None => (block.bytes, Compression::None),
         Compression::Zstd => {
@@ -201,10 +207,10 @@ async fn put_block(
     let len = stored.len() as u32;
     let err = |e: crate::error::StoreError| CreateError::Store(format!("{}: {e}", store.url().join(&key)));
     if store.exists(&key).await.map_err(err)? {
-        return Ok((block.hash, len, compression, false));
+        return Ok(PutDone { hash: block.hash, len, compression, fresh: false });
     }
     store.put(&key, stored).await.map_err(err)?;
-    Ok((block.hash, len, compression, true))
+    Ok(PutDone { hash: block.hash, len, compression, fresh: true })
 }
 
 /// The reader thread: sequential reads, zero blocks dropped, others hashed.

@@ -121,7 +121,7 @@ pub async fn restore(
     let layout = manifest.layout;
     let durable = Durable::open(engine, spec)?;
     let (target, checkpoint) = match allocate(spec, &manifest, durable.as_ref())? {
-        Allocation::Ready { target, checkpoint } => (target, checkpoint),
+        Allocation::Ready { target, checkpoint } => (target, *checkpoint),
         Allocation::AlreadyRestored => {
             if let Some(d) = &durable {
                 d.remove();
@@ -307,7 +307,7 @@ impl Durable {
 enum Allocation {
     Ready {
         target: Target,
-        checkpoint: Checkpoint,
+        checkpoint: Box<Checkpoint>,
     },
     /// A crash came between the swap and the final status: the target in
     /// place is the whole restore the checkpoint describes.
@@ -357,7 +357,7 @@ fn allocate(spec: &RestoreSpec, manifest: &Manifest, durable: Option<&Durable>) 
             return Err(e);
         }
     }
-    Ok(Allocation::Ready { target, checkpoint })
+    Ok(Allocation::Ready { target, checkpoint: Box::new(checkpoint) })
 }
 
 fn already_restored_or_refuse(
