@@ -108,7 +108,7 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, String> {
         puts_inflight_max: 16,
     };
     let created = crate::snapshot::create(local, &spec).await.map_err(|e| e.to_string())?;
-    copy_dir(&store_dir, &mirror_dir).map_err(|e| format!("mirroring the store: {e}"))?;
+    crate::store::file::copy_tree(&store_dir, &mirror_dir).map_err(|e| format!("mirroring the store: {e}"))?;
     say(format!(
         "2. snapshot {}: {} objects stored ({} zero blocks left out, {} duplicates stored once), mirrored to {}",
         &created.snapshot_digest[..16],
@@ -185,20 +185,6 @@ fn pick_wedged_block(manifest: &Manifest) -> (BlockIndex, String) {
     let shared = |i: usize| entries.iter().filter(|e| e.hash == entries[i].hash).count() > 1;
     let i = (entries.len() / 6..entries.len()).find(|&i| !shared(i)).unwrap_or(0);
     (entries[i].index, block_key(&entries[i].hash, entries[i].compression))
-}
-
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let dest = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &dest)?;
-        } else {
-            std::fs::copy(entry.path(), dest)?;
-        }
-    }
-    Ok(())
 }
 
 fn nz64(v: u64) -> NonZeroU64 {

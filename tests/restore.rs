@@ -153,7 +153,7 @@ async fn secondary_serves_what_the_primary_lacks() {
     let manifest = load_manifest(&url);
     // The secondary is a full copy; the primary loses two objects.
     let secondary = dir.path().join("mirror");
-    copy_dir(&store_root(dir.path()), &secondary);
+    rehydrate::store::file::copy_tree(&store_root(dir.path()), &secondary).unwrap();
     for e in &manifest.entries()[3..5] {
         std::fs::remove_file(store_root(dir.path()).join(block_key(&e.hash, e.compression))).unwrap();
     }
@@ -196,18 +196,5 @@ async fn hostile_manifest_is_refused_before_any_write() {
         assert!(matches!(err, RestoreError::Refused(_)), "{what}: {err}");
         assert!(err.to_string().contains("manifest"), "{what}: {err}");
         assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "{what}: something was written");
-    }
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let dest = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &dest);
-        } else {
-            std::fs::copy(entry.path(), dest).unwrap();
-        }
     }
 }

@@ -117,7 +117,7 @@ async fn fixture(setup: Setup) -> Fixture {
 
     let secondary_root = if setup.mirror {
         let mirror = dir.path().join("mirror");
-        copy_dir(&store_root(dir.path()), &mirror);
+        rehydrate::store::file::copy_tree(&store_root(dir.path()), &mirror).unwrap();
         mirror
     } else {
         store_root(dir.path())
@@ -247,19 +247,6 @@ async fn run_restore(
 
 fn served(report: &RestoreReport) -> HashMap<String, u64> {
     report.fetch.served_by_source.iter().cloned().collect()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let dest = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &dest);
-        } else {
-            std::fs::copy(entry.path(), dest).unwrap();
-        }
-    }
 }
 
 /// A block whose object no other block shares (`i % 8` is 0, 1, 2, 4 or 6

@@ -81,6 +81,23 @@ impl FileStore {
     }
 }
 
+/// Copy a directory tree (a file store, to make a mirror of it). Symlinks
+/// are not followed.
+pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        let file_type = entry.file_type()?;
+        if file_type.is_dir() {
+            copy_tree(&entry.path(), &dest)?;
+        } else if file_type.is_file() {
+            std::fs::copy(entry.path(), dest)?;
+        }
+    }
+    Ok(())
+}
+
 impl BlockStore for FileStore {
     fn url(&self) -> &StoreUrl {
         &self.url
