@@ -29,17 +29,15 @@ set -euo pipefail
 SIZE_MIB=${1:-1024}
 BLOCK=${2:-1MiB}
 CONF_IN=${NGINX_CONF_IN:-/work/shared/bench/nginx.conf.in}
-BENCH_DIR=$(dirname "$CONF_IN")
 TARGET_PARENT=${TARGET_DIR:-/tmp}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=benches/e2e/lib.sh
+source "$HERE/benches/e2e/lib.sh"
 
 missing=()
 command -v nginx >/dev/null 2>&1 || missing+=("nginx (Debian package: apt-get install nginx)")
 command -v python3 >/dev/null 2>&1 || missing+=("python3 (to read the --json reports)")
-[[ -f $CONF_IN ]] || missing+=("$CONF_IN (the nginx config template)")
-for xml in slowdown.xml internal.xml; do
-    [[ -f $BENCH_DIR/$xml ]] || missing+=("$BENCH_DIR/$xml (an S3 error body)")
-done
+while IFS= read -r line; do missing+=("$line"); done < <(nginx_fixture_missing "$CONF_IN")
 if ((${#missing[@]})); then
     echo "nginx_check: cannot run, missing:" >&2
     printf '  - %s\n' "${missing[@]}" >&2
@@ -64,18 +62,14 @@ OUT=$(mktemp -d "$TARGET_PARENT/rehydrate-nginx-target.XXXXXX")
 RUN=$WORK/run
 ROOT=$WORK/root
 STORE=$ROOT/bucket/snap
-NGINX_STARTED=0
 
 cleanup() {
-    if ((NGINX_STARTED)) && [[ -f $RUN/nginx.pid ]]; then
-        nginx -p "$RUN" -c "$RUN/nginx.conf" -e "$RUN/logs/error.log" -s stop 2>/dev/null || kill "$(cat "$RUN/nginx.pid")" 2>/dev/null || true
-    fi
+    nginx_stop "$RUN"
     rm -rf "$WORK" "$OUT"
 }
 trap cleanup EXIT INT TERM
 
-mkdir -p "$RUN/logs" "$RUN/tmp" "$RUN/err" "$STORE" "$WORK/state"
-cp "$BENCH_DIR/slowdown.xml" "$BENCH_DIR/internal.xml" "$RUN/err/"
+mkdir -p "$STORE" "$WORK/state"
 
 echo "nginx_check: binary $BIN [$build]; volume ${SIZE_MIB} MiB in $BLOCK blocks; store in $WORK; targets in $OUT" >&2
 head -c "$((SIZE_MIB << 20))" /dev/urandom >"$WORK/source.img"
@@ -83,18 +77,8 @@ head -c "$((SIZE_MIB << 20))" /dev/urandom >"$WORK/source.img"
     >"$WORK/snapshot.json"
 rm -f "$WORK/source.img" # the restore is checked against the manifest (rehydrate verify), not this copy
 
-{
-    if [[ $(id -u) == 0 ]]; then echo "user root root;"; fi
-    sed -e "s|@RUN@|$RUN|g" -e "s|@ROOT@|$ROOT|g" "$CONF_IN"
-} >"$RUN/nginx.conf"
-nginx -p "$RUN" -c "$RUN/nginx.conf" -e "$RUN/logs/error.log"
-NGINX_STARTED=1
-for port in 9080 9082 9083 9084; do
-    for _ in $(seq 50); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-        sleep 0.1
-    done
-done
+nginx_write_conf "$CONF_IN" "$RUN" "$ROOT"
+nginx_start "$RUN"
 
 base_config() {
     cat <<EOF

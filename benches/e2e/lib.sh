@@ -1,0 +1,59 @@
+# Shell code shared by benches/nginx_check.sh and benches/e2e.sh: nginx from
+# the fixture /work/shared/bench/nginx.conf.in, serving a store root in tmpfs.
+# Source it; it defines functions only and starts nothing by itself.
+#
+#   nginx_fixture_missing CONF_IN      print what the fixture lacks (nothing if complete)
+#   nginx_write_conf CONF_IN RUN ROOT [ACCESS_LOG]
+#                                      write RUN/nginx.conf (and RUN/err/*.xml);
+#                                      with ACCESS_LOG, every request is logged
+#                                      there as "port status bytes uri"
+#                                      (the fixture itself logs nothing)
+#   nginx_start RUN                    start it (daemon) and wait for its 4 ports
+#   nginx_stop RUN                     stop it if it was started (idempotent)
+
+NGINX_PORTS=(9080 9082 9083 9084)
+
+nginx_fixture_missing() {
+    local conf_in=$1 dir
+    dir=$(dirname "$conf_in")
+    [[ -f $conf_in ]] || echo "$conf_in (the nginx config template)"
+    for xml in slowdown.xml internal.xml; do
+        [[ -f $dir/$xml ]] || echo "$dir/$xml (an S3 error body)"
+    done
+}
+
+nginx_write_conf() {
+    local conf_in=$1 run=$2 root=$3 access_log=${4:-}
+    mkdir -p "$run/logs" "$run/tmp" "$run/err"
+    cp "$(dirname "$conf_in")/slowdown.xml" "$(dirname "$conf_in")/internal.xml" "$run/err/"
+    {
+        if [[ $(id -u) == 0 ]]; then echo "user root root;"; fi
+        if [[ -n $access_log ]]; then
+            # Unbuffered, so a run's lines are all there when it ends.
+            sed -e "s|@RUN@|$run|g" -e "s|@ROOT@|$root|g" \
+                -e "s|^  access_log off;|  log_format e2e '\$server_port \$status \$body_bytes_sent \$uri';\n  access_log $access_log e2e;|" \
+                "$conf_in"
+        else
+            sed -e "s|@RUN@|$run|g" -e "s|@ROOT@|$root|g" "$conf_in"
+        fi
+    } >"$run/nginx.conf"
+}
+
+nginx_start() {
+    local run=$1 port
+    nginx -p "$run" -c "$run/nginx.conf" -e "$run/logs/error.log"
+    for port in "${NGINX_PORTS[@]}"; do
+        for _ in $(seq 50); do
+            (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+            sleep 0.1
+        done
+    done
+}
+
+nginx_stop() {
+    local run=$1
+    [[ -f $run/nginx.pid ]] || return 0
+    nginx -p "$run" -c "$run/nginx.conf" -e "$run/logs/error.log" -s stop 2>/dev/null ||
+        kill "$(cat "$run/nginx.pid")" 2>/dev/null || true
+    rm -f "$run/nginx.pid"
+}

@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""Helpers of benches/e2e.sh: records, comparisons and the final table.
+
+Subcommands (all print to stdout; nothing here starts processes):
+  corrupt GOOD OUT           write GOOD to OUT with 64 bytes flipped in the middle
+  record ...                 one JSON measurement from timings, rss and access log
+  merge LAST_JSON            LAST_JSON's object updated with the object on stdin
+  compare DIR STORE KEYS     how many of KEYS in DIR are missing or differ from STORE
+  rehydrate REPORT VERIFY    fields from rehydrate's --json restore and verify reports
+  say RECORD_JSON            one human line about a record
+  table RESULTS ...          the medians table
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+GIB = float(1 << 30)
+
+
+def corrupt(good, out):
+    data = bytearray(open(good, "rb").read())
+    mid = len(data) // 2
+    for i in range(mid, min(mid + 64, len(data))):
+        data[i] ^= 0xFF
+    if os.path.exists(out):
+        os.unlink(out)  # a hard link to the good object: replace, do not write through
+    with open(out, "wb") as f:
+        f.write(data)
+
+
+def record(a):
+    secs = float(a.t1) - float(a.t0)
+    rss = None
+    try:
+        lines = [l for l in open(a.rss_file).read().split("\n") if l.strip()]
+        rss = int(lines[-1])
+    except (OSError, ValueError, IndexError):
+        pass
+    requests = s503 = other_errors = 0
+    with open(a.access) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) < 2:
+                continue
+            requests += 1
+            if parts[1] == "503":
+                s503 += 1
+            elif not parts[1].startswith("2"):
+                other_errors += 1
+    print(json.dumps({
+        "round": a.round, "workload": a.workload, "client": a.client, "bytes": a.bytes,
+        "secs": secs, "bytes_per_sec": a.bytes / secs if secs > 0 else 0.0,
+        "busy_secs": a.busy_jiffies / a.clk_tck, "rss_kib": rss,
+        "requests": requests, "s503": s503, "other_errors": other_errors, "exit": a.exit,
+    }))
+
+
+def merge(last):
+    rec = json.load(open(last))
+    rec.update(json.load(sys.stdin))
+    print(json.dumps(rec))
+
+
+def compare(directory, store, keys):
+    missing = corrupt_n = 0
+    for key in open(keys).read().split():
+        path = os.path.join(directory, key)
+        if not os.path.exists(path):
+            missing += 1
+            continue
+        with open(path, "rb") as got, open(os.path.join(store, key), "rb") as want:
+            while True:
+                a, b = got.read(1 << 20), want.read(1 << 20)
+                if a != b:
+                    corrupt_n += 1
+                    break
+                if not a:
+                    break
+    print(json.dumps({"corrupt_written": corrupt_n, "missing": missing}))
+
+
+def rehydrate(report_path, verify_path):
+    try:
+        r = json.load(open(report_path))
+    except (OSError, ValueError):
+        r = {}
+    fetch = r.get("fetch", {})
+    secondary = sum(n for name, n in fetch.get("served_by_source", []) if name != "primary")
+    failed = r.get("blocks_failed")
+    out = {"secondary": secondary, "hedges": fetch.get("hedges"), "client_requests": fetch.get("requests"),
+           "retries": fetch.get("retries"), "corrupt_responses": fetch.get("corrupt_responses"),
+           "missing": failed, "verified": False, "corrupt_written": None}
+    try:
+        v = json.load(open(verify_path))
+        mismatched = len(v.get("mismatched", []))
+        out["corrupt_written"] = max(0, mismatched - (failed or 0))
+        out["verified"] = mismatched == 0 and v.get("blocks_checked") == v.get("blocks_total")
+    except (OSError, ValueError):
+        pass
+    print(json.dumps(out))
+
+
+def say(rec):
+    r = json.loads(rec)
+    extra = ""
+    for k in ("secondary", "hedges", "corrupt_written", "missing"):
+        if r.get(k) is not None:
+            extra += f" {k}={r[k]}"
+    print(f"  {r['workload']:3} {r['client']:22} {r['secs']:7.2f} s {r['bytes_per_sec'] / GIB:6.3f} GiB/s "
+          f"cpu {r['busy_secs']:6.2f} s req {r['requests']} 503 {r['s503']} exit {r['exit']}{extra}")
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def table(a):
+    recs = [json.loads(l) for l in open(a.results) if l.strip()]
+    rounds = sorted({r["round"] for r in recs})
+    # Per round, W1's best s5cmd becomes its own row; W2-W5 s5cmd rows are one group.
+    rows = {}
+    order = []
+
+    def add(key, rec):
+        if key not in rows:
+            rows[key] = []
+            order.append(key)
+        rows[key].append(rec)
+
+    for rnd in rounds:
+        rr = [r for r in recs if r["round"] == rnd]
+        for r in rr:
+            if r["client"].startswith("s5cmd") and r["workload"] != "W1":
+                add((r["workload"], "s5cmd at W1's best -w"), r)
+            else:
+                add((r["workload"], r["client"]), r)
+        w1 = [r for r in rr if r["workload"] == "W1" and r["client"].startswith("s5cmd")]
+        if w1:
+            best = max(w1, key=lambda r: r["bytes_per_sec"])
+            add(("W1", "s5cmd best"), dict(best, best_of=best["client"]))
+
+    def rate(key):
+        return med([r["bytes_per_sec"] for r in rows.get(key, [])])
+
+    p = rate(("P", "P: GET stream + fio"))
+    wl_order = ["P", "W1", "W2", "W3", "W4", "W5"]
+    order.sort(key=lambda k: (wl_order.index(k[0]) if k[0] in wl_order else 9,
+                              0 if k[1].startswith("GET") or k[1].startswith("fio") else 1 if k[1].startswith("P") else
+                              2 if k[1].startswith("s5cmd -w") else 3 if k[1].startswith("s5cmd") else 4))
+
+    head = ["wl", "client", "GiB/s", "/P", "/s5cmd", "CPU s/GiB", "RSS MiB", "requests", "503s",
+            "secondary", "hedges", "corrupt written", "missing", "exit"]
+    lines = [head]
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    for key in order:
+        rs = rows[key]
+        wl, client = key
+        g = rate(key)
+        if wl == "W1":
+            ref = rate(("W1", "s5cmd best"))
+        else:
+            ref = rate((wl, "s5cmd at W1's best -w"))
+        if client.startswith("s5cmd") or wl == "P":
+            ref = None
+        gib = [r["bytes"] / GIB for r in rs]
+        cpu = med([r["busy_secs"] / x for r, x in zip(rs, gib)])
+        rss = med([r["rss_kib"] / 1024 if r.get("rss_kib") is not None and wl != "P" else None for r in rs])
+        label = client
+        if client == "s5cmd best":
+            label += " (" + ",".join(sorted({r["best_of"].split()[-1] for r in rs})) + ")"
+        elif client.startswith("s5cmd at"):
+            label = "s5cmd -w " + ",".join(sorted({r["client"].split()[-1] for r in rs}))
+        exits = ",".join(sorted({str(r["exit"]) for r in rs}))
+        lines.append([wl, label, fmt(g / GIB, ".3f"), fmt(g / p if p else None, ".2f"), fmt(g / ref if ref else None, ".2f"),
+                      fmt(cpu, ".2f"), fmt(rss, ".0f"), fmt(med([r["requests"] for r in rs]), ".0f"),
+                      fmt(med([r["s503"] for r in rs]), ".0f"), fmt(med([r.get("secondary") for r in rs]), ".0f"),
+                      fmt(med([r.get("hedges") for r in rs]), ".0f"),
+                      fmt(med([r.get("corrupt_written") for r in rs]), ".0f")
+                      + ("" if client != "rehydrate" else " (verified)" if all(r.get("verified") for r in rs) else " (NOT verified)"),
+                      fmt(med([r.get("missing") for r in rs]), ".0f"), exits])
+    widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
+    print()
+    print(f"rehydrate end to end: {a.size_mib} MiB volume, {a.objects} objects of 1 MiB, medians of {a.runs} run(s); "
+          f"binary {a.binary}")
+    print(f"machine: {a.machine}")
+    print(f"load average: {a.load}")
+    print("W1 clean 9080 | W2 300 req/s 9082 | W3 1.2 % 500 9083 (+file secondary) | W4 1.2 % at 256 KiB/s 9084 "
+          "(+file secondary) | W5 3 corrupt objects, bucket2 on 9080 (+file secondary)")
+    print("/P: throughput over P (GET stream + O_DIRECT fio at once); /s5cmd: rehydrate over s5cmd on the same "
+          "workload (W1: s5cmd's best worker count); CPU: whole machine busy s per GiB; requests, 503s: nginx access log")
+    print()
+    for l in lines:
+        print("  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(l, widths))))
+
+
+def main():
+    cmd = sys.argv[1] if len(sys.argv) > 1 else ""
+    args = sys.argv[2:]
+    if cmd == "corrupt":
+        corrupt(*args)
+    elif cmd == "record":
+        p = argparse.ArgumentParser()
+        for name in ("workload", "client", "t0", "t1", "rss-file", "access"):
+            p.add_argument("--" + name, required=True)
+        for name in ("round", "bytes", "busy-jiffies", "clk-tck", "exit"):
+            p.add_argument("--" + name, required=True, type=int)
+        record(p.parse_args(args))
+    elif cmd == "merge":
+        merge(*args)
+    elif cmd == "compare":
+        compare(*args)
+    elif cmd == "rehydrate":
+        rehydrate(*args)
+    elif cmd == "say":
+        say(*args)
+    elif cmd == "table":
+        p = argparse.ArgumentParser()
+        p.add_argument("results")
+        for name in ("size-mib", "objects", "runs", "binary", "machine", "load"):
+            p.add_argument("--" + name, required=True)
+        table(p.parse_args(args))
+    else:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
