@@ -127,7 +127,9 @@ pub struct FetchCounts {
     pub retries: u64,
     pub fallbacks: u64,
     pub corrupt_responses: u64,
-    /// Second requests sent for slow attempts.
+    /// Hedges started for slow attempts. A hedge still waiting for a
+    /// rate-limit token or a concurrency slot when the first answer arrives
+    /// is dropped unsent, so a store may see fewer extra requests than this.
     pub hedges: u64,
 }
 

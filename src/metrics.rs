@@ -30,7 +30,10 @@ pub fn describe() {
     describe_counter!(REQUESTS_TOTAL, "Block object requests sent, by source and outcome (ok or error class).");
     describe_counter!(RETRIES_TOTAL, "Retries of block fetches on the same source, by source and error class.");
     describe_counter!(FALLBACKS_TOTAL, "Blocks that went to a later source, by the source they went to.");
-    describe_counter!(HEDGES_TOTAL, "Second requests sent for slow attempts, by the source they went to.");
+    describe_counter!(
+        HEDGES_TOTAL,
+        "Hedges started for slow attempts, by the source they went to (one still waiting for a rate-limit token or slot when the first answer arrives is dropped unsent)."
+    );
     describe_histogram!(FETCH_LATENCY_SECONDS, Unit::Seconds, "Latency of one fetch attempt, body included.");
     describe_counter!(FETCHED_BYTES_TOTAL, Unit::Bytes, "Bytes of block objects received, by source.");
     describe_counter!(WRITTEN_BYTES_TOTAL, Unit::Bytes, "Bytes written to targets (not yet durable).");
