@@ -173,8 +173,26 @@ async fn cancel(State(api): State<Api>, Path(id): Path<String>) -> Response {
 }
 
 async fn metrics(State(api): State<Api>) -> Response {
-    let text = api.metrics.render();
+    if let Err(e) = api.worker.publish_metrics() {
+        tracing::warn!(error = %e, "job gauges not refreshed for this scrape");
+    }
+    let mut text = api.metrics.render();
+    render_job_progress(&mut text, &api.worker.running_progress());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+/// The per-job progress series, one per running job: a job that ended has
+/// none (job ids are `[A-Za-z0-9_-]`, nothing to escape).
+fn render_job_progress(text: &mut String, running: &[(String, f64)]) {
+    use crate::metrics::{JOB_PROGRESS_RATIO as NAME, JOB_PROGRESS_RATIO_HELP as HELP};
+    use std::fmt::Write;
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    let _ = writeln!(text, "# HELP {NAME} {HELP}\n# TYPE {NAME} gauge");
+    for (job, ratio) in running {
+        let _ = writeln!(text, "{NAME}{{job=\"{job}\"}} {ratio}");
+    }
 }
 
 async fn readyz(State(api): State<Api>) -> Response {

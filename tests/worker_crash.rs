@@ -95,7 +95,7 @@ struct Fixture {
 }
 
 impl Fixture {
-    async fn new(seeds: &[u64]) -> Fixture {
+    async fn new(seeds: &[u64], worker_extra: &str) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let base = std::fs::canonicalize(dir.path()).unwrap();
         let prefix_dir = base.join("s3").join(BUCKET).join(PREFIX);
@@ -162,6 +162,7 @@ target_free_bytes_min = 0
 gate_backoff_millis = 20
 gate_backoff_max_millis = 200
 shutdown_grace_millis = {grace}
+{worker_extra}
 
 [worker.profiles.main]
 store = "s3://{BUCKET}/{PREFIX}"
@@ -342,6 +343,18 @@ impl Served {
         }
     }
 
+    /// Every sample of `/metrics`, by series (`name{labels}`).
+    async fn metrics(&self) -> HashMap<String, f64> {
+        let answer = self.client.raw(Method::GET, "/metrics", None).await.unwrap();
+        assert_eq!(answer.status.as_u16(), 200, "{}", answer.text);
+        let mut samples = HashMap::new();
+        for line in answer.text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line:?}"));
+            samples.insert(series.to_owned(), value.parse::<f64>().unwrap_or_else(|e| panic!("{line:?}: {e}")));
+        }
+        samples
+    }
+
     fn signal(&self, signal: libc::c_int) {
         let pid = i32::try_from(self.child.0.id()).unwrap();
         // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet.
@@ -372,7 +385,7 @@ fn finished(job: &Value) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_resumes_its_job_without_refetching_settled_blocks() {
-    let fx = Fixture::new(&[91]).await;
+    let fx = Fixture::new(&[91], "").await;
     let snap = &fx.snaps[0];
     let target = fx.target("killed.img");
     let mut served = fx.serve("first").await;
@@ -402,7 +415,7 @@ async fn a_killed_worker_resumes_its_job_without_refetching_settled_blocks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_exits_within_the_grace_period_and_jobs_resume() {
-    let fx = Fixture::new(&[92, 93]).await;
+    let fx = Fixture::new(&[92, 93], "").await;
     let targets = [fx.target("a.img"), fx.target("b.img")];
     let ids = ["a", "b"];
     let mut served = fx.serve("first").await;
@@ -435,4 +448,72 @@ async fn sigterm_under_load_exits_within_the_grace_period_and_jobs_resume() {
     let (status, _) = served.exit_within(GRACE + EXIT_MARGIN).await;
     assert_eq!(status.code(), Some(0), "{}", served.log());
     assert!(common::staging_files(&fx.roots).is_empty(), "staging files left behind");
+}
+
+/// The sum of every series of metric `name` whose labels contain `label`.
+fn sum(samples: &HashMap<String, f64>, name: &str, label: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|(series, _)| series.split('{').next() == Some(name) && series.contains(label))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn sample(samples: &HashMap<String, f64>, series: &str) -> f64 {
+    *samples.get(series).unwrap_or_else(|| panic!("no series {series} in {samples:#?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_of_the_worker_add_up() {
+    let fx = Fixture::new(&[94, 95], "jobs_running_max = 1").await;
+    let targets = [fx.target("a.img"), fx.target("b.img")];
+    let ids = ["a", "b"];
+    let mut served = fx.serve("metrics").await;
+    for ((id, target), snap) in ids.iter().zip(&targets).zip(&fx.snaps) {
+        let answer = served.client.submit(&fx.spec(id, snap, target)).await.unwrap();
+        assert_eq!(answer.status.as_u16(), 201, "{}", answer.text);
+    }
+    // During: one job runs, the other waits for a running slot.
+    served.wait_for("a", "running with progress", |j| j["state"] == json!("running") && settled(j) >= 16).await;
+    let during = served.metrics().await;
+    let ratio = sample(&during, "rehydrate_job_progress_ratio{job=\"a\"}");
+    assert!(ratio > 0.0 && ratio < 1.0, "progress of a running job: {ratio}");
+    assert!(!during.keys().any(|k| k.contains("job=\"b\"")), "a queued job has no progress series");
+    assert_eq!(sample(&during, "rehydrate_jobs{state=\"queued\"}"), 1.0);
+    assert_eq!(sample(&during, "rehydrate_jobs{state=\"running\"}"), 1.0);
+    let pending = sample(&during, "rehydrate_pending_blocks");
+    assert!(pending > 0.0 && pending <= (BLOCKS + 1) as f64, "pending blocks of the running job: {pending}");
+    assert!(sample(&during, "rehydrate_oldest_queued_job_age_seconds") >= 0.0);
+    assert!(sample(&during, "rehydrate_oldest_inflight_block_age_seconds") >= 0.0);
+
+    let mut jobs = Vec::new();
+    for id in ids {
+        jobs.push(served.wait_for(id, "finished", finished).await);
+    }
+    let after = served.metrics().await;
+    for job in &jobs {
+        assert_eq!(job["state"], json!("succeeded"), "{job:#}");
+    }
+    assert!(!after.keys().any(|k| k.starts_with("rehydrate_job_progress_ratio")), "ended jobs keep no progress series");
+    assert_eq!(sample(&after, "rehydrate_jobs{state=\"succeeded\"}"), 2.0);
+    assert_eq!(sample(&after, "rehydrate_jobs{state=\"queued\"}"), 0.0);
+    assert_eq!(sample(&after, "rehydrate_pending_blocks"), 0.0);
+    assert_eq!(sample(&after, "rehydrate_oldest_queued_job_age_seconds"), 0.0);
+    // The counters add up: blocks settled are the finished jobs' blocks;
+    // requests answered ok are the objects the jobs report served, which are
+    // the distinct block objects the server saw requested.
+    let settled_by_jobs: u64 = jobs.iter().map(|j| settled(j) - j["blocks"]["resumed"].as_u64().unwrap()).sum();
+    assert_eq!(settled_by_jobs, 2 * (BLOCKS + 1));
+    assert_eq!(sample(&after, "rehydrate_settled_blocks_total"), settled_by_jobs as f64);
+    let served_by_jobs: u64 = jobs
+        .iter()
+        .flat_map(|j| j["sources"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).collect::<Vec<_>>())
+        .sum();
+    let requested: HashSet<String> = fx.block_requests(0).into_iter().collect();
+    assert_eq!(served_by_jobs, requested.len() as u64);
+    assert_eq!(sum(&after, "rehydrate_fetch_requests_total", "outcome=\"ok\""), served_by_jobs as f64);
+    assert_eq!(sum(&after, "rehydrate_fetch_requests_total", ""), served_by_jobs as f64, "no request failed");
+    served.signal(libc::SIGTERM);
+    let (status, _) = served.exit_within(GRACE + EXIT_MARGIN).await;
+    assert_eq!(status.code(), Some(0), "{}", served.log());
 }
