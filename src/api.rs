@@ -77,7 +77,14 @@ pub fn router(worker: Arc<Worker>, tokens: Tokens) -> Result<Router, String> {
         .with_state(api))
 }
 
-/// Serve the API on `listener` until `shutdown` resolves.
+/// Serve the API on `listener` until `shutdown` resolves, then stop
+/// accepting, let open connections finish their request in flight, and return
+/// once they closed.
+///
+/// Each connection is HTTP/1 with `worker.header_read_timeout_millis` to send
+/// a request head (a silent client is disconnected), and at most
+/// `worker.connections_max` connections are served at once: the next accept
+/// waits for a slot, so further clients wait in the kernel's listen backlog.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     worker: Arc<Worker>,
@@ -93,9 +100,78 @@ pub async fn serve(
             ),
         ));
     }
+    let limits = ConnectionLimits {
+        header_read_timeout: worker.config().header_read_timeout(),
+        connections_max: worker.config().connections_max.get(),
+    };
     let app = router(worker, tokens).map_err(std::io::Error::other)?;
-    tracing::info!(%local, "worker API listening");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    tracing::info!(%local, connections_max = limits.connections_max, "worker API listening");
+    serve_connections(listener, app, limits, shutdown).await;
+    Ok(())
+}
+
+/// The listener's limits.
+#[derive(Debug, Clone, Copy)]
+struct ConnectionLimits {
+    header_read_timeout: std::time::Duration,
+    connections_max: usize,
+}
+
+/// Accept loop: one task per connection, each holding a slot of the cap.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.connections_max));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let connections = tokio_util::task::TaskTracker::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            () = &mut shutdown => break,
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break, // the semaphore is never closed
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    stop.cancel();
+    connections.close();
+    connections.wait().await;
 }
 
 async fn submit(State(api): State<Api>, body: Result<Bytes, BytesRejection>) -> Response {

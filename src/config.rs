@@ -177,6 +177,14 @@ pub struct WorkerConfig {
     pub tokens_file: Option<PathBuf>,
     /// Largest request body. 64 KiB: a job spec is a few hundred bytes.
     pub request_body_bytes_max: NonZeroUsize,
+    /// A connection that has not sent a whole request head within this is
+    /// closed (a silent or trickling client, or an idle keep-alive one).
+    /// 10 s: orchestrators on a data-center network send a head in
+    /// milliseconds, and a slow client must not hold a connection slot.
+    pub header_read_timeout_millis: NonZeroU64,
+    /// Connections served at once; further ones wait in the listen backlog.
+    /// 128: a worker has a handful of orchestrator and scraper clients.
+    pub connections_max: NonZeroUsize,
     /// `text` or `json` (one JSON object per line, for log shippers).
     pub log_format: LogFormat,
     /// Store profiles jobs name: `[worker.profiles.NAME]`.
@@ -198,6 +206,8 @@ impl Default for WorkerConfig {
             shutdown_grace_millis: nz64(10_000),
             tokens_file: None,
             request_body_bytes_max: nzu(64 << 10),
+            header_read_timeout_millis: nz64(10_000),
+            connections_max: nzu(128),
             log_format: LogFormat::Text,
             profiles: std::collections::BTreeMap::new(),
         }
@@ -227,6 +237,10 @@ pub struct ProfileConfig {
 impl WorkerConfig {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_millis.get())
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_millis.get())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

@@ -392,6 +392,71 @@ async fn refuses_a_public_listener_without_tokens() {
     worker.shutdown(Duration::from_secs(5)).await;
 }
 
+/// Read from `stream` until the server closes it (EOF or reset), within the
+/// deadline; returns how long that took.
+async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(DEADLINE, stream.read(&mut buf)).await {
+            Err(_) => panic!("the server kept a silent connection open for {DEADLINE:?}"),
+            Ok(Ok(0) | Err(_)) => return start.elapsed(),
+            // A 408 or similar before closing is fine; keep reading to EOF.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_or_trickling_client_is_disconnected_after_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let f = Fixture::new(40).await;
+    let mut config = f.config();
+    let timeout = Duration::from_millis(300);
+    config.worker.header_read_timeout_millis = std::num::NonZeroU64::new(300).unwrap();
+    let server = start(Engine::new(config), Tokens::default(), None).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let took = closed_by_server(&mut silent).await;
+    // A bound, not a speed claim: well under the 10 s default, so it is the
+    // configured timeout that closed it, and not before it.
+    assert!(took >= timeout - Duration::from_millis(50), "closed before the timeout: {took:?}");
+    assert!(took < Duration::from_secs(5), "closed long after the timeout: {took:?}");
+    println!("a silent connection was closed after {took:?} (timeout {timeout:?})");
+
+    let mut trickling = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    trickling.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    closed_by_server(&mut trickling).await;
+
+    // A client that sends its request is served as before.
+    assert_eq!(server.client.raw(Method::GET, "/healthz", None).await.unwrap().status.as_u16(), 200);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_wait_for_a_slot() {
+    let f = Fixture::new(41).await;
+    let mut config = f.config();
+    config.worker.connections_max = std::num::NonZeroUsize::new(1).unwrap();
+    let server = start(Engine::new(config), Tokens::default(), None).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+
+    // One silent connection holds the only slot.
+    let holder = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let client = ApiClient::new(&server.base, None).unwrap();
+    let mut waiting = tokio::spawn(async move { client.raw(Method::GET, "/healthz", None).await });
+    // Not served while the slot is held (if the cap did not hold, it would
+    // be answered at once and this fails).
+    assert!(tokio::time::timeout(Duration::from_millis(500), &mut waiting).await.is_err(), "served beyond the cap");
+    drop(holder);
+    let answer = tokio::time::timeout(DEADLINE, waiting).await.expect("served once the slot is free").unwrap().unwrap();
+    assert_eq!(answer.status.as_u16(), 200);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_prometheus_text() {
     let f = Fixture::new(27).await;
