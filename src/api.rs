@@ -30,7 +30,8 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::worker::{CancelError, JobSpec, SubmitError, Submitted, Worker};
+use crate::worker::spec::BodyError;
+use crate::worker::{CancelError, SubmitError, Submitted, Worker};
 pub use auth::Tokens;
 use problem::Problem;
 
@@ -179,15 +180,13 @@ async fn submit(State(api): State<Api>, body: Result<Bytes, BytesRejection>) -> 
         Ok(b) => b,
         Err(e) => return Problem::new(e.status(), "bad-body", &e.body_text()).into_response(),
     };
-    let spec: JobSpec = match serde_json::from_slice(&body) {
+    let spec = match crate::worker::spec::parse_body(&body) {
         Ok(spec) => spec,
-        Err(e) if e.is_syntax() || e.is_eof() => {
-            return Problem::new(StatusCode::BAD_REQUEST, "bad-json", &format!("the body is not JSON: {e}"))
-                .into_response();
+        Err(e @ BodyError::NotJson(_)) => {
+            return Problem::new(StatusCode::BAD_REQUEST, "bad-json", &e.to_string()).into_response();
         }
-        Err(e) => {
-            return Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-spec", &format!("job spec: {e}"))
-                .into_response();
+        Err(e @ BodyError::NotASpec(_)) => {
+            return Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-spec", &e.to_string()).into_response();
         }
     };
     let worker = Arc::clone(&api.worker);

@@ -485,4 +485,57 @@ mod tests {
         assert!(parse_size_bytes("1XB").is_err());
         assert!(parse_size_bytes("99999999999999999999T").is_err());
     }
+
+    /// Values that stress parsing and validation: zero, negatives, overflow,
+    /// wrong types, odd strings.
+    fn hostile_value() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just("0".to_owned()),
+            Just("-1".to_owned()),
+            Just("18446744073709551616".to_owned()),
+            Just("9223372036854775807".to_owned()),
+            Just("1e400".to_owned()),
+            Just("nan".to_owned()),
+            Just("true".to_owned()),
+            Just("[]".to_owned()),
+            Just("{}".to_owned()),
+            Just("\"\"".to_owned()),
+            Just("\"99999999999999999999T\"".to_owned()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            "\"\\PC{0,12}\"",
+        ]
+    }
+
+    proptest::proptest! {
+        /// Arbitrary text: a config or an error, never a panic; an accepted
+        /// config validates again.
+        #[test]
+        fn parse_never_panics_on_arbitrary_text(text in "\\PC{0,200}") {
+            if let Ok(c) = Config::parse(&text) {
+                proptest::prop_assert!(c.validate().is_ok());
+            }
+        }
+
+        /// The shipped config with values replaced by hostile ones and lines
+        /// dropped: a config or a clear error, never a panic.
+        #[test]
+        fn parse_never_panics_on_mutated_configs(
+            edits in proptest::collection::vec((0usize..200, 0u8..4, hostile_value()), 1..8),
+        ) {
+            let mut lines: Vec<String> = include_str!("../config/rehydrate.toml").lines().map(str::to_owned).collect();
+            for (at, op, value) in edits {
+                let at = at % lines.len();
+                let line = lines[at].trim_start_matches("# ").to_owned();
+                match (op, line.split_once(" = ")) {
+                    (0, _) => lines[at].clear(),
+                    (_, Some((key, _))) if !key.contains(' ') => lines[at] = format!("{key} = {value}"),
+                    _ => {}
+                }
+            }
+            if let Ok(c) = Config::parse(&lines.join("\n")) {
+                proptest::prop_assert!(c.validate().is_ok());
+            }
+        }
+    }
 }
