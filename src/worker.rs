@@ -19,6 +19,10 @@
 //! - **Replacement and resume**: a restore derives its work from its target's
 //!   checkpoint, so a replacing job, a resubmitted cancelled job and a job
 //!   resumed after a restart all take over what earlier runs settled.
+//! - **Startup sweep**: before the scheduler starts, staging files under the
+//!   target roots that no checkpoint owns (leaked by crashed restores that
+//!   cannot resume) are removed; staging files a checkpoint owns are kept
+//!   for the job that resumes them.
 //! - **Shutdown**: [`Worker::shutdown`] stops taking jobs, cancels running ones
 //!   (they settle and checkpoint) and stores them as `queued`, so the next
 //!   start resumes them.
@@ -192,6 +196,7 @@ impl Worker {
                 tracing::info!(job = %id, "requeued a job the previous worker left running");
             }
         }
+        sweep_target_roots(&engine);
         let worker = Arc::new(Worker {
             engine,
             config,
@@ -642,6 +647,40 @@ fn fill_live(status: &mut JobStatus, progress: &Progress) {
     if let Some(t) = progress.telemetry() {
         status.sources = t.counts().served_by_source.into_iter().collect();
     }
+}
+
+/// Remove staging files under each `worker.target_roots` that no checkpoint
+/// owns: partial files of crashed restores, which cannot be resumed. Runs
+/// before the scheduler starts, so no run of this worker is writing one.
+/// Roots are canonicalized first (checkpoints are keyed by the resolved
+/// target path, so a root reached through a symlink must not look unowned).
+/// A root that cannot be swept is logged and skipped: the worker still starts.
+fn sweep_target_roots(engine: &Engine) -> Vec<PathBuf> {
+    let config = &engine.config;
+    if !config.checkpoint.enabled {
+        tracing::info!("checkpoints disabled: staging files under the target roots are not swept");
+        return Vec::new();
+    }
+    let dir = match crate::checkpoint::CheckpointDir::open(config.checkpoint_dir()) {
+        Ok(dir) => dir,
+        Err(e) => {
+            tracing::warn!(dir = %config.checkpoint_dir().display(), error = %e, "staging sweep skipped");
+            return Vec::new();
+        }
+    };
+    let mut removed = Vec::new();
+    for root in &config.worker.target_roots {
+        match root.canonicalize().and_then(|root| crate::target::sweep_staging(&root, &dir)) {
+            Ok(paths) => {
+                if !paths.is_empty() {
+                    tracing::info!(root = %root.display(), files = paths.len(), "swept staging files no checkpoint owns");
+                }
+                removed.extend(paths);
+            }
+            Err(e) => tracing::warn!(root = %root.display(), error = %e, "staging sweep of a target root failed"),
+        }
+    }
+    removed
 }
 
 fn progress_ratio(progress: &Progress) -> f64 {

@@ -615,6 +615,42 @@ async fn a_job_held_by_free_space_does_not_block_the_jobs_behind_it() {
 }
 
 /// Run `rehydrate job …` against `server`: exit code and stdout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_sweeps_staging_files_no_checkpoint_owns() {
+    let f = Fixture::new(42).await;
+    let total = f.manifest.layout.block_count();
+    let target = f.target("owned.img");
+    let (engine, _closed) = f.gated_engine(f.config());
+    let server = start(engine, Tokens::default(), None).await;
+    assert_eq!(submit(&server.client, &f.spec("owned", &target)).await.status.as_u16(), 201);
+    wait_for(&server.client, "owned", "settled but one block", |j| j["blocks"]["settled"] == json!(total - 1)).await;
+    server.stop().await;
+    let owned = rehydrate::target::staging_path(&target).unwrap();
+    assert!(owned.exists(), "a stopped job keeps its staging file");
+
+    // Leaked by crashes that left no checkpoint: at the root and deeper.
+    std::fs::create_dir_all(f.roots().join("sub/deeper")).unwrap();
+    let orphans = [
+        rehydrate::target::staging_path(&f.target("crashed.img")).unwrap(),
+        rehydrate::target::staging_path(&f.roots().join("sub/deeper/other.img")).unwrap(),
+    ];
+    for orphan in &orphans {
+        std::fs::write(orphan, b"partial").unwrap();
+    }
+    let unrelated = f.roots().join("sub/keep.img");
+    std::fs::write(&unrelated, b"not a staging file").unwrap();
+
+    let server = start(Engine::new(f.config()), Tokens::default(), None).await;
+    for orphan in &orphans {
+        assert!(!orphan.exists(), "not swept: {}", orphan.display());
+    }
+    assert!(unrelated.exists(), "the sweep removed a file that is not a staging file");
+    let job = wait_for(&server.client, "owned", "succeeded", |j| state(j) == "succeeded").await;
+    check_succeeded(&f, &job, &target);
+    assert_eq!(job["blocks"]["resumed"], json!(total - 1), "the owned staging file was kept and resumed: {job:#}");
+    server.stop().await;
+}
+
 async fn job_cli(server: &str, args: &[&str]) -> (i32, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_rehydrate"))
         .arg("job")
