@@ -35,7 +35,7 @@ use rehydrate::store::file::FileStore;
 use rehydrate::store::loopback::{
     Fault, FaultMethod, FaultRule, LOOPBACK_ACCESS_KEY_ID, LOOPBACK_REGION, LOOPBACK_SECRET_ACCESS_KEY, LoopbackS3,
 };
-use rehydrate::worker::JobSpec;
+use rehydrate::worker::{JobRecord, JobSpec, JobState, JobStore};
 use serde_json::{Value, json};
 
 const BUCKET: &str = "worker-bucket";
@@ -250,6 +250,12 @@ store = "s3://{BUCKET}/{PREFIX}"
         checkpoint
     }
 
+    /// A job's record as the stopped worker left it in its job database.
+    fn stored(&self, id: &str) -> JobRecord {
+        let store = JobStore::open(&self.state, 10_000).unwrap();
+        store.get(id).unwrap().unwrap_or_else(|| panic!("no record of job {id}"))
+    }
+
     /// Server paths of block objects requested from arrival `from` on.
     fn block_requests(&self, from: usize) -> Vec<String> {
         self.server
@@ -402,6 +408,9 @@ async fn a_killed_worker_resumes_its_job_without_refetching_settled_blocks() {
     let checkpoint = fx.checkpoint(snap, &target);
     let at_kill = checkpoint.settled().settled_count();
     assert!(at_kill > 0 && at_kill < BLOCKS, "killed mid-job: {at_kill} blocks in the checkpoint");
+    // No cleanup ran: the record still says running; the next start requeues it.
+    let record = fx.stored("k");
+    assert_eq!((record.state, record.run), (JobState::Running, 1), "{record:?}");
 
     let mark = fx.server.arrivals().len();
     let mut served = fx.serve("second").await;
@@ -436,6 +445,10 @@ async fn sigterm_under_load_exits_within_the_grace_period_and_jobs_resume() {
     for (id, checkpoint) in ids.iter().zip(&checkpoints) {
         let n = checkpoint.settled().settled_count();
         assert!(n > 0 && n < BLOCKS, "job {id} stopped mid-way: {n} blocks in its checkpoint");
+        // Drained: stored as queued, to resume at the next start.
+        let record = fx.stored(id);
+        assert_eq!((record.state, record.run), (JobState::Queued, 1), "{record:?}");
+        assert!(record.reason.as_deref().is_some_and(|r| r.contains("shut down")), "{record:?}");
     }
 
     let mark = fx.server.arrivals().len();
