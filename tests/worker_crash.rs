@@ -59,6 +59,13 @@ const EXIT_MARGIN: Duration = Duration::from_secs(4);
 /// Generous: polls end as soon as the condition holds.
 const DEADLINE: Duration = Duration::from_secs(90);
 
+/// The binary under test: this package's, or `REHYDRATE_BIN` (another build
+/// of it, such as a release build or a copy that a concurrent build into the
+/// same target directory cannot replace mid-test).
+fn binary() -> PathBuf {
+    std::env::var_os("REHYDRATE_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_rehydrate")), PathBuf::from)
+}
+
 /// A child that is killed and reaped however the test ends.
 struct Reaped(Child);
 
@@ -77,10 +84,17 @@ struct Served {
     log: PathBuf,
 }
 
-/// One snapshot in the bucket (each seed its own data, so no two share an
-/// object and the server's request log tells their jobs apart).
+/// One snapshot in the bucket, each under its own prefix and store profile
+/// (each seed its own data, so no two share an object and the server's
+/// request log tells their jobs apart).
+///
+/// Separate prefixes are separate stores, each with its own concurrency
+/// window: jobs on one store queue behind each other's requests (FIFO), so
+/// two jobs of one store would not both be mid-way at once here.
 struct Snap {
     name: String,
+    prefix: String,
+    profile: String,
     volume: SampleVolume,
     manifest: Manifest,
 }
@@ -98,10 +112,13 @@ impl Fixture {
     async fn new(seeds: &[u64], worker_extra: &str) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let base = std::fs::canonicalize(dir.path()).unwrap();
-        let prefix_dir = base.join("s3").join(BUCKET).join(PREFIX);
-        std::fs::create_dir_all(&prefix_dir).unwrap();
         let mut snaps = Vec::new();
-        for &seed in seeds {
+        let mut profiles = String::new();
+        for (i, &seed) in seeds.iter().enumerate() {
+            let (prefix, profile) = (format!("{PREFIX}-{i}"), format!("p{i}"));
+            profiles.push_str(&format!("[worker.profiles.{profile}]\nstore = \"s3://{BUCKET}/{prefix}\"\n"));
+            let prefix_dir = base.join("s3").join(BUCKET).join(&prefix);
+            std::fs::create_dir_all(&prefix_dir).unwrap();
             let name = format!("vol-{seed}");
             let size_bytes = BLOCKS * u64::from(BLOCK_BYTES) + 1000;
             let volume = SampleVolume { size_bytes, block_size_bytes: BLOCK_BYTES, seed };
@@ -119,7 +136,7 @@ impl Fixture {
             rehydrate::snapshot::create(Arc::new(FileStore::new(prefix_dir.clone())), &spec).await.unwrap();
             let manifest_bytes = std::fs::read(prefix_dir.join(format!("{name}.manifest"))).unwrap();
             let manifest = Manifest::decode(&manifest_bytes, &ManifestLimits::default()).unwrap();
-            snaps.push(Snap { name, volume, manifest });
+            snaps.push(Snap { name, prefix, profile, volume, manifest });
         }
 
         let server = LoopbackS3::start(base.join("s3")).await.unwrap();
@@ -164,9 +181,7 @@ gate_backoff_max_millis = 200
 shutdown_grace_millis = {grace}
 {worker_extra}
 
-[worker.profiles.main]
-store = "s3://{BUCKET}/{PREFIX}"
-"#,
+{profiles}"#,
                 state = state.display(),
                 roots = roots.display(),
                 interval_bytes = INTERVAL_BLOCKS * u64::from(BLOCK_BYTES),
@@ -184,7 +199,7 @@ store = "s3://{BUCKET}/{PREFIX}"
     fn spec(&self, id: &str, snap: &Snap, target: &Path) -> JobSpec {
         JobSpec {
             id: id.into(),
-            profile: "main".into(),
+            profile: snap.profile.clone(),
             manifest: format!("{}.manifest", snap.name),
             target: target.to_owned(),
             replace: false,
@@ -196,7 +211,7 @@ store = "s3://{BUCKET}/{PREFIX}"
     async fn serve(&self, run: &str) -> Served {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let log = self.dir.path().join(format!("serve-{run}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_rehydrate"))
+        let child = Command::new(binary())
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--config"])
             .arg(&self.config)
             .env("AWS_ENDPOINT_URL", self.server.endpoint_url())
@@ -271,7 +286,7 @@ store = "s3://{BUCKET}/{PREFIX}"
     fn blocks_by_path(snap: &Snap) -> HashMap<String, Vec<u64>> {
         let mut by_path: HashMap<String, Vec<u64>> = HashMap::new();
         for entry in snap.manifest.entries() {
-            let path = format!("/{BUCKET}/{PREFIX}/{}", block_key(&entry.hash, entry.compression));
+            let path = format!("/{BUCKET}/{}/{}", snap.prefix, block_key(&entry.hash, entry.compression));
             by_path.entry(path).or_default().push(entry.index);
         }
         by_path
