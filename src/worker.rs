@@ -655,32 +655,28 @@ fn fill_live(status: &mut JobStatus, progress: &Progress) {
 /// Roots are canonicalized first (checkpoints are keyed by the resolved
 /// target path, so a root reached through a symlink must not look unowned).
 /// A root that cannot be swept is logged and skipped: the worker still starts.
-fn sweep_target_roots(engine: &Engine) -> Vec<PathBuf> {
+fn sweep_target_roots(engine: &Engine) {
     let config = &engine.config;
     if !config.checkpoint.enabled {
         tracing::info!("checkpoints disabled: staging files under the target roots are not swept");
-        return Vec::new();
+        return;
     }
     let dir = match crate::checkpoint::CheckpointDir::open(config.checkpoint_dir()) {
         Ok(dir) => dir,
         Err(e) => {
             tracing::warn!(dir = %config.checkpoint_dir().display(), error = %e, "staging sweep skipped");
-            return Vec::new();
+            return;
         }
     };
-    let mut removed = Vec::new();
     for root in &config.worker.target_roots {
         match root.canonicalize().and_then(|root| crate::target::sweep_staging(&root, &dir)) {
+            Ok(paths) if paths.is_empty() => {}
             Ok(paths) => {
-                if !paths.is_empty() {
-                    tracing::info!(root = %root.display(), files = paths.len(), "swept staging files no checkpoint owns");
-                }
-                removed.extend(paths);
+                tracing::info!(root = %root.display(), files = paths.len(), "swept staging files no checkpoint owns")
             }
             Err(e) => tracing::warn!(root = %root.display(), error = %e, "staging sweep of a target root failed"),
         }
     }
-    removed
 }
 
 fn progress_ratio(progress: &Progress) -> f64 {
