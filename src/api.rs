@@ -9,8 +9,11 @@
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /healthz`, `GET /readyz` | liveness; readiness (503 once shutdown began) |
 //!
-//! In: JSON bodies of at most `worker.request_body_bytes_max` bytes, unknown
-//! fields refused. Out: JSON, and every error as an RFC 9457 problem
+//! In: HTTP/1 connections, at most `worker.connections_max` at once (more
+//! wait in the listen backlog), each closed when it has not sent a request
+//! head within `worker.header_read_timeout_millis` (silent, trickling or idle
+//! clients); JSON bodies of at most `worker.request_body_bytes_max` bytes,
+//! unknown fields refused ([`crate::worker::spec::parse_body`]). Out: JSON, and every error as an RFC 9457 problem
 //! ([`problem::Problem`], `application/problem+json`). `/v1` routes need a
 //! bearer token when tokens are configured ([`auth`]); a listener that is not
 //! loopback refuses to start without them.
