@@ -2,7 +2,7 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `POST /v1/jobs` | submit a [`JobSpec`]: 201 new, 200 the same job again |
+//! | `POST /v1/jobs` | submit a [`JobSpec`](crate::worker::JobSpec): 201 new, 200 the same job again |
 //! | `GET /v1/jobs` | every job's status |
 //! | `GET /v1/jobs/{id}` | one job's status |
 //! | `POST /v1/jobs/{id}/cancel` | cancel a queued or running job |
