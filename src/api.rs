@@ -12,7 +12,9 @@
 //! In: HTTP/1 connections, at most `worker.connections_max` at once (more
 //! wait in the listen backlog), each closed when it has not sent a request
 //! head within `worker.header_read_timeout_millis` (silent, trickling or idle
-//! clients); JSON bodies of at most `worker.request_body_bytes_max` bytes,
+//! clients) and each request answered 408 when it is not received and
+//! handled within `worker.request_timeout_millis`; JSON bodies of at most
+//! `worker.request_body_bytes_max` bytes,
 //! unknown fields refused ([`crate::worker::spec::parse_body`]). Out: JSON, and every error as an RFC 9457 problem
 //! ([`problem::Problem`], `application/problem+json`). `/v1` routes need a
 //! bearer token when tokens are configured ([`auth`]); a listener that is not
@@ -78,7 +80,26 @@ pub fn router(worker: Arc<Worker>, tokens: Tokens) -> Result<Router, String> {
             Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "this route does not take that method")
         })
         .layer(DefaultBodyLimit::max(body_max))
+        .layer(axum::middleware::from_fn_with_state(api.clone(), bounded))
         .with_state(api))
+}
+
+/// Every request, its body read included, completes within
+/// `worker.request_timeout_millis` or gets 408: a client that sends a head
+/// and then trickles (or withholds) its body does not hold a connection slot.
+/// A submission whose commit already began still commits (it runs on its own
+/// thread); resubmitting it returns the same job.
+async fn bounded(State(api): State<Api>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let limit = api.worker.config().request_timeout();
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => Problem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request-timeout",
+            &format!("the request was not received and handled within {} ms", limit.as_millis()),
+        )
+        .into_response(),
+    }
 }
 
 /// Serve the API on `listener` until `shutdown` resolves, then stop

@@ -182,6 +182,10 @@ pub struct WorkerConfig {
     /// 10 s: orchestrators on a data-center network send a head in
     /// milliseconds, and a slow client must not hold a connection slot.
     pub header_read_timeout_millis: NonZeroU64,
+    /// A request, its body read included, gets 408 when it is not received
+    /// and handled within this. 30 s: a body is at most
+    /// `request_body_bytes_max` and handling commits one record.
+    pub request_timeout_millis: NonZeroU64,
     /// Connections served at once; further ones wait in the listen backlog.
     /// 128: a worker has a handful of orchestrator and scraper clients.
     pub connections_max: NonZeroUsize,
@@ -207,6 +211,7 @@ impl Default for WorkerConfig {
             tokens_file: None,
             request_body_bytes_max: nzu(64 << 10),
             header_read_timeout_millis: nz64(10_000),
+            request_timeout_millis: nz64(30_000),
             connections_max: nzu(128),
             log_format: LogFormat::Text,
             profiles: std::collections::BTreeMap::new(),
@@ -241,6 +246,10 @@ impl WorkerConfig {
 
     pub fn header_read_timeout(&self) -> Duration {
         Duration::from_millis(self.header_read_timeout_millis.get())
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_millis.get())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

@@ -436,6 +436,36 @@ async fn a_silent_or_trickling_client_is_disconnected_after_the_header_timeout()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withheld_body_gets_408_after_the_request_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = Fixture::new(43).await;
+    let mut config = f.config();
+    config.worker.request_timeout_millis = std::num::NonZeroU64::new(300).unwrap();
+    let server = start(Engine::new(config), Tokens::default(), None).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head =
+        "POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"id\":";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, async {
+        let mut buf = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "a withheld body held the request for {DEADLINE:?}");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(server.worker.get("x").unwrap().is_none());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_cap_wait_for_a_slot() {
     let f = Fixture::new(41).await;
     let mut config = f.config();
