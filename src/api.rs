@@ -2,15 +2,20 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `POST /v1/jobs` | submit a [`JobSpec`]: 201 new, 200 the same job again |
+//! | `POST /v1/jobs` | submit a [`JobSpec`](crate::worker::JobSpec): 201 new, 200 the same job again |
 //! | `GET /v1/jobs` | every job's status |
 //! | `GET /v1/jobs/{id}` | one job's status |
 //! | `POST /v1/jobs/{id}/cancel` | cancel a queued or running job |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /healthz`, `GET /readyz` | liveness; readiness (503 once shutdown began) |
 //!
-//! In: JSON bodies of at most `worker.request_body_bytes_max` bytes, unknown
-//! fields refused. Out: JSON, and every error as an RFC 9457 problem
+//! In: HTTP/1 connections, at most `worker.connections_max` at once (more
+//! wait in the listen backlog), each closed when it has not sent a request
+//! head within `worker.header_read_timeout_millis` (silent, trickling or idle
+//! clients) and each request answered 408 when it is not received and
+//! handled within `worker.request_timeout_millis`; JSON bodies of at most
+//! `worker.request_body_bytes_max` bytes,
+//! unknown fields refused ([`crate::worker::spec::parse_body`]). Out: JSON, and every error as an RFC 9457 problem
 //! ([`problem::Problem`], `application/problem+json`). `/v1` routes need a
 //! bearer token when tokens are configured ([`auth`]); a listener that is not
 //! loopback refuses to start without them.
@@ -30,7 +35,8 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::worker::{CancelError, JobSpec, SubmitError, Submitted, Worker};
+use crate::worker::spec::BodyError;
+use crate::worker::{CancelError, SubmitError, Submitted, Worker};
 pub use auth::Tokens;
 use problem::Problem;
 
@@ -74,10 +80,36 @@ pub fn router(worker: Arc<Worker>, tokens: Tokens) -> Result<Router, String> {
             Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "this route does not take that method")
         })
         .layer(DefaultBodyLimit::max(body_max))
+        .layer(axum::middleware::from_fn_with_state(api.clone(), bounded))
         .with_state(api))
 }
 
-/// Serve the API on `listener` until `shutdown` resolves.
+/// Every request, its body read included, completes within
+/// `worker.request_timeout_millis` or gets 408: a client that sends a head
+/// and then trickles (or withholds) its body does not hold a connection slot.
+/// A submission whose commit already began still commits (it runs on its own
+/// thread); resubmitting it returns the same job.
+async fn bounded(State(api): State<Api>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let limit = api.worker.config().request_timeout();
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => Problem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request-timeout",
+            &format!("the request was not received and handled within {} ms", limit.as_millis()),
+        )
+        .into_response(),
+    }
+}
+
+/// Serve the API on `listener` until `shutdown` resolves, then stop
+/// accepting, let open connections finish their request in flight, and return
+/// once they closed.
+///
+/// Each connection is HTTP/1 with `worker.header_read_timeout_millis` to send
+/// a request head (a silent client is disconnected), and at most
+/// `worker.connections_max` connections are served at once: the next accept
+/// waits for a slot, so further clients wait in the kernel's listen backlog.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     worker: Arc<Worker>,
@@ -93,9 +125,78 @@ pub async fn serve(
             ),
         ));
     }
+    let limits = ConnectionLimits {
+        header_read_timeout: worker.config().header_read_timeout(),
+        connections_max: worker.config().connections_max.get(),
+    };
     let app = router(worker, tokens).map_err(std::io::Error::other)?;
-    tracing::info!(%local, "worker API listening");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    tracing::info!(%local, connections_max = limits.connections_max, "worker API listening");
+    serve_connections(listener, app, limits, shutdown).await;
+    Ok(())
+}
+
+/// The listener's limits.
+#[derive(Debug, Clone, Copy)]
+struct ConnectionLimits {
+    header_read_timeout: std::time::Duration,
+    connections_max: usize,
+}
+
+/// Accept loop: one task per connection, each holding a slot of the cap.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.connections_max));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let connections = tokio_util::task::TaskTracker::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            () = &mut shutdown => break,
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break, // the semaphore is never closed
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone());
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    stop.cancel();
+    connections.close();
+    connections.wait().await;
 }
 
 async fn submit(State(api): State<Api>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -103,15 +204,13 @@ async fn submit(State(api): State<Api>, body: Result<Bytes, BytesRejection>) -> 
         Ok(b) => b,
         Err(e) => return Problem::new(e.status(), "bad-body", &e.body_text()).into_response(),
     };
-    let spec: JobSpec = match serde_json::from_slice(&body) {
+    let spec = match crate::worker::spec::parse_body(&body) {
         Ok(spec) => spec,
-        Err(e) if e.is_syntax() || e.is_eof() => {
-            return Problem::new(StatusCode::BAD_REQUEST, "bad-json", &format!("the body is not JSON: {e}"))
-                .into_response();
+        Err(e @ BodyError::NotJson(_)) => {
+            return Problem::new(StatusCode::BAD_REQUEST, "bad-json", &e.to_string()).into_response();
         }
-        Err(e) => {
-            return Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-spec", &format!("job spec: {e}"))
-                .into_response();
+        Err(e @ BodyError::NotASpec(_)) => {
+            return Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-spec", &e.to_string()).into_response();
         }
     };
     let worker = Arc::clone(&api.worker);
@@ -173,8 +272,26 @@ async fn cancel(State(api): State<Api>, Path(id): Path<String>) -> Response {
 }
 
 async fn metrics(State(api): State<Api>) -> Response {
-    let text = api.metrics.render();
+    if let Err(e) = api.worker.publish_metrics() {
+        tracing::warn!(error = %e, "job gauges not refreshed for this scrape");
+    }
+    let mut text = api.metrics.render();
+    render_job_progress(&mut text, &api.worker.running_progress());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+/// The per-job progress series, one per running job: a job that ended has
+/// none (job ids are `[A-Za-z0-9_-]`, nothing to escape).
+fn render_job_progress(text: &mut String, running: &[(String, f64)]) {
+    use crate::metrics::{JOB_PROGRESS_RATIO as NAME, JOB_PROGRESS_RATIO_HELP as HELP};
+    use std::fmt::Write;
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    let _ = writeln!(text, "# HELP {NAME} {HELP}\n# TYPE {NAME} gauge");
+    for (job, ratio) in running {
+        let _ = writeln!(text, "{NAME}{{job=\"{job}\"}} {ratio}");
+    }
 }
 
 async fn readyz(State(api): State<Api>) -> Response {

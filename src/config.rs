@@ -177,6 +177,18 @@ pub struct WorkerConfig {
     pub tokens_file: Option<PathBuf>,
     /// Largest request body. 64 KiB: a job spec is a few hundred bytes.
     pub request_body_bytes_max: NonZeroUsize,
+    /// A connection that has not sent a whole request head within this is
+    /// closed (a silent or trickling client, or an idle keep-alive one).
+    /// 10 s: orchestrators on a data-center network send a head in
+    /// milliseconds, and a slow client must not hold a connection slot.
+    pub header_read_timeout_millis: NonZeroU64,
+    /// A request, its body read included, gets 408 when it is not received
+    /// and handled within this. 30 s: a body is at most
+    /// `request_body_bytes_max` and handling commits one record.
+    pub request_timeout_millis: NonZeroU64,
+    /// Connections served at once; further ones wait in the listen backlog.
+    /// 128: a worker has a handful of orchestrator and scraper clients.
+    pub connections_max: NonZeroUsize,
     /// `text` or `json` (one JSON object per line, for log shippers).
     pub log_format: LogFormat,
     /// Store profiles jobs name: `[worker.profiles.NAME]`.
@@ -198,6 +210,9 @@ impl Default for WorkerConfig {
             shutdown_grace_millis: nz64(10_000),
             tokens_file: None,
             request_body_bytes_max: nzu(64 << 10),
+            header_read_timeout_millis: nz64(10_000),
+            request_timeout_millis: nz64(30_000),
+            connections_max: nzu(128),
             log_format: LogFormat::Text,
             profiles: std::collections::BTreeMap::new(),
         }
@@ -227,6 +242,14 @@ pub struct ProfileConfig {
 impl WorkerConfig {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_millis.get())
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_millis.get())
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_millis.get())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -470,5 +493,58 @@ mod tests {
         assert_eq!(parse_size_bytes("4096").unwrap(), 4096);
         assert!(parse_size_bytes("1XB").is_err());
         assert!(parse_size_bytes("99999999999999999999T").is_err());
+    }
+
+    /// Values that stress parsing and validation: zero, negatives, overflow,
+    /// wrong types, odd strings.
+    fn hostile_value() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just("0".to_owned()),
+            Just("-1".to_owned()),
+            Just("18446744073709551616".to_owned()),
+            Just("9223372036854775807".to_owned()),
+            Just("1e400".to_owned()),
+            Just("nan".to_owned()),
+            Just("true".to_owned()),
+            Just("[]".to_owned()),
+            Just("{}".to_owned()),
+            Just("\"\"".to_owned()),
+            Just("\"99999999999999999999T\"".to_owned()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            "\"\\PC{0,12}\"",
+        ]
+    }
+
+    proptest::proptest! {
+        /// Arbitrary text: a config or an error, never a panic; an accepted
+        /// config validates again.
+        #[test]
+        fn parse_never_panics_on_arbitrary_text(text in "\\PC{0,200}") {
+            if let Ok(c) = Config::parse(&text) {
+                proptest::prop_assert!(c.validate().is_ok());
+            }
+        }
+
+        /// The shipped config with values replaced by hostile ones and lines
+        /// dropped: a config or a clear error, never a panic.
+        #[test]
+        fn parse_never_panics_on_mutated_configs(
+            edits in proptest::collection::vec((0usize..200, 0u8..4, hostile_value()), 1..8),
+        ) {
+            let mut lines: Vec<String> = include_str!("../config/rehydrate.toml").lines().map(str::to_owned).collect();
+            for (at, op, value) in edits {
+                let at = at % lines.len();
+                let line = lines[at].trim_start_matches("# ").to_owned();
+                match (op, line.split_once(" = ")) {
+                    (0, _) => lines[at].clear(),
+                    (_, Some((key, _))) if !key.contains(' ') => lines[at] = format!("{key} = {value}"),
+                    _ => {}
+                }
+            }
+            if let Ok(c) = Config::parse(&lines.join("\n")) {
+                proptest::prop_assert!(c.validate().is_ok());
+            }
+        }
     }
 }

@@ -3,7 +3,9 @@
 //! Recorded through the `metrics` facade; `rehydrate serve` installs the
 //! Prometheus exporter and [`describe`] registers the help texts at startup.
 //! Label sets are bounded: `source` is `primary`/`secondaryN`, `outcome` and
-//! `reason` are error classes, `state` is a job state.
+//! `reason` are error classes, `state` is a job state, `job` (on
+//! [`JOB_PROGRESS_RATIO`] only) a running job's id, so at most
+//! `worker.jobs_running_max` series.
 
 pub const REQUESTS_TOTAL: &str = "rehydrate_fetch_requests_total";
 pub const RETRIES_TOTAL: &str = "rehydrate_fetch_retries_total";
@@ -23,6 +25,16 @@ pub const PROGRESS_RATIO: &str = "rehydrate_restore_progress_ratio";
 pub const SYNCS_TOTAL: &str = "rehydrate_target_syncs_total";
 pub const SYNC_LATENCY_SECONDS: &str = "rehydrate_target_sync_latency_seconds";
 pub const JOBS: &str = "rehydrate_jobs";
+/// Labelled `job`, one series per running job only: rendered by the API at
+/// each scrape from the running jobs (not through the facade, which cannot
+/// drop a series when its job ends).
+pub const JOB_PROGRESS_RATIO: &str = "rehydrate_job_progress_ratio";
+pub const OLDEST_QUEUED_JOB_AGE_SECONDS: &str = "rehydrate_oldest_queued_job_age_seconds";
+pub const OLDEST_INFLIGHT_BLOCK_AGE_SECONDS: &str = "rehydrate_oldest_inflight_block_age_seconds";
+pub const PENDING_BLOCKS: &str = "rehydrate_pending_blocks";
+
+/// Help text of [`JOB_PROGRESS_RATIO`].
+pub const JOB_PROGRESS_RATIO_HELP: &str = "Settled bytes over total bytes of each running job, by job.";
 
 /// Register help texts and units with whatever recorder is installed.
 pub fn describe() {
@@ -53,5 +65,16 @@ pub fn describe() {
     );
     describe_counter!(SYNCS_TOTAL, "fdatasync calls on targets.");
     describe_histogram!(SYNC_LATENCY_SECONDS, Unit::Seconds, "Latency of fdatasync on targets.");
-    describe_gauge!(JOBS, "Jobs in the worker's job table, by state.");
+    describe_gauge!(JOBS, "Jobs in the worker's job table, by state (state=\"queued\" is the queue depth).");
+    describe_gauge!(
+        OLDEST_QUEUED_JOB_AGE_SECONDS,
+        Unit::Seconds,
+        "How long the longest-waiting queued job has waited (0 with an empty queue)."
+    );
+    describe_gauge!(
+        OLDEST_INFLIGHT_BLOCK_AGE_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest block fetch in flight over running jobs (0 with none)."
+    );
+    describe_gauge!(PENDING_BLOCKS, "Blocks of running jobs neither settled nor failed yet.");
 }

@@ -19,6 +19,10 @@
 //! - **Replacement and resume**: a restore derives its work from its target's
 //!   checkpoint, so a replacing job, a resubmitted cancelled job and a job
 //!   resumed after a restart all take over what earlier runs settled.
+//! - **Startup sweep**: before the scheduler starts, staging files under the
+//!   target roots that no checkpoint owns (leaked by crashed restores that
+//!   cannot resume) are removed; staging files a checkpoint owns are kept
+//!   for the job that resumes them.
 //! - **Shutdown**: [`Worker::shutdown`] stops taking jobs, cancels running ones
 //!   (they settle and checkpoint) and stores them as `queued`, so the next
 //!   start resumes them.
@@ -186,11 +190,13 @@ impl Worker {
                 let id = record.spec.id.clone();
                 store.transition(&id, &[JobState::Running], Some(record.run), |r| {
                     r.state = JobState::Queued;
+                    r.queued_unix_secs = Some(unix_now_secs());
                     r.reason = Some("the worker restarted: resumes from its checkpoint".to_owned());
                 })?;
                 tracing::info!(job = %id, "requeued a job the previous worker left running");
             }
         }
+        sweep_target_roots(&engine);
         let worker = Arc::new(Worker {
             engine,
             config,
@@ -395,15 +401,52 @@ impl Worker {
         Ok(())
     }
 
-    /// Jobs by state, and running restores flagged stalled.
+    /// Set the gauges an operator watches from the job table and the running
+    /// restores (the scheduler does so every tick; `/metrics` just before it
+    /// renders).
+    pub fn publish_metrics(&self) -> Result<(), StoreError> {
+        let records = self.store.list()?;
+        self.publish_gauges(&records);
+        Ok(())
+    }
+
+    /// Settled over total bytes of each running job, by job id (0 until its
+    /// manifest is read). Bounded by `jobs_running_max`.
+    pub fn running_progress(&self) -> Vec<(String, f64)> {
+        let live = self.live();
+        let mut out: Vec<(String, f64)> =
+            live.running.iter().map(|(id, run)| (id.clone(), progress_ratio(&run.progress))).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Jobs by state, the queue's oldest job, and over running restores: the
+    /// stalled ones, blocks still pending, the oldest block in flight.
     fn publish_gauges(&self, records: &[JobRecord]) {
         use crate::metrics as m;
         for state in [JobState::Queued, JobState::Running, JobState::Succeeded, JobState::Failed, JobState::Cancelled] {
             let n = records.iter().filter(|r| r.state == state).count();
             metrics::gauge!(m::JOBS, "state" => state.name()).set(n as f64);
         }
-        let stalled = self.live().running.values().filter(|r| r.progress.stalled().is_some()).count();
+        let now = unix_now_secs();
+        let oldest_queued_secs = records
+            .iter()
+            .filter(|r| r.state == JobState::Queued)
+            .map(|r| now.saturating_sub(r.queued_unix_secs.unwrap_or(r.created_unix_secs)))
+            .max()
+            .unwrap_or(0);
+        metrics::gauge!(m::OLDEST_QUEUED_JOB_AGE_SECONDS).set(oldest_queued_secs as f64);
+        let live = self.live();
+        let running = || live.running.values().map(|r| &r.progress);
+        let stalled = running().filter(|p| p.stalled().is_some()).count();
         metrics::gauge!(m::STALLED_RESTORES).set(stalled as f64);
+        metrics::gauge!(m::PENDING_BLOCKS).set(running().map(|p| pending_blocks(p)).sum::<u64>() as f64);
+        let oldest_inflight = running()
+            .filter_map(|p| p.telemetry().and_then(|t| t.oldest_inflight()))
+            .map(|f| f.started.elapsed())
+            .max()
+            .unwrap_or_default();
+        metrics::gauge!(m::OLDEST_INFLIGHT_BLOCK_AGE_SECONDS).set(oldest_inflight.as_secs_f64());
     }
 
     fn hold(&self, id: &str, reason: String) {
@@ -567,7 +610,9 @@ impl Worker {
             if summary.is_some() {
                 r.summary = summary;
             }
-            if state != JobState::Queued {
+            if state == JobState::Queued {
+                r.queued_unix_secs = Some(unix_now_secs());
+            } else {
                 r.finished_unix_secs = Some(unix_now_secs());
             }
         });
@@ -602,6 +647,49 @@ fn fill_live(status: &mut JobStatus, progress: &Progress) {
     if let Some(t) = progress.telemetry() {
         status.sources = t.counts().served_by_source.into_iter().collect();
     }
+}
+
+/// Remove staging files under each `worker.target_roots` that no checkpoint
+/// owns: partial files of crashed restores, which cannot be resumed. Runs
+/// before the scheduler starts, so no run of this worker is writing one.
+/// Roots are canonicalized first (checkpoints are keyed by the resolved
+/// target path, so a root reached through a symlink must not look unowned).
+/// A root that cannot be swept is logged and skipped: the worker still starts.
+fn sweep_target_roots(engine: &Engine) {
+    let config = &engine.config;
+    if !config.checkpoint.enabled {
+        tracing::info!("checkpoints disabled: staging files under the target roots are not swept");
+        return;
+    }
+    let dir = match crate::checkpoint::CheckpointDir::open(config.checkpoint_dir()) {
+        Ok(dir) => dir,
+        Err(e) => {
+            tracing::warn!(dir = %config.checkpoint_dir().display(), error = %e, "staging sweep skipped");
+            return;
+        }
+    };
+    for root in &config.worker.target_roots {
+        match root.canonicalize().and_then(|root| crate::target::sweep_staging(&root, &dir)) {
+            Ok(paths) if paths.is_empty() => {}
+            Ok(paths) => {
+                tracing::info!(root = %root.display(), files = paths.len(), "swept staging files no checkpoint owns")
+            }
+            Err(e) => tracing::warn!(root = %root.display(), error = %e, "staging sweep of a target root failed"),
+        }
+    }
+}
+
+fn progress_ratio(progress: &Progress) -> f64 {
+    let total = progress.bytes_total.load(Ordering::Relaxed);
+    let settled = progress.bytes_settled.load(Ordering::Relaxed);
+    if total == 0 { 0.0 } else { (settled as f64 / total as f64).min(1.0) }
+}
+
+/// Blocks of a running restore neither settled nor failed yet.
+fn pending_blocks(progress: &Progress) -> u64 {
+    let total = progress.blocks_total.load(Ordering::Relaxed);
+    let done = progress.blocks_settled.load(Ordering::Relaxed) + progress.blocks_failed.load(Ordering::Relaxed);
+    total.saturating_sub(done)
 }
 
 fn summary_of(report: &RestoreReport) -> RunSummary {

@@ -392,6 +392,101 @@ async fn refuses_a_public_listener_without_tokens() {
     worker.shutdown(Duration::from_secs(5)).await;
 }
 
+/// Read from `stream` until the server closes it (EOF or reset), within the
+/// deadline; returns how long that took.
+async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(DEADLINE, stream.read(&mut buf)).await {
+            Err(_) => panic!("the server kept a silent connection open for {DEADLINE:?}"),
+            Ok(Ok(0) | Err(_)) => return start.elapsed(),
+            // A 408 or similar before closing is fine; keep reading to EOF.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_or_trickling_client_is_disconnected_after_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let f = Fixture::new(40).await;
+    let mut config = f.config();
+    let timeout = Duration::from_millis(300);
+    config.worker.header_read_timeout_millis = std::num::NonZeroU64::new(300).unwrap();
+    let server = start(Engine::new(config), Tokens::default(), None).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let took = closed_by_server(&mut silent).await;
+    // A bound, not a speed claim: well under the 10 s default, so it is the
+    // configured timeout that closed it, and not before it.
+    assert!(took >= timeout - Duration::from_millis(50), "closed before the timeout: {took:?}");
+    assert!(took < Duration::from_secs(5), "closed long after the timeout: {took:?}");
+    println!("a silent connection was closed after {took:?} (timeout {timeout:?})");
+
+    let mut trickling = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    trickling.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    closed_by_server(&mut trickling).await;
+
+    // A client that sends its request is served as before.
+    assert_eq!(server.client.raw(Method::GET, "/healthz", None).await.unwrap().status.as_u16(), 200);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withheld_body_gets_408_after_the_request_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = Fixture::new(43).await;
+    let mut config = f.config();
+    config.worker.request_timeout_millis = std::num::NonZeroU64::new(300).unwrap();
+    let server = start(Engine::new(config), Tokens::default(), None).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head =
+        "POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"id\":";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, async {
+        let mut buf = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "a withheld body held the request for {DEADLINE:?}");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(server.worker.get("x").unwrap().is_none());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_wait_for_a_slot() {
+    let f = Fixture::new(41).await;
+    let mut config = f.config();
+    config.worker.connections_max = std::num::NonZeroUsize::new(1).unwrap();
+    let server = start(Engine::new(config), Tokens::default(), None).await;
+    let addr = server.base.trim_start_matches("http://").to_owned();
+
+    // One silent connection holds the only slot.
+    let holder = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let client = ApiClient::new(&server.base, None).unwrap();
+    let mut waiting = tokio::spawn(async move { client.raw(Method::GET, "/healthz", None).await });
+    // Not served while the slot is held (if the cap did not hold, it would
+    // be answered at once and this fails).
+    assert!(tokio::time::timeout(Duration::from_millis(500), &mut waiting).await.is_err(), "served beyond the cap");
+    drop(holder);
+    let answer = tokio::time::timeout(DEADLINE, waiting).await.expect("served once the slot is free").unwrap().unwrap();
+    assert_eq!(answer.status.as_u16(), 200);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_prometheus_text() {
     let f = Fixture::new(27).await;
@@ -550,6 +645,42 @@ async fn a_job_held_by_free_space_does_not_block_the_jobs_behind_it() {
 }
 
 /// Run `rehydrate job …` against `server`: exit code and stdout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_sweeps_staging_files_no_checkpoint_owns() {
+    let f = Fixture::new(42).await;
+    let total = f.manifest.layout.block_count();
+    let target = f.target("owned.img");
+    let (engine, _closed) = f.gated_engine(f.config());
+    let server = start(engine, Tokens::default(), None).await;
+    assert_eq!(submit(&server.client, &f.spec("owned", &target)).await.status.as_u16(), 201);
+    wait_for(&server.client, "owned", "settled but one block", |j| j["blocks"]["settled"] == json!(total - 1)).await;
+    server.stop().await;
+    let owned = rehydrate::target::staging_path(&target).unwrap();
+    assert!(owned.exists(), "a stopped job keeps its staging file");
+
+    // Leaked by crashes that left no checkpoint: at the root and deeper.
+    std::fs::create_dir_all(f.roots().join("sub/deeper")).unwrap();
+    let orphans = [
+        rehydrate::target::staging_path(&f.target("crashed.img")).unwrap(),
+        rehydrate::target::staging_path(&f.roots().join("sub/deeper/other.img")).unwrap(),
+    ];
+    for orphan in &orphans {
+        std::fs::write(orphan, b"partial").unwrap();
+    }
+    let unrelated = f.roots().join("sub/keep.img");
+    std::fs::write(&unrelated, b"not a staging file").unwrap();
+
+    let server = start(Engine::new(f.config()), Tokens::default(), None).await;
+    for orphan in &orphans {
+        assert!(!orphan.exists(), "not swept: {}", orphan.display());
+    }
+    assert!(unrelated.exists(), "the sweep removed a file that is not a staging file");
+    let job = wait_for(&server.client, "owned", "succeeded", |j| state(j) == "succeeded").await;
+    check_succeeded(&f, &job, &target);
+    assert_eq!(job["blocks"]["resumed"], json!(total - 1), "the owned staging file was kept and resumed: {job:#}");
+    server.stop().await;
+}
+
 async fn job_cli(server: &str, args: &[&str]) -> (i32, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_rehydrate"))
         .arg("job")

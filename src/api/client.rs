@@ -64,7 +64,12 @@ impl ApiClient {
         if !base.starts_with("http://") || base.len() <= "http://".len() {
             return Err(ClientError::Url(server.to_owned()));
         }
-        let client = Client::builder(TokioExecutor::new()).build_http();
+        // Idle connections are dropped before the worker's default header
+        // read timeout (10 s) would close them under a request.
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(5))
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build_http();
         Ok(Self { base, token, client })
     }
 

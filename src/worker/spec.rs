@@ -76,6 +76,25 @@ fn err(field: &'static str, reason: impl Into<String>) -> SpecError {
     SpecError { field, reason: reason.into() }
 }
 
+/// Why a request body is not a job spec.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    /// Not JSON at all, or cut short (the API answers 400).
+    #[error("the body is not JSON: {0}")]
+    NotJson(String),
+    /// JSON, but not a job spec: a missing, unknown or mistyped field (422).
+    #[error("job spec: {0}")]
+    NotASpec(String),
+}
+
+/// Parse a submitted body as a [`JobSpec`] (unknown fields refused). What
+/// comes out still has to pass [`resolve`].
+pub fn parse_body(body: &[u8]) -> Result<JobSpec, BodyError> {
+    serde_json::from_slice(body).map_err(|e| {
+        if e.is_syntax() || e.is_eof() { BodyError::NotJson(e.to_string()) } else { BodyError::NotASpec(e.to_string()) }
+    })
+}
+
 /// `[A-Za-z0-9_-]{1,64}`.
 pub fn valid_name(name: &str) -> bool {
     (1..=NAME_LEN_MAX).contains(&name.len())
@@ -149,6 +168,7 @@ fn check_target(target: &Path, roots: &[PathBuf]) -> Result<PathBuf, SpecError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
 
     #[test]
     fn names_and_manifest_keys() {
@@ -214,6 +234,57 @@ mod tests {
                 proptest::prop_assert!(resolved.target.starts_with(root.canonicalize().unwrap()));
                 proptest::prop_assert!(!manifest.split('/').any(|p| p == ".." || p.is_empty()));
                 proptest::prop_assert!(resolved.manifest_url.starts_with("s3://bucket/p/"));
+            }
+        }
+
+        /// Arbitrary bytes as a request body: a spec or a classified error,
+        /// never a panic; an accepted spec survives a round trip.
+        #[test]
+        fn parse_body_never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            if let Ok(spec) = parse_body(&body) {
+                let again = parse_body(&serde_json::to_vec(&spec).unwrap());
+                proptest::prop_assert_eq!(again, Ok(spec));
+            }
+        }
+
+        /// JSON objects with arbitrary members (known and unknown names,
+        /// strings, numbers, nulls, nesting) parse or are refused, then
+        /// resolve or are refused, never a panic.
+        #[test]
+        fn json_bodies_parse_and_resolve_without_panics(
+            members in proptest::collection::vec(
+                (
+                    proptest::prop_oneof![
+                        proptest::strategy::Just("id".to_owned()),
+                        proptest::strategy::Just("profile".to_owned()),
+                        proptest::strategy::Just("manifest".to_owned()),
+                        proptest::strategy::Just("target".to_owned()),
+                        proptest::strategy::Just("replace".to_owned()),
+                        proptest::strategy::Just("restart".to_owned()),
+                        "\\PC{0,8}",
+                    ],
+                    proptest::prop_oneof![
+                        "\\PC{0,40}".prop_map(serde_json::Value::from),
+                        "(/[a-z.]{0,6}){0,4}".prop_map(serde_json::Value::from),
+                        proptest::prelude::any::<bool>().prop_map(serde_json::Value::from),
+                        proptest::prelude::any::<i64>().prop_map(serde_json::Value::from),
+                        proptest::strategy::Just(serde_json::Value::Null),
+                        proptest::strategy::Just(serde_json::json!({"a": [1, "b"]})),
+                    ],
+                ),
+                0..8,
+            ),
+        ) {
+            let object: serde_json::Map<String, serde_json::Value> = members.into_iter().collect();
+            let body = serde_json::to_vec(&object).unwrap();
+            let mut config = WorkerConfig { target_roots: vec![PathBuf::from("/nonexistent-root")], ..WorkerConfig::default() };
+            let profile = crate::config::ProfileConfig { store: "file:///store".into(), secondaries: vec![] };
+            config.profiles.insert("main".into(), profile);
+            match parse_body(&body) {
+                Ok(spec) => {
+                    let _ = resolve(&spec, &config);
+                }
+                Err(e) => proptest::prop_assert!(matches!(e, BodyError::NotASpec(_)), "{e}"),
             }
         }
     }

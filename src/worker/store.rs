@@ -87,6 +87,11 @@ pub struct JobRecord {
     pub damage: Vec<DamagedBlock>,
     pub summary: Option<RunSummary>,
     pub created_unix_secs: u64,
+    /// When the job last became `queued` (submitted, resubmitted, requeued by
+    /// a shutdown or restart); records written before this field use
+    /// `created_unix_secs`.
+    #[serde(default)]
+    pub queued_unix_secs: Option<u64>,
     pub started_unix_secs: Option<u64>,
     pub finished_unix_secs: Option<u64>,
 }
@@ -103,6 +108,7 @@ impl JobRecord {
             damage: Vec::new(),
             summary: None,
             created_unix_secs: now_unix_secs,
+            queued_unix_secs: Some(now_unix_secs),
             started_unix_secs: None,
             finished_unix_secs: None,
         }
@@ -223,6 +229,7 @@ impl JobStore {
                             r.state = JobState::Queued;
                             r.reason = Some("resubmitted: resumes from its checkpoint".to_owned());
                             r.finished_unix_secs = None;
+                            r.queued_unix_secs = Some(now);
                             r.damage.clear();
                             r.restart_pending = spec.restart;
                             (r, true)
