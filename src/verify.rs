@@ -4,13 +4,15 @@
 //! manifest says they must be. Out: a [`VerifiedBlock`], whose constructor is
 //! private to this module, so an unverified block cannot reach the writer: the
 //! writer only accepts `VerifiedBlock`s. Decompression is bounded by the
-//! block's length (a zstd bomb cannot make us allocate more), and any mismatch
+//! block's length (a zstd bomb cannot make us allocate more), into a
+//! page-aligned buffer of the shared pool (`crate::buf`), and any mismatch
 //! (length, hash, compression) is a [`Corrupt`](crate::error::ErrorClass::Corrupt)
 //! fault of the source that sent the bytes.
 
 use bytes::Bytes;
 
 use crate::block::{Compression, ContentHash, HashAlgorithm};
+use crate::buf::BufPool;
 use crate::error::StoreError;
 
 /// What a block object must turn out to be.
@@ -71,12 +73,7 @@ pub fn verify(raw: Bytes, expected: &Expected) -> Result<VerifiedBlock, StoreErr
     }
     let bytes = match expected.compression {
         Compression::None => raw,
-        Compression::Zstd => {
-            // bulk::decompress refuses output larger than the capacity given.
-            let out = zstd::bulk::decompress(&raw, expected.len_bytes as usize)
-                .map_err(|e| StoreError::corrupt(format!("zstd: {e}")))?;
-            Bytes::from(out)
-        }
+        Compression::Zstd => decompress(&raw, expected.len_bytes as usize)?,
     };
     if bytes.len() != expected.len_bytes as usize {
         return Err(StoreError::corrupt(format!(
@@ -95,6 +92,21 @@ pub fn verify(raw: Bytes, expected: &Expected) -> Result<VerifiedBlock, StoreErr
         )));
     }
     Ok(VerifiedBlock { bytes })
+}
+
+/// zstd-decompress `raw` into a pooled page-aligned buffer of `len_bytes`
+/// (so the block can go to the target with `O_DIRECT`). Output that does not
+/// fit `len_bytes` is refused by zstd (destination too small): a bomb stops
+/// at the block's length.
+fn decompress(raw: &[u8], len_bytes: usize) -> Result<Bytes, StoreError> {
+    let zstd_error = |e: std::io::Error| StoreError::corrupt(format!("zstd: {e}"));
+    let Some(mut out) = BufPool::shared().take(len_bytes) else {
+        // Unreachable for a block (at most 64 MiB); bounded all the same.
+        return zstd::bulk::decompress(raw, len_bytes).map(Bytes::from).map_err(zstd_error);
+    };
+    let written_bytes = zstd::bulk::decompress_to_buffer(raw, &mut out.spare_mut()[..len_bytes]).map_err(zstd_error)?;
+    out.set_len(written_bytes);
+    Ok(out.into_bytes())
 }
 
 #[cfg(test)]
