@@ -498,7 +498,13 @@ fn start_pwrite(file: Fds<File>, config: &WriterConfig) -> io::Result<(Backend, 
     let threads_count = config.pwrite_threads.get().min(config.queue_depth.get());
     let direct_io = file.direct.is_some();
     let (queue, threads) = pwrite::start(file, threads_count, config.queue_depth.get())?;
-    tracing::info!(backend = "pwrite", threads_count, queue_depth = config.queue_depth.get(), direct_io, "writer started");
+    tracing::info!(
+        backend = "pwrite",
+        threads_count,
+        queue_depth = config.queue_depth.get(),
+        direct_io,
+        "writer started"
+    );
     Ok((Backend::Pwrite, Queue::Pwrite(queue), threads))
 }
 
@@ -546,6 +552,20 @@ mod tests {
         assert!(check_range(i64::MAX as u64 - 4096, 4096).is_ok());
         assert_eq!(check_range(i64::MAX as u64 - 4095, 4096).unwrap_err().kind(), io::ErrorKind::InvalidInput);
         assert!(check_range(u64::MAX, 1).is_err());
+    }
+
+    #[test]
+    fn direct_io_is_a_flag_or_auto() {
+        #[derive(serde::Deserialize)]
+        struct Section {
+            direct_io: DirectIo,
+        }
+        let parse = |text: &str| toml::from_str::<Section>(text).map(|s| s.direct_io);
+        assert_eq!(parse("direct_io = true").unwrap(), DirectIo::On);
+        assert_eq!(parse("direct_io = false").unwrap(), DirectIo::Off);
+        assert_eq!(parse("direct_io = \"auto\"").unwrap(), DirectIo::Auto);
+        assert!(parse("direct_io = \"sometimes\"").is_err());
+        assert!(parse("direct_io = 1").is_err());
     }
 
     #[test]
