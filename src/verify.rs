@@ -53,11 +53,19 @@ impl VerifiedBlock {
     }
 }
 
-/// A shared zero buffer: zero blocks are written from one allocation.
+/// A shared zero buffer: zero blocks are written from one allocation, which
+/// starts page-aligned so they can go to the target with `O_DIRECT`. It is
+/// `calloc`ed and only ever read, so its pages stay the kernel's shared zero
+/// page: it costs address space, not memory.
 fn zero_bytes(len_bytes: usize) -> Bytes {
     use std::sync::OnceLock;
     static ZEROS: OnceLock<Bytes> = OnceLock::new();
-    let zeros = ZEROS.get_or_init(|| Bytes::from(vec![0u8; crate::block::BLOCK_SIZE_MAX_BYTES as usize]));
+    let zeros = ZEROS.get_or_init(|| {
+        let len_max_bytes = crate::block::BLOCK_SIZE_MAX_BYTES as usize;
+        let padded = Bytes::from(vec![0u8; len_max_bytes + crate::buf::ALIGN_BYTES]);
+        let skip_bytes = padded.as_ptr().align_offset(crate::buf::ALIGN_BYTES);
+        padded.slice(skip_bytes..skip_bytes + len_max_bytes)
+    });
     debug_assert!(len_bytes <= zeros.len());
     zeros.slice(..len_bytes.min(zeros.len()))
 }
@@ -133,6 +141,14 @@ mod tests {
         bad[100] ^= 1;
         assert_eq!(verify(Bytes::from(bad), &exp).unwrap_err().class, ErrorClass::Corrupt);
         assert_eq!(verify(Bytes::from(data[..100].to_vec()), &exp).unwrap_err().class, ErrorClass::Corrupt);
+    }
+
+    #[test]
+    fn zero_blocks_are_page_aligned() {
+        let zeros = VerifiedBlock::zeros(1 << 20);
+        assert_eq!(zeros.len(), 1 << 20);
+        assert!(zeros.bytes().iter().all(|&b| b == 0));
+        assert!((zeros.bytes().as_ptr() as usize).is_multiple_of(crate::buf::ALIGN_BYTES));
     }
 
     #[test]
