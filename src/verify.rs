@@ -156,7 +156,10 @@ mod tests {
         let data = vec![3u8; 8192];
         let packed = zstd::bulk::compress(&data, 3).unwrap();
         let exp = expected_for(&data, Compression::Zstd, &packed);
-        assert_eq!(verify(Bytes::from(packed.clone()), &exp).unwrap().len(), 8192);
+        let unpacked = verify(Bytes::from(packed.clone()), &exp).unwrap();
+        assert_eq!(unpacked.bytes()[..], data[..]);
+        // Decompressed into a page-aligned pooled buffer, ready for O_DIRECT.
+        assert!((unpacked.bytes().as_ptr() as usize).is_multiple_of(crate::buf::ALIGN_BYTES));
         // A bomb: claims a small block but decompresses larger.
         let big = zstd::bulk::compress(&vec![0u8; 1 << 20], 3).unwrap();
         let mut bomb = exp;

@@ -151,7 +151,10 @@ mod tests {
         store.put("blocks/abc", Bytes::from_static(b"hello")).await.unwrap();
         assert!(store.exists("blocks/abc").await.unwrap());
         assert!(!store.exists("blocks/abd").await.unwrap());
-        assert_eq!(&store.get("blocks/abc", 5).await.unwrap()[..], b"hello");
+        let got = store.get("blocks/abc", 5).await.unwrap();
+        assert_eq!(&got[..], b"hello");
+        // Read into a page-aligned pooled buffer, ready for O_DIRECT.
+        assert!((got.as_ptr() as usize).is_multiple_of(crate::buf::ALIGN_BYTES));
         assert_eq!(store.get("blocks/abc", 4).await.unwrap_err().class, ErrorClass::Corrupt);
         assert_eq!(store.get("blocks/nope", 4).await.unwrap_err().class, ErrorClass::Permanent);
         assert_eq!(store.get("../escape", 4).await.unwrap_err().class, ErrorClass::Permanent);

@@ -367,7 +367,8 @@ impl Assembly {
     fn new(advertised: Option<u64>) -> Self {
         match advertised.and_then(|len| usize::try_from(len).ok()).and_then(|len| BufPool::shared().take(len)) {
             Some(buf) => Assembly::Pooled(buf),
-            None => Assembly::Heap(BytesMut::new()),
+            // Bounded by the caller's maximum, checked before this.
+            None => Assembly::Heap(BytesMut::with_capacity(advertised.unwrap_or(0) as usize)),
         }
     }
 
