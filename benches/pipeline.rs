@@ -7,6 +7,8 @@
 //!
 //! - `checkpoint_default`: checkpoints at the default cadence (2 s / 1 GiB);
 //! - `checkpoint_disabled`: `checkpoint.enabled = false`, the reference;
+//! - `checkpoint_disabled_buffered`: the same with `write.direct_io = false`,
+//!   to show what writing around the page cache saves;
 //! - `checkpoint_every_16MiB`: fdatasync and a checkpoint save every 16 MiB,
 //!   to show what a tight cadence costs.
 //!
@@ -60,6 +62,10 @@ fn config(state: &Path, checkpoint: Checkpointing) -> Config {
     match checkpoint {
         Checkpointing::Default => {}
         Checkpointing::Disabled => config.checkpoint.enabled = false,
+        Checkpointing::DisabledBuffered => {
+            config.checkpoint.enabled = false;
+            config.write.direct_io = rehydrate::write::DirectIo::Off;
+        }
         Checkpointing::EveryBytes(bytes) => {
             config.checkpoint.interval_bytes = NonZeroU64::new(bytes).expect("a non-zero interval");
         }
@@ -71,6 +77,7 @@ fn config(state: &Path, checkpoint: Checkpointing) -> Config {
 enum Checkpointing {
     Default,
     Disabled,
+    DisabledBuffered,
     EveryBytes(u64),
 }
 
@@ -107,6 +114,7 @@ fn pipeline(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(VOLUME_BYTES));
     for (name, checkpoint) in [
         ("checkpoint_disabled", Checkpointing::Disabled),
+        ("checkpoint_disabled_buffered", Checkpointing::DisabledBuffered),
         ("checkpoint_default", Checkpointing::Default),
         ("checkpoint_every_16MiB", Checkpointing::EveryBytes(16 << 20)),
     ] {

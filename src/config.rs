@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::write::{BackendChoice, WriterConfig};
+use crate::write::{BackendChoice, DirectIo, WriterConfig};
 
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -90,6 +90,11 @@ impl Default for FetchConfig {
 pub struct WriteConfig {
     /// `auto` probes io_uring and falls back to pwrite (old kernels, seccomp).
     pub backend: BackendChoice,
+    /// `true`, `false` or `"auto"`: aligned block writes through an
+    /// `O_DIRECT` descriptor. `auto` (the default: it saves the page-cache
+    /// copy, the largest CPU cost of a restore) falls back to buffered writes
+    /// where the filesystem refuses `O_DIRECT` (tmpfs).
+    pub direct_io: DirectIo,
     /// Writes queued or in flight per target. 64 keeps NVMe queues fed.
     pub queue_depth: NonZeroUsize,
     /// Threads of the pwrite backend. 4 overlaps writes on 2 cores.
@@ -98,7 +103,7 @@ pub struct WriteConfig {
 
 impl Default for WriteConfig {
     fn default() -> Self {
-        Self { backend: BackendChoice::Auto, queue_depth: nzu(64), pwrite_threads: nzu(4) }
+        Self { backend: BackendChoice::Auto, direct_io: DirectIo::Auto, queue_depth: nzu(64), pwrite_threads: nzu(4) }
     }
 }
 
@@ -351,6 +356,7 @@ impl Config {
     pub fn writer(&self) -> WriterConfig {
         WriterConfig {
             backend: self.write.backend,
+            direct_io: self.write.direct_io,
             queue_depth: self.write.queue_depth,
             pwrite_threads: self.write.pwrite_threads,
         }

@@ -35,6 +35,10 @@ pub struct Engine {
 impl Engine {
     pub fn new(config: Config) -> Self {
         let budget = Budget::new(config.fetch.inflight_bytes_max.get());
+        // The buffers in use are bounded by the budget; keep as many idle,
+        // so a steady restore never allocates.
+        let retained_bytes_max = usize::try_from(config.fetch.inflight_bytes_max.get()).unwrap_or(usize::MAX);
+        crate::buf::BufPool::shared().set_retained_bytes_max(retained_bytes_max);
         crate::metrics::describe();
         Self { config, budget, stores: Mutex::new(HashMap::new()) }
     }

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod block;
+pub mod buf;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

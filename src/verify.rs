@@ -4,13 +4,15 @@
 //! manifest says they must be. Out: a [`VerifiedBlock`], whose constructor is
 //! private to this module, so an unverified block cannot reach the writer: the
 //! writer only accepts `VerifiedBlock`s. Decompression is bounded by the
-//! block's length (a zstd bomb cannot make us allocate more), and any mismatch
+//! block's length (a zstd bomb cannot make us allocate more), into a
+//! page-aligned buffer of the shared pool (`crate::buf`), and any mismatch
 //! (length, hash, compression) is a [`Corrupt`](crate::error::ErrorClass::Corrupt)
 //! fault of the source that sent the bytes.
 
 use bytes::Bytes;
 
 use crate::block::{Compression, ContentHash, HashAlgorithm};
+use crate::buf::BufPool;
 use crate::error::StoreError;
 
 /// What a block object must turn out to be.
@@ -51,11 +53,19 @@ impl VerifiedBlock {
     }
 }
 
-/// A shared zero buffer: zero blocks are written from one allocation.
+/// A shared zero buffer: zero blocks are written from one allocation, which
+/// starts page-aligned so they can go to the target with `O_DIRECT`. It is
+/// `calloc`ed and only ever read, so its pages stay the kernel's shared zero
+/// page: it costs address space, not memory.
 fn zero_bytes(len_bytes: usize) -> Bytes {
     use std::sync::OnceLock;
     static ZEROS: OnceLock<Bytes> = OnceLock::new();
-    let zeros = ZEROS.get_or_init(|| Bytes::from(vec![0u8; crate::block::BLOCK_SIZE_MAX_BYTES as usize]));
+    let zeros = ZEROS.get_or_init(|| {
+        let len_max_bytes = crate::block::BLOCK_SIZE_MAX_BYTES as usize;
+        let padded = Bytes::from(vec![0u8; len_max_bytes + crate::buf::ALIGN_BYTES]);
+        let skip_bytes = padded.as_ptr().align_offset(crate::buf::ALIGN_BYTES);
+        padded.slice(skip_bytes..skip_bytes + len_max_bytes)
+    });
     debug_assert!(len_bytes <= zeros.len());
     zeros.slice(..len_bytes.min(zeros.len()))
 }
@@ -71,12 +81,7 @@ pub fn verify(raw: Bytes, expected: &Expected) -> Result<VerifiedBlock, StoreErr
     }
     let bytes = match expected.compression {
         Compression::None => raw,
-        Compression::Zstd => {
-            // bulk::decompress refuses output larger than the capacity given.
-            let out = zstd::bulk::decompress(&raw, expected.len_bytes as usize)
-                .map_err(|e| StoreError::corrupt(format!("zstd: {e}")))?;
-            Bytes::from(out)
-        }
+        Compression::Zstd => decompress(&raw, expected.len_bytes as usize)?,
     };
     if bytes.len() != expected.len_bytes as usize {
         return Err(StoreError::corrupt(format!(
@@ -95,6 +100,21 @@ pub fn verify(raw: Bytes, expected: &Expected) -> Result<VerifiedBlock, StoreErr
         )));
     }
     Ok(VerifiedBlock { bytes })
+}
+
+/// zstd-decompress `raw` into a pooled page-aligned buffer of `len_bytes`
+/// (so the block can go to the target with `O_DIRECT`). Output that does not
+/// fit `len_bytes` is refused by zstd (destination too small): a bomb stops
+/// at the block's length.
+fn decompress(raw: &[u8], len_bytes: usize) -> Result<Bytes, StoreError> {
+    let zstd_error = |e: std::io::Error| StoreError::corrupt(format!("zstd: {e}"));
+    let Some(mut out) = BufPool::shared().take(len_bytes) else {
+        // Unreachable for a block (at most 64 MiB); bounded all the same.
+        return zstd::bulk::decompress(raw, len_bytes).map(Bytes::from).map_err(zstd_error);
+    };
+    let written_bytes = zstd::bulk::decompress_to_buffer(raw, &mut out.spare_mut()[..len_bytes]).map_err(zstd_error)?;
+    out.set_len(written_bytes);
+    Ok(out.into_bytes())
 }
 
 #[cfg(test)]
@@ -124,11 +144,22 @@ mod tests {
     }
 
     #[test]
+    fn zero_blocks_are_page_aligned() {
+        let zeros = VerifiedBlock::zeros(1 << 20);
+        assert_eq!(zeros.len(), 1 << 20);
+        assert!(zeros.bytes().iter().all(|&b| b == 0));
+        assert!((zeros.bytes().as_ptr() as usize).is_multiple_of(crate::buf::ALIGN_BYTES));
+    }
+
+    #[test]
     fn zstd_is_bounded_and_checked() {
         let data = vec![3u8; 8192];
         let packed = zstd::bulk::compress(&data, 3).unwrap();
         let exp = expected_for(&data, Compression::Zstd, &packed);
-        assert_eq!(verify(Bytes::from(packed.clone()), &exp).unwrap().len(), 8192);
+        let unpacked = verify(Bytes::from(packed.clone()), &exp).unwrap();
+        assert_eq!(unpacked.bytes()[..], data[..]);
+        // Decompressed into a page-aligned pooled buffer, ready for O_DIRECT.
+        assert!((unpacked.bytes().as_ptr() as usize).is_multiple_of(crate::buf::ALIGN_BYTES));
         // A bomb: claims a small block but decompresses larger.
         let big = zstd::bulk::compress(&vec![0u8; 1 << 20], 3).unwrap();
         let mut bomb = exp;

@@ -21,6 +21,29 @@
 //! `io_uring_disabled`), it falls back to pwrite and logs why. An explicit
 //! [`BackendChoice::Uring`] that cannot start is an error.
 //!
+//! Direct I/O: with `direct_io` on (or `auto`, where the filesystem takes
+//! it), [`Writer::open`] opens a second descriptor of the same target with
+//! `O_DIRECT` (reopening `/proc/self/fd/N`, so callers still hand over one
+//! `File`), and each write whose buffer address, length and offset are all
+//! multiples of 4096 goes through it: a pooled block (`crate::buf`) goes from
+//! its buffer to the device without being copied into the page cache. Any
+//! other write (the short tail block, a buffer not from the pool, the
+//! unaligned remainder of a short write) goes through the job's descriptor;
+//! a direct write refused with `EINVAL` is redone there too. No descriptor
+//! gains access: a target opened read-only, or a file type without direct
+//! I/O (a pipe, a character device), gets no direct descriptor.
+//!
+//! Durability is unchanged: [`Writer::sync`] `fdatasync`s the job's
+//! descriptor. `fsync(2)` and `fdatasync(2)` act on the file (the inode), not
+//! on the descriptor: they flush "all modified in-core data of the file
+//! referred to by fd" and the device's write cache, and O_DIRECT only bypasses
+//! the page cache, it "does not give the guarantees of O_SYNC" (open(2), NOTES
+//! on O_DIRECT). So a direct write completed before the sync sits either on
+//! the device (its volatile cache flushed by the sync) or, for metadata it
+//! needed (a block allocated, the file size grown, an unwritten extent
+//! converted, which ext4 and xfs journal at I/O completion), in the journal
+//! transaction the fdatasync of the same inode commits.
+//!
 //! Limits: at most `queue_depth` requests (writes and syncs) are queued or in
 //! flight per target; a caller past that waits on a tokio semaphore (its task
 //! yields, no worker thread blocks), so the channel behind it can never be
@@ -40,6 +63,7 @@ mod uring;
 use std::fs::File;
 use std::io;
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -91,9 +115,48 @@ impl Backend {
     }
 }
 
+/// Whether aligned writes bypass the page cache (`O_DIRECT`). In config
+/// files: `true`, `false` or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(try_from = "DirectIoSetting")]
+pub enum DirectIo {
+    /// Buffered writes only.
+    Off,
+    /// Open the direct descriptor or fail: a target on a filesystem without
+    /// `O_DIRECT` (tmpfs) is refused.
+    On,
+    /// Open the direct descriptor where the filesystem takes it; write
+    /// buffered, and log why, where it does not.
+    #[default]
+    Auto,
+}
+
+/// How `direct_io` is spelled in a config file.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum DirectIoSetting {
+    Flag(bool),
+    Word(String),
+}
+
+impl TryFrom<DirectIoSetting> for DirectIo {
+    type Error = String;
+
+    fn try_from(setting: DirectIoSetting) -> Result<Self, String> {
+        match setting {
+            DirectIoSetting::Flag(true) => Ok(DirectIo::On),
+            DirectIoSetting::Flag(false) => Ok(DirectIo::Off),
+            DirectIoSetting::Word(word) if word == "auto" => Ok(DirectIo::Auto),
+            DirectIoSetting::Word(word) => Err(format!("direct_io is true, false or \"auto\", not {word:?}")),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
     pub backend: BackendChoice,
+    /// Whether aligned writes go through an `O_DIRECT` descriptor.
+    pub direct_io: DirectIo,
     /// Writes queued or in flight per target at most.
     pub queue_depth: NonZeroUsize,
     /// Threads of the pwrite backend.
@@ -106,6 +169,10 @@ impl Default for WriterConfig {
             // io_uring where the kernel allows it: one thread keeps many
             // writes in flight without a thread per write.
             backend: BackendChoice::Auto,
+            // Where the filesystem takes it: a pooled block is written from
+            // its buffer, not copied into the page cache first (that copy was
+            // the largest CPU cost of a restore). See benches/pipeline.rs.
+            direct_io: DirectIo::Auto,
             // 64 in flight saturates NVMe queues (they peak around 32 to 64
             // outstanding requests) while pinning at most 64 blocks per target.
             queue_depth: NonZeroUsize::new(64).expect("64 is not zero"),
@@ -158,6 +225,89 @@ struct Inner {
     threads: tokio::sync::Mutex<Vec<WriterThread>>,
     /// The first fdatasync failure, kept so no later sync can succeed.
     sync_failure: OnceLock<String>,
+    /// Whether an `O_DIRECT` descriptor is open.
+    direct_io: bool,
+    /// Writes that went through the `O_DIRECT` descriptor.
+    direct_writes: Arc<AtomicU64>,
+}
+
+/// The target's descriptors as a backend holds them: the job's, and the
+/// `O_DIRECT` one when there is one. `F` is `std::fs::File` for the pwrite
+/// threads and tokio-uring's file on the ring thread.
+#[derive(Debug)]
+struct Fds<F> {
+    buffered: F,
+    direct: Option<F>,
+    direct_writes: Arc<AtomicU64>,
+}
+
+impl<F> Fds<F> {
+    /// The descriptor a write of `len_bytes` from `ptr` at `offset` takes.
+    fn direct_for(&self, ptr: *const u8, len_bytes: usize, offset: u64) -> Option<&F> {
+        self.direct.as_ref().filter(|_| len_bytes > 0 && crate::buf::is_direct_aligned(ptr, len_bytes, offset))
+    }
+
+    fn count_direct(&self) {
+        self.direct_writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn map<G>(self, mut f: impl FnMut(F) -> G) -> Fds<G> {
+        Fds { buffered: f(self.buffered), direct: self.direct.map(f), direct_writes: self.direct_writes }
+    }
+}
+
+impl Fds<File> {
+    fn try_clone(&self) -> io::Result<Self> {
+        Ok(Fds {
+            buffered: self.buffered.try_clone()?,
+            direct: self.direct.as_ref().map(File::try_clone).transpose()?,
+            direct_writes: Arc::clone(&self.direct_writes),
+        })
+    }
+}
+
+/// Whether a direct write failed in a way the buffered descriptor may not:
+/// `EINVAL` is how the kernel refuses an alignment or a file it cannot do
+/// direct I/O on.
+fn redo_buffered(result: &io::Result<usize>) -> bool {
+    matches!(result, Err(e) if e.raw_os_error() == Some(libc::EINVAL))
+}
+
+/// Open `file` again with `O_DIRECT`, per `choice`. `None` when off, when
+/// the descriptor is not open for writing (a second one must not grant what
+/// the first did not), when the file is neither a regular file nor a block
+/// device, or (with [`DirectIo::Auto`]) when the filesystem refuses.
+fn open_direct(file: &File, choice: DirectIo) -> io::Result<Option<File>> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    if choice == DirectIo::Off {
+        return Ok(None);
+    }
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL only reads the flags of a descriptor we own (borrowed
+    // through `file` for the duration of the call).
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let writable = matches!(flags & libc::O_ACCMODE, libc::O_WRONLY | libc::O_RDWR);
+    let file_type = file.metadata()?.file_type();
+    if !writable || !(file_type.is_file() || file_type.is_block_device()) {
+        tracing::debug!(writable, "target takes no O_DIRECT descriptor; writing buffered");
+        return Ok(None);
+    }
+    let opened = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+        .open(format!("/proc/self/fd/{fd}"));
+    match (opened, choice) {
+        (Ok(direct), _) => Ok(Some(direct)),
+        (Err(e), DirectIo::Auto) => {
+            tracing::warn!(error = %e, "target cannot be opened with O_DIRECT; writing through the page cache");
+            Ok(None)
+        }
+        (Err(e), _) => Err(io::Error::new(e.kind(), format!("write.direct_io = true, but O_DIRECT open failed: {e}"))),
+    }
 }
 
 /// The sending end of a backend's request channel.
@@ -193,17 +343,21 @@ impl Writer {
     pub fn open(file: File, config: &WriterConfig) -> io::Result<Writer> {
         config.validate()?;
         let queue_depth = config.queue_depth.get();
+        let direct = open_direct(&file, config.direct_io)?;
+        let direct_io = direct.is_some();
+        let direct_writes = Arc::new(AtomicU64::new(0));
+        let file = Fds { buffered: file, direct, direct_writes: Arc::clone(&direct_writes) };
         let (backend, queue, threads) = match config.backend {
             BackendChoice::Pwrite => start_pwrite(file, config)?,
             BackendChoice::Uring => {
                 let (queue, thread) = uring::start(file, queue_depth)
                     .map_err(|e| io::Error::new(e.kind(), format!("io_uring writer backend cannot start: {e}")))?;
-                tracing::info!(backend = "uring", queue_depth, "writer started");
+                tracing::info!(backend = "uring", queue_depth, direct_io, "writer started");
                 (Backend::Uring, Queue::Uring(queue), vec![thread])
             }
             BackendChoice::Auto => match uring::start(file.try_clone()?, queue_depth) {
                 Ok((queue, thread)) => {
-                    tracing::info!(backend = "uring", queue_depth, "writer started");
+                    tracing::info!(backend = "uring", queue_depth, direct_io, "writer started");
                     (Backend::Uring, Queue::Uring(queue), vec![thread])
                 }
                 Err(e) => {
@@ -220,12 +374,24 @@ impl Writer {
                 queue: Mutex::new(Some(queue)),
                 threads: tokio::sync::Mutex::new(threads),
                 sync_failure: OnceLock::new(),
+                direct_io,
+                direct_writes,
             }),
         })
     }
 
     pub fn backend(&self) -> Backend {
         self.inner.backend
+    }
+
+    /// Whether aligned writes go through an `O_DIRECT` descriptor.
+    pub fn direct_io(&self) -> bool {
+        self.inner.direct_io
+    }
+
+    /// Writes (submissions) that went through the `O_DIRECT` descriptor.
+    pub fn direct_writes_count(&self) -> u64 {
+        self.inner.direct_writes.load(Ordering::Relaxed)
     }
 
     /// Write all of `block` at `offset`. Resolves once every byte was written
@@ -327,11 +493,18 @@ impl Writer {
     }
 }
 
-fn start_pwrite(file: File, config: &WriterConfig) -> io::Result<(Backend, Queue, Vec<WriterThread>)> {
+fn start_pwrite(file: Fds<File>, config: &WriterConfig) -> io::Result<(Backend, Queue, Vec<WriterThread>)> {
     // Threads beyond queue_depth could never all have work.
     let threads_count = config.pwrite_threads.get().min(config.queue_depth.get());
+    let direct_io = file.direct.is_some();
     let (queue, threads) = pwrite::start(file, threads_count, config.queue_depth.get())?;
-    tracing::info!(backend = "pwrite", threads_count, queue_depth = config.queue_depth.get(), "writer started");
+    tracing::info!(
+        backend = "pwrite",
+        threads_count,
+        queue_depth = config.queue_depth.get(),
+        direct_io,
+        "writer started"
+    );
     Ok((Backend::Pwrite, Queue::Pwrite(queue), threads))
 }
 
@@ -379,6 +552,20 @@ mod tests {
         assert!(check_range(i64::MAX as u64 - 4096, 4096).is_ok());
         assert_eq!(check_range(i64::MAX as u64 - 4095, 4096).unwrap_err().kind(), io::ErrorKind::InvalidInput);
         assert!(check_range(u64::MAX, 1).is_err());
+    }
+
+    #[test]
+    fn direct_io_is_a_flag_or_auto() {
+        #[derive(serde::Deserialize)]
+        struct Section {
+            direct_io: DirectIo,
+        }
+        let parse = |text: &str| toml::from_str::<Section>(text).map(|s| s.direct_io);
+        assert_eq!(parse("direct_io = true").unwrap(), DirectIo::On);
+        assert_eq!(parse("direct_io = false").unwrap(), DirectIo::Off);
+        assert_eq!(parse("direct_io = \"auto\"").unwrap(), DirectIo::Auto);
+        assert!(parse("direct_io = \"sometimes\"").is_err());
+        assert!(parse("direct_io = 1").is_err());
     }
 
     #[test]

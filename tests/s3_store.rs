@@ -70,6 +70,8 @@ async fn put_get_exists_roundtrip_in_the_file_store_layout() {
     let got = f.store.get("blocks/aa/one", 1 << 20).await.unwrap();
     eprintln!("1 MiB GET over loopback: {:?}", started.elapsed());
     assert_eq!(got, block);
+    // Put together in a page-aligned pooled buffer, ready for O_DIRECT.
+    assert!((got.as_ptr() as usize).is_multiple_of(rehydrate::buf::ALIGN_BYTES));
 
     // And the other way round: what a FileStore writes, S3 serves.
     let file = FileStore::new(f.root.path().join(BUCKET).join(PREFIX));

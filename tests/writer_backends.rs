@@ -4,7 +4,10 @@
 //! out-of-order writes of mixed sizes read back byte for byte, zero blocks, a
 //! queue depth of one, write and sync errors reaching their caller while the
 //! writer stays usable, close and drop releasing the threads and the file.
-//! The io_uring suite skips (with a message) where a probe finds io_uring
+//! Each suite runs twice: with `direct_io` off, and on (aligned blocks from
+//! the buffer pool then go through the `O_DIRECT` descriptor, and the
+//! unaligned ones through the buffered one, into the same file).
+//! The io_uring suites skip (with a message) where a probe finds io_uring
 //! unavailable; the pwrite suite always runs.
 
 // A test that meets an unexpected error should stop right there, loudly.
@@ -20,8 +23,9 @@ use bytes::Bytes;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rehydrate::block::{Compression, HashAlgorithm};
+use rehydrate::buf::BufPool;
 use rehydrate::verify::{Expected, VerifiedBlock, verify};
-use rehydrate::write::{Backend, BackendChoice, Writer, WriterConfig};
+use rehydrate::write::{Backend, BackendChoice, DirectIo, Writer, WriterConfig};
 
 /// The byte every test expects at absolute offset `offset` for `seed`:
 /// any byte of the target can be checked without keeping the blocks.
@@ -40,16 +44,20 @@ fn block(seed: u64, offset: u64, len_bytes: usize) -> VerifiedBlock {
         stored_len_bytes: len_bytes as u32,
         len_bytes: len_bytes as u32,
     };
-    verify(Bytes::from(raw), &expected).expect("self-made block verifies")
+    // In a pooled, page-aligned buffer, as the stores deliver blocks.
+    let mut buf = BufPool::shared().take(len_bytes).unwrap();
+    buf.extend_from_slice(&raw).unwrap();
+    verify(buf.into_bytes(), &expected).expect("self-made block verifies")
 }
 
 fn matches(data: &[u8], seed: u64, offset: u64) -> bool {
     data.iter().enumerate().all(|(i, &b)| b == byte_at(seed, offset + i as u64))
 }
 
-fn config(backend: BackendChoice, queue_depth: usize, pwrite_threads: usize) -> WriterConfig {
+fn config(backend: BackendChoice, direct_io: DirectIo, queue_depth: usize, pwrite_threads: usize) -> WriterConfig {
     WriterConfig {
         backend,
+        direct_io,
         queue_depth: NonZeroUsize::new(queue_depth).unwrap(),
         pwrite_threads: NonZeroUsize::new(pwrite_threads).unwrap(),
     }
@@ -68,7 +76,7 @@ fn uring_available(test: &str) -> bool {
         return false;
     }
     let dir = tempfile::tempdir().unwrap();
-    match Writer::open(open_rw(&dir.path().join("probe")), &config(BackendChoice::Uring, 1, 1)) {
+    match Writer::open(open_rw(&dir.path().join("probe")), &config(BackendChoice::Uring, DirectIo::Off, 1, 1)) {
         Ok(_) => true,
         Err(e) => {
             eprintln!("SKIP {test}: io_uring unavailable here: {e}");
@@ -90,11 +98,12 @@ fn fd_open_on(path: &Path) -> bool {
 const SIZES_BYTES: [usize; 7] = [4096, 65536, 1 << 20, 12288, 131072, 4096 * 3 + 512, 300_000];
 
 macro_rules! writer_suite {
-    ($suite:ident, $choice:expr, $expected_backend:expr) => {
+    ($suite:ident, $choice:expr, $direct:expr, $expected_backend:expr) => {
         mod $suite {
             use super::*;
 
             const CHOICE: BackendChoice = $choice;
+            const DIRECT: DirectIo = $direct;
 
             /// Whether this suite can run here (the uring one needs io_uring).
             fn runnable(test: &str) -> bool {
@@ -102,8 +111,11 @@ macro_rules! writer_suite {
             }
 
             fn open_writer(path: &Path, queue_depth: usize, pwrite_threads: usize) -> Writer {
-                let writer = Writer::open(open_rw(path), &config(CHOICE, queue_depth, pwrite_threads)).unwrap();
+                let writer = Writer::open(open_rw(path), &config(CHOICE, DIRECT, queue_depth, pwrite_threads)).unwrap();
                 assert_eq!(writer.backend(), $expected_backend);
+                // The temp dir is on a filesystem with O_DIRECT (ext4, xfs,
+                // tmpfs since Linux 6.6): `On` must have opened it.
+                assert_eq!(writer.direct_io(), DIRECT == DirectIo::On);
                 writer
             }
 
@@ -127,6 +139,7 @@ macro_rules! writer_suite {
                 // The short tail: the file must end exactly there.
                 extents.push((offset, 1000));
                 let file_len_bytes = offset + 1000;
+                let aligned_count = extents.iter().filter(|(at, len)| at % 4096 == 0 && len % 4096 == 0).count() as u64;
                 extents.shuffle(&mut rand::rngs::StdRng::seed_from_u64(7));
 
                 let tasks_count = 16;
@@ -144,6 +157,17 @@ macro_rules! writer_suite {
                     joined.unwrap();
                 }
                 writer.sync().await.unwrap();
+                // Every aligned block went around the page cache (a short
+                // write's aligned remainder would count once more), and only
+                // when asked to.
+                let direct_writes_count = writer.direct_writes_count();
+                match DIRECT {
+                    DirectIo::On => assert!(
+                        aligned_count > 0 && direct_writes_count >= aligned_count,
+                        "{direct_writes_count} direct writes for {aligned_count} aligned blocks"
+                    ),
+                    _ => assert_eq!(direct_writes_count, 0),
+                }
                 writer.close().await.unwrap();
 
                 let data = std::fs::read(&path).unwrap();
@@ -246,7 +270,7 @@ macro_rules! writer_suite {
                 let path = dir.path().join("target");
                 std::fs::write(&path, b"").unwrap();
                 let read_only = File::open(&path).unwrap();
-                let writer = Writer::open(read_only, &config(CHOICE, 4, 2)).unwrap();
+                let writer = Writer::open(read_only, &config(CHOICE, DIRECT, 4, 2)).unwrap();
                 assert_eq!(writer.backend(), $expected_backend);
                 for _ in 0..3 {
                     let err = writer.write(0, &block(1, 0, 8192)).await.unwrap_err();
@@ -302,7 +326,7 @@ macro_rules! writer_suite {
                     eprintln!("SKIP device_errors_reach_callers_and_a_failed_sync_is_sticky: no /dev/full");
                     return;
                 };
-                let writer = Writer::open(full, &config(CHOICE, 4, 2)).unwrap();
+                let writer = Writer::open(full, &config(CHOICE, DIRECT, 4, 2)).unwrap();
                 let err = writer.write(0, &block(4, 0, 4096)).await.unwrap_err();
                 assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
                 let first = writer.sync().await.unwrap_err();
@@ -413,14 +437,70 @@ macro_rules! writer_suite {
     };
 }
 
-writer_suite!(pwrite, BackendChoice::Pwrite, Backend::Pwrite);
-writer_suite!(uring, BackendChoice::Uring, Backend::Uring);
+writer_suite!(pwrite, BackendChoice::Pwrite, DirectIo::Off, Backend::Pwrite);
+writer_suite!(pwrite_direct, BackendChoice::Pwrite, DirectIo::On, Backend::Pwrite);
+writer_suite!(uring, BackendChoice::Uring, DirectIo::Off, Backend::Uring);
+writer_suite!(uring_direct, BackendChoice::Uring, DirectIo::On, Backend::Uring);
+
+/// Whatever `direct_io` says, a descriptor opened read-only never gains a
+/// writable O_DIRECT twin, and a file type without direct I/O gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_io_never_widens_access_nor_applies_to_devices_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("target");
+    std::fs::write(&path, b"").unwrap();
+    for direct in [DirectIo::On, DirectIo::Auto] {
+        let writer = Writer::open(File::open(&path).unwrap(), &config(BackendChoice::Pwrite, direct, 4, 2)).unwrap();
+        assert!(!writer.direct_io(), "{direct:?}: a read-only target got a direct descriptor");
+        let err = writer.write(0, &block(9, 0, 4096)).await.unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF), "{err}");
+        writer.close().await.unwrap();
+        if let Ok(null) = OpenOptions::new().write(true).open("/dev/null") {
+            let writer = Writer::open(null, &config(BackendChoice::Pwrite, direct, 4, 2)).unwrap();
+            assert!(!writer.direct_io(), "{direct:?}: a character device got a direct descriptor");
+            writer.write(0, &block(9, 0, 4096)).await.unwrap();
+            writer.close().await.unwrap();
+        }
+    }
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+}
+
+/// Blocks that are not page-aligned in memory (not from the pool) still land
+/// byte for byte with direct I/O on: they take the buffered descriptor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_io_writes_unaligned_buffers_buffered() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("target");
+    let writer = Writer::open(open_rw(&path), &config(BackendChoice::Pwrite, DirectIo::On, 4, 2)).unwrap();
+    assert!(writer.direct_io());
+    let aligned = block(10, 0, 8192);
+    // The same kind of block, one byte into a heap buffer: never aligned.
+    let mut raw = vec![0u8; 8193];
+    raw[1..].iter_mut().enumerate().for_each(|(i, b)| *b = byte_at(10, 8192 + i as u64));
+    let unaligned_bytes = Bytes::from(raw).slice(1..);
+    let expected = Expected {
+        hash: HashAlgorithm::Blake3.hash(&unaligned_bytes),
+        algorithm: HashAlgorithm::Blake3,
+        compression: Compression::None,
+        stored_len_bytes: 8192,
+        len_bytes: 8192,
+    };
+    let unaligned = verify(unaligned_bytes, &expected).unwrap();
+    writer.write(0, &aligned).await.unwrap();
+    writer.write(8192, &unaligned).await.unwrap();
+    writer.sync().await.unwrap();
+    assert_eq!(writer.direct_writes_count(), 1, "only the pooled block goes direct");
+    writer.close().await.unwrap();
+    let data = std::fs::read(&path).unwrap();
+    assert_eq!(data.len(), 16384);
+    assert!(matches(&data, 10, 0));
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_picks_uring_where_it_works_and_pwrite_elsewhere() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("target");
-    let writer = Writer::open(open_rw(&path), &config(BackendChoice::Auto, 4, 2)).unwrap();
+    let writer = Writer::open(open_rw(&path), &config(BackendChoice::Auto, DirectIo::Auto, 4, 2)).unwrap();
     let expected = if uring_available("auto (expects pwrite instead)") { Backend::Uring } else { Backend::Pwrite };
     assert_eq!(writer.backend(), expected);
     writer.write(0, &block(8, 0, 4096)).await.unwrap();

@@ -20,7 +20,11 @@
 //! - `Content-Length` above the caller's `len_max_bytes` is refused as
 //!   `Corrupt` before a byte of the body is read, and the body may never grow
 //!   past what was advertised; a body shorter than advertised is `Transient`
-//!   (truncated in flight).
+//!   (truncated in flight);
+//! - a body with a `Content-Length` is put together in a page-aligned buffer
+//!   of the shared pool (`crate::buf`) sized to it: one copy out of the HTTP
+//!   client's chunks, no reallocation, and the block can go to the target
+//!   with `O_DIRECT`.
 //!
 //! Integrity of the bytes is checked by the verify stage against the
 //! manifest's content hash, so SDK checksums are only computed or validated
@@ -48,6 +52,7 @@ use aws_smithy_types::timeout::TimeoutConfig;
 use bytes::{Bytes, BytesMut};
 
 use super::{BlockStore, BoxFuture, StoreError, StoreUrl};
+use crate::buf::{AlignedBuf, BufPool};
 use crate::error::ErrorClass;
 
 /// S3 refuses object keys longer than this.
@@ -308,8 +313,7 @@ async fn read_body(
     guard: BodyGuard,
 ) -> Result<Bytes, StoreError> {
     let limit = advertised.unwrap_or(len_max_bytes);
-    // Capacity from the (already bounded) advertised length: one allocation.
-    let mut buf = BytesMut::with_capacity(advertised.unwrap_or(0) as usize);
+    let mut buf = Assembly::new(advertised);
     loop {
         let wait = guard.next_wait(Instant::now()).map_err(|cut| cut.error(what, buf.len() as u64, advertised))?;
         let chunk = match tokio::time::timeout(wait, body.next()).await {
@@ -334,7 +338,7 @@ async fn read_body(
                 None => StoreError::corrupt(format!("GET {what}: body longer than the {len_max_bytes} bytes expected")),
             });
         }
-        buf.extend_from_slice(&chunk);
+        buf.extend_from_slice(&chunk)?;
         guard
             .check_throughput(Instant::now(), buf.len() as u64)
             .map_err(|cut| cut.error(what, buf.len() as u64, advertised))?;
@@ -348,6 +352,53 @@ async fn read_body(
         )));
     }
     Ok(buf.freeze())
+}
+
+/// Where a body's chunks are put together: with a `Content-Length` (already
+/// bounded by the caller's maximum), a pooled page-aligned buffer of that
+/// size, so the block goes on to the writer (and to `O_DIRECT`) with no
+/// further copy; without one, a growing heap buffer.
+enum Assembly {
+    Pooled(AlignedBuf),
+    Heap(BytesMut),
+}
+
+impl Assembly {
+    fn new(advertised: Option<u64>) -> Self {
+        match advertised.and_then(|len| usize::try_from(len).ok()).and_then(|len| BufPool::shared().take(len)) {
+            Some(buf) => Assembly::Pooled(buf),
+            // Bounded by the caller's maximum, checked before this.
+            None => Assembly::Heap(BytesMut::with_capacity(advertised.unwrap_or(0) as usize)),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Assembly::Pooled(buf) => buf.len(),
+            Assembly::Heap(buf) => buf.len(),
+        }
+    }
+
+    /// Append a chunk. The caller checked it fits the advertised length, and
+    /// the pooled buffer holds at least that.
+    fn extend_from_slice(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        match self {
+            Assembly::Pooled(buf) => {
+                buf.extend_from_slice(chunk).map_err(|e| StoreError::corrupt(format!("body past its length: {e}")))
+            }
+            Assembly::Heap(buf) => {
+                buf.extend_from_slice(chunk);
+                Ok(())
+            }
+        }
+    }
+
+    fn freeze(self) -> Bytes {
+        match self {
+            Assembly::Pooled(buf) => buf.into_bytes(),
+            Assembly::Heap(buf) => buf.freeze(),
+        }
+    }
 }
 
 /// The deadlines over one streamed body. Pure: time is passed in, so the

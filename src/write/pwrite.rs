@@ -4,8 +4,9 @@
 //! In: requests from one bounded crossbeam channel, shared by all threads
 //! (MPMC: whichever thread is free takes the next request, so one slow write
 //! does not hold up the others). Out: each request's result on its own tokio
-//! oneshot. The threads share one `File`; `pwrite` carries its offset, so they
-//! never contend on a file position. A thread exits when the channel is
+//! oneshot. The threads share the target's descriptors (the job's, and the
+//! `O_DIRECT` one for aligned writes, see `write.rs`); `pwrite` carries its
+//! offset, so they never contend on a file position. A thread exits when the channel is
 //! disconnected (the writer closed or dropped) and empty.
 
 use std::fs::File;
@@ -16,12 +17,12 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use super::progress::{INTERRUPTED_MAX, write_all_at_blocking};
-use super::{Request, WriterThread};
+use super::{Fds, Request, WriterThread, redo_buffered};
 
 /// Start `threads_count` threads writing `file`, fed by a channel of
 /// `queue_depth` slots.
 pub(super) fn start(
-    file: File,
+    file: Fds<File>,
     threads_count: usize,
     queue_depth: usize,
 ) -> io::Result<(crossbeam_channel::Sender<Request>, Vec<WriterThread>)> {
@@ -45,21 +46,34 @@ pub(super) fn start(
     Ok((tx, threads))
 }
 
-fn serve(file: &File, rx: &crossbeam_channel::Receiver<Request>) {
+fn serve(file: &Fds<File>, rx: &crossbeam_channel::Receiver<Request>) {
     // recv keeps returning queued requests after the senders are gone, so a
     // close drains the queue before the threads stop.
     while let Ok(request) = rx.recv() {
         match request {
             Request::Write { offset, bytes, reply, _permit } => {
-                let result = write_all_at_blocking(&bytes, offset, |buf, at| file.write_at(buf, at));
+                let result = write_all_at_blocking(&bytes, offset, |buf, at| write_at(file, buf, at));
                 let _ = reply.send(result);
                 // `_permit` drops here: the queue slot frees once answered.
             }
             Request::Sync { reply, _permit } => {
-                let _ = reply.send(sync_data(file));
+                let _ = reply.send(sync_data(&file.buffered));
             }
         }
     }
+}
+
+/// One `pwrite`: through the `O_DIRECT` descriptor when `buf` and `at` are
+/// aligned (redone buffered if the kernel refuses it), else buffered.
+fn write_at(file: &Fds<File>, buf: &[u8], at: u64) -> io::Result<usize> {
+    if let Some(direct) = file.direct_for(buf.as_ptr(), buf.len(), at) {
+        let result = direct.write_at(buf, at);
+        if !redo_buffered(&result) {
+            file.count_direct();
+            return result;
+        }
+    }
+    file.buffered.write_at(buf, at)
 }
 
 /// `fdatasync`, retried on `EINTR` (it did not run to completion, so

@@ -4,7 +4,8 @@
 //! request's result on its own tokio oneshot. Every request becomes a local
 //! task on the ring thread, so up to `queue_depth` writes are in the ring at
 //! once; each owns its buffer (a `Bytes` refcount), which the kernel hands
-//! back with the completion.
+//! back with the completion. Aligned writes go through the `O_DIRECT`
+//! descriptor when there is one (see `write.rs`).
 //!
 //! Why a tokio channel and not crossbeam: the ring thread must keep polling
 //! its runtime. tokio-uring submits queued entries and reaps completions when
@@ -24,15 +25,16 @@ use std::io;
 use std::rc::Rc;
 use std::sync::mpsc as std_mpsc;
 
+use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use super::progress::{INTERRUPTED_MAX, write_all_at};
-use super::{Request, URING_START_TIMEOUT, WriterThread};
+use super::{Fds, Request, URING_START_TIMEOUT, WriterThread, redo_buffered};
 
 /// Start the ring thread for `file`, fed by a channel of `queue_depth`
 /// slots. Returns once the ring completed a no-op, or its error.
-pub(super) fn start(file: File, queue_depth: usize) -> io::Result<(mpsc::Sender<Request>, WriterThread)> {
+pub(super) fn start(file: Fds<File>, queue_depth: usize) -> io::Result<(mpsc::Sender<Request>, WriterThread)> {
     let (tx, rx) = mpsc::channel(queue_depth);
     let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
     let (exit_tx, exited) = oneshot::channel();
@@ -64,7 +66,7 @@ pub(super) fn start(file: File, queue_depth: usize) -> io::Result<(mpsc::Sender<
 /// The ring thread's body. Reports start-up on `ready`, then serves until
 /// the channel is disconnected and drained; returns the file's close result.
 fn run(
-    file: File,
+    file: Fds<File>,
     rx: mpsc::Receiver<Request>,
     entries: u32,
     ready: std_mpsc::SyncSender<io::Result<()>>,
@@ -92,11 +94,11 @@ fn run(
             }
         }
         let _ = ready.send(Ok(()));
-        serve(tokio_uring::fs::File::from_std(file), rx).await
+        serve(file.map(tokio_uring::fs::File::from_std), rx).await
     })
 }
 
-async fn serve(file: tokio_uring::fs::File, mut rx: mpsc::Receiver<Request>) -> io::Result<()> {
+async fn serve(file: Fds<tokio_uring::fs::File>, mut rx: mpsc::Receiver<Request>) -> io::Result<()> {
     let file = Rc::new(file);
     // Bounded by queue_depth: each task holds its request's permit until it
     // answers, and finished tasks are reaped as we go.
@@ -117,22 +119,43 @@ async fn serve(file: tokio_uring::fs::File, mut rx: mpsc::Receiver<Request>) -> 
         log_panic(joined);
     }
     match Rc::try_unwrap(file) {
-        Ok(file) => file.close().await,
-        // Unreachable once every task is joined; the fd closes on drop.
+        Ok(file) => {
+            let direct = match file.direct {
+                Some(direct) => direct.close().await,
+                None => Ok(()),
+            };
+            file.buffered.close().await.and(direct)
+        }
+        // Unreachable once every task is joined; the fds close on drop.
         Err(_) => Ok(()),
     }
 }
 
-async fn handle(file: Rc<tokio_uring::fs::File>, request: Request) {
+async fn handle(file: Rc<Fds<tokio_uring::fs::File>>, request: Request) {
     match request {
         Request::Write { offset, bytes, reply, _permit } => {
-            let result = write_all_at(bytes, offset, |buf, at| file.write_at(buf, at).submit()).await;
+            let result = write_all_at(bytes, offset, |buf, at| write_at(Rc::clone(&file), buf, at)).await;
             let _ = reply.send(result);
         }
         Request::Sync { reply, _permit } => {
-            let _ = reply.send(sync_data(&file).await);
+            let _ = reply.send(sync_data(&file.buffered).await);
         }
     }
+}
+
+/// One write through the ring: through the `O_DIRECT` descriptor when `buf`
+/// and `at` are aligned (redone buffered if the kernel refuses it), else
+/// buffered.
+async fn write_at(file: Rc<Fds<tokio_uring::fs::File>>, buf: Bytes, at: u64) -> (io::Result<usize>, Bytes) {
+    if let Some(direct) = file.direct_for(buf.as_ptr(), buf.len(), at) {
+        let (result, buf) = direct.write_at(buf, at).submit().await;
+        if !redo_buffered(&result) {
+            file.count_direct();
+            return (result, buf);
+        }
+        return file.buffered.write_at(buf, at).submit().await;
+    }
+    file.buffered.write_at(buf, at).submit().await
 }
 
 /// `fdatasync` through the ring, retried on `EINTR` at most
