@@ -30,6 +30,8 @@ pub struct Engine {
     /// Stores opened so far, by URL: every restore that reads a store goes
     /// through the same handle, so its rate limits are shared.
     stores: Mutex<HashMap<StoreUrl, SharedStore>>,
+    /// The last tenant id handed to a restore (0: requests outside any).
+    tenants: std::sync::atomic::AtomicU64,
 }
 
 impl Engine {
@@ -40,7 +42,13 @@ impl Engine {
         let retained_bytes_max = usize::try_from(config.fetch.inflight_bytes_max.get()).unwrap_or(usize::MAX);
         crate::buf::BufPool::shared().set_retained_bytes_max(retained_bytes_max);
         crate::metrics::describe();
-        Self { config, budget, stores: Mutex::new(HashMap::new()) }
+        Self { config, budget, stores: Mutex::new(HashMap::new()), tenants: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    /// A tenant id for a new restore: its requests take turns with other
+    /// restores' at each store's concurrency gate.
+    pub fn next_tenant(&self) -> u64 {
+        self.tenants.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
     }
 
     /// Open a store by URL (once per URL per process).

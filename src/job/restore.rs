@@ -40,6 +40,7 @@ use crate::fetch::{FetchContext, FetchCounts, FetchTelemetry, Source, SourceFail
 use crate::manifest::Manifest;
 use crate::metrics as m;
 use crate::store::StoreUrl;
+use crate::store::limit::with_tenant;
 use crate::target::{self, OpenOptionsSpec, StagingGuard, Target, TargetKind};
 
 use crate::verify::VerifiedBlock;
@@ -99,11 +100,25 @@ const TICK: Duration = Duration::from_millis(200);
 const OUTCOME_QUEUE_MAX: usize = 1024;
 
 /// Run one restore to its end.
+///
+/// Its store requests queue for concurrency slots as one tenant, taking turns
+/// with every other restore in the process.
 pub async fn restore(
     engine: &Engine,
     spec: &RestoreSpec,
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
+) -> Result<RestoreReport, RestoreError> {
+    let tenant = engine.next_tenant();
+    with_tenant(tenant, restore_as(engine, spec, progress, cancel, tenant)).await
+}
+
+async fn restore_as(
+    engine: &Engine,
+    spec: &RestoreSpec,
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+    tenant: u64,
 ) -> Result<RestoreReport, RestoreError> {
     progress.set_phase(Phase::Validate);
     let (store_url, manifest_key) =
@@ -162,7 +177,7 @@ pub async fn restore(
 
     let mut settler =
         Settler::new(engine, &target, layout, writer.clone(), checkpoint, durable.clone(), Arc::clone(progress));
-    let units = UnitContext { fetch, writer: writer.clone(), layout };
+    let units = UnitContext { fetch, writer: writer.clone(), layout, tenant };
     let run = settler.run(plan, units, engine.budget.clone(), cancel).await;
     let backend = writer.backend();
     let closed = writer.close().await;
@@ -430,6 +445,8 @@ struct UnitContext {
     fetch: FetchContext,
     writer: Writer,
     layout: BlockLayout,
+    /// The restore's tenant at the stores' concurrency gates.
+    tenant: u64,
 }
 
 /// How one unit ended.
@@ -491,7 +508,8 @@ async fn dispatch(
         let ctx = Arc::clone(&ctx);
         let outcomes = outcomes.clone();
         let cancel = cancel.clone();
-        tokio::spawn(async move {
+        let tenant = ctx.tenant;
+        tokio::spawn(with_tenant(tenant, async move {
             let outcome = tokio::select! {
                 outcome = run_unit(&ctx, unit) => outcome,
                 () = cancel.cancelled() => return,
@@ -499,7 +517,7 @@ async fn dispatch(
             drop(permit);
             // The settler has gone only when the restore stopped: nothing to report to.
             let _ = outcomes.send(outcome).await;
-        });
+        }));
     }
 }
 

@@ -17,15 +17,22 @@
 //! with a `Throttled` error: a store that cannot take one more request in
 //! that long is overloaded, and the retry loop's backoff is the right place
 //! to wait.
+//!
+//! Fairness: requests waiting for a concurrency slot queue per tenant (each
+//! restore is one, set with [`with_tenant`]), and a freed slot goes to the
+//! next tenant in turn. A restore that has queued thousands of small blocks
+//! therefore delays another restore's manifest read by one request per
+//! tenant, not by its whole queue.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::Notify;
+use tokio::sync::oneshot;
 
 use super::{BlockStore, BoxFuture, SharedStore, StoreError, StoreUrl};
 use crate::error::ErrorClass;
@@ -288,6 +295,61 @@ impl Aimd {
 struct Window {
     aimd: Aimd,
     in_flight: usize,
+    /// Requests waiting for a slot, one queue per tenant (a restore); a
+    /// freed slot goes to the next tenant in turn, so one restore with
+    /// thousands of queued requests cannot hold up another's first one.
+    waiting: BTreeMap<u64, VecDeque<oneshot::Sender<Grant>>>,
+    /// The tenant served last, for the round robin.
+    last_served: u64,
+}
+
+impl Window {
+    /// The next tenant with a waiting request, after `last_served` in turn.
+    fn next_tenant(&self) -> Option<u64> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        self.waiting
+            .range((Excluded(self.last_served), Unbounded))
+            .next()
+            .or_else(|| self.waiting.iter().next())
+            .map(|(&tenant, _)| tenant)
+    }
+}
+
+tokio::task_local! {
+    /// The tenant (restore) the current task works for; requests outside any
+    /// restore are tenant 0.
+    static TENANT: u64;
+}
+
+/// Run `work` as `tenant`: its store requests queue for concurrency slots in
+/// that tenant's queue (see [`AdaptiveConcurrency`]).
+pub async fn with_tenant<F: std::future::Future>(tenant: u64, work: F) -> F::Output {
+    TENANT.scope(tenant, work).await
+}
+
+fn current_tenant() -> u64 {
+    TENANT.try_with(|t| *t).unwrap_or(0)
+}
+
+/// A slot handed to a waiting request. If the waiter has gone (timed out,
+/// cancelled) by the time it arrives, dropping it gives the slot back.
+#[derive(Debug)]
+struct Grant {
+    gate: Option<Arc<Gate>>,
+}
+
+impl Grant {
+    fn into_slot(mut self) -> Slot {
+        Slot { gate: self.gate.take().expect("a grant holds its gate until used"), outcome: Outcome::Neutral }
+    }
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        if let Some(gate) = self.gate.take() {
+            gate.release(Outcome::Neutral);
+        }
+    }
 }
 
 /// What a finished request tells the window.
@@ -312,7 +374,6 @@ impl Outcome {
 #[derive(Debug)]
 struct Gate {
     window: Mutex<Window>,
-    notify: Notify,
     /// The window, readable without the lock (for metrics).
     limit: AtomicUsize,
     acquire_timeout: Duration,
@@ -323,32 +384,31 @@ impl Gate {
         self.window.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn acquire(&self) -> Option<Slot<'_>> {
-        tokio::time::timeout(self.acquire_timeout, async {
-            loop {
-                // Register before checking, so a release between the check
-                // and the wait is not missed.
-                let notified = self.notify.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                {
-                    let mut window = self.lock();
-                    if window.in_flight < window.aimd.limit() {
-                        window.in_flight += 1;
-                        return Slot { gate: self, outcome: Outcome::Neutral };
-                    }
-                }
-                notified.await;
+    /// Wait for a slot, in the current tenant's queue, at most
+    /// `acquire_timeout`.
+    async fn acquire(self: &Arc<Self>) -> Option<Slot> {
+        let granted = {
+            let mut window = self.lock();
+            if window.waiting.is_empty() && window.in_flight < window.aimd.limit() {
+                window.in_flight += 1;
+                return Some(Slot { gate: Arc::clone(self), outcome: Outcome::Neutral });
             }
-        })
-        .await
-        .ok()
+            let (tx, rx) = oneshot::channel();
+            window.waiting.entry(current_tenant()).or_default().push_back(tx);
+            rx
+        };
+        // On a timeout the receiver is dropped: a grant already sent to it is
+        // dropped with it and gives its slot back; one not sent yet finds the
+        // receiver gone and goes to the next waiter.
+        match tokio::time::timeout(self.acquire_timeout, granted).await {
+            Ok(Ok(grant)) => Some(grant.into_slot()),
+            _ => None,
+        }
     }
 
-    fn release(&self, outcome: Outcome) {
+    fn release(self: &Arc<Self>, outcome: Outcome) {
         let mut window = self.lock();
         window.in_flight -= 1;
-        let before = window.aimd.limit();
         match outcome {
             Outcome::Success => window.aimd.on_success(),
             Outcome::Throttled => {
@@ -356,25 +416,39 @@ impl Gate {
             }
             Outcome::Neutral => {}
         }
-        let after = window.aimd.limit();
-        self.limit.store(after, Ordering::Relaxed);
-        let free = after.saturating_sub(window.in_flight);
-        drop(window);
-        // One slot freed, plus one more if the window just grew.
-        for _ in 0..free.min(1 + after.saturating_sub(before)) {
-            self.notify.notify_one();
+        self.limit.store(window.aimd.limit(), Ordering::Relaxed);
+        self.hand_out(&mut window);
+    }
+
+    /// Give free slots to waiting requests, one tenant after another.
+    fn hand_out(self: &Arc<Self>, window: &mut Window) {
+        while window.in_flight < window.aimd.limit() {
+            let Some(tenant) = window.next_tenant() else { return };
+            let queue = window.waiting.get_mut(&tenant).expect("next_tenant names a queue");
+            let waiter = queue.pop_front().expect("queues in the map are not empty");
+            if queue.is_empty() {
+                window.waiting.remove(&tenant);
+            }
+            window.last_served = tenant;
+            window.in_flight += 1;
+            if let Err(mut unsent) = waiter.send(Grant { gate: Some(Arc::clone(self)) }) {
+                // The waiter gave up: take the slot back here, under the lock.
+                unsent.gate = None;
+                window.in_flight -= 1;
+            }
         }
     }
 }
 
 /// A held concurrency slot; released (with its outcome) on drop, so a
 /// cancelled request frees its slot too.
-struct Slot<'a> {
-    gate: &'a Gate,
+#[derive(Debug)]
+struct Slot {
+    gate: Arc<Gate>,
     outcome: Outcome,
 }
 
-impl Drop for Slot<'_> {
+impl Drop for Slot {
     fn drop(&mut self) {
         self.gate.release(self.outcome);
     }
@@ -384,7 +458,7 @@ impl Drop for Slot<'_> {
 #[derive(Debug)]
 pub struct AdaptiveConcurrency {
     inner: SharedStore,
-    gate: Gate,
+    gate: Arc<Gate>,
     /// The `store` label of the concurrency gauge; unset: no gauge.
     metric_label: Option<String>,
 }
@@ -393,12 +467,11 @@ impl AdaptiveConcurrency {
     pub fn new(inner: SharedStore, config: &AdaptiveConcurrencyConfig) -> Result<Self, String> {
         config.validate()?;
         let aimd = Aimd::new(config);
-        let gate = Gate {
+        let gate = Arc::new(Gate {
             limit: AtomicUsize::new(aimd.limit()),
-            window: Mutex::new(Window { aimd, in_flight: 0 }),
-            notify: Notify::new(),
+            window: Mutex::new(Window { aimd, in_flight: 0, waiting: BTreeMap::new(), last_served: 0 }),
             acquire_timeout: Duration::from_millis(config.acquire_timeout_millis),
-        };
+        });
         Ok(Self { inner, gate, metric_label: None })
     }
 
@@ -613,6 +686,92 @@ mod tests {
         fn exists<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
             Box::pin(async { Ok(true) })
         }
+    }
+
+    /// Records which tenant each request it serves came from.
+    #[derive(Debug)]
+    struct TenantLog {
+        url: StoreUrl,
+        order: Mutex<Vec<u64>>,
+    }
+
+    impl BlockStore for TenantLog {
+        fn url(&self) -> &StoreUrl {
+            &self.url
+        }
+        fn get<'a>(&'a self, _key: &'a str, _len: u64) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+            Box::pin(async move {
+                self.order.lock().unwrap().push(current_tenant());
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                Ok(Bytes::new())
+            })
+        }
+        fn put<'a>(&'a self, _key: &'a str, _bytes: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn exists<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+            Box::pin(async { Ok(true) })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tenants_take_turns_at_the_gate() {
+        let log = Arc::new(TenantLog { url: StoreUrl::File { root: "/log".into() }, order: Mutex::new(Vec::new()) });
+        let config = AdaptiveConcurrencyConfig {
+            concurrency_min: nz(1),
+            concurrency_max: nz(1),
+            ..AdaptiveConcurrencyConfig::default()
+        };
+        let store = Arc::new(AdaptiveConcurrency::new(log.clone(), &config).unwrap());
+        // Tenant 1 queues 40 requests behind a window of one ...
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..40 {
+            let store = store.clone();
+            tasks.spawn(with_tenant(1, async move { store.get("k", 0).await }));
+        }
+        while store.gate.lock().waiting.get(&1).map_or(0, VecDeque::len) < 30 {
+            tokio::task::yield_now().await;
+        }
+        // ... then tenant 2 asks for one object: it is served next in turn,
+        // not after tenant 1's queue.
+        let served_before = log.order.lock().unwrap().len();
+        with_tenant(2, store.get("m", 0)).await.unwrap();
+        let order = log.order.lock().unwrap().clone();
+        let position = order.iter().position(|&t| t == 2).unwrap();
+        assert!(position <= served_before + 1, "tenant 2 waited behind tenant 1: {order:?}");
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap().unwrap();
+        }
+        assert_eq!(store.in_flight(), 0);
+        assert_eq!(log.order.lock().unwrap().len(), 41);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiter_that_gives_up_does_not_leak_its_slot() {
+        let log = Arc::new(TenantLog { url: StoreUrl::File { root: "/log".into() }, order: Mutex::new(Vec::new()) });
+        let config = AdaptiveConcurrencyConfig {
+            concurrency_min: nz(1),
+            concurrency_max: nz(1),
+            acquire_timeout_millis: 1,
+            ..AdaptiveConcurrencyConfig::default()
+        };
+        let store = Arc::new(AdaptiveConcurrency::new(log.clone(), &config).unwrap());
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..50u64 {
+            let store = store.clone();
+            tasks.spawn(with_tenant(i % 3, async move { store.get("k", 0).await }));
+        }
+        let mut gave_up = 0;
+        while let Some(done) = tasks.join_next().await {
+            if let Err(e) = done.unwrap() {
+                assert_eq!(e.class, ErrorClass::Throttled);
+                gave_up += 1;
+            }
+        }
+        assert!(gave_up > 0, "a 1 ms acquire timeout should have expired for someone");
+        assert_eq!(store.in_flight(), 0, "a slot leaked");
+        // The gate still works.
+        store.get("k", 0).await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
