@@ -787,3 +787,60 @@ async fn replacing_with_another_snapshot_restarts_the_target() {
     assert_eq!(state(&server.client.get("first").await.unwrap()), "cancelled");
     server.stop().await;
 }
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().ok()?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .ok()?;
+        if !status.success() {
+            eprintln!("SKIP: cannot mount a tmpfs here (needs root)");
+            return None;
+        }
+        Some(Tmpfs { dir })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_job_starts_once_space_is_freed() {
+    let f = Fixture::new(43).await;
+    let Some(small) = Tmpfs::mount("8m") else { return };
+    // Leave about 1 MiB free on the small filesystem: less than the job needs.
+    let balloon = small.dir.path().join("balloon");
+    std::fs::write(&balloon, vec![1u8; 7 << 20]).unwrap();
+    let mut config = f.config();
+    config.worker.target_roots = vec![f.roots(), small.dir.path().to_owned()];
+    config.worker.gate_backoff_millis = std::num::NonZeroU64::new(20).unwrap();
+    config.worker.gate_backoff_max_millis = std::num::NonZeroU64::new(100).unwrap();
+    let server = start(Engine::new(config), Tokens::default(), None).await;
+    let held_target = small.dir.path().join("held.img");
+    let free_target = f.target("free.img");
+    assert_eq!(submit(&server.client, &f.spec("held", &held_target)).await.status.as_u16(), 201);
+    assert_eq!(submit(&server.client, &f.spec("behind", &free_target)).await.status.as_u16(), 201);
+    // The job behind the held one runs and finishes while it waits.
+    let job = wait_for(&server.client, "behind", "succeeded", |j| state(j) == "succeeded").await;
+    check_succeeded(&f, &job, &free_target);
+    let held = wait_for(&server.client, "held", "held", |j| j["held_by"].is_string()).await;
+    assert_eq!(state(&held), "queued", "{held:#}");
+    assert!(held["held_by"].as_str().unwrap().contains("free space"), "{held:#}");
+    assert!(!held_target.exists(), "a held job wrote its target");
+    // Space is freed: the held job starts and completes.
+    std::fs::remove_file(&balloon).unwrap();
+    let job = wait_for(&server.client, "held", "succeeded", |j| state(j) == "succeeded").await;
+    check_succeeded(&f, &job, &held_target);
+    server.stop().await;
+}
