@@ -158,6 +158,10 @@ pub struct WorkerConfig {
     /// Directories targets must resolve under. Empty: every submission is
     /// refused (a worker writes nowhere it was not told it may).
     pub target_roots: Vec<PathBuf>,
+    /// Block devices jobs may restore into, by exact path (e.g.
+    /// `/dev/vdb`), written in place. Default: none. A device that is mounted
+    /// or held open exclusively when its job starts is refused.
+    pub block_devices: Vec<PathBuf>,
     /// Restores running at once. 4 keeps 2 cores and one disk busy; they all
     /// share one in-flight byte budget and per-store rate limits.
     pub jobs_running_max: NonZeroUsize,
@@ -206,6 +210,7 @@ impl Default for WorkerConfig {
             listen: "127.0.0.1:7878".to_owned(),
             state_dir: None,
             target_roots: Vec::new(),
+            block_devices: Vec::new(),
             jobs_running_max: nzu(4),
             jobs_queued_max: nzu(64),
             jobs_records_max: nzu(10_000),

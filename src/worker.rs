@@ -487,6 +487,10 @@ impl Worker {
             Ok(r) => r,
             Err(e) => return Gate::Never(format!("the job no longer fits the worker's configuration: {e}")),
         };
+        if is_block_device(&resolved.target) {
+            // Written in place: its size is checked when it is opened.
+            return Gate::Pass;
+        }
         let known = self.live().needs.get(id).copied();
         let needed = match known {
             Some(n) => n,
@@ -772,4 +776,9 @@ mod tests {
         assert_eq!(space_gate(100, 80, 150, 10_000, 100), Gate::Pass);
         assert!(matches!(space_gate(20_000, 0, 150, 10_000, 0), Gate::Never(r) if r.contains("whole size")));
     }
+}
+
+fn is_block_device(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }

@@ -6,41 +6,11 @@
 mod common;
 
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::*;
 use rehydrate::block::{Compression, HashAlgorithm};
 use rehydrate::job::{Engine, RestoreError};
 use rehydrate::write::BackendChoice;
-
-/// A loop device over a file, detached when dropped.
-struct Loop {
-    device: PathBuf,
-}
-
-impl Loop {
-    fn attach(backing: &Path) -> Option<Loop> {
-        let out = Command::new("losetup").args(["-f", "--show"]).arg(backing).output().ok()?;
-        if !out.status.success() {
-            eprintln!("SKIP: losetup failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-            return None;
-        }
-        Some(Loop { device: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()) })
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
-    }
-}
-
-fn loop_device(dir: &Path, size_bytes: u64, fill: u8) -> Option<Loop> {
-    let backing = dir.join("device.img");
-    std::fs::write(&backing, vec![fill; size_bytes as usize]).unwrap();
-    Loop::attach(&backing)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_into_a_loop_device_in_place() {

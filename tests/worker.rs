@@ -844,3 +844,36 @@ async fn a_held_job_starts_once_space_is_freed() {
     check_succeeded(&f, &job, &held_target);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listed_block_device_is_restored_in_place_and_a_held_one_refused() {
+    let f = Fixture::new(44).await;
+    // Larger than the volume, pre-filled with non-zero bytes.
+    let Some(dev) = loop_device(f.dir.path(), 4 << 20, 0xAB) else { return };
+    let held_dir = f.dir.path().join("held-device");
+    std::fs::create_dir_all(&held_dir).unwrap();
+    let Some(held) = loop_device(&held_dir, 4 << 20, 0xCD) else { return };
+    let mut config = f.config();
+    config.worker.block_devices = vec![dev.device.clone(), held.device.clone()];
+    let server = start(Engine::new(config), Tokens::default(), None).await;
+
+    assert_eq!(submit(&server.client, &f.spec("dev", &dev.device)).await.status.as_u16(), 201);
+    let job = wait_for(&server.client, "dev", "finished", |j| matches!(state(j), "succeeded" | "failed")).await;
+    assert_eq!(state(&job), "succeeded", "{job:#}");
+    let readback = rehydrate::job::readback::readback(&f.manifest, &dev.device).unwrap();
+    assert!(readback.matches(), "mismatched blocks {:?}", readback.mismatched);
+
+    // Held open exclusively (as a mount would): the job fails, the device untouched.
+    use std::os::unix::fs::OpenOptionsExt;
+    let holder = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(&held.device).unwrap();
+    assert_eq!(submit(&server.client, &f.spec("held", &held.device)).await.status.as_u16(), 201);
+    let job = wait_for(&server.client, "held", "failed", |j| state(j) == "failed").await;
+    assert!(job["reason"].as_str().unwrap().contains("in use"), "{job:#}");
+    drop(holder);
+    assert!(std::fs::read(&held.device).unwrap().iter().all(|&b| b == 0xCD), "a refused device was written");
+
+    // A device not on the list is refused at submission.
+    let unlisted = f.spec("unlisted", std::path::Path::new("/dev/null"));
+    assert_eq!(submit(&server.client, &unlisted).await.status.as_u16(), 422);
+    server.stop().await;
+}

@@ -112,7 +112,10 @@ pub fn resolve(spec: &JobSpec, config: &WorkerConfig) -> Result<ResolvedSpec, Sp
         .ok_or_else(|| err("profile", format!("no store profile {:?} is configured", spec.profile)))?;
     check_manifest_key(&spec.manifest)?;
     let store = StoreUrl::parse(&profile.store).map_err(|e| err("profile", e.to_string()))?;
-    let target = check_target(&spec.target, &config.target_roots)?;
+    let target = match check_device(&spec.target, &config.block_devices)? {
+        Some(device) => device,
+        None => check_target(&spec.target, &config.target_roots)?,
+    };
     Ok(ResolvedSpec { manifest_url: store.join(&spec.manifest), secondaries: profile.secondaries.clone(), target })
 }
 
@@ -130,6 +133,25 @@ fn check_manifest_key(key: &str) -> Result<(), SpecError> {
         return Err(err("manifest", format!("a manifest key ends in {MANIFEST_SUFFIX}")));
     }
     Ok(())
+}
+
+/// A target named exactly in `worker.block_devices` (symlinks resolved, as
+/// udev names like `/dev/disk/by-id/…` are) must be a block device. Other
+/// targets are files under the roots (`None`).
+fn check_device(target: &Path, devices: &[PathBuf]) -> Result<Option<PathBuf>, SpecError> {
+    use std::os::unix::fs::FileTypeExt;
+    let Some(listed) = devices.iter().find(|d| d.as_path() == target) else { return Ok(None) };
+    let resolved = listed
+        .canonicalize()
+        .map_err(|e| err("target", format!("block device {} is not usable: {e}", listed.display())))?;
+    match std::fs::metadata(&resolved) {
+        Ok(m) if m.file_type().is_block_device() => Ok(Some(resolved)),
+        Ok(_) => Err(err(
+            "target",
+            format!("{} is listed in worker.block_devices but is not a block device", listed.display()),
+        )),
+        Err(e) => Err(err("target", format!("block device {} is not usable: {e}", listed.display()))),
+    }
 }
 
 /// The target must be an absolute path whose (existing, canonicalized) parent

@@ -120,3 +120,33 @@ pub fn staging_files(dir: &Path) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// A loop device over a file, detached when dropped.
+pub struct Loop {
+    pub device: PathBuf,
+}
+
+impl Loop {
+    pub fn attach(backing: &Path) -> Option<Loop> {
+        let out = std::process::Command::new("losetup").args(["-f", "--show"]).arg(backing).output().ok()?;
+        if !out.status.success() {
+            eprintln!("SKIP: losetup failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            return None;
+        }
+        Some(Loop { device: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()) })
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
+/// A loop device over a new file of `size_bytes` bytes of `fill` in `dir`
+/// (None, with a SKIP line, where loop devices are not available).
+pub fn loop_device(dir: &Path, size_bytes: u64, fill: u8) -> Option<Loop> {
+    let backing = dir.join("device.img");
+    std::fs::write(&backing, vec![fill; size_bytes as usize]).unwrap();
+    Loop::attach(&backing)
+}
