@@ -26,6 +26,9 @@
 //! goes to completion: exit 0, target byte-identical, checkpoint removed, no
 //! staging or temporary file left.
 
+mod common;
+
+use common::{Reaped, binary, slow_s3_toml};
 use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -120,16 +123,6 @@ fn plan(rng: &mut SmallRng) -> Vec<Crash> {
     plan
 }
 
-/// A child that is killed and reaped however the test ends.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        // Already dead and reaped in the normal path; these then fail harmlessly.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -175,43 +168,14 @@ impl Fixture {
         std::fs::create_dir_all(&out).unwrap();
         let state = dir.path().join("state");
         let config = dir.path().join("rehydrate.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[fetch]
-attempt_timeout_millis = 5000
-backoff_base_millis = 5
-backoff_cap_millis = 50
-jitter_seed = 7
-
-[checkpoint]
-dir = "{state}"
-interval_millis = 100
-interval_bytes = {interval_bytes}
-
-[concurrency]
-concurrency_min = 2
-concurrency_max = {INFLIGHT_REQUESTS_MAX}
-
-[s3]
-connect_timeout_millis = 1000
-operation_attempt_timeout_millis = 3000
-operation_timeout_millis = 5000
-body_deadline_millis = 5000
-body_idle_timeout_millis = 2000
-"#,
-                state = state.display(),
-                interval_bytes = INTERVAL_BLOCKS * u64::from(BLOCK_BYTES),
-            ),
-        )
-        .unwrap();
+        std::fs::write(&config, slow_s3_toml(&state, INTERVAL_BLOCKS * u64::from(BLOCK_BYTES), INFLIGHT_REQUESTS_MAX))
+            .unwrap();
         Fixture { target: out.join("restored.img"), dir, server, volume, manifest, state, config }
     }
 
     fn spawn(&self, cycle: usize, failpoints: Option<String>) -> Reaped {
         let log = |what: &str| std::fs::File::create(self.dir.path().join(format!("cycle-{cycle}.{what}"))).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rehydrate"));
+        let mut cmd = Command::new(binary());
         cmd.args(["restore", "--json", "--manifest", &format!("s3://{BUCKET}/{PREFIX}/{NAME}.manifest"), "--target"])
             .arg(&self.target)
             .arg("--config")

@@ -18,6 +18,7 @@
 
 mod common;
 
+use common::{Reaped, binary, slow_s3_toml};
 use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -59,23 +60,7 @@ const EXIT_MARGIN: Duration = Duration::from_secs(4);
 /// Generous: polls end as soon as the condition holds.
 const DEADLINE: Duration = Duration::from_secs(90);
 
-/// The binary under test: this package's, or `REHYDRATE_BIN` (another build
-/// of it, such as a release build or a copy that a concurrent build into the
-/// same target directory cannot replace mid-test).
-fn binary() -> PathBuf {
-    std::env::var_os("REHYDRATE_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_rehydrate")), PathBuf::from)
-}
 
-/// A child that is killed and reaped however the test ends.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        // Already dead and reaped in the normal path; these then fail harmlessly.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A running `rehydrate serve` and a client for it.
 struct Served {
@@ -150,29 +135,7 @@ impl Fixture {
         std::fs::write(
             &config,
             format!(
-                r#"
-[fetch]
-attempt_timeout_millis = 5000
-backoff_base_millis = 5
-backoff_cap_millis = 50
-jitter_seed = 7
-
-[checkpoint]
-dir = "{state}"
-interval_millis = 100
-interval_bytes = {interval_bytes}
-
-[concurrency]
-concurrency_min = 2
-concurrency_max = {INFLIGHT_REQUESTS_MAX}
-
-[s3]
-connect_timeout_millis = 1000
-operation_attempt_timeout_millis = 3000
-operation_timeout_millis = 5000
-body_deadline_millis = 5000
-body_idle_timeout_millis = 2000
-
+                r#"{common}
 [worker]
 target_roots = ["{roots}"]
 target_free_bytes_min = 0
@@ -182,9 +145,8 @@ shutdown_grace_millis = {grace}
 {worker_extra}
 
 {profiles}"#,
-                state = state.display(),
                 roots = roots.display(),
-                interval_bytes = INTERVAL_BLOCKS * u64::from(BLOCK_BYTES),
+                common = slow_s3_toml(&state, INTERVAL_BLOCKS * u64::from(BLOCK_BYTES), INFLIGHT_REQUESTS_MAX),
                 grace = GRACE.as_millis(),
             ),
         )

@@ -150,3 +150,54 @@ pub fn loop_device(dir: &Path, size_bytes: u64, fill: u8) -> Option<Loop> {
     std::fs::write(&backing, vec![fill; size_bytes as usize]).unwrap();
     Loop::attach(&backing)
 }
+
+/// A child process killed and reaped however the test ends.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        // Already dead and reaped in the normal path; these then fail harmlessly.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The binary under test: this package's, or `REHYDRATE_BIN` (another build
+/// of it, such as a release build or a copy that a concurrent build into the
+/// same target directory cannot replace mid-test).
+pub fn binary() -> PathBuf {
+    std::env::var_os("REHYDRATE_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_rehydrate")), PathBuf::from)
+}
+
+/// Config sections for a child reading a slowed in-process S3 server: short
+/// backoff, fixed jitter, checkpoints in `state` every 100 ms or
+/// `interval_bytes`, at most `requests_max` requests in flight, S3 deadlines
+/// of a few seconds.
+pub fn slow_s3_toml(state: &Path, interval_bytes: u64, requests_max: u64) -> String {
+    format!(
+        r#"
+[fetch]
+attempt_timeout_millis = 5000
+backoff_base_millis = 5
+backoff_cap_millis = 50
+jitter_seed = 7
+
+[checkpoint]
+dir = "{state}"
+interval_millis = 100
+interval_bytes = {interval_bytes}
+
+[concurrency]
+concurrency_min = 2
+concurrency_max = {requests_max}
+
+[s3]
+connect_timeout_millis = 1000
+operation_attempt_timeout_millis = 3000
+operation_timeout_millis = 5000
+body_deadline_millis = 5000
+body_idle_timeout_millis = 2000
+"#,
+        state = state.display()
+    )
+}
