@@ -272,7 +272,11 @@ async fn fetch_from(
     }
 }
 
+/// How often an attempt with no hedge delay known yet looks again.
+const HEDGE_RECHECK: Duration = Duration::from_millis(50);
+
 /// One attempt on source `i`, hedged when it runs past the source's usual
+
 /// latency: the first good answer wins. Returns the block and the source that
 /// served it; on failure, the first attempt's error (the hedge's when the
 /// first attempt succeeded... never: a success wins).
@@ -283,14 +287,26 @@ async fn attempt_hedged(
     expected: &Expected,
 ) -> Result<(VerifiedBlock, usize), StoreError> {
     let first = attempt(ctx, i, key, expected);
-    let Some(delay) = ctx.hedger.delay(i) else {
+    if !ctx.hedger.enabled() {
         return first.await.map(|b| (b, i));
-    };
-    tokio::pin!(first);
-    tokio::select! {
-        result = &mut first => return result.map(|b| (b, i)),
-        () = tokio::time::sleep(delay) => {}
     }
+    let started = Instant::now();
+    tokio::pin!(first);
+    // Attempts that start before the source has a latency history (the
+    // first hundred or so of a restore) look again as the history fills, so
+    // a straggler among them is hedged too.
+    loop {
+        let wait = match ctx.hedger.delay(i) {
+            Some(delay) if started.elapsed() >= delay => break,
+            Some(delay) => delay - started.elapsed(),
+            None => HEDGE_RECHECK,
+        };
+        tokio::select! {
+            result = &mut first => return result.map(|b| (b, i)),
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+
     if !ctx.hedger.try_hedge() {
         return first.await.map(|b| (b, i));
     }

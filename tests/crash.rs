@@ -123,7 +123,6 @@ fn plan(rng: &mut SmallRng) -> Vec<Crash> {
     plan
 }
 
-
 struct Fixture {
     dir: tempfile::TempDir,
     server: LoopbackS3,

@@ -60,8 +60,6 @@ const EXIT_MARGIN: Duration = Duration::from_secs(4);
 /// Generous: polls end as soon as the condition holds.
 const DEADLINE: Duration = Duration::from_secs(90);
 
-
-
 /// A running `rehydrate serve` and a client for it.
 struct Served {
     child: Reaped,

@@ -37,11 +37,16 @@ pub struct HedgeConfig {
     /// Never hedge sooner than this. 20 ms: below it, a hedge costs more than
     /// the wait it saves.
     pub delay_min_millis: u64,
+    /// Never hedge before this multiple of the median latency either. 4: on
+    /// a healthy store p95 sits close to the median, and hedging there would
+    /// spend the whole budget on ordinary variance, leaving none for the
+    /// stragglers (a block 40 times slower than the rest) it exists for.
+    pub median_multiple_min: f64,
 }
 
 impl Default for HedgeConfig {
     fn default() -> Self {
-        Self { enabled: true, quantile: 0.95, ratio_max: 0.05, delay_min_millis: 20 }
+        Self { enabled: true, quantile: 0.95, ratio_max: 0.05, delay_min_millis: 20, median_multiple_min: 4.0 }
     }
 }
 
@@ -52,6 +57,9 @@ impl HedgeConfig {
         }
         if !(0.0..=0.5).contains(&self.ratio_max) {
             return Err(format!("hedge.ratio_max {} must be in [0, 0.5]", self.ratio_max));
+        }
+        if !(1.0..=100.0).contains(&self.median_multiple_min) {
+            return Err(format!("hedge.median_multiple_min {} must be in [1, 100]", self.median_multiple_min));
         }
         Ok(())
     }
@@ -85,7 +93,13 @@ impl Hedger {
         }
     }
 
+    /// Whether hedges may be sent at all.
+    pub fn enabled(&self) -> bool {
+        self.config.enabled && self.config.ratio_max > 0.0
+    }
+
     /// Count one request (hedges included) toward the hedge budget.
+
     pub fn count_request(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
@@ -103,9 +117,10 @@ impl Hedger {
             let mut sorted: Vec<u64> = samples.iter().copied().collect();
             drop(samples);
             sorted.sort_unstable();
-            let rank = ((sorted.len() as f64 - 1.0) * self.config.quantile).round() as usize;
-            let floor = self.config.delay_min_millis * 1000;
-            window.delay_micros.store(sorted[rank].max(floor).max(1), Ordering::Relaxed);
+            let at = |q: f64| sorted[((sorted.len() as f64 - 1.0) * q).round() as usize];
+            let median_floor = (at(0.5) as f64 * self.config.median_multiple_min) as u64;
+            let floor = (self.config.delay_min_millis * 1000).max(median_floor);
+            window.delay_micros.store(at(self.config.quantile).max(floor).max(1), Ordering::Relaxed);
         }
     }
 
@@ -142,7 +157,7 @@ mod tests {
             h.record(0, Duration::from_millis(if i % 20 == 0 { 500 } else { 30 }));
         }
         let d = h.delay(0).unwrap();
-        assert!(d >= Duration::from_millis(30) && d <= Duration::from_millis(500), "{d:?}");
+        assert!(d >= Duration::from_millis(120) && d <= Duration::from_millis(500), "four medians at least: {d:?}");
         let fast = Hedger::new(HedgeConfig::default(), 1);
         for _ in 0..64 {
             fast.record(0, Duration::from_micros(100));
