@@ -429,6 +429,33 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_attempt_started_before_any_history_is_hedged_once_it_fills() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, key, expected) = store_with_block(dir.path(), &[4u8; 4096]).await;
+        store.add(FaultRule {
+            key_contains: key.clone(),
+            fault: Fault::Delay(Duration::from_secs(60)),
+            times: Some(1),
+        });
+        let ctx =
+            Arc::new(FetchContext::new(Source::ordered(vec![store.clone()]), &crate::config::FetchConfig::default()));
+        let fetch = tokio::spawn({
+            let (ctx, key) = (Arc::clone(&ctx), key.clone());
+            async move { fetch_block(&ctx, &key, &expected, 0).await.map(|(_, served_by)| served_by) }
+        });
+        // The attempt is in flight with no history; then other blocks answer fast.
+        while store.calls(&key) == 0 {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..64 {
+            ctx.hedger.record(0, Duration::from_millis(1));
+            ctx.hedger.count_request();
+        }
+        assert_eq!(fetch.await.unwrap().unwrap(), 0);
+        assert_eq!(store.calls(&key), 2, "the slow attempt was hedged once the history came");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_hedge_without_history_or_budget() {
         let dir = tempfile::tempdir().unwrap();
         let (store, key, expected) = store_with_block(dir.path(), &[1u8; 4096]).await;
