@@ -268,7 +268,42 @@ async fn fetch_from(
         telemetry.retries.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::RETRIES_TOTAL, "source" => source.name.clone(), "reason" => error.class.name())
             .increment(1);
+        if let Some(served) = backoff_racing_next_source(ctx, i, key, expected, sleep).await {
+            return Ok(served);
+        }
+    }
+}
+
+/// Sleep out a backoff on source `i`. When a later source exists and the
+/// hedge budget allows, ask it meanwhile, as a hedge: a key that fails fast
+/// on the primary (a cold object answering 500) is then served by the next
+/// source during the wait instead of after every retry. Returns the block
+/// when that hedge brought a good one; otherwise the retry goes on.
+async fn backoff_racing_next_source(
+    ctx: &FetchContext,
+    i: usize,
+    key: &str,
+    expected: &Expected,
+    sleep: Duration,
+) -> Option<(VerifiedBlock, usize)> {
+    let next = i + 1;
+    if next >= ctx.sources.len() || !ctx.hedger.enabled() || !ctx.hedger.try_hedge() {
         tokio::time::sleep(sleep).await;
+        return None;
+    }
+    ctx.telemetry.hedges.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(m::HEDGES_TOTAL, "source" => ctx.sources[next].name.clone()).increment(1);
+    let wait = tokio::time::sleep(sleep);
+    tokio::pin!(wait);
+    tokio::select! {
+        result = attempt(ctx, next, key, expected) => match result {
+            Ok(block) => Some((block, next)),
+            Err(_) => {
+                wait.await;
+                None
+            }
+        },
+        () = &mut wait => None,
     }
 }
 
@@ -453,6 +488,40 @@ mod tests {
         }
         assert_eq!(fetch.await.unwrap().unwrap(), 0);
         assert_eq!(store.calls(&key), 2, "the slow attempt was hedged once the history came");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backoff_after_a_fast_failure_asks_the_next_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = [6u8; 4096];
+        let (cold, key, expected) = store_with_block(&dir.path().join("a"), &data).await;
+        let (mirror, _, _) = store_with_block(&dir.path().join("b"), &data).await;
+        let error = StoreError::transient("500 InternalError");
+        cold.add(FaultRule { key_contains: key.clone(), fault: Fault::Fail(error), times: None });
+        let mut config = crate::config::FetchConfig::default();
+        // A long backoff: without the hedge, the fallback would take seconds.
+        config.backoff_base_millis = std::num::NonZeroU64::new(2_000).unwrap();
+        config.backoff_cap_millis = std::num::NonZeroU64::new(2_000).unwrap();
+        let ctx = FetchContext::new(Source::ordered(vec![cold.clone(), mirror.clone()]), &config);
+        for _ in 0..100 {
+            ctx.hedger.count_request();
+        }
+        let (_, served_by) = fetch_block(&ctx, &key, &expected, 0).await.unwrap();
+        assert_eq!(served_by, 1);
+        // One call on the primary: the mirror answered during the first
+        // backoff, so no retry was sent.
+        assert_eq!((cold.calls(&key), mirror.calls(&key)), (1, 1));
+
+        assert_eq!(ctx.telemetry.counts().hedges, 1);
+
+        // Without hedge budget the retry policy runs its course first.
+        let ctx = FetchContext::new(
+            Source::ordered(vec![cold.clone(), mirror.clone()]),
+            &crate::config::FetchConfig { backoff_base_millis: std::num::NonZeroU64::new(1).unwrap(), ..config },
+        );
+        let (_, served_by) = fetch_block(&ctx, &key, &expected, 0).await.unwrap();
+        assert_eq!(served_by, 1);
+        assert_eq!(cold.calls(&key), 1 + 4, "all attempts on the primary, then the fallback");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
