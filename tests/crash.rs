@@ -28,21 +28,19 @@
 
 mod common;
 
-use common::{Reaped, binary, slow_s3_toml};
+use common::{Reaped, binary, slow_s3_toml, snapshot_into};
 use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Arc;
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rehydrate::block::{Compression, HashAlgorithm, block_key};
 use rehydrate::checkpoint::{Checkpoint, checkpoint_key};
-use rehydrate::manifest::{Manifest, ManifestLimits};
+use rehydrate::manifest::Manifest;
 use rehydrate::sample::SampleVolume;
-use rehydrate::store::file::FileStore;
 use rehydrate::store::loopback::{
     Fault, FaultMethod, FaultRule, LOOPBACK_ACCESS_KEY_ID, LOOPBACK_REGION, LOOPBACK_SECRET_ACCESS_KEY, LoopbackS3,
 };
@@ -137,27 +135,16 @@ impl Fixture {
     async fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("s3");
-        let prefix_dir = root.join(BUCKET).join(PREFIX);
-        std::fs::create_dir_all(&prefix_dir).unwrap();
         let volume = SampleVolume {
             size_bytes: BLOCKS * u64::from(BLOCK_BYTES) + 1000,
             block_size_bytes: BLOCK_BYTES,
             seed: 77,
         };
-        let source = dir.path().join("source.img");
-        volume.write_to(&source).unwrap();
-        let spec = rehydrate::snapshot::CreateSpec {
-            source,
-            name: NAME.to_owned(),
-            block_size_bytes: BLOCK_BYTES,
-            compression: Compression::None,
-            hash_algorithm: HashAlgorithm::Blake3,
-            puts_inflight_max: 8,
-        };
         // A file store writes exactly the layout the S3 server serves.
-        rehydrate::snapshot::create(Arc::new(FileStore::new(prefix_dir.clone())), &spec).await.unwrap();
-        let manifest_bytes = std::fs::read(prefix_dir.join(format!("{NAME}.manifest"))).unwrap();
-        let manifest = Manifest::decode(&manifest_bytes, &ManifestLimits::default()).unwrap();
+        let prefix_dir = root.join(BUCKET).join(PREFIX);
+        let source = dir.path().join("source.img");
+        let manifest =
+            snapshot_into(&prefix_dir, &source, &volume, NAME, Compression::None, HashAlgorithm::Blake3).await;
 
         let server = LoopbackS3::start(root).await.unwrap();
         server.add_fault(

@@ -18,21 +18,19 @@
 
 mod common;
 
-use common::{Reaped, binary, slow_s3_toml};
+use common::{Reaped, binary, slow_s3_toml, snapshot_into};
 use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Arc;
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use hyper::Method;
 use rehydrate::api::client::ApiClient;
 use rehydrate::block::{Compression, HashAlgorithm, block_key};
 use rehydrate::checkpoint::{Checkpoint, checkpoint_key};
-use rehydrate::manifest::{Manifest, ManifestLimits};
+use rehydrate::manifest::Manifest;
 use rehydrate::sample::SampleVolume;
-use rehydrate::store::file::FileStore;
 use rehydrate::store::loopback::{
     Fault, FaultMethod, FaultRule, LOOPBACK_ACCESS_KEY_ID, LOOPBACK_REGION, LOOPBACK_SECRET_ACCESS_KEY, LoopbackS3,
 };
@@ -101,24 +99,13 @@ impl Fixture {
             let (prefix, profile) = (format!("{PREFIX}-{i}"), format!("p{i}"));
             profiles.push_str(&format!("[worker.profiles.{profile}]\nstore = \"s3://{BUCKET}/{prefix}\"\n"));
             let prefix_dir = base.join("s3").join(BUCKET).join(&prefix);
-            std::fs::create_dir_all(&prefix_dir).unwrap();
             let name = format!("vol-{seed}");
             let size_bytes = BLOCKS * u64::from(BLOCK_BYTES) + 1000;
             let volume = SampleVolume { size_bytes, block_size_bytes: BLOCK_BYTES, seed };
-            let source = base.join(format!("{name}.img"));
-            volume.write_to(&source).unwrap();
-            let spec = rehydrate::snapshot::CreateSpec {
-                source,
-                name: name.clone(),
-                block_size_bytes: BLOCK_BYTES,
-                compression: Compression::None,
-                hash_algorithm: HashAlgorithm::Blake3,
-                puts_inflight_max: 8,
-            };
             // A file store writes exactly the layout the S3 server serves.
-            rehydrate::snapshot::create(Arc::new(FileStore::new(prefix_dir.clone())), &spec).await.unwrap();
-            let manifest_bytes = std::fs::read(prefix_dir.join(format!("{name}.manifest"))).unwrap();
-            let manifest = Manifest::decode(&manifest_bytes, &ManifestLimits::default()).unwrap();
+            let source = base.join(format!("{name}.img"));
+            let manifest =
+                snapshot_into(&prefix_dir, &source, &volume, &name, Compression::None, HashAlgorithm::Blake3).await;
             snaps.push(Snap { name, prefix, profile, volume, manifest });
         }
 

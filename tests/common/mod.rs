@@ -24,18 +24,36 @@ pub fn volume(blocks: u64, seed: u64) -> SampleVolume {
 
 /// Write `volume` under `dir` and snapshot it into `<dir>/store/bucket/snap`.
 pub async fn snapshot(dir: &Path, volume: &SampleVolume, compression: Compression, hash: HashAlgorithm) -> String {
-    let source = dir.join(format!("source-{}.img", volume.seed));
-    volume.write_to(&source).unwrap();
-    let store = Arc::new(FileStore::new(store_root(dir)));
+    let name = format!("vol-{}", volume.seed);
+    snapshot_into(&store_root(dir), &dir.join(format!("source-{}.img", volume.seed)), volume, &name, compression, hash)
+        .await;
+    format!("file://{}/{name}.manifest", store_root(dir).display())
+}
+
+/// Write `volume` to `source`, snapshot it as `name` into the file store at
+/// `prefix_dir` (the layout an S3 server over its parent serves), and return
+/// the manifest.
+pub async fn snapshot_into(
+    prefix_dir: &Path,
+    source: &Path,
+    volume: &SampleVolume,
+    name: &str,
+    compression: Compression,
+    hash: HashAlgorithm,
+) -> Manifest {
+    std::fs::create_dir_all(prefix_dir).unwrap();
+    volume.write_to(source).unwrap();
     let spec = rehydrate::snapshot::CreateSpec {
-        source,
-        name: format!("vol-{}", volume.seed),
+        source: source.to_owned(),
+        name: name.to_owned(),
         block_size_bytes: volume.block_size_bytes,
         compression,
         hash_algorithm: hash,
         puts_inflight_max: 8,
     };
-    rehydrate::snapshot::create(store, &spec).await.unwrap().manifest_url
+    rehydrate::snapshot::create(Arc::new(FileStore::new(prefix_dir.to_owned())), &spec).await.unwrap();
+    let bytes = std::fs::read(prefix_dir.join(format!("{name}.manifest"))).unwrap();
+    Manifest::decode(&bytes, &ManifestLimits::default()).unwrap()
 }
 
 pub fn store_root(dir: &Path) -> PathBuf {
