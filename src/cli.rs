@@ -373,13 +373,20 @@ fn print_report(report: &RestoreReport, json: bool) {
     );
     let sources: Vec<String> = report.fetch.served_by_source.iter().map(|(name, n)| format!("{name} {n}")).collect();
     println!(
-        "sources: {}; requests {}, retries {}, fallbacks {}, corrupt responses {}",
+        "sources: {}; requests {}, retries {}, fallbacks {}, hedges {}, corrupt responses {}",
         sources.join(", "),
         report.fetch.requests,
         report.fetch.retries,
         report.fetch.fallbacks,
+        report.fetch.hedges,
         report.fetch.corrupt_responses
     );
+    let t = &report.timings;
+    println!(
+        "time: prepare {:.2}s, transfer {:.2}s (its tail after the last block was sent for: {:.2}s), finish {:.2}s",
+        t.prepare_secs, t.transfer_secs, t.tail_secs, t.finish_secs
+    );
+
     for damaged in &report.damage {
         let errors: Vec<String> = damaged
             .failures

@@ -37,7 +37,7 @@ use crate::metrics as m;
 use crate::store::SharedStore;
 use crate::verify::{Expected, VerifiedBlock, verify};
 use backoff::Backoff;
-pub use hedge::{HedgeConfig, Hedger};
+pub use hedge::{Grant, HedgeConfig, Hedger};
 
 /// A place blocks can come from, with its role in the fallback order.
 #[derive(Debug, Clone)]
@@ -309,12 +309,14 @@ async fn backoff_racing_next_source(
 
 /// How often an attempt with no hedge delay known yet looks again.
 const HEDGE_RECHECK: Duration = Duration::from_millis(50);
+/// How often an attempt in the tail that waits for slower ones to be hedged
+/// first looks again.
+const TAIL_RECHECK: Duration = Duration::from_millis(5);
 
 /// One attempt on source `i`, hedged when it runs past the source's usual
-
-/// latency: the first good answer wins. Returns the block and the source that
-/// served it; on failure, the first attempt's error (the hedge's when the
-/// first attempt succeeded... never: a success wins).
+/// latency (or, in the job's tail, past a smaller multiple of it, slowest
+/// first): the first good answer wins. Returns the block and the source that
+/// served it; when both fail, the first attempt's error.
 async fn attempt_hedged(
     ctx: &FetchContext,
     i: usize,
@@ -326,26 +328,38 @@ async fn attempt_hedged(
         return first.await.map(|b| (b, i));
     }
     let started = Instant::now();
+    let outstanding = ctx.hedger.outstanding(i, started);
     tokio::pin!(first);
     // Attempts that start before the source has a latency history (the
     // first hundred or so of a restore) look again as the history fills, so
-    // a straggler among them is hedged too.
+    // a straggler among them is hedged too; and every attempt looks again
+    // when the tail begins, since its delay shrinks then.
     loop {
+        let in_tail = ctx.hedger.in_tail();
         let wait = match ctx.hedger.delay(i) {
-            Some(delay) if started.elapsed() >= delay => break,
+            Some(delay) if started.elapsed() >= delay => match ctx.hedger.grant(&outstanding) {
+                Grant::Hedge => break,
+                Grant::Later => TAIL_RECHECK,
+                Grant::Never if in_tail => return first.await.map(|b| (b, i)),
+                // The budget is spent for now; the tail may still grant one.
+                Grant::Never => tokio::select! {
+                    result = &mut first => return result.map(|b| (b, i)),
+                    () = ctx.hedger.tail_started() => continue,
+                },
+            },
+
             Some(delay) => delay - started.elapsed(),
             None => HEDGE_RECHECK,
         };
         tokio::select! {
             result = &mut first => return result.map(|b| (b, i)),
             () = tokio::time::sleep(wait) => {}
+            () = ctx.hedger.tail_started(), if !in_tail => {}
         }
     }
-
-    if !ctx.hedger.try_hedge() {
-        return first.await.map(|b| (b, i));
-    }
+    drop(outstanding);
     // A key slow on one source is often slow there again: prefer the next.
+
     let j = if i + 1 < ctx.sources.len() { i + 1 } else { i };
     ctx.telemetry.hedges.fetch_add(1, Ordering::Relaxed);
     metrics::counter!(m::HEDGES_TOTAL, "source" => ctx.sources[j].name.clone()).increment(1);
@@ -522,6 +536,37 @@ mod tests {
         let (_, served_by) = fetch_block(&ctx, &key, &expected, 0).await.unwrap();
         assert_eq!(served_by, 1);
         assert_eq!(cold.calls(&key), 1 + 4, "all attempts on the primary, then the fallback");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_attempt_waiting_out_a_long_delay_is_hedged_when_the_tail_begins() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, key, expected) = store_with_block(dir.path(), &[3u8; 4096]).await;
+        store.add(FaultRule {
+            key_contains: key.clone(),
+            fault: Fault::Delay(Duration::from_secs(60)),
+            times: Some(1),
+        });
+        let ctx =
+            Arc::new(FetchContext::new(Source::ordered(vec![store.clone()]), &crate::config::FetchConfig::default()));
+        // Median 5 ms, p95 a minute: before the tail, a minute's wait.
+        for n in 0..100 {
+            ctx.hedger.record(0, if n % 10 == 0 { Duration::from_secs(60) } else { Duration::from_millis(5) });
+            ctx.hedger.count_request();
+        }
+        let fetch = tokio::spawn({
+            let (ctx, key) = (Arc::clone(&ctx), key.clone());
+            async move { fetch_block(&ctx, &key, &expected, 0).await.map(|(_, served_by)| served_by) }
+        });
+        while store.calls(&key) == 0 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(store.calls(&key), 1, "not hedged before the tail");
+        ctx.hedger.enter_tail();
+        let served_by = tokio::time::timeout(Duration::from_secs(20), fetch).await.expect("hedged in the tail");
+        assert_eq!(served_by.unwrap().unwrap(), 0);
+        assert_eq!(store.calls(&key), 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,7 +91,8 @@ def rehydrate(report_path, verify_path):
     failed = r.get("blocks_failed")
     out = {"secondary": secondary, "hedges": fetch.get("hedges"), "client_requests": fetch.get("requests"),
            "retries": fetch.get("retries"), "corrupt_responses": fetch.get("corrupt_responses"),
-           "missing": failed, "verified": False, "corrupt_written": None}
+           "missing": failed, "verified": False, "corrupt_written": None,
+           "tail_secs": r.get("timings", {}).get("tail_secs")}
     try:
         v = json.load(open(verify_path))
         mismatched = len(v.get("mismatched", []))
@@ -151,8 +152,14 @@ def table(a):
                               0 if k[1].startswith("GET") or k[1].startswith("fio") else 1 if k[1].startswith("P") else
                               2 if k[1].startswith("s5cmd -w") else 3 if k[1].startswith("s5cmd") else 4))
 
-    head = ["wl", "client", "GiB/s", "/P", "/s5cmd", "CPU s/GiB", "RSS MiB", "requests", "503s",
+    head = ["wl", "client", "GiB/s", "/P", "/s5cmd", "time/W1", "tail s", "CPU s/GiB", "RSS MiB", "requests", "503s",
             "secondary", "hedges", "corrupt written", "missing", "exit"]
+    # rehydrate's time on each workload over its W1 time in the same round:
+    # the rounds drift with the machine, the pairs much less.
+    w1_secs = {r["round"]: r["secs"] for r in recs if r["workload"] == "W1" and r["client"] == "rehydrate"}
+
+    def time_over_w1(rs):
+        return med([r["secs"] / w1_secs[r["round"]] if r["round"] in w1_secs else None for r in rs])
     lines = [head]
 
     def fmt(v, spec):
@@ -177,7 +184,10 @@ def table(a):
         elif client.startswith("s5cmd at"):
             label = "s5cmd -w " + ",".join(sorted({r["client"].split()[-1] for r in rs}))
         exits = ",".join(sorted({str(r["exit"]) for r in rs}))
+        rehydrate_row = client == "rehydrate"
         lines.append([wl, label, fmt(g / GIB, ".3f"), fmt(g / p if p else None, ".2f"), fmt(g / ref if ref else None, ".2f"),
+                      fmt(time_over_w1(rs) if rehydrate_row else None, ".3f"),
+                      fmt(med([r.get("tail_secs") for r in rs]) if rehydrate_row else None, ".3f"),
                       fmt(cpu, ".2f"), fmt(rss, ".0f"), fmt(med([r["requests"] for r in rs]), ".0f"),
                       fmt(med([r["s503"] for r in rs]), ".0f"), fmt(med([r.get("secondary") for r in rs]), ".0f"),
                       fmt(med([r.get("hedges") for r in rs]), ".0f"),
@@ -193,7 +203,9 @@ def table(a):
     print("W1 clean 9080 | W2 300 req/s 9082 | W3 1.2 % 500 9083 (+file secondary) | W4 1.2 % at 256 KiB/s 9084 "
           "(+file secondary) | W5 3 corrupt objects, bucket2 on 9080 (+file secondary)")
     print("/P: throughput over P (GET stream + O_DIRECT fio at once); /s5cmd: rehydrate over s5cmd on the same "
-          "workload (W1: s5cmd's best worker count); CPU: whole machine busy s per GiB; requests, 503s: nginx access log")
+          "workload (W1: s5cmd's best worker count); time/W1: median over rounds of rehydrate's time over its W1 time "
+          "in the same round; tail s: from the last block sent for to the last written; CPU: whole machine busy s per GiB; "
+          "requests, 503s: nginx access log")
     print()
     for l in lines:
         print("  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(l, widths))))

@@ -88,9 +88,26 @@ pub struct RestoreReport {
     pub duration_secs: f64,
     pub throughput_bytes_per_sec: f64,
     pub fetch: FetchCounts,
+    /// Where the time went.
+    pub timings: Timings,
     /// Times the restore was flagged stalled, and why.
     pub stalls: Vec<StallEvent>,
     pub damage: Vec<DamagedBlock>,
+}
+
+/// Where a restore's time went, in seconds. `prepare`, `transfer` and
+/// `finish` add up to the duration; `tail` is the end of `transfer`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Timings {
+    /// Reading the manifest, opening the sources, allocating the target.
+    pub prepare_secs: f64,
+    /// Fetching, verifying and writing every block.
+    pub transfer_secs: f64,
+    /// The end of the transfer: from the last block dispatched to the last
+    /// one written. A long tail means a few slow blocks held the restore up.
+    pub tail_secs: f64,
+    /// The last fdatasync, the checkpoint and the swap into place.
+    pub finish_secs: f64,
 }
 
 /// How often the settler wakes to check its cadence and for stalls.
@@ -178,7 +195,15 @@ async fn restore_as(
     let mut settler =
         Settler::new(engine, &target, layout, writer.clone(), checkpoint, durable.clone(), Arc::clone(progress));
     let units = UnitContext { fetch, writer: writer.clone(), layout, tenant };
+    let transfer_started = Instant::now();
     let run = settler.run(plan, units, engine.budget.clone(), cancel).await;
+    let transferred = settler.transferred.unwrap_or_else(Instant::now);
+    let timings = Timings {
+        prepare_secs: transfer_started.duration_since(progress.started).as_secs_f64(),
+        transfer_secs: transferred.duration_since(transfer_started).as_secs_f64(),
+        tail_secs: settler.dispatched.map_or(0.0, |at| transferred.saturating_duration_since(at).as_secs_f64()),
+        finish_secs: 0.0,
+    };
     let backend = writer.backend();
     let closed = writer.close().await;
     let run = run.and_then(|()| closed.map_err(|e| io_error(&target, "closing the writer failed", e)));
@@ -221,6 +246,7 @@ async fn restore_as(
         duration_secs: 0.0,
         throughput_bytes_per_sec: 0.0,
         fetch: telemetry.counts(),
+        timings,
         stalls: vec![],
         damage: std::mem::take(&mut settler.damage),
     };
@@ -228,6 +254,7 @@ async fn restore_as(
     let finish = |report: &mut RestoreReport| {
         report.stalls = progress.stall_events();
         progress.set_stalled(None);
+        report.timings.finish_secs = transferred.elapsed().as_secs_f64();
         report.duration_secs = progress.started.elapsed().as_secs_f64();
         report.throughput_bytes_per_sec = report.bytes_total as f64 / report.duration_secs.max(1e-9);
     };
@@ -414,6 +441,7 @@ fn already_restored_report(spec: &RestoreSpec, manifest: &Manifest, progress: &P
         duration_secs: progress.started.elapsed().as_secs_f64(),
         throughput_bytes_per_sec: 0.0,
         fetch: FetchCounts::default(),
+        timings: Timings { prepare_secs: progress.started.elapsed().as_secs_f64(), ..Timings::default() },
         stalls: vec![],
         damage: vec![],
     }
@@ -519,6 +547,8 @@ async fn dispatch(
             let _ = outcomes.send(outcome).await;
         }));
     }
+    // Every block is in flight or done: what is left is the critical path.
+    ctx.fetch.hedger.enter_tail();
 }
 
 /// Records outcomes and turns written blocks into settled ones.
@@ -542,6 +572,10 @@ struct Settler {
     stall_after: Duration,
     damage: Vec<DamagedBlock>,
     progress: Arc<Progress>,
+    /// When the last block was dispatched (the tail began).
+    dispatched: Option<Instant>,
+    /// When the last block's outcome came in.
+    transferred: Option<Instant>,
 }
 
 impl Settler {
@@ -570,6 +604,8 @@ impl Settler {
             stall_after: c.fetch.stall_after(),
             damage: Vec::new(),
             progress,
+            dispatched: None,
+            transferred: None,
         }
     }
 
@@ -598,7 +634,11 @@ impl Settler {
                 () = cancel.cancelled() => return self.interrupted(&stop).await,
                 outcome = rx.recv() => match outcome {
                     Some(outcome) => self.record(outcome)?,
-                    None => break,
+                    None => {
+                        self.transferred = Some(Instant::now());
+                        self.dispatched = ctx.fetch.hedger.tail_began();
+                        break;
+                    }
                 },
                 _ = tick.tick() => self.watch_stall(&ctx.fetch.telemetry),
             }

@@ -118,6 +118,12 @@ pub fn check_ledger(report: &RestoreReport, manifest: &Manifest) {
     if report.blocks_resumed == 0 {
         assert_eq!(report.objects_planned, distinct.len() as u64, "a fresh run plans every distinct object");
     }
+    // The timings are parts of the duration, and the tail is part of the transfer.
+    let t = &report.timings;
+    let parts = [t.prepare_secs, t.transfer_secs, t.tail_secs, t.finish_secs];
+    assert!(parts.iter().all(|s| s.is_finite() && *s >= 0.0), "{t:?}");
+    assert!(t.prepare_secs + t.transfer_secs + t.finish_secs <= report.duration_secs + 1e-6, "{t:?} {report:#?}");
+    assert!(t.tail_secs <= t.transfer_secs, "{t:?}");
 }
 
 /// Read the target back independently and against the volume's pattern.
