@@ -25,8 +25,8 @@ pub mod budget;
 pub mod hedge;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -35,6 +35,7 @@ use crate::block::BlockIndex;
 use crate::error::{ErrorClass, StoreError};
 use crate::metrics as m;
 use crate::store::SharedStore;
+use crate::store::timeout::{SentAt, observe_sent};
 use crate::verify::{Expected, VerifiedBlock, verify};
 use backoff::Backoff;
 pub use hedge::{Grant, HedgeConfig, Hedger};
@@ -296,7 +297,7 @@ async fn backoff_racing_next_source(
     let wait = tokio::time::sleep(sleep);
     tokio::pin!(wait);
     tokio::select! {
-        result = attempt(ctx, next, key, expected) => match result {
+        result = attempt(ctx, next, key, expected, Arc::default()) => match result {
             Ok(block) => Some((block, next)),
             Err(_) => {
                 wait.await;
@@ -323,18 +324,27 @@ async fn attempt_hedged(
     key: &str,
     expected: &Expected,
 ) -> Result<(VerifiedBlock, usize), StoreError> {
-    let first = attempt(ctx, i, key, expected);
+    let sent = Arc::new(SentAt::default());
+    let first = attempt(ctx, i, key, expected, Arc::clone(&sent));
     if !ctx.hedger.enabled() {
         return first.await.map(|b| (b, i));
     }
-    let started = Instant::now();
-    let outstanding = ctx.hedger.outstanding(i, started);
+    let outstanding = ctx.hedger.outstanding(i, Instant::now());
     tokio::pin!(first);
-    // Attempts that start before the source has a latency history (the
-    // first hundred or so of a restore) look again as the history fills, so
-    // a straggler among them is hedged too; and every attempt looks again
-    // when the tail begins, since its delay shrinks then.
+    // The clock starts when the request leaves the local queues (rate limit,
+    // concurrency gate): waiting there is not the store being slow, and a
+    // hedge would only queue behind it. Attempts that start before the
+    // source has a latency history (the first hundred or so of a restore)
+    // look again as the history fills, so a straggler among them is hedged
+    // too; and every attempt looks again when the tail begins, since its
+    // delay shrinks then.
     loop {
+        let Some(started) = sent.get() else {
+            tokio::select! {
+                result = &mut first => return result.map(|b| (b, i)),
+                () = sent.sent() => continue,
+            }
+        };
         let in_tail = ctx.hedger.in_tail();
         let wait = match ctx.hedger.delay(i) {
             Some(delay) if started.elapsed() >= delay => match ctx.hedger.grant(&outstanding) {
@@ -363,7 +373,7 @@ async fn attempt_hedged(
     let j = if i + 1 < ctx.sources.len() { i + 1 } else { i };
     ctx.telemetry.hedges.fetch_add(1, Ordering::Relaxed);
     metrics::counter!(m::HEDGES_TOTAL, "source" => ctx.sources[j].name.clone()).increment(1);
-    let second = attempt(ctx, j, key, expected);
+    let second = attempt(ctx, j, key, expected, Arc::default());
     tokio::pin!(second);
     tokio::select! {
         result = &mut first => match result {
@@ -377,30 +387,38 @@ async fn attempt_hedged(
     }
 }
 
-/// One request to source `i`, then verify.
-async fn attempt(ctx: &FetchContext, i: usize, key: &str, expected: &Expected) -> Result<VerifiedBlock, StoreError> {
+/// One request to source `i`, then verify. `sent` learns when the request
+/// left the local queues; latency is measured from there.
+async fn attempt(
+    ctx: &FetchContext,
+    i: usize,
+    key: &str,
+    expected: &Expected,
+    sent: Arc<SentAt>,
+) -> Result<VerifiedBlock, StoreError> {
     let source = &ctx.sources[i];
     ctx.telemetry.requests.fetch_add(1, Ordering::Relaxed);
     ctx.hedger.count_request();
-    let started = Instant::now();
+    let queued = Instant::now();
     // The attempt deadline is the store's innermost layer (`store/timeout.rs`).
-    let result = match source.store.get(key, u64::from(expected.stored_len_bytes)).await {
+    let call = source.store.get(key, u64::from(expected.stored_len_bytes));
+    let result = match observe_sent(Arc::clone(&sent), call).await {
         Ok(raw) => {
             metrics::counter!(m::FETCHED_BYTES_TOTAL, "source" => source.name.clone()).increment(raw.len() as u64);
             verify(raw, expected).map_err(|e| StoreError::new(e.class, format!("{key}: {}", e.message)))
         }
         Err(e) => Err(e),
     };
+    let latency = sent.get().unwrap_or(queued).elapsed();
     let outcome = match &result {
         Ok(_) => {
-            ctx.hedger.record(i, started.elapsed());
+            ctx.hedger.record(i, latency);
             "ok"
         }
         Err(e) => e.class.name(),
     };
     metrics::counter!(m::REQUESTS_TOTAL, "source" => source.name.clone(), "outcome" => outcome).increment(1);
-    metrics::histogram!(m::FETCH_LATENCY_SECONDS, "source" => source.name.clone())
-        .record(started.elapsed().as_secs_f64());
+    metrics::histogram!(m::FETCH_LATENCY_SECONDS, "source" => source.name.clone()).record(latency.as_secs_f64());
     result
 }
 
@@ -432,8 +450,19 @@ mod tests {
         (Arc::new(FaultStore::new(Arc::new(file))), key, expected)
     }
 
+    /// The sources as a restore has them: every store inside its attempt
+    /// deadline layer, which is also where a request is marked sent.
+    fn sources(stores: Vec<crate::store::SharedStore>) -> Vec<Source> {
+        let options = crate::store::StoreOptions { attempt_timeout: Duration::from_secs(120), ..Default::default() };
+        Source::ordered(stores.into_iter().map(|s| crate::store::wrap_timeout(s, &options)).collect())
+    }
+
     fn context(stores: Vec<crate::store::SharedStore>) -> FetchContext {
-        let ctx = FetchContext::new(Source::ordered(stores), &crate::config::FetchConfig::default());
+        context_of(sources(stores))
+    }
+
+    fn context_of(sources: Vec<Source>) -> FetchContext {
+        let ctx = FetchContext::new(sources, &crate::config::FetchConfig::default());
         // A history of fast answers, so a slow one stands out; enough
         // requests that the 5 % cap allows a hedge.
         for i in 0..ctx.sources.len() {
@@ -486,8 +515,7 @@ mod tests {
             fault: Fault::Delay(Duration::from_secs(60)),
             times: Some(1),
         });
-        let ctx =
-            Arc::new(FetchContext::new(Source::ordered(vec![store.clone()]), &crate::config::FetchConfig::default()));
+        let ctx = Arc::new(FetchContext::new(sources(vec![store.clone()]), &crate::config::FetchConfig::default()));
         let fetch = tokio::spawn({
             let (ctx, key) = (Arc::clone(&ctx), key.clone());
             async move { fetch_block(&ctx, &key, &expected, 0).await.map(|(_, served_by)| served_by) }
@@ -516,7 +544,7 @@ mod tests {
         // A long backoff: without the hedge, the fallback would take seconds.
         config.backoff_base_millis = std::num::NonZeroU64::new(2_000).unwrap();
         config.backoff_cap_millis = std::num::NonZeroU64::new(2_000).unwrap();
-        let ctx = FetchContext::new(Source::ordered(vec![cold.clone(), mirror.clone()]), &config);
+        let ctx = FetchContext::new(sources(vec![cold.clone(), mirror.clone()]), &config);
         for _ in 0..100 {
             ctx.hedger.count_request();
         }
@@ -547,8 +575,7 @@ mod tests {
             fault: Fault::Delay(Duration::from_secs(60)),
             times: Some(1),
         });
-        let ctx =
-            Arc::new(FetchContext::new(Source::ordered(vec![store.clone()]), &crate::config::FetchConfig::default()));
+        let ctx = Arc::new(FetchContext::new(sources(vec![store.clone()]), &crate::config::FetchConfig::default()));
         // Median 5 ms, p95 a minute: before the tail, a minute's wait.
         for n in 0..100 {
             ctx.hedger.record(0, if n % 10 == 0 { Duration::from_secs(60) } else { Duration::from_millis(5) });
@@ -570,6 +597,59 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_for_a_rate_limit_token_is_not_slowness() {
+        // Four blocks through a 4 requests/s limit with a burst of 1: the
+        // last waits about 750 ms for its token, 37 times the 20 ms hedge
+        // delay the fast history sets. Hedging it would only queue a second
+        // request behind the same limit.
+        let dir = tempfile::tempdir().unwrap();
+        let file = Arc::new(FileStore::new(dir.path().to_owned()));
+        let mut blocks = Vec::new();
+        for n in 0..4u8 {
+            let data = vec![n; 4096];
+            let hash = HashAlgorithm::Blake3.hash(&data);
+            let key = block_key(&hash, Compression::None);
+            file.put(&key, Bytes::from(data)).await.unwrap();
+            let expected = Expected {
+                hash,
+                algorithm: HashAlgorithm::Blake3,
+                compression: Compression::None,
+                stored_len_bytes: 4096,
+                len_bytes: 4096,
+            };
+            blocks.push((key, expected));
+        }
+        let counted = Arc::new(FaultStore::new(file));
+        let limits = crate::store::limit::RateLimitConfig {
+            requests_per_sec: std::num::NonZeroU32::new(4),
+            request_burst: std::num::NonZeroU32::new(1),
+            ..Default::default()
+        };
+        let options = crate::store::StoreOptions { attempt_timeout: Duration::from_secs(30), ..Default::default() };
+        let timed = crate::store::wrap_timeout(counted.clone(), &options);
+        let limited = Arc::new(crate::store::limit::RateLimited::new(timed, &limits).unwrap());
+        // As `store::wrap_policies` stacks them: the limit outside the deadline.
+        let ctx = Arc::new(context_of(Source::ordered(vec![limited])));
+        let started = Instant::now();
+        let fetches: Vec<_> = blocks
+            .iter()
+            .enumerate()
+            .map(|(n, (key, expected))| {
+                let (ctx, key, expected) = (Arc::clone(&ctx), key.clone(), expected.clone());
+                tokio::spawn(async move { fetch_block(&ctx, &key, &expected, n as u64).await.map(|_| ()) })
+            })
+            .collect();
+        for fetch in fetches {
+            fetch.await.unwrap().unwrap();
+        }
+        assert!(started.elapsed() >= Duration::from_millis(500), "the limit held the last blocks back");
+        assert_eq!(ctx.telemetry.counts().hedges, 0);
+        for (key, _) in &blocks {
+            assert_eq!(counted.calls(key), 1);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_hedge_without_history_or_budget() {
         let dir = tempfile::tempdir().unwrap();
         let (store, key, expected) = store_with_block(dir.path(), &[1u8; 4096]).await;
@@ -578,7 +658,7 @@ mod tests {
             fault: Fault::Delay(Duration::from_millis(200)),
             times: None,
         });
-        let ctx = FetchContext::new(Source::ordered(vec![store.clone()]), &crate::config::FetchConfig::default());
+        let ctx = FetchContext::new(sources(vec![store.clone()]), &crate::config::FetchConfig::default());
         fetch_block(&ctx, &key, &expected, 0).await.unwrap();
         assert_eq!(store.calls(&key), 1);
         assert_eq!(ctx.telemetry.counts().hedges, 0);

@@ -46,7 +46,11 @@ pub fn describe() {
         HEDGES_TOTAL,
         "Hedges started for slow attempts, by the source they went to (one still waiting for a rate-limit token or slot when the first answer arrives is dropped unsent)."
     );
-    describe_histogram!(FETCH_LATENCY_SECONDS, Unit::Seconds, "Latency of one fetch attempt, body included.");
+    describe_histogram!(
+        FETCH_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Latency of one fetch attempt, from the request leaving the local queues (rate limit, concurrency gate) to its body verified."
+    );
     describe_counter!(FETCHED_BYTES_TOTAL, Unit::Bytes, "Bytes of block objects received, by source.");
     describe_counter!(WRITTEN_BYTES_TOTAL, Unit::Bytes, "Bytes written to targets (not yet durable).");
     describe_counter!(SETTLED_BLOCKS_TOTAL, "Blocks written and made durable by fdatasync.");

@@ -21,6 +21,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 use crate::block::{BlockIndex, BlockLayout, Compression, ContentHash, HashAlgorithm, block_key, is_zero};
+use crate::buf::BufPool;
 use crate::manifest::{BlockEntry, ManifestBuilder};
 use crate::store::{MANIFEST_SUFFIX, SharedStore};
 
@@ -221,16 +222,23 @@ fn read_blocks(
     tx: &mpsc::Sender<std::io::Result<ReadBlock>>,
 ) {
     for index in 0..layout.block_count() {
-        let mut buf = vec![0u8; layout.len(index) as usize];
-        if let Err(e) = file.read_exact_at(&mut buf, layout.offset(index)) {
+        let len = layout.len(index) as usize;
+        // A pooled buffer: the put gives it back, so a snapshot of any size
+        // cycles through the same few buffers.
+        let Some(mut buf) = BufPool::shared().take(len) else {
+            let _ = tx.blocking_send(Err(std::io::Error::other(format!("block length {len} exceeds the buffer pool"))));
+            return;
+        };
+        if let Err(e) = file.read_exact_at(&mut buf.spare_mut()[..len], layout.offset(index)) {
             let _ = tx.blocking_send(Err(e));
             return;
         }
+        buf.set_len(len);
         if is_zero(&buf) {
             continue;
         }
         let hash = algorithm.hash(&buf);
-        if tx.blocking_send(Ok(ReadBlock { index, hash, bytes: Bytes::from(buf) })).is_err() {
+        if tx.blocking_send(Ok(ReadBlock { index, hash, bytes: buf.into_bytes() })).is_err() {
             return;
         }
     }

@@ -8,7 +8,8 @@
 #                                      with ACCESS_LOG, every request is logged
 #                                      there as "port status bytes uri"
 #                                      (the fixture itself logs nothing)
-#   nginx_start RUN                    start it (daemon) and wait for its 4 ports
+#   nginx_start RUN                    start it (daemon) and wait for its 4 ports;
+#                                      fails if one of them is taken already
 #   nginx_stop RUN                     stop it if it was started (idempotent)
 
 NGINX_PORTS=(9080 9082 9083 9084)
@@ -41,6 +42,12 @@ nginx_write_conf() {
 
 nginx_start() {
     local run=$1 port
+    for port in "${NGINX_PORTS[@]}"; do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "nginx_start: port $port is in use (another fixture or benchmark running?): stop it and rerun" >&2
+            return 1
+        fi
+    done
     nginx -p "$run" -c "$run/nginx.conf" -e "$run/logs/error.log"
     for port in "${NGINX_PORTS[@]}"; do
         for _ in $(seq 50); do
