@@ -121,10 +121,7 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "e2e: ${SIZE_MIB} MiB volume, $RUNS run(s); binary $BIN; store in $WORK; targets in $OUT; load $LOAD_START" >&2
 
 # --- the volume, the snapshot, the corrupted copy -------------------------
-# openssl ends on a broken pipe when head has enough: not an error here.
-{ openssl enc -aes-128-ctr -nosalt -pbkdf2 -pass "pass:rehydrate-e2e-$SEED" </dev/zero 2>/dev/null || true; } |
-    head -c "$((SIZE_MIB << 20))" >"$WORK/source.img"
-[[ $(stat -c %s "$WORK/source.img") == $((SIZE_MIB << 20)) ]] || { echo "e2e: could not make the volume" >&2; exit 1; }
+seeded_volume "$SEED" "$SIZE_MIB" "$WORK/source.img" || exit 1
 "$BIN" snapshot create --source "$WORK/source.img" --store "file://$STORE" --name vol --block-size 1MiB --json \
     >"$WORK/snapshot.json"
 rm -f "$WORK/source.img" # restores are checked against the manifest (rehydrate verify)

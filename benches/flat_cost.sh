@@ -79,8 +79,7 @@ mkdir -p "$STORE" "$WORK/state" "$RUN/logs"
 echo "flat_cost: ${SMALL_MIB} MiB against ${LARGE_MIB} MiB, $RUNS run(s); binary $BIN; load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 snapshot() { # name MiB
-    { openssl enc -aes-128-ctr -nosalt -pbkdf2 -pass "pass:rehydrate-e2e-$SEED" </dev/zero 2>/dev/null || true; } |
-        head -c "$(($2 << 20))" >"$OUT/source.img"
+    seeded_volume "$SEED" "$2" "$OUT/source.img" || exit 1
     "$BIN" snapshot create --source "$OUT/source.img" --store "file://$STORE" --name "$1" --block-size 1MiB \
         --json >/dev/null
     rm -f "$OUT/source.img"

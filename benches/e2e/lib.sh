@@ -11,6 +11,8 @@
 #   nginx_start RUN                    start it (daemon) and wait for its 4 ports;
 #                                      fails if one of them is taken already
 #   nginx_stop RUN                     stop it if it was started (idempotent)
+#   seeded_volume SEED MIB OUT         write OUT: MIB MiB of random bytes that are
+#                                      the same for the same SEED (AES-128-CTR)
 
 NGINX_PORTS=(9080 9082 9083 9084)
 
@@ -63,4 +65,11 @@ nginx_stop() {
     nginx -p "$run" -c "$run/nginx.conf" -e "$run/logs/error.log" -s stop 2>/dev/null ||
         kill "$(cat "$run/nginx.pid")" 2>/dev/null || true
     rm -f "$run/nginx.pid"
+}
+
+seeded_volume() {
+    # openssl ends on a broken pipe when head has enough: not an error here.
+    { openssl enc -aes-128-ctr -nosalt -pbkdf2 -pass "pass:rehydrate-e2e-$1" </dev/zero 2>/dev/null || true; } |
+        head -c "$(($2 << 20))" >"$3"
+    [[ $(stat -c %s "$3") == $(($2 << 20)) ]] || { echo "seeded_volume: could not write $2 MiB to $3" >&2; return 1; }
 }
