@@ -111,7 +111,7 @@ name, report, rss_kib, jiffies, tck = sys.argv[1:]
 r = json.load(open(report))
 assert r["succeeded"] and r["blocks_settled"] == r["blocks_total"], r
 print(json.dumps({"name": name, "bytes": r["bytes_total"], "secs": r["duration_secs"],
-                  "rss_mib": int(rss_kib) / 1024, "cpu_secs": int(jiffies) / int(tck)}))
+                  "rss_mib": int(rss_kib) / 1024, "cpu_secs": int(jiffies) / int(tck), "timings": r["timings"]}))
 EOF
         tail -1 "$WORK/results" >&2
     done
