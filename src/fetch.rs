@@ -540,10 +540,12 @@ mod tests {
         let (mirror, _, _) = store_with_block(&dir.path().join("b"), &data).await;
         let error = StoreError::transient("500 InternalError");
         cold.add(FaultRule { key_contains: key.clone(), fault: Fault::Fail(error), times: None });
-        let mut config = crate::config::FetchConfig::default();
         // A long backoff: without the hedge, the fallback would take seconds.
-        config.backoff_base_millis = std::num::NonZeroU64::new(2_000).unwrap();
-        config.backoff_cap_millis = std::num::NonZeroU64::new(2_000).unwrap();
+        let config = crate::config::FetchConfig {
+            backoff_base_millis: std::num::NonZeroU64::new(2_000).unwrap(),
+            backoff_cap_millis: std::num::NonZeroU64::new(2_000).unwrap(),
+            ..Default::default()
+        };
         let ctx = FetchContext::new(sources(vec![cold.clone(), mirror.clone()]), &config);
         for _ in 0..100 {
             ctx.hedger.count_request();
@@ -635,7 +637,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(n, (key, expected))| {
-                let (ctx, key, expected) = (Arc::clone(&ctx), key.clone(), expected.clone());
+                let (ctx, key, expected) = (Arc::clone(&ctx), key.clone(), *expected);
                 tokio::spawn(async move { fetch_block(&ctx, &key, &expected, n as u64).await.map(|_| ()) })
             })
             .collect();

@@ -764,6 +764,11 @@ pub fn filesystem_bytes(path: &Path) -> std::io::Result<(u64, u64)> {
     Ok((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
 }
 
+fn is_block_device(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -776,9 +781,4 @@ mod tests {
         assert_eq!(space_gate(100, 80, 150, 10_000, 100), Gate::Pass);
         assert!(matches!(space_gate(20_000, 0, 150, 10_000, 0), Gate::Never(r) if r.contains("whole size")));
     }
-}
-
-fn is_block_device(path: &std::path::Path) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }

@@ -1,5 +1,6 @@
 //! Checkpoint files on a real filesystem: atomic save and load, refusal of
 //! corrupt and foreign checkpoints, and the temp-file sweep.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns fail the test by panicking
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;

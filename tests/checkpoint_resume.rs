@@ -7,6 +7,7 @@
 //! Fetches are counted at the store ([`FaultStore`]), not through rehydrate's
 //! report. The store answers each block late and at most two at a time, so a
 //! restore lasts long enough to be interrupted part way.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns fail the test by panicking
 
 mod common;
 

@@ -5,6 +5,7 @@
 //!
 //! The `fail` registry is global to the process: every test holds [`SERIAL`]
 //! and a [`fail::FailScenario`] for its whole run.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns fail the test by panicking
 #![cfg(feature = "failpoints")]
 // Each test runs its own runtime on its own thread: holding the serializing
 // guard across awaits is the point, and cannot deadlock.

@@ -1,5 +1,6 @@
 //! End-to-end restores from file stores into real files, checked with the
 //! ledger oracle, on both writer backends.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns fail the test by panicking
 
 mod common;
 

@@ -3,6 +3,7 @@
 //! layer. Each fault must come back as the right [`ErrorClass`] after exactly
 //! one request at the server (the SDK's retries are off), every body
 //! deadline must fire, and a rate limit must hold as measured at the server.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns fail the test by panicking
 
 use std::num::{NonZeroU32, NonZeroU64};
 use std::sync::Arc;

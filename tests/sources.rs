@@ -10,6 +10,7 @@
 //! secondary, through a counting [`FaultStore`]), never only from
 //! rehydrate's own report: exact counts per faulted key, and never more than
 //! `attempts_max` requests per block per source.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns fail the test by panicking
 
 mod common;
 

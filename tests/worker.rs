@@ -3,6 +3,7 @@
 //! resume, hostile specs, tokens, metrics, restart. Every restore ends with a
 //! read-back of the target; replacement and resume check the ledger the
 //! finishing job reports (every block settled, the earlier run's work resumed).
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns fail the test by panicking
 
 mod common;
 

@@ -15,6 +15,7 @@
 //! - **SIGTERM under load**: two jobs run; the process exits within its grace
 //!   period plus a small margin (a bound on shutdown, not a speed claim), and
 //!   both jobs resume and complete on the next start.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns fail the test by panicking
 
 mod common;
 

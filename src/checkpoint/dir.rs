@@ -366,7 +366,8 @@ mod tests {
 
 /// Fail points at the durability edges of a save: whatever fails there, the
 /// previous or the new checkpoint is whole and readable.
-#[cfg(all(test, feature = "failpoints"))]
+#[cfg(test)]
+#[cfg(feature = "failpoints")]
 mod failpoint_tests {
     use super::*;
     use crate::block::BlockLayout;
