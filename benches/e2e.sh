@@ -99,23 +99,14 @@ if ((${#missing[@]})); then
     exit 2
 fi
 
-WORK=$(mktemp -d /dev/shm/rehydrate-e2e.XXXXXX)
-OUT=$(mktemp -d "$TARGET_PARENT/rehydrate-e2e-target.XXXXXX")
-RUN=$WORK/run
+bench_dirs e2e
 ROOT=$WORK/root
 STORE=$ROOT/bucket/snap
 STORE2=$ROOT/bucket2/snap
 ACCESS_LOG=$RUN/logs/access.log
 RESULTS=$WORK/results.jsonl
 
-cleanup() {
-    nginx_stop "$RUN"
-    rm -rf "$WORK" "$OUT"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-mkdir -p "$STORE" "$WORK/state" "$RUN/logs"
+mkdir -p "$STORE"
 : >"$RESULTS"
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "e2e: ${SIZE_MIB} MiB volume, $RUNS run(s); binary $BIN; store in $WORK; targets in $OUT; load $LOAD_START" >&2

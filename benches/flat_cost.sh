@@ -65,17 +65,9 @@ if ((${#missing[@]})); then
     exit 2
 fi
 
-WORK=$(mktemp -d /dev/shm/rehydrate-flat.XXXXXX)
-OUT=$(mktemp -d "$TARGET_PARENT/rehydrate-flat-target.XXXXXX")
-RUN=$WORK/run
+bench_dirs flat
 STORE=$WORK/root/bucket/snap
-cleanup() {
-    nginx_stop "$RUN"
-    rm -rf "$WORK" "$OUT"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-mkdir -p "$STORE" "$WORK/state" "$RUN/logs"
+mkdir -p "$STORE"
 echo "flat_cost: ${SMALL_MIB} MiB against ${LARGE_MIB} MiB, $RUNS run(s); binary $BIN; load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 snapshot() { # name MiB

@@ -11,6 +11,10 @@
 #   nginx_start RUN                    start it (daemon) and wait for its 4 ports;
 #                                      fails if one of them is taken already
 #   nginx_stop RUN                     stop it if it was started (idempotent)
+#   bench_dirs NAME                    make WORK (/dev/shm/rehydrate-NAME.*, with
+#                                      WORK/state and RUN=WORK/run/logs) and OUT
+#                                      ($TARGET_PARENT/rehydrate-NAME-target.*);
+#                                      on exit, stop nginx and remove both
 #   seeded_volume SEED MIB OUT         write OUT: MIB MiB of random bytes that are
 #                                      the same for the same SEED (AES-128-CTR)
 
@@ -72,4 +76,18 @@ seeded_volume() {
     { openssl enc -aes-128-ctr -nosalt -pbkdf2 -pass "pass:rehydrate-e2e-$1" </dev/zero 2>/dev/null || true; } |
         head -c "$(($2 << 20))" >"$3"
     [[ $(stat -c %s "$3") == $(($2 << 20)) ]] || { echo "seeded_volume: could not write $2 MiB to $3" >&2; return 1; }
+}
+
+bench_dirs() {
+    WORK=$(mktemp -d "/dev/shm/rehydrate-$1.XXXXXX")
+    OUT=$(mktemp -d "$TARGET_PARENT/rehydrate-$1-target.XXXXXX")
+    RUN=$WORK/run
+    trap bench_cleanup EXIT
+    trap 'exit 130' INT TERM
+    mkdir -p "$WORK/state" "$RUN/logs"
+}
+
+bench_cleanup() {
+    nginx_stop "$RUN"
+    rm -rf "$WORK" "$OUT"
 }
