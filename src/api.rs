@@ -28,7 +28,8 @@ use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -36,7 +37,7 @@ use bytes::Bytes;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::worker::spec::BodyError;
-use crate::worker::{CancelError, SubmitError, Submitted, Worker};
+use crate::worker::{CancelError, JobState, ListCursor, ListQuery, SubmitError, Submitted, Worker};
 pub use auth::Tokens;
 use problem::Problem;
 
@@ -240,11 +241,45 @@ fn submit_problem(e: &SubmitError) -> Problem {
     }
 }
 
-async fn list(State(api): State<Api>) -> Response {
-    match api.worker.list() {
-        Ok(jobs) => axum::Json(serde_json::json!({ "jobs": jobs })).into_response(),
+async fn list(State(api): State<Api>, query: Result<Query<Vec<(String, String)>>, QueryRejection>) -> Response {
+    let query = match query.map_err(|e| e.body_text()).and_then(|Query(pairs)| list_query(&pairs)) {
+        Ok(query) => query,
+        Err(detail) => return Problem::new(StatusCode::BAD_REQUEST, "bad-query", &detail).into_response(),
+    };
+    match api.worker.list(&query) {
+        Ok(page) => axum::Json(page).into_response(),
         Err(e) => Problem::internal(&e.to_string()).into_response(),
     }
+}
+
+/// `?state=running,failed&limit=50&after=<next>` as a [`ListQuery`]; a
+/// parameter given twice takes its last value (`state` adds up).
+fn list_query(pairs: &[(String, String)]) -> Result<ListQuery, String> {
+    let mut query = ListQuery::default();
+    for (name, value) in pairs {
+        match name.as_str() {
+            "state" => {
+                for word in value.split(',').filter(|w| !w.is_empty()) {
+                    let state = JobState::from_name(word).ok_or_else(|| {
+                        let names: Vec<&str> = JobState::ALL.iter().map(|s| s.name()).collect();
+                        format!("state {word:?} is not one of {}", names.join(", "))
+                    })?;
+                    if !query.states.contains(&state) {
+                        query.states.push(state);
+                    }
+                }
+            }
+            "limit" => {
+                query.limit =
+                    value.parse().ok().filter(|n| (1..=ListQuery::LIMIT_MAX).contains(n)).ok_or_else(|| {
+                        format!("limit {value:?} is not a whole number from 1 to {}", ListQuery::LIMIT_MAX)
+                    })?;
+            }
+            "after" => query.after = Some(value.parse::<ListCursor>()?),
+            other => return Err(format!("unknown parameter {other:?}: the job list takes state, limit and after")),
+        }
+    }
+    Ok(query)
 }
 
 async fn get_job(State(api): State<Api>, Path(id): Path<String>) -> Response {
@@ -299,5 +334,34 @@ async fn readyz(State(api): State<Api>) -> Response {
         "ready\n".into_response()
     } else {
         Problem::new(StatusCode::SERVICE_UNAVAILABLE, "shutting-down", "the worker is shutting down").into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(query: &str) -> Vec<(String, String)> {
+        serde_urlencoded::from_str(query).unwrap()
+    }
+
+    #[test]
+    fn list_queries_parse_or_say_what_is_wrong() {
+        assert_eq!(list_query(&pairs("")), Ok(ListQuery::default()));
+        let query = list_query(&pairs("state=failed,running&state=failed&limit=7&after=12-db-1")).unwrap();
+        assert_eq!(query.states, vec![JobState::Failed, JobState::Running]);
+        assert_eq!(query.limit, 7);
+        assert_eq!(query.after, Some(ListCursor { created_unix_secs: 12, id: "db-1".into() }));
+        for (bad, says) in [
+            ("state=done", "not one of queued, running, succeeded, failed, cancelled"),
+            ("limit=0", "from 1 to 1000"),
+            ("limit=1001", "from 1 to 1000"),
+            ("limit=-3", "from 1 to 1000"),
+            ("after=db-1", "previous page"),
+            ("order=id", "takes state, limit and after"),
+        ] {
+            let e = list_query(&pairs(bad)).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 }

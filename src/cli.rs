@@ -97,10 +97,20 @@ pub enum JobCommand {
         client: ClientArgs,
         id: String,
     },
-    /// List jobs.
+    /// List jobs, oldest first, a page at a time.
     List {
         #[command(flatten)]
         client: ClientArgs,
+        /// Only jobs in these states (queued, running, succeeded, failed,
+        /// cancelled); repeat or separate with commas.
+        #[arg(long, value_delimiter = ',')]
+        state: Vec<String>,
+        /// At most this many jobs (1 to 1000; the worker's default is 100).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Start after this cursor: the `next` a previous page printed.
+        #[arg(long)]
+        after: Option<String>,
     },
     /// Cancel a job (it checkpoints; resubmitting resumes it).
     Cancel {
@@ -527,7 +537,7 @@ async fn job(command: JobCommand) -> ExitCode {
     let client_args = match &command {
         JobCommand::Submit { client, .. }
         | JobCommand::Get { client, .. }
-        | JobCommand::List { client }
+        | JobCommand::List { client, .. }
         | JobCommand::Cancel { client, .. } => client,
     };
     let client = match ApiClient::new(&client_args.server, client_args.token.clone()) {
@@ -547,7 +557,7 @@ async fn job(command: JobCommand) -> ExitCode {
             client.submit(&spec).await.map(|a| a.body)
         }
         JobCommand::Get { id, .. } => client.get(id).await,
-        JobCommand::List { .. } => client.list().await,
+        JobCommand::List { state, limit, after, .. } => client.list(state, *limit, after.as_deref()).await,
         JobCommand::Cancel { id, .. } => client.cancel(id).await,
     };
     match result {
@@ -559,6 +569,9 @@ async fn job(command: JobCommand) -> ExitCode {
             match body.get("jobs").and_then(|j| j.as_array()) {
                 Some(jobs) => jobs.iter().for_each(print_job_line),
                 None => print_job_line(&body),
+            }
+            if let Some(next) = body.get("next").and_then(|n| n.as_str()) {
+                eprintln!("more: rehydrate job list --after {next}");
             }
             ExitCode::Success
         }

@@ -162,6 +162,78 @@ pub struct JobStatus {
     pub created_unix_secs: u64,
     pub started_unix_secs: Option<u64>,
     pub finished_unix_secs: Option<u64>,
+    /// The same instants in RFC 3339, UTC, to the second.
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+/// Which jobs a list returns: in creation order, strictly after the cursor
+/// `after` (a `next` from an earlier page), in one of `states` (any when
+/// empty), at most `limit` of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListQuery {
+    pub states: Vec<JobState>,
+    pub after: Option<ListCursor>,
+    pub limit: usize,
+}
+
+impl ListQuery {
+    /// The page size when a request names none.
+    pub const LIMIT_DEFAULT: usize = 100;
+    /// The largest page a request may ask for.
+    pub const LIMIT_MAX: usize = 1000;
+}
+
+impl Default for ListQuery {
+    fn default() -> Self {
+        Self { states: Vec::new(), after: None, limit: Self::LIMIT_DEFAULT }
+    }
+}
+
+/// A position in the list's order (creation time, then id). Written as
+/// `<created_unix_secs>-<id>`: it stays valid when the job it names has since
+/// been pruned from the records.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ListCursor {
+    pub created_unix_secs: u64,
+    pub id: String,
+}
+
+impl std::fmt::Display for ListCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.created_unix_secs, self.id)
+    }
+}
+
+impl std::str::FromStr for ListCursor {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("cursor {s:?} is not one this worker wrote: pass back the \"next\" of the previous page");
+        let (secs, id) = s.split_once('-').ok_or_else(bad)?;
+        let created_unix_secs = secs.parse().map_err(|_| bad())?;
+        if id.is_empty() {
+            return Err(bad());
+        }
+        Ok(Self { created_unix_secs, id: id.to_owned() })
+    }
+}
+
+/// One page of a list: `next` is the cursor for the page after it, `None`
+/// on the last page.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobPage {
+    pub jobs: Vec<JobStatus>,
+    pub next: Option<String>,
+}
+
+/// `secs` since the epoch as RFC 3339 (`2026-12-01T01:55:00Z`).
+fn rfc3339(secs: u64) -> String {
+    let secs = i64::try_from(secs).unwrap_or(i64::MAX);
+    aws_smithy_types::DateTime::from_secs(secs)
+        .fmt(aws_smithy_types::date_time::Format::DateTime)
+        .unwrap_or_else(|_| format!("@{secs}"))
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -292,8 +364,19 @@ impl Worker {
         Ok(self.store.get(id)?.map(|r| self.status_of(&r)))
     }
 
-    pub fn list(&self) -> Result<Vec<JobStatus>, StoreError> {
-        Ok(self.store.list()?.iter().map(|r| self.status_of(r)).collect())
+    /// One page of jobs, in creation order.
+    pub fn list(&self, query: &ListQuery) -> Result<JobPage, StoreError> {
+        let cursor_of = |r: &JobRecord| ListCursor { created_unix_secs: r.created_unix_secs, id: r.spec.id.clone() };
+        let mut matching = self.store.list()?.into_iter().filter(|r| {
+            (query.states.is_empty() || query.states.contains(&r.state))
+                && query.after.as_ref().is_none_or(|after| cursor_of(r) > *after)
+        });
+        let page: Vec<JobRecord> = matching.by_ref().take(query.limit).collect();
+        let next = match (page.last(), matching.next()) {
+            (Some(last), Some(_)) => Some(cursor_of(last).to_string()),
+            _ => None,
+        };
+        Ok(JobPage { jobs: page.iter().map(|r| self.status_of(r)).collect(), next })
     }
 
     /// Stop taking jobs, cancel running ones (stored as `queued` again, to be
@@ -338,6 +421,9 @@ impl Worker {
             created_unix_secs: record.created_unix_secs,
             started_unix_secs: record.started_unix_secs,
             finished_unix_secs: record.finished_unix_secs,
+            created_at: rfc3339(record.created_unix_secs),
+            started_at: record.started_unix_secs.map(rfc3339),
+            finished_at: record.finished_unix_secs.map(rfc3339),
         };
         if let Some(s) = &record.summary {
             status.blocks = BlockCounts {
@@ -772,6 +858,28 @@ fn is_block_device(path: &std::path::Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_764_553_500), "2025-12-01T01:45:00Z");
+        assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn cursors_round_trip_and_order_like_the_list() {
+        let cursor = ListCursor { created_unix_secs: 1_764_553_500, id: "db-1-restore".into() };
+        assert_eq!(cursor.to_string(), "1764553500-db-1-restore");
+        assert_eq!(cursor.to_string().parse::<ListCursor>(), Ok(cursor.clone()));
+        let later_same_second = ListCursor { id: "db-2".into(), ..cursor.clone() };
+        let next_second = ListCursor { created_unix_secs: 1_764_553_501, id: "a".into() };
+        assert!(cursor < later_same_second && later_same_second < next_second);
+        for bad in ["", "db-1", "-db-1", "12-", "x1-db", "1764553500"] {
+            let e = bad.parse::<ListCursor>().unwrap_err();
+            assert!(e.contains("next"), "{bad:?}: {e}");
+        }
+    }
 
     #[test]
     fn space_gate_holds_fails_and_passes() {

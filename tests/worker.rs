@@ -218,6 +218,81 @@ fn check_succeeded(f: &Fixture, job: &Value, target: &Path) {
     assert!(!staging.exists(), "staging file left: {}", staging.display());
 }
 
+/// Every job of `states` through pages of `limit`, following `next`.
+async fn list_all(client: &ApiClient, states: &[&str], limit: usize) -> (Vec<String>, usize) {
+    let states: Vec<String> = states.iter().map(|s| s.to_string()).collect();
+    let (mut ids, mut pages, mut after) = (Vec::new(), 0, None::<String>);
+    loop {
+        let page = client.list(&states, Some(limit), after.as_deref()).await.unwrap();
+        let jobs = page["jobs"].as_array().unwrap();
+        assert!(jobs.len() <= limit, "{page:#}");
+        ids.extend(jobs.iter().map(|j| j["id"].as_str().unwrap().to_owned()));
+        pages += 1;
+        assert!(pages <= 1000, "paging never ends: {page:#}");
+        match page["next"].as_str() {
+            Some(next) => {
+                assert_eq!(jobs.len(), limit, "only a full page has a next: {page:#}");
+                after = Some(next.to_owned());
+            }
+            None => return (ids, pages),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_list_pages_filters_and_refuses_bad_queries() {
+    let f = Fixture::new(29).await;
+    let server = start(Engine::new(f.config()), Tokens::default(), None).await;
+    let ids: Vec<String> = (0..5).map(|n| format!("page-{n}")).collect();
+    for id in &ids {
+        let answer = submit(&server.client, &f.spec(id, &f.target(&format!("{id}.img")))).await;
+        assert_eq!(answer.status.as_u16(), 201, "{}", answer.text);
+    }
+    for id in &ids {
+        let job = wait_for(&server.client, id, "finished", |j| state(j) != "queued" && state(j) != "running").await;
+        check_succeeded(&f, &job, &f.target(&format!("{id}.img")));
+        let created = job["created_unix_secs"].as_u64().unwrap();
+        let at = job["created_at"].as_str().unwrap();
+        assert_eq!(at.len(), "2026-12-01T01:55:00Z".len(), "{job:#}");
+        assert!(at.ends_with('Z') && at.as_bytes()[10] == b'T', "{job:#}");
+        assert!(job["finished_at"].as_str().is_some(), "{job:#}");
+        assert!(job["started_at"].as_str().unwrap() <= job["finished_at"].as_str().unwrap(), "{job:#}");
+        // The same second (the calendar date itself is checked in the unit test).
+        assert_eq!(
+            at[11..19],
+            format!("{:02}:{:02}:{:02}", created % 86_400 / 3600, created % 3600 / 60, created % 60)
+        );
+    }
+    // Oldest first (submission order here), each once, whatever the page size.
+    for limit in [1, 2, 5, 100] {
+        let (listed, pages) = list_all(&server.client, &[], limit).await;
+        assert_eq!(listed, ids, "limit {limit}");
+        assert_eq!(pages, ids.len().div_ceil(limit), "limit {limit}");
+    }
+    // A failed job, to filter on.
+    let bad = JobSpec { manifest: "no-such.manifest".into(), ..f.spec("page-bad", &f.target("bad.img")) };
+    assert_eq!(submit(&server.client, &bad).await.status.as_u16(), 201);
+    wait_for(&server.client, "page-bad", "failed", |j| state(j) == "failed").await;
+    assert_eq!(list_all(&server.client, &["failed"], 2).await.0, vec!["page-bad".to_owned()]);
+    assert_eq!(list_all(&server.client, &["succeeded"], 2).await.0, ids);
+    assert_eq!(list_all(&server.client, &["failed", "succeeded"], 4).await.0.len(), 6);
+    assert!(list_all(&server.client, &["running", "queued"], 3).await.0.is_empty());
+    // A cursor stays valid on its own: it names a position, not a record.
+    let page = server.client.list(&[], Some(2), None).await.unwrap();
+    let next = page["next"].as_str().unwrap();
+    let cursor_secs = next.split_once('-').unwrap().0;
+    let later = server.client.list(&[], None, Some(&format!("{cursor_secs}-page-1~"))).await.unwrap();
+    assert_eq!(later["jobs"][0]["id"], json!("page-2"), "{later:#}");
+    for query in
+        ["state=done", "limit=0", "limit=1001", "limit=ten", "after=page-2", "after=12", "sort=id", "state=running&x=1"]
+    {
+        let answer = server.client.raw(Method::GET, &format!("/v1/jobs?{query}"), None).await.unwrap();
+        is_problem(&answer, 400);
+        assert!(answer.body["type"].as_str().unwrap().ends_with("bad-query"), "{query}: {}", answer.text);
+    }
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_poll_and_idempotent_resubmission() {
     let f = Fixture::new(21).await;
@@ -242,7 +317,7 @@ async fn submit_poll_and_idempotent_resubmission() {
     // The same id with another spec is a conflict.
     let other = f.spec("job-a", &f.target("b.img"));
     is_problem(&submit(&server.client, &other).await, 409);
-    let list = server.client.list().await.unwrap();
+    let list = server.client.list(&[], None, None).await.unwrap();
     assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
     is_problem(&server.client.raw(Method::GET, "/v1/jobs/nope", None).await.unwrap(), 404);
     is_problem(&server.client.raw(Method::DELETE, "/v1/jobs", None).await.unwrap(), 405);
@@ -354,7 +429,7 @@ async fn hostile_specs_get_problems_and_write_nothing() {
         assert_eq!(answer.status.as_u16(), status, "{name}: {}", answer.text);
         is_problem(&answer, status);
     }
-    assert_eq!(server.client.list().await.unwrap()["jobs"], json!([]));
+    assert_eq!(server.client.list(&[], None, None).await.unwrap()["jobs"], json!([]));
     let written = |dir: &Path| std::fs::read_dir(dir).unwrap().count();
     assert_eq!(written(&outside), 0, "something was written outside the roots");
     assert_eq!(written(&f.roots()), 1, "only the symlink the test made");
@@ -374,7 +449,7 @@ async fn tokens_are_enforced_when_configured() {
     let base = server.base.clone();
     for token in ["old-token-0123456789", "new-token-0123456789"] {
         let client = ApiClient::new(&base, Some(token.into())).unwrap();
-        assert_eq!(client.list().await.unwrap()["jobs"], json!([]));
+        assert_eq!(client.list(&[], None, None).await.unwrap()["jobs"], json!([]));
     }
     let wrong = ApiClient::new(&base, Some("new-token-012345678X".into())).unwrap();
     is_problem(&wrong.raw(Method::GET, "/v1/jobs", None).await.unwrap(), 401);
@@ -748,8 +823,15 @@ async fn the_binary_serves_jobs_and_stops_on_sigterm() {
     let (code, out) = job_cli(&server, &["get", "nope"]).await;
     assert_eq!(code, 2, "a missing job is a usage error: {out}");
     assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["status"], json!(404));
-    let (code, _) = job_cli(&server, &["list"]).await;
-    assert_eq!(code, 0);
+    let (code, out) = job_cli(&server, &["list"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["jobs"][0]["id"], json!("cli"));
+    let (code, out) = job_cli(&server, &["list", "--state", "failed,queued", "--limit", "5"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["jobs"], json!([]));
+    let (code, out) = job_cli(&server, &["list", "--state", "done"]).await;
+    assert_eq!(code, 2, "a bad state is a usage error: {out}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["status"], json!(400));
 
     // SIGTERM: the process exits, successfully, within its grace period.
     let pid = child.id().unwrap() as libc::pid_t;

@@ -124,8 +124,23 @@ impl ApiClient {
         Ok(self.call(Method::GET, &format!("/v1/jobs/{id}"), None).await?.body)
     }
 
-    pub async fn list(&self) -> Result<Value, ClientError> {
-        Ok(self.call(Method::GET, "/v1/jobs", None).await?.body)
+    /// One page of `GET /v1/jobs`: jobs in any of `states` (all when empty),
+    /// at most `limit`, after the cursor `after`.
+    pub async fn list(
+        &self,
+        states: &[String],
+        limit: Option<usize>,
+        after: Option<&str>,
+    ) -> Result<Value, ClientError> {
+        let mut params: Vec<(&str, String)> = Vec::new();
+        if !states.is_empty() {
+            params.push(("state", states.join(",")));
+        }
+        params.extend(limit.map(|n| ("limit", n.to_string())));
+        params.extend(after.map(|a| ("after", a.to_owned())));
+        let query = serde_urlencoded::to_string(&params).map_err(|e| ClientError::Url(e.to_string()))?;
+        let path = if query.is_empty() { "/v1/jobs".to_owned() } else { format!("/v1/jobs?{query}") };
+        Ok(self.call(Method::GET, &path, None).await?.body)
     }
 
     pub async fn cancel(&self, id: &str) -> Result<Value, ClientError> {

@@ -40,6 +40,14 @@ pub enum JobState {
 }
 
 impl JobState {
+    pub const ALL: [JobState; 5] =
+        [JobState::Queued, JobState::Running, JobState::Succeeded, JobState::Failed, JobState::Cancelled];
+
+    /// The state [`name`](Self::name) names.
+    pub fn from_name(name: &str) -> Option<JobState> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+
     pub fn is_active(self) -> bool {
         matches!(self, JobState::Queued | JobState::Running)
     }
