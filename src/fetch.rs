@@ -450,6 +450,18 @@ mod tests {
         (Arc::new(FaultStore::new(Arc::new(file))), key, expected)
     }
 
+    /// [`store_with_block`] whose first request for the block waits a minute
+    /// (any later one is fast).
+    async fn store_with_slow_first_request(dir: &std::path::Path, data: &[u8]) -> (Arc<FaultStore>, String, Expected) {
+        let (store, key, expected) = store_with_block(dir, data).await;
+        store.add(FaultRule {
+            key_contains: key.clone(),
+            fault: Fault::Delay(Duration::from_secs(60)),
+            times: Some(1),
+        });
+        (store, key, expected)
+    }
+
     /// The sources as a restore has them: every store inside its attempt
     /// deadline layer, which is also where a request is marked sent.
     fn sources(stores: Vec<crate::store::SharedStore>) -> Vec<Source> {
@@ -477,13 +489,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_slow_attempt_is_hedged_and_the_first_good_answer_wins() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, key, expected) = store_with_block(dir.path(), &[9u8; 8192]).await;
-        // The first request hangs for a minute; any second one is fast.
-        store.add(FaultRule {
-            key_contains: key.clone(),
-            fault: Fault::Delay(Duration::from_secs(60)),
-            times: Some(1),
-        });
+        let (store, key, expected) = store_with_slow_first_request(dir.path(), &[9u8; 8192]).await;
         let ctx = context(vec![store.clone()]);
         let (block, served_by) = fetch_block(&ctx, &key, &expected, 0).await.unwrap();
         assert_eq!(block.len(), 8192);
@@ -509,12 +515,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_attempt_started_before_any_history_is_hedged_once_it_fills() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, key, expected) = store_with_block(dir.path(), &[4u8; 4096]).await;
-        store.add(FaultRule {
-            key_contains: key.clone(),
-            fault: Fault::Delay(Duration::from_secs(60)),
-            times: Some(1),
-        });
+        let (store, key, expected) = store_with_slow_first_request(dir.path(), &[4u8; 4096]).await;
         let ctx = Arc::new(FetchContext::new(sources(vec![store.clone()]), &crate::config::FetchConfig::default()));
         let fetch = tokio::spawn({
             let (ctx, key) = (Arc::clone(&ctx), key.clone());
@@ -571,12 +572,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_attempt_waiting_out_a_long_delay_is_hedged_when_the_tail_begins() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, key, expected) = store_with_block(dir.path(), &[3u8; 4096]).await;
-        store.add(FaultRule {
-            key_contains: key.clone(),
-            fault: Fault::Delay(Duration::from_secs(60)),
-            times: Some(1),
-        });
+        let (store, key, expected) = store_with_slow_first_request(dir.path(), &[3u8; 4096]).await;
         let ctx = Arc::new(FetchContext::new(sources(vec![store.clone()]), &crate::config::FetchConfig::default()));
         // Median 5 ms, p95 a minute: before the tail, a minute's wait.
         for n in 0..100 {
