@@ -366,14 +366,17 @@ impl Worker {
 
     /// One page of jobs, in creation order.
     pub fn list(&self, query: &ListQuery) -> Result<JobPage, StoreError> {
-        let cursor_of = |r: &JobRecord| ListCursor { created_unix_secs: r.created_unix_secs, id: r.spec.id.clone() };
+        // The store lists by (creation time, id), the order a cursor names.
+        let after = query.after.as_ref().map(|a| (a.created_unix_secs, a.id.as_str()));
         let mut matching = self.store.list()?.into_iter().filter(|r| {
             (query.states.is_empty() || query.states.contains(&r.state))
-                && query.after.as_ref().is_none_or(|after| cursor_of(r) > *after)
+                && after.is_none_or(|after| (r.created_unix_secs, r.spec.id.as_str()) > after)
         });
         let page: Vec<JobRecord> = matching.by_ref().take(query.limit).collect();
         let next = match (page.last(), matching.next()) {
-            (Some(last), Some(_)) => Some(cursor_of(last).to_string()),
+            (Some(last), Some(_)) => {
+                Some(ListCursor { created_unix_secs: last.created_unix_secs, id: last.spec.id.clone() }.to_string())
+            }
             _ => None,
         };
         Ok(JobPage { jobs: page.iter().map(|r| self.status_of(r)).collect(), next })

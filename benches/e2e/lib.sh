@@ -12,7 +12,7 @@
 #                                      fails if one of them is taken already
 #   nginx_stop RUN                     stop it if it was started (idempotent)
 #   bench_dirs NAME                    make WORK (/dev/shm/rehydrate-NAME.*, with
-#                                      WORK/state and RUN=WORK/run/logs) and OUT
+#                                      WORK/state, RUN=WORK/run and RUN/logs) and OUT
 #                                      ($TARGET_PARENT/rehydrate-NAME-target.*);
 #                                      on exit, stop nginx and remove both
 #   seeded_volume SEED MIB OUT         write OUT: MIB MiB of random bytes that are
