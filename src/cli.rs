@@ -391,6 +391,16 @@ fn print_report(report: &RestoreReport, json: bool) {
         report.fetch.hedges,
         report.fetch.corrupt_responses
     );
+    if report.fetch.throttled_responses > 0 {
+        let rates: Vec<String> =
+            report.fetch.request_rate_per_source.iter().map(|(name, rate)| format!("{name} {rate} req/s")).collect();
+        println!(
+            "throttled: {:.1}s by the store ({} throttled answers, retried at the adapted rate); settled at {}",
+            report.fetch.throttled_millis as f64 / 1000.0,
+            report.fetch.throttled_responses,
+            if rates.is_empty() { "no pace (recovered)".to_owned() } else { rates.join(", ") }
+        );
+    }
     let t = &report.timings;
     println!(
         "time: prepare {:.2}s, transfer {:.2}s (its tail after the last block was sent for: {:.2}s), finish {:.2}s",

@@ -26,6 +26,8 @@ pub struct Config {
     pub rate_limit: crate::store::limit::RateLimitConfig,
     /// Per-store adaptive concurrency (S3 stores).
     pub concurrency: crate::store::limit::AdaptiveConcurrencyConfig,
+    /// Per-store adaptive request rate, learned from throttles (S3 stores).
+    pub adaptive_rate: crate::store::rate::AdaptiveRateConfig,
     pub write: WriteConfig,
     pub checkpoint: CheckpointConfig,
     pub manifest: ManifestConfig,
@@ -57,6 +59,10 @@ pub struct FetchConfig {
     /// Decorrelated-jitter backoff: no sleep longer than this. 2 s keeps a
     /// throttled source probed often enough to recover quickly.
     pub backoff_cap_millis: NonZeroU64,
+    /// A store's `Retry-After` on a throttled answer is honoured up to this.
+    /// 5 s: a store asking for a minute is still asked again within
+    /// `source_elapsed_max_millis`, at the rate it is paced at.
+    pub retry_after_max_millis: NonZeroU64,
     /// Seed of the jitter's random source. Unset in production (seeded from
     /// the clock); tests set it so backoff schedules repeat exactly.
     pub jitter_seed: Option<u64>,
@@ -77,6 +83,7 @@ impl Default for FetchConfig {
             source_elapsed_max_millis: nz64(60_000),
             backoff_base_millis: nz64(50),
             backoff_cap_millis: nz64(2_000),
+            retry_after_max_millis: nz64(5_000),
             jitter_seed: None,
             stall_after_millis: nz64(30_000),
             hedge: crate::fetch::HedgeConfig::default(),
@@ -350,6 +357,7 @@ impl Config {
         self.s3.validate().map_err(|e| ConfigError::Invalid(format!("s3: {e}")))?;
         self.rate_limit.validate().map_err(|e| ConfigError::Invalid(format!("rate_limit: {e}")))?;
         self.concurrency.validate().map_err(|e| ConfigError::Invalid(format!("concurrency: {e}")))?;
+        self.adaptive_rate.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if let Some(dir) = &self.checkpoint.dir
             && !dir.is_absolute()
         {
@@ -373,6 +381,7 @@ impl Config {
             s3: self.s3.clone(),
             rate_limit: self.rate_limit.clone(),
             concurrency: self.concurrency.clone(),
+            adaptive_rate: self.adaptive_rate.clone(),
             attempt_timeout: self.fetch.attempt_timeout(),
         }
     }
@@ -410,6 +419,9 @@ impl FetchConfig {
     }
     pub fn backoff_cap(&self) -> Duration {
         Duration::from_millis(self.backoff_cap_millis.get())
+    }
+    pub fn retry_after_max(&self) -> Duration {
+        Duration::from_millis(self.retry_after_max_millis.get())
     }
     pub fn stall_after(&self) -> Duration {
         Duration::from_millis(self.stall_after_millis.get())

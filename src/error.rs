@@ -11,8 +11,9 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorClass {
-    /// The source asked us to slow down (503 SlowDown, 429): retry with
-    /// backoff and shrink this source's concurrency.
+    /// The source asked us to slow down (503 SlowDown, 429): retry at the
+    /// store's adapted rate (`store/rate.rs`), bounded by time, not attempts;
+    /// shrink this source's concurrency.
     Throttled,
     /// A fault that may pass (5xx, timeouts, resets, truncated bodies): retry
     /// with backoff.
@@ -53,11 +54,26 @@ impl fmt::Display for ErrorClass {
 pub struct StoreError {
     pub class: ErrorClass,
     pub message: String,
+    /// How long the store asked us to wait before asking again (an HTTP
+    /// `Retry-After` in seconds, on a throttled answer), if it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_millis: Option<u64>,
 }
 
 impl StoreError {
     pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
-        Self { class, message: message.into() }
+        Self { class, message: message.into(), retry_after_millis: None }
+    }
+
+    /// The same error, carrying the store's `Retry-After`.
+    pub fn with_retry_after(mut self, retry_after: Option<std::time::Duration>) -> Self {
+        self.retry_after_millis = retry_after.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
+    /// The store's `Retry-After`, if it sent one.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        self.retry_after_millis.map(std::time::Duration::from_millis)
     }
 
     pub fn throttled(message: impl Into<String>) -> Self {

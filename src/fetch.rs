@@ -12,7 +12,8 @@
 //!
 //! | class | on this source | then |
 //! |---|---|---|
-//! | throttled, transient | retry with backoff, within both bounds | next source |
+//! | throttled (paced store) | retry at the store's adapted rate, after its `Retry-After` (capped); bounded by time, attempts not spent | next source |
+//! | transient (and throttled on an unpaced store) | retry with backoff, within both bounds | next source |
 //! | permanent (404, 403) | no retry | next source at once |
 //! | corrupt (hash, length) | no retry, never written | next source at once |
 //!
@@ -35,6 +36,7 @@ use crate::block::BlockIndex;
 use crate::error::{ErrorClass, StoreError};
 use crate::metrics as m;
 use crate::store::SharedStore;
+use crate::store::rate::{RateControl, THROTTLING_NOW};
 use crate::store::timeout::{SentAt, observe_sent};
 use crate::verify::{Expected, VerifiedBlock, verify};
 use backoff::Backoff;
@@ -46,6 +48,15 @@ pub struct Source {
     /// `primary`, `secondary1`, `secondary2`, …: a bounded metric label.
     pub name: String,
     pub store: SharedStore,
+    /// The store's adaptive request rate, when it is paced (`store/rate.rs`).
+    pub rate: Option<Arc<RateControl>>,
+}
+
+impl Source {
+    /// Whether the store asked us to slow down just now: no hedge goes to it.
+    pub fn throttling_now(&self) -> bool {
+        self.rate.as_ref().is_some_and(|rate| rate.throttling_now())
+    }
 }
 
 impl Source {
@@ -54,7 +65,11 @@ impl Source {
         stores
             .into_iter()
             .enumerate()
-            .map(|(i, store)| Source { name: if i == 0 { "primary".into() } else { format!("secondary{i}") }, store })
+            .map(|(i, store)| Source {
+                name: if i == 0 { "primary".into() } else { format!("secondary{i}") },
+                rate: store.rate_control(),
+                store,
+            })
             .collect()
     }
 }
@@ -67,6 +82,7 @@ pub struct RetryPolicy {
     pub attempt_timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
+    pub retry_after_max: Duration,
     pub jitter_seed: u64,
 }
 
@@ -78,6 +94,7 @@ impl RetryPolicy {
             attempt_timeout: config.attempt_timeout(),
             backoff_base: config.backoff_base(),
             backoff_cap: config.backoff_cap(),
+            retry_after_max: config.retry_after_max(),
             jitter_seed: config.jitter_seed.unwrap_or_else(clock_seed),
         }
     }
@@ -106,7 +123,37 @@ pub struct FetchTelemetry {
     fallbacks: AtomicU64,
     corrupt: AtomicU64,
     hedges: AtomicU64,
+    throttled: AtomicU64,
+    throttle_clock: Mutex<ThrottleClock>,
+    rates: Vec<Option<Arc<RateControl>>>,
     inflight: Mutex<HashMap<BlockIndex, InFlight>>,
+}
+
+/// Wall time during which a restore was being throttled: each throttled
+/// answer counts as throttling for [`THROTTLING_NOW`] after it, overlapping
+/// spells merged.
+#[derive(Debug, Default)]
+struct ThrottleClock {
+    closed: Duration,
+    open: Option<(Instant, Instant)>,
+}
+
+impl ThrottleClock {
+    fn record(&mut self, now: Instant) {
+        let until = now + THROTTLING_NOW;
+        self.open = match self.open {
+            Some((start, end)) if now <= end => Some((start, until)),
+            Some((start, end)) => {
+                self.closed += end - start;
+                Some((now, until))
+            }
+            None => Some((now, until)),
+        };
+    }
+
+    fn total(&self, now: Instant) -> Duration {
+        self.closed + self.open.map_or(Duration::ZERO, |(start, end)| end.min(now).saturating_duration_since(start))
+    }
 }
 
 /// A block being fetched right now.
@@ -132,6 +179,19 @@ pub struct FetchCounts {
     /// rate-limit token or a concurrency slot when the first answer arrives
     /// is dropped unsent, so a store may see fewer extra requests than this.
     pub hedges: u64,
+    /// Throttled answers (503 SlowDown, 429) on paced stores; they are
+    /// retried at the store's adapted rate and spend no attempt.
+    #[serde(default)]
+    pub throttled_responses: u64,
+    /// How long the restore was being throttled (wall time; each throttled
+    /// answer counts for a second after it, spells merged).
+    #[serde(default)]
+    pub throttled_millis: u64,
+    /// The request rate each paced source was at when the counts were taken
+    /// (requests per second, rounded): the rate the store settled at. Only
+    /// sources that throttled are listed.
+    #[serde(default)]
+    pub request_rate_per_source: Vec<(String, u32)>,
 }
 
 impl FetchTelemetry {
@@ -144,8 +204,17 @@ impl FetchTelemetry {
             fallbacks: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
             hedges: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+            throttle_clock: Mutex::new(ThrottleClock::default()),
+            rates: sources.iter().map(|s| s.rate.clone()).collect(),
             inflight: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn record_throttle(&self, source: &str) {
+        self.throttled.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::THROTTLED_TOTAL, "source" => source.to_owned()).increment(1);
+        self.throttle_clock.lock().unwrap_or_else(|e| e.into_inner()).record(Instant::now());
     }
 
     pub fn counts(&self) -> FetchCounts {
@@ -161,6 +230,22 @@ impl FetchTelemetry {
             fallbacks: self.fallbacks.load(Ordering::Relaxed),
             corrupt_responses: self.corrupt.load(Ordering::Relaxed),
             hedges: self.hedges.load(Ordering::Relaxed),
+            throttled_responses: self.throttled.load(Ordering::Relaxed),
+            throttled_millis: self
+                .throttle_clock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .total(Instant::now())
+                .as_millis() as u64,
+            request_rate_per_source: self
+                .sources
+                .iter()
+                .zip(&self.rates)
+                .filter_map(|(name, rate)| {
+                    let rate = rate.as_ref()?.requests_per_sec()?;
+                    Some((name.clone(), rate.round().min(f64::from(u32::MAX)) as u32))
+                })
+                .collect(),
         }
     }
 
@@ -247,12 +332,9 @@ async fn fetch_from(
     block_started: Instant,
 ) -> Result<(VerifiedBlock, usize), SourceFailure> {
     let (source, policy, telemetry) = (&ctx.sources[i], &ctx.policy, &ctx.telemetry);
-    let source_started = Instant::now();
-    let mut backoff = Backoff::new(policy.backoff_base, policy.backoff_cap, seed);
-    let mut attempts = 0;
+    let mut retry = RetryState::new(policy, seed, source.rate.is_some());
     loop {
-        attempts += 1;
-        telemetry.track(block, &source.name, attempts, block_started);
+        telemetry.track(block, &source.name, retry.attempts + 1, block_started);
         let error = match attempt_hedged(ctx, i, key, expected).await {
             Ok(served) => return Ok(served),
             Err(error) => error,
@@ -260,17 +342,90 @@ async fn fetch_from(
         if error.class == ErrorClass::Corrupt {
             telemetry.corrupt.fetch_add(1, Ordering::Relaxed);
         }
-        tracing::debug!(block, source = %source.name, attempts, %error, "fetch attempt failed");
-        let sleep = backoff.next_sleep();
-        let out_of_time = source_started.elapsed() + sleep + policy.attempt_timeout > policy.elapsed_max;
-        if !error.class.is_retryable() || attempts >= policy.attempts_max || out_of_time {
-            return Err(SourceFailure { source: source.name.clone(), attempts, last_error: error });
+        tracing::debug!(block, source = %source.name, attempts = retry.attempts + 1, %error, "fetch attempt failed");
+        let next = retry.after(&error);
+        if next.throttled {
+            telemetry.record_throttle(&source.name);
         }
+        let Some(sleep) = next.sleep else {
+            return Err(SourceFailure { source: source.name.clone(), attempts: retry.attempts, last_error: error });
+        };
         telemetry.retries.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::RETRIES_TOTAL, "source" => source.name.clone(), "reason" => error.class.name())
             .increment(1);
-        if let Some(served) = backoff_racing_next_source(ctx, i, key, expected, sleep).await {
+        if next.throttled {
+            tokio::time::sleep(sleep).await;
+        } else if let Some(served) = backoff_racing_next_source(ctx, i, key, expected, sleep).await {
             return Ok(served);
+        }
+    }
+}
+
+/// The retry loop's bookkeeping on one source: the two bounds (failures and
+/// elapsed time) and the backoff. A throttle on a paced store is not a
+/// failure: the store's rate was cut, and the retry waits its turn at the new
+/// rate after the store's `Retry-After` (capped), so only time bounds it.
+#[derive(Debug)]
+pub struct RetryState<'a> {
+    policy: &'a RetryPolicy,
+    backoff: Backoff,
+    paced: bool,
+    started: Instant,
+    /// Requests answered so far.
+    pub attempts: u32,
+    /// Answers that spent an attempt.
+    failures: u32,
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct NextStep {
+    /// Sleep this long, then try again; `None`: give up on this source.
+    pub sleep: Option<Duration>,
+    /// The failure was a throttle on a paced store.
+    pub throttled: bool,
+}
+
+impl<'a> RetryState<'a> {
+    pub fn new(policy: &'a RetryPolicy, seed: u64, paced: bool) -> Self {
+        let backoff = Backoff::new(policy.backoff_base, policy.backoff_cap, seed);
+        Self { policy, backoff, paced, started: Instant::now(), attempts: 0, failures: 0 }
+    }
+
+    /// Account one failed attempt and decide the next step.
+    pub fn after(&mut self, error: &StoreError) -> NextStep {
+        self.attempts += 1;
+        let throttled = self.paced && error.class == ErrorClass::Throttled;
+        let sleep = if throttled {
+            error.retry_after().unwrap_or(Duration::ZERO).min(self.policy.retry_after_max)
+        } else {
+            self.failures += 1;
+            self.backoff.next_sleep()
+        };
+        let out_of_time = self.started.elapsed() + sleep + self.policy.attempt_timeout > self.policy.elapsed_max;
+        let give_up = !error.class.is_retryable() || self.failures >= self.policy.attempts_max || out_of_time;
+        NextStep { sleep: (!give_up).then_some(sleep), throttled }
+    }
+}
+
+/// Read a whole object that is not a block (a manifest) from `store`, with
+/// the retry policy's bounds: a throttling store never fails the read, it
+/// only slows it down.
+pub async fn get_retried(
+    store: &SharedStore,
+    key: &str,
+    len_max_bytes: u64,
+    policy: &RetryPolicy,
+) -> Result<bytes::Bytes, StoreError> {
+    let mut retry = RetryState::new(policy, policy.jitter_seed, store.rate_control().is_some());
+    loop {
+        let error = match store.get(key, len_max_bytes).await {
+            Ok(bytes) => return Ok(bytes),
+            Err(error) => error,
+        };
+        match retry.after(&error).sleep {
+            Some(sleep) => tokio::time::sleep(sleep).await,
+            None => return Err(error),
         }
     }
 }
@@ -288,7 +443,11 @@ async fn backoff_racing_next_source(
     sleep: Duration,
 ) -> Option<(VerifiedBlock, usize)> {
     let next = i + 1;
-    if next >= ctx.sources.len() || !ctx.hedger.enabled() || !ctx.hedger.try_hedge() {
+    if next >= ctx.sources.len()
+        || ctx.sources[next].throttling_now()
+        || !ctx.hedger.enabled()
+        || !ctx.hedger.try_hedge()
+    {
         tokio::time::sleep(sleep).await;
         return None;
     }
@@ -330,6 +489,8 @@ async fn attempt_hedged(
         return first.await.map(|b| (b, i));
     }
     let outstanding = ctx.hedger.outstanding(i, Instant::now());
+    // A key slow on one source is often slow there again: prefer the next.
+    let j = if i + 1 < ctx.sources.len() { i + 1 } else { i };
     tokio::pin!(first);
     // The clock starts when the request leaves the local queues (rate limit,
     // concurrency gate): waiting there is not the store being slow, and a
@@ -347,6 +508,8 @@ async fn attempt_hedged(
         };
         let in_tail = ctx.hedger.in_tail();
         let wait = match ctx.hedger.delay(i) {
+            // Never hedge to a store that asks us to slow down.
+            Some(delay) if started.elapsed() >= delay && ctx.sources[j].throttling_now() => HEDGE_RECHECK,
             Some(delay) if started.elapsed() >= delay => match ctx.hedger.grant(&outstanding) {
                 Grant::Hedge => break,
                 Grant::Later => TAIL_RECHECK,
@@ -368,9 +531,6 @@ async fn attempt_hedged(
         }
     }
     drop(outstanding);
-    // A key slow on one source is often slow there again: prefer the next.
-
-    let j = if i + 1 < ctx.sources.len() { i + 1 } else { i };
     ctx.telemetry.hedges.fetch_add(1, Ordering::Relaxed);
     metrics::counter!(m::HEDGES_TOTAL, "source" => ctx.sources[j].name.clone()).increment(1);
     let second = attempt(ctx, j, key, expected, Arc::default());

@@ -20,6 +20,8 @@ pub const FAILED_BLOCKS_TOTAL: &str = "rehydrate_failed_blocks_total";
 pub const INFLIGHT_BYTES: &str = "rehydrate_inflight_bytes";
 pub const INFLIGHT_ATTEMPTS_MAX: &str = "rehydrate_inflight_attempts_max";
 pub const SOURCE_CONCURRENCY_LIMIT: &str = "rehydrate_source_concurrency_limit";
+pub const SOURCE_REQUEST_RATE: &str = "rehydrate_source_request_rate";
+pub const THROTTLED_TOTAL: &str = "rehydrate_fetch_throttled_total";
 pub const STALLED_RESTORES: &str = "rehydrate_stalled_restores";
 pub const PROGRESS_RATIO: &str = "rehydrate_restore_progress_ratio";
 pub const SYNCS_TOTAL: &str = "rehydrate_target_syncs_total";
@@ -61,6 +63,14 @@ pub fn describe() {
     describe_gauge!(
         SOURCE_CONCURRENCY_LIMIT,
         "Requests a source may have in flight now (AIMD: shrinks on throttling, grows on success)."
+    );
+    describe_gauge!(
+        SOURCE_REQUEST_RATE,
+        "Requests per second a store is paced at, learned from its throttles (0: unpaced, it never throttled)."
+    );
+    describe_counter!(
+        THROTTLED_TOTAL,
+        "Throttled answers (503 SlowDown, 429), by source; retried at the adapted rate."
     );
     describe_gauge!(STALLED_RESTORES, "Running restores with nothing settled for fetch.stall_after_millis.");
     describe_gauge!(

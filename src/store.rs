@@ -14,6 +14,7 @@ pub mod fault;
 pub mod file;
 pub mod limit;
 pub mod loopback;
+pub mod rate;
 pub mod s3;
 pub mod timeout;
 
@@ -45,6 +46,13 @@ pub trait BlockStore: Send + Sync + fmt::Debug {
 
     /// Whether object `key` exists.
     fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// The adaptive request rate this store is paced by, if it is (see
+    /// `store/rate.rs`): fetch asks it whether the store is throttling now,
+    /// and reports read the rate from it. Decorators forward it.
+    fn rate_control(&self) -> Option<Arc<rate::RateControl>> {
+        None
+    }
 }
 
 /// Implement [`BlockStore`] for a decorator with an `inner: SharedStore` and
@@ -52,6 +60,10 @@ pub trait BlockStore: Send + Sync + fmt::Debug {
 /// wraps every call (a deadline, a concurrency slot).
 macro_rules! forward_through_run {
     ($decorator:ty) => {
+        $crate::store::forward_through_run!($decorator, |_| None);
+    };
+    // `$here`: the decorator's own rate control, if it has one.
+    ($decorator:ty, $here:expr) => {
         impl $crate::store::BlockStore for $decorator {
             fn url(&self) -> &$crate::store::StoreUrl {
                 self.inner.url()
@@ -78,6 +90,11 @@ macro_rules! forward_through_run {
                 key: &'a str,
             ) -> $crate::store::BoxFuture<'a, Result<bool, $crate::store::StoreError>> {
                 Box::pin(self.run(key, self.inner.exists(key)))
+            }
+
+            fn rate_control(&self) -> Option<std::sync::Arc<$crate::store::rate::RateControl>> {
+                let here: fn(&$decorator) -> Option<std::sync::Arc<$crate::store::rate::RateControl>> = $here;
+                here(self).or_else(|| self.inner.rate_control())
             }
         }
     };
@@ -182,13 +199,15 @@ pub struct StoreOptions {
     pub s3: s3::S3Config,
     pub rate_limit: limit::RateLimitConfig,
     pub concurrency: limit::AdaptiveConcurrencyConfig,
+    pub adaptive_rate: rate::AdaptiveRateConfig,
     /// The deadline of one attempt, body included.
     pub attempt_timeout: std::time::Duration,
 }
 
 /// Open the store a URL names, with its policies: from the outside in, rate
-/// limit → adaptive concurrency → attempt deadline → backend (S3), or attempt
-/// deadline → backend (file). The retry loop in `fetch.rs` wraps all of it.
+/// limit → adaptive concurrency → adaptive rate → attempt deadline → backend
+/// (S3), or attempt deadline → backend (file). The retry loop in `fetch.rs`
+/// wraps all of it.
 pub async fn open(url: &StoreUrl, options: &StoreOptions) -> Result<SharedStore, StoreError> {
     match url {
         StoreUrl::File { root } => Ok(wrap_timeout(Arc::new(file::FileStore::new(root.clone())), options)),
@@ -208,7 +227,18 @@ pub fn wrap_timeout(backend: SharedStore, options: &StoreOptions) -> SharedStore
 pub fn wrap_policies(backend: SharedStore, options: &StoreOptions) -> Result<SharedStore, StoreError> {
     let label = backend.url().to_string();
     let timed = wrap_timeout(backend, options);
-    let gated = limit::AdaptiveConcurrency::new(timed, &options.concurrency)
+    // The pace inside the concurrency slot: the time a request is marked
+    // sent (and the send rate measured) is when it really goes, not when it
+    // starts waiting for a slot.
+    let paced: SharedStore = if options.adaptive_rate.enabled {
+        options.adaptive_rate.validate().map_err(|e| StoreError::permanent(format!("adaptive_rate config: {e}")))?;
+        let ceiling = options.rate_limit.requests_per_sec.map(|r| f64::from(r.get()));
+        let control = Arc::new(rate::RateControl::new(&options.adaptive_rate, ceiling, Some(label.clone())));
+        Arc::new(rate::AdaptiveRate::new(timed, control))
+    } else {
+        timed
+    };
+    let gated = limit::AdaptiveConcurrency::new(paced, &options.concurrency)
         .map_err(|e| StoreError::permanent(format!("concurrency config: {e}")))?
         .with_metric_label(label);
     let limited = limit::RateLimited::new(Arc::new(gated), &options.rate_limit)

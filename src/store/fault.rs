@@ -125,4 +125,8 @@ impl BlockStore for FaultStore {
             }
         })
     }
+
+    fn rate_control(&self) -> Option<std::sync::Arc<super::rate::RateControl>> {
+        self.inner.rate_control()
+    }
 }

@@ -176,6 +176,10 @@ impl BlockStore for RateLimited {
             self.inner.exists(key).await
         })
     }
+
+    fn rate_control(&self) -> Option<Arc<super::rate::RateControl>> {
+        self.inner.rate_control()
+    }
 }
 
 /// The AIMD concurrency window of one store. Every field may be omitted.

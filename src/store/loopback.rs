@@ -174,29 +174,14 @@ pub struct ServerRateLimit {
     pub burst: NonZeroU32,
 }
 
-#[derive(Debug)]
-struct TokenBucket {
-    limit: ServerRateLimit,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(limit: ServerRateLimit, now: Instant) -> Self {
-        Self { limit, tokens: f64::from(limit.burst.get()), last: now }
+impl ServerRateLimit {
+    /// The limit as a governor token bucket (GCRA), full at the start.
+    fn bucket(self) -> governor::DefaultDirectRateLimiter {
+        governor::RateLimiter::direct(self.quota())
     }
 
-    fn try_take(&mut self, now: Instant) -> bool {
-        let refill =
-            now.saturating_duration_since(self.last).as_secs_f64() * f64::from(self.limit.requests_per_sec.get());
-        self.tokens = (self.tokens + refill).min(f64::from(self.limit.burst.get()));
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+    fn quota(self) -> governor::Quota {
+        governor::Quota::per_second(self.requests_per_sec).allow_burst(self.burst)
     }
 }
 
@@ -219,8 +204,10 @@ struct State {
     /// Fast path: no lock when no rule is installed.
     faults_present: AtomicBool,
     faults: Mutex<Vec<ActiveRule>>,
-    rate_limit: Mutex<Option<TokenBucket>>,
+    rate_limit: Mutex<Option<governor::DefaultDirectRateLimiter>>,
     arrivals: Mutex<Vec<Arrival>>,
+    /// The path of every `503 SlowDown` answered (bounded like `arrivals`).
+    slowdown_paths: Mutex<Vec<String>>,
     requests_total: AtomicU64,
     slowdowns_sent: AtomicU64,
     faults_applied: AtomicU64,
@@ -242,10 +229,16 @@ impl State {
     }
 
     fn admit(&self) -> bool {
-        match lock(&self.rate_limit).as_mut() {
-            Some(bucket) => bucket.try_take(Instant::now()),
-            None => true,
+        lock(&self.rate_limit).as_ref().is_none_or(|bucket| bucket.check().is_ok())
+    }
+
+    fn slowdown(&self, path: &str) -> Response<LoopbackBody> {
+        self.slowdowns_sent.fetch_add(1, Ordering::Relaxed);
+        let mut paths = lock(&self.slowdown_paths);
+        if paths.len() < ARRIVAL_LOG_MAX {
+            paths.push(path.to_owned());
         }
+        error_response(StatusCode::SERVICE_UNAVAILABLE, "SlowDown", "Please reduce your request rate.", path)
     }
 
     fn take_fault(&self, method: &Method, path: &str) -> Option<Fault> {
@@ -345,7 +338,7 @@ impl LoopbackS3 {
     /// Install (or, with `None`, remove) the server-side rate limit. The
     /// bucket starts full.
     pub fn set_rate_limit(&self, limit: Option<ServerRateLimit>) {
-        *lock(&self.state.rate_limit) = limit.map(|l| TokenBucket::new(l, Instant::now()));
+        *lock(&self.state.rate_limit) = limit.map(ServerRateLimit::bucket);
     }
 
     /// Requests whose path contains `path_substring` (logged arrivals only).
@@ -363,6 +356,12 @@ impl LoopbackS3 {
         self.state.slowdowns_sent.load(Ordering::Relaxed)
     }
 
+    /// `503 SlowDown` answers sent for paths containing `path_substring`
+    /// (logged ones only, like [`Self::requests`]).
+    pub fn slowdowns(&self, path_substring: &str) -> u64 {
+        lock(&self.state.slowdown_paths).iter().filter(|p| p.contains(path_substring)).count() as u64
+    }
+
     /// Fault rules applied so far.
     pub fn faults_applied(&self) -> u64 {
         self.state.faults_applied.load(Ordering::Relaxed)
@@ -376,6 +375,7 @@ impl LoopbackS3 {
     /// Forget the arrival log and counters (rules and rate limit stay).
     pub fn reset_stats(&self) {
         lock(&self.state.arrivals).clear();
+        lock(&self.state.slowdown_paths).clear();
         self.state.requests_total.store(0, Ordering::Relaxed);
         self.state.slowdowns_sent.store(0, Ordering::Relaxed);
         self.state.faults_applied.store(0, Ordering::Relaxed);
@@ -467,25 +467,11 @@ impl FaultService {
         let path = req.uri().path().to_owned();
         self.state.record(&method, &path);
         if !self.state.admit() {
-            self.state.slowdowns_sent.fetch_add(1, Ordering::Relaxed);
-            return error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "SlowDown",
-                "Please reduce your request rate.",
-                &path,
-            );
+            return self.state.slowdown(&path);
         }
         let fault = self.state.take_fault(&method, &path);
         match fault {
-            Some(Fault::SlowDown) => {
-                self.state.slowdowns_sent.fetch_add(1, Ordering::Relaxed);
-                return error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "SlowDown",
-                    "Please reduce your request rate.",
-                    &path,
-                );
-            }
+            Some(Fault::SlowDown) => return self.state.slowdown(&path),
             Some(Fault::InternalError) => {
                 return error_response(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -637,16 +623,18 @@ mod tests {
 
     #[test]
     fn token_bucket_allows_burst_then_rate() {
-        let t0 = Instant::now();
         let limit =
             ServerRateLimit { requests_per_sec: NonZeroU32::new(10).unwrap(), burst: NonZeroU32::new(3).unwrap() };
-        let mut bucket = TokenBucket::new(limit, t0);
-        assert_eq!((0..5).filter(|_| bucket.try_take(t0)).count(), 3);
-        assert!(!bucket.try_take(t0 + Duration::from_millis(50)));
-        assert!(bucket.try_take(t0 + Duration::from_millis(150)));
+        let clock = governor::clock::FakeRelativeClock::default();
+        let bucket = governor::RateLimiter::direct_with_clock(limit.quota(), clock.clone());
+        assert_eq!((0..5).filter(|_| bucket.check().is_ok()).count(), 3);
+        clock.advance(Duration::from_millis(50));
+        assert!(bucket.check().is_err());
+        clock.advance(Duration::from_millis(100));
+        assert!(bucket.check().is_ok());
         // Refill never exceeds the burst.
-        let later = t0 + Duration::from_secs(60);
-        assert_eq!((0..10).filter(|_| bucket.try_take(later)).count(), 3);
+        clock.advance(Duration::from_secs(60));
+        assert_eq!((0..10).filter(|_| bucket.check().is_ok()).count(), 3);
     }
 
     #[test]

@@ -585,6 +585,7 @@ pub fn classify_sdk_error<E>(what: &str, err: &SdkError<E, HttpResponse>) -> Sto
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
+    let retry_after = err.raw_response().and_then(|raw| parse_retry_after(raw.headers().get("retry-after")));
     let (class, detail) = match err {
         SdkError::ServiceError(service) => {
             let status = Some(service.raw().status().as_u16());
@@ -622,7 +623,14 @@ where
         }
         _ => (ErrorClass::Transient, format!("unrecognised SDK failure: {}", error_chain(err))),
     };
-    StoreError::new(class, format!("{what}: {detail}: {}", meaning(class)))
+    let error = StoreError::new(class, format!("{what}: {detail}: {}", meaning(class)));
+    if class == ErrorClass::Throttled { error.with_retry_after(retry_after) } else { error }
+}
+
+/// An HTTP `Retry-After` given in whole seconds (the form throttling stores
+/// send; an HTTP date is ignored, and the fetch stage caps whatever comes).
+fn parse_retry_after(value: Option<&str>) -> Option<Duration> {
+    value?.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
 /// An error and its sources on one line (SDK errors put the useful part in
