@@ -28,6 +28,9 @@ pub struct Config {
     pub concurrency: crate::store::limit::AdaptiveConcurrencyConfig,
     /// Per-store adaptive request rate, learned from throttles (S3 stores).
     pub adaptive_rate: crate::store::rate::AdaptiveRateConfig,
+    /// `[[store]]`: options of the stores under one URL prefix, laid over
+    /// the sections above (`store/options.rs`).
+    pub store: Vec<crate::store::options::StoreSection>,
     pub write: WriteConfig,
     pub checkpoint: CheckpointConfig,
     pub manifest: ManifestConfig,
@@ -358,6 +361,7 @@ impl Config {
         self.rate_limit.validate().map_err(|e| ConfigError::Invalid(format!("rate_limit: {e}")))?;
         self.concurrency.validate().map_err(|e| ConfigError::Invalid(format!("concurrency: {e}")))?;
         self.adaptive_rate.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        crate::store::options::validate(&self.store_defaults(), &self.store).map_err(ConfigError::Invalid)?;
         if let Some(dir) = &self.checkpoint.dir
             && !dir.is_absolute()
         {
@@ -375,8 +379,14 @@ impl Config {
         }
     }
 
-    /// How stores are opened.
-    pub fn store_options(&self) -> crate::store::StoreOptions {
+    /// How the store at `url` is opened: the top-level sections overlaid
+    /// with its `[[store]]` entry, if one covers it.
+    pub fn store_options(&self, url: &crate::store::StoreUrl) -> Result<crate::store::StoreOptions, ConfigError> {
+        crate::store::options::resolve(&self.store_defaults(), &self.store, url).map_err(ConfigError::Invalid)
+    }
+
+    /// The options of a store no `[[store]]` entry covers.
+    fn store_defaults(&self) -> crate::store::StoreOptions {
         crate::store::StoreOptions {
             s3: self.s3.clone(),
             rate_limit: self.rate_limit.clone(),

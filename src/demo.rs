@@ -24,9 +24,9 @@ use crate::error::ExitCode;
 use crate::job::{Engine, RestoreSpec};
 use crate::manifest::{Manifest, ManifestLimits};
 use crate::sample::SampleVolume;
+use crate::store::StoreUrl;
 use crate::store::loopback::{Fault, FaultRule, LoopbackS3};
 use crate::store::s3::{S3Config, S3Store};
-use crate::store::{StoreUrl, wrap_policies};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -127,8 +127,11 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, String> {
     let primary = S3Store::connect_with_static_credentials("bucket", "demo", &s3_config, &LoopbackS3::credentials())
         .await
         .map_err(|e| e.to_string())?;
-    let primary = wrap_policies(Arc::new(primary), &config.store_options()).map_err(|e| e.to_string())?;
-    engine.register_store(StoreUrl::S3 { bucket: "bucket".into(), prefix: "demo".into() }, primary);
+
+    // Every production policy around it, in the one order `store::stack` builds.
+    engine
+        .register_remote_store(StoreUrl::S3 { bucket: "bucket".into(), prefix: "demo".into() }, Arc::new(primary))
+        .map_err(|e| e.to_string())?;
     say(format!(
         "3. primary: s3://bucket/demo at {} (in-process, real HTTP); block {wedged} stalls after its headers, \
          the first 12 block requests get 503 SlowDown; secondary: file://{}",

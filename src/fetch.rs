@@ -626,7 +626,8 @@ mod tests {
     /// deadline layer, which is also where a request is marked sent.
     fn sources(stores: Vec<crate::store::SharedStore>) -> Vec<Source> {
         let options = crate::store::StoreOptions { attempt_timeout: Duration::from_secs(120), ..Default::default() };
-        Source::ordered(stores.into_iter().map(|s| crate::store::wrap_timeout(s, &options)).collect())
+        let local = |s| crate::store::stack(crate::store::Backend::Local(s), &options).unwrap();
+        Source::ordered(stores.into_iter().map(local).collect())
     }
 
     fn context(stores: Vec<crate::store::SharedStore>) -> FetchContext {
@@ -783,10 +784,13 @@ mod tests {
             request_burst: std::num::NonZeroU32::new(1),
             ..Default::default()
         };
-        let options = crate::store::StoreOptions { attempt_timeout: Duration::from_secs(30), ..Default::default() };
-        let timed = crate::store::wrap_timeout(counted.clone(), &options);
-        let limited = Arc::new(crate::store::limit::RateLimited::new(timed, &limits).unwrap());
-        // As `store::wrap_policies` stacks them: the limit outside the deadline.
+        let options = crate::store::StoreOptions {
+            attempt_timeout: Duration::from_secs(30),
+            rate_limit: limits,
+            ..Default::default()
+        };
+        // The production stack: the limit outside the deadline.
+        let limited = crate::store::stack(crate::store::Backend::Remote(counted.clone()), &options).unwrap();
         let ctx = Arc::new(context_of(Source::ordered(vec![limited])));
         let started = Instant::now();
         let fetches: Vec<_> = blocks

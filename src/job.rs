@@ -51,39 +51,46 @@ impl Engine {
         self.tenants.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
     }
 
-    /// Open a store by URL (once per URL per process).
+    /// Open a store by URL (once per URL per process), with its own options
+    /// (`[[store]]`).
     pub async fn open_store(&self, url: &StoreUrl) -> Result<SharedStore, RestoreError> {
         if let Some(store) = self.stores.lock().unwrap_or_else(|e| e.into_inner()).get(url) {
             return Ok(Arc::clone(store));
         }
-        let store = store::open(url, &self.config.store_options())
+        let store = store::open(url, &self.store_options(url)?)
             .await
             .map_err(|e| RestoreError::Source(format!("cannot open store {url}: {e}")))?;
         let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
         Ok(Arc::clone(stores.entry(url.clone()).or_insert(store)))
     }
 
-    /// Serve `url` from `store` (a decorated store: fault injection in tests,
-    /// an in-process endpoint in the demo).
-    /// Only the attempt deadline is put around it. Never pass a store already
-    /// wrapped in a rate limit or a concurrency window: a deadline outside
-    /// them counts the wait for a token or a slot against the attempt, so
-    /// healthy blocks time out in the queue. Use
-    /// [`register_remote_store`](Self::register_remote_store) for those.
-    pub fn register_store(&self, url: StoreUrl, store: SharedStore) {
-        let store = store::wrap_timeout(store, &self.config.store_options());
-        self.stores.lock().unwrap_or_else(|e| e.into_inner()).insert(url, store);
+    fn store_options(&self, url: &StoreUrl) -> Result<store::StoreOptions, RestoreError> {
+        self.config.store_options(url).map_err(|e| RestoreError::Usage(e.to_string()))
     }
 
-    /// Serve `url` from a remote `backend` (an S3 store on an in-process or
-    /// test endpoint) with every policy [`store::open`] puts around an S3
-    /// store: rate limit, adaptive concurrency, and innermost the attempt
-    /// deadline.
-    pub fn register_remote_store(&self, url: StoreUrl, backend: SharedStore) -> Result<(), RestoreError> {
-        let store = store::wrap_policies(backend, &self.config.store_options())
+    /// Serve `url` from `backend` with the policies [`store::stack`] puts
+    /// around it: a [`Backend::Local`](store::Backend::Local) (a directory, a
+    /// test double) gets the attempt deadline, a
+    /// [`Backend::Remote`](store::Backend::Remote) (an S3 store on an
+    /// in-process or test endpoint) every policy, as [`store::open`] gives
+    /// them.
+    pub fn register(&self, url: StoreUrl, backend: store::Backend) -> Result<(), RestoreError> {
+        let store = store::stack(backend, &self.store_options(&url)?)
             .map_err(|e| RestoreError::Usage(format!("store {url}: {e}")))?;
         self.stores.lock().unwrap_or_else(|e| e.into_inner()).insert(url, store);
         Ok(())
+    }
+
+    /// [`register`](Self::register) a local store (a directory, a test
+    /// double): its deadline only.
+    pub fn register_store(&self, url: StoreUrl, store: SharedStore) {
+        // A local store's options cannot fail to stack (no policies to build).
+        let _ = self.register(url, store::Backend::Local(store));
+    }
+
+    /// [`register`](Self::register) a remote store with every policy.
+    pub fn register_remote_store(&self, url: StoreUrl, backend: SharedStore) -> Result<(), RestoreError> {
+        self.register(url, store::Backend::Remote(backend))
     }
 
     pub fn manifest_limits(&self) -> ManifestLimits {

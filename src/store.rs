@@ -14,6 +14,7 @@ pub mod fault;
 pub mod file;
 pub mod limit;
 pub mod loopback;
+pub mod options;
 pub mod rate;
 pub mod s3;
 pub mod timeout;
@@ -192,9 +193,9 @@ impl fmt::Display for StoreUrl {
     }
 }
 
-/// How stores are opened: the backend settings and the policies that wrap
-/// them.
-#[derive(Debug, Clone, Default)]
+/// How one store is opened: the backend settings and the policies that wrap
+/// it. The config resolves one per store URL (`[[store]]`, `store/options.rs`).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct StoreOptions {
     pub s3: s3::S3Config,
     pub rate_limit: limit::RateLimitConfig,
@@ -204,34 +205,55 @@ pub struct StoreOptions {
     pub attempt_timeout: std::time::Duration,
 }
 
-/// Open the store a URL names, with its policies: from the outside in, rate
-/// limit → adaptive concurrency → adaptive rate → attempt deadline → backend
-/// (S3), or attempt deadline → backend (file). The retry loop in `fetch.rs`
-/// wraps all of it.
-pub async fn open(url: &StoreUrl, options: &StoreOptions) -> Result<SharedStore, StoreError> {
-    match url {
-        StoreUrl::File { root } => Ok(wrap_timeout(Arc::new(file::FileStore::new(root.clone())), options)),
-        StoreUrl::S3 { bucket, prefix } => {
-            let backend = Arc::new(s3::S3Store::connect(bucket, prefix, &options.s3).await?);
-            wrap_policies(backend, options)
+impl StoreOptions {
+    /// Check each part; the error names the key to fix.
+    pub fn validate(&self) -> Result<(), String> {
+        self.s3.validate()?;
+        self.rate_limit.validate().map_err(|e| format!("rate_limit: {e}"))?;
+        self.concurrency.validate().map_err(|e| format!("concurrency: {e}"))?;
+        self.adaptive_rate.validate()?;
+        if self.attempt_timeout.is_zero() {
+            return Err("attempt_timeout_millis must be positive".into());
         }
+        Ok(())
     }
 }
 
-/// Put the attempt deadline around a store.
-pub fn wrap_timeout(backend: SharedStore, options: &StoreOptions) -> SharedStore {
-    Arc::new(timeout::Timeout::new(backend, options.attempt_timeout))
+/// What sits under a store's policies.
+#[derive(Debug)]
+pub enum Backend {
+    /// A store across a network (S3, an in-process S3 endpoint): every
+    /// policy goes around it.
+    Remote(SharedStore),
+    /// A store on this machine (a directory, a test double): only the
+    /// attempt deadline goes around it; it has no rate to learn and no
+    /// request budget to share.
+    Local(SharedStore),
 }
 
-/// Put every policy of a remote store around it.
-pub fn wrap_policies(backend: SharedStore, options: &StoreOptions) -> Result<SharedStore, StoreError> {
-    let label = backend.url().to_string();
-    let timed = wrap_timeout(backend, options);
-    // The pace inside the concurrency slot: the time a request is marked
-    // sent (and the send rate measured) is when it really goes, not when it
-    // starts waiting for a slot.
+/// Put the policies around a backend. This is the one place a store stack
+/// is built (the CLI, the worker, the demo and the tests all come here), so
+/// the order is code, not a rule in comments. From the outside in:
+///
+/// 1. (the retry loop, `fetch.rs`, around all of it);
+/// 2. the configured rate limit (`RateLimited`): a hard ceiling, every
+///    attempt counted;
+/// 3. the adaptive concurrency window (`AdaptiveConcurrency`): requests
+///    queue per restore and take turns;
+/// 4. the adaptive request rate (`rate::AdaptiveRate`), inside the slot, so
+///    the send rate it measures is when requests really go;
+/// 5. the attempt deadline (`timeout::Timeout`), innermost, so waiting in 2-4
+///    never counts against an attempt; it marks when a request was sent;
+/// 6. the backend.
+pub fn stack(backend: Backend, options: &StoreOptions) -> Result<SharedStore, StoreError> {
+    let remote = match backend {
+        Backend::Local(store) => return Ok(with_deadline(store, options)),
+        Backend::Remote(store) => store,
+    };
+    options.validate().map_err(|e| StoreError::permanent(format!("store options: {e}")))?;
+    let label = remote.url().to_string();
+    let timed = with_deadline(remote, options);
     let paced: SharedStore = if options.adaptive_rate.enabled {
-        options.adaptive_rate.validate().map_err(|e| StoreError::permanent(format!("adaptive_rate config: {e}")))?;
         let ceiling = options.rate_limit.requests_per_sec.map(|r| f64::from(r.get()));
         let control = Arc::new(rate::RateControl::new(&options.adaptive_rate, ceiling, Some(label.clone())));
         Arc::new(rate::AdaptiveRate::new(timed, control))
@@ -244,6 +266,22 @@ pub fn wrap_policies(backend: SharedStore, options: &StoreOptions) -> Result<Sha
     let limited = limit::RateLimited::new(Arc::new(gated), &options.rate_limit)
         .map_err(|e| StoreError::permanent(format!("rate_limit config: {e}")))?;
     Ok(Arc::new(limited))
+}
+
+fn with_deadline(backend: SharedStore, options: &StoreOptions) -> SharedStore {
+    Arc::new(timeout::Timeout::new(backend, options.attempt_timeout))
+}
+
+/// Open the store a URL names with its options: an `s3://` store as a
+/// [`Backend::Remote`], a `file://` store as a [`Backend::Local`].
+pub async fn open(url: &StoreUrl, options: &StoreOptions) -> Result<SharedStore, StoreError> {
+    let backend = match url {
+        StoreUrl::File { root } => Backend::Local(Arc::new(file::FileStore::new(root.clone()))),
+        StoreUrl::S3 { bucket, prefix } => {
+            Backend::Remote(Arc::new(s3::S3Store::connect(bucket, prefix, &options.s3).await?))
+        }
+    };
+    stack(backend, options)
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use rehydrate::manifest::Manifest;
 use rehydrate::store::StoreUrl;
 use rehydrate::store::fault::{Fault, FaultRule, FaultStore};
 use rehydrate::store::file::FileStore;
-use rehydrate::store::limit::{AdaptiveConcurrency, AdaptiveConcurrencyConfig};
+use rehydrate::store::limit::AdaptiveConcurrencyConfig;
 use rehydrate::write::BackendChoice;
 use tokio_util::sync::CancellationToken;
 
@@ -60,14 +60,14 @@ impl Fixture {
         config.checkpoint.interval_bytes = NonZeroU64::new(4 * u64::from(BLOCK)).unwrap();
         let counted = Arc::new(FaultStore::new(Arc::new(FileStore::new(root.clone()))));
         counted.add(FaultRule { key_contains: "blocks/".into(), fault: Fault::Delay(BLOCK_DELAY), times: None });
-        let two_at_a_time = AdaptiveConcurrencyConfig {
+        // Two blocks at a time, through the production stack.
+        config.concurrency = AdaptiveConcurrencyConfig {
             concurrency_min: NonZeroUsize::new(1).unwrap(),
             concurrency_max: NonZeroUsize::new(2).unwrap(),
             ..AdaptiveConcurrencyConfig::default()
         };
-        let limited = AdaptiveConcurrency::new(counted.clone(), &two_at_a_time).unwrap();
         let engine = Engine::new(config);
-        engine.register_store(StoreUrl::File { root }, Arc::new(limited));
+        engine.register_remote_store(StoreUrl::File { root }, counted.clone()).unwrap();
         let out = dir.path().join("out");
         std::fs::create_dir_all(&out).unwrap();
         Fixture { target: out.join("vol.img"), dir, engine: Arc::new(engine), counted, state }

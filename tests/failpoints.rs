@@ -29,7 +29,7 @@ use rehydrate::sample::SampleVolume;
 use rehydrate::store::StoreUrl;
 use rehydrate::store::fault::{Fault, FaultRule, FaultStore};
 use rehydrate::store::file::FileStore;
-use rehydrate::store::limit::{AdaptiveConcurrency, AdaptiveConcurrencyConfig};
+use rehydrate::store::limit::AdaptiveConcurrencyConfig;
 use rehydrate::write::BackendChoice;
 use tokio_util::sync::CancellationToken;
 
@@ -66,14 +66,14 @@ impl Fixture {
         let root = store_root(dir.path());
         let slow = Arc::new(FaultStore::new(Arc::new(FileStore::new(root.clone()))));
         slow.add(FaultRule { key_contains: "blocks/".into(), fault: Fault::Delay(BLOCK_DELAY), times: None });
-        let two_at_a_time = AdaptiveConcurrencyConfig {
+        // Two blocks at a time, through the production stack.
+        config.concurrency = AdaptiveConcurrencyConfig {
             concurrency_min: NonZeroUsize::new(1).unwrap(),
             concurrency_max: NonZeroUsize::new(2).unwrap(),
             ..AdaptiveConcurrencyConfig::default()
         };
         let engine = Engine::new(config);
-        engine
-            .register_store(StoreUrl::File { root }, Arc::new(AdaptiveConcurrency::new(slow, &two_at_a_time).unwrap()));
+        engine.register_remote_store(StoreUrl::File { root }, slow).unwrap();
         Fixture { dir, engine, state, url, manifest, vol }
     }
 

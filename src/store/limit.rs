@@ -43,7 +43,7 @@ pub const BYTE_TOKEN_BYTES: u64 = 1024;
 
 /// Rate limits of one store. Every field may be omitted; an omitted limit is
 /// off.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimitConfig {
     /// Requests per second, every attempt counted. Default: no limit. S3
@@ -183,7 +183,7 @@ impl BlockStore for RateLimited {
 }
 
 /// The AIMD concurrency window of one store. Every field may be omitted.
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdaptiveConcurrencyConfig {
     /// The floor. Default 4: even a throttling store gets some parallelism,

@@ -53,7 +53,7 @@ pub const RECHECK: Duration = Duration::from_millis(20);
 pub const THROTTLING_NOW: Duration = Duration::from_secs(1);
 
 /// The adaptive request rate of one store. Every field may be omitted.
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdaptiveRateConfig {
     /// Learn the store's rate from its throttles. Default true. Off, a

@@ -59,7 +59,7 @@ use crate::error::ErrorClass;
 const S3_KEY_LEN_MAX_BYTES: usize = 1024;
 
 /// Configuration of one S3 store. Every field may be omitted.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct S3Config {
     /// Endpoint URL, e.g. `http://127.0.0.1:9000`. Default: none, so the
@@ -73,6 +73,10 @@ pub struct S3Config {
     /// Default: true when an endpoint is set (S3-compatible servers and
     /// loopback fixtures rarely have wildcard DNS), false for AWS.
     pub force_path_style: Option<bool>,
+    /// A named AWS profile (`~/.aws/config`) for credentials and settings.
+    /// Default: none, the standard chain (`AWS_PROFILE`, else `default`).
+    /// Credentials never go into rehydrate's own config.
+    pub profile: Option<String>,
     /// TCP + TLS connect timeout. Default 3000: a healthy endpoint connects
     /// in milliseconds; a black-holed one should fail fast and be retried.
     pub connect_timeout_millis: u64,
@@ -108,6 +112,7 @@ impl Default for S3Config {
             endpoint_url: None,
             region: None,
             force_path_style: None,
+            profile: None,
             connect_timeout_millis: 3_000,
             operation_attempt_timeout_millis: 5_000,
             operation_timeout_millis: 10_000,
@@ -240,6 +245,9 @@ impl S3Store {
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
         if let Some(endpoint) = &config.endpoint_url {
             loader = loader.endpoint_url(endpoint);
+        }
+        if let Some(profile) = &config.profile {
+            loader = loader.profile_name(profile);
         }
         if let Some(credentials) = credentials {
             loader = loader.credentials_provider(Credentials::new(
