@@ -147,7 +147,7 @@ def table(a):
         return med([r["bytes_per_sec"] for r in rows.get(key, [])])
 
     p = rate(("P", "P: GET stream + fio"))
-    wl_order = ["P", "W1", "W2", "W3", "W4", "W5"]
+    wl_order = ["P", "W1", "W2", "W2b", "W3", "W4", "W5"]
     order.sort(key=lambda k: (wl_order.index(k[0]) if k[0] in wl_order else 9,
                               0 if k[1].startswith("GET") or k[1].startswith("fio") else 1 if k[1].startswith("P") else
                               2 if k[1].startswith("s5cmd -w") else 3 if k[1].startswith("s5cmd") else 4))
@@ -200,7 +200,7 @@ def table(a):
           f"binary {a.binary}")
     print(f"machine: {a.machine}")
     print(f"load average: {a.load}")
-    print("W1 clean 9080 | W2 300 req/s 9082 | W3 1.2 % 500 9083 (+file secondary) | W4 1.2 % at 256 KiB/s 9084 "
+    print("W1 clean 9080 | W2 300 req/s 9082 (rate_limit 300 configured) | W2b the same, nothing configured | W3 1.2 % 500 9083 (+file secondary) | W4 1.2 % at 256 KiB/s 9084 "
           "(+file secondary) | W5 3 corrupt objects, bucket2 on 9080 (+file secondary)")
     print("/P: throughput over P (GET stream + O_DIRECT fio at once); /s5cmd: rehydrate over s5cmd on the same "
           "workload (W1: s5cmd's best worker count); time/W1: median over rounds of rehydrate's time over its W1 time "
