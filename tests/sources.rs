@@ -32,7 +32,7 @@ use rehydrate::store::StoreUrl;
 use rehydrate::store::fault::FaultStore;
 use rehydrate::store::file::FileStore;
 use rehydrate::store::loopback::{Fault, FaultMethod, FaultRule, LoopbackS3, ServerRateLimit, max_arrivals_in_window};
-use rehydrate::store::s3::{S3Config, S3Store};
+use rehydrate::store::s3::S3Config;
 use rehydrate::write::BackendChoice;
 use tokio_util::sync::CancellationToken;
 
@@ -106,15 +106,7 @@ async fn fixture(setup: Setup) -> Fixture {
     (setup.tune)(&mut config);
     config.validate().unwrap();
 
-    let s3 = S3Store::connect_with_static_credentials("bucket", "snap", &config.s3, &LoopbackS3::credentials())
-        .await
-        .unwrap();
-    let engine = Arc::new(Engine::new(config));
-    // Rate limit, adaptive concurrency, attempt deadline, as `store::open`
-    // puts them around an S3 store.
-    engine
-        .register_remote_store(StoreUrl::S3 { bucket: "bucket".into(), prefix: "snap".into() }, Arc::new(s3))
-        .unwrap();
+    let engine = engine_on_loopback(config, "snap").await;
 
     let secondary_root = if setup.mirror {
         let mirror = dir.path().join("mirror");

@@ -20,9 +20,7 @@ use rehydrate::config::Config;
 use rehydrate::job::{Engine, RestoreReport};
 use rehydrate::manifest::Manifest;
 use rehydrate::sample::SampleVolume;
-use rehydrate::store::StoreUrl;
 use rehydrate::store::loopback::{LoopbackS3, ServerRateLimit};
-use rehydrate::store::s3::S3Store;
 
 /// Small blocks, so a test sends many requests without moving many bytes.
 const BLOCK_BYTES: u32 = 16 * 1024;
@@ -45,14 +43,7 @@ async fn fixture(blocks: u64, seed: u64) -> Fixture {
     config.checkpoint.dir = Some(dir.path().join("state"));
     config.s3 = server.s3_config();
     config.validate().unwrap();
-    let s3 = S3Store::connect_with_static_credentials("bucket", "snap", &config.s3, &LoopbackS3::credentials())
-        .await
-        .unwrap();
-    let engine = Arc::new(Engine::new(config));
-    // Every production policy around it, as `store::open` puts them.
-    engine
-        .register_remote_store(StoreUrl::S3 { bucket: "bucket".into(), prefix: "snap".into() }, Arc::new(s3))
-        .unwrap();
+    let engine = engine_on_loopback(config, "snap").await;
     Fixture { dir, volume, manifest, server, engine }
 }
 

@@ -225,3 +225,22 @@ body_idle_timeout_millis = 2000
         state = state.display()
     )
 }
+
+/// An engine whose `s3://bucket/<prefix>` is an in-process S3 server
+/// (`config.s3` says where: `LoopbackS3::s3_config`), with every production
+/// policy around it (`store::stack`, as `store::open` gives an S3 store).
+pub async fn engine_on_loopback(config: Config, prefix: &str) -> Arc<Engine> {
+    use rehydrate::store::loopback::LoopbackS3;
+    let s3 = rehydrate::store::s3::S3Store::connect_with_static_credentials(
+        "bucket",
+        prefix,
+        &config.s3,
+        &LoopbackS3::credentials(),
+    )
+    .await
+    .unwrap();
+    let engine = Arc::new(Engine::new(config));
+    let url = rehydrate::store::StoreUrl::S3 { bucket: "bucket".into(), prefix: prefix.into() };
+    engine.register_remote_store(url, Arc::new(s3)).unwrap();
+    engine
+}
