@@ -22,6 +22,7 @@
 
 pub mod backoff;
 pub mod budget;
+pub mod config;
 pub mod hedge;
 
 use std::collections::HashMap;
@@ -38,6 +39,7 @@ use crate::store::SharedStore;
 use crate::store::timeout::{SentAt, observe_sent};
 use crate::verify::{Expected, VerifiedBlock, verify};
 use backoff::Backoff;
+pub use config::FetchConfig;
 pub use hedge::{Grant, HedgeConfig, Hedger};
 
 /// A place blocks can come from, with its role in the fallback order.
@@ -71,7 +73,7 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    pub fn from_config(config: &crate::config::FetchConfig) -> Self {
+    pub fn from_config(config: &crate::fetch::FetchConfig) -> Self {
         Self {
             attempts_max: config.attempts_max.get(),
             elapsed_max: config.source_elapsed_max(),
@@ -196,7 +198,7 @@ pub struct FetchContext {
 }
 
 impl FetchContext {
-    pub fn new(sources: Vec<Source>, config: &crate::config::FetchConfig) -> Self {
+    pub fn new(sources: Vec<Source>, config: &crate::fetch::FetchConfig) -> Self {
         let telemetry = std::sync::Arc::new(FetchTelemetry::new(&sources));
         let hedger = Hedger::new(config.hedge, sources.len());
         Self { policy: RetryPolicy::from_config(config), telemetry, hedger, sources }
@@ -474,7 +476,7 @@ mod tests {
     }
 
     fn context_of(sources: Vec<Source>) -> FetchContext {
-        let ctx = FetchContext::new(sources, &crate::config::FetchConfig::default());
+        let ctx = FetchContext::new(sources, &crate::fetch::FetchConfig::default());
         // A history of fast answers, so a slow one stands out; enough
         // requests that the 5 % cap allows a hedge.
         for i in 0..ctx.sources.len() {
@@ -516,7 +518,7 @@ mod tests {
     async fn an_attempt_started_before_any_history_is_hedged_once_it_fills() {
         let dir = tempfile::tempdir().unwrap();
         let (store, key, expected) = store_with_slow_first_request(dir.path(), &[4u8; 4096]).await;
-        let ctx = Arc::new(FetchContext::new(sources(vec![store.clone()]), &crate::config::FetchConfig::default()));
+        let ctx = Arc::new(FetchContext::new(sources(vec![store.clone()]), &crate::fetch::FetchConfig::default()));
         let fetch = tokio::spawn({
             let (ctx, key) = (Arc::clone(&ctx), key.clone());
             async move { fetch_block(&ctx, &key, &expected, 0).await.map(|(_, served_by)| served_by) }
@@ -542,7 +544,7 @@ mod tests {
         let error = StoreError::transient("500 InternalError");
         cold.add(FaultRule { key_contains: key.clone(), fault: Fault::Fail(error), times: None });
         // A long backoff: without the hedge, the fallback would take seconds.
-        let config = crate::config::FetchConfig {
+        let config = crate::fetch::FetchConfig {
             backoff_base_millis: std::num::NonZeroU64::new(2_000).unwrap(),
             backoff_cap_millis: std::num::NonZeroU64::new(2_000).unwrap(),
             ..Default::default()
@@ -562,7 +564,7 @@ mod tests {
         // Without hedge budget the retry policy runs its course first.
         let ctx = FetchContext::new(
             Source::ordered(vec![cold.clone(), mirror.clone()]),
-            &crate::config::FetchConfig { backoff_base_millis: std::num::NonZeroU64::new(1).unwrap(), ..config },
+            &crate::fetch::FetchConfig { backoff_base_millis: std::num::NonZeroU64::new(1).unwrap(), ..config },
         );
         let (_, served_by) = fetch_block(&ctx, &key, &expected, 0).await.unwrap();
         assert_eq!(served_by, 1);
@@ -573,7 +575,7 @@ mod tests {
     async fn an_attempt_waiting_out_a_long_delay_is_hedged_when_the_tail_begins() {
         let dir = tempfile::tempdir().unwrap();
         let (store, key, expected) = store_with_slow_first_request(dir.path(), &[3u8; 4096]).await;
-        let ctx = Arc::new(FetchContext::new(sources(vec![store.clone()]), &crate::config::FetchConfig::default()));
+        let ctx = Arc::new(FetchContext::new(sources(vec![store.clone()]), &crate::fetch::FetchConfig::default()));
         // Median 5 ms, p95 a minute: before the tail, a minute's wait.
         for n in 0..100 {
             ctx.hedger.record(0, if n % 10 == 0 { Duration::from_secs(60) } else { Duration::from_millis(5) });
@@ -656,7 +658,7 @@ mod tests {
             fault: Fault::Delay(Duration::from_millis(200)),
             times: None,
         });
-        let ctx = FetchContext::new(sources(vec![store.clone()]), &crate::config::FetchConfig::default());
+        let ctx = FetchContext::new(sources(vec![store.clone()]), &crate::fetch::FetchConfig::default());
         fetch_block(&ctx, &key, &expected, 0).await.unwrap();
         assert_eq!(store.calls(&key), 1);
         assert_eq!(ctx.telemetry.counts().hedges, 0);

@@ -76,7 +76,9 @@ struct ReadBlock {
 /// Create a snapshot of `spec.source` in `store`.
 pub async fn create(store: SharedStore, spec: &CreateSpec) -> Result<CreateReport, CreateError> {
     let started = Instant::now();
-    validate_name(&spec.name)?;
+    // The manifest's own rule: a name the format refuses is refused here,
+    // before any block is stored.
+    crate::manifest::validate_name(spec.name.as_bytes()).map_err(|e| CreateError::Usage(e.to_string()))?;
     let manifest_key = format!("{}{MANIFEST_SUFFIX}", spec.name);
     if store.exists(&manifest_key).await.map_err(|e| CreateError::Store(e.to_string()))? {
         return Err(CreateError::Usage(format!(
@@ -241,21 +243,6 @@ fn read_blocks(
         if tx.blocking_send(Ok(ReadBlock { index, hash, bytes: buf.into_bytes() })).is_err() {
             return;
         }
-    }
-}
-
-/// Snapshot names become object keys: keep them plain.
-pub fn validate_name(name: &str) -> Result<(), CreateError> {
-    let ok = !name.is_empty()
-        && name.len() <= 200
-        && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(CreateError::Usage(format!(
-            "snapshot name {name:?} is not allowed: use 1-200 characters of A-Z a-z 0-9 - _ . not starting with '.'"
-        )))
     }
 }
 

@@ -17,12 +17,13 @@ use std::sync::Arc;
 
 use clap::Args;
 
+use super::commands::restore_with_progress;
+use super::output::{human_bytes, print_restore_result};
 use crate::block::{BlockIndex, Compression, HashAlgorithm, block_key};
-use crate::cli::{human_bytes, print_restore_result, restore_with_progress};
 use crate::config::Config;
 use crate::error::ExitCode;
-use crate::job::{Engine, RestoreSpec};
 use crate::manifest::{Manifest, ManifestLimits};
+use crate::restore::{Engine, RestoreSpec};
 use crate::sample::SampleVolume;
 use crate::store::loopback::{Fault, FaultRule, LoopbackS3};
 use crate::store::s3::{S3Config, S3Store};
@@ -161,7 +162,7 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, String> {
         return Ok(code);
     }
 
-    let readback = crate::job::readback::readback(&manifest, &target).map_err(|e| e.to_string())?;
+    let readback = crate::restore::readback::readback(&manifest, &target).map_err(|e| e.to_string())?;
     let pattern = volume.mismatches(&target).map_err(|e| e.to_string())?;
     if !readback.matches() || !pattern.is_empty() {
         say(format!(

@@ -41,7 +41,7 @@ use crate::manifest::Manifest;
 use crate::metrics as m;
 use crate::store::StoreUrl;
 use crate::store::limit::with_tenant;
-use crate::target::{self, OpenOptionsSpec, StagingGuard, Target, TargetKind};
+use crate::target::{self, OpenOptionsSpec, StagingGuard, Target};
 
 use crate::verify::VerifiedBlock;
 use crate::write::{Backend, Writer};
@@ -175,8 +175,8 @@ async fn restore_as(
     }
     let writer_file =
         target.file.try_clone().map_err(|e| io_error(&target, "cannot duplicate the target handle", e))?;
-    let writer = Writer::open(writer_file, &engine.config.writer())
-        .map_err(|e| io_error(&target, "cannot start the writer", e))?;
+    let writer =
+        Writer::open(writer_file, &engine.config.write).map_err(|e| io_error(&target, "cannot start the writer", e))?;
 
     progress.set_phase(Phase::Rehydrate);
     let plan = plan::plan(&manifest, target.fresh, |i| checkpoint.settled().is_settled(i));
@@ -218,7 +218,7 @@ async fn restore_as(
             RestoreError::Io(_) if settler.checkpoint_save_failed && durable.is_some() => staging.disarm(),
             // After EIO/ENOSPC the staging file is suspect: it goes (the guard
             // removes it) and so does the checkpoint naming it.
-            RestoreError::Io(_) if target.kind == TargetKind::File => {
+            RestoreError::Io(_) if target.staged => {
                 if let Some(d) = &durable {
                     d.remove();
                 }
@@ -309,7 +309,7 @@ impl Durable {
         if !engine.config.checkpoint.enabled {
             return Ok(None);
         }
-        let path = engine.config.checkpoint_dir();
+        let path = engine.config.checkpoint.resolved_dir();
         let dir = CheckpointDir::open(path.clone()).map_err(|e| {
             RestoreError::Io(format!(
                 "checkpoint directory {}: {e}: set checkpoint.dir to a writable directory",
@@ -393,7 +393,7 @@ fn allocate(spec: &RestoreSpec, manifest: &Manifest, durable: Option<&Durable>) 
         // From now on the staging file is owned by this checkpoint; if that
         // cannot be recorded, the new staging file goes.
         if let Err(e) = d.save(&checkpoint) {
-            if target.kind == TargetKind::File && target.fresh {
+            if target.staged && target.fresh {
                 let _ = std::fs::remove_file(&target.write_path);
             }
             return Err(e);
@@ -453,7 +453,7 @@ fn io_error(target: &Target, what: &str, e: std::io::Error) -> RestoreError {
 
 /// A fresh file target is sparse: it needs room for the non-zero blocks.
 fn check_free_space(target: &Target, manifest: &Manifest) -> Result<(), RestoreError> {
-    if target.kind != TargetKind::File {
+    if !target.staged {
         return Ok(());
     }
     let needed = manifest.block_bytes_total();
