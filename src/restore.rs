@@ -6,10 +6,14 @@
 //! manifest. Every outcome maps to one [`RestoreError`] variant, and each
 //! variant to one documented exit code.
 
+mod allocate;
+mod phases;
+mod pipeline;
 pub mod plan;
 pub mod progress;
 pub mod readback;
-mod run;
+mod report;
+mod settler;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,7 +24,8 @@ use crate::fetch::budget::Budget;
 use crate::manifest::{Manifest, ManifestLimits};
 use crate::store::{self, SharedStore, StoreUrl};
 
-pub use run::{DamagedBlock, RestoreReport, RestoreSpec, Timings, restore};
+pub use phases::{RestoreSpec, restore};
+pub use report::{DamagedBlock, RestoreReport, Timings};
 
 /// What all restores in one process share.
 #[derive(Debug)]
