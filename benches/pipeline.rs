@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use rehydrate::block::{Compression, HashAlgorithm};
 use rehydrate::config::Config;
-use rehydrate::job::Engine;
-use rehydrate::job::progress::Progress;
+use rehydrate::restore::Engine;
+use rehydrate::restore::progress::Progress;
 use rehydrate::sample::SampleVolume;
 use rehydrate::store::file::FileStore;
 use tokio_util::sync::CancellationToken;
@@ -85,7 +85,7 @@ enum Checkpointing {
 async fn restore_once(setup: &Setup, target: &PathBuf, checkpoint: Checkpointing) -> Duration {
     let _ = std::fs::remove_file(target);
     let engine = Engine::new(config(&setup.dir.path().join("state"), checkpoint));
-    let spec = rehydrate::job::RestoreSpec {
+    let spec = rehydrate::restore::RestoreSpec {
         manifest_url: setup.manifest_url.clone(),
         target: target.clone(),
         secondaries: vec![],
@@ -93,10 +93,9 @@ async fn restore_once(setup: &Setup, target: &PathBuf, checkpoint: Checkpointing
         restart: false,
     };
     let started = Instant::now();
-    let report =
-        rehydrate::job::restore::restore(&engine, &spec, &Arc::new(Progress::default()), &CancellationToken::new())
-            .await
-            .expect("bench restore");
+    let report = rehydrate::restore::restore(&engine, &spec, &Arc::new(Progress::default()), &CancellationToken::new())
+        .await
+        .expect("bench restore");
     let elapsed = started.elapsed();
     assert!(report.succeeded && report.blocks_settled == report.blocks_total);
     elapsed

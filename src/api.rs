@@ -2,7 +2,7 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `POST /v1/jobs` | submit a [`JobSpec`](crate::worker::JobSpec): 201 new, 200 the same job again |
+//! | `POST /v1/jobs` | submit a [`JobSpec`](crate::job::JobSpec): 201 new, 200 the same job again |
 //! | `GET /v1/jobs` | every job's status |
 //! | `GET /v1/jobs/{id}` | one job's status |
 //! | `POST /v1/jobs/{id}/cancel` | cancel a queued or running job |
@@ -15,7 +15,7 @@
 //! clients) and each request answered 408 when it is not received and
 //! handled within `worker.request_timeout_millis`; JSON bodies of at most
 //! `worker.request_body_bytes_max` bytes,
-//! unknown fields refused ([`crate::worker::spec::parse_body`]). Out: JSON, and every error as an RFC 9457 problem
+//! unknown fields refused ([`crate::job::spec::parse_body`]). Out: JSON, and every error as an RFC 9457 problem
 //! ([`problem::Problem`], `application/problem+json`). `/v1` routes need a
 //! bearer token when tokens are configured ([`auth`]); a listener that is not
 //! loopback refuses to start without them.
@@ -36,8 +36,9 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::worker::spec::BodyError;
-use crate::worker::{CancelError, JobState, ListCursor, ListQuery, SubmitError, Submitted, Worker};
+use crate::job::JobState;
+use crate::job::spec::BodyError;
+use crate::worker::{CancelError, ListCursor, ListQuery, SubmitError, Submitted, Worker};
 pub use auth::Tokens;
 use problem::Problem;
 
@@ -205,7 +206,7 @@ async fn submit(State(api): State<Api>, body: Result<Bytes, BytesRejection>) -> 
         Ok(b) => b,
         Err(e) => return Problem::new(e.status(), "bad-body", &e.body_text()).into_response(),
     };
-    let spec = match crate::worker::spec::parse_body(&body) {
+    let spec = match crate::job::spec::parse_body(&body) {
         Ok(spec) => spec,
         Err(e @ BodyError::NotJson(_)) => {
             return Problem::new(StatusCode::BAD_REQUEST, "bad-json", &e.to_string()).into_response();

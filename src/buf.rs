@@ -48,7 +48,7 @@ pub const ALIGN_BYTES: usize = 4096;
 /// allocate without bound.
 pub const LEN_MAX_BYTES: usize = 1 << 30;
 
-/// Idle bytes the process-wide pool keeps until [`Engine`](crate::job::Engine)
+/// Idle bytes the process-wide pool keeps until [`Engine`](crate::restore::Engine)
 /// sets it to the in-flight budget: the budget's default.
 const SHARED_RETAINED_BYTES_MAX_DEFAULT: usize = 128 << 20;
 

@@ -62,11 +62,13 @@ use crate::block::BlockLayout;
 use crate::manifest::ManifestDigest;
 
 mod cadence;
+mod config;
 mod dir;
 mod format;
 pub mod settled;
 
 pub use cadence::{CHECKPOINT_INTERVAL_BYTES_DEFAULT, CHECKPOINT_INTERVAL_MILLIS_DEFAULT, SaveCadence};
+pub use config::CheckpointConfig;
 pub use dir::{CheckpointDir, CheckpointKey, checkpoint_key};
 pub use format::{CHECKPOINT_SIZE_MAX_BYTES, Checkpoint, FORMAT_VERSION, FormatError, unix_now_secs};
 pub use settled::{FAILURE_REASON_MAX_BYTES, FailedSet, Ledger, SettledSet};

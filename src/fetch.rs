@@ -23,6 +23,7 @@
 
 pub mod backoff;
 pub mod budget;
+pub mod config;
 pub mod hedge;
 
 use std::collections::HashMap;
@@ -40,6 +41,7 @@ use crate::store::rate::{RateControl, THROTTLING_NOW};
 use crate::store::timeout::{SentAt, observe_sent};
 use crate::verify::{Expected, VerifiedBlock, verify};
 use backoff::Backoff;
+pub use config::FetchConfig;
 pub use hedge::{Grant, HedgeConfig, Hedger};
 
 /// A place blocks can come from, with its role in the fallback order.
@@ -87,7 +89,7 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    pub fn from_config(config: &crate::config::FetchConfig) -> Self {
+    pub fn from_config(config: &crate::fetch::FetchConfig) -> Self {
         Self {
             attempts_max: config.attempts_max.get(),
             elapsed_max: config.source_elapsed_max(),
@@ -281,7 +283,7 @@ pub struct FetchContext {
 }
 
 impl FetchContext {
-    pub fn new(sources: Vec<Source>, config: &crate::config::FetchConfig) -> Self {
+    pub fn new(sources: Vec<Source>, config: &crate::fetch::FetchConfig) -> Self {
         let telemetry = std::sync::Arc::new(FetchTelemetry::new(&sources));
         let hedger = Hedger::new(config.hedge, sources.len());
         Self { policy: RetryPolicy::from_config(config), telemetry, hedger, sources }
@@ -635,7 +637,7 @@ mod tests {
     }
 
     fn context_of(sources: Vec<Source>) -> FetchContext {
-        let ctx = FetchContext::new(sources, &crate::config::FetchConfig::default());
+        let ctx = FetchContext::new(sources, &crate::fetch::FetchConfig::default());
         // A history of fast answers, so a slow one stands out; enough
         // requests that the 5 % cap allows a hedge.
         for i in 0..ctx.sources.len() {
@@ -677,7 +679,7 @@ mod tests {
     async fn an_attempt_started_before_any_history_is_hedged_once_it_fills() {
         let dir = tempfile::tempdir().unwrap();
         let (store, key, expected) = store_with_slow_first_request(dir.path(), &[4u8; 4096]).await;
-        let ctx = Arc::new(FetchContext::new(sources(vec![store.clone()]), &crate::config::FetchConfig::default()));
+        let ctx = Arc::new(FetchContext::new(sources(vec![store.clone()]), &crate::fetch::FetchConfig::default()));
         let fetch = tokio::spawn({
             let (ctx, key) = (Arc::clone(&ctx), key.clone());
             async move { fetch_block(&ctx, &key, &expected, 0).await.map(|(_, served_by)| served_by) }
@@ -703,7 +705,7 @@ mod tests {
         let error = StoreError::transient("500 InternalError");
         cold.add(FaultRule { key_contains: key.clone(), fault: Fault::Fail(error), times: None });
         // A long backoff: without the hedge, the fallback would take seconds.
-        let config = crate::config::FetchConfig {
+        let config = crate::fetch::FetchConfig {
             backoff_base_millis: std::num::NonZeroU64::new(2_000).unwrap(),
             backoff_cap_millis: std::num::NonZeroU64::new(2_000).unwrap(),
             ..Default::default()
@@ -723,7 +725,7 @@ mod tests {
         // Without hedge budget the retry policy runs its course first.
         let ctx = FetchContext::new(
             Source::ordered(vec![cold.clone(), mirror.clone()]),
-            &crate::config::FetchConfig { backoff_base_millis: std::num::NonZeroU64::new(1).unwrap(), ..config },
+            &crate::fetch::FetchConfig { backoff_base_millis: std::num::NonZeroU64::new(1).unwrap(), ..config },
         );
         let (_, served_by) = fetch_block(&ctx, &key, &expected, 0).await.unwrap();
         assert_eq!(served_by, 1);
@@ -734,7 +736,7 @@ mod tests {
     async fn an_attempt_waiting_out_a_long_delay_is_hedged_when_the_tail_begins() {
         let dir = tempfile::tempdir().unwrap();
         let (store, key, expected) = store_with_slow_first_request(dir.path(), &[3u8; 4096]).await;
-        let ctx = Arc::new(FetchContext::new(sources(vec![store.clone()]), &crate::config::FetchConfig::default()));
+        let ctx = Arc::new(FetchContext::new(sources(vec![store.clone()]), &crate::fetch::FetchConfig::default()));
         // Median 5 ms, p95 a minute: before the tail, a minute's wait.
         for n in 0..100 {
             ctx.hedger.record(0, if n % 10 == 0 { Duration::from_secs(60) } else { Duration::from_millis(5) });
@@ -757,10 +759,11 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn waiting_for_a_rate_limit_token_is_not_slowness() {
-        // Four blocks through a 4 requests/s limit with a burst of 1: the
-        // last waits about 750 ms for its token, 37 times the 20 ms hedge
-        // delay the fast history sets. Hedging it would only queue a second
-        // request behind the same limit.
+        // Four blocks through a 2 requests/s limit with a burst of 1: the
+        // last waits about 1.5 s for its token, 7.5 times the 200 ms hedge
+        // delay a history of 50 ms answers sets (a 4 KiB file read on a
+        // loaded machine stays well under it). Hedging it would only queue a
+        // second request behind the same limit.
         let dir = tempfile::tempdir().unwrap();
         let file = Arc::new(FileStore::new(dir.path().to_owned()));
         let mut blocks = Vec::new();
@@ -780,7 +783,7 @@ mod tests {
         }
         let counted = Arc::new(FaultStore::new(file));
         let limits = crate::store::limit::RateLimitConfig {
-            requests_per_sec: std::num::NonZeroU32::new(4),
+            requests_per_sec: std::num::NonZeroU32::new(2),
             request_burst: std::num::NonZeroU32::new(1),
             ..Default::default()
         };
@@ -791,7 +794,12 @@ mod tests {
         };
         // The production stack: the limit outside the deadline.
         let limited = crate::store::stack(crate::store::Backend::Remote(counted.clone()), &options).unwrap();
-        let ctx = Arc::new(context_of(Source::ordered(vec![limited])));
+        let ctx = FetchContext::new(Source::ordered(vec![limited]), &crate::fetch::FetchConfig::default());
+        for _ in 0..64 {
+            ctx.hedger.record(0, Duration::from_millis(50));
+            ctx.hedger.count_request();
+        }
+        let ctx = Arc::new(ctx);
         let started = Instant::now();
         let fetches: Vec<_> = blocks
             .iter()
@@ -804,7 +812,7 @@ mod tests {
         for fetch in fetches {
             fetch.await.unwrap().unwrap();
         }
-        assert!(started.elapsed() >= Duration::from_millis(500), "the limit held the last blocks back");
+        assert!(started.elapsed() >= Duration::from_millis(1000), "the limit held the last blocks back");
         assert_eq!(ctx.telemetry.counts().hedges, 0);
         for (key, _) in &blocks {
             assert_eq!(counted.calls(key), 1);
@@ -820,7 +828,7 @@ mod tests {
             fault: Fault::Delay(Duration::from_millis(200)),
             times: None,
         });
-        let ctx = FetchContext::new(sources(vec![store.clone()]), &crate::config::FetchConfig::default());
+        let ctx = FetchContext::new(sources(vec![store.clone()]), &crate::fetch::FetchConfig::default());
         fetch_block(&ctx, &key, &expected, 0).await.unwrap();
         assert_eq!(store.calls(&key), 1);
         assert_eq!(ctx.telemetry.counts().hedges, 0);

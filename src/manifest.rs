@@ -154,6 +154,28 @@ impl Default for ManifestLimits {
     }
 }
 
+/// Limits on manifests read (`[manifest]`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ManifestConfig {
+    /// Most block entries in a manifest. 16 Mi: a 64 TiB volume in 4 MiB
+    /// blocks; 768 MiB of entries in memory at most.
+    pub entries_max: std::num::NonZeroU64,
+}
+
+impl Default for ManifestConfig {
+    fn default() -> Self {
+        Self { entries_max: std::num::NonZeroU64::new(16 << 20).expect("non-zero") }
+    }
+}
+
+impl ManifestConfig {
+    /// The limits a manifest is decoded within.
+    pub fn limits(&self) -> ManifestLimits {
+        ManifestLimits { entries_max: self.entries_max.get() }
+    }
+}
+
 /// One stored (non-zero) block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockEntry {

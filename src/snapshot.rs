@@ -76,7 +76,43 @@ struct ReadBlock {
 /// Create a snapshot of `spec.source` in `store`.
 pub async fn create(store: SharedStore, spec: &CreateSpec) -> Result<CreateReport, CreateError> {
     let started = Instant::now();
-    validate_name(&spec.name)?;
+    let (manifest_key, file, layout) = open_source(&store, spec).await?;
+    let mut builder = ManifestBuilder::new(&spec.name, layout, spec.hash_algorithm, spec.compression)
+        .map_err(|e| CreateError::Usage(e.to_string()))?;
+    let stored = store_blocks(&store, spec, file, layout).await?;
+    for (index, hash) in &stored.refs {
+        let (stored_len_bytes, compression) = stored.objects[hash].expect("every put finished");
+        builder
+            .push(BlockEntry { index: *index, hash: *hash, stored_len_bytes, compression })
+            .map_err(|e| CreateError::Store(format!("internal: {e}")))?;
+    }
+    let manifest = builder.finish();
+    store
+        .put(&manifest_key, Bytes::from(manifest.encode()))
+        .await
+        .map_err(|e| CreateError::Store(format!("putting the manifest: {e}")))?;
+    Ok(CreateReport {
+        manifest_url: store.url().join(&manifest_key),
+        snapshot_digest: manifest.digest().to_hex(),
+        volume_size_bytes: layout.volume_size_bytes(),
+        block_size_bytes: spec.block_size_bytes,
+        blocks_total: layout.block_count(),
+        blocks_zero: layout.block_count() - stored.refs.len() as u64,
+        blocks_deduplicated: stored.dedup,
+        objects_stored: stored.tally.stored,
+        objects_existing: stored.tally.existing,
+        bytes_stored: stored.tally.bytes_stored,
+        duration_secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Check the name (the manifest's own rule, before any block is stored) and
+/// that no snapshot has it yet; open the source and find its layout.
+async fn open_source(
+    store: &SharedStore,
+    spec: &CreateSpec,
+) -> Result<(String, std::fs::File, BlockLayout), CreateError> {
+    crate::manifest::validate_name(spec.name.as_bytes()).map_err(|e| CreateError::Usage(e.to_string()))?;
     let manifest_key = format!("{}{MANIFEST_SUFFIX}", spec.name);
     if store.exists(&manifest_key).await.map_err(|e| CreateError::Store(e.to_string()))? {
         return Err(CreateError::Usage(format!(
@@ -90,29 +126,44 @@ pub async fn create(store: SharedStore, spec: &CreateSpec) -> Result<CreateRepor
         .map_err(|source| CreateError::Read { path: spec.source.clone(), source })?;
     let layout = BlockLayout::new(size, spec.block_size_bytes)
         .map_err(|e| CreateError::Usage(format!("{}: {e}", spec.source.display())))?;
-    let mut builder = ManifestBuilder::new(&spec.name, layout, spec.hash_algorithm, spec.compression)
-        .map_err(|e| CreateError::Usage(e.to_string()))?;
+    Ok((manifest_key, file, layout))
+}
 
+/// The blocks of a source, stored: which hash each non-zero block has, and
+/// each distinct object's stored length and compression.
+struct Stored {
+    refs: Vec<(BlockIndex, ContentHash)>,
+    objects: HashMap<ContentHash, Option<(u32, Compression)>>,
+    dedup: u64,
+    tally: PutTally,
+}
+
+/// Read the source block by block (a blocking reader ahead of the puts) and
+/// put each distinct non-zero block once, at most `puts_inflight_max` at a
+/// time.
+async fn store_blocks(
+    store: &SharedStore,
+    spec: &CreateSpec,
+    file: std::fs::File,
+    layout: BlockLayout,
+) -> Result<Stored, CreateError> {
     let (tx, mut rx) = mpsc::channel::<std::io::Result<ReadBlock>>(READ_AHEAD_BLOCKS);
     let algorithm = spec.hash_algorithm;
     let reader = tokio::task::spawn_blocking(move || read_blocks(&file, layout, algorithm, &tx));
 
     let puts = Arc::new(Semaphore::new(spec.puts_inflight_max.max(1)));
     let mut tasks: JoinSet<Result<PutDone, CreateError>> = JoinSet::new();
-    let mut objects: HashMap<ContentHash, Option<(u32, Compression)>> = HashMap::new();
-    let mut refs: Vec<(BlockIndex, ContentHash)> = Vec::new();
-    let mut dedup = 0;
-    let mut tally = PutTally::default();
+    let mut out = Stored { refs: Vec::new(), objects: HashMap::new(), dedup: 0, tally: PutTally::default() };
     while let Some(read) = rx.recv().await {
         let block = read.map_err(|source| CreateError::Read { path: spec.source.clone(), source })?;
-        refs.push((block.index, block.hash));
-        if objects.contains_key(&block.hash) {
-            dedup += 1;
+        out.refs.push((block.index, block.hash));
+        if out.objects.contains_key(&block.hash) {
+            out.dedup += 1;
             continue;
         }
-        objects.insert(block.hash, None);
+        out.objects.insert(block.hash, None);
         let permit = Arc::clone(&puts).acquire_owned().await.expect("semaphore never closed");
-        let store = Arc::clone(&store);
+        let store = Arc::clone(store);
         let compression = spec.compression;
         tasks.spawn(async move {
             let out = put_block(&store, block, compression).await;
@@ -120,37 +171,14 @@ pub async fn create(store: SharedStore, spec: &CreateSpec) -> Result<CreateRepor
             out
         });
         while let Some(done) = tasks.try_join_next() {
-            record_put(&mut objects, &mut tally, done)?;
+            record_put(&mut out.objects, &mut out.tally, done)?;
         }
     }
     reader.await.map_err(|e| CreateError::Store(format!("reader task failed: {e}")))?;
     while let Some(done) = tasks.join_next().await {
-        record_put(&mut objects, &mut tally, done)?;
+        record_put(&mut out.objects, &mut out.tally, done)?;
     }
-    for (index, hash) in &refs {
-        let (stored_len_bytes, compression) = objects[hash].expect("every put finished");
-        builder
-            .push(BlockEntry { index: *index, hash: *hash, stored_len_bytes, compression })
-            .map_err(|e| CreateError::Store(format!("internal: {e}")))?;
-    }
-    let manifest = builder.finish();
-    store
-        .put(&manifest_key, Bytes::from(manifest.encode()))
-        .await
-        .map_err(|e| CreateError::Store(format!("putting the manifest: {e}")))?;
-    Ok(CreateReport {
-        manifest_url: store.url().join(&manifest_key),
-        snapshot_digest: manifest.digest().to_hex(),
-        volume_size_bytes: size,
-        block_size_bytes: spec.block_size_bytes,
-        blocks_total: layout.block_count(),
-        blocks_zero: layout.block_count() - refs.len() as u64,
-        blocks_deduplicated: dedup,
-        objects_stored: tally.stored,
-        objects_existing: tally.existing,
-        bytes_stored: tally.bytes_stored,
-        duration_secs: started.elapsed().as_secs_f64(),
-    })
+    Ok(out)
 }
 
 #[derive(Debug, Default)]
@@ -241,21 +269,6 @@ fn read_blocks(
         if tx.blocking_send(Ok(ReadBlock { index, hash, bytes: buf.into_bytes() })).is_err() {
             return;
         }
-    }
-}
-
-/// Snapshot names become object keys: keep them plain.
-pub fn validate_name(name: &str) -> Result<(), CreateError> {
-    let ok = !name.is_empty()
-        && name.len() <= 200
-        && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(CreateError::Usage(format!(
-            "snapshot name {name:?} is not allowed: use 1-200 characters of A-Z a-z 0-9 - _ . not starting with '.'"
-        )))
     }
 }
 

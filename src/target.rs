@@ -19,24 +19,10 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-
 /// Suffix of staging files; a sweep removes only files whose names end so.
 pub const STAGING_SUFFIX: &str = ".rehydrate-staging";
 
-/// What kind of thing is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TargetKind {
-    /// A regular file, written as a staging file and swapped into place.
-    File,
-    /// A regular file written in place (`--in-place`).
-    FileInPlace,
-    /// A block device, written in place.
-    BlockDevice,
-}
-
-pub use crate::checkpoint::TargetIdentity;
+pub use crate::checkpoint::{TargetIdentity, TargetKind};
 
 /// An opened target.
 #[derive(Debug)]
@@ -45,7 +31,9 @@ pub struct Target {
     pub path: PathBuf,
     /// The path written: the staging file for a file target, else `path`.
     pub write_path: PathBuf,
-    pub kind: TargetKind,
+    /// Written as a staging file next to `path` and swapped into place at the
+    /// end (a regular file not written `--in-place`).
+    pub staged: bool,
     pub file: File,
     /// Whether every byte is known to be zero (a staging file this restore
     /// just created): zero blocks then need no write.
@@ -130,14 +118,7 @@ fn open_device(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetError
     let size = device_size_bytes(&file).map_err(|e| TargetError::io(path, e))?;
     check_capacity(path, size, spec.volume_size_bytes)?;
     let identity = identity_of(&file).map_err(|e| TargetError::io(path, e))?;
-    Ok(Target {
-        path: path.to_owned(),
-        write_path: path.to_owned(),
-        kind: TargetKind::BlockDevice,
-        file,
-        fresh: false,
-        identity,
-    })
+    Ok(Target { path: path.to_owned(), write_path: path.to_owned(), staged: false, file, fresh: false, identity })
 }
 
 fn open_in_place(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetError> {
@@ -152,14 +133,7 @@ fn open_in_place(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetErr
         file.set_len(spec.volume_size_bytes).map_err(|e| TargetError::io(path, e))?;
     }
     let identity = identity_of(&file).map_err(|e| TargetError::io(path, e))?;
-    Ok(Target {
-        path: path.to_owned(),
-        write_path: path.to_owned(),
-        kind: TargetKind::FileInPlace,
-        file,
-        fresh: false,
-        identity,
-    })
+    Ok(Target { path: path.to_owned(), write_path: path.to_owned(), staged: false, file, fresh: false, identity })
 }
 
 fn open_staging(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetError> {
@@ -196,7 +170,7 @@ fn open_staging(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetErro
         file.set_len(spec.volume_size_bytes).map_err(|e| TargetError::io(&staging, e))?;
     }
     let identity = identity_of(&file).map_err(|e| TargetError::io(&staging, e))?;
-    Ok(Target { path: path.to_owned(), write_path: staging, kind: TargetKind::File, file, fresh: !reuse, identity })
+    Ok(Target { path: path.to_owned(), write_path: staging, staged: true, file, fresh: !reuse, identity })
 }
 
 fn check_capacity(path: &Path, size: u64, volume: u64) -> Result<(), TargetError> {
@@ -258,7 +232,7 @@ pub fn parent_dir(path: &Path) -> PathBuf {
 /// into place and fsync the directory.
 pub fn swap(target: &Target) -> io::Result<()> {
     target.file.sync_all()?;
-    if target.kind == TargetKind::File {
+    if target.staged {
         std::fs::rename(&target.write_path, &target.path)?;
         File::open(parent_dir(&target.path))?.sync_all()?;
     }
@@ -317,7 +291,7 @@ pub struct StagingGuard {
 
 impl StagingGuard {
     pub fn new(target: &Target) -> Self {
-        Self { path: (target.kind == TargetKind::File).then(|| target.write_path.clone()) }
+        Self { path: target.staged.then(|| target.write_path.clone()) }
     }
 
     /// Keep the staging file (it was swapped into place, or a checkpoint
@@ -355,7 +329,8 @@ mod tests {
         let path = dir.path().join("vol.img");
         std::fs::write(&path, b"old").unwrap();
         let t = open(&path, spec(8192)).unwrap();
-        assert_eq!(t.kind, TargetKind::File);
+        assert!(t.staged);
+        assert_eq!(t.identity.kind, TargetKind::File);
         assert!(t.fresh);
         assert!(is_staging_name(&t.write_path.file_name().unwrap().to_string_lossy()));
         assert_eq!(std::fs::metadata(&t.write_path).unwrap().len(), 8192);

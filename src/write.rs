@@ -152,10 +152,15 @@ impl TryFrom<DirectIoSetting> for DirectIo {
     }
 }
 
-#[derive(Debug, Clone)]
+/// How the target is written (`[write]`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct WriterConfig {
+    /// `auto` probes io_uring and falls back to pwrite (old kernels, seccomp).
     pub backend: BackendChoice,
-    /// Whether aligned writes go through an `O_DIRECT` descriptor.
+    /// `true`, `false` or `"auto"`: aligned block writes through an
+    /// `O_DIRECT` descriptor. `auto` falls back to buffered writes where the
+    /// filesystem refuses `O_DIRECT` (tmpfs).
     pub direct_io: DirectIo,
     /// Writes queued or in flight per target at most.
     pub queue_depth: NonZeroUsize,

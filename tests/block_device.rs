@@ -10,7 +10,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use common::*;
 use rehydrate::block::{Compression, HashAlgorithm};
-use rehydrate::job::{Engine, RestoreError};
+use rehydrate::restore::{Engine, RestoreError};
 use rehydrate::write::BackendChoice;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,7 +26,7 @@ async fn restore_into_a_loop_device_in_place() {
         let report = restore(&Engine::new(config(backend, &state)), &spec(&url, &dev.device)).await.unwrap();
         check_ledger(&report, &manifest);
         assert!(report.succeeded);
-        let readback = rehydrate::job::readback::readback(&manifest, &dev.device).unwrap();
+        let readback = rehydrate::restore::readback::readback(&manifest, &dev.device).unwrap();
         assert!(readback.matches(), "{backend:?}: mismatched blocks {:?}", readback.mismatched);
         // Bytes past the volume are the device's own, untouched.
         let data = std::fs::read(&dev.device).unwrap();

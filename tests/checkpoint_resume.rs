@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use rehydrate::block::{Compression, HashAlgorithm, block_key};
 use rehydrate::checkpoint::{Checkpoint, checkpoint_key};
-use rehydrate::job::progress::Progress;
-use rehydrate::job::{Engine, RestoreError};
 use rehydrate::manifest::Manifest;
+use rehydrate::restore::progress::Progress;
+use rehydrate::restore::{Engine, RestoreError};
 use rehydrate::store::StoreUrl;
 use rehydrate::store::fault::{Fault, FaultRule, FaultStore};
 use rehydrate::store::file::FileStore;
@@ -109,7 +109,7 @@ impl Fixture {
         let task = tokio::spawn({
             let (engine, spec, progress, cancel) =
                 (self.engine.clone(), spec(url, &self.target), progress.clone(), cancel.clone());
-            async move { rehydrate::job::restore::restore(&engine, &spec, &progress, &cancel).await }
+            async move { rehydrate::restore::restore(&engine, &spec, &progress, &cancel).await }
         });
         let started = Instant::now();
         while progress.blocks_settled.load(Ordering::Relaxed) < SETTLED_BEFORE_INTERRUPT {

@@ -391,7 +391,7 @@ async fn killed_again_and_again_resumes_with_bounded_rework_and_ends_identical()
     assert_eq!(requested_before.len(), objects.len(), "every object was requested at least once");
 
     assert_eq!(fx.volume.mismatches(&fx.target).unwrap(), Vec::<u64>::new());
-    let readback = rehydrate::job::readback::readback(&fx.manifest, &fx.target).unwrap();
+    let readback = rehydrate::restore::readback::readback(&fx.manifest, &fx.target).unwrap();
     assert!(readback.matches(), "read-back mismatches: {:?}", readback.mismatched);
     let out = fx.target.parent().unwrap();
     let leftovers: Vec<_> = std::fs::read_dir(out).unwrap().map(|e| e.unwrap().file_name()).collect();

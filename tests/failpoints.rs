@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use rehydrate::block::{Compression, HashAlgorithm};
 use rehydrate::checkpoint::{Checkpoint, checkpoint_key};
-use rehydrate::job::progress::Progress;
-use rehydrate::job::{Engine, RestoreError, RestoreReport};
 use rehydrate::manifest::Manifest;
+use rehydrate::restore::progress::Progress;
+use rehydrate::restore::{Engine, RestoreError, RestoreReport};
 use rehydrate::sample::SampleVolume;
 use rehydrate::store::StoreUrl;
 use rehydrate::store::fault::{Fault, FaultRule, FaultStore};
@@ -88,8 +88,7 @@ impl Fixture {
     }
 
     async fn restore(&self, target: &Path, progress: &Arc<Progress>) -> Result<RestoreReport, RestoreError> {
-        rehydrate::job::restore::restore(&self.engine, &spec(&self.url, target), progress, &CancellationToken::new())
-            .await
+        rehydrate::restore::restore(&self.engine, &spec(&self.url, target), progress, &CancellationToken::new()).await
     }
 
     /// After the fail point is cleared, the rerun restores the whole volume.

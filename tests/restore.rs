@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use rehydrate::block::{Compression, HashAlgorithm, block_key};
-use rehydrate::job::{Engine, RestoreError};
+use rehydrate::restore::{Engine, RestoreError};
 use std::sync::Arc;
 
 use rehydrate::store::StoreUrl;
@@ -53,7 +53,7 @@ async fn restore_into_existing_file_zeroes_zero_blocks() {
     s.in_place = true;
     let report = restore(&Engine::new(config(BackendChoice::Pwrite, &dir.path().join("state"))), &s).await.unwrap();
     check_ledger(&report, &manifest);
-    let readback = rehydrate::job::readback::readback(&manifest, &target).unwrap();
+    let readback = rehydrate::restore::readback::readback(&manifest, &target).unwrap();
     assert!(readback.matches(), "zero blocks not zeroed: {:?}", readback.mismatched);
 }
 
@@ -84,7 +84,7 @@ async fn corrupt_block_is_never_written_and_named() {
     let offset = manifest.layout.offset(victim.index) as usize;
     assert!(data[offset..offset + 65536].iter().all(|&b| b == 0xCD), "corrupt bytes reached the target");
     // Everything else was restored.
-    let readback = rehydrate::job::readback::readback(&manifest, &target).unwrap();
+    let readback = rehydrate::restore::readback::readback(&manifest, &target).unwrap();
     assert_eq!(readback.mismatched, vec![victim.index]);
 }
 

@@ -24,9 +24,9 @@ use common::*;
 use rehydrate::block::{BlockIndex, Compression, HashAlgorithm, block_key};
 use rehydrate::config::Config;
 use rehydrate::error::ErrorClass;
-use rehydrate::job::progress::Progress;
-use rehydrate::job::{Engine, RestoreError, RestoreReport, RestoreSpec};
 use rehydrate::manifest::Manifest;
+use rehydrate::restore::progress::Progress;
+use rehydrate::restore::{Engine, RestoreError, RestoreReport, RestoreSpec};
 use rehydrate::sample::SampleVolume;
 use rehydrate::store::StoreUrl;
 use rehydrate::store::fault::FaultStore;
@@ -241,7 +241,7 @@ async fn run_restore(
     spec: &RestoreSpec,
     progress: &Arc<Progress>,
 ) -> Result<RestoreReport, RestoreError> {
-    rehydrate::job::restore::restore(engine, spec, progress, &CancellationToken::new()).await
+    rehydrate::restore::restore(engine, spec, progress, &CancellationToken::new()).await
 }
 
 fn served(report: &RestoreReport) -> HashMap<String, u64> {
@@ -461,7 +461,7 @@ async fn corrupt_body_is_never_written_and_comes_from_the_next_source() {
     let data = std::fs::read(&target).unwrap();
     let offset = f.manifest.layout.offset(victim) as usize;
     assert!(data[offset..offset + BLOCK as usize].iter().all(|&b| b == 0xCD), "corrupt bytes reached the target");
-    let readback = rehydrate::job::readback::readback(&f.manifest, &target).unwrap();
+    let readback = rehydrate::restore::readback::readback(&f.manifest, &target).unwrap();
     assert_eq!(readback.mismatched, vec![victim], "everything else was restored");
 
     // The mirror is repaired: the rerun resumes, asks the primary once more
@@ -546,7 +546,7 @@ async fn block_missing_everywhere_fails_the_job_and_a_rerun_fetches_only_it() {
     // Everything else is in the (kept) staging file.
     assert!(!target.exists(), "a failed restore was swapped into place");
     let staging = rehydrate::target::staging_path(&target).unwrap();
-    let readback = rehydrate::job::readback::readback(&f.manifest, &staging).unwrap();
+    let readback = rehydrate::restore::readback::readback(&f.manifest, &staging).unwrap();
     assert_eq!(readback.mismatched, victims);
 
     // The object comes back: the rerun fetches it and nothing else.

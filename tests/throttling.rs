@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use rehydrate::block::{Compression, HashAlgorithm};
 use rehydrate::config::Config;
-use rehydrate::job::{Engine, RestoreReport};
 use rehydrate::manifest::Manifest;
+use rehydrate::restore::{Engine, RestoreReport};
 use rehydrate::sample::SampleVolume;
 use rehydrate::store::loopback::{LoopbackS3, ServerRateLimit};
 

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use rehydrate::api::client::ApiClient;
 use rehydrate::block::{Compression, HashAlgorithm, block_key};
+use rehydrate::job::{JobSpec, JobState};
 use rehydrate::manifest::Manifest;
 use rehydrate::sample::SampleVolume;
 use rehydrate::store::loopback::{Fault, FaultMethod, FaultRule, LoopbackS3};
-use rehydrate::worker::JobSpec;
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -170,16 +170,15 @@ async fn worker_profile_with_primary_and_secondary_on_two_endpoints() {
     }
     let job = loop {
         let job = client.get("two-endpoints").await.unwrap();
-        let state = job["state"].as_str().unwrap_or("?").to_owned();
-        if state != "queued" && state != "running" {
+        if !matches!(job.state, JobState::Queued | JobState::Running) {
             break job;
         }
-        assert!(started.elapsed() < DEADLINE, "the job never finished: {job:#}");
+        assert!(started.elapsed() < DEADLINE, "the job never finished: {job:#?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     worker.start_kill().unwrap();
     let _ = worker.wait().await;
-    assert_eq!(job["state"], Value::from("succeeded"), "{job:#}");
-    assert_eq!(job["sources"]["secondary1"], Value::from(f.missing.len()), "{job:#}");
+    assert_eq!(job.state, JobState::Succeeded, "{job:#?}");
+    assert_eq!(job.sources.get("secondary1"), Some(&(f.missing.len() as u64)), "{job:#?}");
     f.check_served(&target);
 }

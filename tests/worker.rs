@@ -18,8 +18,8 @@ use rehydrate::api::Tokens;
 use rehydrate::api::client::{Answer, ApiClient};
 use rehydrate::block::{Compression, HashAlgorithm, block_key};
 use rehydrate::config::{Config, ProfileConfig};
-use rehydrate::job::Engine;
 use rehydrate::manifest::Manifest;
+use rehydrate::restore::Engine;
 use rehydrate::sample::SampleVolume;
 use rehydrate::store::file::FileStore;
 use rehydrate::store::{BlockStore, BoxFuture, SharedStore, StoreError, StoreUrl};
@@ -185,7 +185,7 @@ async fn submit(client: &ApiClient, spec: &JobSpec) -> Answer {
 async fn wait_for(client: &ApiClient, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
     let start = Instant::now();
     loop {
-        let job = client.get(id).await.unwrap();
+        let job = client.get(id).await.unwrap().json();
         if done(&job) {
             return job;
         }
@@ -223,7 +223,7 @@ async fn list_all(client: &ApiClient, states: &[&str], limit: usize) -> (Vec<Str
     let states: Vec<String> = states.iter().map(|s| s.to_string()).collect();
     let (mut ids, mut pages, mut after) = (Vec::new(), 0, None::<String>);
     loop {
-        let page = client.list(&states, Some(limit), after.as_deref()).await.unwrap();
+        let page = client.list(&states, Some(limit), after.as_deref()).await.unwrap().json();
         let jobs = page["jobs"].as_array().unwrap();
         assert!(jobs.len() <= limit, "{page:#}");
         ids.extend(jobs.iter().map(|j| j["id"].as_str().unwrap().to_owned()));
@@ -278,10 +278,10 @@ async fn job_list_pages_filters_and_refuses_bad_queries() {
     assert_eq!(list_all(&server.client, &["failed", "succeeded"], 4).await.0.len(), 6);
     assert!(list_all(&server.client, &["running", "queued"], 3).await.0.is_empty());
     // A cursor stays valid on its own: it names a position, not a record.
-    let page = server.client.list(&[], Some(2), None).await.unwrap();
+    let page = server.client.list(&[], Some(2), None).await.unwrap().json();
     let next = page["next"].as_str().unwrap();
     let cursor_secs = next.split_once('-').unwrap().0;
-    let later = server.client.list(&[], None, Some(&format!("{cursor_secs}-page-1~"))).await.unwrap();
+    let later = server.client.list(&[], None, Some(&format!("{cursor_secs}-page-1~"))).await.unwrap().json();
     assert_eq!(later["jobs"][0]["id"], json!("page-2"), "{later:#}");
     for query in
         ["state=done", "limit=0", "limit=1001", "limit=ten", "after=page-2", "after=12", "sort=id", "state=running&x=1"]
@@ -317,7 +317,7 @@ async fn submit_poll_and_idempotent_resubmission() {
     // The same id with another spec is a conflict.
     let other = f.spec("job-a", &f.target("b.img"));
     is_problem(&submit(&server.client, &other).await, 409);
-    let list = server.client.list(&[], None, None).await.unwrap();
+    let list = server.client.list(&[], None, None).await.unwrap().json();
     assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
     is_problem(&server.client.raw(Method::GET, "/v1/jobs/nope", None).await.unwrap(), 404);
     is_problem(&server.client.raw(Method::DELETE, "/v1/jobs", None).await.unwrap(), 405);
@@ -347,7 +347,7 @@ async fn busy_target_is_refused_and_replacement_adopts_the_work() {
     let mut replace = f.spec("new", &target);
     replace.replace = true;
     assert_eq!(submit(&server.client, &replace).await.status.as_u16(), 201);
-    let old = server.client.get("old").await.unwrap();
+    let old = server.client.get("old").await.unwrap().json();
     assert_eq!(state(&old), "cancelled", "{old:#}");
     assert!(old["reason"].as_str().unwrap().contains("replaced by job new"), "{old:#}");
 
@@ -357,7 +357,7 @@ async fn busy_target_is_refused_and_replacement_adopts_the_work() {
     // The replacement's ledger covers every block, and it took over every
     // block the replaced job had settled.
     assert_eq!(new["blocks"]["resumed"], json!(total - 1), "{new:#}");
-    let old = server.client.get("old").await.unwrap();
+    let old = server.client.get("old").await.unwrap().json();
     assert_eq!(state(&old), "cancelled", "the replaced run set a status: {old:#}");
     server.stop().await;
 }
@@ -381,7 +381,7 @@ async fn cancel_then_resubmit_resumes() {
     let reason = stalled["stalled_reason"].as_str().unwrap();
     assert!(reason.contains("oldest block in flight: 16"), "{reason}");
     assert!(stalled.get("eta_secs").is_some() && stalled["bytes"]["total"].as_u64() > Some(0), "{stalled:#}");
-    let cancelled = server.client.cancel("job-c").await.unwrap();
+    let cancelled = server.client.cancel("job-c").await.unwrap().json();
     assert_eq!(state(&cancelled), "cancelled", "{cancelled:#}");
     assert!(!target.exists(), "a cancelled restore was swapped into place");
     is_problem(&server.client.raw(Method::POST, "/v1/jobs/job-c/cancel", None).await.unwrap(), 409);
@@ -429,7 +429,7 @@ async fn hostile_specs_get_problems_and_write_nothing() {
         assert_eq!(answer.status.as_u16(), status, "{name}: {}", answer.text);
         is_problem(&answer, status);
     }
-    assert_eq!(server.client.list(&[], None, None).await.unwrap()["jobs"], json!([]));
+    assert_eq!(server.client.list(&[], None, None).await.unwrap().json()["jobs"], json!([]));
     let written = |dir: &Path| std::fs::read_dir(dir).unwrap().count();
     assert_eq!(written(&outside), 0, "something was written outside the roots");
     assert_eq!(written(&f.roots()), 1, "only the symlink the test made");
@@ -449,7 +449,7 @@ async fn tokens_are_enforced_when_configured() {
     let base = server.base.clone();
     for token in ["old-token-0123456789", "new-token-0123456789"] {
         let client = ApiClient::new(&base, Some(token.into())).unwrap();
-        assert_eq!(client.list(&[], None, None).await.unwrap()["jobs"], json!([]));
+        assert_eq!(client.list(&[], None, None).await.unwrap().json()["jobs"], json!([]));
     }
     let wrong = ApiClient::new(&base, Some("new-token-012345678X".into())).unwrap();
     is_problem(&wrong.raw(Method::GET, "/v1/jobs", None).await.unwrap(), 401);
@@ -626,7 +626,7 @@ async fn a_restarted_worker_resumes_unfinished_jobs() {
     assert!(server.worker.shutdown(Duration::from_secs(30)).await);
     is_problem(&server.client.raw(Method::GET, "/readyz", None).await.unwrap(), 503);
     is_problem(&submit(&server.client, &f.spec("late", &f.target("late.img"))).await, 503);
-    let job = server.client.get("r").await.unwrap();
+    let job = server.client.get("r").await.unwrap().json();
     assert_eq!(state(&job), "queued", "a job stopped by shutdown is resumed, not cancelled: {job:#}");
     server.stop().await;
 
@@ -716,7 +716,7 @@ async fn a_job_held_by_free_space_does_not_block_the_jobs_behind_it() {
     assert_eq!(state(&held), "queued", "{held:#}");
     assert!(held["held_by"].as_str().unwrap().contains("free space"), "{held:#}");
     assert!(!held_target.exists());
-    assert_eq!(state(&server.client.cancel("held").await.unwrap()), "cancelled");
+    assert_eq!(state(&server.client.cancel("held").await.unwrap().json()), "cancelled");
     server.stop().await;
 }
 
@@ -867,7 +867,7 @@ async fn replacing_with_another_snapshot_restarts_the_target() {
     assert_eq!(state(&job), "succeeded", "{job:#}");
     assert_eq!(job["blocks"]["resumed"], json!(0), "another snapshot's progress was reused: {job:#}");
     check_identical(&other_manifest, &other, &target);
-    assert_eq!(state(&server.client.get("first").await.unwrap()), "cancelled");
+    assert_eq!(state(&server.client.get("first").await.unwrap().json()), "cancelled");
     server.stop().await;
 }
 
@@ -943,7 +943,7 @@ async fn a_listed_block_device_is_restored_in_place_and_a_held_one_refused() {
     assert_eq!(submit(&server.client, &f.spec("dev", &dev.device)).await.status.as_u16(), 201);
     let job = wait_for(&server.client, "dev", "finished", |j| matches!(state(j), "succeeded" | "failed")).await;
     assert_eq!(state(&job), "succeeded", "{job:#}");
-    let readback = rehydrate::job::readback::readback(&f.manifest, &dev.device).unwrap();
+    let readback = rehydrate::restore::readback::readback(&f.manifest, &dev.device).unwrap();
     assert!(readback.matches(), "mismatched blocks {:?}", readback.mismatched);
 
     // Held open exclusively (as a mount would): the job fails, the device untouched.
@@ -959,4 +959,16 @@ async fn a_listed_block_device_is_restored_in_place_and_a_held_one_refused() {
     let unlisted = f.spec("unlisted", std::path::Path::new("/dev/null"));
     assert_eq!(submit(&server.client, &unlisted).await.status.as_u16(), 422);
     server.stop().await;
+}
+
+/// The client's typed answers as JSON, read by key like the body the server
+/// sent.
+trait AsJson {
+    fn json(&self) -> Value;
+}
+
+impl<T: serde::Serialize> AsJson for T {
+    fn json(&self) -> Value {
+        serde_json::to_value(self).unwrap()
+    }
 }

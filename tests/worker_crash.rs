@@ -277,7 +277,7 @@ shutdown_grace_millis = {grace}
         let served: u64 = job["sources"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum();
         let requested = self.requested(snap, from);
         assert_eq!(served, requested.len() as u64, "objects served != distinct objects requested: {job:#}");
-        let readback = rehydrate::job::readback::readback(&snap.manifest, target).unwrap();
+        let readback = rehydrate::restore::readback::readback(&snap.manifest, target).unwrap();
         assert!(readback.matches(), "read-back mismatches: {:?}", readback.mismatched);
         assert_eq!(snap.volume.mismatches(target).unwrap(), Vec::<u64>::new());
         let staging = rehydrate::target::staging_path(target).unwrap();
@@ -293,7 +293,7 @@ impl Served {
     }
 
     async fn job(&self, id: &str) -> Value {
-        self.client.get(id).await.unwrap()
+        self.client.get(id).await.unwrap().json()
     }
 
     /// Poll a job until `done` holds, within the deadline.
@@ -359,7 +359,7 @@ async fn a_killed_worker_resumes_its_job_without_refetching_settled_blocks() {
     let target = fx.target("killed.img");
     let mut served = fx.serve("first").await;
     let answer = served.client.submit(&fx.spec("k", snap, &target)).await.unwrap();
-    assert_eq!(answer.status.as_u16(), 201, "{}", answer.text);
+    assert!(answer.created, "{:?}", answer.job);
     // Mid-way: a quarter settled and checkpointed, far from done.
     served.wait_for("k", "a quarter settled", |j| j["state"] == json!("running") && settled(j) >= BLOCKS / 4).await;
     served.signal(libc::SIGKILL);
@@ -393,7 +393,7 @@ async fn sigterm_under_load_exits_within_the_grace_period_and_jobs_resume() {
     let mut served = fx.serve("first").await;
     for ((id, target), snap) in ids.iter().zip(&targets).zip(&fx.snaps) {
         let answer = served.client.submit(&fx.spec(id, snap, target)).await.unwrap();
-        assert_eq!(answer.status.as_u16(), 201, "{}", answer.text);
+        assert!(answer.created, "{:?}", answer.job);
     }
     for id in ids {
         served.wait_for(id, "running with progress", |j| j["state"] == json!("running") && settled(j) >= 16).await;
@@ -447,7 +447,7 @@ async fn the_metrics_of_the_worker_add_up() {
     let mut served = fx.serve("metrics").await;
     for ((id, target), snap) in ids.iter().zip(&targets).zip(&fx.snaps) {
         let answer = served.client.submit(&fx.spec(id, snap, target)).await.unwrap();
-        assert_eq!(answer.status.as_u16(), 201, "{}", answer.text);
+        assert!(answer.created, "{:?}", answer.job);
     }
     // During: one job runs, the other waits for a running slot.
     served.wait_for("a", "running with progress", |j| j["state"] == json!("running") && settled(j) >= 16).await;
@@ -492,4 +492,16 @@ async fn the_metrics_of_the_worker_add_up() {
     served.signal(libc::SIGTERM);
     let (status, _) = served.exit_within(GRACE + EXIT_MARGIN).await;
     assert_eq!(status.code(), Some(0), "{}", served.log());
+}
+
+/// The client's typed answers as JSON, read by key like the body the server
+/// sent.
+trait AsJson {
+    fn json(&self) -> Value;
+}
+
+impl<T: serde::Serialize> AsJson for T {
+    fn json(&self) -> Value {
+        serde_json::to_value(self).unwrap()
+    }
 }

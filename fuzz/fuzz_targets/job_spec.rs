@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use rehydrate::config::{ProfileConfig, WorkerConfig};
-use rehydrate::worker::spec::{BodyError, parse_body, resolve};
+use rehydrate::config::worker::{ProfileConfig, WorkerConfig};
+use rehydrate::job::spec::{BodyError, parse_body, resolve};
 
 /// A worker configuration with one real target root (resolution
 /// canonicalizes parents, so the root must exist).

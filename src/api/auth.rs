@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::Api;
 use super::problem::Problem;
-use crate::config::WorkerConfig;
+use crate::config::worker::WorkerConfig;
 
 /// Most tokens accepted (rotation needs two or three).
 pub const TOKENS_MAX: usize = 64;

@@ -2,8 +2,9 @@
 //! client): what `rehydrate job …` and the tests use.
 //!
 //! Every request has a deadline ([`REQUEST_TIMEOUT`]) and a response body is
-//! read up to [`RESPONSE_BYTES_MAX`]. Errors carry the HTTP status and the
-//! problem details the server sent.
+//! read up to [`RESPONSE_BYTES_MAX`]. Answers come back as the types the
+//! server serializes ([`JobStatus`], [`JobPage`]); errors carry the HTTP
+//! status and the problem details the server sent.
 
 use std::time::Duration;
 
@@ -15,7 +16,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-use crate::worker::JobSpec;
+use crate::job::JobSpec;
+use crate::worker::{JobPage, JobStatus};
 
 /// Deadline of one request, response body included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -31,6 +33,9 @@ pub enum ClientError {
     /// The server answered with an error (the body is its problem details).
     #[error("{status}: {}", .body.get("detail").and_then(Value::as_str).unwrap_or("(no detail)"))]
     Status { status: StatusCode, body: Value },
+    /// A 2xx answer whose body is not what the API documents.
+    #[error("the answer from {url} is not a {what}: {message}")]
+    Body { url: String, what: &'static str, message: String },
 }
 
 impl ClientError {
@@ -115,13 +120,16 @@ impl ApiClient {
         }
     }
 
-    pub async fn submit(&self, spec: &JobSpec) -> Result<Answer, ClientError> {
+    /// Submit a job: 201 for a new one, 200 for the same job again.
+    pub async fn submit(&self, spec: &JobSpec) -> Result<Submission, ClientError> {
         let body = serde_json::to_vec(spec).map_err(|e| ClientError::Url(e.to_string()))?;
-        self.call(Method::POST, "/v1/jobs", Some(body)).await
+        let answer = self.call(Method::POST, "/v1/jobs", Some(body)).await?;
+        Ok(Submission { created: answer.status == StatusCode::CREATED, job: self.decode(answer, "job status")? })
     }
 
-    pub async fn get(&self, id: &str) -> Result<Value, ClientError> {
-        Ok(self.call(Method::GET, &format!("/v1/jobs/{id}"), None).await?.body)
+    pub async fn get(&self, id: &str) -> Result<JobStatus, ClientError> {
+        let answer = self.call(Method::GET, &format!("/v1/jobs/{id}"), None).await?;
+        self.decode(answer, "job status")
     }
 
     /// One page of `GET /v1/jobs`: jobs in any of `states` (all when empty),
@@ -131,7 +139,7 @@ impl ApiClient {
         states: &[String],
         limit: Option<usize>,
         after: Option<&str>,
-    ) -> Result<Value, ClientError> {
+    ) -> Result<JobPage, ClientError> {
         let mut params: Vec<(&str, String)> = Vec::new();
         if !states.is_empty() {
             params.push(("state", states.join(",")));
@@ -140,10 +148,29 @@ impl ApiClient {
         params.extend(after.map(|a| ("after", a.to_owned())));
         let query = serde_urlencoded::to_string(&params).map_err(|e| ClientError::Url(e.to_string()))?;
         let path = if query.is_empty() { "/v1/jobs".to_owned() } else { format!("/v1/jobs?{query}") };
-        Ok(self.call(Method::GET, &path, None).await?.body)
+        let answer = self.call(Method::GET, &path, None).await?;
+        self.decode(answer, "job page")
     }
 
-    pub async fn cancel(&self, id: &str) -> Result<Value, ClientError> {
-        Ok(self.call(Method::POST, &format!("/v1/jobs/{id}/cancel"), None).await?.body)
+    pub async fn cancel(&self, id: &str) -> Result<JobStatus, ClientError> {
+        let answer = self.call(Method::POST, &format!("/v1/jobs/{id}/cancel"), None).await?;
+        self.decode(answer, "job status")
     }
+
+    /// The typed body of a 2xx answer.
+    fn decode<T: serde::de::DeserializeOwned>(&self, answer: Answer, what: &'static str) -> Result<T, ClientError> {
+        serde_json::from_str(&answer.text).map_err(|e| ClientError::Body {
+            url: self.base.clone(),
+            what,
+            message: e.to_string(),
+        })
+    }
+}
+
+/// What a submission returned.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    /// A new job (201), not the same job again (200).
+    pub created: bool,
+    pub job: JobStatus,
 }

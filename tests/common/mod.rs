@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use rehydrate::block::{Compression, HashAlgorithm};
 use rehydrate::config::Config;
-use rehydrate::job::progress::Progress;
-use rehydrate::job::{Engine, RestoreError, RestoreReport, RestoreSpec};
 use rehydrate::manifest::{Manifest, ManifestLimits};
+use rehydrate::restore::progress::Progress;
+use rehydrate::restore::{Engine, RestoreError, RestoreReport, RestoreSpec};
 use rehydrate::sample::SampleVolume;
 use rehydrate::store::file::FileStore;
 use rehydrate::write::BackendChoice;
@@ -86,7 +86,7 @@ pub fn spec(manifest_url: &str, target: &Path) -> RestoreSpec {
 }
 
 pub async fn restore(engine: &Engine, spec: &RestoreSpec) -> Result<RestoreReport, RestoreError> {
-    rehydrate::job::restore::restore(engine, spec, &Arc::new(Progress::default()), &CancellationToken::new()).await
+    rehydrate::restore::restore(engine, spec, &Arc::new(Progress::default()), &CancellationToken::new()).await
 }
 
 pub fn load_manifest(url: &str) -> Manifest {
@@ -128,7 +128,7 @@ pub fn check_ledger(report: &RestoreReport, manifest: &Manifest) {
 
 /// Read the target back independently and against the volume's pattern.
 pub fn check_identical(manifest: &Manifest, volume: &SampleVolume, target: &Path) {
-    let readback = rehydrate::job::readback::readback(manifest, target).unwrap();
+    let readback = rehydrate::restore::readback::readback(manifest, target).unwrap();
     assert!(readback.matches(), "read-back mismatches: {:?}", readback.mismatched);
     assert_eq!(volume.mismatches(target).unwrap(), Vec::<u64>::new());
 }

@@ -17,12 +17,13 @@ use std::sync::Arc;
 
 use clap::Args;
 
+use super::commands::restore_with_progress;
+use super::output::{human_bytes, print_restore_result};
 use crate::block::{BlockIndex, Compression, HashAlgorithm, block_key};
-use crate::cli::{human_bytes, print_restore_result, restore_with_progress};
 use crate::config::Config;
 use crate::error::ExitCode;
-use crate::job::{Engine, RestoreSpec};
 use crate::manifest::{Manifest, ManifestLimits};
+use crate::restore::{Engine, RestoreSpec};
 use crate::sample::SampleVolume;
 use crate::store::StoreUrl;
 use crate::store::loopback::{Fault, FaultRule, LoopbackS3};
@@ -66,6 +67,28 @@ fn demo_config(dir: &Path) -> Config {
     config
 }
 
+/// Where the demo keeps its files.
+struct Paths {
+    source: PathBuf,
+    bucket_root: PathBuf,
+    store_dir: PathBuf,
+    mirror_dir: PathBuf,
+    target: PathBuf,
+}
+
+impl Paths {
+    fn under(dir: &Path) -> Self {
+        let bucket_root = dir.join("store");
+        Self {
+            source: dir.join("source.img"),
+            store_dir: bucket_root.join("bucket/demo"),
+            bucket_root,
+            mirror_dir: dir.join("mirror/bucket/demo"),
+            target: dir.join("restored/volume.img"),
+        }
+    }
+}
+
 async fn demo(args: DemoArgs) -> Result<ExitCode, String> {
     // An odd size: the last block is short.
     let size = crate::config::parse_size_bytes(&args.size)? + 12_345;
@@ -83,67 +106,35 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, String> {
         }
     };
     let volume = SampleVolume { size_bytes: size, block_size_bytes: 1 << 20, seed: 0x5EED };
-    let source = dir.join("source.img");
-    let bucket_root = dir.join("store");
-    let store_dir = bucket_root.join("bucket/demo");
-    let mirror_dir = dir.join("mirror/bucket/demo");
-    let target = dir.join("restored/volume.img");
-    std::fs::create_dir_all(target.parent().expect("has parent")).map_err(|e| e.to_string())?;
+    let paths = Paths::under(&dir);
+    std::fs::create_dir_all(paths.target.parent().expect("has parent")).map_err(|e| e.to_string())?;
     say(format!(
         "1. sample volume: {} ({} blocks of 1 MiB: every 8th zero, every 8th a duplicate, a short tail)",
         human_bytes(size),
         volume.block_count()
     ));
-    volume.write_to(&source).map_err(|e| format!("writing {}: {e}", source.display()))?;
+    volume.write_to(&paths.source).map_err(|e| format!("writing {}: {e}", paths.source.display()))?;
 
     let config = demo_config(&dir);
     let engine = Engine::new(config.clone());
-    let local = engine.open_store(&StoreUrl::File { root: store_dir.clone() }).await.map_err(|e| e.to_string())?;
-    let spec = crate::snapshot::CreateSpec {
-        source: source.clone(),
-        name: "demo".into(),
-        block_size_bytes: volume.block_size_bytes,
-        compression: Compression::Zstd,
-        hash_algorithm: HashAlgorithm::Blake3,
-        puts_inflight_max: 16,
-    };
-    let created = crate::snapshot::create(local, &spec).await.map_err(|e| e.to_string())?;
-    crate::store::file::copy_tree(&store_dir, &mirror_dir).map_err(|e| format!("mirroring the store: {e}"))?;
-    say(format!(
-        "2. snapshot {}: {} objects stored ({} zero blocks left out, {} duplicates stored once), mirrored to {}",
-        &created.snapshot_digest[..16],
-        created.objects_stored,
-        created.blocks_zero,
-        created.blocks_deduplicated,
-        mirror_dir.display()
-    ));
-
-    let server = LoopbackS3::start(bucket_root.clone()).await.map_err(|e| format!("starting the S3 endpoint: {e}"))?;
-    let manifest = local_manifest(&store_dir)?;
+    say(snapshot_and_mirror(&engine, &volume, &paths).await?);
+    let server =
+        LoopbackS3::start(paths.bucket_root.clone()).await.map_err(|e| format!("starting the S3 endpoint: {e}"))?;
+    let manifest = local_manifest(&paths.store_dir)?;
     let (wedged, wedged_key) = pick_wedged_block(&manifest);
-    server.add_fault(FaultRule::new(Fault::StallAfterHeaders { bytes: 4096 }).path_contains(&wedged_key));
-    server.add_fault(FaultRule::new(Fault::SlowDown).path_contains("/blocks/").first(12));
-    let s3_config = S3Config { body_idle_timeout_millis: config.s3.body_idle_timeout_millis, ..server.s3_config() };
-    let primary = S3Store::connect_with_static_credentials("bucket", "demo", &s3_config, &LoopbackS3::credentials())
-        .await
-        .map_err(|e| e.to_string())?;
-
-    // Every production policy around it, in the one order `store::stack` builds.
-    engine
-        .register_remote_store(StoreUrl::S3 { bucket: "bucket".into(), prefix: "demo".into() }, Arc::new(primary))
-        .map_err(|e| e.to_string())?;
+    serve_primary(&engine, &config, &server, &wedged_key).await?;
     say(format!(
         "3. primary: s3://bucket/demo at {} (in-process, real HTTP); block {wedged} stalls after its headers, \
          the first 12 block requests get 503 SlowDown; secondary: file://{}",
         server.endpoint_url(),
-        mirror_dir.display()
+        paths.mirror_dir.display()
     ));
 
-    say(format!("4. restore into {}", target.display()));
+    say(format!("4. restore into {}", paths.target.display()));
     let spec = RestoreSpec {
         manifest_url: "s3://bucket/demo/demo.manifest".into(),
-        target: target.clone(),
-        secondaries: vec![format!("file://{}", mirror_dir.display())],
+        target: paths.target.clone(),
+        secondaries: vec![format!("file://{}", paths.mirror_dir.display())],
         in_place: false,
         restart: true,
     };
@@ -163,9 +154,59 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, String> {
     if code != ExitCode::Success {
         return Ok(code);
     }
+    verify_restored(&manifest, &volume, &paths.target, say)
+}
 
-    let readback = crate::job::readback::readback(&manifest, &target).map_err(|e| e.to_string())?;
-    let pattern = volume.mismatches(&target).map_err(|e| e.to_string())?;
+/// Snapshot the sample volume into the local store and mirror the store.
+async fn snapshot_and_mirror(engine: &Engine, volume: &SampleVolume, paths: &Paths) -> Result<String, String> {
+    let local =
+        engine.open_store(&StoreUrl::File { root: paths.store_dir.clone() }).await.map_err(|e| e.to_string())?;
+    let spec = crate::snapshot::CreateSpec {
+        source: paths.source.clone(),
+        name: "demo".into(),
+        block_size_bytes: volume.block_size_bytes,
+        compression: Compression::Zstd,
+        hash_algorithm: HashAlgorithm::Blake3,
+        puts_inflight_max: 16,
+    };
+    let created = crate::snapshot::create(local, &spec).await.map_err(|e| e.to_string())?;
+    crate::store::file::copy_tree(&paths.store_dir, &paths.mirror_dir)
+        .map_err(|e| format!("mirroring the store: {e}"))?;
+    Ok(format!(
+        "2. snapshot {}: {} objects stored ({} zero blocks left out, {} duplicates stored once), mirrored to {}",
+        &created.snapshot_digest[..16],
+        created.objects_stored,
+        created.blocks_zero,
+        created.blocks_deduplicated,
+        paths.mirror_dir.display()
+    ))
+}
+
+/// Serve `s3://bucket/demo` from the in-process endpoint, with its faults:
+/// the wedged block's body stalls after the headers, and the first 12 block
+/// requests get `503 SlowDown`.
+async fn serve_primary(engine: &Engine, config: &Config, server: &LoopbackS3, wedged_key: &str) -> Result<(), String> {
+    server.add_fault(FaultRule::new(Fault::StallAfterHeaders { bytes: 4096 }).path_contains(wedged_key));
+    server.add_fault(FaultRule::new(Fault::SlowDown).path_contains("/blocks/").first(12));
+    let s3_config = S3Config { body_idle_timeout_millis: config.s3.body_idle_timeout_millis, ..server.s3_config() };
+    let primary = S3Store::connect_with_static_credentials("bucket", "demo", &s3_config, &LoopbackS3::credentials())
+        .await
+        .map_err(|e| e.to_string())?;
+    // Every production policy around it, in the one order `store::stack` builds.
+    engine
+        .register_remote_store(StoreUrl::S3 { bucket: "bucket".into(), prefix: "demo".into() }, Arc::new(primary))
+        .map_err(|e| e.to_string())
+}
+
+/// Read the target back against the manifest and the sample's pattern.
+fn verify_restored(
+    manifest: &Manifest,
+    volume: &SampleVolume,
+    target: &Path,
+    say: impl Fn(String),
+) -> Result<ExitCode, String> {
+    let readback = crate::restore::readback::readback(manifest, target).map_err(|e| e.to_string())?;
+    let pattern = volume.mismatches(target).map_err(|e| e.to_string())?;
     if !readback.matches() || !pattern.is_empty() {
         say(format!(
             "5. verify FAILED: manifest mismatches {:?}, pattern mismatches {:?}",

@@ -3,12 +3,12 @@
 //! One table, job id → JSON record. Every state change is a compare-and-set:
 //! read the record, check it is still in the state (and run) the change was
 //! decided in, write, all in one write transaction; otherwise the change is
-//! refused with the state found ([`StoreError::Conflict`]). So a task that was
+//! refused with the state found ([`JobDbError::Conflict`]). So a task that was
 //! cancelled or replaced can never flip the status of a job it no longer owns.
 //!
 //! Limits: records are a few hundred bytes plus the damage report (cut to
 //! [`DAMAGE_RECORDED_MAX`] blocks); at most `worker.jobs_records_max` are kept,
-//! the oldest finished ones pruned on insert. Fails with [`StoreError`]; a
+//! the oldest finished ones pruned on insert. Fails with [`JobDbError`]; a
 //! database that cannot be opened stops the worker at startup.
 
 use std::path::Path;
@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use super::spec::JobSpec;
 use crate::fetch::FetchCounts;
-use crate::job::DamagedBlock;
-use crate::job::progress::Phase;
+use crate::restore::DamagedBlock;
+use crate::restore::progress::Phase;
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 /// Damaged blocks kept in a record; the rest are counted, not listed.
@@ -125,7 +125,7 @@ impl JobRecord {
 
 /// Why a store operation did not happen.
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub enum JobDbError {
     #[error("job {0} not found")]
     NotFound(String),
     /// The record was no longer in the state the change was decided in.
@@ -135,8 +135,8 @@ pub enum StoreError {
     Db(String),
 }
 
-fn db<E: std::fmt::Display>(e: E) -> StoreError {
-    StoreError::Db(e.to_string())
+fn db<E: std::fmt::Display>(e: E) -> JobDbError {
+    JobDbError::Db(e.to_string())
 }
 
 /// The job table.
@@ -170,24 +170,24 @@ pub enum Insert {
 
 impl JobStore {
     /// Open (or create) the database in `dir`.
-    pub fn open(dir: &Path, records_max: usize) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
+    pub fn open(dir: &Path, records_max: usize) -> Result<Self, JobDbError> {
+        std::fs::create_dir_all(dir).map_err(|e| JobDbError::Db(format!("{}: {e}", dir.display())))?;
         let path = dir.join(DATABASE_FILE);
-        let db = Database::create(&path).map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
+        let db = Database::create(&path).map_err(|e| JobDbError::Db(format!("{}: {e}", path.display())))?;
         let tx = db.begin_write().map_err(db_err)?;
         tx.open_table(JOBS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Self { db: Arc::new(db), records_max })
     }
 
-    pub fn get(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+    pub fn get(&self, id: &str) -> Result<Option<JobRecord>, JobDbError> {
         let tx = self.db.begin_read().map_err(db)?;
         let table = tx.open_table(JOBS).map_err(db)?;
         table.get(id).map_err(db)?.map(|v| decode(v.value())).transpose()
     }
 
     /// Every record, oldest first.
-    pub fn list(&self) -> Result<Vec<JobRecord>, StoreError> {
+    pub fn list(&self) -> Result<Vec<JobRecord>, JobDbError> {
         let tx = self.db.begin_read().map_err(db)?;
         let table = tx.open_table(JOBS).map_err(db)?;
         let mut out = Vec::new();
@@ -201,7 +201,7 @@ impl JobStore {
 
     /// Submit `spec`: decide idempotency, target ownership and queue room, and
     /// (with `replace`) cancel the job holding the target, in one transaction.
-    pub fn submit(&self, spec: &JobSpec, queued_max: usize, now: u64) -> Result<(Insert, Option<String>), StoreError> {
+    pub fn submit(&self, spec: &JobSpec, queued_max: usize, now: u64) -> Result<(Insert, Option<String>), JobDbError> {
         let tx = self.db.begin_write().map_err(db)?;
         let mut replaced = None;
         let outcome = {
@@ -268,16 +268,16 @@ impl JobStore {
         from: &[JobState],
         run: Option<u64>,
         change: impl FnOnce(&mut JobRecord),
-    ) -> Result<JobRecord, StoreError> {
+    ) -> Result<JobRecord, JobDbError> {
         let tx = self.db.begin_write().map_err(db)?;
         let record = {
             let mut table = tx.open_table(JOBS).map_err(db)?;
             let mut record = match table.get(id).map_err(db)? {
                 Some(v) => decode(v.value())?,
-                None => return Err(StoreError::NotFound(id.to_owned())),
+                None => return Err(JobDbError::NotFound(id.to_owned())),
             };
             if !from.contains(&record.state) || run.is_some_and(|r| r != record.run) {
-                return Err(StoreError::Conflict { id: id.to_owned(), found: Box::new(record) });
+                return Err(JobDbError::Conflict { id: id.to_owned(), found: Box::new(record) });
             }
             change(&mut record);
             put(&mut table, &record)?;
@@ -288,21 +288,21 @@ impl JobStore {
     }
 }
 
-fn db_err<E: std::fmt::Display>(e: E) -> StoreError {
+fn db_err<E: std::fmt::Display>(e: E) -> JobDbError {
     db(e)
 }
 
-fn decode(bytes: &[u8]) -> Result<JobRecord, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Db(format!("a job record does not decode: {e}")))
+fn decode(bytes: &[u8]) -> Result<JobRecord, JobDbError> {
+    serde_json::from_slice(bytes).map_err(|e| JobDbError::Db(format!("a job record does not decode: {e}")))
 }
 
-fn put(table: &mut redb::Table<&str, &[u8]>, record: &JobRecord) -> Result<(), StoreError> {
+fn put(table: &mut redb::Table<&str, &[u8]>, record: &JobRecord) -> Result<(), JobDbError> {
     let bytes = serde_json::to_vec(record).map_err(db)?;
     table.insert(record.spec.id.as_str(), bytes.as_slice()).map_err(db)?;
     Ok(())
 }
 
-fn read_all(table: &redb::Table<&str, &[u8]>) -> Result<Vec<JobRecord>, StoreError> {
+fn read_all(table: &redb::Table<&str, &[u8]>) -> Result<Vec<JobRecord>, JobDbError> {
     let mut out = Vec::new();
     for entry in table.iter().map_err(db)? {
         let (_, v) = entry.map_err(db)?;
@@ -313,7 +313,7 @@ fn read_all(table: &redb::Table<&str, &[u8]>) -> Result<Vec<JobRecord>, StoreErr
 
 /// Drop the oldest finished records beyond `records_max` (`all` is the table
 /// before the insert that just happened).
-fn prune(table: &mut redb::Table<&str, &[u8]>, all: &[JobRecord], records_max: usize) -> Result<(), StoreError> {
+fn prune(table: &mut redb::Table<&str, &[u8]>, all: &[JobRecord], records_max: usize) -> Result<(), JobDbError> {
     let excess = (all.len() + 1).saturating_sub(records_max);
     if excess == 0 {
         return Ok(());

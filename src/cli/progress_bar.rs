@@ -8,7 +8,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinHandle;
 
-use crate::job::progress::Progress;
+use crate::restore::progress::Progress;
 
 /// A running progress bar.
 pub struct Bar {

@@ -13,11 +13,10 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::WorkerConfig;
+use crate::config::worker::WorkerConfig;
 use crate::store::{MANIFEST_SUFFIX, StoreUrl};
 
-/// Longest job id, profile name.
-pub const NAME_LEN_MAX: usize = 64;
+pub use crate::config::worker::{NAME_LEN_MAX, valid_name};
 /// Longest manifest key and target path accepted.
 pub const PATH_LEN_MAX: usize = 1024;
 
@@ -93,12 +92,6 @@ pub fn parse_body(body: &[u8]) -> Result<JobSpec, BodyError> {
     serde_json::from_slice(body).map_err(|e| {
         if e.is_syntax() || e.is_eof() { BodyError::NotJson(e.to_string()) } else { BodyError::NotASpec(e.to_string()) }
     })
-}
-
-/// `[A-Za-z0-9_-]{1,64}`.
-pub fn valid_name(name: &str) -> bool {
-    (1..=NAME_LEN_MAX).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Check a spec against the worker's configuration.
@@ -242,7 +235,7 @@ mod tests {
             let root = dir.path().join("root");
             std::fs::create_dir_all(root.join("a")).unwrap();
             let mut config = WorkerConfig { target_roots: vec![root.clone()], ..WorkerConfig::default() };
-            let profile = crate::config::ProfileConfig { store: "s3://bucket/p".into(), secondaries: vec![] };
+            let profile = crate::config::worker::ProfileConfig { store: "s3://bucket/p".into(), secondaries: vec![] };
             config.profiles.insert("main".into(), profile);
             let spec = JobSpec {
                 id,
@@ -300,7 +293,7 @@ mod tests {
             let object: serde_json::Map<String, serde_json::Value> = members.into_iter().collect();
             let body = serde_json::to_vec(&object).unwrap();
             let mut config = WorkerConfig { target_roots: vec![PathBuf::from("/nonexistent-root")], ..WorkerConfig::default() };
-            let profile = crate::config::ProfileConfig { store: "file:///store".into(), secondaries: vec![] };
+            let profile = crate::config::worker::ProfileConfig { store: "file:///store".into(), secondaries: vec![] };
             config.profiles.insert("main".into(), profile);
             match parse_body(&body) {
                 Ok(spec) => {

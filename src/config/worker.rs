@@ -1,0 +1,179 @@
+//! The worker service's configuration (`[worker]`): the listener, the job
+//! limits, the gates' backoff, the target roots and the store profiles jobs
+//! name. It is the application's own section, so it lives with the loader
+//! rather than in the worker, which runs the restore engine (and the engine
+//! is built from the whole [`Config`](super::Config)).
+
+use std::num::{NonZeroU64, NonZeroUsize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::ConfigError;
+use crate::store::StoreUrl;
+
+/// Longest job id, profile name.
+pub const NAME_LEN_MAX: usize = 64;
+
+/// The worker service (`rehydrate serve`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Where the HTTP API listens. Loopback by default: a worker is reachable
+    /// from elsewhere only when someone chose so (and then tokens are required).
+    pub listen: String,
+    /// Where the job database lives. Unset: the checkpoint directory.
+    pub state_dir: Option<PathBuf>,
+    /// Directories targets must resolve under. Empty: every submission is
+    /// refused (a worker writes nowhere it was not told it may).
+    pub target_roots: Vec<PathBuf>,
+    /// Block devices jobs may restore into, by exact path (e.g.
+    /// `/dev/vdb`), written in place. Default: none. A device that is mounted
+    /// or held open exclusively when its job starts is refused.
+    pub block_devices: Vec<PathBuf>,
+    /// Restores running at once. 4 keeps 2 cores and one disk busy; they all
+    /// share one in-flight byte budget and per-store rate limits.
+    pub jobs_running_max: NonZeroUsize,
+    /// Jobs waiting to run; beyond this a submission gets 429. 64 is far more
+    /// than one node's volumes.
+    pub jobs_queued_max: NonZeroUsize,
+    /// Job records kept; the oldest finished ones are pruned beyond this.
+    pub jobs_records_max: NonZeroUsize,
+    /// Free bytes a file target's filesystem must keep after the restore's
+    /// need, before the job may start. 256 MiB leaves room for logs and the
+    /// checkpoint files themselves.
+    pub target_free_bytes_min: u64,
+    /// A job held by a gate is looked at again after this, doubling up to
+    /// `gate_backoff_max_millis`. 500 ms / 30 s.
+    pub gate_backoff_millis: NonZeroU64,
+    pub gate_backoff_max_millis: NonZeroU64,
+    /// On SIGTERM, running jobs are cancelled (they checkpoint) and the process
+    /// exits within this. 10 s is well inside Kubernetes' default 30 s.
+    pub shutdown_grace_millis: NonZeroU64,
+    /// Bearer tokens, one per line (`#` comments). Also `REHYDRATE_TOKENS`
+    /// (comma-separated). Required when `listen` is not loopback.
+    pub tokens_file: Option<PathBuf>,
+    /// Largest request body. 64 KiB: a job spec is a few hundred bytes.
+    pub request_body_bytes_max: NonZeroUsize,
+    /// A connection that has not sent a whole request head within this is
+    /// closed (a silent or trickling client, or an idle keep-alive one).
+    /// 10 s: orchestrators on a data-center network send a head in
+    /// milliseconds, and a slow client must not hold a connection slot.
+    pub header_read_timeout_millis: NonZeroU64,
+    /// A request, its body read included, gets 408 when it is not received
+    /// and handled within this. 30 s: a body is at most
+    /// `request_body_bytes_max` and handling commits one record.
+    pub request_timeout_millis: NonZeroU64,
+    /// Connections served at once; further ones wait in the listen backlog.
+    /// 128: a worker has a handful of orchestrator and scraper clients.
+    pub connections_max: NonZeroUsize,
+    /// `text` or `json` (one JSON object per line, for log shippers).
+    pub log_format: LogFormat,
+    /// Store profiles jobs name: `[worker.profiles.NAME]`.
+    pub profiles: std::collections::BTreeMap<String, ProfileConfig>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7878".to_owned(),
+            state_dir: None,
+            target_roots: Vec::new(),
+            block_devices: Vec::new(),
+            jobs_running_max: nzu(4),
+            jobs_queued_max: nzu(64),
+            jobs_records_max: nzu(10_000),
+            target_free_bytes_min: 256 << 20,
+            gate_backoff_millis: nz64(500),
+            gate_backoff_max_millis: nz64(30_000),
+            shutdown_grace_millis: nz64(10_000),
+            tokens_file: None,
+            request_body_bytes_max: nzu(64 << 10),
+            header_read_timeout_millis: nz64(10_000),
+            request_timeout_millis: nz64(30_000),
+            connections_max: nzu(128),
+            log_format: LogFormat::Text,
+            profiles: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// How the worker writes its logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A store a job may name: where snapshots live, and fallbacks. Credentials
+/// never appear here (S3 takes them from the standard AWS chain).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// Store URL prefix: `s3://bucket/prefix` or `file:///dir`.
+    pub store: String,
+    /// Fallback stores holding the same block objects, in order.
+    #[serde(default)]
+    pub secondaries: Vec<String>,
+}
+
+impl WorkerConfig {
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_millis.get())
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_millis.get())
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_millis.get())
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(format!("worker.{m}")));
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad(format!("listen {:?} is not an address:port (example: 127.0.0.1:7878)", self.listen));
+        }
+        for root in &self.target_roots {
+            if !root.is_absolute() {
+                return bad(format!("target_roots: {} must be an absolute path", root.display()));
+            }
+        }
+        if let Some(dir) = &self.state_dir
+            && !dir.is_absolute()
+        {
+            return bad(format!("state_dir {} must be an absolute path", dir.display()));
+        }
+        if self.gate_backoff_millis > self.gate_backoff_max_millis {
+            return bad("gate_backoff_millis is larger than gate_backoff_max_millis".to_owned());
+        }
+        for (name, profile) in &self.profiles {
+            if !valid_name(name) {
+                return bad(format!("profiles.{name}: profile names are 1-64 of A-Z a-z 0-9 _ -"));
+            }
+            for url in std::iter::once(&profile.store).chain(&profile.secondaries) {
+                if let Err(e) = StoreUrl::parse(url) {
+                    return bad(format!("profiles.{name}: {e}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[A-Za-z0-9_-]{1,64}`.
+pub fn valid_name(name: &str) -> bool {
+    (1..=NAME_LEN_MAX).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn nz64(v: u64) -> NonZeroU64 {
+    NonZeroU64::new(v).expect("default is non-zero")
+}
+
+fn nzu(v: usize) -> NonZeroUsize {
+    NonZeroUsize::new(v).expect("default is non-zero")
+}

@@ -1,0 +1,206 @@
+//! The allocate phase and resume: open the target, find the checkpoint that
+//! belongs to it (resume from it, or start a new one; a checkpoint of another
+//! restore is refused, `docs/architecture.md` invariant 4), and check there is
+//! room for what is left to write.
+
+use std::sync::Arc;
+
+use super::phases::RestoreSpec;
+use super::{Engine, RestoreError};
+use crate::checkpoint::{
+    Checkpoint, CheckpointDir, CheckpointKey, JobIdentity, TargetIdentity, checkpoint_key, unix_now_secs,
+};
+use crate::manifest::Manifest;
+use crate::target::{self, OpenOptionsSpec, StagingGuard, Target};
+use crate::write::Writer;
+
+/// Where this restore's checkpoint lives, when checkpoints are on.
+#[derive(Debug, Clone)]
+pub(super) struct Durable {
+    pub(super) dir: Arc<CheckpointDir>,
+    pub(super) key: CheckpointKey,
+}
+
+impl Durable {
+    /// Open the checkpoint directory, sweep temporaries of crashed writers,
+    /// and discard this target's checkpoint on `--restart`.
+    pub(super) fn open(engine: &Engine, spec: &RestoreSpec) -> Result<Option<Durable>, RestoreError> {
+        if !engine.config.checkpoint.enabled {
+            return Ok(None);
+        }
+        let path = engine.config.checkpoint.resolved_dir();
+        let dir = CheckpointDir::open(path.clone()).map_err(|e| {
+            RestoreError::Io(format!(
+                "checkpoint directory {}: {e}: set checkpoint.dir to a writable directory",
+                path.display()
+            ))
+        })?;
+        if let Err(e) = dir.sweep_temporaries() {
+            tracing::warn!(dir = %path.display(), error = %e, "could not sweep checkpoint temporaries");
+        }
+        let durable = Durable { dir: Arc::new(dir), key: checkpoint_key(&spec.target) };
+        if spec.restart {
+            durable
+                .dir
+                .remove(&durable.key)
+                .map_err(|e| RestoreError::Io(format!("discarding the checkpoint: {e}")))?;
+        }
+        Ok(Some(durable))
+    }
+
+    pub(super) fn exists(&self) -> bool {
+        self.dir.file_path(&self.key).exists()
+    }
+
+    pub(super) fn save(&self, checkpoint: &Checkpoint) -> Result<(), RestoreError> {
+        self.dir.save(&self.key, checkpoint).map_err(|e| {
+            RestoreError::Io(format!("saving the checkpoint {}: {e}", self.dir.file_path(&self.key).display()))
+        })
+    }
+
+    pub(super) fn remove(&self) {
+        if let Err(e) = self.dir.remove(&self.key) {
+            tracing::warn!(error = %e, "could not remove the checkpoint");
+        }
+    }
+}
+
+pub(super) enum Allocation {
+    Ready {
+        target: Target,
+        checkpoint: Box<Checkpoint>,
+    },
+    /// A crash came between the swap and the final status: the target in
+    /// place is the whole restore the checkpoint describes.
+    AlreadyRestored,
+}
+
+/// Open the target and find the checkpoint that belongs to it: resume from
+/// it, or start a new one. A checkpoint of another restore is refused and the
+/// target left as it was.
+pub(super) fn allocate(
+    spec: &RestoreSpec,
+    manifest: &Manifest,
+    durable: Option<&Durable>,
+) -> Result<Allocation, RestoreError> {
+    let layout = manifest.layout;
+    let has_checkpoint = durable.is_some_and(Durable::exists);
+    let identity_of = |target: TargetIdentity| JobIdentity { manifest_digest: manifest.digest(), target, layout };
+    let staged = !spec.in_place && std::fs::symlink_metadata(&spec.target).map(|m| m.is_file()).unwrap_or(true);
+    if let (Some(d), true, true) = (durable, has_checkpoint, staged) {
+        let staging_gone = target::staging_path(&spec.target).is_some_and(|p| !p.exists());
+        if staging_gone {
+            return already_restored_or_refuse(spec, d, &identity_of);
+        }
+    }
+    let target = target::open(
+        &spec.target,
+        OpenOptionsSpec {
+            volume_size_bytes: layout.volume_size_bytes(),
+            in_place: spec.in_place,
+            reuse_staging: has_checkpoint,
+        },
+    )?;
+    let identity = identity_of(target.identity);
+    let checkpoint = match durable {
+        Some(d) if has_checkpoint => match d.dir.load(&d.key, &identity) {
+            Ok(Some(checkpoint)) => checkpoint,
+            Ok(None) => Checkpoint::new(identity, unix_now_secs()),
+            Err(e) => return Err(RestoreError::Refused(e.to_string())),
+        },
+        _ => Checkpoint::new(identity, unix_now_secs()),
+    };
+    if let Some(d) = durable
+        && !has_checkpoint
+    {
+        // From now on the staging file is owned by this checkpoint; if that
+        // cannot be recorded, the new staging file goes.
+        if let Err(e) = d.save(&checkpoint) {
+            if target.staged && target.fresh {
+                let _ = std::fs::remove_file(&target.write_path);
+            }
+            return Err(e);
+        }
+    }
+    Ok(Allocation::Ready { target, checkpoint: Box::new(checkpoint) })
+}
+
+pub(super) fn already_restored_or_refuse(
+    spec: &RestoreSpec,
+    durable: &Durable,
+    identity_of: &dyn Fn(TargetIdentity) -> JobIdentity,
+) -> Result<Allocation, RestoreError> {
+    let in_place = std::fs::File::open(&spec.target).and_then(|f| TargetIdentity::of_file(&f));
+    if let Ok(found) = in_place
+        && let Ok(Some(checkpoint)) = durable.dir.load(&durable.key, &identity_of(found))
+        && checkpoint.settled().is_complete()
+    {
+        return Ok(Allocation::AlreadyRestored);
+    }
+    Err(RestoreError::Refused(format!(
+        "a checkpoint for {} exists ({}) but its staging file is gone, so its progress cannot be resumed: rerun with --restart to restore from the beginning",
+        spec.target.display(),
+        durable.dir.file_path(&durable.key).display()
+    )))
+}
+
+pub(super) fn io_error(target: &Target, what: &str, e: std::io::Error) -> RestoreError {
+    RestoreError::Io(format!("{}: {what}: {e}", target.write_path.display()))
+}
+
+/// A fresh file target is sparse: it needs room for the non-zero blocks.
+pub(super) fn check_free_space(target: &Target, manifest: &Manifest) -> Result<(), RestoreError> {
+    if !target.staged {
+        return Ok(());
+    }
+    let needed = manifest.block_bytes_total();
+    let free = target::free_bytes(&target::parent_dir(&target.path))
+        .map_err(|e| io_error(target, "cannot read free space", e))?;
+    if free < needed {
+        return Err(RestoreError::Refused(format!(
+            "{}: the restore needs {needed} bytes of free space, the filesystem has {free}: free space or choose another target",
+            target.path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// What the allocate phase hands the rehydrate phase.
+pub(super) struct Allocated {
+    pub(super) target: Target,
+    pub(super) checkpoint: Checkpoint,
+    /// Removes a staging file no checkpoint can resume, unless disarmed.
+    pub(super) staging: StagingGuard,
+    pub(super) writer: Writer,
+}
+
+/// Allocate: open the target and the checkpoint that belongs to it, check
+/// the room a restore from the beginning needs, start the writer. `None`: the
+/// target in place is already the whole restore.
+pub(super) fn allocate_phase(
+    engine: &Engine,
+    spec: &RestoreSpec,
+    manifest: &Manifest,
+    durable: Option<&Durable>,
+) -> Result<Option<Allocated>, RestoreError> {
+    let (target, checkpoint) = match allocate(spec, manifest, durable)? {
+        Allocation::Ready { target, checkpoint } => (target, *checkpoint),
+        Allocation::AlreadyRestored => return Ok(None),
+    };
+    let staging = StagingGuard::new(&target);
+    let blocks_resumed = checkpoint.settled().settled_count();
+    if blocks_resumed == 0 {
+        check_free_space(&target, manifest)?;
+    } else {
+        tracing::info!(
+            blocks_resumed,
+            percent = 100.0 * blocks_resumed as f64 / manifest.layout.block_count() as f64,
+            "resuming from checkpoint"
+        );
+    }
+    let writer_file =
+        target.file.try_clone().map_err(|e| io_error(&target, "cannot duplicate the target handle", e))?;
+    let writer =
+        Writer::open(writer_file, &engine.config.write).map_err(|e| io_error(&target, "cannot start the writer", e))?;
+    Ok(Some(Allocated { target, checkpoint, staging, writer }))
+}

@@ -1,0 +1,285 @@
+//! One restore, phase by phase: validate → allocate → rehydrate → swap →
+//! online.
+//!
+//! The rehydrate phase is three loops joined by bounded queues:
+//!
+//! - the **dispatcher** walks the plan in block order, takes each unit's bytes
+//!   from the process-wide in-flight budget (waiting when it is spent) and
+//!   spawns the unit;
+//! - each **unit** task fetches its object from the first source that serves
+//!   it ([`crate::fetch`]), verifies it, writes it at every offset that holds
+//!   it, gives its bytes back to the budget and reports the outcome;
+//! - the **settler** (this function's loop) records outcomes, and on its
+//!   cadence calls fdatasync and only then counts the written blocks as
+//!   settled. It also watches for stalls.
+//!
+//! A unit that fails on every source is recorded in the damage report and the
+//! rest of the restore goes on; the job fails at the end, naming those
+//! blocks, and the target is not swapped into place. A failed write or
+//! fdatasync stops the restore at once: nothing written since the last
+//! successful fdatasync is counted as settled.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use super::plan::{self};
+use super::progress::{Phase, Progress};
+use super::{Engine, RestoreError};
+use crate::checkpoint::Checkpoint;
+use crate::fetch::{FetchContext, FetchTelemetry, Source};
+use crate::manifest::Manifest;
+use crate::store::StoreUrl;
+use crate::store::limit::with_tenant;
+use crate::target::{self, StagingGuard, Target};
+use crate::write::{Backend, Writer};
+
+use super::allocate::{Allocated, Durable, allocate_phase, io_error};
+use super::pipeline::UnitContext;
+use super::report::{RestoreReport, Timings, already_restored_report};
+use super::settler::Settler;
+
+/// What to restore, where from, where to.
+#[derive(Debug, Clone)]
+pub struct RestoreSpec {
+    pub manifest_url: String,
+    pub target: PathBuf,
+    /// Fallback sources in order, after the manifest's own store.
+    pub secondaries: Vec<String>,
+    /// Write an existing regular file in place instead of staging it.
+    pub in_place: bool,
+    /// Discard a checkpoint of an earlier run instead of resuming it.
+    pub restart: bool,
+}
+
+/// Run one restore to its end.
+///
+/// Its store requests queue for concurrency slots as one tenant, taking turns
+/// with every other restore in the process.
+pub async fn restore(
+    engine: &Engine,
+    spec: &RestoreSpec,
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<RestoreReport, RestoreError> {
+    let tenant = engine.next_tenant();
+    with_tenant(tenant, restore_as(engine, spec, progress, cancel, tenant)).await
+}
+
+async fn restore_as(
+    engine: &Engine,
+    spec: &RestoreSpec,
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+    tenant: u64,
+) -> Result<RestoreReport, RestoreError> {
+    progress.set_phase(Phase::Validate);
+    let (manifest, sources) = validate(engine, spec).await?;
+
+    progress.set_phase(Phase::Allocate);
+    let durable = Durable::open(engine, spec)?;
+    let Some(Allocated { target, checkpoint, mut staging, writer }) =
+        allocate_phase(engine, spec, &manifest, durable.as_ref())?
+    else {
+        if let Some(d) = &durable {
+            d.remove();
+        }
+        progress.set_phase(Phase::Online);
+        return Ok(already_restored_report(spec, &manifest, progress));
+    };
+
+    progress.set_phase(Phase::Rehydrate);
+    let blocks_resumed = checkpoint.settled().settled_count();
+    let run = Run { engine, progress, cancel, tenant };
+    let mut transfer = rehydrate(&run, &manifest, sources, &target, checkpoint, writer, durable.clone()).await;
+    if let Err(e) = std::mem::replace(&mut transfer.result, Ok(())) {
+        keep_or_discard(&e, &transfer.settler, durable.as_ref(), &mut staging, &target);
+        return Err(e);
+    }
+    let report = report_of(spec, &manifest, progress, &mut transfer, blocks_resumed);
+    conclude(report, &transfer, &target, staging, durable.as_ref(), progress)
+}
+
+/// What the rehydrate phase reads of the restore it belongs to.
+struct Run<'a> {
+    engine: &'a Engine,
+    progress: &'a Arc<Progress>,
+    cancel: &'a CancellationToken,
+    /// The restore's tenant at the stores' concurrency gates.
+    tenant: u64,
+}
+
+/// Validate: open the primary store, read and check the manifest, open the
+/// secondaries.
+async fn validate(engine: &Engine, spec: &RestoreSpec) -> Result<(Manifest, Vec<Source>), RestoreError> {
+    let (store_url, manifest_key) =
+        StoreUrl::parse_manifest(&spec.manifest_url).map_err(|e| RestoreError::Usage(e.to_string()))?;
+    let primary = engine.open_store(&store_url).await?;
+    let manifest = super::load_manifest(engine, &primary, &manifest_key).await?;
+    let mut stores = vec![primary];
+    for url in &spec.secondaries {
+        let url = StoreUrl::parse(url).map_err(|e| RestoreError::Usage(e.to_string()))?;
+        stores.push(engine.open_store(&url).await?);
+    }
+    Ok((manifest, Source::ordered(stores)))
+}
+
+/// How the rehydrate phase ended.
+struct Transfer {
+    result: Result<(), RestoreError>,
+    settler: Settler,
+    timings: Timings,
+    backend: Backend,
+    telemetry: Arc<FetchTelemetry>,
+    blocks_deduplicated: u64,
+    objects_planned: u64,
+    /// When the last block's outcome came in.
+    transferred: Instant,
+}
+
+/// Rehydrate: fetch, verify and write every block not settled yet, settling
+/// on the checkpoint's cadence; then close the writer.
+async fn rehydrate(
+    run: &Run<'_>,
+    manifest: &Manifest,
+    sources: Vec<Source>,
+    target: &Target,
+    checkpoint: Checkpoint,
+    writer: Writer,
+    durable: Option<Durable>,
+) -> Transfer {
+    let (engine, progress) = (run.engine, run.progress);
+    let layout = manifest.layout;
+    let plan = plan::plan(manifest, target.fresh, |i| checkpoint.settled().is_settled(i));
+    progress.blocks_total.store(layout.block_count(), Ordering::Relaxed);
+    progress.bytes_total.store(layout.volume_size_bytes(), Ordering::Relaxed);
+    let blocks_resumed = checkpoint.settled().settled_count();
+    progress.blocks_resumed.store(blocks_resumed, Ordering::Relaxed);
+    progress.blocks_settled.store(blocks_resumed, Ordering::Relaxed);
+    progress.bytes_settled.store(checkpoint.bytes_settled(), Ordering::Relaxed);
+    let fetch = FetchContext::new(sources, &engine.config.fetch);
+    let telemetry = Arc::clone(&fetch.telemetry);
+    progress.attach_telemetry(Arc::clone(&telemetry));
+    let (blocks_deduplicated, objects_planned) = (plan.blocks_deduplicated, plan.objects());
+
+    let mut settler = Settler::new(engine, target, layout, writer.clone(), checkpoint, durable, Arc::clone(progress));
+    let units = UnitContext { fetch, writer: writer.clone(), layout, tenant: run.tenant };
+    let transfer_started = Instant::now();
+    let result = settler.run(plan, units, engine.budget.clone(), run.cancel).await;
+    let transferred = settler.transferred.unwrap_or_else(Instant::now);
+    let timings = Timings {
+        prepare_secs: transfer_started.duration_since(progress.started).as_secs_f64(),
+        transfer_secs: transferred.duration_since(transfer_started).as_secs_f64(),
+        tail_secs: settler.dispatched.map_or(0.0, |at| transferred.saturating_duration_since(at).as_secs_f64()),
+        finish_secs: 0.0,
+    };
+    let backend = writer.backend();
+    let closed = writer.close().await;
+    let result = result.and_then(|()| closed.map_err(|e| io_error(target, "closing the writer failed", e)));
+    Transfer { result, settler, timings, backend, telemetry, blocks_deduplicated, objects_planned, transferred }
+}
+
+/// A failed rehydrate phase: keep the staging file and the checkpoint when
+/// they can be resumed, discard them when they are suspect.
+fn keep_or_discard(
+    e: &RestoreError,
+    settler: &Settler,
+    durable: Option<&Durable>,
+    staging: &mut StagingGuard,
+    target: &Target,
+) {
+    match e {
+        // Progress is real and the staging file is what the checkpoint
+        // names: keep both, so a rerun resumes.
+        RestoreError::Interrupted(_) if durable.is_some() => staging.disarm(),
+        // Saving a checkpoint failed (the state directory, not the
+        // target): the previous checkpoint names only blocks that are
+        // durable in the staging file, so both stay for a rerun.
+        RestoreError::Io(_) if settler.checkpoint_save_failed && durable.is_some() => staging.disarm(),
+        // After EIO/ENOSPC the staging file is suspect: it goes (the guard
+        // removes it) and so does the checkpoint naming it.
+        RestoreError::Io(_) if target.staged => {
+            if let Some(d) = durable {
+                d.remove();
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The end of a rehydrate phase that ran to completion: fail with the damage
+/// report, or stop short, or swap the target into place and go online.
+fn conclude(
+    mut report: RestoreReport,
+    transfer: &Transfer,
+    target: &Target,
+    mut staging: StagingGuard,
+    durable: Option<&Durable>,
+    progress: &Progress,
+) -> Result<RestoreReport, RestoreError> {
+    if !report.damage.is_empty() {
+        report.stamp(progress, transfer.transferred);
+        if durable.is_some() {
+            // The checkpoint holds the settled and the failed blocks: a rerun
+            // fetches only what is not settled.
+            staging.disarm();
+        }
+        return Err(RestoreError::BlocksFailed(Box::new(report)));
+    }
+    let settled = transfer.settler.checkpoint.settled();
+    if !settled.is_complete() {
+        // Every unit reports an outcome unless it was cancelled; whatever the
+        // cause, a target with blocks neither settled nor failed is never
+        // swapped into place or reported restored.
+        if durable.is_some() {
+            staging.disarm();
+        }
+        return Err(RestoreError::Interrupted(format!(
+            "stopped with {} of {} blocks settled; rerun the same restore to resume",
+            settled.settled_count(),
+            report.blocks_total
+        )));
+    }
+
+    progress.set_phase(Phase::Swap);
+    fail::fail_point!("restore-before-swap");
+    target::swap(target).map_err(|e| io_error(target, "swap (fsync and rename into place) failed", e))?;
+    staging.disarm();
+    fail::fail_point!("restore-before-status");
+    if let Some(d) = durable {
+        d.remove();
+    }
+    progress.set_phase(Phase::Online);
+    report.succeeded = true;
+    report.stamp(progress, transfer.transferred);
+    Ok(report)
+}
+
+/// The report of a rehydrate phase that ran to completion, before
+/// [`RestoreReport::stamp`].
+fn report_of(
+    spec: &RestoreSpec,
+    manifest: &Manifest,
+    progress: &Progress,
+    transfer: &mut Transfer,
+    blocks_resumed: u64,
+) -> RestoreReport {
+    let mut report = RestoreReport {
+        writer_backend: Some(transfer.backend),
+        blocks_settled: transfer.settler.checkpoint.settled().settled_count(),
+        blocks_resumed,
+        blocks_failed: transfer.settler.damage.len() as u64,
+        blocks_deduplicated: transfer.blocks_deduplicated,
+        objects_planned: transfer.objects_planned,
+        bytes_written: progress.bytes_written.load(Ordering::Relaxed),
+        fetch: transfer.telemetry.counts(),
+        timings: transfer.timings,
+        damage: std::mem::take(&mut transfer.settler.damage),
+        ..RestoreReport::of(spec, manifest)
+    };
+    report.damage.sort_by_key(|d| d.index);
+    report
+}

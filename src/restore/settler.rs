@@ -1,0 +1,273 @@
+//! The settler: records unit outcomes and turns written blocks into settled
+//! ones (fdatasync first, then the checkpoint: `docs/architecture.md`
+//! invariant 3), and flags the restore stalled when nothing settles.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::allocate::Durable;
+use super::pipeline::{UnitContext, UnitOutcome, dispatch};
+use super::plan::Plan;
+use super::progress::Progress;
+use super::report::DamagedBlock;
+use super::{Engine, RestoreError};
+use crate::block::{BlockIndex, BlockLayout};
+use crate::checkpoint::{Checkpoint, SaveCadence, unix_now_secs};
+use crate::fetch::FetchTelemetry;
+use crate::fetch::budget::Budget;
+use crate::metrics as m;
+use crate::target::Target;
+use crate::write::Writer;
+
+/// How often the settler wakes to check its cadence and for stalls.
+const TICK: Duration = Duration::from_millis(200);
+/// Unit outcomes waiting for the settler. Units hold no block bytes while they
+/// wait here (their budget is already returned), so this only bounds tasks.
+const OUTCOME_QUEUE_MAX: usize = 1024;
+
+/// Records outcomes and turns written blocks into settled ones.
+pub(super) struct Settler {
+    pub(super) target_path: PathBuf,
+    pub(super) layout: BlockLayout,
+    pub(super) writer: Writer,
+    /// Settled and failed blocks: the ledger, saved when `durable`.
+    pub(super) checkpoint: Checkpoint,
+    pub(super) durable: Option<Durable>,
+    /// Failures recorded since the last save.
+    pub(super) dirty: bool,
+    /// A checkpoint save failed: the error is the state directory's, not the
+    /// target's.
+    pub(super) checkpoint_save_failed: bool,
+    /// Written, not yet covered by a successful fdatasync.
+    pub(super) written: Vec<BlockIndex>,
+    pub(super) written_bytes_since_sync: u64,
+    pub(super) cadence: SaveCadence,
+    pub(super) last_settle: Instant,
+    pub(super) stall_after: Duration,
+    pub(super) damage: Vec<DamagedBlock>,
+    pub(super) progress: Arc<Progress>,
+    /// When the last block was dispatched (the tail began).
+    pub(super) dispatched: Option<Instant>,
+    /// When the last block's outcome came in.
+    pub(super) transferred: Option<Instant>,
+}
+
+impl Settler {
+    pub(super) fn new(
+        engine: &Engine,
+        target: &Target,
+        layout: BlockLayout,
+        writer: Writer,
+        checkpoint: Checkpoint,
+        durable: Option<Durable>,
+        progress: Arc<Progress>,
+    ) -> Self {
+        let c = &engine.config;
+        Self {
+            target_path: target.write_path.clone(),
+            layout,
+            writer,
+            checkpoint,
+            durable,
+            dirty: false,
+            checkpoint_save_failed: false,
+            written: Vec::new(),
+            written_bytes_since_sync: 0,
+            cadence: SaveCadence::new(c.checkpoint.interval_millis, c.checkpoint.interval_bytes, Instant::now()),
+            last_settle: Instant::now(),
+            stall_after: c.fetch.stall_after(),
+            damage: Vec::new(),
+            progress,
+            dispatched: None,
+            transferred: None,
+        }
+    }
+
+    pub(super) async fn run(
+        &mut self,
+        plan: Plan,
+        units: UnitContext,
+        budget: Budget,
+        cancel: &CancellationToken,
+    ) -> Result<(), RestoreError> {
+        // A fresh target holds zeros already: those blocks settle with the
+        // first fdatasync, which also makes the file's size durable.
+        self.written.extend(plan.zero_free.iter().copied());
+        let ctx = Arc::new(units);
+        let (tx, mut rx) = mpsc::channel(OUTCOME_QUEUE_MAX);
+        let stop = cancel.child_token();
+        let dispatcher = tokio::spawn(dispatch(plan.units, budget, Arc::clone(&ctx), tx, stop.clone()));
+        let _stop_on_exit = stop.clone().drop_guard();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                // Cancellation first: cancelled units stop without reporting,
+                // so the outcome channel can close with blocks not done.
+                biased;
+                () = cancel.cancelled() => return self.interrupted(&stop).await,
+                outcome = rx.recv() => match outcome {
+                    Some(outcome) => self.record(outcome)?,
+                    None => {
+                        self.transferred = Some(Instant::now());
+                        self.dispatched = ctx.fetch.hedger.tail_began();
+                        break;
+                    }
+                },
+                _ = tick.tick() => self.watch_stall(&ctx.fetch.telemetry),
+            }
+            if self.sync_due() {
+                self.settle().await?;
+            }
+        }
+        // Units that see the cancellation drop their outcome, and the queue
+        // closes: a cancellation that races the end of the plan lands here,
+        // not in the branch above, and must not pass for the end.
+        if cancel.is_cancelled() {
+            return self.interrupted(&stop).await;
+        }
+        let _ = dispatcher.await;
+        if cancel.is_cancelled() {
+            // Units cancelled between the last outcome and here never
+            // reported: the restore is not complete.
+            return self.interrupted(&stop).await;
+        }
+        self.settle().await
+    }
+
+    /// Stop on request: settle what was written, then report how far it got.
+    pub(super) async fn interrupted(&mut self, stop: &CancellationToken) -> Result<(), RestoreError> {
+        stop.cancel();
+        self.settle().await?;
+        Err(RestoreError::Interrupted(format!(
+            "stopped after settling {} of {} blocks; rerun the same restore to resume",
+            self.checkpoint.settled().settled_count(),
+            self.layout.block_count()
+        )))
+    }
+
+    pub(super) fn record(&mut self, outcome: UnitOutcome) -> Result<(), RestoreError> {
+        match outcome {
+            UnitOutcome::Written { blocks, bytes } => {
+                self.written_bytes_since_sync += bytes;
+                self.progress.bytes_written.fetch_add(bytes, Ordering::Relaxed);
+                metrics::counter!(m::WRITTEN_BYTES_TOTAL).increment(bytes);
+                self.written.extend(blocks);
+            }
+            UnitOutcome::Failed { blocks, failures } => {
+                metrics::counter!(m::FAILED_BLOCKS_TOTAL).increment(blocks.len() as u64);
+                self.progress.blocks_failed.fetch_add(blocks.len() as u64, Ordering::Relaxed);
+                let reason = failures.last().map(|f| format!("{}: {}", f.source, f.last_error)).unwrap_or_default();
+                for index in blocks {
+                    tracing::warn!(block = index, %reason, "block failed on every source");
+                    let offset_bytes = self.layout.offset(index);
+                    self.checkpoint.fail(index, &reason);
+                    self.damage.push(DamagedBlock { index, offset_bytes, failures: failures.clone() });
+                }
+                self.dirty = true;
+            }
+            UnitOutcome::WriteFailed { block, error } => {
+                return Err(RestoreError::Io(format!(
+                    "{}: writing block {block} at offset {} failed: {error}",
+                    self.target_path.display(),
+                    self.layout.offset(block)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn sync_due(&self) -> bool {
+        !self.written.is_empty() && self.cadence.due(Instant::now(), self.written_bytes_since_sync)
+    }
+
+    /// fdatasync, then count every block written before it as settled, then
+    /// save the checkpoint. The order is the invariant: a checkpoint never
+    /// names a block that was not durable when it was written.
+    pub(super) async fn settle(&mut self) -> Result<(), RestoreError> {
+        if self.written.is_empty() {
+            return self.save_if_dirty();
+        }
+        fail::fail_point!("settle-before-sync");
+        let started = Instant::now();
+        sync_target(&self.writer).await.map_err(|e| {
+            RestoreError::Io(format!(
+                "{}: fdatasync failed: {e}; blocks written since the last successful sync are not counted as restored",
+                self.target_path.display()
+            ))
+        })?;
+        metrics::counter!(m::SYNCS_TOTAL).increment(1);
+        metrics::histogram!(m::SYNC_LATENCY_SECONDS).record(started.elapsed().as_secs_f64());
+        let blocks = self.written.len() as u64;
+        let bytes: u64 = self.written.iter().map(|&i| u64::from(self.layout.len(i))).sum();
+        self.checkpoint.settle_many(self.written.drain(..));
+        metrics::counter!(m::SETTLED_BLOCKS_TOTAL).increment(blocks);
+        metrics::counter!(m::SETTLED_BYTES_TOTAL).increment(bytes);
+        self.progress.blocks_settled.fetch_add(blocks, Ordering::Relaxed);
+        let settled = self.progress.bytes_settled.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        metrics::gauge!(m::PROGRESS_RATIO).set(settled as f64 / self.layout.volume_size_bytes() as f64);
+        self.written_bytes_since_sync = 0;
+        self.last_settle = Instant::now();
+        self.progress.set_stalled(None);
+        fail::fail_point!("settle-before-checkpoint");
+        self.dirty = true;
+        self.save_if_dirty()
+    }
+
+    pub(super) fn save_if_dirty(&mut self) -> Result<(), RestoreError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        if let Some(durable) = &self.durable {
+            self.checkpoint.set_updated_unix_secs(unix_now_secs());
+            if let Err(e) = durable.save(&self.checkpoint) {
+                self.checkpoint_save_failed = true;
+                return Err(e);
+            }
+        }
+        self.cadence.saved(Instant::now());
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Flag the restore stalled when nothing has settled for a while, naming
+    /// the oldest block in flight.
+    pub(super) fn watch_stall(&self, telemetry: &FetchTelemetry) {
+        metrics::gauge!(m::INFLIGHT_ATTEMPTS_MAX).set(f64::from(telemetry.attempts_max_inflight()));
+        let quiet = self.last_settle.elapsed();
+        if quiet < self.stall_after || !self.written.is_empty() {
+            return;
+        }
+        let reason = match telemetry.oldest_inflight() {
+            Some(f) => format!(
+                "nothing settled for {:.1}s; oldest block in flight: {} on {} (attempt {}, for {:.1}s)",
+                quiet.as_secs_f64(),
+                f.block,
+                f.source,
+                f.attempts,
+                f.started.elapsed().as_secs_f64()
+            ),
+            None => {
+                format!(
+                    "nothing settled for {:.1}s; no block in flight (waiting on budget or writer)",
+                    quiet.as_secs_f64()
+                )
+            }
+        };
+        if self.progress.stalled().is_none() {
+            tracing::warn!(%reason, "restore stalled");
+        }
+        self.progress.set_stalled(Some(reason));
+    }
+}
+
+/// fdatasync of the target, with a fail point that injects EIO.
+pub(super) async fn sync_target(writer: &Writer) -> std::io::Result<()> {
+    fail::fail_point!("target-sync-eio", |_| Err(std::io::Error::from_raw_os_error(libc::EIO)));
+    writer.sync().await
+}
