@@ -1,6 +1,8 @@
 //! The command line: `snapshot create`, `restore`, `verify`, `demo`, and the
 //! worker: `serve` and its client `job submit|get|list|cancel`.
 //!
+//! Deployment helpers (`health`, `completions`, `man`) are in [`ops`].
+//!
 //! Human output goes to stdout (summaries) and stderr (progress, logs);
 //! `--json` replaces the summary with one JSON object on stdout. Every command
 //! ends with one of the exit codes of [`ExitCode`].
@@ -18,6 +20,8 @@ use crate::error::ExitCode;
 use crate::job::progress::Progress;
 use crate::job::{Engine, RestoreError, RestoreReport, RestoreSpec};
 use crate::store::StoreUrl;
+
+pub mod ops;
 
 #[derive(Debug, Parser)]
 #[command(name = "rehydrate", version, about = "Restore volumes from block snapshots in object stores")]
@@ -42,6 +46,12 @@ pub enum Command {
     /// Talk to a worker: submit, get, list, cancel jobs.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Probe a worker's /healthz (or /readyz): exit 0 on 200, else 1.
+    Health(ops::HealthArgs),
+    /// Print a shell completion script.
+    Completions(ops::CompletionsArgs),
+    /// Print the man page (roff), or write one page per command into --dir.
+    Man(ops::ManArgs),
 }
 
 #[derive(Debug, Args)]
@@ -226,6 +236,9 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Demo(args) => crate::demo::run(args).await,
         Command::Serve(args) => serve(args).await,
         Command::Job(command) => job(command).await,
+        Command::Health(args) => ops::health(args).await,
+        Command::Completions(args) => ops::completions(args),
+        Command::Man(args) => ops::man(args),
     }
 }
 
