@@ -157,7 +157,8 @@ fn every_rehydrate_command_line_in_the_manifests_parses() {
     let docs = manifests();
     let mut parsed = 0;
     for (file, kind, name, pod, _) in pod_templates(&docs) {
-        let all = pod["containers"].as_array().unwrap().iter().chain(pod["initContainers"].as_array().into_iter().flatten());
+        let all =
+            pod["containers"].as_array().unwrap().iter().chain(pod["initContainers"].as_array().into_iter().flatten());
         for container in all.filter(|c| str_of(&c["image"]).contains("rehydrate")) {
             let context = format!("{file}: {kind} {name}, container {}", container["name"]);
             let cli = parse(&container_argv(container), &context);
@@ -190,7 +191,8 @@ fn pod_failure_policies_match_the_exit_code_table() {
         let spec = &job["spec"];
         assert_eq!(spec["template"]["spec"]["restartPolicy"], "Never", "{file}: podFailurePolicy needs Never");
         assert!(spec["backoffLimit"].as_u64().is_some_and(|n| n > 0), "{file}: retries need a backoffLimit");
-        let rules = spec["podFailurePolicy"]["rules"].as_array().unwrap_or_else(|| panic!("{file}: no podFailurePolicy"));
+        let rules =
+            spec["podFailurePolicy"]["rules"].as_array().unwrap_or_else(|| panic!("{file}: no podFailurePolicy"));
         // The first rule naming a code decides (Kubernetes evaluates in order).
         let mut action_of: BTreeMap<u64, &str> = BTreeMap::new();
         for rule in rules.iter().filter(|r| r["onExitCodes"].is_object()) {
@@ -232,8 +234,10 @@ fn job_targets_and_checkpoints_are_on_volumes_that_outlive_the_pod() {
             panic!("{file}: the {kind} does not run `rehydrate restore`");
         };
         let state = env_value(container, "STATE_DIRECTORY").unwrap_or_else(|| panic!("{file}: no STATE_DIRECTORY"));
-        let (volume, _) = volume_of(pod, container, Path::new(state)).unwrap_or_else(|| panic!("{file}: {state} is not on a volume"));
-        let claim = pvc(&docs, volume).unwrap_or_else(|| panic!("{file}: the checkpoint volume is not a PVC of this file"));
+        let (volume, _) =
+            volume_of(pod, container, Path::new(state)).unwrap_or_else(|| panic!("{file}: {state} is not on a volume"));
+        let claim =
+            pvc(&docs, volume).unwrap_or_else(|| panic!("{file}: the checkpoint volume is not a PVC of this file"));
         assert_ne!(claim["spec"]["volumeMode"], "Block", "{file}: checkpoints need a filesystem");
         let device = container["volumeDevices"]
             .as_array()
@@ -241,7 +245,8 @@ fn job_targets_and_checkpoints_are_on_volumes_that_outlive_the_pod() {
         match device {
             Some(device) => {
                 let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == device["name"]).unwrap();
-                let claim = pvc(&docs, volume).unwrap_or_else(|| panic!("{file}: the device is not a PVC of this file"));
+                let claim =
+                    pvc(&docs, volume).unwrap_or_else(|| panic!("{file}: the device is not a PVC of this file"));
                 assert_eq!(claim["spec"]["volumeMode"], "Block", "{file}: a device path needs volumeMode: Block");
                 seen.insert("block");
             }
@@ -269,7 +274,8 @@ fn the_worker_daemonset_service_config_and_token_fit_together() {
     };
     // The config file is a ConfigMap key, and it is a valid config.
     let config_path = args.config.unwrap_or_else(|| panic!("{file}: serve without --config"));
-    let mount = container["volumeMounts"].as_array().unwrap().iter().find(|m| m["mountPath"] == config_path.to_str().unwrap());
+    let mount =
+        container["volumeMounts"].as_array().unwrap().iter().find(|m| m["mountPath"] == config_path.to_str().unwrap());
     let mount = mount.unwrap_or_else(|| panic!("{file}: nothing mounted at {}", config_path.display()));
     let volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
     let map_name = str_of(&volume["configMap"]["name"]);
@@ -282,7 +288,8 @@ fn the_worker_daemonset_service_config_and_token_fit_together() {
     let (volume, _) = volume_of(pod, container, &tokens).unwrap();
     assert!(volume["secret"]["secretName"].is_string(), "{file}: tokens_file is not on a Secret volume");
     for dir in [config.worker_state_dir(), config.checkpoint_dir()].iter().chain(&config.worker.target_roots) {
-        let (volume, _) = volume_of(pod, container, dir).unwrap_or_else(|| panic!("{file}: {} is on no volume", dir.display()));
+        let (volume, _) =
+            volume_of(pod, container, dir).unwrap_or_else(|| panic!("{file}: {} is on no volume", dir.display()));
         assert!(volume["hostPath"]["path"].is_string(), "{file}: {} is not on the node", dir.display());
     }
 
@@ -311,7 +318,8 @@ fn the_worker_daemonset_service_config_and_token_fit_together() {
 /// FROM), with continuation lines joined.
 fn runtime_stage() -> Vec<(String, String)> {
     let text = std::fs::read_to_string(deploy("Containerfile")).unwrap();
-    let joined = text.lines().filter(|l| !l.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n").replace("\\\n", " ");
+    let joined =
+        text.lines().filter(|l| !l.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n").replace("\\\n", " ");
     let instructions: Vec<(String, String)> = joined
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -368,8 +376,11 @@ fn the_binary_needs_only_the_libraries_of_the_runtime_image() {
         }
     };
     let text = String::from_utf8_lossy(&out.stdout);
-    let needed: Vec<&str> =
-        text.lines().filter(|l| l.contains("(NEEDED)")).filter_map(|l| l.split('[').nth(1)?.split(']').next()).collect();
+    let needed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| l.split('[').nth(1)?.split(']').next())
+        .collect();
     assert!(!needed.is_empty(), "{text}");
     let glibc = ["libc.so.6", "libm.so.6", "libgcc_s.so.1", "libpthread.so.0", "libdl.so.2", "librt.so.1"];
     for lib in needed {
@@ -391,14 +402,18 @@ fn exported_metric_names() -> BTreeSet<String> {
         }
     }
     assert!(constants.len() >= 20, "{constants:?}");
+    // `describe_KIND!(IDENT, …)` says each metric's kind, however formatted.
+    let compact: String = source.split_whitespace().collect();
     let kind_of = |ident: &str| -> Option<&str> {
         ["counter", "gauge", "histogram"]
             .into_iter()
-            .find(|kind| source.contains(&format!("describe_{kind}!({ident},")) || source.contains(&format!("describe_{kind}!(\n        {ident},")))
+            .find(|kind| compact.contains(&format!("describe_{kind}!({ident},")))
     };
     // Record one value of each described metric through the exporter the
     // worker installs, and read back the series names it renders.
     let handle = rehydrate::api::metrics_handle().unwrap();
+    let histograms = constants.keys().filter(|ident| kind_of(ident) == Some("histogram")).count();
+    assert!(histograms >= 2, "the fetch and fdatasync latency histograms are not described");
     let mut names = BTreeSet::new();
     for (ident, name) in &constants {
         match kind_of(ident) {
@@ -438,7 +453,8 @@ fn metric_names_in(expr: &str) -> Vec<String> {
 }
 
 fn dashboard_exprs() -> Vec<String> {
-    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(deploy("grafana/rehydrate.json")).unwrap()).unwrap();
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(deploy("grafana/rehydrate.json")).unwrap()).unwrap();
     assert!(dashboard["title"].is_string() && dashboard["panels"].is_array());
     let mut exprs = Vec::new();
     fn walk(panels: &Value, exprs: &mut Vec<String>) {
@@ -488,7 +504,10 @@ fn the_dashboard_and_the_alerts_use_only_metrics_the_code_exports() {
         "rehydrate_target_sync_latency_seconds",
         "rehydrate_inflight_attempts_max",
     ] {
-        assert!(dashboard.iter().any(|e| metric_names_in(e).iter().any(|n| n == signal)), "the dashboard lacks {signal}");
+        assert!(
+            dashboard.iter().any(|e| metric_names_in(e).iter().any(|n| n == signal)),
+            "the dashboard lacks {signal}"
+        );
     }
     let alerted: BTreeSet<String> = alerts.iter().flat_map(|e| metric_names_in(e)).collect();
     for stall in ["rehydrate_stalled_restores", "rehydrate_job_progress_ratio", "rehydrate_inflight_attempts_max"] {
@@ -509,14 +528,22 @@ fn promtool_accepts_the_alerts_and_the_dashboard_queries() {
     }
     let check = |path: &Path| {
         let out = Command::new("promtool").args(["check", "rules"]).arg(path).output().unwrap();
-        assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     check(&deploy("prometheus/alerts.yaml"));
     let dir = tempfile::tempdir().unwrap();
     let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
     for (i, expr) in dashboard_exprs().iter().enumerate() {
         let expr = expr.replace("$__rate_interval", "5m").replace("$instance", ".*");
-        rules.push_str(&format!("      - record: dashboard:panel{i}\n        expr: {}\n", serde_json::to_string(&expr).unwrap()));
+        rules.push_str(&format!(
+            "      - record: dashboard:panel{i}\n        expr: {}\n",
+            serde_json::to_string(&expr).unwrap()
+        ));
     }
     let path = dir.path().join("dashboard.yaml");
     std::fs::write(&path, rules).unwrap();
@@ -561,7 +588,9 @@ fn completions_cover_every_subcommand_in_every_shell() {
             let script = dir.path().join("rehydrate.bash");
             std::fs::write(&script, &r.stdout).unwrap();
             // Sourcing it registers the completion function without errors.
-            let check = run(Command::new("bash").arg("-c").arg(format!("source {} && complete -p rehydrate", script.display())));
+            let check = run(Command::new("bash")
+                .arg("-c")
+                .arg(format!("source {} && complete -p rehydrate", script.display())));
             assert_eq!(check.code, 0, "{}", check.stderr);
             assert!(check.stdout.contains("rehydrate"), "{}", check.stdout);
         }
@@ -589,7 +618,9 @@ fn the_man_page_lists_every_subcommand_and_one_page_per_command_is_written() {
     let restore = std::fs::read_to_string(dir.path().join("rehydrate-restore.1")).unwrap();
     assert!(restore.contains("manifest") && restore.contains("secondary"), "{restore}");
     // groff, where installed, renders the page without complaint.
-    if let Ok(out) = Command::new("groff").args(["-man", "-Tutf8", "-ww", "-z"]).arg(dir.path().join("rehydrate.1")).output() {
+    if let Ok(out) =
+        Command::new("groff").args(["-man", "-Tutf8", "-ww", "-z"]).arg(dir.path().join("rehydrate.1")).output()
+    {
         assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     let r = run(bin().arg("man").arg("--dir").arg(dir.path().join("no/such/dir")));

@@ -64,8 +64,11 @@ fn restore(manifest: &str, target: &Path, config: &Path, filter: Option<BpfProgr
 fn write_config(dir: &Path, name: &str, backend: &str) -> std::path::PathBuf {
     let path = dir.join(name);
     let state = dir.join(format!("state-{backend}"));
-    std::fs::write(&path, format!("[checkpoint]\ndir = {:?}\n[write]\nbackend = {backend:?}\n", state.display().to_string()))
-        .unwrap();
+    std::fs::write(
+        &path,
+        format!("[checkpoint]\ndir = {:?}\n[write]\nbackend = {backend:?}\n", state.display().to_string()),
+    )
+    .unwrap();
     path
 }
 
