@@ -519,9 +519,10 @@ fn the_dashboard_and_the_alerts_use_only_metrics_the_code_exports() {
 }
 
 /// `promtool`, where installed, checks the PromQL of the alerts and of every
-/// dashboard panel (Debian's `prometheus` package has it).
+/// dashboard panel, and runs the alerts' unit tests (Debian's `prometheus`
+/// package has it).
 #[test]
-fn promtool_accepts_the_alerts_and_the_dashboard_queries() {
+fn promtool_accepts_the_alerts_and_the_dashboard_queries_and_passes_the_alert_tests() {
     if Command::new("promtool").arg("--version").output().is_err() {
         eprintln!("SKIP: promtool is not installed");
         return;
@@ -536,6 +537,10 @@ fn promtool_accepts_the_alerts_and_the_dashboard_queries() {
         );
     };
     check(&deploy("prometheus/alerts.yaml"));
+    // The alerts fire on the series they are for, and not before their time.
+    let out =
+        Command::new("promtool").args(["test", "rules"]).arg(deploy("prometheus/alerts.test.yaml")).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let dir = tempfile::tempdir().unwrap();
     let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
     for (i, expr) in dashboard_exprs().iter().enumerate() {
