@@ -555,6 +555,21 @@ fn promtool_accepts_the_alerts_and_the_dashboard_queries_and_passes_the_alert_te
     check(&path);
 }
 
+/// `kubernetes-validate` (PyPI), where installed, checks every manifest
+/// against the Kubernetes API schemas, rejecting unknown fields.
+#[test]
+fn the_manifests_match_the_kubernetes_schemas() {
+    let files: Vec<PathBuf> = std::fs::read_dir(deploy("kubernetes")).unwrap().map(|e| e.unwrap().path()).collect();
+    let out = match Command::new("kubernetes-validate").args(["--strict", "--quiet"]).args(&files).output() {
+        Ok(out) => out,
+        Err(_) => {
+            eprintln!("SKIP: kubernetes-validate is not installed (pip install kubernetes-validate)");
+            return;
+        }
+    };
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
 fn bin() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_rehydrate"));
     command.env("REHYDRATE_LOG", "error").env_remove("REHYDRATE_SERVER");
