@@ -77,9 +77,10 @@ pub async fn health(args: HealthArgs) -> ExitCode {
 /// `rehydrate completions SHELL`: the completion script on stdout.
 pub fn completions(args: CompletionsArgs) -> ExitCode {
     let mut command = super::Cli::command();
-    let mut out = std::io::stdout().lock();
-    clap_complete::generate(args.shell, &mut command, "rehydrate", &mut out);
-    finish(out.flush())
+    // Into memory first: the generator panics on a failed write.
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut command, "rehydrate", &mut script);
+    finish(print(&script))
 }
 
 /// `rehydrate man [--dir DIR]`: the man page in roff.
@@ -88,16 +89,23 @@ pub fn man(args: ManArgs) -> ExitCode {
     let written = match &args.dir {
         Some(dir) => clap_mangen::generate_to(command, dir),
         None => {
-            let mut out = std::io::stdout().lock();
-            clap_mangen::Man::new(command).render(&mut out).and_then(|()| out.flush())
+            let mut page = Vec::new();
+            clap_mangen::Man::new(command).render(&mut page).and_then(|()| print(&page))
         }
     };
     finish(written)
 }
 
+fn print(bytes: &[u8]) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes).and_then(|()| out.flush())
+}
+
 fn finish(written: std::io::Result<()>) -> ExitCode {
     match written {
         Ok(()) => ExitCode::Success,
+        // `rehydrate man | head`: the reader had enough.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::Success,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::IoFailure
