@@ -1,6 +1,8 @@
 //! The command line: `snapshot create`, `restore`, `verify`, `demo`, and the
 //! worker: `serve` and its client `job submit|get|list|cancel`.
 //!
+//! Deployment helpers (`health`, `completions`, `man`) are in [`ops`].
+//!
 //! Human output goes to stdout (summaries) and stderr (progress, logs);
 //! `--json` replaces the summary with one JSON object on stdout. Every command
 //! ends with one of the exit codes of [`ExitCode`].
@@ -26,6 +28,8 @@ use crate::error::ExitCode;
 pub use commands::restore_with_progress;
 pub use output::{human_bytes, print_restore_result};
 
+pub mod ops;
+
 #[derive(Debug, Parser)]
 #[command(name = "rehydrate", version, about = "Restore volumes from block snapshots in object stores")]
 pub struct Cli {
@@ -49,6 +53,12 @@ pub enum Command {
     /// Talk to a worker: submit, get, list, cancel jobs.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Probe a worker's /healthz (or /readyz): exit 0 on 200, else 1.
+    Health(ops::HealthArgs),
+    /// Print a shell completion script.
+    Completions(ops::CompletionsArgs),
+    /// Print the man page (roff), or write one page per command into --dir.
+    Man(ops::ManArgs),
 }
 
 #[derive(Debug, Args)]
@@ -233,6 +243,9 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Demo(args) => demo::run(args).await,
         Command::Serve(args) => commands::serve(args).await,
         Command::Job(command) => commands::job(command).await,
+        Command::Health(args) => ops::health(args).await,
+        Command::Completions(args) => ops::completions(args),
+        Command::Man(args) => ops::man(args),
     }
 }
 

@@ -127,6 +127,39 @@ pub enum ExitCode {
     Interrupted = 6,
 }
 
+impl ExitCode {
+    /// Every code, in order: the table the README documents and orchestrator
+    /// manifests (`deploy/kubernetes/`) map.
+    pub const ALL: [ExitCode; 7] = [
+        ExitCode::Success,
+        ExitCode::Internal,
+        ExitCode::Usage,
+        ExitCode::DataFailure,
+        ExitCode::IoFailure,
+        ExitCode::Refused,
+        ExitCode::Interrupted,
+    ];
+
+    /// Whether an orchestrator should run the same command again, unchanged,
+    /// after this failure (a Kubernetes Job's `podFailurePolicy` counts these
+    /// against its retry limit and fails the Job at once on the others). A
+    /// rerun resumes from the checkpoint, so it redoes at most one checkpoint
+    /// interval of work.
+    ///
+    /// - `Internal`, `IoFailure`, `Interrupted`: may pass on another try (a
+    ///   crash, an EIO of a flaky path, a node drained under the restore).
+    /// - `Usage`, `Refused`: the same invocation fails the same way.
+    /// - `DataFailure`: every source was already tried with bounded retries;
+    ///   the damage report needs a person (fix the sources, then rerun).
+    /// - `Success`: nothing to retry.
+    pub fn retry_as_is(self) -> bool {
+        match self {
+            ExitCode::Internal | ExitCode::IoFailure | ExitCode::Interrupted => true,
+            ExitCode::Success | ExitCode::Usage | ExitCode::DataFailure | ExitCode::Refused => false,
+        }
+    }
+}
+
 impl From<ExitCode> for std::process::ExitCode {
     fn from(code: ExitCode) -> Self {
         std::process::ExitCode::from(code as u8)
