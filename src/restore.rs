@@ -11,6 +11,7 @@ mod phases;
 mod pipeline;
 pub mod plan;
 pub mod progress;
+pub mod read;
 pub mod readback;
 mod report;
 mod settler;
