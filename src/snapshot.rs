@@ -120,7 +120,9 @@ mod tests {
         let mut b = ManifestBuilder::new("vol", layout, HashAlgorithm::Blake3, Compression::Zstd).unwrap();
         let hash = |i: u8| ContentHash([i; 32]);
         for (index, compression) in [(1, Compression::Zstd), (4, Compression::None), (5, Compression::Zstd)] {
-            let entry = BlockEntry { index, hash: hash(index as u8), stored_len_bytes: 77, compression };
+            // A raw object is the block itself; a compressed one is shorter.
+            let stored_len_bytes = if compression == Compression::None { layout.len(index) } else { 77 };
+            let entry = BlockEntry { index, hash: hash(index as u8), stored_len_bytes, compression };
             b.push(entry).unwrap();
         }
         let manifest = b.finish();

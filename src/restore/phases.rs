@@ -3,15 +3,20 @@
 //!
 //! The rehydrate phase is three loops joined by bounded queues:
 //!
-//! - the **dispatcher** walks the plan in block order, takes each unit's bytes
-//!   from the process-wide in-flight budget (waiting when it is spent) and
-//!   spawns the unit;
-//! - each **unit** task fetches its object from the first source that serves
-//!   it ([`crate::fetch`]), verifies it, writes it at every offset that holds
-//!   it, gives its bytes back to the budget and reports the outcome;
-//! - the **settler** (this function's loop) records outcomes, and on its
+//! - the **dispatcher** ([`super::pipeline`]) walks the plan in block order,
+//!   takes each unit's bytes from the process-wide in-flight budget (waiting
+//!   when it is spent) and spawns the unit;
+//! - each **unit** task gets its block through [`super::read::BlockReader`]
+//!   (snapshot lookup, fetch from the first source that serves it, verify),
+//!   writes it at every offset that holds it, gives its bytes back to the
+//!   budget and reports the outcome;
+//! - the **settler** ([`super::settler`]) records outcomes, and on its
 //!   cadence calls fdatasync and only then counts the written blocks as
-//!   settled. It also watches for stalls.
+//!   settled (`docs/architecture.md`, invariant 3). It also watches for
+//!   stalls.
+//!
+//! The allocate phase and resuming from a checkpoint are
+//! [`super::allocate`]'s; what a run reports is [`super::report`]'s.
 //!
 //! A unit that fails on every source is recorded in the damage report and the
 //! rest of the restore goes on; the job fails at the end, naming those
