@@ -22,6 +22,7 @@ pub mod restore;
 pub mod sample;
 pub mod snapshot;
 pub mod store;
+pub mod sys;
 pub mod target;
 pub mod verify;
 pub mod worker;
