@@ -2,7 +2,8 @@
 //!
 //! # Invariants
 //!
-//! These are the ledger invariants of ARCHITECTURE.md that this module owns;
+//! These are the ledger invariants of `docs/architecture.md` (numbered as
+//! there) that this module owns;
 //! the code asserts them and the tests check them.
 //!
 //! 1. **The ledger is complete and disjoint.** Every block of the layout is

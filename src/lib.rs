@@ -1,8 +1,11 @@
 //! rehydrate: restore volumes from block snapshots in object stores.
 //!
-//! A block flows manifest → store → fetch → verify → write → checkpoint, with
-//! `job` as the control plane (`worker` runs many jobs) and `api`, `cli`,
-//! `metrics`, `config` at the edges.
+//! A block flows snapshot → store → fetch → verify → write → checkpoint, with
+//! the restore engine (`restore`) running one restore through its phases,
+//! `job` and `worker` as the control plane (a worker runs many jobs) and
+//! `api`, `cli`, `metrics`, `config` at the edges. The design, the ledger
+//! invariants the comments cite by number, and one line per module are in
+//! `docs/architecture.md`.
 
 pub mod api;
 pub mod block;
@@ -19,6 +22,7 @@ pub mod restore;
 pub mod sample;
 pub mod snapshot;
 pub mod store;
+pub mod sys;
 pub mod target;
 pub mod verify;
 pub mod worker;

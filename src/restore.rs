@@ -1,16 +1,25 @@
 //! The restore engine: one restore of a snapshot into a target.
 //!
+//! In: a [`RestoreSpec`] (a manifest URL, fallback sources, a target). Out: a
+//! [`RestoreReport`], or one [`RestoreError`] variant, each mapped to one
+//! documented exit code.
+//!
 //! [`Engine`] holds what every restore in the process shares: the config, the
-//! in-flight byte budget, the opened stores. [`restore()`] runs one
-//! restore through its phases; [`readback`] reads a target back against a
-//! manifest. Every outcome maps to one [`RestoreError`] variant, and each
-//! variant to one documented exit code.
+//! in-flight byte budget, the opened stores. [`restore()`] runs one restore
+//! through its phases (`phases.rs`: validate → allocate → rehydrate → swap →
+//! online); `allocate.rs` opens the target and resumes from its checkpoint;
+//! [`plan`] computes the work left; [`read`] gives verified block *i*; the
+//! pipeline (`pipeline.rs`: dispatcher and units, `settler.rs`) moves blocks
+//! to the target and settles them; `report.rs` says how it went. [`progress`]
+//! is what a watcher reads while it runs; [`readback`] reads a target back
+//! against a manifest.
 
 mod allocate;
 mod phases;
 mod pipeline;
 pub mod plan;
 pub mod progress;
+pub mod read;
 pub mod readback;
 mod report;
 mod settler;

@@ -193,31 +193,12 @@ pub fn device_size_bytes(file: &File) -> io::Result<u64> {
     if !meta.file_type().is_block_device() {
         return Ok(meta.len());
     }
-    use std::os::fd::AsRawFd;
-    let mut size: u64 = 0;
-    // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
-    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-    // SAFETY: the fd is open for the call's duration and `size` is a valid
-    // u64 for the kernel to write.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(size)
+    crate::sys::block_device_size_bytes(file)
 }
 
 /// Free bytes for unprivileged writers on the filesystem holding `path`.
 pub fn free_bytes(path: &Path) -> io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-    // SAFETY: statvfs is plain old data; `c` is a valid C string.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+    Ok(crate::sys::filesystem_space(path)?.available_bytes)
 }
 
 /// The directory a file target lives in.

@@ -27,6 +27,9 @@
 //!   (they settle and checkpoint) and stores them as `queued`, so the next
 //!   start resumes them.
 //!
+//! Parts: `status.rs` (what the API reports, and paging), `scheduler.rs`
+//! (starting, finishing and publishing runs), `gates.rs`, `sweep.rs`.
+//!
 //! Limits: `jobs_queued_max` (submissions beyond it are refused),
 //! `jobs_running_max`, `jobs_records_max`; every wait is bounded (the
 //! scheduler wakes at least every [`SCHEDULE_TICK`]).

@@ -136,14 +136,7 @@ pub(super) fn fail(message: &str, code: ExitCode) -> ExitCode {
     code
 }
 
-/// `1.50 GiB`-style sizes for people.
+/// `1.50 GiB`-style sizes for people (indicatif's binary units).
 pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.2} {}", UNITS[unit]) }
+    indicatif::HumanBytes(bytes).to_string()
 }

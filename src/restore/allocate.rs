@@ -10,7 +10,7 @@ use super::{Engine, RestoreError};
 use crate::checkpoint::{
     Checkpoint, CheckpointDir, CheckpointKey, JobIdentity, TargetIdentity, checkpoint_key, unix_now_secs,
 };
-use crate::manifest::Manifest;
+use crate::snapshot::Snapshot;
 use crate::target::{self, OpenOptionsSpec, StagingGuard, Target};
 use crate::write::Writer;
 
@@ -80,12 +80,12 @@ pub(super) enum Allocation {
 /// target left as it was.
 pub(super) fn allocate(
     spec: &RestoreSpec,
-    manifest: &Manifest,
+    snapshot: &dyn Snapshot,
     durable: Option<&Durable>,
 ) -> Result<Allocation, RestoreError> {
-    let layout = manifest.layout;
+    let layout = snapshot.layout();
     let has_checkpoint = durable.is_some_and(Durable::exists);
-    let identity_of = |target: TargetIdentity| JobIdentity { manifest_digest: manifest.digest(), target, layout };
+    let identity_of = |target: TargetIdentity| JobIdentity { manifest_digest: snapshot.digest(), target, layout };
     let staged = !spec.in_place && std::fs::symlink_metadata(&spec.target).map(|m| m.is_file()).unwrap_or(true);
     if let (Some(d), true, true) = (durable, has_checkpoint, staged) {
         let staging_gone = target::staging_path(&spec.target).is_some_and(|p| !p.exists());
@@ -149,11 +149,11 @@ pub(super) fn io_error(target: &Target, what: &str, e: std::io::Error) -> Restor
 }
 
 /// A fresh file target is sparse: it needs room for the non-zero blocks.
-pub(super) fn check_free_space(target: &Target, manifest: &Manifest) -> Result<(), RestoreError> {
+pub(super) fn check_free_space(target: &Target, snapshot: &dyn Snapshot) -> Result<(), RestoreError> {
     if !target.staged {
         return Ok(());
     }
-    let needed = manifest.block_bytes_total();
+    let needed = snapshot.block_bytes_total();
     let free = target::free_bytes(&target::parent_dir(&target.path))
         .map_err(|e| io_error(target, "cannot read free space", e))?;
     if free < needed {
@@ -180,21 +180,21 @@ pub(super) struct Allocated {
 pub(super) fn allocate_phase(
     engine: &Engine,
     spec: &RestoreSpec,
-    manifest: &Manifest,
+    snapshot: &dyn Snapshot,
     durable: Option<&Durable>,
 ) -> Result<Option<Allocated>, RestoreError> {
-    let (target, checkpoint) = match allocate(spec, manifest, durable)? {
+    let (target, checkpoint) = match allocate(spec, snapshot, durable)? {
         Allocation::Ready { target, checkpoint } => (target, *checkpoint),
         Allocation::AlreadyRestored => return Ok(None),
     };
     let staging = StagingGuard::new(&target);
     let blocks_resumed = checkpoint.settled().settled_count();
     if blocks_resumed == 0 {
-        check_free_space(&target, manifest)?;
+        check_free_space(&target, snapshot)?;
     } else {
         tracing::info!(
             blocks_resumed,
-            percent = 100.0 * blocks_resumed as f64 / manifest.layout.block_count() as f64,
+            percent = 100.0 * blocks_resumed as f64 / snapshot.layout().block_count() as f64,
             "resuming from checkpoint"
         );
     }

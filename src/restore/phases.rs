@@ -3,15 +3,20 @@
 //!
 //! The rehydrate phase is three loops joined by bounded queues:
 //!
-//! - the **dispatcher** walks the plan in block order, takes each unit's bytes
-//!   from the process-wide in-flight budget (waiting when it is spent) and
-//!   spawns the unit;
-//! - each **unit** task fetches its object from the first source that serves
-//!   it ([`crate::fetch`]), verifies it, writes it at every offset that holds
-//!   it, gives its bytes back to the budget and reports the outcome;
-//! - the **settler** (this function's loop) records outcomes, and on its
+//! - the **dispatcher** ([`super::pipeline`]) walks the plan in block order,
+//!   takes each unit's bytes from the process-wide in-flight budget (waiting
+//!   when it is spent) and spawns the unit;
+//! - each **unit** task gets its block through [`super::read::BlockReader`]
+//!   (snapshot lookup, fetch from the first source that serves it, verify),
+//!   writes it at every offset that holds it, gives its bytes back to the
+//!   budget and reports the outcome;
+//! - the **settler** ([`super::settler`]) records outcomes, and on its
 //!   cadence calls fdatasync and only then counts the written blocks as
-//!   settled. It also watches for stalls.
+//!   settled (`docs/architecture.md`, invariant 3). It also watches for
+//!   stalls.
+//!
+//! The allocate phase and resuming from a checkpoint are
+//! [`super::allocate`]'s; what a run reports is [`super::report`]'s.
 //!
 //! A unit that fails on every source is recorded in the damage report and the
 //! rest of the restore goes on; the job fails at the end, naming those
@@ -31,7 +36,7 @@ use super::progress::{Phase, Progress};
 use super::{Engine, RestoreError};
 use crate::checkpoint::Checkpoint;
 use crate::fetch::{FetchContext, FetchTelemetry, Source};
-use crate::manifest::Manifest;
+use crate::snapshot::Snapshot;
 use crate::store::StoreUrl;
 use crate::store::limit::with_tenant;
 use crate::target::{self, StagingGuard, Target};
@@ -39,6 +44,7 @@ use crate::write::{Backend, Writer};
 
 use super::allocate::{Allocated, Durable, allocate_phase, io_error};
 use super::pipeline::UnitContext;
+use super::read::BlockReader;
 use super::report::{RestoreReport, Timings, already_restored_report};
 use super::settler::Settler;
 
@@ -77,29 +83,29 @@ async fn restore_as(
     tenant: u64,
 ) -> Result<RestoreReport, RestoreError> {
     progress.set_phase(Phase::Validate);
-    let (manifest, sources) = validate(engine, spec).await?;
+    let (snapshot, sources) = validate(engine, spec).await?;
 
     progress.set_phase(Phase::Allocate);
     let durable = Durable::open(engine, spec)?;
     let Some(Allocated { target, checkpoint, mut staging, writer }) =
-        allocate_phase(engine, spec, &manifest, durable.as_ref())?
+        allocate_phase(engine, spec, &*snapshot, durable.as_ref())?
     else {
         if let Some(d) = &durable {
             d.remove();
         }
         progress.set_phase(Phase::Online);
-        return Ok(already_restored_report(spec, &manifest, progress));
+        return Ok(already_restored_report(spec, &*snapshot, progress));
     };
 
     progress.set_phase(Phase::Rehydrate);
     let blocks_resumed = checkpoint.settled().settled_count();
     let run = Run { engine, progress, cancel, tenant };
-    let mut transfer = rehydrate(&run, &manifest, sources, &target, checkpoint, writer, durable.clone()).await;
+    let mut transfer = rehydrate(&run, &snapshot, sources, &target, checkpoint, writer, durable.clone()).await;
     if let Err(e) = std::mem::replace(&mut transfer.result, Ok(())) {
         keep_or_discard(&e, &transfer.settler, durable.as_ref(), &mut staging, &target);
         return Err(e);
     }
-    let report = report_of(spec, &manifest, progress, &mut transfer, blocks_resumed);
+    let report = report_of(spec, &*snapshot, progress, &mut transfer, blocks_resumed);
     conclude(report, &transfer, &target, staging, durable.as_ref(), progress)
 }
 
@@ -113,8 +119,9 @@ struct Run<'a> {
 }
 
 /// Validate: open the primary store, read and check the manifest, open the
-/// secondaries.
-async fn validate(engine: &Engine, spec: &RestoreSpec) -> Result<(Manifest, Vec<Source>), RestoreError> {
+/// secondaries. From here on the restore sees the manifest as a
+/// [`Snapshot`].
+async fn validate(engine: &Engine, spec: &RestoreSpec) -> Result<(Arc<dyn Snapshot>, Vec<Source>), RestoreError> {
     let (store_url, manifest_key) =
         StoreUrl::parse_manifest(&spec.manifest_url).map_err(|e| RestoreError::Usage(e.to_string()))?;
     let primary = engine.open_store(&store_url).await?;
@@ -124,7 +131,7 @@ async fn validate(engine: &Engine, spec: &RestoreSpec) -> Result<(Manifest, Vec<
         let url = StoreUrl::parse(url).map_err(|e| RestoreError::Usage(e.to_string()))?;
         stores.push(engine.open_store(&url).await?);
     }
-    Ok((manifest, Source::ordered(stores)))
+    Ok((Arc::new(manifest), Source::ordered(stores)))
 }
 
 /// How the rehydrate phase ended.
@@ -144,7 +151,7 @@ struct Transfer {
 /// on the checkpoint's cadence; then close the writer.
 async fn rehydrate(
     run: &Run<'_>,
-    manifest: &Manifest,
+    snapshot: &Arc<dyn Snapshot>,
     sources: Vec<Source>,
     target: &Target,
     checkpoint: Checkpoint,
@@ -152,8 +159,8 @@ async fn rehydrate(
     durable: Option<Durable>,
 ) -> Transfer {
     let (engine, progress) = (run.engine, run.progress);
-    let layout = manifest.layout;
-    let plan = plan::plan(manifest, target.fresh, |i| checkpoint.settled().is_settled(i));
+    let layout = snapshot.layout();
+    let plan = plan::plan(&**snapshot, target.fresh, |i| checkpoint.settled().is_settled(i));
     progress.blocks_total.store(layout.block_count(), Ordering::Relaxed);
     progress.bytes_total.store(layout.volume_size_bytes(), Ordering::Relaxed);
     let blocks_resumed = checkpoint.settled().settled_count();
@@ -166,7 +173,8 @@ async fn rehydrate(
     let (blocks_deduplicated, objects_planned) = (plan.blocks_deduplicated, plan.objects());
 
     let mut settler = Settler::new(engine, target, layout, writer.clone(), checkpoint, durable, Arc::clone(progress));
-    let units = UnitContext { fetch, writer: writer.clone(), layout, tenant: run.tenant };
+    let reader = BlockReader::new(Arc::clone(snapshot), fetch);
+    let units = UnitContext { reader, writer: writer.clone(), layout, tenant: run.tenant };
     let transfer_started = Instant::now();
     let result = settler.run(plan, units, engine.budget.clone(), run.cancel).await;
     let transferred = settler.transferred.unwrap_or_else(Instant::now);
@@ -262,7 +270,7 @@ fn conclude(
 /// [`RestoreReport::stamp`].
 fn report_of(
     spec: &RestoreSpec,
-    manifest: &Manifest,
+    snapshot: &dyn Snapshot,
     progress: &Progress,
     transfer: &mut Transfer,
     blocks_resumed: u64,
@@ -278,7 +286,7 @@ fn report_of(
         fetch: transfer.telemetry.counts(),
         timings: transfer.timings,
         damage: std::mem::take(&mut transfer.settler.damage),
-        ..RestoreReport::of(spec, manifest)
+        ..RestoreReport::of(spec, snapshot)
     };
     report.damage.sort_by_key(|d| d.index);
     report

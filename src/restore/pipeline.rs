@@ -10,9 +10,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::plan::{Unit, UnitSource};
+use super::read::{BlockReader, Priority};
 use crate::block::{BlockIndex, BlockLayout};
+use crate::fetch::SourceFailure;
 use crate::fetch::budget::Budget;
-use crate::fetch::{FetchContext, SourceFailure, fetch_block};
 use crate::metrics as m;
 use crate::store::limit::with_tenant;
 use crate::verify::VerifiedBlock;
@@ -20,7 +21,8 @@ use crate::write::Writer;
 
 /// What every unit task shares.
 pub(super) struct UnitContext {
-    pub(super) fetch: FetchContext,
+    /// Verified blocks by index: lookup, fetch, verify.
+    pub(super) reader: BlockReader,
     pub(super) writer: Writer,
     pub(super) layout: BlockLayout,
     /// The restore's tenant at the stores' concurrency gates.
@@ -42,15 +44,12 @@ pub(super) async fn write_block(writer: &Writer, offset: u64, block: &VerifiedBl
 
 pub(super) async fn run_unit(ctx: &UnitContext, unit: Unit) -> UnitOutcome {
     let block = match &unit.source {
+        // Zeros need no lookup: the plan knows the block's length.
         UnitSource::Zeros { len_bytes } => VerifiedBlock::zeros(*len_bytes as usize),
-        UnitSource::Object { key, expected } => {
-            match fetch_block(&ctx.fetch, key, expected, unit.first_block()).await {
-                Ok((block, _source)) => block,
-                Err(failures) => {
-                    return UnitOutcome::Failed { blocks: unit.blocks, failures };
-                }
-            }
-        }
+        UnitSource::Object { .. } => match ctx.reader.read(unit.first_block(), Priority::Background).await {
+            Ok(block) => block,
+            Err(failures) => return UnitOutcome::Failed { blocks: unit.blocks, failures },
+        },
     };
     let mut bytes = 0;
     for &index in &unit.blocks {
@@ -92,5 +91,5 @@ pub(super) async fn dispatch(
         }));
     }
     // Every block is in flight or done: what is left is the critical path.
-    ctx.fetch.hedger.enter_tail();
+    ctx.reader.fetch().hedger.enter_tail();
 }

@@ -1,6 +1,6 @@
-//! Plan: the work still to do, as pure computation over the manifest.
+//! Plan: the work still to do, as pure computation over the snapshot.
 //!
-//! Blocks still to do = manifest blocks − settled. Each distinct block object
+//! Blocks still to do = snapshot blocks − settled. Each distinct block object
 //! becomes one [`Unit`], fetched once and written at every block that holds it
 //! (identical blocks). Zero blocks are units without a fetch; on a fresh
 //! target (all zero by construction) they need no write at all and settle with
@@ -9,8 +9,8 @@
 
 use std::collections::HashMap;
 
-use crate::block::{BlockIndex, BlockLayout, Compression, ContentHash, block_key};
-use crate::manifest::Manifest;
+use crate::block::{BlockIndex, Compression, ContentHash};
+use crate::snapshot::Snapshot;
 use crate::verify::Expected;
 
 /// Where a unit's bytes come from.
@@ -71,14 +71,14 @@ impl Plan {
 }
 
 /// Build the plan. `settled(i)` tells which blocks are already done.
-pub fn plan(manifest: &Manifest, fresh: bool, settled: impl Fn(BlockIndex) -> bool) -> Plan {
-    let layout = manifest.layout;
+pub fn plan(snapshot: &dyn Snapshot, fresh: bool, settled: impl Fn(BlockIndex) -> bool) -> Plan {
+    let layout = snapshot.layout();
     let mut out = Plan::default();
     let mut by_object: HashMap<(ContentHash, Compression), usize> = HashMap::new();
-    let mut entries = manifest.entries().iter().peekable();
+    let mut blocks = snapshot.blocks().peekable();
     for index in 0..layout.block_count() {
-        let entry = match entries.peek() {
-            Some(e) if e.index == index => entries.next(),
+        let block = match blocks.peek() {
+            Some(b) if b.index == index => blocks.next(),
             _ => None,
         };
         if settled(index) {
@@ -86,7 +86,7 @@ pub fn plan(manifest: &Manifest, fresh: bool, settled: impl Fn(BlockIndex) -> bo
         }
         out.blocks_planned += 1;
         out.bytes_planned += u64::from(layout.len(index));
-        let Some(entry) = entry else {
+        let Some(block) = block else {
             if fresh {
                 out.zero_free.push(index);
             } else {
@@ -95,28 +95,18 @@ pub fn plan(manifest: &Manifest, fresh: bool, settled: impl Fn(BlockIndex) -> bo
             }
             continue;
         };
-        match by_object.get(&(entry.hash, entry.compression)) {
+        let expected = block.expected;
+        match by_object.get(&(expected.hash, expected.compression)) {
             Some(&u) => {
                 out.units[u].blocks.push(index);
                 out.blocks_deduplicated += 1;
             }
             None => {
-                by_object.insert((entry.hash, entry.compression), out.units.len());
-                let expected = expected_of(manifest, &layout, entry);
-                let key = block_key(&entry.hash, entry.compression);
+                by_object.insert((expected.hash, expected.compression), out.units.len());
+                let key = snapshot.object_key(&block);
                 out.units.push(Unit { source: UnitSource::Object { key, expected }, blocks: vec![index] });
             }
         }
     }
     out
-}
-
-fn expected_of(manifest: &Manifest, layout: &BlockLayout, entry: &crate::manifest::BlockEntry) -> Expected {
-    Expected {
-        hash: entry.hash,
-        algorithm: manifest.hash_algorithm,
-        compression: entry.compression,
-        stored_len_bytes: entry.stored_len_bytes,
-        len_bytes: layout.len(entry.index),
-    }
 }

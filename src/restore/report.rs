@@ -10,7 +10,7 @@ use super::phases::RestoreSpec;
 use super::progress::{Progress, StallEvent};
 use crate::block::BlockIndex;
 use crate::fetch::{FetchCounts, SourceFailure};
-use crate::manifest::Manifest;
+use crate::snapshot::Snapshot;
 use crate::write::Backend;
 
 /// A block that no source could serve, with each source's last error.
@@ -65,20 +65,20 @@ pub struct Timings {
 }
 
 impl RestoreReport {
-    /// A report of restoring `manifest` as `spec` asks, with nothing done yet.
-    pub(super) fn of(spec: &RestoreSpec, manifest: &Manifest) -> Self {
-        let layout = manifest.layout;
+    /// A report of restoring `snapshot` as `spec` asks, with nothing done yet.
+    pub(super) fn of(spec: &RestoreSpec, snapshot: &dyn Snapshot) -> Self {
+        let layout = snapshot.layout();
         RestoreReport {
             succeeded: false,
             manifest: spec.manifest_url.clone(),
-            snapshot_digest: manifest.digest().to_hex(),
+            snapshot_digest: snapshot.digest().to_hex(),
             target: spec.target.display().to_string(),
             writer_backend: None,
             blocks_total: layout.block_count(),
             blocks_settled: 0,
             blocks_resumed: 0,
             blocks_failed: 0,
-            blocks_zero: layout.block_count() - manifest.entries().len() as u64,
+            blocks_zero: layout.block_count() - snapshot.blocks_stored(),
             blocks_deduplicated: 0,
             objects_planned: 0,
             bytes_total: layout.volume_size_bytes(),
@@ -105,14 +105,18 @@ impl RestoreReport {
 
 /// A crash came between the swap and the final status: the target in place
 /// is already the whole restore.
-pub(super) fn already_restored_report(spec: &RestoreSpec, manifest: &Manifest, progress: &Progress) -> RestoreReport {
-    let blocks_total = manifest.layout.block_count();
+pub(super) fn already_restored_report(
+    spec: &RestoreSpec,
+    snapshot: &dyn Snapshot,
+    progress: &Progress,
+) -> RestoreReport {
+    let blocks_total = snapshot.layout().block_count();
     RestoreReport {
         succeeded: true,
         blocks_settled: blocks_total,
         blocks_resumed: blocks_total,
         duration_secs: progress.started.elapsed().as_secs_f64(),
         timings: Timings { prepare_secs: progress.started.elapsed().as_secs_f64(), ..Timings::default() },
-        ..RestoreReport::of(spec, manifest)
+        ..RestoreReport::of(spec, snapshot)
     }
 }

@@ -115,11 +115,11 @@ impl Settler {
                     Some(outcome) => self.record(outcome)?,
                     None => {
                         self.transferred = Some(Instant::now());
-                        self.dispatched = ctx.fetch.hedger.tail_began();
+                        self.dispatched = ctx.reader.fetch().hedger.tail_began();
                         break;
                     }
                 },
-                _ = tick.tick() => self.watch_stall(&ctx.fetch.telemetry),
+                _ = tick.tick() => self.watch_stall(&ctx.reader.fetch().telemetry),
             }
             if self.sync_due() {
                 self.settle().await?;

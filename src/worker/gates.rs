@@ -90,18 +90,8 @@ pub(super) fn staged_bytes(target: &Path) -> u64 {
 
 /// (available, total) bytes of the filesystem holding `path`.
 pub fn filesystem_bytes(path: &Path) -> std::io::Result<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL"))?;
-    // SAFETY: statvfs is plain old data; `c` is a valid C string.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: both pointers are valid for the call.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let frsize = st.f_frsize as u64;
-    Ok((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
+    let space = crate::sys::filesystem_space(path)?;
+    Ok((space.available_bytes, space.total_bytes))
 }
 
 pub(super) fn is_block_device(path: &std::path::Path) -> bool {
