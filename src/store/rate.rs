@@ -402,6 +402,7 @@ impl AdaptiveRate {
 
     async fn run<T>(
         &self,
+        _ctx: &super::RequestContext,
         _what: &str,
         op: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
