@@ -190,8 +190,8 @@ pub struct FetchCounts {
     /// answer counts for a second after it, spells merged).
     #[serde(default)]
     pub throttled_millis: u64,
-    /// The request rate each paced source was at when the counts were taken
-    /// (requests per second, rounded): the rate the store settled at. Only
+    /// The rate each throttling source settled at: its send rate at its
+    /// last throttle, the limit learned (requests per second, rounded). Only
     /// sources that throttled are listed.
     #[serde(default)]
     pub request_rate_per_source: Vec<(String, u32)>,
@@ -245,7 +245,7 @@ impl FetchTelemetry {
                 .iter()
                 .zip(&self.rates)
                 .filter_map(|(name, rate)| {
-                    let rate = rate.as_ref()?.requests_per_sec()?;
+                    let rate = rate.as_ref()?.throttled_rate()?;
                     Some((name.clone(), rate.round().min(f64::from(u32::MAX)) as u32))
                 })
                 .collect(),
