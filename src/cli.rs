@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::block::{Compression, HashAlgorithm};
+use crate::block::{BlockSelection, Compression, HashAlgorithm};
 use crate::config::Config;
 use crate::error::ExitCode;
 
@@ -185,6 +185,12 @@ pub struct RestoreArgs {
     /// Discard the checkpoint of an earlier run and start from the beginning.
     #[arg(long)]
     pub restart: bool,
+    /// Restore and checkpoint only these blocks, one shard of the volume:
+    /// START..END (block indexes, END exclusive) or I/N (shard I of N, from
+    /// 0). Shards write in place side by side: the target must be a block
+    /// device, or an existing file with --in-place.
+    #[arg(long, value_name = "START..END|I/N")]
+    pub blocks: Option<BlockSelection>,
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Print the summary as JSON on stdout.
@@ -198,6 +204,10 @@ pub struct VerifyArgs {
     pub manifest: String,
     #[arg(long)]
     pub target: PathBuf,
+    /// Compare only these blocks: START..END (END exclusive) or I/N (shard I
+    /// of N, from 0), as `restore --blocks` takes them.
+    #[arg(long, value_name = "START..END|I/N")]
+    pub blocks: Option<BlockSelection>,
     #[arg(long)]
     pub config: Option<PathBuf>,
     #[arg(long)]
