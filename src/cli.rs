@@ -1,7 +1,8 @@
 //! The command line: `snapshot create`, `restore`, `verify`, `demo`, and the
 //! worker: `serve` and its client `job submit|get|list|cancel`.
 //!
-//! Deployment helpers (`health`, `completions`, `man`) are in [`ops`].
+//! Deployment helpers (`health`, `completions`, `man`) are in [`ops`];
+//! `openapi` prints the worker API's OpenAPI document.
 //!
 //! Human output goes to stdout (summaries) and stderr (progress, logs);
 //! `--json` replaces the summary with one JSON object on stdout. Every command
@@ -59,6 +60,9 @@ pub enum Command {
     Completions(ops::CompletionsArgs),
     /// Print the man page (roff), or write one page per command into --dir.
     Man(ops::ManArgs),
+    /// Print the worker API's OpenAPI 3.1 document (JSON), as GET
+    /// /openapi.json serves it.
+    Openapi,
 }
 
 #[derive(Debug, Args)]
@@ -256,6 +260,10 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Health(args) => ops::health(args).await,
         Command::Completions(args) => ops::completions(args),
         Command::Man(args) => ops::man(args),
+        Command::Openapi => {
+            print!("{}", crate::api::openapi_json_text());
+            ExitCode::Success
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use crate::snapshot::Snapshot;
 use crate::write::Backend;
 
 /// A block that no source could serve, with each source's last error.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct DamagedBlock {
     pub index: BlockIndex,
     pub offset_bytes: u64,
