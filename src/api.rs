@@ -42,15 +42,15 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::job::spec::BodyError;
 use crate::job::{JobSpec, JobState};
+use crate::worker::{CancelError, ListCursor, ListQuery, SubmitError, Submitted, Worker};
 use crate::worker::{JobPage, JobStatus};
+pub use auth::Tokens;
 use problem::ProblemDetails;
+use problem::{Problem, ProblemType};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use crate::job::spec::BodyError;
-use crate::worker::{CancelError, ListCursor, ListQuery, SubmitError, Submitted, Worker};
-pub use auth::Tokens;
-use problem::{Problem, ProblemType};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -79,10 +79,7 @@ pub fn metrics_handle() -> Result<PrometheusHandle, String> {
 /// handler, so the router serves exactly the routes the OpenAPI document
 /// describes: the `/v1` routes (behind the token) and the open ones.
 fn routes() -> (OpenApiRouter<Api>, OpenApiRouter<Api>) {
-    let v1 = OpenApiRouter::new()
-        .routes(routes!(submit, list))
-        .routes(routes!(get_job))
-        .routes(routes!(cancel));
+    let v1 = OpenApiRouter::new().routes(routes!(submit, list)).routes(routes!(get_job)).routes(routes!(cancel));
     let open = OpenApiRouter::new()
         .routes(routes!(metrics))
         .routes(routes!(healthz))
@@ -110,14 +107,17 @@ pub fn router(worker: Arc<Worker>, tokens: Tokens) -> Result<Router, String> {
     let document: Arc<str> = openapi_json_text().into();
     let api = Api { worker, tokens: Arc::new(tokens), metrics: metrics_handle()?, document };
     let (v1, open) = routes();
-    let v1 = Router::from(v1.split_for_parts().0)
-        .route_layer(axum::middleware::from_fn_with_state(api.clone(), auth::require_token));
+    let v1 = v1.split_for_parts().0.route_layer(axum::middleware::from_fn_with_state(api.clone(), auth::require_token));
     Ok(Router::new()
         .merge(v1)
-        .merge(Router::from(open.split_for_parts().0))
+        .merge(open.split_for_parts().0)
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, ProblemType::NotFound, "no such route") })
         .method_not_allowed_fallback(|| async {
-            Problem::new(StatusCode::METHOD_NOT_ALLOWED, ProblemType::MethodNotAllowed, "this route does not take that method")
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ProblemType::MethodNotAllowed,
+                "this route does not take that method",
+            )
         })
         .layer(DefaultBodyLimit::max(body_max))
         .layer(axum::middleware::from_fn_with_state(api.clone(), bounded))
@@ -267,7 +267,8 @@ async fn submit(State(api): State<Api>, body: Result<Bytes, BytesRejection>) -> 
             return Problem::new(StatusCode::BAD_REQUEST, ProblemType::BadJson, &e.to_string()).into_response();
         }
         Err(e @ BodyError::NotASpec(_)) => {
-            return Problem::new(StatusCode::UNPROCESSABLE_ENTITY, ProblemType::InvalidSpec, &e.to_string()).into_response();
+            return Problem::new(StatusCode::UNPROCESSABLE_ENTITY, ProblemType::InvalidSpec, &e.to_string())
+                .into_response();
         }
     };
     let worker = Arc::clone(&api.worker);
@@ -367,7 +368,9 @@ fn list_query(pairs: &[(String, String)]) -> Result<ListQuery, String> {
 async fn get_job(State(api): State<Api>, Path(id): Path<String>) -> Response {
     match api.worker.get(&id) {
         Ok(Some(status)) => axum::Json(status).into_response(),
-        Ok(None) => Problem::new(StatusCode::NOT_FOUND, ProblemType::NoSuchJob, &format!("no job {id:?}")).into_response(),
+        Ok(None) => {
+            Problem::new(StatusCode::NOT_FOUND, ProblemType::NoSuchJob, &format!("no job {id:?}")).into_response()
+        }
         Err(e) => Problem::internal(&e.to_string()).into_response(),
     }
 }
@@ -466,7 +469,8 @@ async fn readyz(State(api): State<Api>) -> Response {
     if api.worker.is_accepting() {
         "ready\n".into_response()
     } else {
-        Problem::new(StatusCode::SERVICE_UNAVAILABLE, ProblemType::ShuttingDown, "the worker is shutting down").into_response()
+        Problem::new(StatusCode::SERVICE_UNAVAILABLE, ProblemType::ShuttingDown, "the worker is shutting down")
+            .into_response()
     }
 }
 

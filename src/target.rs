@@ -129,7 +129,9 @@ fn open_device(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetError
 fn open_device_excl(path: &Path) -> Result<File, TargetError> {
     OpenOptions::new().read(true).write(true).custom_flags(libc::O_EXCL | libc::O_CLOEXEC).open(path).map_err(|e| {
         match e.raw_os_error() {
-            Some(libc::EBUSY) => TargetError::refused(path, "the device is mounted or in use (EBUSY): unmount it first"),
+            Some(libc::EBUSY) => {
+                TargetError::refused(path, "the device is mounted or in use (EBUSY): unmount it first")
+            }
             _ => TargetError::io(path, e),
         }
     })

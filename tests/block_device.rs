@@ -118,8 +118,7 @@ async fn a_new_node_of_the_same_device_resumes_and_another_device_is_refused() {
     let key = rehydrate::block::block_key(&entry.hash, entry.compression);
     let err = restore(&engine_failing(&state, &url, Some(&key)), &spec(&url, &node)).await.unwrap_err();
     let RestoreError::BlocksFailed(report) = err else { panic!("expected a damage report: {err}") };
-    let holding: Vec<u64> =
-        manifest.entries().iter().filter(|e| e.hash == entry.hash).map(|e| e.index).collect();
+    let holding: Vec<u64> = manifest.entries().iter().filter(|e| e.hash == entry.hash).map(|e| e.index).collect();
     assert_eq!(report.damage.iter().map(|d| d.index).collect::<Vec<_>>(), holding);
 
     // The next pod: the same device behind a new node (a new inode).

@@ -298,7 +298,8 @@ fn job_targets_and_checkpoints_are_on_volumes_that_outlive_the_pod() {
 fn the_indexed_job_gives_each_pod_its_shard_of_the_volume() {
     use rehydrate::block::{BlockLayout, BlockSelection};
     let docs = manifests();
-    let indexed: Vec<_> = of_kind(&docs, "Job").into_iter().filter(|(_, d)| d["spec"]["completionMode"] == "Indexed").collect();
+    let indexed: Vec<_> =
+        of_kind(&docs, "Job").into_iter().filter(|(_, d)| d["spec"]["completionMode"] == "Indexed").collect();
     assert_eq!(indexed.len(), 1, "one Indexed Job of shards");
     let (file, job) = indexed[0];
     let spec = &job["spec"];
@@ -324,7 +325,11 @@ fn the_indexed_job_gives_each_pod_its_shard_of_the_volume() {
     for volume in pod["volumes"].as_array().unwrap() {
         let claim = pvc(&docs, volume).unwrap_or_else(|| panic!("{file}: {volume} is not a PVC of this file"));
         let modes = claim["spec"]["accessModes"].as_array().unwrap();
-        assert!(modes.iter().any(|m| m == "ReadWriteMany"), "{file}: {} is not ReadWriteMany", claim["metadata"]["name"]);
+        assert!(
+            modes.iter().any(|m| m == "ReadWriteMany"),
+            "{file}: {} is not ReadWriteMany",
+            claim["metadata"]["name"]
+        );
     }
 }
 

@@ -82,7 +82,9 @@ fn the_document_is_openapi_3_1_with_every_operation_described() {
     }
     assert_eq!(operations, 8, "submit, list, get, cancel, metrics, healthz, readyz, openapi.json");
     let schemas = doc["components"]["schemas"].as_object().unwrap();
-    for name in ["JobSpec", "JobStatus", "JobPage", "JobState", "Phase", "DamagedBlock", "ProblemDetails", "ProblemType"] {
+    for name in
+        ["JobSpec", "JobStatus", "JobPage", "JobState", "Phase", "DamagedBlock", "ProblemDetails", "ProblemType"]
+    {
         assert!(schemas.contains_key(name), "no schema {name}");
     }
     // Every problem type the API can answer with is listed.
@@ -91,7 +93,10 @@ fn the_document_is_openapi_3_1_with_every_operation_described() {
         .or_else(|| schemas["ProblemType"]["oneOf"].as_array())
         .map(|a| a.iter().filter_map(|v| v.as_str().or_else(|| v["enum"][0].as_str())).collect())
         .unwrap_or_default();
-    assert!(types.len() >= 15 && types.iter().all(|t| t.starts_with(rehydrate::api::problem::TYPE_PREFIX)), "{types:?}");
+    assert!(
+        types.len() >= 15 && types.iter().all(|t| t.starts_with(rehydrate::api::problem::TYPE_PREFIX)),
+        "{types:?}"
+    );
     assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
 }
 
@@ -199,7 +204,8 @@ async fn the_router_serves_exactly_the_documented_operations() {
     // An empty list page has exactly the documented fields.
     let page = client.raw(Method::GET, "/v1/jobs", None).await.unwrap();
     let fields: BTreeSet<&String> = page.body.as_object().unwrap().keys().collect();
-    let schema: BTreeSet<&String> = doc["components"]["schemas"]["JobPage"]["properties"].as_object().unwrap().keys().collect();
+    let schema: BTreeSet<&String> =
+        doc["components"]["schemas"]["JobPage"]["properties"].as_object().unwrap().keys().collect();
     assert_eq!(fields, schema);
     server.stop.cancel();
 }

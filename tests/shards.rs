@@ -64,8 +64,11 @@ impl Fixture {
     async fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("s3");
-        let volume =
-            SampleVolume { size_bytes: BLOCKS * u64::from(BLOCK_BYTES) + 1000, block_size_bytes: BLOCK_BYTES, seed: 91 };
+        let volume = SampleVolume {
+            size_bytes: BLOCKS * u64::from(BLOCK_BYTES) + 1000,
+            block_size_bytes: BLOCK_BYTES,
+            seed: 91,
+        };
         let prefix_dir = root.join(BUCKET).join(PREFIX);
         let source = dir.path().join("source.img");
         let manifest =
@@ -178,7 +181,11 @@ fn check_killed_checkpoint(fx: &Fixture, shard: &str, checkpoint: &Checkpoint) {
         assert!(range.contains(index), "shard {shard} settled block {index}, outside {range}");
         let want = fx.volume.block(index);
         let offset = (index * u64::from(BLOCK_BYTES)) as usize;
-        assert_eq!(&data[offset..offset + want.len()], &want[..], "shard {shard}: settled block {index} is not on disk");
+        assert_eq!(
+            &data[offset..offset + want.len()],
+            &want[..],
+            "shard {shard}: settled block {index} is not on disk"
+        );
     }
 }
 
@@ -226,7 +233,8 @@ async fn shards_killed_and_resumed_restore_one_volume_byte_identical() {
     }
 
     assert_eq!(fx.volume.mismatches(&fx.target).unwrap(), Vec::<u64>::new(), "the target is not the volume");
-    let leftovers: Vec<_> = std::fs::read_dir(fx.target.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let leftovers: Vec<_> =
+        std::fs::read_dir(fx.target.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(leftovers, vec![std::ffi::OsString::from("vol.img")], "files left beside the target");
     let state_files: Vec<_> = std::fs::read_dir(&fx.state).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(state_files.is_empty(), "files left in the checkpoint directory: {state_files:?}");

@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use super::format::CHECKPOINT_SIZE_MAX_BYTES;
-use crate::block::BlockRange;
 use super::{Checkpoint, CheckpointError, JobIdentity};
+use crate::block::BlockRange;
 
 const EXTENSION: &str = ".ckpt";
 const TEMP_MARKER: &str = ".ckpt.tmp-";

@@ -317,7 +317,10 @@ fn decode_identity(reader: &mut Reader<'_>, version: u32) -> Result<JobIdentity,
         BlockRange { start: reader.u64()?, end: reader.u64()? }
     };
     if blocks.is_empty() || blocks.end > layout.block_count() {
-        return Err(corrupt(format!("blocks {blocks} are empty or outside the {} of the layout", layout.block_count())));
+        return Err(corrupt(format!(
+            "blocks {blocks} are empty or outside the {} of the layout",
+            layout.block_count()
+        )));
     }
     Ok(JobIdentity { manifest_digest, target, layout, blocks })
 }
