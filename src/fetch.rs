@@ -36,9 +36,10 @@ use serde::Serialize;
 use crate::block::BlockIndex;
 use crate::error::{ErrorClass, StoreError};
 use crate::metrics as m;
+use crate::store::RequestContext;
 use crate::store::SharedStore;
 use crate::store::rate::{RateControl, THROTTLING_NOW};
-use crate::store::timeout::{SentAt, observe_sent};
+use crate::store::timeout::SentAt;
 use crate::verify::{Expected, VerifiedBlock, verify};
 use backoff::Backoff;
 pub use config::FetchConfig;
@@ -189,8 +190,8 @@ pub struct FetchCounts {
     /// answer counts for a second after it, spells merged).
     #[serde(default)]
     pub throttled_millis: u64,
-    /// The request rate each paced source was at when the counts were taken
-    /// (requests per second, rounded): the rate the store settled at. Only
+    /// The rate each throttling source settled at: its send rate at its
+    /// last throttle, the limit learned (requests per second, rounded). Only
     /// sources that throttled are listed.
     #[serde(default)]
     pub request_rate_per_source: Vec<(String, u32)>,
@@ -244,7 +245,7 @@ impl FetchTelemetry {
                 .iter()
                 .zip(&self.rates)
                 .filter_map(|(name, rate)| {
-                    let rate = rate.as_ref()?.requests_per_sec()?;
+                    let rate = rate.as_ref()?.throttled_rate()?;
                     Some((name.clone(), rate.round().min(f64::from(u32::MAX)) as u32))
                 })
                 .collect(),
@@ -276,6 +277,8 @@ impl FetchTelemetry {
 /// What every fetch of one restore shares.
 #[derive(Debug)]
 pub struct FetchContext {
+    /// The restore these fetches work for: its turn at the stores' gates.
+    pub tenant: u64,
     pub sources: Vec<Source>,
     pub policy: RetryPolicy,
     pub telemetry: std::sync::Arc<FetchTelemetry>,
@@ -286,7 +289,13 @@ impl FetchContext {
     pub fn new(sources: Vec<Source>, config: &crate::fetch::FetchConfig) -> Self {
         let telemetry = std::sync::Arc::new(FetchTelemetry::new(&sources));
         let hedger = Hedger::new(config.hedge, sources.len());
-        Self { policy: RetryPolicy::from_config(config), telemetry, hedger, sources }
+        Self { tenant: 0, policy: RetryPolicy::from_config(config), telemetry, hedger, sources }
+    }
+
+    /// The same, with every request made for restore `tenant`.
+    pub fn for_tenant(mut self, tenant: u64) -> Self {
+        self.tenant = tenant;
+        self
     }
 }
 
@@ -415,13 +424,14 @@ impl<'a> RetryState<'a> {
 /// only slows it down.
 pub async fn get_retried(
     store: &SharedStore,
+    request: &RequestContext,
     key: &str,
     len_max_bytes: u64,
     policy: &RetryPolicy,
 ) -> Result<bytes::Bytes, StoreError> {
     let mut retry = RetryState::new(policy, policy.jitter_seed, store.rate_control().is_some());
     loop {
-        let error = match store.get(key, len_max_bytes).await {
+        let error = match store.get_for(request, key, len_max_bytes).await {
             Ok(bytes) => return Ok(bytes),
             Err(error) => error,
         };
@@ -563,8 +573,8 @@ async fn attempt(
     ctx.hedger.count_request();
     let queued = Instant::now();
     // The attempt deadline is the store's innermost layer (`store/timeout.rs`).
-    let call = source.store.get(key, u64::from(expected.stored_len_bytes));
-    let result = match observe_sent(Arc::clone(&sent), call).await {
+    let request = RequestContext { tenant: ctx.tenant, sent: Some(Arc::clone(&sent)) };
+    let result = match source.store.get_for(&request, key, u64::from(expected.stored_len_bytes)).await {
         Ok(raw) => {
             metrics::counter!(m::FETCHED_BYTES_TOTAL, "source" => source.name.clone()).increment(raw.len() as u64);
             verify(raw, expected).map_err(|e| StoreError::new(e.class, format!("{key}: {}", e.message)))
@@ -616,11 +626,7 @@ mod tests {
     /// (any later one is fast).
     async fn store_with_slow_first_request(dir: &std::path::Path, data: &[u8]) -> (Arc<FaultStore>, String, Expected) {
         let (store, key, expected) = store_with_block(dir, data).await;
-        store.add(FaultRule {
-            key_contains: key.clone(),
-            fault: Fault::Delay(Duration::from_secs(60)),
-            times: Some(1),
-        });
+        store.add(FaultRule::new(Fault::Latency(Duration::from_secs(60))).path_contains(&key).first(1));
         (store, key, expected)
     }
 
@@ -667,7 +673,7 @@ mod tests {
         let data = [5u8; 4096];
         let (slow, key, expected) = store_with_block(&dir.path().join("a"), &data).await;
         let (fast, _, _) = store_with_block(&dir.path().join("b"), &data).await;
-        slow.add(FaultRule { key_contains: key.clone(), fault: Fault::Hang, times: None });
+        slow.add(FaultRule::new(Fault::Stall { after_bytes: 0 }).path_contains(&key));
         let ctx = context(vec![slow.clone(), fast.clone()]);
         let (_, served_by) = fetch_block(&ctx, &key, &expected, 0).await.unwrap();
         assert_eq!(served_by, 1, "the secondary's hedge won");
@@ -703,7 +709,7 @@ mod tests {
         let (cold, key, expected) = store_with_block(&dir.path().join("a"), &data).await;
         let (mirror, _, _) = store_with_block(&dir.path().join("b"), &data).await;
         let error = StoreError::transient("500 InternalError");
-        cold.add(FaultRule { key_contains: key.clone(), fault: Fault::Fail(error), times: None });
+        cold.add(FaultRule::new(Fault::Fail(error)).path_contains(&key));
         // A long backoff: without the hedge, the fallback would take seconds.
         let config = crate::fetch::FetchConfig {
             backoff_base_millis: std::num::NonZeroU64::new(2_000).unwrap(),
@@ -823,11 +829,7 @@ mod tests {
     async fn no_hedge_without_history_or_budget() {
         let dir = tempfile::tempdir().unwrap();
         let (store, key, expected) = store_with_block(dir.path(), &[1u8; 4096]).await;
-        store.add(FaultRule {
-            key_contains: key.clone(),
-            fault: Fault::Delay(Duration::from_millis(200)),
-            times: None,
-        });
+        store.add(FaultRule::new(Fault::Latency(Duration::from_millis(200))).path_contains(&key));
         let ctx = FetchContext::new(sources(vec![store.clone()]), &crate::fetch::FetchConfig::default());
         fetch_block(&ctx, &key, &expected, 0).await.unwrap();
         assert_eq!(store.calls(&key), 1);

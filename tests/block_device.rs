@@ -91,7 +91,7 @@ fn engine_failing(state: &Path, url: &str, failing_key: Option<&str>) -> Engine 
     let store = Arc::new(FaultStore::new(Arc::new(FileStore::new(root.clone()))));
     if let Some(key) = failing_key {
         let fault = Fault::Fail(StoreError::permanent("test: this block is missing"));
-        store.add(FaultRule { key_contains: key.to_owned(), fault, times: None });
+        store.add(FaultRule::new(fault).path_contains(key));
     }
     let engine = Engine::new(config(BackendChoice::Pwrite, state));
     engine.register_store(StoreUrl::File { root }, store);

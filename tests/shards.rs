@@ -29,9 +29,8 @@ use rehydrate::block::{BlockRange, BlockSelection, Compression, HashAlgorithm};
 use rehydrate::checkpoint::{Checkpoint, shard_checkpoint_key};
 use rehydrate::manifest::Manifest;
 use rehydrate::sample::SampleVolume;
-use rehydrate::store::loopback::{
-    Fault, FaultMethod, FaultRule, LOOPBACK_ACCESS_KEY_ID, LOOPBACK_REGION, LOOPBACK_SECRET_ACCESS_KEY, LoopbackS3,
-};
+use rehydrate::store::fault::{Fault, FaultMethod, FaultRule};
+use rehydrate::store::loopback::{LOOPBACK_ACCESS_KEY_ID, LOOPBACK_REGION, LOOPBACK_SECRET_ACCESS_KEY, LoopbackS3};
 
 const BUCKET: &str = "shard-bucket";
 const PREFIX: &str = "vols";
@@ -39,7 +38,7 @@ const NAME: &str = "vol";
 const BLOCK_BYTES: u32 = 64 * 1024;
 /// 240 full blocks and a short tail: 241 blocks.
 const BLOCKS: u64 = 240;
-const BLOCK_LATENCY: Duration = Duration::from_millis(40);
+const BLOCK_LATENCY: Duration = Duration::from_millis(60);
 const INFLIGHT_REQUESTS_MAX: u64 = 4;
 const INTERVAL_BLOCKS: u64 = 8;
 /// Kill a shard once its checkpoint holds this many settled blocks.

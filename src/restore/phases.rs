@@ -39,7 +39,6 @@ use crate::checkpoint::Checkpoint;
 use crate::fetch::{FetchContext, FetchTelemetry, Source};
 use crate::snapshot::Snapshot;
 use crate::store::StoreUrl;
-use crate::store::limit::with_tenant;
 use crate::target::{self, StagingGuard, Target};
 use crate::write::{Backend, Writer};
 
@@ -75,8 +74,7 @@ pub async fn restore(
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
 ) -> Result<RestoreReport, RestoreError> {
-    let tenant = engine.next_tenant();
-    with_tenant(tenant, restore_as(engine, spec, progress, cancel, tenant)).await
+    restore_as(engine, spec, progress, cancel, engine.next_tenant()).await
 }
 
 async fn restore_as(
@@ -87,7 +85,7 @@ async fn restore_as(
     tenant: u64,
 ) -> Result<RestoreReport, RestoreError> {
     progress.set_phase(Phase::Validate);
-    let (snapshot, sources, blocks) = validate(engine, spec).await?;
+    let (snapshot, sources, blocks) = validate(engine, spec, tenant).await?;
 
     progress.set_phase(Phase::Allocate);
     let durable = Durable::open(engine, spec, blocks, &snapshot.layout())?;
@@ -128,6 +126,7 @@ struct Run<'a> {
 async fn validate(
     engine: &Engine,
     spec: &RestoreSpec,
+    tenant: u64,
 ) -> Result<(Arc<dyn Snapshot>, Vec<Source>, BlockRange), RestoreError> {
     if spec.blocks.is_some() {
         check_shard_target(spec)?;
@@ -135,7 +134,7 @@ async fn validate(
     let (store_url, manifest_key) =
         StoreUrl::parse_manifest(&spec.manifest_url).map_err(|e| RestoreError::Usage(e.to_string()))?;
     let primary = engine.open_store(&store_url).await?;
-    let manifest = super::load_manifest(engine, &primary, &manifest_key).await?;
+    let manifest = super::load_manifest(engine, &primary, &manifest_key, tenant).await?;
     let blocks = match spec.blocks {
         Some(selection) => selection.resolve(&manifest.layout).map_err(RestoreError::Usage)?,
         None => BlockRange::all(&manifest.layout),
@@ -197,14 +196,14 @@ async fn rehydrate(
     progress.blocks_resumed.store(blocks_resumed, Ordering::Relaxed);
     progress.blocks_settled.store(blocks_resumed, Ordering::Relaxed);
     progress.bytes_settled.store(checkpoint.bytes_settled(), Ordering::Relaxed);
-    let fetch = FetchContext::new(sources, &engine.config.fetch);
+    let fetch = FetchContext::new(sources, &engine.config.fetch).for_tenant(run.tenant);
     let telemetry = Arc::clone(&fetch.telemetry);
     progress.attach_telemetry(Arc::clone(&telemetry));
     let (blocks_deduplicated, objects_planned) = (plan.blocks_deduplicated, plan.objects());
 
     let mut settler = Settler::new(engine, target, layout, writer.clone(), checkpoint, durable, Arc::clone(progress));
     let reader = BlockReader::new(Arc::clone(snapshot), fetch);
-    let units = UnitContext { reader, writer: writer.clone(), layout, tenant: run.tenant };
+    let units = UnitContext { reader, writer: writer.clone(), layout };
     let transfer_started = Instant::now();
     let result = settler.run(plan, units, engine.budget.clone(), run.cancel).await;
     let transferred = settler.transferred.unwrap_or_else(Instant::now);
