@@ -213,7 +213,7 @@ pub enum CheckpointError {
     Mismatch { path: PathBuf, what: Vec<String> },
 
     #[error(
-        "the checkpoint at {} has format version {found}, this rehydrate reads version {supported}: resume with the rehydrate that wrote it, or rerun with --restart to discard it",
+        "the checkpoint at {} has format version {found}, this rehydrate reads versions 1 to {supported}: resume with the rehydrate that wrote it, or rerun with --restart to discard it",
         path.display()
     )]
     UnsupportedVersion { path: PathBuf, found: u32, supported: u32 },

@@ -158,7 +158,7 @@ fn a_newer_format_version_is_unsupported() {
     bytes[body_len..].copy_from_slice(&checksum);
     fs::write(dir.file_path(&key), bytes).unwrap();
     let error = dir.load(&key, &identity).unwrap_err();
-    assert!(matches!(error, CheckpointError::UnsupportedVersion { found: 9, supported: 1, .. }), "{error:?}");
+    assert!(matches!(error, CheckpointError::UnsupportedVersion { found: 9, supported: 2, .. }), "{error:?}");
 }
 
 /// The pid of a process that has exited.
