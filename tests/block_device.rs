@@ -67,13 +67,15 @@ async fn a_held_or_small_device_is_refused_untouched() {
 }
 
 /// Replace `node` with a new device node (a new inode) for the device of
-/// `device`, as a new pod's `/dev/...` is. `false` where mknod is not allowed.
+/// `device`, as a new pod's `/dev/...` is: made beside it while the old one
+/// still exists (so its inode number cannot be reused), then renamed over it.
+/// `false` where mknod is not allowed.
 fn mknod_like(device: &Path, node: &Path) -> bool {
-    let _ = std::fs::remove_file(node);
+    let fresh = node.with_extension("new");
     let rdev = std::fs::metadata(device).unwrap().rdev();
     let made = rustix::fs::mknodat(
         rustix::fs::CWD,
-        node,
+        &fresh,
         rustix::fs::FileType::BlockDevice,
         rustix::fs::Mode::from_raw_mode(0o600),
         rdev,
@@ -82,6 +84,7 @@ fn mknod_like(device: &Path, node: &Path) -> bool {
         println!("SKIP: mknod of a block device node is not allowed here: {e}");
         return false;
     }
+    std::fs::rename(&fresh, node).unwrap();
     true
 }
 
