@@ -91,6 +91,7 @@ async fn restore_once(setup: &Setup, target: &PathBuf, checkpoint: Checkpointing
         secondaries: vec![],
         in_place: false,
         restart: false,
+        blocks: None,
     };
     let started = Instant::now();
     let report = rehydrate::restore::restore(&engine, &spec, &Arc::new(Progress::default()), &CancellationToken::new())

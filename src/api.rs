@@ -8,6 +8,12 @@
 //! | `POST /v1/jobs/{id}/cancel` | cancel a queued or running job |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /healthz`, `GET /readyz` | liveness; readiness (503 once shutdown began) |
+//! | `GET /openapi.json` | this API as an OpenAPI 3.1 document |
+//!
+//! Every route is registered through its handler's `#[utoipa::path]`
+//! ([`routes`]), so the OpenAPI document ([`openapi`], `docs/openapi.json`)
+//! describes exactly what the router serves, with the same types the
+//! handlers use.
 //!
 //! In: HTTP/1 connections, at most `worker.connections_max` at once (more
 //! wait in the listen backlog), each closed when it has not sent a request
@@ -22,6 +28,7 @@
 
 pub mod auth;
 pub mod client;
+mod doc;
 pub mod problem;
 
 use std::sync::{Arc, OnceLock};
@@ -32,15 +39,18 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use bytes::Bytes;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::job::JobState;
 use crate::job::spec::BodyError;
+use crate::job::{JobSpec, JobState};
 use crate::worker::{CancelError, ListCursor, ListQuery, SubmitError, Submitted, Worker};
+use crate::worker::{JobPage, JobStatus};
 pub use auth::Tokens;
-use problem::Problem;
+use problem::ProblemDetails;
+use problem::{Problem, ProblemType};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -48,6 +58,8 @@ struct Api {
     worker: Arc<Worker>,
     tokens: Arc<Tokens>,
     metrics: PrometheusHandle,
+    /// The OpenAPI document, rendered once.
+    document: Arc<str>,
 }
 
 /// The process's Prometheus recorder, installed on first use (a process has
@@ -63,23 +75,49 @@ pub fn metrics_handle() -> Result<PrometheusHandle, String> {
         .clone()
 }
 
+/// Every route, each registered through the `#[utoipa::path]` of its
+/// handler, so the router serves exactly the routes the OpenAPI document
+/// describes: the `/v1` routes (behind the token) and the open ones.
+fn routes() -> (OpenApiRouter<Api>, OpenApiRouter<Api>) {
+    let v1 = OpenApiRouter::new().routes(routes!(submit, list)).routes(routes!(get_job)).routes(routes!(cancel));
+    let open = OpenApiRouter::new()
+        .routes(routes!(metrics))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(openapi_json));
+    (v1, open)
+}
+
+/// The OpenAPI 3.1 document of the API, as `GET /openapi.json` serves it
+/// and `rehydrate openapi` prints it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let (v1, open) = routes();
+    doc::document(v1.split_for_parts().1, open.split_for_parts().1)
+}
+
+/// [`openapi`] as pretty JSON, ending in a newline: the bytes of
+/// `docs/openapi.json`.
+pub fn openapi_json_text() -> String {
+    doc::to_json(&openapi())
+}
+
 /// The router, with its body limit and authentication.
 pub fn router(worker: Arc<Worker>, tokens: Tokens) -> Result<Router, String> {
     let body_max = worker.config().request_body_bytes_max.get();
-    let api = Api { worker, tokens: Arc::new(tokens), metrics: metrics_handle()? };
-    let v1 = Router::new()
-        .route("/v1/jobs", post(submit).get(list))
-        .route("/v1/jobs/{id}", get(get_job))
-        .route("/v1/jobs/{id}/cancel", post(cancel))
-        .route_layer(axum::middleware::from_fn_with_state(api.clone(), auth::require_token));
+    let document: Arc<str> = openapi_json_text().into();
+    let api = Api { worker, tokens: Arc::new(tokens), metrics: metrics_handle()?, document };
+    let (v1, open) = routes();
+    let v1 = v1.split_for_parts().0.route_layer(axum::middleware::from_fn_with_state(api.clone(), auth::require_token));
     Ok(Router::new()
         .merge(v1)
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "not-found", "no such route") })
+        .merge(open.split_for_parts().0)
+        .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, ProblemType::NotFound, "no such route") })
         .method_not_allowed_fallback(|| async {
-            Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "this route does not take that method")
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ProblemType::MethodNotAllowed,
+                "this route does not take that method",
+            )
         })
         .layer(DefaultBodyLimit::max(body_max))
         .layer(axum::middleware::from_fn_with_state(api.clone(), bounded))
@@ -97,7 +135,7 @@ async fn bounded(State(api): State<Api>, request: axum::extract::Request, next: 
         Ok(response) => response,
         Err(_) => Problem::new(
             StatusCode::REQUEST_TIMEOUT,
-            "request-timeout",
+            ProblemType::RequestTimeout,
             &format!("the request was not received and handled within {} ms", limit.as_millis()),
         )
         .into_response(),
@@ -201,18 +239,36 @@ async fn serve_connections(
     connections.wait().await;
 }
 
+/// Submit a restore job. Idempotent on its id: the same spec again returns
+/// the same job (a cancelled or failed one is requeued and resumes).
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = JobSpec, security(("bearer" = [])),
+    responses(
+        (status = 201, description = "a new job, queued", body = JobStatus),
+        (status = 200, description = "the same job again", body = JobStatus),
+        (status = 400, description = "bad-json: the body is not JSON", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 401, description = "unauthorized: no bearer token, or not one of the configured tokens", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 408, description = "request-timeout: not received and handled within worker.request_timeout_millis", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 409, description = "id-conflict: the id names a job with another spec; target-busy: another active job holds the target (holder names it; submit with replace to take over)", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 413, description = "bad-body: the body is larger than worker.request_body_bytes_max", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 422, description = "invalid-spec: not a job spec, or one outside the worker's configuration (field names the field)", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 429, description = "queue-full: worker.jobs_queued_max jobs wait already", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 500, description = "internal: the worker failed; its log says more", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "shutting-down: the worker takes no new jobs", body = ProblemDetails, content_type = "application/problem+json"),
+    )
+)]
 async fn submit(State(api): State<Api>, body: Result<Bytes, BytesRejection>) -> Response {
     let body = match body {
         Ok(b) => b,
-        Err(e) => return Problem::new(e.status(), "bad-body", &e.body_text()).into_response(),
+        Err(e) => return Problem::new(e.status(), ProblemType::BadBody, &e.body_text()).into_response(),
     };
     let spec = match crate::job::spec::parse_body(&body) {
         Ok(spec) => spec,
         Err(e @ BodyError::NotJson(_)) => {
-            return Problem::new(StatusCode::BAD_REQUEST, "bad-json", &e.to_string()).into_response();
+            return Problem::new(StatusCode::BAD_REQUEST, ProblemType::BadJson, &e.to_string()).into_response();
         }
         Err(e @ BodyError::NotASpec(_)) => {
-            return Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-spec", &e.to_string()).into_response();
+            return Problem::new(StatusCode::UNPROCESSABLE_ENTITY, ProblemType::InvalidSpec, &e.to_string())
+                .into_response();
         }
     };
     let worker = Arc::clone(&api.worker);
@@ -230,22 +286,37 @@ fn submit_problem(e: &SubmitError) -> Problem {
     let detail = e.to_string();
     match e {
         SubmitError::Invalid(spec) => {
-            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-spec", &detail).with("field", spec.field)
+            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, ProblemType::InvalidSpec, &detail).with_field(spec.field)
         }
-        SubmitError::IdConflict { .. } => Problem::new(StatusCode::CONFLICT, "id-conflict", &detail),
+        SubmitError::IdConflict { .. } => Problem::new(StatusCode::CONFLICT, ProblemType::IdConflict, &detail),
         SubmitError::TargetBusy { holder, .. } => {
-            Problem::new(StatusCode::CONFLICT, "target-busy", &detail).with("holder", holder.as_str())
+            Problem::new(StatusCode::CONFLICT, ProblemType::TargetBusy, &detail).with_holder(holder.as_str())
         }
-        SubmitError::QueueFull(_) => Problem::new(StatusCode::TOO_MANY_REQUESTS, "queue-full", &detail),
-        SubmitError::ShuttingDown => Problem::new(StatusCode::SERVICE_UNAVAILABLE, "shutting-down", &detail),
+        SubmitError::QueueFull(_) => Problem::new(StatusCode::TOO_MANY_REQUESTS, ProblemType::QueueFull, &detail),
+        SubmitError::ShuttingDown => Problem::new(StatusCode::SERVICE_UNAVAILABLE, ProblemType::ShuttingDown, &detail),
         SubmitError::Store(_) => Problem::internal(&detail),
     }
 }
 
+/// List jobs, oldest first (creation time, then id), a page at a time.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", security(("bearer" = [])),
+    params(
+        ("state" = Option<String>, Query, description = "only jobs in these states, comma-separated: queued, running, succeeded, failed, cancelled"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "at most this many jobs (default 100)"),
+        ("after" = Option<String>, Query, description = "the next of an earlier page: start after it"),
+    ),
+    responses(
+        (status = 200, description = "one page of jobs; next is null on the last page", body = JobPage),
+        (status = 400, description = "bad-query: a parameter is wrong (the detail names it)", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 401, description = "unauthorized: no bearer token, or not one of the configured tokens", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 408, description = "request-timeout: not received and handled within worker.request_timeout_millis", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 500, description = "internal: the worker failed; its log says more", body = ProblemDetails, content_type = "application/problem+json"),
+    )
+)]
 async fn list(State(api): State<Api>, query: Result<Query<Vec<(String, String)>>, QueryRejection>) -> Response {
     let query = match query.map_err(|e| e.body_text()).and_then(|Query(pairs)| list_query(&pairs)) {
         Ok(query) => query,
-        Err(detail) => return Problem::new(StatusCode::BAD_REQUEST, "bad-query", &detail).into_response(),
+        Err(detail) => return Problem::new(StatusCode::BAD_REQUEST, ProblemType::BadQuery, &detail).into_response(),
     };
     match api.worker.list(&query) {
         Ok(page) => axum::Json(page).into_response(),
@@ -283,30 +354,63 @@ fn list_query(pairs: &[(String, String)]) -> Result<ListQuery, String> {
     Ok(query)
 }
 
+/// One job's status: state, phase, blocks, bytes, ETA, stalled, damage.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", security(("bearer" = [])),
+    params(("id" = String, Path, description = "the job's id")),
+    responses(
+        (status = 200, description = "the job", body = JobStatus),
+        (status = 401, description = "unauthorized: no bearer token, or not one of the configured tokens", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 404, description = "no-such-job: no job has that id", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 408, description = "request-timeout: not received and handled within worker.request_timeout_millis", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 500, description = "internal: the worker failed; its log says more", body = ProblemDetails, content_type = "application/problem+json"),
+    )
+)]
 async fn get_job(State(api): State<Api>, Path(id): Path<String>) -> Response {
     match api.worker.get(&id) {
         Ok(Some(status)) => axum::Json(status).into_response(),
-        Ok(None) => Problem::new(StatusCode::NOT_FOUND, "no-such-job", &format!("no job {id:?}")).into_response(),
+        Ok(None) => {
+            Problem::new(StatusCode::NOT_FOUND, ProblemType::NoSuchJob, &format!("no job {id:?}")).into_response()
+        }
         Err(e) => Problem::internal(&e.to_string()).into_response(),
     }
 }
 
+/// Cancel a queued or running job: it checkpoints, and resubmitting it
+/// resumes.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", security(("bearer" = [])),
+    params(("id" = String, Path, description = "the job's id")),
+    responses(
+        (status = 200, description = "the job, cancelled", body = JobStatus),
+        (status = 401, description = "unauthorized: no bearer token, or not one of the configured tokens", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 404, description = "no-such-job: no job has that id", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 408, description = "request-timeout: not received and handled within worker.request_timeout_millis", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 409, description = "job-finished: the job already ended", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 500, description = "internal: the worker failed; its log says more", body = ProblemDetails, content_type = "application/problem+json"),
+    )
+)]
 async fn cancel(State(api): State<Api>, Path(id): Path<String>) -> Response {
     let worker = Arc::clone(&api.worker);
     let result = tokio::task::spawn_blocking(move || worker.cancel(&id)).await;
     match result {
         Ok(Ok(status)) => axum::Json(status).into_response(),
         Ok(Err(e @ CancelError::NotFound(_))) => {
-            Problem::new(StatusCode::NOT_FOUND, "no-such-job", &e.to_string()).into_response()
+            Problem::new(StatusCode::NOT_FOUND, ProblemType::NoSuchJob, &e.to_string()).into_response()
         }
         Ok(Err(e @ CancelError::Finished { .. })) => {
-            Problem::new(StatusCode::CONFLICT, "job-finished", &e.to_string()).into_response()
+            Problem::new(StatusCode::CONFLICT, ProblemType::JobFinished, &e.to_string()).into_response()
         }
         Ok(Err(e)) => Problem::internal(&e.to_string()).into_response(),
         Err(e) => Problem::internal(&e.to_string()).into_response(),
     }
 }
 
+/// Prometheus metrics, text exposition format 0.0.4. No token needed.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "the metrics", body = String, content_type = "text/plain; version=0.0.4; charset=utf-8"),
+        (status = 408, description = "request-timeout: not received and handled within worker.request_timeout_millis", body = ProblemDetails, content_type = "application/problem+json"),
+    )
+)]
 async fn metrics(State(api): State<Api>) -> Response {
     if let Err(e) = api.worker.publish_metrics() {
         tracing::warn!(error = %e, "job gauges not refreshed for this scrape");
@@ -330,11 +434,43 @@ fn render_job_progress(text: &mut String, running: &[(String, f64)]) {
     }
 }
 
+/// Liveness: 200 while the process serves requests. No token needed.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses(
+        (status = 200, description = "ok", body = String, content_type = "text/plain; charset=utf-8"),
+        (status = 408, description = "request-timeout: not received and handled within worker.request_timeout_millis", body = ProblemDetails, content_type = "application/problem+json"),
+    )
+)]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// This document: the API as OpenAPI 3.1 JSON. No token needed.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses(
+        (status = 200, description = "the OpenAPI document", body = Object, content_type = "application/json"),
+        (status = 408, description = "request-timeout: not received and handled within worker.request_timeout_millis", body = ProblemDetails, content_type = "application/problem+json"),
+    )
+)]
+async fn openapi_json(State(api): State<Api>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], api.document.to_string()).into_response()
+}
+
+/// Readiness: 200 while the worker takes jobs, 503 once it is shutting
+/// down. No token needed.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "ready", body = String, content_type = "text/plain; charset=utf-8"),
+        (status = 408, description = "request-timeout: not received and handled within worker.request_timeout_millis", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "shutting-down: the worker is shutting down", body = ProblemDetails, content_type = "application/problem+json"),
+    )
+)]
 async fn readyz(State(api): State<Api>) -> Response {
     if api.worker.is_accepting() {
         "ready\n".into_response()
     } else {
-        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "shutting-down", "the worker is shutting down").into_response()
+        Problem::new(StatusCode::SERVICE_UNAVAILABLE, ProblemType::ShuttingDown, "the worker is shutting down")
+            .into_response()
     }
 }
 

@@ -90,6 +90,121 @@ impl BlockLayout {
     }
 }
 
+/// The blocks `start..end` (end exclusive) of a layout: what one restore,
+/// checkpoint or read-back covers. A whole-volume restore covers
+/// [`BlockRange::all`]; a shard (`--blocks`) a part of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct BlockRange {
+    pub start: BlockIndex,
+    pub end: BlockIndex,
+}
+
+impl BlockRange {
+    /// Every block of `layout`.
+    pub fn all(layout: &BlockLayout) -> Self {
+        Self { start: 0, end: layout.block_count() }
+    }
+
+    /// How many blocks it holds.
+    pub fn len(&self) -> u64 {
+        self.end.saturating_sub(self.start)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn contains(&self, index: BlockIndex) -> bool {
+        (self.start..self.end).contains(&index)
+    }
+
+    /// Whether it is every block of `layout`.
+    pub fn is_all(&self, layout: &BlockLayout) -> bool {
+        *self == Self::all(layout)
+    }
+
+    /// Bytes of the volume its blocks cover (a short tail block counts its
+    /// real length). It must lie within `layout`.
+    pub fn bytes(&self, layout: &BlockLayout) -> u64 {
+        if self.is_empty() {
+            return 0;
+        }
+        let end_bytes = layout.offset(self.end - 1) + u64::from(layout.len(self.end - 1));
+        end_bytes - layout.offset(self.start)
+    }
+}
+
+impl fmt::Display for BlockRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}..{}", self.start, self.end)
+    }
+}
+
+/// Most shards `--blocks I/N` splits a volume into.
+pub const SHARD_COUNT_MAX: u64 = 1 << 20;
+
+/// Which blocks a command covers, as written on its command line
+/// (`--blocks`): `START..END` (block indexes, end exclusive) or `I/N`, the
+/// `I`-th (from 0) of `N` contiguous shards of near-equal size (the first
+/// `block count % N` one block longer), for orchestrators that hand out an
+/// index and cannot do arithmetic (a Kubernetes Indexed Job). It becomes a
+/// [`BlockRange`] once the layout is known ([`resolve`](Self::resolve)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockSelection {
+    Range(BlockRange),
+    Shard { index: u64, count: u64 },
+}
+
+impl BlockSelection {
+    /// The range this selects in `layout`; `Err` says why there is none (past
+    /// the volume's end, an empty shard).
+    pub fn resolve(self, layout: &BlockLayout) -> Result<BlockRange, String> {
+        let block_count = layout.block_count();
+        match self {
+            BlockSelection::Range(range) if range.end > block_count => Err(format!(
+                "--blocks {range} reaches past the volume's {block_count} blocks (the last is {})",
+                block_count - 1
+            )),
+            BlockSelection::Range(range) => Ok(range),
+            BlockSelection::Shard { index, count } => {
+                let (base, extra) = (block_count / count, block_count % count);
+                let start_of = |i: u64| i * base + i.min(extra);
+                let range = BlockRange { start: start_of(index), end: start_of(index + 1) };
+                if range.is_empty() {
+                    return Err(format!(
+                        "--blocks {index}/{count}: the volume has {block_count} blocks, fewer than {count} shards"
+                    ));
+                }
+                Ok(range)
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for BlockSelection {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let number = |word: &str, what: &str| -> Result<u64, String> {
+            word.trim().parse().map_err(|_| format!("{what} {word:?} in {s:?} is not a whole number"))
+        };
+        if let Some((start, end)) = s.split_once("..") {
+            let range = BlockRange { start: number(start, "START")?, end: number(end, "END")? };
+            if range.is_empty() {
+                return Err(format!("{s:?} is empty: END is exclusive and must be above START"));
+            }
+            return Ok(BlockSelection::Range(range));
+        }
+        if let Some((index, count)) = s.split_once('/') {
+            let (index, count) = (number(index, "I")?, number(count, "N")?);
+            if count == 0 || count > SHARD_COUNT_MAX || index >= count {
+                return Err(format!("{s:?}: shard I/N needs 0 <= I < N <= {SHARD_COUNT_MAX}"));
+            }
+            return Ok(BlockSelection::Shard { index, count });
+        }
+        Err(format!("{s:?}: give START..END (block indexes, END exclusive) or I/N (shard I of N, from 0)"))
+    }
+}
+
 /// Hash algorithm of block contents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -217,6 +332,37 @@ mod tests {
         assert_eq!(l.len(9), 4096);
         assert_eq!(l.len(10), 100);
         assert!(l.contains(10) && !l.contains(11));
+    }
+
+    #[test]
+    fn block_selections_parse_and_resolve() {
+        let layout = BlockLayout::new(10 * 4096 + 100, 4096).unwrap(); // 11 blocks
+        let resolve = |s: &str| s.parse::<BlockSelection>().and_then(|b| b.resolve(&layout));
+        assert_eq!(resolve("0..11"), Ok(BlockRange { start: 0, end: 11 }));
+        assert_eq!(resolve("3..5").map(|r| r.bytes(&layout)), Ok(2 * 4096));
+        assert_eq!(resolve("10..11").map(|r| r.bytes(&layout)), Ok(100));
+        assert!(BlockRange::all(&layout).is_all(&layout));
+        // 11 blocks in 3 shards: 4, 4, 3, contiguous and covering everything.
+        let shards: Vec<BlockRange> = (0..3).map(|i| resolve(&format!("{i}/3")).unwrap()).collect();
+        assert_eq!(shards.iter().map(|r| (r.start, r.end)).collect::<Vec<_>>(), vec![(0, 4), (4, 8), (8, 11)]);
+        let total: u64 = shards.iter().map(|r| r.bytes(&layout)).sum();
+        assert_eq!(total, layout.volume_size_bytes());
+        for (bad, says) in [
+            ("0..12", "past the volume"),
+            ("5..5", "empty"),
+            ("6..2", "empty"),
+            ("a..3", "not a whole number"),
+            ("1..", "not a whole number"),
+            ("3/3", "I < N"),
+            ("0/0", "I < N"),
+            ("11/12", "fewer than 12 shards"),
+            ("-1..3", "not a whole number"),
+            ("7", "START..END"),
+            ("", "START..END"),
+        ] {
+            let error = resolve(bad).unwrap_err();
+            assert!(error.contains(says), "{bad:?}: {error}");
+        }
     }
 
     #[test]

@@ -18,8 +18,10 @@
 //!    refuses to replace a checkpoint with one whose cursor is lower than the
 //!    one it last saved or loaded for that key.
 //! 4. **A checkpoint is used only by the job it belongs to.** It carries the
-//!    job's [`JobIdentity`]: manifest digest, target identity (device and
-//!    inode of the file actually written, and its size) and block layout.
+//!    job's [`JobIdentity`]: manifest digest, target identity (for a file,
+//!    the device and inode of the file actually written; for a block device,
+//!    its device number, whichever node names it; and the size), block
+//!    layout, and the blocks it covers (all, or one shard's range).
 //!    [`CheckpointDir::load`] refuses a checkpoint whose identity differs
 //!    ([`CheckpointError::Mismatch`], naming every field that differs) and a
 //!    torn or corrupt one ([`CheckpointError::Corrupt`]). Neither is ever
@@ -59,7 +61,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::PathBuf;
 
-use crate::block::BlockLayout;
+use crate::block::{BlockLayout, BlockRange};
 use crate::manifest::ManifestDigest;
 
 mod cadence;
@@ -70,7 +72,7 @@ pub mod settled;
 
 pub use cadence::{CHECKPOINT_INTERVAL_BYTES_DEFAULT, CHECKPOINT_INTERVAL_MILLIS_DEFAULT, SaveCadence};
 pub use config::CheckpointConfig;
-pub use dir::{CheckpointDir, CheckpointKey, checkpoint_key};
+pub use dir::{CheckpointDir, CheckpointKey, checkpoint_key, shard_checkpoint_key};
 pub use format::{CHECKPOINT_SIZE_MAX_BYTES, Checkpoint, FORMAT_VERSION, FormatError, unix_now_secs};
 pub use settled::{FAILURE_REASON_MAX_BYTES, FailedSet, Ledger, SettledSet};
 
@@ -91,12 +93,20 @@ impl TargetKind {
     }
 }
 
-/// Which file is actually being written: a path can be replaced under us, a
-/// device and inode cannot.
+/// Which file or device is actually being written: a path can be replaced
+/// under us, a device and inode cannot.
+///
+/// A **file** is its filesystem's device (`st_dev`) and its inode. A **block
+/// device** is its own device number (`st_rdev`, major:minor) and `ino` is 0:
+/// the node that names it is not the device. Another node of the same device
+/// (a new pod's `/dev/...`, a `mknod`) is the same target, so a retried pod
+/// resumes; another device is not, so its checkpoint is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TargetIdentity {
     pub kind: TargetKind,
+    /// A file: `st_dev` of its filesystem. A block device: its `st_rdev`.
     pub dev: u64,
+    /// A file: its inode. A block device: 0.
     pub ino: u64,
     pub size_bytes: u64,
 }
@@ -108,24 +118,34 @@ impl TargetIdentity {
     pub fn of_file(file: &File) -> io::Result<Self> {
         let metadata = file.metadata()?;
         let file_type = metadata.file_type();
-        let (kind, size_bytes) = if file_type.is_block_device() {
+        if file_type.is_block_device() {
             let mut handle = file;
-            (TargetKind::BlockDevice, handle.seek(SeekFrom::End(0))?)
-        } else if file_type.is_file() {
-            (TargetKind::File, metadata.len())
-        } else {
+            let size_bytes = handle.seek(SeekFrom::End(0))?;
+            return Ok(Self { kind: TargetKind::BlockDevice, dev: metadata.rdev(), ino: 0, size_bytes });
+        }
+        if !file_type.is_file() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "a restore target must be a regular file or a block device",
             ));
-        };
-        Ok(Self { kind, dev: metadata.dev(), ino: metadata.ino(), size_bytes })
+        }
+        Ok(Self { kind: TargetKind::File, dev: metadata.dev(), ino: metadata.ino(), size_bytes: metadata.len() })
+    }
+
+    /// `major:minor` of a device number.
+    fn device_number(dev: u64) -> String {
+        format!("{}:{}", rustix::fs::major(dev), rustix::fs::minor(dev))
     }
 }
 
 impl fmt::Display for TargetIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} dev {} inode {} of {} bytes", self.kind.name(), self.dev, self.ino, self.size_bytes)
+        match self.kind {
+            TargetKind::File => write!(f, "file dev {} inode {} of {} bytes", self.dev, self.ino, self.size_bytes),
+            TargetKind::BlockDevice => {
+                write!(f, "block device {} of {} bytes", Self::device_number(self.dev), self.size_bytes)
+            }
+        }
     }
 }
 
@@ -135,6 +155,10 @@ pub struct JobIdentity {
     pub manifest_digest: ManifestDigest,
     pub target: TargetIdentity,
     pub layout: BlockLayout,
+    /// The blocks the restore covers: every block of the layout, or one
+    /// shard's range (`--blocks`). Shards of one volume never share or
+    /// mistake each other's checkpoints.
+    pub blocks: BlockRange,
 }
 
 impl JobIdentity {
@@ -149,7 +173,11 @@ impl JobIdentity {
         };
         compare("manifest digest", self.manifest_digest.to_hex(), found.manifest_digest.to_hex());
         compare("target kind", self.target.kind.name().into(), found.target.kind.name().into());
-        compare("target device", self.target.dev.to_string(), found.target.dev.to_string());
+        let device = |target: &TargetIdentity| match target.kind {
+            TargetKind::File => target.dev.to_string(),
+            TargetKind::BlockDevice => TargetIdentity::device_number(target.dev),
+        };
+        compare("target device", device(&self.target), device(&found.target));
         compare("target inode", self.target.ino.to_string(), found.target.ino.to_string());
         compare("target size", bytes(self.target.size_bytes), bytes(found.target.size_bytes));
         compare("volume size", bytes(self.layout.volume_size_bytes()), bytes(found.layout.volume_size_bytes()));
@@ -158,6 +186,7 @@ impl JobIdentity {
             bytes(self.layout.block_size_bytes().into()),
             bytes(found.layout.block_size_bytes().into()),
         );
+        compare("blocks", self.blocks.to_string(), found.blocks.to_string());
         what
     }
 }
@@ -184,7 +213,7 @@ pub enum CheckpointError {
     Mismatch { path: PathBuf, what: Vec<String> },
 
     #[error(
-        "the checkpoint at {} has format version {found}, this rehydrate reads version {supported}: resume with the rehydrate that wrote it, or rerun with --restart to discard it",
+        "the checkpoint at {} has format version {found}, this rehydrate reads versions 1 to {supported}: resume with the rehydrate that wrote it, or rerun with --restart to discard it",
         path.display()
     )]
     UnsupportedVersion { path: PathBuf, found: u32, supported: u32 },

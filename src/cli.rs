@@ -1,7 +1,8 @@
 //! The command line: `snapshot create`, `restore`, `verify`, `demo`, and the
 //! worker: `serve` and its client `job submit|get|list|cancel`.
 //!
-//! Deployment helpers (`health`, `completions`, `man`) are in [`ops`].
+//! Deployment helpers (`health`, `completions`, `man`) are in [`ops`];
+//! `openapi` prints the worker API's OpenAPI document.
 //!
 //! Human output goes to stdout (summaries) and stderr (progress, logs);
 //! `--json` replaces the summary with one JSON object on stdout. Every command
@@ -21,7 +22,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::block::{Compression, HashAlgorithm};
+use crate::block::{BlockSelection, Compression, HashAlgorithm};
 use crate::config::Config;
 use crate::error::ExitCode;
 
@@ -59,6 +60,9 @@ pub enum Command {
     Completions(ops::CompletionsArgs),
     /// Print the man page (roff), or write one page per command into --dir.
     Man(ops::ManArgs),
+    /// Print the worker API's OpenAPI 3.1 document (JSON), as GET
+    /// /openapi.json serves it.
+    Openapi,
 }
 
 #[derive(Debug, Args)]
@@ -185,6 +189,12 @@ pub struct RestoreArgs {
     /// Discard the checkpoint of an earlier run and start from the beginning.
     #[arg(long)]
     pub restart: bool,
+    /// Restore and checkpoint only these blocks, one shard of the volume:
+    /// START..END (block indexes, END exclusive) or I/N (shard I of N, from
+    /// 0). Shards write in place side by side: the target must be a block
+    /// device, or an existing file with --in-place.
+    #[arg(long, value_name = "START..END|I/N")]
+    pub blocks: Option<BlockSelection>,
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Print the summary as JSON on stdout.
@@ -198,6 +208,10 @@ pub struct VerifyArgs {
     pub manifest: String,
     #[arg(long)]
     pub target: PathBuf,
+    /// Compare only these blocks: START..END (END exclusive) or I/N (shard I
+    /// of N, from 0), as `restore --blocks` takes them.
+    #[arg(long, value_name = "START..END|I/N")]
+    pub blocks: Option<BlockSelection>,
     #[arg(long)]
     pub config: Option<PathBuf>,
     #[arg(long)]
@@ -246,6 +260,10 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Health(args) => ops::health(args).await,
         Command::Completions(args) => ops::completions(args),
         Command::Man(args) => ops::man(args),
+        Command::Openapi => {
+            print!("{}", crate::api::openapi_json_text());
+            ExitCode::Success
+        }
     }
 }
 

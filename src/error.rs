@@ -8,7 +8,7 @@
 use std::fmt;
 
 /// What a failed source operation means for the block being fetched.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorClass {
     /// The source asked us to slow down (503 SlowDown, 429): retry at the
@@ -49,7 +49,7 @@ impl fmt::Display for ErrorClass {
 }
 
 /// A failed operation on a store, with its class.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[error("{class}: {message}")]
 pub struct StoreError {
     pub class: ErrorClass,

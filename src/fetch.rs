@@ -108,7 +108,7 @@ fn clock_seed() -> u64 {
 }
 
 /// How one source failed one block.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct SourceFailure {
     pub source: String,
     pub attempts: u32,

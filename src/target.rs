@@ -8,7 +8,10 @@
 //! sees the old file or the whole restored one, never a partial one. A
 //! **block device** (or a file given with `--in-place`) is written in place
 //! after a size check; a device is opened with `O_EXCL`, so one that is
-//! mounted or held by another process is refused.
+//! mounted or held by another process is refused. A shard (`--blocks`) shares
+//! its target with the other shards: the device is checked with an `O_EXCL`
+//! open (refused while mounted or held) and then written through a plain one,
+//! so shards on one machine can write one device at once.
 //!
 //! Nothing is written outside the target: the staging file is the only other
 //! file, it is removed on error by [`StagingGuard`], and staging files leaked
@@ -68,6 +71,10 @@ pub struct OpenOptionsSpec {
     /// Reopen an existing staging file (a resumed restore) instead of
     /// replacing it.
     pub reuse_staging: bool,
+    /// Other writers (the other shards of a `--blocks` restore) write other
+    /// blocks of this target at the same time: a device is not held with
+    /// `O_EXCL` while it is written.
+    pub shared: bool,
 }
 
 /// The staging path of a file target.
@@ -103,22 +110,57 @@ pub fn open(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetError> {
     }
 }
 
+/// Attempts at the `O_EXCL` check of a shared device: another shard's check
+/// holds the device for an instant, a mount for good.
+const SHARED_CHECK_ATTEMPTS: u32 = 20;
+/// Pause between those attempts: 20 of them span a second.
+const SHARED_CHECK_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 fn open_device(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetError> {
-    // O_EXCL on a block device: refused while it is mounted or held open
-    // exclusively by anyone else.
-    let file =
-        OpenOptions::new().read(true).write(true).custom_flags(libc::O_EXCL | libc::O_CLOEXEC).open(path).map_err(
-            |e| match e.raw_os_error() {
-                Some(libc::EBUSY) => {
-                    TargetError::refused(path, "the device is mounted or in use (EBUSY): unmount it first")
-                }
-                _ => TargetError::io(path, e),
-            },
-        )?;
+    let file = if spec.shared { open_device_shared(path)? } else { open_device_excl(path)? };
     let size = device_size_bytes(&file).map_err(|e| TargetError::io(path, e))?;
     check_capacity(path, size, spec.volume_size_bytes)?;
     let identity = identity_of(&file).map_err(|e| TargetError::io(path, e))?;
     Ok(Target { path: path.to_owned(), write_path: path.to_owned(), staged: false, file, fresh: false, identity })
+}
+
+/// O_EXCL on a block device: refused while it is mounted or held open
+/// exclusively by anyone else.
+fn open_device_excl(path: &Path) -> Result<File, TargetError> {
+    OpenOptions::new().read(true).write(true).custom_flags(libc::O_EXCL | libc::O_CLOEXEC).open(path).map_err(|e| {
+        match e.raw_os_error() {
+            Some(libc::EBUSY) => {
+                TargetError::refused(path, "the device is mounted or in use (EBUSY): unmount it first")
+            }
+            _ => TargetError::io(path, e),
+        }
+    })
+}
+
+/// A device other shards write too: refused while mounted or held (an
+/// `O_EXCL` open succeeds, retried while another shard's own check holds it),
+/// then opened without holding it.
+fn open_device_shared(path: &Path) -> Result<File, TargetError> {
+    let mut attempt = 1;
+    loop {
+        match open_device_excl(path) {
+            Ok(check) => {
+                drop(check);
+                break;
+            }
+            Err(TargetError::Refused { .. }) if attempt < SHARED_CHECK_ATTEMPTS => {
+                attempt += 1;
+                std::thread::sleep(SHARED_CHECK_PAUSE);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| TargetError::io(path, e))
 }
 
 fn open_in_place(path: &Path, spec: OpenOptionsSpec) -> Result<Target, TargetError> {
@@ -301,7 +343,7 @@ mod tests {
     use super::*;
 
     fn spec(size: u64) -> OpenOptionsSpec {
-        OpenOptionsSpec { volume_size_bytes: size, in_place: false, reuse_staging: false }
+        OpenOptionsSpec { volume_size_bytes: size, in_place: false, reuse_staging: false, shared: false }
     }
 
     #[test]

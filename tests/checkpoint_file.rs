@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
-use rehydrate::block::BlockLayout;
+use rehydrate::block::{BlockLayout, BlockRange};
 use rehydrate::checkpoint::{
     Checkpoint, CheckpointDir, CheckpointError, JobIdentity, TargetIdentity, TargetKind, checkpoint_key,
 };
@@ -23,7 +23,8 @@ fn staging_target(dir: &Path) -> (std::path::PathBuf, JobIdentity) {
     file.set_len(BLOCK_COUNT * u64::from(BLOCK_SIZE_BYTES)).unwrap();
     let target = TargetIdentity::of_file(&file).unwrap();
     let layout = BlockLayout::new(BLOCK_COUNT * u64::from(BLOCK_SIZE_BYTES), BLOCK_SIZE_BYTES).unwrap();
-    (path, JobIdentity { manifest_digest: ManifestDigest([0xab; 32]), target, layout })
+    let blocks = BlockRange::all(&layout);
+    (path, JobIdentity { manifest_digest: ManifestDigest([0xab; 32]), target, layout, blocks })
 }
 
 fn progress(identity: JobIdentity) -> Checkpoint {
@@ -157,7 +158,7 @@ fn a_newer_format_version_is_unsupported() {
     bytes[body_len..].copy_from_slice(&checksum);
     fs::write(dir.file_path(&key), bytes).unwrap();
     let error = dir.load(&key, &identity).unwrap_err();
-    assert!(matches!(error, CheckpointError::UnsupportedVersion { found: 9, supported: 1, .. }), "{error:?}");
+    assert!(matches!(error, CheckpointError::UnsupportedVersion { found: 9, supported: 2, .. }), "{error:?}");
 }
 
 /// The pid of a process that has exited.

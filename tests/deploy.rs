@@ -67,12 +67,33 @@ fn str_of(v: &Value) -> &str {
     v.as_str().unwrap_or_else(|| panic!("not a string: {v}"))
 }
 
+/// The annotation Kubernetes gives each pod of an Indexed Job its index in.
+const COMPLETION_INDEX_FIELD: &str = "metadata.annotations['batch.kubernetes.io/job-completion-index']";
+
 /// The argv of a container, with Kubernetes' `$(VAR)` references replaced by
-/// the values the container's `env` gives them (an undefined one fails).
+/// the values the container's `env` gives them (an undefined one fails); a
+/// variable holding an Indexed Job's completion index reads as 0.
 fn container_argv(container: &Value) -> Vec<String> {
+    container_argv_at(container, 0)
+}
+
+/// [`container_argv`] of the pod with completion index `index`.
+fn container_argv_at(container: &Value, index: u64) -> Vec<String> {
+    let index = index.to_string();
     let env: BTreeMap<&str, &str> = container["env"]
         .as_array()
-        .map(|env| env.iter().filter_map(|e| Some((e["name"].as_str()?, e["value"].as_str()?))).collect())
+        .map(|env| {
+            env.iter()
+                .filter_map(|e| {
+                    let value = match e["value"].as_str() {
+                        Some(value) => value,
+                        None if e["valueFrom"]["fieldRef"]["fieldPath"] == COMPLETION_INDEX_FIELD => index.as_str(),
+                        None => return None,
+                    };
+                    Some((e["name"].as_str()?, value))
+                })
+                .collect()
+        })
         .unwrap_or_default();
     let words = |key: &str| -> Vec<String> {
         container[key].as_array().map(|a| a.iter().map(|w| str_of(w).to_owned()).collect()).unwrap_or_default()
@@ -190,7 +211,9 @@ fn pod_failure_policies_match_the_exit_code_table() {
     for (file, job) in jobs {
         let spec = &job["spec"];
         assert_eq!(spec["template"]["spec"]["restartPolicy"], "Never", "{file}: podFailurePolicy needs Never");
-        assert!(spec["backoffLimit"].as_u64().is_some_and(|n| n > 0), "{file}: retries need a backoffLimit");
+        let per_index = spec["backoffLimitPerIndex"].as_u64();
+        let limit = per_index.or(spec["backoffLimit"].as_u64());
+        assert!(limit.is_some_and(|n| n > 0), "{file}: retries need a backoffLimit or backoffLimitPerIndex");
         let rules =
             spec["podFailurePolicy"]["rules"].as_array().unwrap_or_else(|| panic!("{file}: no podFailurePolicy"));
         // The first rule naming a code decides (Kubernetes evaluates in order).
@@ -210,7 +233,13 @@ fn pod_failure_policies_match_the_exit_code_table() {
         }
         for code in ExitCode::ALL.into_iter().filter(|c| *c != ExitCode::Success) {
             let action = action_of.get(&(code as u64)).unwrap_or_else(|| panic!("{file}: exit code {code:?} unmapped"));
-            let expected: &[&str] = if code.retry_as_is() { &["Count", "Ignore"] } else { &["FailJob"] };
+            // An Indexed Job with retries per index may fail just the index
+            // (the other shards finish; the Job fails at the end).
+            let expected: &[&str] = match (code.retry_as_is(), per_index.is_some()) {
+                (true, _) => &["Count", "Ignore"],
+                (false, false) => &["FailJob"],
+                (false, true) => &["FailJob", "FailIndex"],
+            };
             assert!(
                 expected.contains(action),
                 "{file}: exit code {} ({code:?}) maps to {action}, the code's table says {expected:?}",
@@ -260,6 +289,48 @@ fn job_targets_and_checkpoints_are_on_volumes_that_outlive_the_pod() {
         }
     }
     assert_eq!(seen, BTreeSet::from(["block", "file"]), "a block-device Job and a file Job");
+}
+
+/// The Indexed Job: each pod restores shard `index/completions` (`--blocks
+/// I/N`), so the shards cover the volume once; retries are per index; the
+/// target and the checkpoints are on volumes every shard's pod can reach.
+#[test]
+fn the_indexed_job_gives_each_pod_its_shard_of_the_volume() {
+    use rehydrate::block::{BlockLayout, BlockSelection};
+    let docs = manifests();
+    let indexed: Vec<_> =
+        of_kind(&docs, "Job").into_iter().filter(|(_, d)| d["spec"]["completionMode"] == "Indexed").collect();
+    assert_eq!(indexed.len(), 1, "one Indexed Job of shards");
+    let (file, job) = indexed[0];
+    let spec = &job["spec"];
+    let completions = spec["completions"].as_u64().unwrap_or_else(|| panic!("{file}: no completions"));
+    assert!(completions > 1, "{file}: one shard is a plain Job");
+    assert!(spec["backoffLimitPerIndex"].as_u64().is_some_and(|n| n > 0), "{file}: no backoffLimitPerIndex");
+    let pod = &spec["template"]["spec"];
+    let container = rehydrate_container(pod);
+    // A layout with a block count that does not divide evenly.
+    let layout = BlockLayout::new(1001 * 4096 + 7, 4096).unwrap();
+    let mut next = 0;
+    for index in 0..completions {
+        let argv = container_argv_at(container, index);
+        let Sub::Restore(args) = parse(&argv, file).command else { panic!("{file}: not a restore") };
+        let selection = args.blocks.unwrap_or_else(|| panic!("{file}: pod {index} restores without --blocks"));
+        assert_eq!(selection, BlockSelection::Shard { index, count: completions }, "{file}: pod {index}: {argv:?}");
+        let range = selection.resolve(&layout).unwrap();
+        assert_eq!(range.start, next, "{file}: shards leave a gap or overlap");
+        next = range.end;
+    }
+    assert_eq!(next, layout.block_count(), "{file}: the shards do not cover the volume");
+    // Pods of several nodes reach the target and the checkpoints.
+    for volume in pod["volumes"].as_array().unwrap() {
+        let claim = pvc(&docs, volume).unwrap_or_else(|| panic!("{file}: {volume} is not a PVC of this file"));
+        let modes = claim["spec"]["accessModes"].as_array().unwrap();
+        assert!(
+            modes.iter().any(|m| m == "ReadWriteMany"),
+            "{file}: {} is not ReadWriteMany",
+            claim["metadata"]["name"]
+        );
+    }
 }
 
 #[test]

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
 use super::Api;
-use super::problem::Problem;
+use super::problem::{Problem, ProblemType};
 use crate::config::worker::WorkerConfig;
 
 /// Most tokens accepted (rotation needs two or three).
@@ -99,7 +99,7 @@ pub(super) async fn require_token(State(api): State<Api>, request: Request, next
         _ => {
             let mut response = Problem::new(
                 StatusCode::UNAUTHORIZED,
-                "unauthorized",
+                ProblemType::Unauthorized,
                 "a valid bearer token is required (Authorization: Bearer <token>)",
             )
             .into_response();

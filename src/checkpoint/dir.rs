@@ -23,6 +23,7 @@ use std::sync::{Mutex, OnceLock};
 
 use super::format::CHECKPOINT_SIZE_MAX_BYTES;
 use super::{Checkpoint, CheckpointError, JobIdentity};
+use crate::block::BlockRange;
 
 const EXTENSION: &str = ".ckpt";
 const TEMP_MARKER: &str = ".ckpt.tmp-";
@@ -57,6 +58,13 @@ impl fmt::Display for CheckpointKey {
 /// target before its first run) is canonicalized through its parent
 /// directory; if that fails too, the path is hashed as given.
 pub fn checkpoint_key(target_path: &Path) -> CheckpointKey {
+    shard_checkpoint_key(target_path, None)
+}
+
+/// The checkpoint key of a restore of one shard (`--blocks`) of a target:
+/// its range is hashed with the path, so shards writing one target keep
+/// separate checkpoints. `None` (a whole volume) is [`checkpoint_key`].
+pub fn shard_checkpoint_key(target_path: &Path, shard: Option<BlockRange>) -> CheckpointKey {
     let canonical = fs::canonicalize(target_path)
         .or_else(|_| match (target_path.parent(), target_path.file_name()) {
             (Some(parent), Some(name)) => {
@@ -66,7 +74,13 @@ pub fn checkpoint_key(target_path: &Path) -> CheckpointKey {
             _ => Err(io::Error::from(io::ErrorKind::NotFound)),
         })
         .unwrap_or_else(|_| target_path.to_path_buf());
-    let hex = blake3::hash(canonical.as_os_str().as_bytes()).to_hex();
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(canonical.as_os_str().as_bytes());
+    if let Some(range) = shard {
+        // A path holds no NUL byte, so no path collides with a shard's key.
+        hasher.update(format!("\0blocks {range}").as_bytes());
+    }
+    let hex = hasher.finalize().to_hex();
     CheckpointKey(hex[..KEY_HEX_CHARS].to_owned())
 }
 
@@ -336,6 +350,11 @@ mod tests {
         std::os::unix::fs::symlink(&target, &link).unwrap();
         assert_eq!(checkpoint_key(&link), before);
         assert_ne!(checkpoint_key(&dir.path().join("other.img")), before);
+        // Shards of one target: a key each, none the whole volume's.
+        let shard = |start, end| shard_checkpoint_key(&link, Some(BlockRange { start, end }));
+        assert_eq!(shard(0, 10), shard_checkpoint_key(&target, Some(BlockRange { start: 0, end: 10 })));
+        let keys: std::collections::HashSet<_> = [before.clone(), shard(0, 10), shard(10, 20), shard(0, 20)].into();
+        assert_eq!(keys.len(), 4);
         assert_eq!(CheckpointKey::parse(before.as_str()), Some(before));
         assert_eq!(CheckpointKey::parse("../../etc/passwd"), None);
     }
@@ -379,6 +398,7 @@ mod failpoint_tests {
             manifest_digest: ManifestDigest([3; 32]),
             target: TargetIdentity { kind: TargetKind::File, dev: 1, ino: 2, size_bytes: 64 * 4096 },
             layout: BlockLayout::new(64 * 4096, 4096).unwrap(),
+            blocks: crate::block::BlockRange { start: 0, end: 64 },
         }
     }
 

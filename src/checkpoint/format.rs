@@ -1,4 +1,5 @@
-//! The checkpoint of one job and its file format, version 1.
+//! The checkpoint of one job and its file format, version 2 (version 1 is
+//! still read).
 //!
 //! Little-endian binary, laid out as:
 //!
@@ -7,9 +8,12 @@
 //! version          u32 FORMAT_VERSION
 //! manifest digest  32
 //! target           kind u8 (1 file, 2 block device), dev u64, ino u64, size_bytes u64
+//!                  (a file: st_dev and inode; a block device: st_rdev and 0)
 //! layout           volume_size_bytes u64, block_size_bytes u32
+//! blocks           start u64, end u64 (version 2): the blocks the restore
+//!                  covers, end exclusive; version 1 covers the whole layout
 //! bookkeeping      created_unix_secs u64, updated_unix_secs u64, bytes_settled u64
-//! cursor           u64
+//! cursor           u64 (from `start` to `end`)
 //! ranges           count u64, then per settled range above the cursor:
 //!                  varint gap from the previous range's end (the cursor for the
 //!                  first; at least 1), varint length (at least 1)
@@ -21,21 +25,24 @@
 //!
 //! Every version ends with the BLAKE3 of everything before it, so a torn
 //! write or any flipped bit is reported as corrupt before the version is even
-//! read. A mostly sequential restore has few ranges above its cursor, so its
+//! read. Version 1 (no `blocks`) reads as a whole-volume checkpoint. A
+//! mostly sequential restore has few ranges above its cursor, so its
 //! checkpoint is a couple of hundred bytes.
 //!
 //! [`Checkpoint::decode`] is safe on hostile bytes: it never panics, and it
 //! allocates only as it consumes input (no count read from the file sizes an
 //! allocation), so memory is bounded by the input length.
 
-use crate::block::{BlockIndex, BlockLayout};
+use crate::block::{BlockIndex, BlockLayout, BlockRange};
 use crate::manifest::ManifestDigest;
 
 use super::settled::{FAILURE_REASON_MAX_BYTES, FailedSet, Ledger, SettledSet};
 use super::{CheckpointError, JobIdentity, TargetIdentity, TargetKind};
 
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes. It reads this one and version 1.
+pub const FORMAT_VERSION: u32 = 2;
+/// The first version, without `blocks`: read as a whole-volume checkpoint.
+const FORMAT_VERSION_WHOLE: u32 = 1;
 
 /// Largest checkpoint file written or read. The worst fragmentation (every
 /// other block settled) costs 2 bytes per 2 blocks, so this covers 64 Mi
@@ -45,8 +52,9 @@ pub const CHECKPOINT_SIZE_MAX_BYTES: usize = 64 << 20;
 const MAGIC: &[u8; 8] = b"RHYDCKPT";
 const CHECKSUM_BYTES: usize = 32;
 /// Everything up to and including the two counts.
-const FIXED_BYTES: usize = 8 + 4 + 32 + (1 + 8 + 8 + 8) + (8 + 4) + (8 + 8 + 8) + 8 + 8 + 8;
-const MIN_BYTES: usize = FIXED_BYTES + CHECKSUM_BYTES;
+const FIXED_BYTES: usize = 8 + 4 + 32 + (1 + 8 + 8 + 8) + (8 + 4) + (8 + 8) + (8 + 8 + 8) + 8 + 8 + 8;
+/// The shortest file of any version read (version 1 has no `blocks`).
+const MIN_BYTES: usize = FIXED_BYTES - 16 + CHECKSUM_BYTES;
 /// A LEB128 u64 takes at most 10 bytes.
 const VARINT_MAX_BYTES: usize = 10;
 
@@ -59,7 +67,7 @@ const KIND_BLOCK_DEVICE: u8 = 2;
 pub enum FormatError {
     #[error("corrupt checkpoint: {0}")]
     Corrupt(String),
-    #[error("checkpoint format version {found}, this build reads version {FORMAT_VERSION}")]
+    #[error("checkpoint format version {found}, this build reads versions 1 and {FORMAT_VERSION}")]
     UnsupportedVersion { found: u32 },
 }
 
@@ -97,7 +105,7 @@ impl Checkpoint {
     /// A checkpoint of a job with nothing settled yet.
     pub fn new(identity: JobIdentity, now_unix_secs: u64) -> Self {
         Self {
-            settled: SettledSet::new(identity.layout.block_count()),
+            settled: SettledSet::over(identity.blocks),
             failed: FailedSet::new(),
             identity,
             created_unix_secs: now_unix_secs,
@@ -151,9 +159,9 @@ impl Checkpoint {
     /// If `index` is outside the layout.
     pub fn fail(&mut self, index: BlockIndex, reason: &str) -> bool {
         assert!(
-            index < self.settled.block_count(),
-            "failing block {index} outside a layout of {} blocks",
-            self.settled.block_count()
+            self.settled.blocks().contains(index),
+            "failing block {index} outside the blocks {} of the checkpoint",
+            self.settled.blocks()
         );
         let settled = self.settled.is_settled(index);
         debug_assert!(!settled, "block {index} is settled and cannot fail");
@@ -201,6 +209,8 @@ impl Checkpoint {
         }
         out.extend_from_slice(&identity.layout.volume_size_bytes().to_le_bytes());
         out.extend_from_slice(&identity.layout.block_size_bytes().to_le_bytes());
+        out.extend_from_slice(&identity.blocks.start.to_le_bytes());
+        out.extend_from_slice(&identity.blocks.end.to_le_bytes());
         for value in [self.created_unix_secs, self.updated_unix_secs, self.bytes_settled(), self.settled.cursor()] {
             out.extend_from_slice(&value.to_le_bytes());
         }
@@ -249,10 +259,10 @@ impl Checkpoint {
         }
         let mut reader = Reader { bytes: body, pos: MAGIC.len() };
         let version = reader.u32()?;
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != FORMAT_VERSION_WHOLE {
             return Err(FormatError::UnsupportedVersion { found: version });
         }
-        let checkpoint = decode_v1(&mut reader)?;
+        let checkpoint = decode_body(&mut reader, version)?;
         if reader.remaining() != 0 {
             return Err(corrupt(format!("{} unexpected bytes after the failed blocks", reader.remaining())));
         }
@@ -260,12 +270,11 @@ impl Checkpoint {
     }
 }
 
-fn decode_v1(reader: &mut Reader<'_>) -> Result<Checkpoint, FormatError> {
-    let identity = decode_identity(reader)?;
+fn decode_body(reader: &mut Reader<'_>, version: u32) -> Result<Checkpoint, FormatError> {
+    let identity = decode_identity(reader, version)?;
     let created_unix_secs = reader.u64()?;
     let updated_unix_secs = reader.u64()?;
     let bytes_settled_stored = reader.u64()?;
-    let block_count = identity.layout.block_count();
     let cursor = reader.u64()?;
 
     let range_count = reader.count("settled ranges")?;
@@ -278,7 +287,7 @@ fn decode_v1(reader: &mut Reader<'_>) -> Result<Checkpoint, FormatError> {
         previous_end = end;
         Ok((start, end))
     });
-    let settled = SettledSet::from_parts(block_count, cursor, ranges).map_err(corrupt)?;
+    let settled = SettledSet::from_parts(identity.blocks, cursor, ranges).map_err(corrupt)?;
 
     let failed = decode_failed(reader, &settled)?;
     let bytes_settled_computed = bytes_settled(&identity.layout, &settled);
@@ -290,7 +299,7 @@ fn decode_v1(reader: &mut Reader<'_>) -> Result<Checkpoint, FormatError> {
     Ok(Checkpoint { identity, settled, failed, created_unix_secs, updated_unix_secs })
 }
 
-fn decode_identity(reader: &mut Reader<'_>) -> Result<JobIdentity, FormatError> {
+fn decode_identity(reader: &mut Reader<'_>, version: u32) -> Result<JobIdentity, FormatError> {
     let manifest_digest = ManifestDigest(reader.array()?);
     let kind = match reader.u8()? {
         KIND_FILE => TargetKind::File,
@@ -302,7 +311,18 @@ fn decode_identity(reader: &mut Reader<'_>) -> Result<JobIdentity, FormatError> 
     let block_size_bytes = reader.u32()?;
     let layout = BlockLayout::new(volume_size_bytes, block_size_bytes)
         .map_err(|error| corrupt(format!("impossible block layout: {error}")))?;
-    Ok(JobIdentity { manifest_digest, target, layout })
+    let blocks = if version == FORMAT_VERSION_WHOLE {
+        BlockRange::all(&layout)
+    } else {
+        BlockRange { start: reader.u64()?, end: reader.u64()? }
+    };
+    if blocks.is_empty() || blocks.end > layout.block_count() {
+        return Err(corrupt(format!(
+            "blocks {blocks} are empty or outside the {} of the layout",
+            layout.block_count()
+        )));
+    }
+    Ok(JobIdentity { manifest_digest, target, layout, blocks })
 }
 
 fn decode_failed(reader: &mut Reader<'_>, settled: &SettledSet) -> Result<FailedSet, FormatError> {
@@ -316,11 +336,8 @@ fn decode_failed(reader: &mut Reader<'_>, settled: &SettledSet) -> Result<Failed
             Some(_) if delta == 0 => return Err(corrupt("failed blocks repeat or are out of order".into())),
             Some(previous) => previous.checked_add(delta).ok_or_else(|| overflow("failed block index"))?,
         };
-        if index >= settled.block_count() {
-            return Err(corrupt(format!(
-                "failed block {index} is outside the {} blocks of the layout",
-                settled.block_count()
-            )));
+        if !settled.blocks().contains(index) {
+            return Err(corrupt(format!("failed block {index} is outside the blocks {}", settled.blocks())));
         }
         if settled.is_settled(index) {
             return Err(corrupt(format!("block {index} is recorded both settled and failed")));
@@ -338,7 +355,7 @@ fn decode_failed(reader: &mut Reader<'_>, settled: &SettledSet) -> Result<Failed
 }
 
 fn bytes_settled(layout: &BlockLayout, settled: &SettledSet) -> u64 {
-    let block_count = settled.block_count();
+    let block_count = layout.block_count();
     let block_size_bytes = u64::from(layout.block_size_bytes());
     let full = settled.settled_count() * block_size_bytes;
     // The short tail block covers less than a whole block.
@@ -452,6 +469,7 @@ mod tests {
             manifest_digest: ManifestDigest([7; 32]),
             target: TargetIdentity { kind: TargetKind::File, dev: 2049, ino: 1234, size_bytes: volume_size_bytes },
             layout: BlockLayout::new(volume_size_bytes, 4096).unwrap(),
+            blocks: BlockRange::all(&BlockLayout::new(volume_size_bytes, 4096).unwrap()),
         }
     }
 
@@ -526,8 +544,8 @@ mod tests {
     #[test]
     fn other_versions_are_refused_as_unsupported() {
         let mut bytes = sample().encode();
-        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
-        assert_eq!(Checkpoint::decode(&resealed(bytes)), Err(FormatError::UnsupportedVersion { found: 2 }));
+        bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
+        assert_eq!(Checkpoint::decode(&resealed(bytes)), Err(FormatError::UnsupportedVersion { found: 3 }));
     }
 
     #[test]
@@ -550,6 +568,41 @@ mod tests {
         assert!(
             matches!(Checkpoint::decode(&resealed(trailing)), Err(FormatError::Corrupt(d)) if d.contains("unexpected bytes"))
         );
+    }
+
+    /// Where `blocks` sits: after magic, version, digest, target and layout.
+    const BLOCKS_AT: usize = 8 + 4 + 32 + 25 + 12;
+
+    #[test]
+    fn version_1_reads_as_a_whole_volume_checkpoint() {
+        let checkpoint = sample();
+        let mut v1 = checkpoint.encode();
+        v1.drain(BLOCKS_AT..BLOCKS_AT + 16);
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let decoded = Checkpoint::decode(&resealed(v1)).unwrap();
+        assert_eq!(decoded, checkpoint);
+        assert!(decoded.identity().blocks.is_all(&decoded.identity().layout));
+    }
+
+    #[test]
+    fn a_range_checkpoint_roundtrips_and_is_another_job() {
+        let whole = identity(10 * 4096 + 100);
+        let shard = JobIdentity { blocks: BlockRange { start: 4, end: 8 }, ..whole };
+        let mut checkpoint = Checkpoint::new(shard, 1);
+        checkpoint.settle_many([4, 5, 7]);
+        checkpoint.fail(6, "404");
+        assert_eq!(checkpoint.bytes_settled(), 3 * 4096);
+        let ledger = checkpoint.ledger();
+        assert_eq!((ledger.block_count, ledger.settled, ledger.failed, ledger.pending), (4, 3, 1, 0));
+        let decoded = Checkpoint::decode(&checkpoint.encode()).unwrap();
+        assert_eq!(decoded, checkpoint);
+        assert_eq!(decoded.settled().cursor(), 6);
+        let what = decoded.check_identity(&whole).unwrap_err();
+        assert_eq!(what, vec!["blocks: expected 0..11, found 4..8".to_owned()]);
+        // A range outside the layout, with a good checksum: corrupt.
+        let mut bytes = checkpoint.encode();
+        bytes[BLOCKS_AT + 8..BLOCKS_AT + 16].copy_from_slice(&12u64.to_le_bytes());
+        assert!(matches!(Checkpoint::decode(&resealed(bytes)), Err(FormatError::Corrupt(d)) if d.contains("outside")));
     }
 
     #[test]

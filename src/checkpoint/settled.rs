@@ -13,42 +13,57 @@
 
 use std::collections::BTreeMap;
 
-use crate::block::BlockIndex;
+use crate::block::{BlockIndex, BlockRange};
 
 /// Longest failure reason kept per block. Reasons are for an operator reading a
 /// damage report; a bound keeps a million failed blocks from holding a million
 /// long error chains, and keeps the checkpoint file small.
 pub const FAILURE_REASON_MAX_BYTES: usize = 256;
 
-/// The settled blocks of a layout of `block_count` blocks: every block below
+/// The settled blocks of a range of a layout (`start..end`; every block of a
+/// whole-volume restore, `0..block_count`): every block of the range below
 /// [`cursor`](Self::cursor) is settled; above it, settled blocks are kept as
-/// disjoint, non-adjacent ranges.
+/// disjoint, non-adjacent ranges. Blocks outside the range belong to no one
+/// here: they are never settled, failed or pending.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SettledSet {
-    block_count: u64,
-    /// First block that is not settled. Only moves forward.
+    /// The blocks this set covers.
+    blocks: BlockRange,
+    /// First block of the range that is not settled. Only moves forward.
     cursor: BlockIndex,
     /// Settled ranges above the cursor, `start -> end` (end exclusive), with
-    /// `cursor < start < end <= block_count` and a gap of at least one block
+    /// `cursor < start < end <= blocks.end` and a gap of at least one block
     /// between neighbours: a range touching the cursor is folded into it, and
     /// touching ranges are merged.
     ranges: BTreeMap<BlockIndex, BlockIndex>,
-    /// `cursor + sum(end - start)`, kept so counting is O(1).
+    /// `cursor - blocks.start + sum(end - start)`, kept so counting is O(1).
     settled_count: u64,
 }
 
 impl SettledSet {
-    /// Nothing settled yet.
+    /// Nothing settled yet, of the blocks `0..block_count`.
     pub fn new(block_count: u64) -> Self {
-        Self { block_count, cursor: 0, ranges: BTreeMap::new(), settled_count: 0 }
+        Self::over(BlockRange { start: 0, end: block_count })
     }
 
+    /// Nothing settled yet, of the blocks of `blocks`.
+    pub fn over(blocks: BlockRange) -> Self {
+        Self { blocks, cursor: blocks.start, ranges: BTreeMap::new(), settled_count: 0 }
+    }
+
+    /// How many blocks the set covers.
     pub fn block_count(&self) -> u64 {
-        self.block_count
+        self.blocks.len()
     }
 
-    /// The first block that is not settled: every block below it is settled.
-    /// Equals `block_count` once everything is settled.
+    /// The blocks the set covers.
+    pub fn blocks(&self) -> BlockRange {
+        self.blocks
+    }
+
+    /// The first block of the range that is not settled: every block of the
+    /// range below it is settled. Equals the range's end once everything is
+    /// settled.
     pub fn cursor(&self) -> BlockIndex {
         self.cursor
     }
@@ -58,10 +73,13 @@ impl SettledSet {
     }
 
     pub fn is_complete(&self) -> bool {
-        self.cursor == self.block_count
+        self.cursor == self.blocks.end
     }
 
     pub fn is_settled(&self, index: BlockIndex) -> bool {
+        if index < self.blocks.start {
+            return false;
+        }
         if index < self.cursor {
             return true;
         }
@@ -78,10 +96,10 @@ impl SettledSet {
     /// checkpoint names as durable.
     ///
     /// # Panics
-    /// If `index` is outside the layout: that is a bug in the caller, and
+    /// If `index` is outside the range: that is a bug in the caller, and
     /// settling it would corrupt the ledger.
     pub fn settle(&mut self, index: BlockIndex) -> bool {
-        assert!(index < self.block_count, "settling block {index} outside a layout of {} blocks", self.block_count);
+        assert!(self.blocks.contains(index), "settling block {index} outside a layout's blocks {}", self.blocks);
         if self.is_settled(index) {
             return false;
         }
@@ -97,7 +115,7 @@ impl SettledSet {
         }
         self.settled_count += 1;
         debug_assert!(self.cursor >= cursor_before, "the cursor moved backwards");
-        debug_assert!(self.settled_count <= self.block_count);
+        debug_assert!(self.settled_count <= self.blocks.len());
         debug_assert!(self.ranges.keys().next().is_none_or(|&start| start > self.cursor));
         true
     }
@@ -110,7 +128,7 @@ impl SettledSet {
     /// The blocks not settled, in index order. Whole settled ranges are
     /// skipped in one step.
     pub fn unsettled(&self) -> impl Iterator<Item = BlockIndex> + '_ {
-        Unsettled { next: self.cursor, block_count: self.block_count, ranges: self.ranges.iter().peekable() }
+        Unsettled { next: self.cursor, block_count: self.blocks.end, ranges: self.ranges.iter().peekable() }
     }
 
     /// The settled ranges above the cursor, `(start, end)` with `end`
@@ -128,13 +146,13 @@ impl SettledSet {
     /// check invariant 1.
     pub fn ledger(&self, failed: &FailedSet) -> Ledger {
         let stray_failed =
-            failed.iter().filter(|&(index, _)| index >= self.block_count || self.is_settled(index)).count() as u64;
+            failed.iter().filter(|&(index, _)| !self.blocks.contains(index) || self.is_settled(index)).count() as u64;
         let failed_count = failed.len() as u64 - stray_failed;
         Ledger {
-            block_count: self.block_count,
+            block_count: self.blocks.len(),
             settled: self.settled_count,
             failed: failed_count,
-            pending: self.block_count - self.settled_count - failed_count,
+            pending: self.blocks.len() - self.settled_count - failed_count,
             stray_failed,
         }
     }
@@ -142,14 +160,15 @@ impl SettledSet {
     /// Build a set from a cursor and ranges read from a checkpoint, checking
     /// every structural rule. Never panics; the error says what is wrong.
     pub(crate) fn from_parts(
-        block_count: u64,
+        blocks: BlockRange,
         cursor: BlockIndex,
         ranges: impl IntoIterator<Item = Result<(BlockIndex, BlockIndex), String>>,
     ) -> Result<Self, String> {
-        if cursor > block_count {
-            return Err(format!("cursor {cursor} is beyond the {block_count} blocks of the layout"));
+        if !(blocks.start..=blocks.end).contains(&cursor) {
+            return Err(format!("cursor {cursor} is outside the blocks {blocks} of the checkpoint"));
         }
-        let mut set = Self { block_count, cursor, ranges: BTreeMap::new(), settled_count: cursor };
+        let block_count = blocks.end;
+        let mut set = Self { blocks, cursor, ranges: BTreeMap::new(), settled_count: cursor - blocks.start };
         let mut previous_end = cursor;
         for range in ranges {
             let (start, end) = range?;
@@ -171,7 +190,7 @@ impl SettledSet {
     /// Check every structural rule; `Err` names the first one broken. Used by
     /// tests and debug checks.
     pub fn check_invariants(&self) -> Result<(), String> {
-        let rebuilt = Self::from_parts(self.block_count, self.cursor, self.ranges_above_cursor().map(Ok))?;
+        let rebuilt = Self::from_parts(self.blocks, self.cursor, self.ranges_above_cursor().map(Ok))?;
         if rebuilt.settled_count != self.settled_count {
             return Err(format!(
                 "settled count {} disagrees with the ranges ({})",
@@ -341,6 +360,26 @@ mod tests {
         assert_eq!(set.range_count(), 0);
         assert_eq!(set.unsettled().collect::<Vec<_>>(), vec![8, 9]);
         set.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_range_settles_only_its_blocks() {
+        let mut set = SettledSet::over(BlockRange { start: 10, end: 20 });
+        assert_eq!((set.cursor(), set.block_count()), (10, 10));
+        set.settle_many([12, 10, 11]);
+        assert_eq!(set.cursor(), 13);
+        assert!(!set.is_settled(5), "below the range is not settled");
+        assert!(set.is_settled(10) && set.is_settled(12) && !set.is_settled(13));
+        assert_eq!(set.unsettled().collect::<Vec<_>>(), (13..20).collect::<Vec<_>>());
+        let mut failed = FailedSet::new();
+        failed.fail(15, "404");
+        assert_eq!(set.ledger(&failed), Ledger { block_count: 10, settled: 3, failed: 1, pending: 6, stray_failed: 0 });
+        failed.fail(3, "outside the range");
+        assert_eq!(set.ledger(&failed).stray_failed, 1);
+        set.settle_many(13..20);
+        assert!(set.is_complete());
+        set.check_invariants().unwrap();
+        assert!(std::panic::catch_unwind(move || set.clone().settle(9)).is_err(), "below the range");
     }
 
     #[test]

@@ -75,6 +75,7 @@ pub(super) async fn restore(args: RestoreArgs) -> ExitCode {
         secondaries: args.secondaries,
         in_place: args.in_place,
         restart: args.restart,
+        blocks: args.blocks,
     };
     let result = restore_with_progress(&engine, &spec, !args.json).await;
     print_restore_result(&result, args.json)
@@ -130,9 +131,14 @@ pub(super) async fn verify(args: VerifyArgs) -> ExitCode {
         Ok(m) => m,
         Err(e) => return fail(&e.to_string(), e.exit_code()),
     };
+    let blocks = match args.blocks.map(|b| b.resolve(&manifest.layout)) {
+        None => crate::block::BlockRange::all(&manifest.layout),
+        Some(Ok(blocks)) => blocks,
+        Some(Err(e)) => return usage(&e),
+    };
     let target = args.target.clone();
-    let report = match tokio::task::spawn_blocking(move || crate::restore::readback::readback(&manifest, &target)).await
-    {
+    let read = move || crate::restore::readback::readback_blocks(&manifest, &target, blocks);
+    let report = match tokio::task::spawn_blocking(read).await {
         Ok(Ok(report)) => report,
         Ok(Err(e)) => {
             return fail(&format!("reading {}: {e}", args.target.display()), ExitCode::IoFailure);
@@ -141,6 +147,8 @@ pub(super) async fn verify(args: VerifyArgs) -> ExitCode {
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else if report.matches() && args.blocks.is_some() {
+        println!("verified: the {} blocks {blocks} of {} match", report.blocks_total, args.target.display());
     } else if report.matches() {
         println!("verified: all {} blocks of {} match", report.blocks_total, args.target.display());
     } else {

@@ -138,6 +138,7 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, String> {
         secondaries: vec![format!("file://{}", paths.mirror_dir.display())],
         in_place: false,
         restart: true,
+        blocks: None,
     };
     let result = restore_with_progress(&engine, &spec, !args.json).await;
     let code = print_restore_result(&result, args.json);

@@ -33,8 +33,9 @@ fn print_report(report: &RestoreReport, json: bool) {
         return;
     }
     let state = if report.succeeded { "restored" } else { "FAILED" };
+    let shard = if report.whole_volume { String::new() } else { format!(" blocks {}", report.block_range) };
     println!(
-        "{state}: {} blocks ({} settled, {} resumed, {} failed, {} zero, {} duplicate), {} in {:.2}s, {}/s, writer {}",
+        "{state}{shard}: {} blocks ({} settled, {} resumed, {} failed, {} zero, {} duplicate), {} in {:.2}s, {}/s, writer {}",
         report.blocks_total,
         report.blocks_settled,
         report.blocks_resumed,

@@ -29,7 +29,7 @@ pub const DAMAGE_RECORDED_MAX: usize = 1000;
 pub const DATABASE_FILE: &str = "jobs.redb";
 
 /// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Queued,

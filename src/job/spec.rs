@@ -21,7 +21,7 @@ pub use crate::config::worker::{NAME_LEN_MAX, valid_name};
 pub const PATH_LEN_MAX: usize = 1024;
 
 /// A job as a client submits it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     /// Client-chosen, `[A-Za-z0-9_-]{1,64}`: resubmitting the same spec under
@@ -32,6 +32,7 @@ pub struct JobSpec {
     /// The manifest's key under the profile's store (`vol.manifest`).
     pub manifest: String,
     /// The file to restore into, under one of `worker.target_roots`.
+    #[schema(value_type = String)]
     pub target: PathBuf,
     /// Cancel an active job on the same target and take over its work.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use super::phases::RestoreSpec;
 use super::{Engine, RestoreError};
+use crate::block::{BlockLayout, BlockRange};
 use crate::checkpoint::{
-    Checkpoint, CheckpointDir, CheckpointKey, JobIdentity, TargetIdentity, checkpoint_key, unix_now_secs,
+    Checkpoint, CheckpointDir, CheckpointKey, JobIdentity, TargetIdentity, shard_checkpoint_key, unix_now_secs,
 };
 use crate::snapshot::Snapshot;
 use crate::target::{self, OpenOptionsSpec, StagingGuard, Target};
@@ -23,8 +24,14 @@ pub(super) struct Durable {
 
 impl Durable {
     /// Open the checkpoint directory, sweep temporaries of crashed writers,
-    /// and discard this target's checkpoint on `--restart`.
-    pub(super) fn open(engine: &Engine, spec: &RestoreSpec) -> Result<Option<Durable>, RestoreError> {
+    /// and discard this target's checkpoint on `--restart`. A shard's
+    /// checkpoint is its own: its key names its range.
+    pub(super) fn open(
+        engine: &Engine,
+        spec: &RestoreSpec,
+        blocks: BlockRange,
+        layout: &BlockLayout,
+    ) -> Result<Option<Durable>, RestoreError> {
         if !engine.config.checkpoint.enabled {
             return Ok(None);
         }
@@ -38,7 +45,8 @@ impl Durable {
         if let Err(e) = dir.sweep_temporaries() {
             tracing::warn!(dir = %path.display(), error = %e, "could not sweep checkpoint temporaries");
         }
-        let durable = Durable { dir: Arc::new(dir), key: checkpoint_key(&spec.target) };
+        let shard = (!blocks.is_all(layout)).then_some(blocks);
+        let durable = Durable { dir: Arc::new(dir), key: shard_checkpoint_key(&spec.target, shard) };
         if spec.restart {
             durable
                 .dir
@@ -81,11 +89,13 @@ pub(super) enum Allocation {
 pub(super) fn allocate(
     spec: &RestoreSpec,
     snapshot: &dyn Snapshot,
+    blocks: BlockRange,
     durable: Option<&Durable>,
 ) -> Result<Allocation, RestoreError> {
     let layout = snapshot.layout();
     let has_checkpoint = durable.is_some_and(Durable::exists);
-    let identity_of = |target: TargetIdentity| JobIdentity { manifest_digest: snapshot.digest(), target, layout };
+    let identity_of =
+        |target: TargetIdentity| JobIdentity { manifest_digest: snapshot.digest(), target, layout, blocks };
     let staged = !spec.in_place && std::fs::symlink_metadata(&spec.target).map(|m| m.is_file()).unwrap_or(true);
     if let (Some(d), true, true) = (durable, has_checkpoint, staged) {
         let staging_gone = target::staging_path(&spec.target).is_some_and(|p| !p.exists());
@@ -99,6 +109,7 @@ pub(super) fn allocate(
             volume_size_bytes: layout.volume_size_bytes(),
             in_place: spec.in_place,
             reuse_staging: has_checkpoint,
+            shared: spec.blocks.is_some(),
         },
     )?;
     let identity = identity_of(target.identity);
@@ -181,9 +192,10 @@ pub(super) fn allocate_phase(
     engine: &Engine,
     spec: &RestoreSpec,
     snapshot: &dyn Snapshot,
+    blocks: BlockRange,
     durable: Option<&Durable>,
 ) -> Result<Option<Allocated>, RestoreError> {
-    let (target, checkpoint) = match allocate(spec, snapshot, durable)? {
+    let (target, checkpoint) = match allocate(spec, snapshot, blocks, durable)? {
         Allocation::Ready { target, checkpoint } => (target, *checkpoint),
         Allocation::AlreadyRestored => return Ok(None),
     };
@@ -194,7 +206,7 @@ pub(super) fn allocate_phase(
     } else {
         tracing::info!(
             blocks_resumed,
-            percent = 100.0 * blocks_resumed as f64 / snapshot.layout().block_count() as f64,
+            percent = 100.0 * blocks_resumed as f64 / blocks.len() as f64,
             "resuming from checkpoint"
         );
     }

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use super::plan::{self};
 use super::progress::{Phase, Progress};
 use super::{Engine, RestoreError};
+use crate::block::{BlockRange, BlockSelection};
 use crate::checkpoint::Checkpoint;
 use crate::fetch::{FetchContext, FetchTelemetry, Source};
 use crate::snapshot::Snapshot;
@@ -58,6 +59,9 @@ pub struct RestoreSpec {
     pub in_place: bool,
     /// Discard a checkpoint of an earlier run instead of resuming it.
     pub restart: bool,
+    /// Restore only these blocks (a shard, `--blocks`), in place: the target
+    /// must be a block device or `in_place`. `None`: the whole volume.
+    pub blocks: Option<BlockSelection>,
 }
 
 /// Run one restore to its end.
@@ -81,12 +85,12 @@ async fn restore_as(
     tenant: u64,
 ) -> Result<RestoreReport, RestoreError> {
     progress.set_phase(Phase::Validate);
-    let (snapshot, sources) = validate(engine, spec, tenant).await?;
+    let (snapshot, sources, blocks) = validate(engine, spec, tenant).await?;
 
     progress.set_phase(Phase::Allocate);
-    let durable = Durable::open(engine, spec)?;
+    let durable = Durable::open(engine, spec, blocks, &snapshot.layout())?;
     let Some(Allocated { target, checkpoint, mut staging, writer }) =
-        allocate_phase(engine, spec, &*snapshot, durable.as_ref())?
+        allocate_phase(engine, spec, &*snapshot, blocks, durable.as_ref())?
     else {
         if let Some(d) = &durable {
             d.remove();
@@ -117,23 +121,45 @@ struct Run<'a> {
 }
 
 /// Validate: open the primary store, read and check the manifest, open the
-/// secondaries. From here on the restore sees the manifest as a
-/// [`Snapshot`].
+/// secondaries, and find the blocks to restore. From here on the restore sees
+/// the manifest as a [`Snapshot`].
 async fn validate(
     engine: &Engine,
     spec: &RestoreSpec,
     tenant: u64,
-) -> Result<(Arc<dyn Snapshot>, Vec<Source>), RestoreError> {
+) -> Result<(Arc<dyn Snapshot>, Vec<Source>, BlockRange), RestoreError> {
+    if spec.blocks.is_some() {
+        check_shard_target(spec)?;
+    }
     let (store_url, manifest_key) =
         StoreUrl::parse_manifest(&spec.manifest_url).map_err(|e| RestoreError::Usage(e.to_string()))?;
     let primary = engine.open_store(&store_url).await?;
     let manifest = super::load_manifest(engine, &primary, &manifest_key, tenant).await?;
+    let blocks = match spec.blocks {
+        Some(selection) => selection.resolve(&manifest.layout).map_err(RestoreError::Usage)?,
+        None => BlockRange::all(&manifest.layout),
+    };
     let mut stores = vec![primary];
     for url in &spec.secondaries {
         let url = StoreUrl::parse(url).map_err(|e| RestoreError::Usage(e.to_string()))?;
         stores.push(engine.open_store(&url).await?);
     }
-    Ok((Arc::new(manifest), Source::ordered(stores)))
+    Ok((Arc::new(manifest), Source::ordered(stores), blocks))
+}
+
+/// Shards (`--blocks`) write one target side by side, so none may stage it
+/// and swap it into place under the others: the target must be a block
+/// device, or an existing file written `--in-place`.
+fn check_shard_target(spec: &RestoreSpec) -> Result<(), RestoreError> {
+    use std::os::unix::fs::FileTypeExt;
+    let device = std::fs::metadata(&spec.target).is_ok_and(|m| m.file_type().is_block_device());
+    if spec.in_place || device {
+        return Ok(());
+    }
+    Err(RestoreError::Usage(format!(
+        "--blocks restores {} in place, beside the other shards: give a block device, or --in-place with a file created beforehand (truncate -s <volume size>)",
+        spec.target.display()
+    )))
 }
 
 /// How the rehydrate phase ended.
@@ -162,9 +188,10 @@ async fn rehydrate(
 ) -> Transfer {
     let (engine, progress) = (run.engine, run.progress);
     let layout = snapshot.layout();
-    let plan = plan::plan(&**snapshot, target.fresh, |i| checkpoint.settled().is_settled(i));
-    progress.blocks_total.store(layout.block_count(), Ordering::Relaxed);
-    progress.bytes_total.store(layout.volume_size_bytes(), Ordering::Relaxed);
+    let blocks = checkpoint.settled().blocks();
+    let plan = plan::plan(&**snapshot, blocks, target.fresh, |i| checkpoint.settled().is_settled(i));
+    progress.blocks_total.store(blocks.len(), Ordering::Relaxed);
+    progress.bytes_total.store(blocks.bytes(&layout), Ordering::Relaxed);
     let blocks_resumed = checkpoint.settled().settled_count();
     progress.blocks_resumed.store(blocks_resumed, Ordering::Relaxed);
     progress.blocks_settled.store(blocks_resumed, Ordering::Relaxed);
@@ -277,6 +304,7 @@ fn report_of(
     transfer: &mut Transfer,
     blocks_resumed: u64,
 ) -> RestoreReport {
+    let blocks = transfer.settler.checkpoint.settled().blocks();
     let mut report = RestoreReport {
         writer_backend: Some(transfer.backend),
         blocks_settled: transfer.settler.checkpoint.settled().settled_count(),
@@ -288,7 +316,7 @@ fn report_of(
         fetch: transfer.telemetry.counts(),
         timings: transfer.timings,
         damage: std::mem::take(&mut transfer.settler.damage),
-        ..RestoreReport::of(spec, snapshot)
+        ..RestoreReport::of(spec, snapshot, blocks)
     };
     report.damage.sort_by_key(|d| d.index);
     report

@@ -5,11 +5,12 @@
 //! (identical blocks). Zero blocks are units without a fetch; on a fresh
 //! target (all zero by construction) they need no write at all and settle with
 //! the first fdatasync. Units come in order of their first block, so the
-//! settled cursor advances from the start of the volume.
+//! settled cursor advances from the start of the volume (of the shard's range,
+//! for `--blocks`).
 
 use std::collections::HashMap;
 
-use crate::block::{BlockIndex, Compression, ContentHash};
+use crate::block::{BlockIndex, BlockRange, Compression, ContentHash};
 use crate::snapshot::Snapshot;
 use crate::verify::Expected;
 
@@ -70,13 +71,14 @@ impl Plan {
     }
 }
 
-/// Build the plan. `settled(i)` tells which blocks are already done.
-pub fn plan(snapshot: &dyn Snapshot, fresh: bool, settled: impl Fn(BlockIndex) -> bool) -> Plan {
+/// Build the plan of the blocks `range` (every block, or one shard's).
+/// `settled(i)` tells which blocks are already done.
+pub fn plan(snapshot: &dyn Snapshot, range: BlockRange, fresh: bool, settled: impl Fn(BlockIndex) -> bool) -> Plan {
     let layout = snapshot.layout();
     let mut out = Plan::default();
     let mut by_object: HashMap<(ContentHash, Compression), usize> = HashMap::new();
-    let mut blocks = snapshot.blocks().peekable();
-    for index in 0..layout.block_count() {
+    let mut blocks = snapshot.blocks().skip_while(|b| b.index < range.start).peekable();
+    for index in range.start..range.end {
         let block = match blocks.peek() {
             Some(b) if b.index == index => blocks.next(),
             _ => None,

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::fetch::FetchTelemetry;
 
 /// Phases of a restore, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 #[repr(u8)]
 pub enum Phase {

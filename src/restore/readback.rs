@@ -9,12 +9,14 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::block::{BlockIndex, is_zero};
+use crate::block::{BlockIndex, BlockRange, is_zero};
 use crate::manifest::Manifest;
 
 /// What a read-back found.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReadbackReport {
+    /// The blocks read back (`--blocks`; every block otherwise).
+    pub block_range: BlockRange,
     pub blocks_total: u64,
     pub blocks_checked: u64,
     pub mismatched: Vec<BlockIndex>,
@@ -28,6 +30,11 @@ impl ReadbackReport {
 
 /// Read `target` and compare every block with `manifest`.
 pub fn readback(manifest: &Manifest, target: &Path) -> std::io::Result<ReadbackReport> {
+    readback_blocks(manifest, target, BlockRange::all(&manifest.layout))
+}
+
+/// Read the blocks `blocks` of `target` and compare each with `manifest`.
+pub fn readback_blocks(manifest: &Manifest, target: &Path, blocks: BlockRange) -> std::io::Result<ReadbackReport> {
     let file = std::fs::File::open(target)?;
     let size = crate::target::device_size_bytes(&file)?;
     let layout = manifest.layout;
@@ -39,8 +46,8 @@ pub fn readback(manifest: &Manifest, target: &Path) -> std::io::Result<ReadbackR
     }
     let mut buf = vec![0u8; layout.block_size_bytes() as usize];
     let mut mismatched = Vec::new();
-    let mut entries = manifest.entries().iter().peekable();
-    for index in 0..layout.block_count() {
+    let mut entries = manifest.entries().iter().skip_while(|e| e.index < blocks.start).peekable();
+    for index in blocks.start..blocks.end.min(layout.block_count()) {
         let len = layout.len(index) as usize;
         file.read_exact_at(&mut buf[..len], layout.offset(index))?;
         let ok = match entries.peek() {
@@ -54,5 +61,6 @@ pub fn readback(manifest: &Manifest, target: &Path) -> std::io::Result<ReadbackR
             mismatched.push(index);
         }
     }
-    Ok(ReadbackReport { blocks_total: layout.block_count(), blocks_checked: layout.block_count(), mismatched })
+    let blocks_checked = blocks.end.min(layout.block_count()).saturating_sub(blocks.start);
+    Ok(ReadbackReport { block_range: blocks, blocks_total: blocks.len(), blocks_checked, mismatched })
 }

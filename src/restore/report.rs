@@ -8,13 +8,13 @@ use serde::Serialize;
 
 use super::phases::RestoreSpec;
 use super::progress::{Progress, StallEvent};
-use crate::block::BlockIndex;
+use crate::block::{BlockIndex, BlockRange};
 use crate::fetch::{FetchCounts, SourceFailure};
 use crate::snapshot::Snapshot;
 use crate::write::Backend;
 
 /// A block that no source could serve, with each source's last error.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct DamagedBlock {
     pub index: BlockIndex,
     pub offset_bytes: u64,
@@ -28,6 +28,11 @@ pub struct RestoreReport {
     pub manifest: String,
     pub snapshot_digest: String,
     pub target: String,
+    /// The blocks this restore covers (`--blocks`; every block of the volume
+    /// otherwise). The counts and bytes below are of these blocks.
+    pub block_range: BlockRange,
+    /// Whether that is the whole volume.
+    pub whole_volume: bool,
     pub writer_backend: Option<Backend>,
     pub blocks_total: u64,
     pub blocks_settled: u64,
@@ -65,23 +70,31 @@ pub struct Timings {
 }
 
 impl RestoreReport {
-    /// A report of restoring `snapshot` as `spec` asks, with nothing done yet.
-    pub(super) fn of(spec: &RestoreSpec, snapshot: &dyn Snapshot) -> Self {
+    /// A report of restoring the blocks `blocks` of `snapshot` as `spec`
+    /// asks, with nothing done yet.
+    pub(super) fn of(spec: &RestoreSpec, snapshot: &dyn Snapshot, blocks: BlockRange) -> Self {
         let layout = snapshot.layout();
+        let stored = if blocks.is_all(&layout) {
+            snapshot.blocks_stored()
+        } else {
+            snapshot.blocks().filter(|b| blocks.contains(b.index)).count() as u64
+        };
         RestoreReport {
             succeeded: false,
             manifest: spec.manifest_url.clone(),
             snapshot_digest: snapshot.digest().to_hex(),
             target: spec.target.display().to_string(),
+            block_range: blocks,
+            whole_volume: blocks.is_all(&layout),
             writer_backend: None,
-            blocks_total: layout.block_count(),
+            blocks_total: blocks.len(),
             blocks_settled: 0,
             blocks_resumed: 0,
             blocks_failed: 0,
-            blocks_zero: layout.block_count() - snapshot.blocks_stored(),
+            blocks_zero: blocks.len() - stored,
             blocks_deduplicated: 0,
             objects_planned: 0,
-            bytes_total: layout.volume_size_bytes(),
+            bytes_total: blocks.bytes(&layout),
             bytes_written: 0,
             duration_secs: 0.0,
             throughput_bytes_per_sec: 0.0,
@@ -111,12 +124,13 @@ pub(super) fn already_restored_report(
     progress: &Progress,
 ) -> RestoreReport {
     let blocks_total = snapshot.layout().block_count();
+    let blocks = BlockRange::all(&snapshot.layout());
     RestoreReport {
         succeeded: true,
         blocks_settled: blocks_total,
         blocks_resumed: blocks_total,
         duration_secs: progress.started.elapsed().as_secs_f64(),
         timings: Timings { prepare_secs: progress.started.elapsed().as_secs_f64(), ..Timings::default() },
-        ..RestoreReport::of(spec, snapshot)
+        ..RestoreReport::of(spec, snapshot, blocks)
     }
 }

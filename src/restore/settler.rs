@@ -147,7 +147,7 @@ impl Settler {
         Err(RestoreError::Interrupted(format!(
             "stopped after settling {} of {} blocks; rerun the same restore to resume",
             self.checkpoint.settled().settled_count(),
-            self.layout.block_count()
+            self.checkpoint.settled().block_count()
         )))
     }
 
@@ -210,7 +210,8 @@ impl Settler {
         metrics::counter!(m::SETTLED_BYTES_TOTAL).increment(bytes);
         self.progress.blocks_settled.fetch_add(blocks, Ordering::Relaxed);
         let settled = self.progress.bytes_settled.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        metrics::gauge!(m::PROGRESS_RATIO).set(settled as f64 / self.layout.volume_size_bytes() as f64);
+        let bytes_total = self.checkpoint.settled().blocks().bytes(&self.layout);
+        metrics::gauge!(m::PROGRESS_RATIO).set(settled as f64 / bytes_total.max(1) as f64);
         self.written_bytes_since_sync = 0;
         self.last_settle = Instant::now();
         self.progress.set_stalled(None);

@@ -167,6 +167,7 @@ impl Worker {
             secondaries: resolved.secondaries,
             in_place: false,
             restart: restart_pending,
+            blocks: None,
         };
         let worker = Arc::clone(self);
         self.tasks.spawn(async move {

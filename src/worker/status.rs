@@ -11,7 +11,7 @@ use crate::restore::DamagedBlock;
 use crate::restore::progress::{Phase, Progress};
 
 /// A job as the API reports it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobStatus {
     pub id: String,
     pub state: JobState,
@@ -99,7 +99,7 @@ impl std::str::FromStr for ListCursor {
 
 /// One page of a list: `next` is the cursor for the page after it, `None`
 /// on the last page.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobPage {
     pub jobs: Vec<JobStatus>,
     pub next: Option<String>,
@@ -113,7 +113,7 @@ pub(super) fn rfc3339(secs: u64) -> String {
         .unwrap_or_else(|_| format!("@{secs}"))
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BlockCounts {
     pub total: u64,
     pub settled: u64,
@@ -123,7 +123,7 @@ pub struct BlockCounts {
 
 /// How a restore was throttled: the answers, the wall time, and the request
 /// rate each throttling store is paced at now (or was when the run ended).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Throttling {
     pub throttled_responses: u64,
     pub throttled_millis: u64,
@@ -140,7 +140,7 @@ impl Throttling {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ByteCounts {
     pub total: u64,
     pub settled: u64,

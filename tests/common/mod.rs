@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rehydrate::block::{Compression, HashAlgorithm};
+use rehydrate::block::{BlockRange, Compression, HashAlgorithm};
 use rehydrate::config::Config;
 use rehydrate::manifest::{Manifest, ManifestLimits};
 use rehydrate::restore::progress::Progress;
@@ -82,6 +82,7 @@ pub fn spec(manifest_url: &str, target: &Path) -> RestoreSpec {
         secondaries: vec![],
         in_place: false,
         restart: false,
+        blocks: None,
     }
 }
 
@@ -97,6 +98,14 @@ pub fn load_manifest(url: &str) -> Manifest {
 /// The ledger oracle: every block settled or failed, never neither; counts add
 /// up; a success reads back byte-identical.
 pub fn check_ledger(report: &RestoreReport, manifest: &Manifest) {
+    assert!(report.whole_volume, "a whole-volume restore reports a shard: {report:#?}");
+    check_shard_ledger(report, manifest, BlockRange::all(&manifest.layout));
+}
+
+/// The ledger oracle of a restore of the blocks `blocks` (a shard, or the
+/// whole volume): as [`check_ledger`], over those blocks.
+pub fn check_shard_ledger(report: &RestoreReport, manifest: &Manifest, blocks: BlockRange) {
+    assert_eq!(report.block_range, blocks, "the report names other blocks");
     let failed: std::collections::BTreeSet<u64> = report.damage.iter().map(|d| d.index).collect();
     assert_eq!(failed.len() as u64, report.blocks_failed, "damage report and failed count disagree");
     assert_eq!(
@@ -104,10 +113,13 @@ pub fn check_ledger(report: &RestoreReport, manifest: &Manifest) {
         report.blocks_total,
         "a block is neither settled nor failed: {report:#?}"
     );
-    assert_eq!(report.blocks_total, manifest.layout.block_count());
+    assert_eq!(report.blocks_total, blocks.len());
+    assert_eq!(report.bytes_total, blocks.bytes(&manifest.layout));
+    assert!(failed.iter().all(|&index| blocks.contains(index)), "a block outside {blocks} failed");
     assert_eq!(report.succeeded, failed.is_empty(), "succeeded with failed blocks");
     // Metrics add up: every distinct object was served by one source or failed.
-    let distinct: std::collections::HashSet<_> = manifest.entries().iter().map(|e| (e.hash, e.compression)).collect();
+    let distinct: std::collections::HashSet<_> =
+        manifest.entries().iter().filter(|e| blocks.contains(e.index)).map(|e| (e.hash, e.compression)).collect();
     let served: u64 = report.fetch.served_by_source.iter().map(|(_, n)| n).sum();
     let failed_objects: std::collections::HashSet<_> = report
         .damage
