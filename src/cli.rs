@@ -13,6 +13,7 @@
 
 mod commands;
 pub mod demo;
+mod export;
 mod output;
 pub mod progress_bar;
 
@@ -185,6 +186,11 @@ pub struct RestoreArgs {
     /// Discard the checkpoint of an earlier run and start from the beginning.
     #[arg(long)]
     pub restart: bool,
+    /// Serve the volume over NBD while it is restored, and after, until
+    /// SIGINT/SIGTERM: nbd://127.0.0.1:10809/NAME (loopback only) or
+    /// nbd+unix:///PATH.sock. A file target is then written in place.
+    #[arg(long, value_name = "URL")]
+    pub export: Option<String>,
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Print the summary as JSON on stdout.

@@ -10,10 +10,12 @@
 
 use std::sync::Arc;
 
-use crate::block::BlockIndex;
+use crate::block::{BlockIndex, Compression};
+use crate::fetch::budget::Budget;
 use crate::fetch::{FetchContext, SourceFailure, fetch_block};
 use crate::snapshot::Snapshot;
-use crate::verify::VerifiedBlock;
+use crate::store::limit::with_tenant;
+use crate::verify::{Expected, VerifiedBlock};
 
 /// Who is waiting for a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,20 +23,43 @@ pub enum Priority {
     /// The restore's own walk through its plan.
     Background,
     /// A reader blocked on this block now (a read of a volume still being
-    /// restored). Today it takes the same path: the in-flight budget and the
-    /// stores' gates have one queue each.
+    /// restored). Its bytes come from the budget's demand reserve, never
+    /// behind the background queue, and its store requests queue as a tenant
+    /// of their own, so they take turns with the background's at every
+    /// store's concurrency gate instead of waiting behind all of it. (A
+    /// store's request-rate limiter still has one queue.)
     Demand,
+}
+
+/// How demand reads jump the background queue: the budget whose reserve they
+/// take, and their own tenant at the stores' gates.
+#[derive(Debug, Clone)]
+pub struct DemandLane {
+    pub budget: Budget,
+    pub tenant: u64,
 }
 
 /// Verified blocks of one snapshot, by index.
 pub struct BlockReader {
     snapshot: Arc<dyn Snapshot>,
     fetch: FetchContext,
+    demand: Option<DemandLane>,
 }
 
 impl BlockReader {
     pub fn new(snapshot: Arc<dyn Snapshot>, fetch: FetchContext) -> Self {
-        Self { snapshot, fetch }
+        Self { snapshot, fetch, demand: None }
+    }
+
+    /// Serve [`Priority::Demand`] reads through `lane` (without one they
+    /// take the caller's path, as background reads do).
+    pub fn with_demand_lane(mut self, lane: DemandLane) -> Self {
+        self.demand = Some(lane);
+        self
+    }
+
+    pub fn snapshot(&self) -> &Arc<dyn Snapshot> {
+        &self.snapshot
     }
 
     /// The fetch stage behind the reader: its telemetry and hedger.
@@ -50,6 +75,22 @@ impl BlockReader {
         };
         let key = self.snapshot.object_key(&block);
         tracing::trace!(block = index, ?priority, %key, "reading block");
-        fetch_block(&self.fetch, &key, &block.expected, index).await.map(|(verified, _source)| verified)
+        let fetch = fetch_block(&self.fetch, &key, &block.expected, index);
+        match (&self.demand, priority) {
+            (Some(lane), Priority::Demand) => {
+                let _bytes = lane.budget.acquire_demand(inflight_bytes(&block.expected)).await;
+                with_tenant(lane.tenant, fetch).await.map(|(verified, _source)| verified)
+            }
+            _ => fetch.await.map(|(verified, _source)| verified),
+        }
+    }
+}
+
+/// Bytes a fetch of this object holds: as received, plus the decompressed
+/// block when it is compressed.
+fn inflight_bytes(expected: &Expected) -> u64 {
+    match expected.compression {
+        Compression::None => u64::from(expected.len_bytes),
+        Compression::Zstd => u64::from(expected.stored_len_bytes) + u64::from(expected.len_bytes),
     }
 }
