@@ -398,8 +398,7 @@ mod tests {
             ExportAddr::parse("nbd+unix:///vol?socket=/run/r/vol.sock").unwrap(),
             ExportAddr::Unix { path: "/run/r/vol.sock".into(), name: "vol".into() }
         );
-        for bad in ["nbd://0.0.0.0:10809/vol", "nbd://10.1.2.3/vol", "nbd://localhost/vol", "http://x", "nbd+unix://"]
-        {
+        for bad in ["nbd://0.0.0.0:10809/vol", "nbd://10.1.2.3/vol", "nbd://localhost/vol", "http://x", "nbd+unix://"] {
             assert!(ExportAddr::parse(bad).is_err(), "{bad} must be refused");
         }
         assert!(ExportAddr::parse("nbd://0.0.0.0:1/v").unwrap_err().contains("loopback"));

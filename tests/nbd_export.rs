@@ -5,6 +5,7 @@
 //! and the clients people use (libnbd's nbdinfo, nbdcopy, nbdsh; qemu-img,
 //! qemu-io) work against it. Tests that need those tools print SKIP when they
 //! are missing (`.ci/run` installs them).
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns fail the test by panicking
 
 mod common;
 mod nbd_client;
@@ -271,8 +272,8 @@ async fn libnbd_tools_see_copy_and_write_the_volume_during_the_restore() {
     let info = run(&nbdinfo, &["--json", &url]).await;
     assert!(info.contains(&format!("\"export-size\": {}", fx.size())), "{info}");
     let copy = fx.dir.path().join("copy.img");
+    assert!(fx.restore_running(), "nbdcopy starts while the restore runs");
     run(&nbdcopy, &[&url, copy.to_str().unwrap()]).await;
-    assert!(fx.restore_running(), "nbdcopy ran while the restore ran");
     assert!(std::fs::read(&copy).unwrap() == fx.source(), "nbdcopy got the volume byte for byte");
     let script = format!("h.pwrite(b'\\x5e' * 3000, {}); h.flush()", 100 * BLOCK + 17);
     let python_nbd = std::process::Command::new("/usr/bin/python3").args(["-c", "import nbd"]).status();
@@ -300,8 +301,8 @@ async fn qemu_compares_reads_and_writes_the_volume_during_the_restore() {
     let mut fx = start(128, Duration::from_millis(100), 4, no_faults).await;
     let url = format!("nbd://{}/{NAME}", fx.addr);
     let source = fx.dir.path().join("source-41.img");
+    assert!(fx.restore_running(), "qemu-img compare starts while the restore runs");
     run(&qemu_img, &["compare", "-f", "raw", "-F", "raw", source.to_str().unwrap(), &url]).await;
-    assert!(fx.restore_running(), "qemu-img compared while the restore ran");
     let writes = format!("write -P 0x6b {} 4096", 120 * BLOCK + 512);
     let whole = format!("write -P 0x7c {} {BLOCK}", 110 * BLOCK);
     run(&qemu_io, &["-f", "raw", "-c", &writes, "-c", &whole, "-c", "flush", &url]).await;
@@ -313,4 +314,52 @@ async fn qemu_compares_reads_and_writes_the_volume_during_the_restore() {
     expected[(120 * BLOCK + 512) as usize..(120 * BLOCK + 4608) as usize].fill(0x6b);
     expected[(110 * BLOCK) as usize..(111 * BLOCK) as usize].fill(0x7c);
     assert!(std::fs::read(target(&fx.dir)).unwrap() == expected, "qemu-io's writes survived the restore");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_exports_during_the_restore_and_serves_until_sigterm() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let volume = volume(24, 41);
+    let url = snapshot(dir.path(), &volume, Compression::None, HashAlgorithm::Blake3).await;
+    let config = dir.path().join("rehydrate.toml");
+    std::fs::write(&config, format!("[checkpoint]\ndir = \"{}\"\n", dir.path().join("state").display())).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let target = dir.path().join("vol.img");
+    let mut child = tokio::process::Command::new(common::binary())
+        .args(["restore", "--json", "--manifest", &url, "--export", &format!("nbd://127.0.0.1:{port}/{NAME}")])
+        .arg("--target")
+        .arg(&target)
+        .arg("--config")
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for needle in ["exporting at nbd://", "still exporting"] {
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(60), stderr.next_line()).await.unwrap().unwrap();
+            let line = line.unwrap_or_else(|| panic!("the binary ended before {needle:?}: {seen:?}"));
+            seen.push(line.clone());
+            if line.contains(needle) {
+                break;
+            }
+        }
+        // The export serves at each stage: during and after the restore.
+        let (mut c, size) = Client::go(format!("127.0.0.1:{port}").parse().unwrap(), NAME).await;
+        assert_eq!(size, volume.size_bytes);
+        let source = std::fs::read(dir.path().join("source-41.img")).unwrap();
+        assert_eq!(
+            c.read(3 * BLOCK - 7, 100).await.unwrap(),
+            source[(3 * BLOCK - 7) as usize..(3 * BLOCK + 93) as usize]
+        );
+    }
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0), "{seen:?}");
+    assert!(std::fs::read(&target).unwrap() == std::fs::read(dir.path().join("source-41.img")).unwrap());
 }

@@ -3,6 +3,7 @@
 //! oversized lengths, reads and writes past the end). Each gets the reply the
 //! protocol names or a closed connection, and the server keeps serving other
 //! clients: never a panic. Needs nothing installed.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns fail the test by panicking
 
 mod nbd_client;
 
@@ -86,7 +87,9 @@ async fn go_then_read_write_flush_trim_zeroes_disc() {
 #[tokio::test]
 async fn export_name_option_with_and_without_zeroes() {
     let server = start(Limits::default()).await;
-    for (flags, tail) in [(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES, 0), (proto::FLAG_C_FIXED_NEWSTYLE, 124)] {
+    for (flags, tail) in
+        [(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES, 0), (proto::FLAG_C_FIXED_NEWSTYLE, 124)]
+    {
         let mut c = Client::connect(server.addr, flags).await;
         c.send_option(proto::OPT_EXPORT_NAME, NAME.as_bytes()).await;
         let mut reply = vec![0u8; 10 + tail];

@@ -57,16 +57,17 @@ pub(super) async fn restore_exported(engine: Engine, args: RestoreArgs, addr: Ex
 async fn serve_when_published(
     listener: Listener,
     addr: ExportAddr,
-    mut volume: watch::Receiver<Option<Arc<LiveVolume>>>,
+    mut published: watch::Receiver<Option<Arc<LiveVolume>>>,
     stop: CancellationToken,
 ) {
     let volume = tokio::select! {
         () = stop.cancelled() => return,
-        published = volume.wait_for(Option::is_some) => match published {
-            Ok(volume) => volume.clone().expect("waited for Some"),
+        volume = published.wait_for(Option::is_some) => match volume {
+            Ok(volume) => volume.clone(),
             Err(_) => return,
         },
     };
+    let Some(volume) = volume else { return };
     eprintln!("exporting at {}", addr.client_url());
     let export = Export { name: addr.name().to_owned(), volume, limits: Limits::default() };
     crate::nbd::serve(listener, export, stop).await;

@@ -87,7 +87,9 @@ where
             let _ = stream.write_all(&proto::option_reply(option, proto::REP_ACK, &[])).await;
             Ok(Some(Outcome::Closed("client aborted")))
         }
-        proto::OPT_LIST if !data.is_empty() => error(stream, option, proto::REP_ERR_INVALID, "LIST takes no data").await,
+        proto::OPT_LIST if !data.is_empty() => {
+            error(stream, option, proto::REP_ERR_INVALID, "LIST takes no data").await
+        }
         proto::OPT_LIST => {
             stream.write_all(&proto::option_reply(option, proto::REP_SERVER, &proto::rep_server(&export.name))).await?;
             stream.write_all(&proto::option_reply(option, proto::REP_ACK, &[])).await?;

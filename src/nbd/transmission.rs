@@ -132,10 +132,7 @@ where
     let size = shared.export.volume.size_bytes();
     let in_range = r.offset.checked_add(u64::from(r.length)).is_some_and(|end| end <= size);
     let fua = r.flags & proto::CMD_FLAG_FUA != 0;
-    let refuse = |error| async move {
-        replies.send(r.cookie, Err(error)).await;
-        Ok(Step::Answered)
-    };
+    let refuse = |error| refuse(replies, r.cookie, error);
     match r.command {
         proto::CMD_DISC => Ok(Step::Disconnect),
         proto::CMD_FLUSH => Ok(Step::Serve(Work::Flush)),
@@ -167,6 +164,12 @@ where
         }
         _ => refuse(proto::EINVAL).await,
     }
+}
+
+/// Answer with an error; the connection goes on.
+async fn refuse<S: AsyncWrite + Send>(replies: &Replies<S>, cookie: u64, error: u32) -> io::Result<Step> {
+    replies.send(cookie, Err(error)).await;
+    Ok(Step::Answered)
 }
 
 async fn payload_permit<V>(shared: &Shared<V>, len: u32) -> io::Result<OwnedSemaphorePermit> {

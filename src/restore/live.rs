@@ -151,14 +151,7 @@ impl LiveVolume {
         for i in (0..layout.block_count()).filter(|&i| local(i)) {
             states.local.set(i);
         }
-        Self {
-            layout,
-            reader,
-            file,
-            states: Mutex::new(states),
-            settler,
-            counts: LiveCounts::default(),
-        }
+        Self { layout, reader, file, states: Mutex::new(states), settler, counts: LiveCounts::default() }
     }
 
     pub fn layout(&self) -> BlockLayout {

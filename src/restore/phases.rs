@@ -45,8 +45,8 @@ use crate::target::{self, StagingGuard, Target};
 use crate::write::{Backend, Writer};
 
 use super::allocate::{Allocated, Durable, allocate_phase, io_error};
-use super::pipeline::UnitContext;
 use super::live::{FlushRequest, LiveVolume};
+use super::pipeline::UnitContext;
 use super::read::{BlockReader, DemandLane};
 use super::report::{RestoreReport, Timings, already_restored_report};
 use super::settler::Settler;
@@ -99,11 +99,6 @@ pub async fn restore_live(
     publish: Publish,
 ) -> Result<RestoreReport, RestoreError> {
     let spec = RestoreSpec { in_place: true, ..spec.clone() };
-    if std::fs::symlink_metadata(&spec.target).is_err() {
-        std::fs::OpenOptions::new().write(true).create_new(true).open(&spec.target).map_err(|e| {
-            RestoreError::Io(format!("{}: cannot create the target: {e}", spec.target.display()))
-        })?;
-    }
     let tenant = engine.next_tenant();
     let run = Run { engine, progress, cancel, tenant, publish: Some(publish), live_file: None };
     with_tenant(tenant, restore_as(&spec, run)).await
@@ -113,6 +108,14 @@ async fn restore_as(spec: &RestoreSpec, mut run: Run<'_>) -> Result<RestoreRepor
     let (engine, progress) = (run.engine, run.progress);
     progress.set_phase(Phase::Validate);
     let (snapshot, sources) = validate(engine, spec).await?;
+    if run.publish.is_some() && std::fs::symlink_metadata(&spec.target).is_err() {
+        // An exported file is written in place: create it (allocate sizes it).
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&spec.target)
+            .map_err(|e| RestoreError::Io(format!("{}: cannot create the target: {e}", spec.target.display())))?;
+    }
 
     progress.set_phase(Phase::Allocate);
     let durable = Durable::open(engine, spec)?;

@@ -40,11 +40,21 @@ pub(super) struct UnitContext {
 
 /// How one unit ended.
 pub(super) enum UnitOutcome {
-    Written { blocks: Vec<BlockIndex>, bytes: u64 },
+    Written {
+        blocks: Vec<BlockIndex>,
+        bytes: u64,
+    },
     /// `local`: blocks of the unit the target holds anyway (the client's, or
     /// read on demand): written, not failed.
-    Failed { blocks: Vec<BlockIndex>, failures: Vec<SourceFailure>, local: Vec<BlockIndex> },
-    WriteFailed { block: BlockIndex, error: std::io::Error },
+    Failed {
+        blocks: Vec<BlockIndex>,
+        failures: Vec<SourceFailure>,
+        local: Vec<BlockIndex>,
+    },
+    WriteFailed {
+        block: BlockIndex,
+        error: std::io::Error,
+    },
 }
 
 /// One write, with a fail point that injects ENOSPC.
@@ -93,7 +103,7 @@ fn failed(ctx: &UnitContext, blocks: Vec<BlockIndex>, failures: Vec<SourceFailur
     let Some(live) = &ctx.live else {
         return UnitOutcome::Failed { blocks, failures, local: Vec::new() };
     };
-    let (local, blocks) = blocks.into_iter().partition(|&i| live.is_local(i));
+    let (local, blocks): (Vec<_>, Vec<_>) = blocks.into_iter().partition(|&i| live.is_local(i));
     UnitOutcome::Failed { blocks, failures, local }
 }
 

@@ -124,6 +124,8 @@ impl Settler {
                 // so the outcome channel can close with blocks not done.
                 biased;
                 () = cancel.cancelled() => return self.interrupted(&stop).await,
+                // A client waits on its FLUSH: before the outcomes.
+                Some(flush) = recv_flush(&mut flushes) => self.flush(flush).await,
                 outcome = rx.recv() => match outcome {
                     Some(outcome) => self.record(outcome)?,
                     None => {
@@ -133,7 +135,6 @@ impl Settler {
                     }
                 },
                 _ = tick.tick() => self.watch_stall(&ctx.reader.fetch().telemetry),
-                Some(flush) = recv_flush(&mut flushes) => self.flush(flush).await,
             }
             if self.sync_due() {
                 self.settle().await?;
@@ -159,7 +160,12 @@ impl Settler {
     /// fails the FLUSH; the restore goes on and settles on its cadence.
     async fn flush(&mut self, flush: FlushRequest) {
         self.written.extend(flush.owned);
-        let result = self.settle().await.map_err(|e| e.to_string());
+        let result = if self.written.is_empty() {
+            // Nothing to settle, but a FLUSH still means an fdatasync.
+            sync_target(&self.writer).await.map_err(|e| e.to_string())
+        } else {
+            self.settle().await.map_err(|e| e.to_string())
+        };
         let _ = flush.done.send(result);
     }
 
@@ -185,8 +191,7 @@ impl Settler {
             UnitOutcome::Failed { blocks, failures, local } => {
                 self.written.extend(local);
                 // A block settled meanwhile (the client's, flushed) is not failed.
-                let blocks: Vec<_> =
-                    blocks.into_iter().filter(|&i| !self.checkpoint.settled().is_settled(i)).collect();
+                let blocks: Vec<_> = blocks.into_iter().filter(|&i| !self.checkpoint.settled().is_settled(i)).collect();
                 metrics::counter!(m::FAILED_BLOCKS_TOTAL).increment(blocks.len() as u64);
                 self.progress.blocks_failed.fetch_add(blocks.len() as u64, Ordering::Relaxed);
                 let reason = failures.last().map(|f| format!("{}: {}", f.source, f.last_error)).unwrap_or_default();
