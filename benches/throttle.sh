@@ -11,9 +11,11 @@
 #       against what the limit allows (objects + manifest, less the burst, at
 #       300/s), 503s over requests (nginx's access log), failed blocks, verify.
 #   W2c (1 MiB blocks)    the limit drops from 300 to 60 r/s 2 s into the restore
-#       (nginx reload); from the access log: how long after the drop until
-#       requests arrive at no more than 60 per second (a sliding 1 s window),
-#       and whether they stay there; the 503 share after that point.
+#       and comes back to 300 10 s later (nginx reloads); from the access log:
+#       how long after the drop until requests (503s included) arrive at no
+#       more than the new limit plus its burst (66 in a sliding 1 s window),
+#       the mean arrival rate from then until the limit rises, the share of
+#       1 s windows above 66 in that span, and the 503 share in it.
 #   W2 (1 MiB blocks)     with [rate_limit] requests_per_sec = 300,
 #       request_burst = 30 configured (the earlier target: >= 0.97 of the
 #       limit, < 0.5 % 503s).
@@ -89,9 +91,10 @@ export AWS_ACCESS_KEY_ID=nginx-ignores-signatures AWS_SECRET_ACCESS_KEY=nginx-ig
 export AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true AWS_ENDPOINT_URL=http://127.0.0.1:9082
 unset AWS_PROFILE AWS_SESSION_TOKEN
 
-# run ROUND WORKLOAD BS CONFIG [DROP_AFTER_SECS]: one restore on 9082, one JSON line.
+# run ROUND WORKLOAD BS CONFIG [DROP_AFTER_SECS RISE_AFTER_SECS]: one restore
+# on 9082, one JSON line.
 run() {
-    local round=$1 wl=$2 bs=$3 config=$4 drop=${5:-}
+    local round=$1 wl=$2 bs=$3 config=$4 drop=${5:-} rise=${6:-}
     local target=$OUT/vol.img l0 t0 t1 code=0 pid
     rm -f "$target"
     sync -f "$OUT"
@@ -100,21 +103,23 @@ run() {
     "$BIN" restore --manifest "s3://bucket/$bs/vol.manifest" --target "$target" --config "$config" \
         --restart --json >"$WORK/restore.json" 2>"$WORK/stderr" &
     pid=$!
-    local drop_at=0
+    local drop_at=0 rise_at=0
     if [[ -n $drop ]]; then
         sleep "$drop"
         drop_at=$(date +%s.%N)
         reload 60
+        sleep "$rise"
+        rise_at=$(date +%s.%N)
+        reload 300
     fi
     wait $pid || code=$?
     t1=$(date +%s.%N)
-    [[ -z $drop ]] || reload 300
     tail -n "+$((l0 + 1))" "$LOG" >"$WORK/window.log"
     "$BIN" verify --manifest "file://$ROOT/bucket/$bs/vol.manifest" --target "$target" --json >"$WORK/verify.json" 2>/dev/null || true
-    python3 - "$round" "$wl" "$bs" "$t0" "$t1" "$drop_at" "$code" "$WORK/window.log" "$WORK/restore.json" "$WORK/verify.json" <<'EOF' >>"$RESULTS"
+    python3 - "$round" "$wl" "$bs" "$t0" "$t1" "$drop_at" "$rise_at" "$code" "$WORK/window.log" "$WORK/restore.json" "$WORK/verify.json" <<'EOF' >>"$RESULTS"
 import json, sys
-round_, wl, bs, t0, t1, drop_at, code, log, report, verify = sys.argv[1:]
-t0, t1, drop_at = float(t0), float(t1), float(drop_at)
+round_, wl, bs, t0, t1, drop_at, rise_at, code, log, report, verify = sys.argv[1:]
+t0, t1, drop_at, rise_at = float(t0), float(t1), float(drop_at), float(rise_at)
 arrivals, s503 = [], []
 for line in open(log):
     p = line.split()
@@ -138,22 +143,24 @@ rec = {"round": int(round_), "wl": wl, "bs": bs, "secs": secs, "exit": int(code)
        "throttled_ms": r.get("fetch", {}).get("throttled_millis"),
        "settled_rate": r.get("fetch", {}).get("request_rate_per_source")}
 if drop_at:
-    # The first instant after the drop from which every 1 s window holds at
-    # most 60 arrivals (checked every 100 ms until the restore ended).
-    after = [a for a in arrivals if a >= drop_at]
-    def in_window(t): return sum(1 for a in after if t <= a < t + 1.0)
-    under = None
-    t = drop_at
-    while t + 1.0 <= t1:
-        if in_window(t) <= 60:
-            if under is None:
-                under = t
-        else:
-            under = None
+    # The first instant after the drop whose 1 s window holds at most the new
+    # limit plus its burst (66), checked every 100 ms until the limit rises.
+    low = [(a, s) for a, s in zip(arrivals, s503) if drop_at <= a < rise_at]
+    def in_window(t): return sum(1 for a, _ in low if t <= a < t + 1.0)
+    under, t, windows, over = None, drop_at, 0, 0
+    while t + 1.0 <= rise_at:
+        n = in_window(t)
+        if under is None and n <= 66:
+            under = t
+        if under is not None:
+            windows += 1
+            over += n > 66
         t += 0.1
-    rec["under_60_after_secs"] = None if under is None else under - drop_at
+    rec["under_after_secs"] = None if under is None else under - drop_at
     if under is not None:
-        late = [s for a, s in zip(arrivals, s503) if a >= under]
+        late = [s for a, s in low if a >= under]
+        rec["rate_after"] = len(late) / max(rise_at - under, 1e-3)
+        rec["windows_over"] = over / max(windows, 1)
         rec["share_503_after"] = sum(late) / max(len(late), 1)
 print(json.dumps(rec))
 EOF
@@ -165,7 +172,7 @@ for round in $(seq "$RUNS"); do
     echo "throttle: round $round of $RUNS (load $(cut -d' ' -f1-3 /proc/loadavg))" >&2
     run "$round" W2b 1MiB "$WORK/default.toml"
     run "$round" W2b 256KiB "$WORK/default.toml"
-    run "$round" W2c 1MiB "$WORK/default.toml" 2
+    run "$round" W2c 1MiB "$WORK/default.toml" 2 10
     run "$round" W2 1MiB "$WORK/rate300.toml"
 done
 
@@ -178,11 +185,13 @@ for r in recs:
 def med(rs, k):
     vals = [r[k] for r in rs if isinstance(r.get(k), (int, float))]
     return statistics.median(vals) if vals else float("nan")
-print(f"{'wl':5} {'blocks':7} {'runs':>4} {'secs':>7} {'MiB/s':>7} {'of limit':>8} {'503 share':>9} {'failed':>6} {'exit':>4} {'under 60 after s':>16} {'503 after':>9}")
+print(f"{'wl':5} {'blocks':7} {'runs':>4} {'secs':>7} {'MiB/s':>7} {'of limit':>8} {'503 share':>9} {'failed':>6} {'exit':>4} {'under after s':>13} {'req/s after':>11} {'windows over':>12} {'503 after':>9}")
 for (wl, bs), rs in groups.items():
     print(f"{wl:5} {bs:7} {len(rs):4} {med(rs,'secs'):7.2f} {med(rs,'bytes_per_sec')/(1<<20):7.1f} {med(rs,'of_limit'):8.3f} "
           f"{med(rs,'share_503'):9.4f} {max(r.get('blocks_failed') or 0 for r in rs):6} {max(r['exit'] for r in rs):4} "
-          f"{med(rs,'under_60_after_secs'):16.2f} {med(rs,'share_503_after'):9.4f}")
+          f"{med(rs,'under_after_secs'):13.2f} {med(rs,'rate_after'):11.1f} {med(rs,'windows_over'):12.3f} {med(rs,'share_503_after'):9.4f}")
 print("medians over rounds; 'of limit': (objects + manifest - burst 30) / 300 per s over the restore's wall time;"
-      " 503 share: 503s over requests at nginx; failed, exit: the worst run")
+      " 503 share: 503s over requests at nginx; failed, exit: the worst run;"
+      " W2c: the limit drops to 60/s (burst 6) 2 s in and rises to 300/s 10 s later: seconds from the drop until"
+      " a 1 s window holds <= 66 arrivals, then the arrival rate, the share of 1 s windows over 66 and the 503 share until the rise")
 EOF

@@ -36,9 +36,10 @@ use serde::Serialize;
 use crate::block::BlockIndex;
 use crate::error::{ErrorClass, StoreError};
 use crate::metrics as m;
+use crate::store::RequestContext;
 use crate::store::SharedStore;
 use crate::store::rate::{RateControl, THROTTLING_NOW};
-use crate::store::timeout::{SentAt, observe_sent};
+use crate::store::timeout::SentAt;
 use crate::verify::{Expected, VerifiedBlock, verify};
 use backoff::Backoff;
 pub use config::FetchConfig;
@@ -276,6 +277,8 @@ impl FetchTelemetry {
 /// What every fetch of one restore shares.
 #[derive(Debug)]
 pub struct FetchContext {
+    /// The restore these fetches work for: its turn at the stores' gates.
+    pub tenant: u64,
     pub sources: Vec<Source>,
     pub policy: RetryPolicy,
     pub telemetry: std::sync::Arc<FetchTelemetry>,
@@ -286,7 +289,13 @@ impl FetchContext {
     pub fn new(sources: Vec<Source>, config: &crate::fetch::FetchConfig) -> Self {
         let telemetry = std::sync::Arc::new(FetchTelemetry::new(&sources));
         let hedger = Hedger::new(config.hedge, sources.len());
-        Self { policy: RetryPolicy::from_config(config), telemetry, hedger, sources }
+        Self { tenant: 0, policy: RetryPolicy::from_config(config), telemetry, hedger, sources }
+    }
+
+    /// The same, with every request made for restore `tenant`.
+    pub fn for_tenant(mut self, tenant: u64) -> Self {
+        self.tenant = tenant;
+        self
     }
 }
 
@@ -415,13 +424,14 @@ impl<'a> RetryState<'a> {
 /// only slows it down.
 pub async fn get_retried(
     store: &SharedStore,
+    request: &RequestContext,
     key: &str,
     len_max_bytes: u64,
     policy: &RetryPolicy,
 ) -> Result<bytes::Bytes, StoreError> {
     let mut retry = RetryState::new(policy, policy.jitter_seed, store.rate_control().is_some());
     loop {
-        let error = match store.get(key, len_max_bytes).await {
+        let error = match store.get_for(request, key, len_max_bytes).await {
             Ok(bytes) => return Ok(bytes),
             Err(error) => error,
         };
@@ -563,8 +573,8 @@ async fn attempt(
     ctx.hedger.count_request();
     let queued = Instant::now();
     // The attempt deadline is the store's innermost layer (`store/timeout.rs`).
-    let call = source.store.get(key, u64::from(expected.stored_len_bytes));
-    let result = match observe_sent(Arc::clone(&sent), call).await {
+    let request = RequestContext { tenant: ctx.tenant, sent: Some(Arc::clone(&sent)) };
+    let result = match source.store.get_for(&request, key, u64::from(expected.stored_len_bytes)).await {
         Ok(raw) => {
             metrics::counter!(m::FETCHED_BYTES_TOTAL, "source" => source.name.clone()).increment(raw.len() as u64);
             verify(raw, expected).map_err(|e| StoreError::new(e.class, format!("{key}: {}", e.message)))

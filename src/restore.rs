@@ -163,15 +163,27 @@ impl From<crate::target::TargetError> for RestoreError {
 }
 
 /// Read and parse a manifest from its store, bounded by the limits.
-pub async fn load_manifest(engine: &Engine, store: &SharedStore, key: &str) -> Result<Manifest, RestoreError> {
+/// `tenant`: the restore it is read for (0: none).
+pub async fn load_manifest(
+    engine: &Engine,
+    store: &SharedStore,
+    key: &str,
+    tenant: u64,
+) -> Result<Manifest, RestoreError> {
     let limits = engine.manifest_limits();
     let url = store.url().join(key);
     let policy = crate::fetch::RetryPolicy::from_config(&engine.config.fetch);
-    let bytes = crate::fetch::get_retried(store, key, Manifest::encoded_len_max(&limits), &policy).await.map_err(
-        |e| match e.class {
-            ErrorClass::Corrupt => RestoreError::Refused(format!("manifest {url}: {e}")),
-            _ => RestoreError::Source(format!("cannot read manifest {url}: {e}")),
-        },
-    )?;
+    let bytes = crate::fetch::get_retried(
+        store,
+        &crate::store::RequestContext { tenant, sent: None },
+        key,
+        Manifest::encoded_len_max(&limits),
+        &policy,
+    )
+    .await
+    .map_err(|e| match e.class {
+        ErrorClass::Corrupt => RestoreError::Refused(format!("manifest {url}: {e}")),
+        _ => RestoreError::Source(format!("cannot read manifest {url}: {e}")),
+    })?;
     Manifest::decode(&bytes, &limits).map_err(|e| RestoreError::Refused(format!("{url}: {e}")))
 }

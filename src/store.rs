@@ -32,7 +32,35 @@ pub use crate::error::StoreError;
 /// A boxed future, so the store trait stays object-safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Who a store request is for, and what its caller wants to learn of it:
+/// passed down through every layer explicitly (no task-local state that a
+/// spawned task would have to re-apply).
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    /// The restore the request works for (0: none). Requests waiting at a
+    /// store's concurrency gate queue per tenant and take turns
+    /// (`store/limit.rs`).
+    pub tenant: u64,
+    /// Told when the request leaves the local queues (rate limit, gate,
+    /// pace) for the store, by the innermost layer (`store/timeout.rs`).
+    /// Fetch measures store latency from there.
+    pub sent: Option<Arc<timeout::SentAt>>,
+}
+
+impl RequestContext {
+    /// A request outside any restore, whose send time nobody watches.
+    pub const NONE: RequestContext = RequestContext { tenant: 0, sent: None };
+}
+
+/// [`RequestContext::NONE`] with a `'static` address, for the context-free
+/// methods.
+static NO_CONTEXT: RequestContext = RequestContext::NONE;
+
 /// A store of snapshot objects under one prefix.
+///
+/// Backends and decorators implement the `*_for` methods, which carry the
+/// [`RequestContext`]; `get`, `put` and `exists` are the same calls outside
+/// any restore ([`RequestContext::NONE`]).
 pub trait BlockStore: Send + Sync + fmt::Debug {
     /// Where this store points (for reports; never carries credentials).
     fn url(&self) -> &StoreUrl;
@@ -40,13 +68,23 @@ pub trait BlockStore: Send + Sync + fmt::Debug {
     /// Read the whole object `key`. An object longer than `len_max_bytes` is
     /// refused as corrupt without reading it all: a store cannot make us
     /// buffer more than the caller budgeted.
-    fn get<'a>(&'a self, key: &'a str, len_max_bytes: u64) -> BoxFuture<'a, Result<Bytes, StoreError>>;
+    fn get_for<'a>(
+        &'a self,
+        ctx: &'a RequestContext,
+        key: &'a str,
+        len_max_bytes: u64,
+    ) -> BoxFuture<'a, Result<Bytes, StoreError>>;
 
     /// Write the whole object `key` atomically: readers see all of it or none.
-    fn put<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn put_for<'a>(
+        &'a self,
+        ctx: &'a RequestContext,
+        key: &'a str,
+        bytes: Bytes,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Whether object `key` exists.
-    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn exists_for<'a>(&'a self, ctx: &'a RequestContext, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
 
     /// The adaptive request rate this store is paced by, if it is (see
     /// `store/rate.rs`): fetch asks it whether the store is throttling now,
@@ -54,11 +92,27 @@ pub trait BlockStore: Send + Sync + fmt::Debug {
     fn rate_control(&self) -> Option<Arc<rate::RateControl>> {
         None
     }
+
+    /// [`get_for`](Self::get_for) outside any restore.
+    fn get<'a>(&'a self, key: &'a str, len_max_bytes: u64) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+        self.get_for(&NO_CONTEXT, key, len_max_bytes)
+    }
+
+    /// [`put_for`](Self::put_for) outside any restore.
+    fn put<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.put_for(&NO_CONTEXT, key, bytes)
+    }
+
+    /// [`exists_for`](Self::exists_for) outside any restore.
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.exists_for(&NO_CONTEXT, key)
+    }
 }
 
 /// Implement [`BlockStore`] for a decorator with an `inner: SharedStore` and
-/// an `async fn run(&self, what: &str, op) -> Result<T, StoreError>` that
-/// wraps every call (a deadline, a concurrency slot).
+/// an `async fn run(&self, ctx: &RequestContext, what: &str, op) ->
+/// Result<T, StoreError>` that wraps every call (a deadline, a concurrency
+/// slot, a pace).
 macro_rules! forward_through_run {
     ($decorator:ty) => {
         $crate::store::forward_through_run!($decorator, |_| None);
@@ -70,27 +124,30 @@ macro_rules! forward_through_run {
                 self.inner.url()
             }
 
-            fn get<'a>(
+            fn get_for<'a>(
                 &'a self,
+                ctx: &'a $crate::store::RequestContext,
                 key: &'a str,
                 len_max_bytes: u64,
             ) -> $crate::store::BoxFuture<'a, Result<bytes::Bytes, $crate::store::StoreError>> {
-                Box::pin(self.run(key, self.inner.get(key, len_max_bytes)))
+                Box::pin(self.run(ctx, key, self.inner.get_for(ctx, key, len_max_bytes)))
             }
 
-            fn put<'a>(
+            fn put_for<'a>(
                 &'a self,
+                ctx: &'a $crate::store::RequestContext,
                 key: &'a str,
                 bytes: bytes::Bytes,
             ) -> $crate::store::BoxFuture<'a, Result<(), $crate::store::StoreError>> {
-                Box::pin(self.run(key, self.inner.put(key, bytes)))
+                Box::pin(self.run(ctx, key, self.inner.put_for(ctx, key, bytes)))
             }
 
-            fn exists<'a>(
+            fn exists_for<'a>(
                 &'a self,
+                ctx: &'a $crate::store::RequestContext,
                 key: &'a str,
             ) -> $crate::store::BoxFuture<'a, Result<bool, $crate::store::StoreError>> {
-                Box::pin(self.run(key, self.inner.exists(key)))
+                Box::pin(self.run(ctx, key, self.inner.exists_for(ctx, key)))
             }
 
             fn rate_control(&self) -> Option<std::sync::Arc<$crate::store::rate::RateControl>> {

@@ -45,7 +45,12 @@ impl BlockStore for GateStore {
     fn url(&self) -> &StoreUrl {
         self.inner.url()
     }
-    fn get<'a>(&'a self, key: &'a str, len_max_bytes: u64) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+    fn get_for<'a>(
+        &'a self,
+        _ctx: &'a rehydrate::store::RequestContext,
+        key: &'a str,
+        len_max_bytes: u64,
+    ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
         Box::pin(async move {
             if key.contains(&self.key) {
                 let mut rx = self.open.subscribe();
@@ -54,10 +59,19 @@ impl BlockStore for GateStore {
             self.inner.get(key, len_max_bytes).await
         })
     }
-    fn put<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn put_for<'a>(
+        &'a self,
+        _ctx: &'a rehydrate::store::RequestContext,
+        key: &'a str,
+        bytes: Bytes,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         self.inner.put(key, bytes)
     }
-    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn exists_for<'a>(
+        &'a self,
+        _ctx: &'a rehydrate::store::RequestContext,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
         self.inner.exists(key)
     }
 }

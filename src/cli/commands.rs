@@ -146,7 +146,7 @@ pub(super) async fn verify(args: VerifyArgs) -> ExitCode {
     };
     let manifest = match async {
         let store = engine.open_store(&url).await?;
-        crate::restore::load_manifest(&engine, &store, &key).await
+        crate::restore::load_manifest(&engine, &store, &key, 0).await
     }
     .await
     {

@@ -40,7 +40,6 @@ use crate::checkpoint::Checkpoint;
 use crate::fetch::{FetchContext, FetchTelemetry, Source};
 use crate::snapshot::Snapshot;
 use crate::store::StoreUrl;
-use crate::store::limit::with_tenant;
 use crate::target::{self, StagingGuard, Target};
 use crate::write::{Backend, Writer};
 
@@ -74,9 +73,8 @@ pub async fn restore(
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
 ) -> Result<RestoreReport, RestoreError> {
-    let tenant = engine.next_tenant();
-    let run = Run { engine, progress, cancel, tenant, publish: None, live_file: None };
-    with_tenant(tenant, restore_as(spec, run)).await
+    let run = Run { engine, progress, cancel, tenant: engine.next_tenant(), publish: None, live_file: None };
+    restore_as(spec, run).await
 }
 
 /// Hands the volume being restored to whoever serves it (an NBD export).
@@ -99,15 +97,14 @@ pub async fn restore_live(
     publish: Publish,
 ) -> Result<RestoreReport, RestoreError> {
     let spec = RestoreSpec { in_place: true, ..spec.clone() };
-    let tenant = engine.next_tenant();
-    let run = Run { engine, progress, cancel, tenant, publish: Some(publish), live_file: None };
-    with_tenant(tenant, restore_as(&spec, run)).await
+    let run = Run { engine, progress, cancel, tenant: engine.next_tenant(), publish: Some(publish), live_file: None };
+    restore_as(&spec, run).await
 }
 
 async fn restore_as(spec: &RestoreSpec, mut run: Run<'_>) -> Result<RestoreReport, RestoreError> {
     let (engine, progress) = (run.engine, run.progress);
     progress.set_phase(Phase::Validate);
-    let (snapshot, sources) = validate(engine, spec).await?;
+    let (snapshot, sources) = validate(engine, spec, run.tenant).await?;
     if run.publish.is_some() && std::fs::symlink_metadata(&spec.target).is_err() {
         // An exported file is written in place: create it (allocate sizes it).
         std::fs::OpenOptions::new()
@@ -162,11 +159,15 @@ struct Run<'a> {
 /// Validate: open the primary store, read and check the manifest, open the
 /// secondaries. From here on the restore sees the manifest as a
 /// [`Snapshot`].
-async fn validate(engine: &Engine, spec: &RestoreSpec) -> Result<(Arc<dyn Snapshot>, Vec<Source>), RestoreError> {
+async fn validate(
+    engine: &Engine,
+    spec: &RestoreSpec,
+    tenant: u64,
+) -> Result<(Arc<dyn Snapshot>, Vec<Source>), RestoreError> {
     let (store_url, manifest_key) =
         StoreUrl::parse_manifest(&spec.manifest_url).map_err(|e| RestoreError::Usage(e.to_string()))?;
     let primary = engine.open_store(&store_url).await?;
-    let manifest = super::load_manifest(engine, &primary, &manifest_key).await?;
+    let manifest = super::load_manifest(engine, &primary, &manifest_key, tenant).await?;
     let mut stores = vec![primary];
     for url in &spec.secondaries {
         let url = StoreUrl::parse(url).map_err(|e| RestoreError::Usage(e.to_string()))?;
@@ -208,7 +209,7 @@ async fn rehydrate(
     progress.blocks_resumed.store(blocks_resumed, Ordering::Relaxed);
     progress.blocks_settled.store(blocks_resumed, Ordering::Relaxed);
     progress.bytes_settled.store(checkpoint.bytes_settled(), Ordering::Relaxed);
-    let fetch = FetchContext::new(sources, &engine.config.fetch);
+    let fetch = FetchContext::new(sources, &engine.config.fetch).for_tenant(run.tenant);
     let telemetry = Arc::clone(&fetch.telemetry);
     progress.attach_telemetry(Arc::clone(&telemetry));
     let (blocks_deduplicated, objects_planned) = (plan.blocks_deduplicated, plan.objects());
@@ -223,7 +224,7 @@ async fn rehydrate(
     };
     let mut settler = Settler::new(engine, target, layout, writer.clone(), checkpoint, durable, Arc::clone(progress));
     settler.flushes = flushes;
-    let units = UnitContext { reader, live, writer: writer.clone(), layout, tenant: run.tenant };
+    let units = UnitContext { reader, live, writer: writer.clone(), layout };
     let transfer_started = Instant::now();
     let result = settler.run(plan, units, engine.budget.clone(), run.cancel).await;
     let transferred = settler.transferred.unwrap_or_else(Instant::now);
@@ -250,7 +251,10 @@ fn go_live(
     checkpoint: &Checkpoint,
     publish: &Publish,
 ) -> (Arc<BlockReader>, Arc<LiveVolume>, mpsc::Receiver<FlushRequest>) {
-    let lane = DemandLane { budget: run.engine.budget.clone(), tenant: run.engine.next_tenant() };
+    // Demand fetches are a tenant of their own at the stores' gates.
+    let fetch = FetchContext::new(reader.fetch().sources.clone(), &run.engine.config.fetch)
+        .for_tenant(run.engine.next_tenant());
+    let lane = DemandLane { budget: run.engine.budget.clone(), fetch };
     let reader = Arc::new(reader.with_demand_lane(lane));
     // A FLUSH waits for its answer: a short queue is enough.
     let (tx, rx) = mpsc::channel(16);

@@ -22,7 +22,6 @@ use crate::block::{BlockIndex, BlockLayout};
 use crate::fetch::SourceFailure;
 use crate::fetch::budget::Budget;
 use crate::metrics as m;
-use crate::store::limit::with_tenant;
 use crate::verify::VerifiedBlock;
 use crate::write::Writer;
 
@@ -34,8 +33,6 @@ pub(super) struct UnitContext {
     pub(super) live: Option<Arc<LiveVolume>>,
     pub(super) writer: Writer,
     pub(super) layout: BlockLayout,
-    /// The restore's tenant at the stores' concurrency gates.
-    pub(super) tenant: u64,
 }
 
 /// How one unit ended.
@@ -125,8 +122,7 @@ pub(super) async fn dispatch(
         let ctx = Arc::clone(&ctx);
         let outcomes = outcomes.clone();
         let cancel = cancel.clone();
-        let tenant = ctx.tenant;
-        tokio::spawn(with_tenant(tenant, async move {
+        tokio::spawn(async move {
             let outcome = tokio::select! {
                 outcome = run_unit(&ctx, unit) => outcome,
                 () = cancel.cancelled() => return,
@@ -134,7 +130,7 @@ pub(super) async fn dispatch(
             drop(permit);
             // The settler has gone only when the restore stopped: nothing to report to.
             let _ = outcomes.send(outcome).await;
-        }));
+        });
     }
     // Every block is in flight or done: what is left is the critical path.
     ctx.reader.fetch().hedger.enter_tail();

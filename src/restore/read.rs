@@ -14,7 +14,6 @@ use crate::block::{BlockIndex, Compression};
 use crate::fetch::budget::Budget;
 use crate::fetch::{FetchContext, SourceFailure, fetch_block};
 use crate::snapshot::Snapshot;
-use crate::store::limit::with_tenant;
 use crate::verify::{Expected, VerifiedBlock};
 
 /// Who is waiting for a block.
@@ -32,11 +31,12 @@ pub enum Priority {
 }
 
 /// How demand reads jump the background queue: the budget whose reserve they
-/// take, and their own tenant at the stores' gates.
-#[derive(Debug, Clone)]
+/// take, and a fetch stage of their own (the same sources, its own tenant at
+/// the stores' gates).
+#[derive(Debug)]
 pub struct DemandLane {
     pub budget: Budget,
-    pub tenant: u64,
+    pub fetch: FetchContext,
 }
 
 /// Verified blocks of one snapshot, by index.
@@ -75,13 +75,12 @@ impl BlockReader {
         };
         let key = self.snapshot.object_key(&block);
         tracing::trace!(block = index, ?priority, %key, "reading block");
-        let fetch = fetch_block(&self.fetch, &key, &block.expected, index);
         match (&self.demand, priority) {
             (Some(lane), Priority::Demand) => {
                 let _bytes = lane.budget.acquire_demand(inflight_bytes(&block.expected)).await;
-                with_tenant(lane.tenant, fetch).await.map(|(verified, _source)| verified)
+                fetch_block(&lane.fetch, &key, &block.expected, index).await.map(|(verified, _source)| verified)
             }
-            _ => fetch.await.map(|(verified, _source)| verified),
+            _ => fetch_block(&self.fetch, &key, &block.expected, index).await.map(|(verified, _source)| verified),
         }
     }
 }

@@ -81,47 +81,61 @@ impl BlockStore for FaultStore {
         self.inner.url()
     }
 
-    fn get<'a>(&'a self, key: &'a str, len_max_bytes: u64) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+    fn get_for<'a>(
+        &'a self,
+        ctx: &'a super::RequestContext,
+        key: &'a str,
+        len_max_bytes: u64,
+    ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
         Box::pin(async move {
             match self.fault_for(key) {
-                None => self.inner.get(key, len_max_bytes).await,
+                None => self.inner.get_for(ctx, key, len_max_bytes).await,
                 Some(Fault::Hang) => std::future::pending().await,
                 Some(Fault::Fail(e)) => Err(e),
                 Some(Fault::Delay(d)) => {
                     tokio::time::sleep(d).await;
-                    self.inner.get(key, len_max_bytes).await
+                    self.inner.get_for(ctx, key, len_max_bytes).await
                 }
                 Some(Fault::Corrupt) => {
-                    let mut bytes = self.inner.get(key, len_max_bytes).await?.to_vec();
+                    let mut bytes = self.inner.get_for(ctx, key, len_max_bytes).await?.to_vec();
                     if let Some(b) = bytes.get_mut(0) {
                         *b ^= 0xFF;
                     }
                     Ok(Bytes::from(bytes))
                 }
                 Some(Fault::Truncate(len)) => {
-                    let bytes = self.inner.get(key, len_max_bytes).await?;
+                    let bytes = self.inner.get_for(ctx, key, len_max_bytes).await?;
                     Ok(bytes.slice(..len.min(bytes.len())))
                 }
             }
         })
     }
 
-    fn put<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn put_for<'a>(
+        &'a self,
+        ctx: &'a super::RequestContext,
+        key: &'a str,
+        bytes: Bytes,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             match self.fault_for(key) {
                 Some(Fault::Fail(e)) => Err(e),
                 Some(Fault::Hang) => std::future::pending().await,
-                _ => self.inner.put(key, bytes).await,
+                _ => self.inner.put_for(ctx, key, bytes).await,
             }
         })
     }
 
-    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn exists_for<'a>(
+        &'a self,
+        ctx: &'a super::RequestContext,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             match self.fault_for(key) {
                 Some(Fault::Fail(e)) => Err(e),
                 Some(Fault::Hang) => std::future::pending().await,
-                _ => self.inner.exists(key).await,
+                _ => self.inner.exists_for(ctx, key).await,
             }
         })
     }

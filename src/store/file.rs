@@ -128,7 +128,12 @@ impl BlockStore for FileStore {
         &self.url
     }
 
-    fn get<'a>(&'a self, key: &'a str, len_max_bytes: u64) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+    fn get_for<'a>(
+        &'a self,
+        _ctx: &'a super::RequestContext,
+        key: &'a str,
+        len_max_bytes: u64,
+    ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
         Box::pin(async move {
             let path = self.path(key)?;
             tokio::task::spawn_blocking(move || Self::get_blocking(&path, len_max_bytes))
@@ -137,14 +142,23 @@ impl BlockStore for FileStore {
         })
     }
 
-    fn put<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn put_for<'a>(
+        &'a self,
+        _ctx: &'a super::RequestContext,
+        key: &'a str,
+        bytes: Bytes,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let path = self.path(key)?;
             tokio::task::block_in_place(|| self.put_blocking(&path, &bytes))
         })
     }
 
-    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn exists_for<'a>(
+        &'a self,
+        _ctx: &'a super::RequestContext,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let path = self.path(key)?;
             match tokio::fs::metadata(&path).await {

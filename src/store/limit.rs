@@ -19,7 +19,8 @@
 //! to wait.
 //!
 //! Fairness: requests waiting for a concurrency slot queue per tenant (each
-//! restore is one, set with [`with_tenant`]), and a freed slot goes to the
+//! restore is one: the `tenant` of the request's
+//! [`RequestContext`](super::RequestContext)), and a freed slot goes to the
 //! next tenant in turn. A restore that has queued thousands of small blocks
 //! therefore delays another restore's manifest read by one request per
 //! tenant, not by its whole queue.
@@ -153,27 +154,41 @@ impl BlockStore for RateLimited {
         self.inner.url()
     }
 
-    fn get<'a>(&'a self, key: &'a str, len_max_bytes: u64) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+    fn get_for<'a>(
+        &'a self,
+        ctx: &'a super::RequestContext,
+        key: &'a str,
+        len_max_bytes: u64,
+    ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
         Box::pin(async move {
             let upfront = len_max_bytes.min(self.upfront_bytes_max());
             self.admit(upfront).await;
-            let bytes = self.inner.get(key, len_max_bytes).await?;
+            let bytes = self.inner.get_for(ctx, key, len_max_bytes).await?;
             self.charge_bytes((bytes.len() as u64).saturating_sub(upfront)).await;
             Ok(bytes)
         })
     }
 
-    fn put<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn put_for<'a>(
+        &'a self,
+        ctx: &'a super::RequestContext,
+        key: &'a str,
+        bytes: Bytes,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             self.admit(bytes.len() as u64).await;
-            self.inner.put(key, bytes).await
+            self.inner.put_for(ctx, key, bytes).await
         })
     }
 
-    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn exists_for<'a>(
+        &'a self,
+        ctx: &'a super::RequestContext,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             self.admit(0).await;
-            self.inner.exists(key).await
+            self.inner.exists_for(ctx, key).await
         })
     }
 
@@ -319,22 +334,6 @@ impl Window {
     }
 }
 
-tokio::task_local! {
-    /// The tenant (restore) the current task works for; requests outside any
-    /// restore are tenant 0.
-    static TENANT: u64;
-}
-
-/// Run `work` as `tenant`: its store requests queue for concurrency slots in
-/// that tenant's queue (see [`AdaptiveConcurrency`]).
-pub async fn with_tenant<F: std::future::Future>(tenant: u64, work: F) -> F::Output {
-    TENANT.scope(tenant, work).await
-}
-
-fn current_tenant() -> u64 {
-    TENANT.try_with(|t| *t).unwrap_or(0)
-}
-
 /// A slot handed to a waiting request. If the waiter has gone (timed out,
 /// cancelled) by the time it arrives, dropping it gives the slot back.
 #[derive(Debug)]
@@ -390,7 +389,7 @@ impl Gate {
 
     /// Wait for a slot, in the current tenant's queue, at most
     /// `acquire_timeout`.
-    async fn acquire(self: &Arc<Self>) -> Option<Slot> {
+    async fn acquire(self: &Arc<Self>, tenant: u64) -> Option<Slot> {
         let granted = {
             let mut window = self.lock();
             if window.waiting.is_empty() && window.in_flight < window.aimd.limit() {
@@ -398,7 +397,7 @@ impl Gate {
                 return Some(Slot { gate: Arc::clone(self), outcome: Outcome::Neutral });
             }
             let (tx, rx) = oneshot::channel();
-            window.waiting.entry(current_tenant()).or_default().push_back(tx);
+            window.waiting.entry(tenant).or_default().push_back(tx);
             rx
         };
         // On a timeout the receiver is dropped: a grant already sent to it is
@@ -501,10 +500,11 @@ impl AdaptiveConcurrency {
     /// Run `op` in a slot and feed its outcome back to the window.
     async fn run<T>(
         &self,
+        ctx: &super::RequestContext,
         what: &str,
         op: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let Some(mut slot) = self.gate.acquire().await else {
+        let Some(mut slot) = self.gate.acquire(ctx.tenant).await else {
             return Err(StoreError::throttled(format!(
                 "{what}: no concurrency slot within {} ms (window {}): the store is saturated; back off",
                 self.gate.acquire_timeout.as_millis(),
@@ -675,7 +675,12 @@ mod tests {
         fn url(&self) -> &StoreUrl {
             &self.url
         }
-        fn get<'a>(&'a self, _key: &'a str, _len: u64) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+        fn get_for<'a>(
+            &'a self,
+            _ctx: &'a crate::store::RequestContext,
+            _key: &'a str,
+            _len: u64,
+        ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
             Box::pin(async move {
                 let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
                 self.peak.fetch_max(now, Ordering::SeqCst);
@@ -684,12 +689,25 @@ mod tests {
                 if self.throttle { Err(StoreError::throttled("503 SlowDown")) } else { Ok(Bytes::new()) }
             })
         }
-        fn put<'a>(&'a self, _key: &'a str, _bytes: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+        fn put_for<'a>(
+            &'a self,
+            _ctx: &'a crate::store::RequestContext,
+            _key: &'a str,
+            _bytes: Bytes,
+        ) -> BoxFuture<'a, Result<(), StoreError>> {
             Box::pin(async { Ok(()) })
         }
-        fn exists<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        fn exists_for<'a>(
+            &'a self,
+            _ctx: &'a crate::store::RequestContext,
+            _key: &'a str,
+        ) -> BoxFuture<'a, Result<bool, StoreError>> {
             Box::pin(async { Ok(true) })
         }
+    }
+
+    fn tenant(tenant: u64) -> crate::store::RequestContext {
+        crate::store::RequestContext { tenant, sent: None }
     }
 
     /// Records which tenant each request it serves came from.
@@ -703,17 +721,31 @@ mod tests {
         fn url(&self) -> &StoreUrl {
             &self.url
         }
-        fn get<'a>(&'a self, _key: &'a str, _len: u64) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+        fn get_for<'a>(
+            &'a self,
+            ctx: &'a crate::store::RequestContext,
+            _key: &'a str,
+            _len: u64,
+        ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
             Box::pin(async move {
-                self.order.lock().unwrap().push(current_tenant());
+                self.order.lock().unwrap().push(ctx.tenant);
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 Ok(Bytes::new())
             })
         }
-        fn put<'a>(&'a self, _key: &'a str, _bytes: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+        fn put_for<'a>(
+            &'a self,
+            _ctx: &'a crate::store::RequestContext,
+            _key: &'a str,
+            _bytes: Bytes,
+        ) -> BoxFuture<'a, Result<(), StoreError>> {
             Box::pin(async { Ok(()) })
         }
-        fn exists<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        fn exists_for<'a>(
+            &'a self,
+            _ctx: &'a crate::store::RequestContext,
+            _key: &'a str,
+        ) -> BoxFuture<'a, Result<bool, StoreError>> {
             Box::pin(async { Ok(true) })
         }
     }
@@ -731,7 +763,7 @@ mod tests {
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..40 {
             let store = store.clone();
-            tasks.spawn(with_tenant(1, async move { store.get("k", 0).await }));
+            tasks.spawn(async move { store.get_for(&tenant(1), "k", 0).await });
         }
         while store.gate.lock().waiting.get(&1).map_or(0, VecDeque::len) < 30 {
             tokio::task::yield_now().await;
@@ -739,7 +771,7 @@ mod tests {
         // ... then tenant 2 asks for one object: it is served next in turn,
         // not after tenant 1's queue.
         let served_before = log.order.lock().unwrap().len();
-        with_tenant(2, store.get("m", 0)).await.unwrap();
+        store.get_for(&tenant(2), "m", 0).await.unwrap();
         let order = log.order.lock().unwrap().clone();
         let position = order.iter().position(|&t| t == 2).unwrap();
         assert!(position <= served_before + 1, "tenant 2 waited behind tenant 1: {order:?}");
@@ -763,7 +795,7 @@ mod tests {
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..50u64 {
             let store = store.clone();
-            tasks.spawn(with_tenant(i % 3, async move { store.get("k", 0).await }));
+            tasks.spawn(async move { store.get_for(&tenant(i % 3), "k", 0).await });
         }
         let mut gave_up = 0;
         while let Some(done) = tasks.join_next().await {

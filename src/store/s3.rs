@@ -481,11 +481,21 @@ impl BlockStore for S3Store {
         &self.url
     }
 
-    fn get<'a>(&'a self, key: &'a str, len_max_bytes: u64) -> BoxFuture<'a, Result<Bytes, StoreError>> {
+    fn get_for<'a>(
+        &'a self,
+        _ctx: &'a super::RequestContext,
+        key: &'a str,
+        len_max_bytes: u64,
+    ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
         Box::pin(self.get_object(key, len_max_bytes))
     }
 
-    fn put<'a>(&'a self, key: &'a str, bytes: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn put_for<'a>(
+        &'a self,
+        _ctx: &'a super::RequestContext,
+        key: &'a str,
+        bytes: Bytes,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let object_key = self.object_key(key)?;
             let what = self.describe(&object_key);
@@ -502,7 +512,11 @@ impl BlockStore for S3Store {
         })
     }
 
-    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn exists_for<'a>(
+        &'a self,
+        _ctx: &'a super::RequestContext,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let object_key = self.object_key(key)?;
             let what = self.describe(&object_key);

@@ -7,14 +7,13 @@
 //! outside everything.
 //!
 //! Being innermost, it is also where a request leaves the local queues for
-//! the store: it marks that moment in the caller's [`SentAt`], if the caller
-//! asked (see [`observe_sent`]). Fetch measures store latency from there, so a
+//! the store: it marks that moment in the caller's [`SentAt`], if the
+//! request's [`RequestContext`] carries one. Fetch measures store latency from there, so a
 //! request waiting for a rate-limit token is neither counted slow nor hedged.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{SharedStore, StoreError};
+use super::{RequestContext, SharedStore, StoreError};
 
 /// When a request went to the store, past every local queue.
 #[derive(Debug)]
@@ -32,30 +31,18 @@ impl SentAt {
         *self.0.borrow()
     }
 
+    /// Mark the request sent at `now`; a later mark (none today) would not
+    /// move it.
+    pub fn mark(&self, now: Instant) {
+        self.0.send_if_modified(|at| at.is_none() && at.replace(now).is_none());
+    }
+
     /// Resolves once the request has been sent (at once if it has).
     pub async fn sent(&self) {
         let mut rx = self.0.subscribe();
         // The sender lives as long as `self`: this cannot fail.
         let _ = rx.wait_for(Option::is_some).await;
     }
-}
-
-tokio::task_local! {
-    static SENT_AT: Arc<SentAt>;
-}
-
-/// Run a store call, marking in `sent` when its request goes to the store.
-pub async fn observe_sent<F: std::future::Future>(sent: Arc<SentAt>, call: F) -> F::Output {
-    SENT_AT.scope(sent, call).await
-}
-
-/// The first request of the call marks the moment; later ones (none today)
-/// would not move it.
-fn mark_sent() {
-    let _ = SENT_AT.try_with(|sent| {
-        let now = Instant::now();
-        sent.0.send_if_modified(|at| at.is_none() && at.replace(now).is_none());
-    });
 }
 
 #[derive(Debug)]
@@ -71,10 +58,13 @@ impl Timeout {
 
     async fn run<T>(
         &self,
+        ctx: &RequestContext,
         what: &str,
         op: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        mark_sent();
+        if let Some(sent) = &ctx.sent {
+            sent.mark(Instant::now());
+        }
         match tokio::time::timeout(self.deadline, op).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::transient(format!(

@@ -47,7 +47,7 @@ impl Worker {
     pub(super) async fn manifest_bytes(&self, manifest_url: &str) -> Option<u64> {
         let (url, key) = crate::store::StoreUrl::parse_manifest(manifest_url).ok()?;
         let store = self.engine.open_store(&url).await.ok()?;
-        let manifest = crate::restore::load_manifest(&self.engine, &store, &key).await.ok()?;
+        let manifest = crate::restore::load_manifest(&self.engine, &store, &key, 0).await.ok()?;
         Some(manifest.block_bytes_total())
     }
 }
