@@ -226,3 +226,54 @@ async fn random_bytes_never_bring_the_server_down() {
     still_serving(server.addr).await;
     assert_eq!(server.volume.contents().len(), SIZE);
 }
+
+#[tokio::test]
+async fn unix_socket_exports_serve_replace_stale_sockets_and_clean_up() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.sock");
+    // A stale socket file (its server is gone) is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let addr = ExportAddr::parse(&format!("nbd+unix://{}", path.display())).unwrap();
+    assert_eq!(addr.name(), "", "the socket form serves the default export");
+    let listener = Listener::bind(&addr).await.unwrap();
+    // A live one is refused.
+    let err = Listener::bind(&addr).await.err().expect("a socket in use is refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    let volume = Arc::new(MemoryVolume::new(pattern(), 4096));
+    let stop = CancellationToken::new();
+    let server =
+        tokio::spawn(serve(listener, Export { name: String::new(), volume, limits: Limits::default() }, stop.clone()));
+
+    let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(greeting, proto::greeting());
+    s.write_all(&(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES).to_be_bytes()).await.unwrap();
+    let mut option = proto::OPTION_MAGIC.to_be_bytes().to_vec();
+    option.extend_from_slice(&proto::OPT_EXPORT_NAME.to_be_bytes());
+    option.extend_from_slice(&0u32.to_be_bytes());
+    s.write_all(&option).await.unwrap();
+    let mut export = [0u8; 10];
+    s.read_exact(&mut export).await.unwrap();
+    assert_eq!(u64::from_be_bytes(export[..8].try_into().unwrap()), SIZE as u64);
+    let read = proto::Request {
+        magic: proto::REQUEST_MAGIC,
+        flags: 0,
+        command: proto::CMD_READ,
+        cookie: 3,
+        offset: 10,
+        length: 6,
+    };
+    s.write_all(&read.encode()).await.unwrap();
+    let mut reply = [0u8; 22];
+    s.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply[..16], proto::simple_reply(0, 3));
+    assert_eq!(reply[16..], pattern()[10..16]);
+
+    stop.cancel();
+    drop(s);
+    server.await.unwrap();
+    assert!(!path.exists(), "the socket file goes with the server");
+}
