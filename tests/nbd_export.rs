@@ -47,6 +47,9 @@ struct Live {
     live: Arc<LiveVolume>,
     progress: Arc<Progress>,
     restore: JoinHandle<Result<RestoreReport, RestoreError>>,
+    /// Stops the restore.
+    cancel: CancellationToken,
+    /// Stops the export.
     stop: CancellationToken,
 }
 
@@ -91,9 +94,10 @@ async fn launch(
     });
     let progress = Arc::new(Progress::default());
     let spec = common::spec(&format!("file://{}/vol-41.manifest", store_root(dir.path()).display()), &target(&dir));
+    let cancel = CancellationToken::new();
     let restore = tokio::spawn({
-        let (engine, progress) = (Arc::clone(&engine), Arc::clone(&progress));
-        async move { restore_live(&engine, &spec, &progress, &CancellationToken::new(), publish).await }
+        let (engine, progress, cancel) = (Arc::clone(&engine), Arc::clone(&progress), cancel.clone());
+        async move { restore_live(&engine, &spec, &progress, &cancel, publish).await }
     });
     let live = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(Option::is_some))
         .await
@@ -104,7 +108,7 @@ async fn launch(
     let stop = CancellationToken::new();
     let export = Export { name: NAME.into(), volume: Arc::clone(&live), limits: Limits::default() };
     tokio::spawn(serve(listener, export, stop.clone()));
-    Live { dir, volume, manifest, store, engine, addr, live, progress, restore, stop }
+    Live { dir, volume, manifest, store, engine, addr, live, progress, restore, cancel, stop }
 }
 
 fn target(dir: &tempfile::TempDir) -> PathBuf {
@@ -206,6 +210,32 @@ async fn writes_during_the_restore_survive_it_and_a_rerun() {
     let report = again.finish().await.unwrap();
     assert_eq!(report.blocks_resumed, report.blocks_total);
     assert!(std::fs::read(target(&again.dir)).unwrap() == expected, "the rerun kept every write");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flush_after_the_restore_stopped_short_fails_and_a_rerun_keeps_the_flushed_writes() {
+    let mut fx = start(64, Duration::from_millis(100), 2, no_faults).await;
+    let mut expected = fx.source();
+    let (mut c, _) = Client::go(fx.addr, NAME).await;
+    assert_eq!(c.write(60 * BLOCK, &vec![0x11; BLOCK as usize]).await, 0);
+    assert_eq!(c.flush().await, 0);
+    expected[(60 * BLOCK) as usize..(61 * BLOCK) as usize].fill(0x11);
+    // Stop the restore (SIGINT), then write and FLUSH again: the FLUSH
+    // cannot be recorded any more and must not claim it was.
+    fx.cancel.cancel();
+    assert!(matches!(fx.finish().await, Err(RestoreError::Interrupted(_))));
+    assert_eq!(c.write(61 * BLOCK, &vec![0x22; BLOCK as usize]).await, 0);
+    assert_eq!(c.flush().await, proto::ESHUTDOWN, "no FLUSH succeeds after the restore stopped short");
+    fx.stop.cancel();
+    drop(c);
+    // The rerun resumes and keeps the write flushed before the stop.
+    let Live { dir, volume, manifest, store, engine, .. } = fx;
+    let mut again = launch(dir, volume, manifest, store, engine).await;
+    assert!(again.finish().await.unwrap().succeeded);
+    let got = std::fs::read(target(&again.dir)).unwrap();
+    assert!(
+        got[(60 * BLOCK) as usize..(61 * BLOCK) as usize] == expected[(60 * BLOCK) as usize..(61 * BLOCK) as usize]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -34,9 +34,10 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::read::{BlockReader, Priority};
 use crate::block::{BlockIndex, BlockLayout};
@@ -98,8 +99,16 @@ pub struct LiveVolume {
     states: Mutex<States>,
     /// The settler, while the restore runs.
     settler: mpsc::Sender<FlushRequest>,
+    /// How the restore's rehydrate phase ended, once it has: `Some(true)`
+    /// when every block is settled or failed (an fdatasync is then all a
+    /// FLUSH needs), `Some(false)` when it stopped short.
+    finished: watch::Sender<Option<bool>>,
     pub counts: LiveCounts,
 }
+
+/// How long a FLUSH waits for the end of the rehydrate phase once the
+/// settler has stopped taking FLUSHes (it is the settler's last fdatasync).
+const FINISH_WAIT: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for LiveVolume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -151,7 +160,21 @@ impl LiveVolume {
         for i in (0..layout.block_count()).filter(|&i| local(i)) {
             states.local.set(i);
         }
-        Self { layout, reader, file, states: Mutex::new(states), settler, counts: LiveCounts::default() }
+        Self {
+            layout,
+            reader,
+            file,
+            states: Mutex::new(states),
+            settler,
+            finished: watch::channel(None).0,
+            counts: LiveCounts::default(),
+        }
+    }
+
+    /// The rehydrate phase has ended: `settled_all` when every block is
+    /// settled or failed.
+    pub(super) fn finish(&self, settled_all: bool) {
+        self.finished.send_replace(Some(settled_all));
     }
 
     pub fn layout(&self) -> BlockLayout {
@@ -252,8 +275,17 @@ impl LiveVolume {
                 io::Error::other(e)
             });
         }
-        // The restore has ended (every block is settled or failed): an
-        // fdatasync is all a FLUSH needs.
+        // The settler has stopped taking FLUSHes. Once every block is
+        // settled (or failed), an fdatasync is all a FLUSH needs; a restore
+        // that stopped short never recorded these blocks, so the FLUSH fails.
+        let mut finished = self.finished.subscribe();
+        let settled_all = tokio::time::timeout(FINISH_WAIT, finished.wait_for(Option::is_some))
+            .await
+            .is_ok_and(|ended| ended.is_ok_and(|ended| *ended == Some(true)));
+        if !settled_all {
+            self.lock().owned_unflushed.extend(&owned);
+            return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+        }
         let file = Arc::clone(&self.file);
         tokio::task::spawn_blocking(move || file.sync_data()).await.map_err(io::Error::other)?
     }

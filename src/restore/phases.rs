@@ -224,9 +224,12 @@ async fn rehydrate(
     };
     let mut settler = Settler::new(engine, target, layout, writer.clone(), checkpoint, durable, Arc::clone(progress));
     settler.flushes = flushes;
-    let units = UnitContext { reader, live, writer: writer.clone(), layout };
+    let units = UnitContext { reader, live: live.clone(), writer: writer.clone(), layout };
     let transfer_started = Instant::now();
     let result = settler.run(plan, units, engine.budget.clone(), run.cancel).await;
+    if let Some(live) = live {
+        live.finish(result.is_ok());
+    }
     let transferred = settler.transferred.unwrap_or_else(Instant::now);
     let timings = Timings {
         prepare_secs: transfer_started.duration_since(progress.started).as_secs_f64(),
