@@ -312,8 +312,9 @@ impl LiveVolume {
     async fn restore_claimed(&self, claim: &Claim<'_>) -> io::Result<VerifiedBlock> {
         let index = claim.index;
         self.counts.demand_fetches.fetch_add(1, Ordering::Relaxed);
-        let block = match self.reader.read(index, Priority::Demand).await {
-            Ok(block) => block,
+        // The demand reserve's bytes are held until the block is written.
+        let (block, _bytes) = match self.reader.read_held(index, Priority::Demand).await {
+            Ok(held) => held,
             Err(failures) => {
                 self.counts.demand_failures.fetch_add(1, Ordering::Relaxed);
                 let reason = failures.last().map(|f| format!("{}: {}", f.source, f.last_error)).unwrap_or_default();

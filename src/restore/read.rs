@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use crate::block::{BlockIndex, Compression};
-use crate::fetch::budget::Budget;
+use crate::fetch::budget::{Budget, BudgetPermit};
 use crate::fetch::{FetchContext, SourceFailure, fetch_block};
 use crate::snapshot::Snapshot;
 use crate::verify::{Expected, VerifiedBlock};
@@ -70,17 +70,31 @@ impl BlockReader {
     /// Block `index`, verified: looked up in the snapshot, fetched from the
     /// first source that serves it, checked against what the snapshot says.
     pub async fn read(&self, index: BlockIndex, priority: Priority) -> Result<VerifiedBlock, Vec<SourceFailure>> {
+        self.read_held(index, priority).await.map(|(block, _bytes)| block)
+    }
+
+    /// [`read`](Self::read), and for a [`Priority::Demand`] read through the
+    /// demand lane, the bytes it holds in the demand reserve: keep them until
+    /// the block is written, so the reserve bounds those blocks' memory.
+    pub async fn read_held(
+        &self,
+        index: BlockIndex,
+        priority: Priority,
+    ) -> Result<(VerifiedBlock, Option<BudgetPermit>), Vec<SourceFailure>> {
         let Some(block) = self.snapshot.block(index) else {
-            return Ok(VerifiedBlock::zeros(self.snapshot.layout().len(index) as usize));
+            return Ok((VerifiedBlock::zeros(self.snapshot.layout().len(index) as usize), None));
         };
         let key = self.snapshot.object_key(&block);
         tracing::trace!(block = index, ?priority, %key, "reading block");
         match (&self.demand, priority) {
             (Some(lane), Priority::Demand) => {
-                let _bytes = lane.budget.acquire_demand(inflight_bytes(&block.expected)).await;
-                fetch_block(&lane.fetch, &key, &block.expected, index).await.map(|(verified, _source)| verified)
+                let bytes = lane.budget.acquire_demand(inflight_bytes(&block.expected)).await;
+                let (verified, _source) = fetch_block(&lane.fetch, &key, &block.expected, index).await?;
+                Ok((verified, Some(bytes)))
             }
-            _ => fetch_block(&self.fetch, &key, &block.expected, index).await.map(|(verified, _source)| verified),
+            _ => {
+                fetch_block(&self.fetch, &key, &block.expected, index).await.map(|(verified, _source)| (verified, None))
+            }
         }
     }
 }
