@@ -190,8 +190,8 @@ pub struct FetchCounts {
     /// answer counts for a second after it, spells merged).
     #[serde(default)]
     pub throttled_millis: u64,
-    /// The request rate each paced source was at when the counts were taken
-    /// (requests per second, rounded): the rate the store settled at. Only
+    /// The rate each throttling source settled at: its send rate at its
+    /// last throttle, the limit learned (requests per second, rounded). Only
     /// sources that throttled are listed.
     #[serde(default)]
     pub request_rate_per_source: Vec<(String, u32)>,
@@ -245,7 +245,7 @@ impl FetchTelemetry {
                 .iter()
                 .zip(&self.rates)
                 .filter_map(|(name, rate)| {
-                    let rate = rate.as_ref()?.requests_per_sec()?;
+                    let rate = rate.as_ref()?.throttled_rate()?;
                     Some((name.clone(), rate.round().min(f64::from(u32::MAX)) as u32))
                 })
                 .collect(),
@@ -626,11 +626,7 @@ mod tests {
     /// (any later one is fast).
     async fn store_with_slow_first_request(dir: &std::path::Path, data: &[u8]) -> (Arc<FaultStore>, String, Expected) {
         let (store, key, expected) = store_with_block(dir, data).await;
-        store.add(FaultRule {
-            key_contains: key.clone(),
-            fault: Fault::Delay(Duration::from_secs(60)),
-            times: Some(1),
-        });
+        store.add(FaultRule::new(Fault::Latency(Duration::from_secs(60))).path_contains(&key).first(1));
         (store, key, expected)
     }
 
@@ -677,7 +673,7 @@ mod tests {
         let data = [5u8; 4096];
         let (slow, key, expected) = store_with_block(&dir.path().join("a"), &data).await;
         let (fast, _, _) = store_with_block(&dir.path().join("b"), &data).await;
-        slow.add(FaultRule { key_contains: key.clone(), fault: Fault::Hang, times: None });
+        slow.add(FaultRule::new(Fault::Stall { after_bytes: 0 }).path_contains(&key));
         let ctx = context(vec![slow.clone(), fast.clone()]);
         let (_, served_by) = fetch_block(&ctx, &key, &expected, 0).await.unwrap();
         assert_eq!(served_by, 1, "the secondary's hedge won");
@@ -713,7 +709,7 @@ mod tests {
         let (cold, key, expected) = store_with_block(&dir.path().join("a"), &data).await;
         let (mirror, _, _) = store_with_block(&dir.path().join("b"), &data).await;
         let error = StoreError::transient("500 InternalError");
-        cold.add(FaultRule { key_contains: key.clone(), fault: Fault::Fail(error), times: None });
+        cold.add(FaultRule::new(Fault::Fail(error)).path_contains(&key));
         // A long backoff: without the hedge, the fallback would take seconds.
         let config = crate::fetch::FetchConfig {
             backoff_base_millis: std::num::NonZeroU64::new(2_000).unwrap(),
@@ -833,11 +829,7 @@ mod tests {
     async fn no_hedge_without_history_or_budget() {
         let dir = tempfile::tempdir().unwrap();
         let (store, key, expected) = store_with_block(dir.path(), &[1u8; 4096]).await;
-        store.add(FaultRule {
-            key_contains: key.clone(),
-            fault: Fault::Delay(Duration::from_millis(200)),
-            times: None,
-        });
+        store.add(FaultRule::new(Fault::Latency(Duration::from_millis(200))).path_contains(&key));
         let ctx = FetchContext::new(sources(vec![store.clone()]), &crate::fetch::FetchConfig::default());
         fetch_block(&ctx, &key, &expected, 0).await.unwrap();
         assert_eq!(store.calls(&key), 1);

@@ -65,7 +65,7 @@ impl Fixture {
         config.checkpoint.interval_bytes = NonZeroU64::new(4 * u64::from(BLOCK)).unwrap();
         let root = store_root(dir.path());
         let slow = Arc::new(FaultStore::new(Arc::new(FileStore::new(root.clone()))));
-        slow.add(FaultRule { key_contains: "blocks/".into(), fault: Fault::Delay(BLOCK_DELAY), times: None });
+        slow.add(FaultRule::new(Fault::Latency(BLOCK_DELAY)).path_contains("blocks/"));
         // Two blocks at a time, through the production stack.
         config.concurrency = AdaptiveConcurrencyConfig {
             concurrency_min: NonZeroUsize::new(1).unwrap(),

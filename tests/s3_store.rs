@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rehydrate::error::ErrorClass;
+use rehydrate::store::fault::{Fault, FaultMethod, FaultRule};
 use rehydrate::store::file::FileStore;
 use rehydrate::store::limit::{AdaptiveConcurrency, AdaptiveConcurrencyConfig, RateLimitConfig, RateLimited};
-use rehydrate::store::loopback::{Fault, FaultMethod, FaultRule, LoopbackS3, ServerRateLimit, max_arrivals_in_window};
+use rehydrate::store::loopback::{LoopbackS3, ServerRateLimit, max_arrivals_in_window};
 use rehydrate::store::s3::{S3Config, S3Store};
 use rehydrate::store::{BlockStore, SharedStore};
 
@@ -183,7 +184,7 @@ async fn deadlines_cut_stalled_slow_and_late_answers() {
 
     // Headers and some bytes, then nothing: the idle deadline (300 ms) fires.
     let started = Instant::now();
-    let e = get_with_fault(&f, "kstall", FaultRule::new(Fault::StallAfterHeaders { bytes: 10_000 })).await.unwrap_err();
+    let e = get_with_fault(&f, "kstall", FaultRule::new(Fault::Stall { after_bytes: 10_000 })).await.unwrap_err();
     let took = started.elapsed();
     assert_eq!(e.class, ErrorClass::Transient, "{e}");
     assert!(e.message.contains("stalled") && e.message.contains("10000 of 262144"), "{e}");
@@ -191,7 +192,7 @@ async fn deadlines_cut_stalled_slow_and_late_answers() {
 
     // Headers only.
     let started = Instant::now();
-    let e = get_with_fault(&f, "kstall0", FaultRule::new(Fault::StallAfterHeaders { bytes: 0 })).await.unwrap_err();
+    let e = get_with_fault(&f, "kstall0", FaultRule::new(Fault::Stall { after_bytes: 0 })).await.unwrap_err();
     assert_eq!(e.class, ErrorClass::Transient, "{e}");
     assert!(started.elapsed() < Duration::from_secs(3));
 

@@ -30,8 +30,9 @@ use rehydrate::restore::{Engine, RestoreError, RestoreReport, RestoreSpec};
 use rehydrate::sample::SampleVolume;
 use rehydrate::store::StoreUrl;
 use rehydrate::store::fault::FaultStore;
+use rehydrate::store::fault::{Fault, FaultMethod, FaultRule};
 use rehydrate::store::file::FileStore;
-use rehydrate::store::loopback::{Fault, FaultMethod, FaultRule, LoopbackS3, ServerRateLimit, max_arrivals_in_window};
+use rehydrate::store::loopback::{LoopbackS3, ServerRateLimit, max_arrivals_in_window};
 use rehydrate::store::s3::S3Config;
 use rehydrate::write::BackendChoice;
 use tokio_util::sync::CancellationToken;
@@ -271,7 +272,7 @@ async fn stalled_body_is_cut_by_the_attempt_deadline_and_never_holds_up_other_bl
     let victim = UNIQUE_BLOCK;
     assert_eq!(f.blocks_of(victim), vec![victim], "the victim must not share its object");
     let key = f.key(victim);
-    f.server.add_fault(FaultRule::new(Fault::StallAfterHeaders { bytes: 1000 }).path_contains(&key));
+    f.server.add_fault(FaultRule::new(Fault::Stall { after_bytes: 1000 }).path_contains(&key));
 
     let progress = Arc::new(Progress::default());
     let task = {

@@ -21,7 +21,8 @@ use rehydrate::block::{Compression, HashAlgorithm, block_key};
 use rehydrate::job::{JobSpec, JobState};
 use rehydrate::manifest::Manifest;
 use rehydrate::sample::SampleVolume;
-use rehydrate::store::loopback::{Fault, FaultMethod, FaultRule, LoopbackS3};
+use rehydrate::store::fault::{Fault, FaultMethod, FaultRule};
+use rehydrate::store::loopback::LoopbackS3;
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(120);

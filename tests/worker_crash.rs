@@ -32,9 +32,8 @@ use rehydrate::block::{Compression, HashAlgorithm, block_key};
 use rehydrate::checkpoint::{Checkpoint, checkpoint_key};
 use rehydrate::manifest::Manifest;
 use rehydrate::sample::SampleVolume;
-use rehydrate::store::loopback::{
-    Fault, FaultMethod, FaultRule, LOOPBACK_ACCESS_KEY_ID, LOOPBACK_REGION, LOOPBACK_SECRET_ACCESS_KEY, LoopbackS3,
-};
+use rehydrate::store::fault::{Fault, FaultMethod, FaultRule};
+use rehydrate::store::loopback::{LOOPBACK_ACCESS_KEY_ID, LOOPBACK_REGION, LOOPBACK_SECRET_ACCESS_KEY, LoopbackS3};
 use rehydrate::worker::{JobRecord, JobSpec, JobState, JobStore};
 use serde_json::{Value, json};
 

@@ -26,7 +26,8 @@ use crate::manifest::{Manifest, ManifestLimits};
 use crate::restore::{Engine, RestoreSpec};
 use crate::sample::SampleVolume;
 use crate::store::StoreUrl;
-use crate::store::loopback::{Fault, FaultRule, LoopbackS3};
+use crate::store::fault::{Fault, FaultRule};
+use crate::store::loopback::LoopbackS3;
 use crate::store::s3::{S3Config, S3Store};
 
 #[derive(Debug, Args)]
@@ -186,7 +187,7 @@ async fn snapshot_and_mirror(engine: &Engine, volume: &SampleVolume, paths: &Pat
 /// the wedged block's body stalls after the headers, and the first 12 block
 /// requests get `503 SlowDown`.
 async fn serve_primary(engine: &Engine, config: &Config, server: &LoopbackS3, wedged_key: &str) -> Result<(), String> {
-    server.add_fault(FaultRule::new(Fault::StallAfterHeaders { bytes: 4096 }).path_contains(wedged_key));
+    server.add_fault(FaultRule::new(Fault::Stall { after_bytes: 4096 }).path_contains(wedged_key));
     server.add_fault(FaultRule::new(Fault::SlowDown).path_contains("/blocks/").first(12));
     let s3_config = S3Config { body_idle_timeout_millis: config.s3.body_idle_timeout_millis, ..server.s3_config() };
     let primary = S3Store::connect_with_static_credentials("bucket", "demo", &s3_config, &LoopbackS3::credentials())

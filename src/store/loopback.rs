@@ -20,7 +20,7 @@
 //! 3. the first [`FaultRule`] that matches (method + path) and has uses
 //!    left: an error answer ([`Fault::SlowDown`], [`Fault::InternalError`],
 //!    [`Fault::NotFound`]), a delay ([`Fault::Latency`]) or a body fault on a
-//!    successful GET ([`Fault::StallAfterHeaders`], [`Fault::Truncate`],
+//!    successful GET ([`Fault::Stall`], [`Fault::Truncate`],
 //!    [`Fault::Corrupt`], [`Fault::Trickle`]).
 //!
 //! A request no rule matches is forwarded untouched: its body is passed
@@ -53,6 +53,7 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::StoreError;
+use super::fault::{Fault, FaultMethod, FaultRule};
 use super::s3::{S3Config, S3Store, StaticCredentials};
 
 /// The access key the loopback server accepts (not a secret: loopback only).
@@ -69,103 +70,6 @@ pub const ARRIVAL_LOG_MAX: usize = 1 << 18;
 pub const STALL_MAX: Duration = Duration::from_secs(300);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Which requests a [`FaultRule`] applies to, by HTTP method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FaultMethod {
-    Get,
-    Head,
-    Put,
-    Any,
-}
-
-impl FaultMethod {
-    fn matches(self, method: &Method) -> bool {
-        match self {
-            FaultMethod::Get => method == Method::GET,
-            FaultMethod::Head => method == Method::HEAD,
-            FaultMethod::Put => method == Method::PUT,
-            FaultMethod::Any => true,
-        }
-    }
-}
-
-/// What a matching request gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// `200` with headers (full `Content-Length`) and the first `bytes` bytes
-    /// of the body, then nothing, ever: only a client body deadline ends it.
-    StallAfterHeaders { bytes: u64 },
-    /// `503 SlowDown` with the S3 XML error body.
-    SlowDown,
-    /// `500 InternalError` with the S3 XML error body.
-    InternalError,
-    /// `404 NoSuchKey` with the S3 XML error body.
-    NotFound,
-    /// Advertise the full `Content-Length`, send `bytes` bytes, then close.
-    Truncate { bytes: u64 },
-    /// Flip every bit of the body's first byte; same length, wrong bytes.
-    Corrupt,
-    /// Wait this long before handling the request normally.
-    Latency(Duration),
-    /// Send the body at about this rate (a straggler).
-    Trickle { bytes_per_sec: NonZeroU32 },
-}
-
-/// One fault injection rule. Rules are tried in the order added; the first
-/// that matches and has uses left applies.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FaultRule {
-    /// The request path (`/<bucket>/<key>`, as sent) must contain this.
-    /// Empty matches every path.
-    pub path_contains: String,
-    /// The request path must end with this. Empty matches every path.
-    pub path_ends_with: String,
-    pub method: FaultMethod,
-    /// Apply to the first `n` matching requests, or `None` for every one.
-    pub times: Option<u64>,
-    pub fault: Fault,
-}
-
-impl FaultRule {
-    /// `fault` on every request, until narrowed by the builder methods.
-    pub fn new(fault: Fault) -> Self {
-        Self {
-            path_contains: String::new(),
-            path_ends_with: String::new(),
-            method: FaultMethod::Any,
-            times: None,
-            fault,
-        }
-    }
-
-    /// Only requests whose path contains `part` (e.g. a key or part of one).
-    pub fn path_contains(mut self, part: &str) -> Self {
-        self.path_contains = part.to_owned();
-        self
-    }
-
-    /// Only requests whose path ends with `suffix`.
-    pub fn path_ends_with(mut self, suffix: &str) -> Self {
-        self.path_ends_with = suffix.to_owned();
-        self
-    }
-
-    pub fn method(mut self, method: FaultMethod) -> Self {
-        self.method = method;
-        self
-    }
-
-    /// Only the first `n` matching requests.
-    pub fn first(mut self, n: u64) -> Self {
-        self.times = Some(n);
-        self
-    }
-
-    fn matches(&self, method: &Method, path: &str) -> bool {
-        self.method.matches(method) && path.contains(&self.path_contains) && path.ends_with(&self.path_ends_with)
-    }
-}
 
 /// A server-side token bucket: `requests_per_sec` sustained, `burst` at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,12 +150,13 @@ impl State {
             return None;
         }
         let mut faults = lock(&self.faults);
-        let active = faults.iter_mut().find(|a| a.uses_left != Some(0) && a.rule.matches(method, path))?;
+        let active =
+            faults.iter_mut().find(|a| a.uses_left != Some(0) && a.rule.matches(FaultMethod::of_http(method), path))?;
         if let Some(n) = active.uses_left.as_mut() {
             *n -= 1;
         }
         self.faults_applied.fetch_add(1, Ordering::Relaxed);
-        Some(active.rule.fault)
+        Some(active.rule.fault.clone())
     }
 }
 
@@ -469,7 +374,7 @@ impl FaultService {
         if !self.state.admit() {
             return self.state.slowdown(&path);
         }
-        let fault = self.state.take_fault(&method, &path);
+        let fault = self.state.take_fault(&method, &path).map(over_http);
         match fault {
             Some(Fault::SlowDown) => return self.state.slowdown(&path),
             Some(Fault::InternalError) => {
@@ -495,14 +400,24 @@ impl FaultService {
         };
         let body_fault = fault.filter(|_| method == Method::GET && response.status().is_success());
         match body_fault {
-            Some(
-                fault @ (Fault::StallAfterHeaders { .. }
-                | Fault::Truncate { .. }
-                | Fault::Corrupt
-                | Fault::Trickle { .. }),
-            ) => response.map(|body| shape_body(body, fault)),
+            Some(fault @ (Fault::Stall { .. } | Fault::Truncate { .. } | Fault::Corrupt | Fault::Trickle { .. })) => {
+                response.map(|body| shape_body(body, fault))
+            }
             _ => response.map(|body| body.boxed_unsync()),
         }
+    }
+}
+
+/// A [`Fault::Fail`] as the HTTP answer of its class; other faults as they are.
+fn over_http(fault: Fault) -> Fault {
+    match fault {
+        Fault::Fail(e) => match e.class {
+            crate::error::ErrorClass::Throttled => Fault::SlowDown,
+            crate::error::ErrorClass::Transient => Fault::InternalError,
+            crate::error::ErrorClass::Permanent => Fault::NotFound,
+            crate::error::ErrorClass::Corrupt => Fault::Corrupt,
+        },
+        other => other,
     }
 }
 
@@ -551,7 +466,7 @@ async fn shape(mut body: Pin<Box<s3s::Body>>, fault: Fault, tx: Chunks) {
             }
         };
         match fault {
-            Fault::StallAfterHeaders { bytes } | Fault::Truncate { bytes } => {
+            Fault::Stall { after_bytes: bytes } | Fault::Truncate { bytes } => {
                 let room = bytes.saturating_sub(sent);
                 if room < data.len() as u64 {
                     data.truncate(room as usize);
@@ -580,7 +495,7 @@ async fn shape(mut body: Pin<Box<s3s::Body>>, fault: Fault, tx: Chunks) {
             return; // the client went away
         }
     }
-    if let Fault::StallAfterHeaders { .. } = fault {
+    if let Fault::Stall { .. } = fault {
         // Hold the response open without another byte until the client
         // gives up (its body deadline) or the cap passes.
         tokio::select! {

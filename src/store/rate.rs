@@ -214,6 +214,12 @@ impl Cubic {
         self.last_throttle
     }
 
+    /// The send rate at the store's last throttle: the limit learned, in
+    /// requests per second; `None` while it never throttled.
+    pub fn throttled_rate(&self) -> Option<f64> {
+        self.last_throttle.map(|_| self.last_max_rate)
+    }
+
     /// A request is being sent at `now`.
     pub fn on_sent(&mut self, now: Instant) {
         self.meter.record(now);
@@ -302,6 +308,13 @@ impl RateControl {
     pub fn requests_per_sec(&self) -> Option<f64> {
         let rate = f64::from_bits(self.fill_rate_bits.load(Ordering::Relaxed));
         (rate > 0.0).then_some(rate)
+    }
+
+    /// The send rate at the store's last throttle (the limit learned); `None`
+    /// while it never throttled. Unlike the pace, which decays toward twice
+    /// what a restore sends, this stays what the store allowed.
+    pub fn throttled_rate(&self) -> Option<f64> {
+        Self::lock(&self.cubic).throttled_rate()
     }
 
     /// Throttled answers seen so far.
