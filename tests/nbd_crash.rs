@@ -23,9 +23,8 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rehydrate::block::{Compression, HashAlgorithm};
 use rehydrate::sample::SampleVolume;
-use rehydrate::store::loopback::{
-    Fault, FaultMethod, FaultRule, LOOPBACK_ACCESS_KEY_ID, LOOPBACK_REGION, LOOPBACK_SECRET_ACCESS_KEY, LoopbackS3,
-};
+use rehydrate::store::fault::{Fault, FaultMethod, FaultRule};
+use rehydrate::store::loopback::{LOOPBACK_ACCESS_KEY_ID, LOOPBACK_REGION, LOOPBACK_SECRET_ACCESS_KEY, LoopbackS3};
 
 const BUCKET: &str = "nbd-bucket";
 const PREFIX: &str = "vols";

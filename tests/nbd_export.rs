@@ -69,7 +69,7 @@ async fn start(blocks: u64, delay: Duration, budget_blocks: u64, faults: impl Fn
     for rule in faults(&manifest) {
         store.add(rule);
     }
-    store.add(FaultRule { key_contains: "blocks/".into(), fault: Fault::Delay(delay), times: None });
+    store.add(FaultRule::new(Fault::Latency(delay)).path_contains("blocks/"));
     engine.register_store(StoreUrl::File { root: store_root(dir.path()) }, store.clone());
     launch(dir, volume, manifest, store, engine).await
 }
@@ -241,13 +241,8 @@ async fn a_flush_after_the_restore_stopped_short_fails_and_a_rerun_keeps_the_flu
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_block_no_source_serves_answers_eio_and_is_reported() {
     // Block 9 is gone from the only source.
-    let missing = |m: &Manifest| {
-        vec![FaultRule {
-            key_contains: m.object_key(&m.block(9).unwrap()),
-            fault: Fault::Fail(rehydrate::error::StoreError::permanent("404 Not Found")),
-            times: None,
-        }]
-    };
+    let missing =
+        |m: &Manifest| vec![FaultRule::new(Fault::NotFound).path_contains(&m.object_key(&m.block(9).unwrap()))];
     let mut fx = start(16, Duration::from_millis(50), 2, missing).await;
     let (mut c, _) = Client::go(fx.addr, NAME).await;
     assert_eq!(c.read(9 * BLOCK + 5, 10).await, Err(proto::EIO), "never wrong bytes");
