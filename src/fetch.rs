@@ -681,6 +681,75 @@ mod tests {
         assert_eq!(ctx.telemetry.counts().served_by_source[1].1, 1);
     }
 
+    /// A remote store's production stack (with its adaptive rate) around
+    /// `store`, short deadlines.
+    fn paced(store: crate::store::SharedStore) -> crate::store::SharedStore {
+        let options = crate::store::StoreOptions { attempt_timeout: Duration::from_secs(120), ..Default::default() };
+        crate::store::stack(crate::store::Backend::Remote(store), &options).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_hedge_goes_to_a_store_that_is_throttling() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = [6u8; 4096];
+        let (slow, key, expected) = store_with_block(&dir.path().join("a"), &data).await;
+        let (mirror, _, _) = store_with_block(&dir.path().join("b"), &data).await;
+        slow.add(FaultRule::new(Fault::Latency(Duration::from_millis(500))).path_contains(&key).first(1));
+        let mirror_stack = paced(mirror.clone());
+        // The mirror just answered 503 SlowDown: it is throttling now.
+        mirror_stack.rate_control().unwrap().on_response(Instant::now(), true);
+        let ctx =
+            context_of(vec![sources(vec![slow.clone()]).remove(0), Source::ordered(vec![mirror_stack]).remove(0)]);
+        assert!(ctx.sources[1].throttling_now());
+        let (_, served_by) = fetch_block(&ctx, &key, &expected, 0).await.unwrap();
+        assert_eq!(served_by, 0, "the slow primary answered; nothing went to the throttling mirror");
+        assert_eq!((slow.calls(&key), mirror.calls(&key)), (1, 0));
+        assert_eq!(ctx.telemetry.counts().hedges, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn throttles_spend_no_attempt_and_their_retry_after_is_honoured() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, key, expected) = store_with_block(dir.path(), &[7u8; 4096]).await;
+        // Three throttles, each asking for 200 ms, against one attempt.
+        let slow_down = StoreError::throttled("503 SlowDown").with_retry_after(Some(Duration::from_millis(200)));
+        store.add(FaultRule::new(Fault::Fail(slow_down)).path_contains(&key).first(3));
+        let config =
+            crate::fetch::FetchConfig { attempts_max: std::num::NonZeroU32::new(1).unwrap(), ..Default::default() };
+        let ctx = FetchContext::new(Source::ordered(vec![paced(store.clone())]), &config);
+        let started = Instant::now();
+        fetch_block(&ctx, &key, &expected, 0).await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(600), "three Retry-After waits: {:?}", started.elapsed());
+        assert_eq!(store.calls(&key), 4);
+        let counts = ctx.telemetry.counts();
+        assert_eq!((counts.throttled_responses, counts.retries), (3, 3));
+        assert!(counts.throttled_millis > 0);
+
+        // A Retry-After beyond the cap waits only the cap.
+        let (store, key, expected) = store_with_block(&dir.path().join("c"), &[8u8; 4096]).await;
+        let slow_down = StoreError::throttled("503 SlowDown").with_retry_after(Some(Duration::from_secs(3600)));
+        store.add(FaultRule::new(Fault::Fail(slow_down)).path_contains(&key).first(1));
+        let config = crate::fetch::FetchConfig {
+            retry_after_max_millis: std::num::NonZeroU64::new(100).unwrap(),
+            ..Default::default()
+        };
+        let ctx = FetchContext::new(Source::ordered(vec![paced(store.clone())]), &config);
+        tokio::time::timeout(Duration::from_secs(30), fetch_block(&ctx, &key, &expected, 0))
+            .await
+            .expect("capped at 100 ms, not an hour")
+            .unwrap();
+        assert_eq!(store.calls(&key), 2);
+
+        // On a store that is not paced, a throttle is an ordinary failure.
+        let (store, key, expected) = store_with_block(&dir.path().join("d"), &[9u8; 4096]).await;
+        store.add(FaultRule::new(Fault::SlowDown).path_contains(&key));
+        let config =
+            crate::fetch::FetchConfig { attempts_max: std::num::NonZeroU32::new(2).unwrap(), ..Default::default() };
+        let ctx = FetchContext::new(sources(vec![store.clone()]), &config);
+        assert!(fetch_block(&ctx, &key, &expected, 0).await.is_err());
+        assert_eq!(store.calls(&key), 2);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_attempt_started_before_any_history_is_hedged_once_it_fills() {
         let dir = tempfile::tempdir().unwrap();

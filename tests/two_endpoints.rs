@@ -57,6 +57,11 @@ async fn fixture(seed: u64) -> Fixture {
     for key in &missing {
         primary.add_fault(FaultRule::new(Fault::NotFound).method(FaultMethod::Get).path_contains(key));
     }
+    // And the primary throttles one present object three times: the report
+    // and the job status say so.
+    let present = manifest.entry(6).expect("a data block");
+    let present = block_key(&present.hash, present.compression);
+    primary.add_fault(FaultRule::new(Fault::SlowDown).method(FaultMethod::Get).path_contains(&present).first(3));
     Fixture { dir, volume, manifest, primary, mirror, missing }
 }
 
@@ -92,6 +97,9 @@ impl Fixture {
         assert_eq!(self.mirror.requests("/blocks/"), self.missing.len() as u64, "only the missing objects");
     }
 }
+
+/// SlowDown answers the primary sent for the one throttled object.
+const THROTTLED: u64 = 3;
 
 /// The binary with the loopback servers' credentials in its environment
 /// (the standard chain reads them; rehydrate's config never holds any).
@@ -129,6 +137,8 @@ async fn cli_restore_with_primary_and_secondary_on_two_endpoints() {
     assert_eq!(report["succeeded"], Value::Bool(true), "{report:#}");
     let served: Vec<(String, u64)> = serde_json::from_value(report["fetch"]["served_by_source"].clone()).unwrap();
     assert!(served.contains(&("secondary1".to_owned(), f.missing.len() as u64)), "{served:?}");
+    assert_eq!(report["fetch"]["throttled_responses"], Value::from(THROTTLED), "{report:#}");
+    assert_eq!(f.primary.slowdowns_sent(), THROTTLED);
     f.check_served(&target);
 }
 
@@ -181,5 +191,9 @@ async fn worker_profile_with_primary_and_secondary_on_two_endpoints() {
     let _ = worker.wait().await;
     assert_eq!(job.state, JobState::Succeeded, "{job:#?}");
     assert_eq!(job.sources.get("secondary1"), Some(&(f.missing.len() as u64)), "{job:#?}");
+    assert_eq!(job.throttling.throttled_responses, THROTTLED, "{job:#?}");
+    assert!(job.throttling.throttled_millis > 0, "{job:#?}");
+    assert!(job.throttling.requests_per_sec.contains_key("primary"), "{job:#?}");
+    assert_eq!(f.primary.slowdowns_sent(), THROTTLED);
     f.check_served(&target);
 }

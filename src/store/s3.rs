@@ -758,6 +758,29 @@ mod tests {
     }
 
     #[test]
+    fn a_throttled_answer_carries_its_retry_after() {
+        type E = SdkError<GetObjectError, Response>;
+        let answer = |status: u16, code: &str, retry_after: Option<&str>| -> E {
+            let mut raw = http_response(status);
+            if let Some(value) = retry_after {
+                raw.headers_mut().insert("retry-after", value.to_owned());
+            }
+            let meta = ErrorMetadata::builder().code(code).message("msg").build();
+            SdkError::service_error(GetObjectError::generic(meta), raw)
+        };
+        let e = classify_sdk_error("k", &answer(503, "SlowDown", Some("3")));
+        assert_eq!((e.class, e.retry_after()), (ErrorClass::Throttled, Some(Duration::from_secs(3))));
+        let e = classify_sdk_error("k", &answer(429, "TooManyRequests", Some(" 1 ")));
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(1)));
+        // No header, an HTTP date, garbage: no Retry-After.
+        for value in [None, Some("Wed, 21 Oct 2026 07:28:00 GMT"), Some("soon")] {
+            assert_eq!(classify_sdk_error("k", &answer(503, "SlowDown", value)).retry_after(), None, "{value:?}");
+        }
+        // Only a throttle carries one.
+        assert_eq!(classify_sdk_error("k", &answer(500, "InternalError", Some("3"))).retry_after(), None);
+    }
+
+    #[test]
     fn body_guard_rules() {
         let t0 = Instant::now();
         let guard = BodyGuard {
