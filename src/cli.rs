@@ -14,6 +14,7 @@
 
 mod commands;
 pub mod demo;
+mod export;
 mod output;
 pub mod progress_bar;
 
@@ -195,6 +196,11 @@ pub struct RestoreArgs {
     /// device, or an existing file with --in-place.
     #[arg(long, value_name = "START..END|I/N")]
     pub blocks: Option<BlockSelection>,
+    /// Serve the volume over NBD while it is restored, and after, until
+    /// SIGINT/SIGTERM: nbd://127.0.0.1:10809/NAME (loopback only) or
+    /// nbd+unix:///PATH.sock. A file target is then written in place.
+    #[arg(long, value_name = "URL")]
+    pub export: Option<String>,
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Print the summary as JSON on stdout.

@@ -18,6 +18,7 @@ pub mod fetch;
 pub mod job;
 pub mod manifest;
 pub mod metrics;
+pub mod nbd;
 pub mod restore;
 pub mod sample;
 pub mod snapshot;

@@ -12,9 +12,11 @@
 //! pipeline (`pipeline.rs`: dispatcher and units, `settler.rs`) moves blocks
 //! to the target and settles them; `report.rs` says how it went. [`progress`]
 //! is what a watcher reads while it runs; [`readback`] reads a target back
-//! against a manifest.
+//! against a manifest. [`live`] is the volume while it is restored, for an
+//! export to serve ([`restore_live`]).
 
 mod allocate;
+pub mod live;
 mod phases;
 mod pipeline;
 pub mod plan;
@@ -33,7 +35,7 @@ use crate::fetch::budget::Budget;
 use crate::manifest::{Manifest, ManifestLimits};
 use crate::store::{self, SharedStore, StoreUrl};
 
-pub use phases::{RestoreSpec, restore};
+pub use phases::{Publish, RestoreSpec, restore, restore_live};
 pub use report::{DamagedBlock, RestoreReport, Timings};
 
 /// What all restores in one process share.

@@ -65,9 +65,22 @@ pub(super) async fn snapshot_create(args: CreateArgs) -> ExitCode {
 }
 
 pub(super) async fn restore(args: RestoreArgs) -> ExitCode {
-    let Ok(config) = load_config(args.config.as_ref()) else {
+    let Ok(mut config) = load_config(args.config.as_ref()) else {
         return ExitCode::Usage;
     };
+    if let Some(url) = &args.export {
+        if args.blocks.is_some() {
+            return usage("--export serves the whole volume: it cannot be combined with --blocks");
+        }
+        let addr = match crate::nbd::ExportAddr::parse(url) {
+            Ok(addr) => addr,
+            Err(e) => return usage(&e),
+        };
+        // The export reads and writes the target through the page cache:
+        // the background restore writes it the same way.
+        config.write.direct_io = crate::write::DirectIo::Off;
+        return super::export::restore_exported(Engine::new(config), args, addr).await;
+    }
     let engine = Engine::new(config);
     let spec = RestoreSpec {
         manifest_url: args.manifest,
@@ -88,11 +101,24 @@ pub async fn restore_with_progress(
     spec: &RestoreSpec,
     show_progress: bool,
 ) -> Result<RestoreReport, RestoreError> {
+    run_with_progress(engine, spec, show_progress, None).await
+}
+
+/// [`restore_with_progress`], serving the volume through `publish` when given.
+pub(super) async fn run_with_progress(
+    engine: &Engine,
+    spec: &RestoreSpec,
+    show_progress: bool,
+    publish: Option<crate::restore::Publish>,
+) -> Result<RestoreReport, RestoreError> {
     let progress = Arc::new(Progress::default());
     let cancel = CancellationToken::new();
     let signals = tokio::spawn(cancel_on_signal(cancel.clone()));
     let bar = show_progress.then(|| super::progress_bar::spawn(Arc::clone(&progress)));
-    let result = crate::restore::restore(engine, spec, &progress, &cancel).await;
+    let result = match publish {
+        Some(publish) => crate::restore::restore_live(engine, spec, &progress, &cancel, publish).await,
+        None => crate::restore::restore(engine, spec, &progress, &cancel).await,
+    };
     signals.abort();
     if let Some(bar) = bar {
         bar.finish().await;
@@ -100,7 +126,7 @@ pub async fn restore_with_progress(
     result
 }
 
-async fn cancel_on_signal(cancel: CancellationToken) {
+pub(super) async fn cancel_on_signal(cancel: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         return;

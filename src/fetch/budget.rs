@@ -4,6 +4,12 @@
 //! budget, not by the number of jobs. A block takes its length from the budget
 //! before its fetch starts and gives it back when its bytes are written (or
 //! dropped): the [`BudgetPermit`] travels with the block.
+//!
+//! Reads of a volume still being restored (a lazy export) must not wait
+//! behind the background restore, which keeps the budget full by design: they
+//! take their bytes from a separate **demand reserve** ([`acquire_demand`](Budget::acquire_demand)),
+//! a quarter of the budget on top of it. Memory is bounded by the budget plus
+//! the reserve; a full background queue never delays a demand read.
 
 use std::sync::Arc;
 
@@ -17,6 +23,9 @@ const UNIT_BYTES: u64 = 1024;
 pub struct Budget {
     semaphore: Arc<Semaphore>,
     capacity_bytes: u64,
+    /// The demand reserve: blocks a reader is waiting for now.
+    demand: Arc<Semaphore>,
+    demand_capacity_bytes: u64,
 }
 
 /// Bytes held in flight; returned to the budget when dropped.
@@ -28,7 +37,25 @@ pub struct BudgetPermit {
 impl Budget {
     pub fn new(capacity_bytes: u64) -> Self {
         let units = (capacity_bytes / UNIT_BYTES).max(1) as usize;
-        Self { semaphore: Arc::new(Semaphore::new(units)), capacity_bytes }
+        // A quarter: with the default budget, room for several blocks read
+        // on demand at once, at a quarter more memory at most.
+        let demand_capacity_bytes = (capacity_bytes / 4).max(UNIT_BYTES);
+        let demand_units = (demand_capacity_bytes / UNIT_BYTES) as usize;
+        Self {
+            semaphore: Arc::new(Semaphore::new(units)),
+            capacity_bytes,
+            demand: Arc::new(Semaphore::new(demand_units)),
+            demand_capacity_bytes,
+        }
+    }
+
+    /// Wait until `bytes` fit in the demand reserve (never behind the
+    /// background's queue). Clamped like [`acquire`](Self::acquire).
+    pub async fn acquire_demand(&self, bytes: u64) -> BudgetPermit {
+        let units = bytes.div_ceil(UNIT_BYTES).clamp(1, self.demand_capacity_bytes / UNIT_BYTES) as u32;
+        let permit =
+            Arc::clone(&self.demand).acquire_many_owned(units).await.expect("demand semaphore is never closed");
+        BudgetPermit { _permit: permit }
     }
 
     /// Wait until `bytes` fit in the budget. A request larger than the whole
@@ -67,5 +94,16 @@ mod tests {
         let _b = budget.acquire(2 << 20).await;
         let _huge = tokio::time::timeout(std::time::Duration::from_millis(50), budget.acquire(1 << 40)).await;
         assert_eq!(budget.inflight_bytes(), 2 << 20);
+    }
+
+    #[tokio::test]
+    async fn a_full_budget_never_delays_a_demand_read() {
+        let budget = Budget::new(4 << 20);
+        let _all = budget.acquire(4 << 20).await;
+        let demand = tokio::time::timeout(std::time::Duration::from_millis(50), budget.acquire_demand(1 << 20)).await;
+        assert!(demand.is_ok(), "the demand reserve is separate from the background's budget");
+        let _held = demand.unwrap();
+        let over = tokio::time::timeout(std::time::Duration::from_millis(50), budget.acquire_demand(1 << 20)).await;
+        assert!(over.is_err(), "the reserve is bounded too");
     }
 }

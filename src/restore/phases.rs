@@ -24,11 +24,13 @@
 //! fdatasync stops the restore at once: nothing written since the last
 //! successful fdatasync is counted as settled.
 
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::plan::{self};
@@ -43,8 +45,9 @@ use crate::target::{self, StagingGuard, Target};
 use crate::write::{Backend, Writer};
 
 use super::allocate::{Allocated, Durable, allocate_phase, io_error};
+use super::live::{FlushRequest, LiveVolume};
 use super::pipeline::UnitContext;
-use super::read::BlockReader;
+use super::read::{BlockReader, DemandLane};
 use super::report::{RestoreReport, Timings, already_restored_report};
 use super::settler::Settler;
 
@@ -74,18 +77,46 @@ pub async fn restore(
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
 ) -> Result<RestoreReport, RestoreError> {
-    restore_as(engine, spec, progress, cancel, engine.next_tenant()).await
+    let run = Run { engine, progress, cancel, tenant: engine.next_tenant(), publish: None, live_file: None };
+    restore_as(spec, run).await
 }
 
-async fn restore_as(
+/// Hands the volume being restored to whoever serves it (an NBD export).
+pub type Publish = Arc<dyn Fn(Arc<LiveVolume>) + Send + Sync>;
+
+/// Run one restore to its end, serving the volume while it runs: `publish`
+/// gets the [`LiveVolume`] once the manifest is validated and the target
+/// allocated, before any block is fetched.
+///
+/// A file target is written in place (created when missing): the client
+/// writes it, so there is no staging file to swap. The checkpoint stays
+/// after the restore completes: it records that every block is the
+/// snapshot's or the client's, so a rerun never restores over the client's
+/// writes (`--restart` discards it).
+pub async fn restore_live(
     engine: &Engine,
     spec: &RestoreSpec,
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
-    tenant: u64,
+    publish: Publish,
 ) -> Result<RestoreReport, RestoreError> {
+    let spec = RestoreSpec { in_place: true, ..spec.clone() };
+    let run = Run { engine, progress, cancel, tenant: engine.next_tenant(), publish: Some(publish), live_file: None };
+    restore_as(&spec, run).await
+}
+
+async fn restore_as(spec: &RestoreSpec, mut run: Run<'_>) -> Result<RestoreReport, RestoreError> {
+    let (engine, progress) = (run.engine, run.progress);
     progress.set_phase(Phase::Validate);
-    let (snapshot, sources, blocks) = validate(engine, spec, tenant).await?;
+    let (snapshot, sources, blocks) = validate(engine, spec, run.tenant).await?;
+    if run.publish.is_some() && std::fs::symlink_metadata(&spec.target).is_err() {
+        // An exported file is written in place: create it (allocate sizes it).
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&spec.target)
+            .map_err(|e| RestoreError::Io(format!("{}: cannot create the target: {e}", spec.target.display())))?;
+    }
 
     progress.set_phase(Phase::Allocate);
     let durable = Durable::open(engine, spec, blocks, &snapshot.layout())?;
@@ -99,15 +130,20 @@ async fn restore_as(
         return Ok(already_restored_report(spec, &*snapshot, progress));
     };
 
+    if run.publish.is_some() {
+        let file = target.file.try_clone().map_err(|e| io_error(&target, "cannot duplicate the target handle", e))?;
+        run.live_file = Some(Arc::new(file));
+    }
     progress.set_phase(Phase::Rehydrate);
     let blocks_resumed = checkpoint.settled().settled_count();
-    let run = Run { engine, progress, cancel, tenant };
     let mut transfer = rehydrate(&run, &snapshot, sources, &target, checkpoint, writer, durable.clone()).await;
     if let Err(e) = std::mem::replace(&mut transfer.result, Ok(())) {
         keep_or_discard(&e, &transfer.settler, durable.as_ref(), &mut staging, &target);
         return Err(e);
     }
     let report = report_of(spec, &*snapshot, progress, &mut transfer, blocks_resumed);
+    // An exported volume keeps its checkpoint: see `restore_live`.
+    let durable = durable.filter(|_| run.publish.is_none());
     conclude(report, &transfer, &target, staging, durable.as_ref(), progress)
 }
 
@@ -118,6 +154,10 @@ struct Run<'a> {
     cancel: &'a CancellationToken,
     /// The restore's tenant at the stores' concurrency gates.
     tenant: u64,
+    /// Serve the volume while it is restored.
+    publish: Option<Publish>,
+    /// The target, for the served volume's reads and writes.
+    live_file: Option<Arc<File>>,
 }
 
 /// Validate: open the primary store, read and check the manifest, open the
@@ -201,11 +241,22 @@ async fn rehydrate(
     progress.attach_telemetry(Arc::clone(&telemetry));
     let (blocks_deduplicated, objects_planned) = (plan.blocks_deduplicated, plan.objects());
 
-    let mut settler = Settler::new(engine, target, layout, writer.clone(), checkpoint, durable, Arc::clone(progress));
     let reader = BlockReader::new(Arc::clone(snapshot), fetch);
-    let units = UnitContext { reader, writer: writer.clone(), layout };
+    let (reader, live, flushes) = match (&run.publish, &run.live_file) {
+        (Some(publish), Some(file)) => {
+            let (reader, live, flushes) = go_live(run, reader, target, file, &checkpoint, publish);
+            (reader, Some(live), Some(flushes))
+        }
+        _ => (Arc::new(reader), None, None),
+    };
+    let mut settler = Settler::new(engine, target, layout, writer.clone(), checkpoint, durable, Arc::clone(progress));
+    settler.flushes = flushes;
+    let units = UnitContext { reader, live: live.clone(), writer: writer.clone(), layout };
     let transfer_started = Instant::now();
     let result = settler.run(plan, units, engine.budget.clone(), run.cancel).await;
+    if let Some(live) = live {
+        live.finish(result.is_ok());
+    }
     let transferred = settler.transferred.unwrap_or_else(Instant::now);
     let timings = Timings {
         prepare_secs: transfer_started.duration_since(progress.started).as_secs_f64(),
@@ -217,6 +268,32 @@ async fn rehydrate(
     let closed = writer.close().await;
     let result = result.and_then(|()| closed.map_err(|e| io_error(target, "closing the writer failed", e)));
     Transfer { result, settler, timings, backend, telemetry, blocks_deduplicated, objects_planned, transferred }
+}
+
+/// Make the volume live: demand reads get their lane, the volume is built
+/// over the target (local: what is settled, and zero blocks of a fresh
+/// file) and handed to `publish`.
+fn go_live(
+    run: &Run<'_>,
+    reader: BlockReader,
+    target: &Target,
+    file: &Arc<File>,
+    checkpoint: &Checkpoint,
+    publish: &Publish,
+) -> (Arc<BlockReader>, Arc<LiveVolume>, mpsc::Receiver<FlushRequest>) {
+    // Demand fetches are a tenant of their own at the stores' gates.
+    let fetch = FetchContext::new(reader.fetch().sources.clone(), &run.engine.config.fetch)
+        .for_tenant(run.engine.next_tenant());
+    let lane = DemandLane { budget: run.engine.budget.clone(), fetch };
+    let reader = Arc::new(reader.with_demand_lane(lane));
+    // A FLUSH waits for its answer: a short queue is enough.
+    let (tx, rx) = mpsc::channel(16);
+    let snapshot = Arc::clone(reader.snapshot());
+    let settled = checkpoint.settled();
+    let local = |i| settled.is_settled(i) || (target.fresh && snapshot.block(i).is_none());
+    let live = Arc::new(LiveVolume::new(Arc::clone(&reader), Arc::clone(file), tx, local));
+    publish(Arc::clone(&live));
+    (reader, live, rx)
 }
 
 /// A failed rehydrate phase: keep the staging file and the checkpoint when

@@ -3,12 +3,19 @@
 //! in-flight budget (waiting when it is spent) and spawns the unit; a unit
 //! gets its block verified, writes it at every offset that holds it, gives
 //! its bytes back and reports the outcome to the settler.
+//!
+//! While the volume is exported ([`super::live`]), a unit claims each block
+//! before writing it and skips a block that is local already (read on
+//! demand, or written by the client): the background restore never
+//! overwrites a client's bytes. A unit whose blocks are all local fetches
+//! nothing.
 
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::live::LiveVolume;
 use super::plan::{Unit, UnitSource};
 use super::read::{BlockReader, Priority};
 use crate::block::{BlockIndex, BlockLayout};
@@ -21,16 +28,30 @@ use crate::write::Writer;
 /// What every unit task shares.
 pub(super) struct UnitContext {
     /// Verified blocks by index: lookup, fetch, verify.
-    pub(super) reader: BlockReader,
+    pub(super) reader: Arc<BlockReader>,
+    /// The exported volume, when there is one.
+    pub(super) live: Option<Arc<LiveVolume>>,
     pub(super) writer: Writer,
     pub(super) layout: BlockLayout,
 }
 
 /// How one unit ended.
 pub(super) enum UnitOutcome {
-    Written { blocks: Vec<BlockIndex>, bytes: u64 },
-    Failed { blocks: Vec<BlockIndex>, failures: Vec<SourceFailure> },
-    WriteFailed { block: BlockIndex, error: std::io::Error },
+    Written {
+        blocks: Vec<BlockIndex>,
+        bytes: u64,
+    },
+    /// `local`: blocks of the unit the target holds anyway (the client's, or
+    /// read on demand): written, not failed.
+    Failed {
+        blocks: Vec<BlockIndex>,
+        failures: Vec<SourceFailure>,
+        local: Vec<BlockIndex>,
+    },
+    WriteFailed {
+        block: BlockIndex,
+        error: std::io::Error,
+    },
 }
 
 /// One write, with a fail point that injects ENOSPC.
@@ -40,22 +61,47 @@ pub(super) async fn write_block(writer: &Writer, offset: u64, block: &VerifiedBl
 }
 
 pub(super) async fn run_unit(ctx: &UnitContext, unit: Unit) -> UnitOutcome {
+    if let Some(live) = &ctx.live
+        && unit.blocks.iter().all(|&i| live.is_local(i))
+    {
+        return UnitOutcome::Written { blocks: unit.blocks, bytes: 0 };
+    }
     let block = match &unit.source {
         // Zeros need no lookup: the plan knows the block's length.
         UnitSource::Zeros { len_bytes } => VerifiedBlock::zeros(*len_bytes as usize),
         UnitSource::Object { .. } => match ctx.reader.read(unit.first_block(), Priority::Background).await {
             Ok(block) => block,
-            Err(failures) => return UnitOutcome::Failed { blocks: unit.blocks, failures },
+            Err(failures) => return failed(ctx, unit.blocks, failures),
         },
     };
     let mut bytes = 0;
     for &index in &unit.blocks {
+        let claim = match &ctx.live {
+            Some(live) => Some(live.claim(index).await),
+            None => None,
+        };
+        if claim.as_ref().is_some_and(|c| c.is_local()) {
+            continue;
+        }
         if let Err(error) = write_block(&ctx.writer, ctx.layout.offset(index), &block).await {
             return UnitOutcome::WriteFailed { block: index, error };
+        }
+        if let Some(claim) = claim {
+            claim.set_local();
         }
         bytes += block.len() as u64;
     }
     UnitOutcome::Written { blocks: unit.blocks, bytes }
+}
+
+/// A unit no source could serve: its blocks the target holds anyway are not
+/// failed.
+fn failed(ctx: &UnitContext, blocks: Vec<BlockIndex>, failures: Vec<SourceFailure>) -> UnitOutcome {
+    let Some(live) = &ctx.live else {
+        return UnitOutcome::Failed { blocks, failures, local: Vec::new() };
+    };
+    let (local, blocks): (Vec<_>, Vec<_>) = blocks.into_iter().partition(|&i| live.is_local(i));
+    UnitOutcome::Failed { blocks, failures, local }
 }
 
 /// Walk the plan in order, each unit waiting for its bytes in the budget.

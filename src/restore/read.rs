@@ -10,10 +10,11 @@
 
 use std::sync::Arc;
 
-use crate::block::BlockIndex;
+use crate::block::{BlockIndex, Compression};
+use crate::fetch::budget::{Budget, BudgetPermit};
 use crate::fetch::{FetchContext, SourceFailure, fetch_block};
 use crate::snapshot::Snapshot;
-use crate::verify::VerifiedBlock;
+use crate::verify::{Expected, VerifiedBlock};
 
 /// Who is waiting for a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,20 +22,44 @@ pub enum Priority {
     /// The restore's own walk through its plan.
     Background,
     /// A reader blocked on this block now (a read of a volume still being
-    /// restored). Today it takes the same path: the in-flight budget and the
-    /// stores' gates have one queue each.
+    /// restored). Its bytes come from the budget's demand reserve, never
+    /// behind the background queue, and its store requests queue as a tenant
+    /// of their own, so they take turns with the background's at every
+    /// store's concurrency gate instead of waiting behind all of it. (A
+    /// store's request-rate limiter still has one queue.)
     Demand,
+}
+
+/// How demand reads jump the background queue: the budget whose reserve they
+/// take, and a fetch stage of their own (the same sources, its own tenant at
+/// the stores' gates).
+#[derive(Debug)]
+pub struct DemandLane {
+    pub budget: Budget,
+    pub fetch: FetchContext,
 }
 
 /// Verified blocks of one snapshot, by index.
 pub struct BlockReader {
     snapshot: Arc<dyn Snapshot>,
     fetch: FetchContext,
+    demand: Option<DemandLane>,
 }
 
 impl BlockReader {
     pub fn new(snapshot: Arc<dyn Snapshot>, fetch: FetchContext) -> Self {
-        Self { snapshot, fetch }
+        Self { snapshot, fetch, demand: None }
+    }
+
+    /// Serve [`Priority::Demand`] reads through `lane` (without one they
+    /// take the caller's path, as background reads do).
+    pub fn with_demand_lane(mut self, lane: DemandLane) -> Self {
+        self.demand = Some(lane);
+        self
+    }
+
+    pub fn snapshot(&self) -> &Arc<dyn Snapshot> {
+        &self.snapshot
     }
 
     /// The fetch stage behind the reader: its telemetry and hedger.
@@ -45,11 +70,40 @@ impl BlockReader {
     /// Block `index`, verified: looked up in the snapshot, fetched from the
     /// first source that serves it, checked against what the snapshot says.
     pub async fn read(&self, index: BlockIndex, priority: Priority) -> Result<VerifiedBlock, Vec<SourceFailure>> {
+        self.read_held(index, priority).await.map(|(block, _bytes)| block)
+    }
+
+    /// [`read`](Self::read), and for a [`Priority::Demand`] read through the
+    /// demand lane, the bytes it holds in the demand reserve: keep them until
+    /// the block is written, so the reserve bounds those blocks' memory.
+    pub async fn read_held(
+        &self,
+        index: BlockIndex,
+        priority: Priority,
+    ) -> Result<(VerifiedBlock, Option<BudgetPermit>), Vec<SourceFailure>> {
         let Some(block) = self.snapshot.block(index) else {
-            return Ok(VerifiedBlock::zeros(self.snapshot.layout().len(index) as usize));
+            return Ok((VerifiedBlock::zeros(self.snapshot.layout().len(index) as usize), None));
         };
         let key = self.snapshot.object_key(&block);
         tracing::trace!(block = index, ?priority, %key, "reading block");
-        fetch_block(&self.fetch, &key, &block.expected, index).await.map(|(verified, _source)| verified)
+        match (&self.demand, priority) {
+            (Some(lane), Priority::Demand) => {
+                let bytes = lane.budget.acquire_demand(inflight_bytes(&block.expected)).await;
+                let (verified, _source) = fetch_block(&lane.fetch, &key, &block.expected, index).await?;
+                Ok((verified, Some(bytes)))
+            }
+            _ => {
+                fetch_block(&self.fetch, &key, &block.expected, index).await.map(|(verified, _source)| (verified, None))
+            }
+        }
+    }
+}
+
+/// Bytes a fetch of this object holds: as received, plus the decompressed
+/// block when it is compressed.
+fn inflight_bytes(expected: &Expected) -> u64 {
+    match expected.compression {
+        Compression::None => u64::from(expected.len_bytes),
+        Compression::Zstd => u64::from(expected.stored_len_bytes) + u64::from(expected.len_bytes),
     }
 }

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::allocate::Durable;
+use super::live::FlushRequest;
 use super::pipeline::{UnitContext, UnitOutcome, dispatch};
 use super::plan::Plan;
 use super::progress::Progress;
@@ -55,6 +56,16 @@ pub(super) struct Settler {
     pub(super) dispatched: Option<Instant>,
     /// When the last block's outcome came in.
     pub(super) transferred: Option<Instant>,
+    /// FLUSHes of an exported volume ([`super::live`]).
+    pub(super) flushes: Option<mpsc::Receiver<FlushRequest>>,
+}
+
+/// The next FLUSH, or never when the volume is not exported.
+async fn recv_flush(flushes: &mut Option<mpsc::Receiver<FlushRequest>>) -> Option<FlushRequest> {
+    match flushes {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Settler {
@@ -85,6 +96,7 @@ impl Settler {
             progress,
             dispatched: None,
             transferred: None,
+            flushes: None,
         }
     }
 
@@ -105,12 +117,15 @@ impl Settler {
         let _stop_on_exit = stop.clone().drop_guard();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flushes = self.flushes.take();
         loop {
             tokio::select! {
                 // Cancellation first: cancelled units stop without reporting,
                 // so the outcome channel can close with blocks not done.
                 biased;
                 () = cancel.cancelled() => return self.interrupted(&stop).await,
+                // A client waits on its FLUSH: before the outcomes.
+                Some(flush) = recv_flush(&mut flushes) => self.flush(flush).await,
                 outcome = rx.recv() => match outcome {
                     Some(outcome) => self.record(outcome)?,
                     None => {
@@ -140,6 +155,20 @@ impl Settler {
         self.settle().await
     }
 
+    /// A client's FLUSH: its blocks settle with everything written so far
+    /// (fdatasync, then the checkpoint), then it is answered. A failure
+    /// fails the FLUSH; the restore goes on and settles on its cadence.
+    async fn flush(&mut self, flush: FlushRequest) {
+        self.written.extend(flush.owned);
+        let result = if self.written.is_empty() {
+            // Nothing to settle, but a FLUSH still means an fdatasync.
+            sync_target(&self.writer).await.map_err(|e| e.to_string())
+        } else {
+            self.settle().await.map_err(|e| e.to_string())
+        };
+        let _ = flush.done.send(result);
+    }
+
     /// Stop on request: settle what was written, then report how far it got.
     pub(super) async fn interrupted(&mut self, stop: &CancellationToken) -> Result<(), RestoreError> {
         stop.cancel();
@@ -159,7 +188,10 @@ impl Settler {
                 metrics::counter!(m::WRITTEN_BYTES_TOTAL).increment(bytes);
                 self.written.extend(blocks);
             }
-            UnitOutcome::Failed { blocks, failures } => {
+            UnitOutcome::Failed { blocks, failures, local } => {
+                self.written.extend(local);
+                // A block settled meanwhile (the client's, flushed) is not failed.
+                let blocks: Vec<_> = blocks.into_iter().filter(|&i| !self.checkpoint.settled().is_settled(i)).collect();
                 metrics::counter!(m::FAILED_BLOCKS_TOTAL).increment(blocks.len() as u64);
                 self.progress.blocks_failed.fetch_add(blocks.len() as u64, Ordering::Relaxed);
                 let reason = failures.last().map(|f| format!("{}: {}", f.source, f.last_error)).unwrap_or_default();
@@ -203,9 +235,16 @@ impl Settler {
         })?;
         metrics::counter!(m::SYNCS_TOTAL).increment(1);
         metrics::histogram!(m::SYNC_LATENCY_SECONDS).record(started.elapsed().as_secs_f64());
-        let blocks = self.written.len() as u64;
-        let bytes: u64 = self.written.iter().map(|&i| u64::from(self.layout.len(i))).sum();
-        self.checkpoint.settle_many(self.written.drain(..));
+        // A block can be reported twice (written by the client, flushed,
+        // then passed by the background restore): count it once.
+        let mut blocks = 0;
+        let mut bytes = 0;
+        for index in std::mem::take(&mut self.written) {
+            if self.checkpoint.settle(index) {
+                blocks += 1;
+                bytes += u64::from(self.layout.len(index));
+            }
+        }
         metrics::counter!(m::SETTLED_BLOCKS_TOTAL).increment(blocks);
         metrics::counter!(m::SETTLED_BYTES_TOTAL).increment(bytes);
         self.progress.blocks_settled.fetch_add(blocks, Ordering::Relaxed);

@@ -1,0 +1,75 @@
+//! `rehydrate restore --export URL`: restore and serve the volume over NBD
+//! while it is restored, then keep serving it until SIGINT or SIGTERM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::RestoreArgs;
+use super::commands::{cancel_on_signal, run_with_progress};
+use super::output::{fail, print_restore_result};
+use crate::error::ExitCode;
+use crate::nbd::{Export, ExportAddr, Limits, Listener};
+use crate::restore::live::LiveVolume;
+use crate::restore::{Engine, Publish, RestoreError, RestoreSpec};
+
+/// How long open connections get to finish their requests at the end.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(super) async fn restore_exported(engine: Engine, args: RestoreArgs, addr: ExportAddr) -> ExitCode {
+    // Bound first: a taken address fails the command before any work.
+    let listener = match Listener::bind(&addr).await {
+        Ok(listener) => listener,
+        Err(e) => return fail(&format!("export {}: cannot listen: {e}", addr.client_url()), ExitCode::Usage),
+    };
+    let (volume_tx, volume_rx) = watch::channel::<Option<Arc<LiveVolume>>>(None);
+    let publish: Publish = Arc::new(move |volume| {
+        volume_tx.send_replace(Some(volume));
+    });
+    let stop = CancellationToken::new();
+    let published = volume_rx.clone();
+    let server = tokio::spawn(serve_when_published(listener, addr.clone(), volume_rx, stop.clone()));
+    let spec = RestoreSpec {
+        manifest_url: args.manifest,
+        target: args.target,
+        secondaries: args.secondaries,
+        in_place: true,
+        restart: args.restart,
+        blocks: None,
+    };
+    let result = run_with_progress(&engine, &spec, !args.json, Some(publish)).await;
+    let code = print_restore_result(&result, args.json);
+    // Served on after the restore: a complete volume, or one whose damaged
+    // blocks answer EIO. Not after a stop, or a target that failed to write.
+    let serve_on = matches!(result, Ok(_) | Err(RestoreError::BlocksFailed(_)));
+    if published.borrow().is_some() && serve_on {
+        eprintln!("still exporting {} at {} until SIGINT or SIGTERM", spec.target.display(), addr.client_url());
+        let signal = CancellationToken::new();
+        cancel_on_signal(signal.clone()).await;
+    }
+    stop.cancel();
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, server).await;
+    code
+}
+
+/// Wait for the restore to publish its volume, then serve it until `stop`.
+async fn serve_when_published(
+    listener: Listener,
+    addr: ExportAddr,
+    mut published: watch::Receiver<Option<Arc<LiveVolume>>>,
+    stop: CancellationToken,
+) {
+    let volume = tokio::select! {
+        () = stop.cancelled() => return,
+        volume = published.wait_for(Option::is_some) => match volume {
+            Ok(volume) => volume.clone(),
+            Err(_) => return,
+        },
+    };
+    let Some(volume) = volume else { return };
+    eprintln!("exporting at {}", addr.client_url());
+    let export = Export { name: addr.name().to_owned(), volume, limits: Limits::default() };
+    crate::nbd::serve(listener, export, stop).await;
+}

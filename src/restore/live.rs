@@ -1,0 +1,366 @@
+//! The volume while it is restored: reads and writes of a target whose
+//! blocks are still arriving (what `rehydrate restore --export` serves).
+//!
+//! In: byte ranges to read or write, from any number of tasks. Out: bytes
+//! that are always the snapshot's or the client's, never stale or wrong.
+//!
+//! Each block is, for the client, either **local** (the target holds its
+//! final bytes: restored, or written by the client) or not. Reading a block
+//! that is not local fetches it at once through [`Priority::Demand`] (the
+//! budget's demand reserve, its own tenant at the stores' gates), verifies
+//! it, writes it and answers from it; a zero block is answered at once. A
+//! block being fetched or written is **claimed**: a second reader of it waits
+//! for the first and then reads the target, so concurrent reads share one
+//! fetch. A block no source can serve answers `EIO`; the background restore
+//! names it in the damage report.
+//!
+//! A client write makes its blocks **owned** by the client. A partial write
+//! to a block that is not local restores the block first, then applies the
+//! write. The background restore claims each block before writing it and
+//! skips a local one, so it never overwrites a client's bytes.
+//!
+//! FLUSH is an fdatasync of the target, and while the restore runs it goes
+//! through the settler: the blocks the client owns are settled with it and
+//! recorded in the checkpoint, so a resumed restore never overwrites them
+//! (`docs/architecture.md`, "Serving the volume while it is restored").
+//!
+//! Limits: claims are per block and held only while that block is fetched
+//! or written; the callers (the NBD server) bound how many requests are in
+//! flight and how long each range is.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+
+use super::read::{BlockReader, Priority};
+use crate::block::{BlockIndex, BlockLayout};
+use crate::verify::VerifiedBlock;
+
+/// A FLUSH sent to the settler: settle these client-owned blocks with an
+/// fdatasync and save the checkpoint, then answer.
+pub(super) struct FlushRequest {
+    pub(super) owned: Vec<BlockIndex>,
+    pub(super) done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Counters of what the volume served.
+#[derive(Debug, Default)]
+pub struct LiveCounts {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
+    /// Blocks fetched because a reader (or a partial write) needed them now.
+    pub demand_fetches: AtomicU64,
+    pub demand_failures: AtomicU64,
+    /// Blocks the client wrote (its own from then on).
+    pub blocks_owned: AtomicU64,
+}
+
+/// One bit per block.
+struct BitSet(Vec<u64>);
+
+impl BitSet {
+    fn new(len: u64) -> Self {
+        Self(vec![0; len.div_ceil(64) as usize])
+    }
+    fn get(&self, i: BlockIndex) -> bool {
+        self.0[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+    /// Set bit `i`; whether it was clear.
+    fn set(&mut self, i: BlockIndex) -> bool {
+        let word = &mut self.0[(i / 64) as usize];
+        let was_clear = *word & (1 << (i % 64)) == 0;
+        *word |= 1 << (i % 64);
+        was_clear
+    }
+}
+
+struct States {
+    local: BitSet,
+    owned: BitSet,
+    /// Blocks being fetched or written, and who waits for them.
+    claimed: HashMap<BlockIndex, Arc<Notify>>,
+    /// Owned blocks written since the last FLUSH.
+    owned_unflushed: Vec<BlockIndex>,
+}
+
+/// The volume being restored, readable and writable at any moment.
+pub struct LiveVolume {
+    layout: BlockLayout,
+    reader: Arc<BlockReader>,
+    file: Arc<File>,
+    states: Mutex<States>,
+    /// The settler, while the restore runs.
+    settler: mpsc::Sender<FlushRequest>,
+    /// How the restore's rehydrate phase ended, once it has: `Some(true)`
+    /// when every block is settled or failed (an fdatasync is then all a
+    /// FLUSH needs), `Some(false)` when it stopped short.
+    finished: watch::Sender<Option<bool>>,
+    pub counts: LiveCounts,
+}
+
+/// How long a FLUSH waits for the end of the rehydrate phase once the
+/// settler has stopped taking FLUSHes (it is the settler's last fdatasync).
+const FINISH_WAIT: Duration = Duration::from_secs(60);
+
+impl std::fmt::Debug for LiveVolume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveVolume").field("layout", &self.layout).finish_non_exhaustive()
+    }
+}
+
+/// A block claimed for a fetch or a write; released (waking its waiters)
+/// when dropped.
+pub(super) struct Claim<'a> {
+    volume: &'a LiveVolume,
+    index: BlockIndex,
+}
+
+impl Claim<'_> {
+    pub(super) fn is_local(&self) -> bool {
+        self.volume.is_local(self.index)
+    }
+
+    pub(super) fn set_local(&self) {
+        self.volume.lock().local.set(self.index);
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Some(notify) = self.volume.lock().claimed.remove(&self.index) {
+            notify.notify_waiters();
+        }
+    }
+}
+
+impl LiveVolume {
+    /// `local(i)`: the target already holds block `i`'s final bytes (settled
+    /// by an earlier run, or zeros of a fresh file).
+    pub(super) fn new(
+        reader: Arc<BlockReader>,
+        file: Arc<File>,
+        settler: mpsc::Sender<FlushRequest>,
+        local: impl Fn(BlockIndex) -> bool,
+    ) -> Self {
+        let layout = reader.snapshot().layout();
+        let mut states = States {
+            local: BitSet::new(layout.block_count()),
+            owned: BitSet::new(layout.block_count()),
+            claimed: HashMap::new(),
+            owned_unflushed: Vec::new(),
+        };
+        for i in (0..layout.block_count()).filter(|&i| local(i)) {
+            states.local.set(i);
+        }
+        Self {
+            layout,
+            reader,
+            file,
+            states: Mutex::new(states),
+            settler,
+            finished: watch::channel(None).0,
+            counts: LiveCounts::default(),
+        }
+    }
+
+    /// The rehydrate phase has ended: `settled_all` when every block is
+    /// settled or failed.
+    pub(super) fn finish(&self, settled_all: bool) {
+        self.finished.send_replace(Some(settled_all));
+    }
+
+    pub fn layout(&self) -> BlockLayout {
+        self.layout
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, States> {
+        self.states.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_local(&self, index: BlockIndex) -> bool {
+        self.lock().local.get(index)
+    }
+
+    pub fn is_owned(&self, index: BlockIndex) -> bool {
+        self.lock().owned.get(index)
+    }
+
+    /// Claim block `index`, waiting while someone else holds it.
+    pub(super) async fn claim(&self, index: BlockIndex) -> Claim<'_> {
+        loop {
+            let waiting = {
+                let mut states = self.lock();
+                match states.claimed.get(&index) {
+                    // Registered before the lock is released: the holder's
+                    // notify_waiters cannot be missed.
+                    Some(notify) => Arc::clone(notify).notified_owned(),
+                    None => {
+                        states.claimed.insert(index, Arc::new(Notify::new()));
+                        return Claim { volume: self, index };
+                    }
+                }
+            };
+            waiting.await;
+        }
+    }
+
+    /// Read `len` bytes at `offset` (inside the volume).
+    pub async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        self.counts.reads.fetch_add(1, Ordering::Relaxed);
+        let mut out = vec![0u8; len as usize];
+        for (index, within, range) in self.segments(offset, u64::from(len)) {
+            let dst = &mut out[range];
+            if self.is_local(index) {
+                self.pread(self.layout.offset(index) + within, dst).await?;
+                continue;
+            }
+            if self.reader.snapshot().block(index).is_none() {
+                // A zero block: zeros, at once (`out` holds them already).
+                continue;
+            }
+            let claim = self.claim(index).await;
+            if claim.is_local() {
+                drop(claim);
+                self.pread(self.layout.offset(index) + within, dst).await?;
+                continue;
+            }
+            let block = self.restore_claimed(&claim).await?;
+            let start = within as usize;
+            dst.copy_from_slice(&block.bytes()[start..start + dst.len()]);
+        }
+        Ok(out)
+    }
+
+    /// Write `data` at `offset` (inside the volume): the blocks it touches
+    /// become the client's.
+    pub async fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.counts.writes.fetch_add(1, Ordering::Relaxed);
+        for (index, within, range) in self.segments(offset, data.len() as u64) {
+            self.write_block(index, within, &data[range]).await?;
+        }
+        Ok(())
+    }
+
+    /// Zeros over `len` bytes at `offset`, block by block (no payload held).
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.counts.writes.fetch_add(1, Ordering::Relaxed);
+        for (index, within, range) in self.segments(offset, len) {
+            let zeros = VerifiedBlock::zeros(range.len());
+            self.write_block(index, within, zeros.bytes()).await?;
+        }
+        Ok(())
+    }
+
+    /// Every write acknowledged before this call is durable when it returns;
+    /// while the restore runs, the blocks the client owns are then in the
+    /// checkpoint as settled.
+    pub async fn flush(&self) -> io::Result<()> {
+        self.counts.flushes.fetch_add(1, Ordering::Relaxed);
+        let owned = std::mem::take(&mut self.lock().owned_unflushed);
+        let (done, answer) = oneshot::channel();
+        if self.settler.send(FlushRequest { owned: owned.clone(), done }).await.is_ok()
+            && let Ok(result) = answer.await
+        {
+            return result.map_err(|e| {
+                // Not durable: keep them for the next FLUSH.
+                self.lock().owned_unflushed.extend(&owned);
+                io::Error::other(e)
+            });
+        }
+        // The settler has stopped taking FLUSHes. Once every block is
+        // settled (or failed), an fdatasync is all a FLUSH needs; a restore
+        // that stopped short never recorded these blocks, so the FLUSH fails.
+        let mut finished = self.finished.subscribe();
+        let settled_all = tokio::time::timeout(FINISH_WAIT, finished.wait_for(Option::is_some))
+            .await
+            .is_ok_and(|ended| ended.is_ok_and(|ended| *ended == Some(true)));
+        if !settled_all {
+            self.lock().owned_unflushed.extend(&owned);
+            return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+        }
+        let file = Arc::clone(&self.file);
+        tokio::task::spawn_blocking(move || file.sync_data()).await.map_err(io::Error::other)?
+    }
+
+    /// One block's share of a write, under its claim.
+    async fn write_block(&self, index: BlockIndex, within: u64, data: &[u8]) -> io::Result<()> {
+        let claim = self.claim(index).await;
+        let whole = within == 0 && data.len() as u64 == u64::from(self.layout.len(index));
+        if !whole && !claim.is_local() {
+            // Read-modify-write: the rest of the block must be the snapshot's.
+            self.restore_claimed(&claim).await?;
+        }
+        self.pwrite(self.layout.offset(index) + within, Bytes::copy_from_slice(data)).await?;
+        let mut states = self.lock();
+        states.local.set(index);
+        if states.owned.set(index) {
+            self.counts.blocks_owned.fetch_add(1, Ordering::Relaxed);
+        }
+        states.owned_unflushed.push(index);
+        Ok(())
+    }
+
+    /// Fetch, verify and write a claimed block that is not local; then it is.
+    async fn restore_claimed(&self, claim: &Claim<'_>) -> io::Result<VerifiedBlock> {
+        let index = claim.index;
+        self.counts.demand_fetches.fetch_add(1, Ordering::Relaxed);
+        // The demand reserve's bytes are held until the block is written.
+        let (block, _bytes) = match self.reader.read_held(index, Priority::Demand).await {
+            Ok(held) => held,
+            Err(failures) => {
+                self.counts.demand_failures.fetch_add(1, Ordering::Relaxed);
+                let reason = failures.last().map(|f| format!("{}: {}", f.source, f.last_error)).unwrap_or_default();
+                tracing::warn!(block = index, %reason, "a block read on demand failed on every source");
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+        };
+        self.pwrite(self.layout.offset(index), block.bytes().clone()).await?;
+        claim.set_local();
+        Ok(block)
+    }
+
+    /// The blocks a byte range touches: (block, offset within it, range of
+    /// the caller's buffer).
+    fn segments(&self, offset: u64, len: u64) -> impl Iterator<Item = (BlockIndex, u64, std::ops::Range<usize>)> {
+        let block_size = u64::from(self.layout.block_size_bytes());
+        let end = offset + len;
+        let mut at = offset;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let index = at / block_size;
+            let within = at % block_size;
+            let n = (block_size - within).min(end - at);
+            let range = (at - offset) as usize..(at - offset + n) as usize;
+            at += n;
+            Some((index, within, range))
+        })
+    }
+
+    async fn pread(&self, offset: u64, dst: &mut [u8]) -> io::Result<()> {
+        let file = Arc::clone(&self.file);
+        let len = dst.len();
+        let bytes = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len];
+            file.read_exact_at(&mut buf, offset).map(|()| buf)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        dst.copy_from_slice(&bytes);
+        Ok(())
+    }
+
+    async fn pwrite(&self, offset: u64, data: Bytes) -> io::Result<()> {
+        let file = Arc::clone(&self.file);
+        tokio::task::spawn_blocking(move || file.write_all_at(&data, offset)).await.map_err(io::Error::other)?
+    }
+}

@@ -1,0 +1,185 @@
+//! Writes through the export survive kill -9: the real binary restores from
+//! a slowed in-process S3 server with `--export`; each cycle a client writes
+//! whole and partial blocks at random (mostly where the restore has not
+//! been yet), FLUSHes, and the process is killed with SIGKILL at a random
+//! moment; the same command is run again. At the end every flushed write
+//! reads back through the export and from the target, and every other byte
+//! is the snapshot's: no acknowledged write is ever overwritten by snapshot
+//! data.
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns fail the test by panicking
+
+mod common;
+mod nbd_client;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Reaped, binary, slow_s3_toml, snapshot_into};
+use nbd_client::Client;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use rehydrate::block::{Compression, HashAlgorithm};
+use rehydrate::sample::SampleVolume;
+use rehydrate::store::fault::{Fault, FaultMethod, FaultRule};
+use rehydrate::store::loopback::{LOOPBACK_ACCESS_KEY_ID, LOOPBACK_REGION, LOOPBACK_SECRET_ACCESS_KEY, LoopbackS3};
+
+const BUCKET: &str = "nbd-bucket";
+const PREFIX: &str = "vols";
+const NAME: &str = "vol";
+const BLOCK: u64 = 64 * 1024;
+const BLOCKS: u64 = 240;
+const CYCLES: usize = 20;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    server: LoopbackS3,
+    volume: SampleVolume,
+    target: PathBuf,
+    config: PathBuf,
+}
+
+impl Fixture {
+    async fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("s3");
+        let volume = SampleVolume { size_bytes: BLOCKS * BLOCK + 1000, block_size_bytes: BLOCK as u32, seed: 5 };
+        let source = dir.path().join("source.img");
+        snapshot_into(
+            &root.join(BUCKET).join(PREFIX),
+            &source,
+            &volume,
+            NAME,
+            Compression::None,
+            HashAlgorithm::Blake3,
+        )
+        .await;
+        let server = LoopbackS3::start(root).await.unwrap();
+        server.add_fault(
+            FaultRule::new(Fault::Latency(Duration::from_millis(60)))
+                .path_contains("/blocks/")
+                .method(FaultMethod::Get),
+        );
+        let state = dir.path().join("state");
+        let config = dir.path().join("rehydrate.toml");
+        std::fs::write(&config, slow_s3_toml(&state, 8 * BLOCK, 2)).unwrap();
+        Fixture { target: dir.path().join("vol.img"), dir, server, volume, config }
+    }
+
+    /// The exported restore, and the address it serves once it says so.
+    fn spawn(&self) -> (Reaped, SocketAddr, std::io::Lines<BufReader<std::process::ChildStderr>>) {
+        self.spawn_with(Stdio::null())
+    }
+
+    fn spawn_with(&self, stdout: Stdio) -> (Reaped, SocketAddr, std::io::Lines<BufReader<std::process::ChildStderr>>) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = Command::new(binary())
+            .args(["restore", "--json", "--manifest", &format!("s3://{BUCKET}/{PREFIX}/{NAME}.manifest")])
+            .args(["--export", &format!("nbd://127.0.0.1:{port}/{NAME}")])
+            .arg("--target")
+            .arg(&self.target)
+            .arg("--config")
+            .arg(&self.config)
+            .env("AWS_ENDPOINT_URL", self.server.endpoint_url())
+            .env("AWS_ACCESS_KEY_ID", LOOPBACK_ACCESS_KEY_ID)
+            .env("AWS_SECRET_ACCESS_KEY", LOOPBACK_SECRET_ACCESS_KEY)
+            .env("AWS_REGION", LOOPBACK_REGION)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", self.dir.path().join("no-aws-config"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", self.dir.path().join("no-aws-credentials"))
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_SESSION_TOKEN")
+            .env("REHYDRATE_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let started = Instant::now();
+        loop {
+            let line = lines.next().unwrap_or_else(|| panic!("the binary ended before exporting")).unwrap();
+            if line.contains("exporting at nbd://") {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "no export");
+        }
+        (Reaped(child), format!("127.0.0.1:{port}").parse().unwrap(), lines)
+    }
+}
+
+/// A random write: whole blocks or a part of one, anywhere.
+fn random_write(rng: &mut SmallRng, size: u64) -> (u64, Vec<u8>) {
+    let fill = rng.random::<u8>() | 1;
+    if rng.random_bool(0.5) {
+        let block = rng.random_range(0..size / BLOCK);
+        let n = rng.random_range(1..=2).min(size / BLOCK - block);
+        (block * BLOCK, vec![fill; (n * BLOCK) as usize])
+    } else {
+        let offset = rng.random_range(0..size - 1);
+        let len = rng.random_range(1..=(3 * BLOCK / 2).min(size - offset));
+        (offset, vec![fill; len as usize])
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushed_writes_survive_kill_9_and_are_never_overwritten() {
+    let fx = Fixture::new().await;
+    let mut expected = std::fs::read(fx.dir.path().join("source.img")).unwrap();
+    let size = fx.volume.size_bytes;
+    let mut rng = SmallRng::seed_from_u64(2026);
+    for cycle in 0..CYCLES {
+        let (mut child, addr, _stderr) = fx.spawn();
+        let (mut c, export_size) = Client::go(addr, NAME).await;
+        assert_eq!(export_size, size);
+        for _ in 0..rng.random_range(1..6) {
+            let (offset, data) = random_write(&mut rng, size);
+            assert_eq!(c.write(offset, &data).await, 0, "cycle {cycle}: write at {offset}");
+            expected[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+        }
+        assert_eq!(c.flush().await, 0, "cycle {cycle}: flush");
+        // A read of a random range agrees with the model at once.
+        let offset = rng.random_range(0..size - 4096);
+        assert!(c.read(offset, 4096).await.unwrap() == expected[offset as usize..offset as usize + 4096]);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..400))).await;
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
+    }
+    // The last run: to the end of the restore, then the whole volume.
+    let (mut child, addr, mut stderr) = fx.spawn_with(Stdio::piped());
+    let started = Instant::now();
+    loop {
+        let line = stderr.next().expect("the binary keeps running").unwrap();
+        if line.contains("still exporting") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "the restore ends");
+    }
+    let mut report = String::new();
+    for line in BufReader::new(child.0.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        report.push_str(&line);
+        if line == "}" {
+            break;
+        }
+    }
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["succeeded"], true, "{report}");
+    assert!(
+        report["blocks_resumed"].as_u64().unwrap() < report["blocks_total"].as_u64().unwrap(),
+        "the kills came while the restore ran: {report}"
+    );
+    let (mut c, _) = Client::go(addr, NAME).await;
+    let mut offset = 0;
+    while offset < size {
+        let len = (4 * BLOCK).min(size - offset);
+        let got = c.read(offset, len as u32).await.unwrap();
+        assert!(got == expected[offset as usize..(offset + len) as usize], "bytes at {offset} read over NBD");
+        offset += len;
+    }
+    assert!(std::fs::read(&fx.target).unwrap() == expected, "the target holds every flushed write");
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+}

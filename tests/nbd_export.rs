@@ -1,0 +1,390 @@
+//! The volume exported over NBD while it is restored (`restore_live`): reads
+//! during the restore are the snapshot's bytes, concurrent reads of a block
+//! share one fetch, a block no source serves answers EIO and is in the
+//! damage report, writes made during the restore survive it (and a rerun),
+//! and the clients people use (libnbd's nbdinfo, nbdcopy, nbdsh; qemu-img,
+//! qemu-io) work against it. Tests that need those tools print SKIP when they
+//! are missing (`.ci/run` installs them).
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns fail the test by panicking
+
+mod common;
+mod nbd_client;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{config, load_manifest, snapshot, store_root, volume};
+use nbd_client::Client;
+use rehydrate::block::{Compression, HashAlgorithm};
+use rehydrate::manifest::Manifest;
+use rehydrate::nbd::{Export, ExportAddr, Limits, Listener, proto, serve};
+use rehydrate::restore::live::LiveVolume;
+use rehydrate::restore::progress::Progress;
+use rehydrate::restore::{Engine, Publish, RestoreError, RestoreReport, restore_live};
+use rehydrate::sample::SampleVolume;
+use rehydrate::snapshot::Snapshot;
+use rehydrate::store::StoreUrl;
+use rehydrate::store::fault::{Fault, FaultRule, FaultStore};
+use rehydrate::store::file::FileStore;
+use rehydrate::write::{BackendChoice, DirectIo};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const NAME: &str = "vol";
+const BLOCK: u64 = common::BLOCK as u64;
+
+struct Live {
+    dir: tempfile::TempDir,
+    volume: SampleVolume,
+    manifest: Manifest,
+    store: Arc<FaultStore>,
+    engine: Arc<Engine>,
+    addr: SocketAddr,
+    live: Arc<LiveVolume>,
+    progress: Arc<Progress>,
+    restore: JoinHandle<Result<RestoreReport, RestoreError>>,
+    /// Stops the restore.
+    cancel: CancellationToken,
+    /// Stops the export.
+    stop: CancellationToken,
+}
+
+/// Snapshot a sample volume of `blocks` blocks into a file store whose every
+/// request takes `delay`, and start restoring it, exported. `budget_blocks`
+/// blocks in flight in the background.
+async fn start(blocks: u64, delay: Duration, budget_blocks: u64, faults: impl Fn(&Manifest) -> Vec<FaultRule>) -> Live {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = volume(blocks, 41);
+    let url = snapshot(dir.path(), &volume, Compression::None, HashAlgorithm::Blake3).await;
+    let manifest = load_manifest(&url);
+    let mut c = config(BackendChoice::Auto, &dir.path().join("state"));
+    c.fetch.inflight_bytes_max = std::num::NonZeroU64::new(budget_blocks * BLOCK).unwrap();
+    c.write.direct_io = DirectIo::Off;
+    let engine = Arc::new(Engine::new(c));
+    let store = Arc::new(FaultStore::new(Arc::new(FileStore::new(store_root(dir.path())))));
+    for rule in faults(&manifest) {
+        store.add(rule);
+    }
+    store.add(FaultRule::new(Fault::Latency(delay)).path_contains("blocks/"));
+    engine.register_store(StoreUrl::File { root: store_root(dir.path()) }, store.clone());
+    launch(dir, volume, manifest, store, engine).await
+}
+
+fn no_faults(_: &Manifest) -> Vec<FaultRule> {
+    Vec::new()
+}
+
+/// Start (or rerun) the exported restore of `fx`'s snapshot.
+async fn launch(
+    dir: tempfile::TempDir,
+    volume: SampleVolume,
+    manifest: Manifest,
+    store: Arc<FaultStore>,
+    engine: Arc<Engine>,
+) -> Live {
+    let listener = Listener::bind(&ExportAddr::parse("nbd://127.0.0.1:0/vol").unwrap()).await.unwrap();
+    let addr = listener.local_tcp_addr().unwrap();
+    let (tx, mut rx) = watch::channel::<Option<Arc<LiveVolume>>>(None);
+    let publish: Publish = Arc::new(move |v| {
+        tx.send_replace(Some(v));
+    });
+    let progress = Arc::new(Progress::default());
+    let spec = common::spec(&format!("file://{}/vol-41.manifest", store_root(dir.path()).display()), &target(&dir));
+    let cancel = CancellationToken::new();
+    let restore = tokio::spawn({
+        let (engine, progress, cancel) = (Arc::clone(&engine), Arc::clone(&progress), cancel.clone());
+        async move { restore_live(&engine, &spec, &progress, &cancel, publish).await }
+    });
+    let live = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(Option::is_some))
+        .await
+        .expect("the volume is published")
+        .unwrap()
+        .clone()
+        .unwrap();
+    let stop = CancellationToken::new();
+    let export = Export { name: NAME.into(), volume: Arc::clone(&live), limits: Limits::default() };
+    tokio::spawn(serve(listener, export, stop.clone()));
+    Live { dir, volume, manifest, store, engine, addr, live, progress, restore, cancel, stop }
+}
+
+fn target(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("vol.img")
+}
+
+impl Live {
+    fn source(&self) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("source-41.img")).unwrap()
+    }
+
+    fn size(&self) -> u64 {
+        self.volume.size_bytes
+    }
+
+    fn block_key(&self, index: u64) -> String {
+        self.manifest.object_key(&self.manifest.block(index).unwrap())
+    }
+
+    fn restore_running(&self) -> bool {
+        self.progress.blocks_settled.load(Ordering::Relaxed) < self.volume.block_count()
+    }
+
+    async fn finish(&mut self) -> Result<RestoreReport, RestoreError> {
+        tokio::time::timeout(Duration::from_secs(120), &mut self.restore).await.expect("the restore ends").unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_during_the_restore_are_the_snapshot_and_share_fetches() {
+    let mut fx = start(96, Duration::from_millis(100), 4, no_faults).await;
+    let source = fx.source();
+    // Eight readers of one far block at once: one fetch between them.
+    let far = 90;
+    let mut readers = Vec::new();
+    for _ in 0..8 {
+        let addr = fx.addr;
+        readers.push(tokio::spawn(async move {
+            let (mut c, _) = Client::go(addr, NAME).await;
+            c.read(far * BLOCK + 100, 5000).await.unwrap()
+        }));
+    }
+    for r in readers {
+        assert_eq!(r.await.unwrap(), source[(far * BLOCK + 100) as usize..(far * BLOCK + 5100) as usize]);
+    }
+    assert!(fx.restore_running(), "the reads were served while the restore ran");
+    assert_eq!(fx.live.counts.demand_fetches.load(Ordering::Relaxed), 1, "concurrent reads share one fetch");
+    // Unaligned reads across block boundaries, everywhere, while it runs.
+    let (mut c, size) = Client::go(fx.addr, NAME).await;
+    assert_eq!(size, fx.size());
+    let mut offset = 12_345u64;
+    while offset < fx.size() {
+        let len = (3 * BLOCK + 777).min(fx.size() - offset) as u32;
+        let got = c.read(offset, len).await.unwrap();
+        assert!(got == source[offset as usize..(offset + u64::from(len)) as usize], "bytes at {offset}");
+        offset += 7 * BLOCK + 4321;
+    }
+    let report = fx.finish().await.unwrap();
+    assert!(report.succeeded);
+    assert!(std::fs::read(target(&fx.dir)).unwrap() == source, "the target is the snapshot");
+    assert!(fx.store.calls(&fx.block_key(far)) <= 2, "the background restore does not fetch it again for nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_during_the_restore_survive_it_and_a_rerun() {
+    let mut fx = start(64, Duration::from_millis(100), 2, no_faults).await;
+    let mut expected = fx.source();
+    let (mut c, _) = Client::go(fx.addr, NAME).await;
+    // Whole blocks, partial blocks (read-modify-write), a range across a
+    // boundary, and zeros: all near the end, not restored yet.
+    let writes: Vec<(u64, Vec<u8>)> = vec![
+        (60 * BLOCK, vec![0xa1; BLOCK as usize]),
+        (58 * BLOCK + 10, vec![0xb2; 100]),
+        (55 * BLOCK - 50, vec![0xc3; 200]),
+        (fx.size() - 10, vec![0xd4; 10]),
+    ];
+    for (offset, data) in &writes {
+        assert_eq!(c.write(*offset, data).await, 0);
+        expected[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+    }
+    c.request(proto::CMD_WRITE_ZEROES, 0, 5, 50 * BLOCK + 1, 2 * BLOCK as u32, &[]).await;
+    assert_eq!(c.reply(0).await.unwrap().0, 0);
+    expected[(50 * BLOCK + 1) as usize..(52 * BLOCK + 1) as usize].fill(0);
+    assert!(fx.restore_running(), "the writes were made while the restore ran");
+    assert_eq!(c.flush().await, 0);
+    for (offset, data) in &writes {
+        assert_eq!(&c.read(*offset, data.len() as u32).await.unwrap(), data, "read back at {offset}");
+    }
+    let report = fx.finish().await.unwrap();
+    assert!(report.succeeded, "{report:?}");
+    assert!(std::fs::read(target(&fx.dir)).unwrap() == expected, "every write survived the background restore");
+    assert!(fx.live.counts.blocks_owned.load(Ordering::Relaxed) >= 6);
+
+    // A rerun of the same export resumes from the kept checkpoint: it
+    // restores nothing over the client's writes.
+    fx.stop.cancel();
+    let Live { dir, volume, manifest, store, engine, .. } = fx;
+    let mut again = launch(dir, volume, manifest, store, engine).await;
+    let report = again.finish().await.unwrap();
+    assert_eq!(report.blocks_resumed, report.blocks_total);
+    assert!(std::fs::read(target(&again.dir)).unwrap() == expected, "the rerun kept every write");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flush_after_the_restore_stopped_short_fails_and_a_rerun_keeps_the_flushed_writes() {
+    let mut fx = start(64, Duration::from_millis(100), 2, no_faults).await;
+    let mut expected = fx.source();
+    let (mut c, _) = Client::go(fx.addr, NAME).await;
+    assert_eq!(c.write(60 * BLOCK, &vec![0x11; BLOCK as usize]).await, 0);
+    assert_eq!(c.flush().await, 0);
+    expected[(60 * BLOCK) as usize..(61 * BLOCK) as usize].fill(0x11);
+    // Stop the restore (SIGINT), then write and FLUSH again: the FLUSH
+    // cannot be recorded any more and must not claim it was.
+    fx.cancel.cancel();
+    assert!(matches!(fx.finish().await, Err(RestoreError::Interrupted(_))));
+    assert_eq!(c.write(61 * BLOCK, &vec![0x22; BLOCK as usize]).await, 0);
+    assert_eq!(c.flush().await, proto::ESHUTDOWN, "no FLUSH succeeds after the restore stopped short");
+    fx.stop.cancel();
+    drop(c);
+    // The rerun resumes and keeps the write flushed before the stop.
+    let Live { dir, volume, manifest, store, engine, .. } = fx;
+    let mut again = launch(dir, volume, manifest, store, engine).await;
+    assert!(again.finish().await.unwrap().succeeded);
+    let got = std::fs::read(target(&again.dir)).unwrap();
+    assert!(
+        got[(60 * BLOCK) as usize..(61 * BLOCK) as usize] == expected[(60 * BLOCK) as usize..(61 * BLOCK) as usize]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_block_no_source_serves_answers_eio_and_is_reported() {
+    // Block 9 is gone from the only source.
+    let missing =
+        |m: &Manifest| vec![FaultRule::new(Fault::NotFound).path_contains(&m.object_key(&m.block(9).unwrap()))];
+    let mut fx = start(16, Duration::from_millis(50), 2, missing).await;
+    let (mut c, _) = Client::go(fx.addr, NAME).await;
+    assert_eq!(c.read(9 * BLOCK + 5, 10).await, Err(proto::EIO), "never wrong bytes");
+    assert_eq!(c.read(8 * BLOCK, BLOCK as u32).await.unwrap(), fx.source()[(8 * BLOCK) as usize..(9 * BLOCK) as usize]);
+    match fx.finish().await {
+        Err(RestoreError::BlocksFailed(report)) => {
+            assert_eq!(report.damage.iter().map(|d| d.index).collect::<Vec<_>>(), vec![9]);
+        }
+        other => panic!("expected the damage report, got {other:?}"),
+    }
+    assert_eq!(c.read(9 * BLOCK, 1).await, Err(proto::EIO), "still EIO after the restore");
+}
+
+/// A tool's path, or a printed SKIP.
+fn tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/bin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        eprintln!("SKIP: {name} is not installed (Debian: libnbd-bin / qemu-utils); .ci/run installs it");
+    }
+    found
+}
+
+async fn run(program: &Path, args: &[&str]) -> String {
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(program)
+            .args(args)
+            // nbdsh is a python3 script: the system's python3 has the module.
+            .env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()))
+            .output(),
+    )
+    .await
+    .expect("the tool ends")
+    .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{} {args:?} failed: {text}", program.display());
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn libnbd_tools_see_copy_and_write_the_volume_during_the_restore() {
+    let (Some(nbdinfo), Some(nbdcopy), Some(nbdsh)) = (tool("nbdinfo"), tool("nbdcopy"), tool("nbdsh")) else {
+        return;
+    };
+    let mut fx = start(128, Duration::from_millis(100), 4, no_faults).await;
+    let url = format!("nbd://{}/{NAME}", fx.addr);
+    let info = run(&nbdinfo, &["--json", &url]).await;
+    assert!(info.contains(&format!("\"export-size\": {}", fx.size())), "{info}");
+    let copy = fx.dir.path().join("copy.img");
+    assert!(fx.restore_running(), "nbdcopy starts while the restore runs");
+    run(&nbdcopy, &[&url, copy.to_str().unwrap()]).await;
+    assert!(std::fs::read(&copy).unwrap() == fx.source(), "nbdcopy got the volume byte for byte");
+    let script = format!("h.pwrite(b'\\x5e' * 3000, {}); h.flush()", 100 * BLOCK + 17);
+    let python_nbd = std::process::Command::new("/usr/bin/python3").args(["-c", "import nbd"]).status();
+    let wrote = if python_nbd.is_ok_and(|s| s.success()) {
+        run(&nbdsh, &["-u", &url, "-c", &script]).await;
+        true
+    } else {
+        eprintln!("SKIP: nbdsh needs the python3 module nbd (Debian: python3-libnbd); .ci/run installs it");
+        false
+    };
+    let report = fx.finish().await.unwrap();
+    assert!(report.succeeded);
+    let mut expected = fx.source();
+    if wrote {
+        expected[(100 * BLOCK + 17) as usize..(100 * BLOCK + 3017) as usize].fill(0x5e);
+    }
+    assert!(std::fs::read(target(&fx.dir)).unwrap() == expected, "nbdsh's write survived the restore");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn qemu_compares_reads_and_writes_the_volume_during_the_restore() {
+    let (Some(qemu_img), Some(qemu_io)) = (tool("qemu-img"), tool("qemu-io")) else {
+        return;
+    };
+    let mut fx = start(128, Duration::from_millis(100), 4, no_faults).await;
+    let url = format!("nbd://{}/{NAME}", fx.addr);
+    let source = fx.dir.path().join("source-41.img");
+    assert!(fx.restore_running(), "qemu-img compare starts while the restore runs");
+    run(&qemu_img, &["compare", "-f", "raw", "-F", "raw", source.to_str().unwrap(), &url]).await;
+    let writes = format!("write -P 0x6b {} 4096", 120 * BLOCK + 512);
+    let whole = format!("write -P 0x7c {} {BLOCK}", 110 * BLOCK);
+    run(&qemu_io, &["-f", "raw", "-c", &writes, "-c", &whole, "-c", "flush", &url]).await;
+    let check = format!("read -P 0x6b {} 4096", 120 * BLOCK + 512);
+    run(&qemu_io, &["-f", "raw", "-c", &check, &url]).await;
+    let report = fx.finish().await.unwrap();
+    assert!(report.succeeded);
+    let mut expected = fx.source();
+    expected[(120 * BLOCK + 512) as usize..(120 * BLOCK + 4608) as usize].fill(0x6b);
+    expected[(110 * BLOCK) as usize..(111 * BLOCK) as usize].fill(0x7c);
+    assert!(std::fs::read(target(&fx.dir)).unwrap() == expected, "qemu-io's writes survived the restore");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_exports_during_the_restore_and_serves_until_sigterm() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let volume = volume(24, 41);
+    let url = snapshot(dir.path(), &volume, Compression::None, HashAlgorithm::Blake3).await;
+    let config = dir.path().join("rehydrate.toml");
+    std::fs::write(&config, format!("[checkpoint]\ndir = \"{}\"\n", dir.path().join("state").display())).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let target = dir.path().join("vol.img");
+    let mut child = tokio::process::Command::new(common::binary())
+        .args(["restore", "--json", "--manifest", &url, "--export", &format!("nbd://127.0.0.1:{port}/{NAME}")])
+        .arg("--target")
+        .arg(&target)
+        .arg("--config")
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for needle in ["exporting at nbd://", "still exporting"] {
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(60), stderr.next_line()).await.unwrap().unwrap();
+            let line = line.unwrap_or_else(|| panic!("the binary ended before {needle:?}: {seen:?}"));
+            seen.push(line.clone());
+            if line.contains(needle) {
+                break;
+            }
+        }
+        // The export serves at each stage: during and after the restore.
+        let (mut c, size) = Client::go(format!("127.0.0.1:{port}").parse().unwrap(), NAME).await;
+        assert_eq!(size, volume.size_bytes);
+        let source = std::fs::read(dir.path().join("source-41.img")).unwrap();
+        assert_eq!(
+            c.read(3 * BLOCK - 7, 100).await.unwrap(),
+            source[(3 * BLOCK - 7) as usize..(3 * BLOCK + 93) as usize]
+        );
+    }
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0), "{seen:?}");
+    assert!(std::fs::read(&target).unwrap() == std::fs::read(dir.path().join("source-41.img")).unwrap());
+}
