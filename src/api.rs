@@ -420,17 +420,27 @@ async fn metrics(State(api): State<Api>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
-/// The per-job progress series, one per running job: a job that ended has
-/// none (job ids are `[A-Za-z0-9_-]`, nothing to escape).
-fn render_job_progress(text: &mut String, running: &[(String, f64)]) {
-    use crate::metrics::{JOB_PROGRESS_RATIO as NAME, JOB_PROGRESS_RATIO_HELP as HELP};
+/// The per-job series (progress, elapsed, estimate left), one each per
+/// running job: a job that ended has none (job ids are `[A-Za-z0-9_-]`,
+/// nothing to escape).
+fn render_job_progress(text: &mut String, running: &[crate::worker::RunningGauges]) {
+    use crate::metrics as m;
     use std::fmt::Write;
     if !text.is_empty() && !text.ends_with('\n') {
         text.push('\n');
     }
-    let _ = writeln!(text, "# HELP {NAME} {HELP}\n# TYPE {NAME} gauge");
-    for (job, ratio) in running {
-        let _ = writeln!(text, "{NAME}{{job=\"{job}\"}} {ratio}");
+    let families: [(&str, &str, fn(&crate::worker::RunningGauges) -> Option<f64>); 3] = [
+        (m::JOB_PROGRESS_RATIO, m::JOB_PROGRESS_RATIO_HELP, |g| Some(g.progress_ratio)),
+        (m::JOB_ELAPSED_SECONDS, m::JOB_ELAPSED_SECONDS_HELP, |g| Some(g.elapsed_secs)),
+        (m::JOB_ETA_SECONDS, m::JOB_ETA_SECONDS_HELP, |g| g.eta_secs),
+    ];
+    for (name, help, value) in families {
+        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for g in running {
+            if let Some(v) = value(g) {
+                let _ = writeln!(text, "{name}{{job=\"{}\"}} {v}", g.job);
+            }
+        }
     }
 }
 

@@ -4,7 +4,8 @@
 //! Prometheus exporter and [`describe`] registers the help texts at startup.
 //! Label sets are bounded: `source` is `primary`/`secondaryN`, `outcome` and
 //! `reason` are error classes, `state` is a job state, `job` (on
-//! [`JOB_PROGRESS_RATIO`] only) a running job's id, so at most
+//! [`JOB_PROGRESS_RATIO`], [`JOB_ELAPSED_SECONDS`] and [`JOB_ETA_SECONDS`]
+//! only) a running job's id, so at most
 //! `worker.jobs_running_max` series.
 
 pub const REQUESTS_TOTAL: &str = "rehydrate_fetch_requests_total";
@@ -35,6 +36,13 @@ pub const OLDEST_QUEUED_JOB_AGE_SECONDS: &str = "rehydrate_oldest_queued_job_age
 pub const OLDEST_INFLIGHT_BLOCK_AGE_SECONDS: &str = "rehydrate_oldest_inflight_block_age_seconds";
 pub const PENDING_BLOCKS: &str = "rehydrate_pending_blocks";
 
+pub const JOB_ELAPSED_SECONDS: &str = "rehydrate_job_elapsed_seconds";
+pub const JOB_ETA_SECONDS: &str = "rehydrate_job_eta_seconds";
+/// Help text of [`JOB_ELAPSED_SECONDS`].
+pub const JOB_ELAPSED_SECONDS_HELP: &str = "Seconds each running job has been running (this run), by job.";
+/// Help text of [`JOB_ETA_SECONDS`].
+pub const JOB_ETA_SECONDS_HELP: &str =
+    "Seconds each running job still needs at its throughput so far, by job (absent until it has written a byte).";
 /// Help text of [`JOB_PROGRESS_RATIO`].
 pub const JOB_PROGRESS_RATIO_HELP: &str = "Settled bytes over total bytes of each running job, by job.";
 

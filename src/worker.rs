@@ -55,6 +55,7 @@ pub use crate::job::{JobDbError, JobRecord, JobSpec, JobState, JobStore, RunSumm
 use crate::restore::Engine;
 use crate::restore::progress::Progress;
 pub use gates::{Gate, filesystem_bytes, space_gate};
+pub use scheduler::RunningGauges;
 pub use status::{BlockCounts, ByteCounts, JobPage, JobStatus, ListCursor, ListQuery, Throttling};
 
 /// The scheduler looks at the queue at least this often (held jobs' backoff

@@ -581,7 +581,13 @@ fn the_dashboard_and_the_alerts_use_only_metrics_the_code_exports() {
         );
     }
     let alerted: BTreeSet<String> = alerts.iter().flat_map(|e| metric_names_in(e)).collect();
-    for stall in ["rehydrate_stalled_restores", "rehydrate_job_progress_ratio", "rehydrate_inflight_attempts_max"] {
+    for stall in [
+        "rehydrate_stalled_restores",
+        "rehydrate_job_progress_ratio",
+        "rehydrate_inflight_attempts_max",
+        "rehydrate_job_elapsed_seconds",
+        "rehydrate_job_eta_seconds",
+    ] {
         assert!(alerted.contains(stall), "no alert on {stall}");
     }
     for rule in alert_rules() {

@@ -635,6 +635,16 @@ async fn a_restarted_worker_resumes_unfinished_jobs() {
     let server = start(engine, Tokens::default(), None).await;
     assert_eq!(submit(&server.client, &f.spec("r", &target)).await.status.as_u16(), 201);
     wait_for(&server.client, "r", "settled but one block", |j| j["blocks"]["settled"] == json!(total - 1)).await;
+    // While it runs, the job has its own series: progress, elapsed, and the
+    // estimate left at its throughput (it has written bytes).
+    let scrape = server.client.raw(Method::GET, "/metrics", None).await.unwrap().text;
+    for name in ["rehydrate_job_progress_ratio", "rehydrate_job_elapsed_seconds", "rehydrate_job_eta_seconds"] {
+        let line = scrape
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{job=\"r\"}} ")))
+            .unwrap_or_else(|| panic!("no {name} for job r"));
+        assert!(parse_sample(line).is_some(), "{line}");
+    }
 
     // SIGTERM's path: stop taking jobs, checkpoint, store the job as queued.
     assert!(server.worker.shutdown(Duration::from_secs(30)).await);

@@ -67,11 +67,24 @@ impl Worker {
 
     /// Settled over total bytes of each running job, by job id (0 until its
     /// manifest is read). Bounded by `jobs_running_max`.
-    pub fn running_progress(&self) -> Vec<(String, f64)> {
+    pub fn running_progress(&self) -> Vec<RunningGauges> {
         let live = self.live();
-        let mut out: Vec<(String, f64)> =
-            live.running.iter().map(|(id, run)| (id.clone(), progress_ratio(&run.progress))).collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out: Vec<RunningGauges> = live
+            .running
+            .iter()
+            .map(|(id, run)| {
+                let p = run.progress.snapshot();
+                let throughput = p.bytes_written as f64 / p.elapsed_secs.max(1e-3);
+                let left = p.bytes_total.saturating_sub(p.bytes_settled) as f64;
+                RunningGauges {
+                    job: id.clone(),
+                    progress_ratio: progress_ratio(&run.progress),
+                    elapsed_secs: p.elapsed_secs,
+                    eta_secs: (throughput > 0.0).then(|| left / throughput),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.job.cmp(&b.job));
         out
     }
 
@@ -247,6 +260,16 @@ impl Worker {
         }
         self.wake.notify_one();
     }
+}
+
+/// The per-job series of one running job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningGauges {
+    pub job: String,
+    pub progress_ratio: f64,
+    pub elapsed_secs: f64,
+    /// `None` until the job has written a byte.
+    pub eta_secs: Option<f64>,
 }
 
 pub(super) fn progress_ratio(progress: &Progress) -> f64 {
