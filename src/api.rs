@@ -429,7 +429,8 @@ fn render_job_progress(text: &mut String, running: &[crate::worker::RunningGauge
     if !text.is_empty() && !text.ends_with('\n') {
         text.push('\n');
     }
-    let families: [(&str, &str, fn(&crate::worker::RunningGauges) -> Option<f64>); 3] = [
+    type Value = fn(&crate::worker::RunningGauges) -> Option<f64>;
+    let families: [(&str, &str, Value); 3] = [
         (m::JOB_PROGRESS_RATIO, m::JOB_PROGRESS_RATIO_HELP, |g| Some(g.progress_ratio)),
         (m::JOB_ELAPSED_SECONDS, m::JOB_ELAPSED_SECONDS_HELP, |g| Some(g.elapsed_secs)),
         (m::JOB_ETA_SECONDS, m::JOB_ETA_SECONDS_HELP, |g| g.eta_secs),
