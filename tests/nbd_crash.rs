@@ -17,14 +17,14 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Reaped, binary, slow_s3_toml, snapshot_into};
+use common::{LoopbackEnv, Reaped, binary, slow_s3_toml, snapshot_into};
 use nbd_client::Client;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rehydrate::block::{Compression, HashAlgorithm};
 use rehydrate::sample::SampleVolume;
 use rehydrate::store::fault::{Fault, FaultMethod, FaultRule};
-use rehydrate::store::loopback::{LOOPBACK_ACCESS_KEY_ID, LOOPBACK_REGION, LOOPBACK_SECRET_ACCESS_KEY, LoopbackS3};
+use rehydrate::store::loopback::LoopbackS3;
 
 const BUCKET: &str = "nbd-bucket";
 const PREFIX: &str = "vols";
@@ -82,15 +82,7 @@ impl Fixture {
             .arg(&self.target)
             .arg("--config")
             .arg(&self.config)
-            .env("AWS_ENDPOINT_URL", self.server.endpoint_url())
-            .env("AWS_ACCESS_KEY_ID", LOOPBACK_ACCESS_KEY_ID)
-            .env("AWS_SECRET_ACCESS_KEY", LOOPBACK_SECRET_ACCESS_KEY)
-            .env("AWS_REGION", LOOPBACK_REGION)
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("AWS_CONFIG_FILE", self.dir.path().join("no-aws-config"))
-            .env("AWS_SHARED_CREDENTIALS_FILE", self.dir.path().join("no-aws-credentials"))
-            .env_remove("AWS_PROFILE")
-            .env_remove("AWS_SESSION_TOKEN")
+            .loopback_env(&self.server.endpoint_url(), self.dir.path())
             .env("REHYDRATE_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(stdout)

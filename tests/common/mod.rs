@@ -256,3 +256,26 @@ pub async fn engine_on_loopback(config: Config, prefix: &str) -> Arc<Engine> {
     engine.register_remote_store(url, Arc::new(s3)).unwrap();
     engine
 }
+
+/// Point a command (the real binary) at the in-process S3 server at
+/// `endpoint`: its credentials and region through the standard environment,
+/// and no AWS config, profile or credentials file of the machine (`scratch`
+/// holds the missing stand-ins), so the test sees only what it set.
+pub trait LoopbackEnv {
+    fn loopback_env(&mut self, endpoint: &str, scratch: &Path) -> &mut Self;
+}
+
+impl LoopbackEnv for std::process::Command {
+    fn loopback_env(&mut self, endpoint: &str, scratch: &Path) -> &mut Self {
+        use rehydrate::store::loopback::{LOOPBACK_ACCESS_KEY_ID, LOOPBACK_REGION, LOOPBACK_SECRET_ACCESS_KEY};
+        self.env("AWS_ENDPOINT_URL", endpoint)
+            .env("AWS_ACCESS_KEY_ID", LOOPBACK_ACCESS_KEY_ID)
+            .env("AWS_SECRET_ACCESS_KEY", LOOPBACK_SECRET_ACCESS_KEY)
+            .env("AWS_REGION", LOOPBACK_REGION)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", scratch.join("no-aws-config"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", scratch.join("no-aws-credentials"))
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_SESSION_TOKEN")
+    }
+}
