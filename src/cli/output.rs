@@ -61,7 +61,7 @@ fn print_report(report: &RestoreReport, json: bool) {
         let rates: Vec<String> =
             report.fetch.request_rate_per_source.iter().map(|(name, rate)| format!("{name} {rate} req/s")).collect();
         println!(
-            "throttled: {:.1}s by the store ({} throttled answers, retried at the adapted rate); settled at {} (the rate at the last throttle)",
+            "throttled: {:.1}s by the store ({} throttled answers, retried at the adapted rate); last throttled at {}",
             report.fetch.throttled_millis as f64 / 1000.0,
             report.fetch.throttled_responses,
             if rates.is_empty() { "no pace (recovered)".to_owned() } else { rates.join(", ") }
