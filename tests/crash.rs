@@ -29,7 +29,7 @@
 
 mod common;
 
-use common::{LoopbackEnv, Reaped, binary, slow_s3_toml, snapshot_into};
+use common::{LoopbackEnv, Reaped, binary, slow_loopback, slow_s3_toml};
 use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -38,11 +38,10 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use rehydrate::block::{Compression, HashAlgorithm, block_key};
+use rehydrate::block::block_key;
 use rehydrate::checkpoint::{Checkpoint, checkpoint_key};
 use rehydrate::manifest::Manifest;
 use rehydrate::sample::SampleVolume;
-use rehydrate::store::fault::{Fault, FaultMethod, FaultRule};
 use rehydrate::store::loopback::LoopbackS3;
 
 const BUCKET: &str = "crash-bucket";
@@ -141,15 +140,8 @@ impl Fixture {
             seed: 77,
         };
         // A file store writes exactly the layout the S3 server serves.
-        let prefix_dir = root.join(BUCKET).join(PREFIX);
         let source = dir.path().join("source.img");
-        let manifest =
-            snapshot_into(&prefix_dir, &source, &volume, NAME, Compression::None, HashAlgorithm::Blake3).await;
-
-        let server = LoopbackS3::start(root).await.unwrap();
-        server.add_fault(
-            FaultRule::new(Fault::Latency(BLOCK_LATENCY)).path_contains("/blocks/").method(FaultMethod::Get),
-        );
+        let (manifest, server) = slow_loopback(&root, &source, &volume, (BUCKET, PREFIX, NAME), BLOCK_LATENCY).await;
         let out = dir.path().join("out");
         std::fs::create_dir_all(&out).unwrap();
         let state = dir.path().join("state");

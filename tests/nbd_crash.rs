@@ -17,13 +17,11 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{LoopbackEnv, Reaped, binary, slow_s3_toml, snapshot_into};
+use common::{LoopbackEnv, Reaped, binary, slow_loopback, slow_s3_toml};
 use nbd_client::Client;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use rehydrate::block::{Compression, HashAlgorithm};
 use rehydrate::sample::SampleVolume;
-use rehydrate::store::fault::{Fault, FaultMethod, FaultRule};
 use rehydrate::store::loopback::LoopbackS3;
 
 const BUCKET: &str = "nbd-bucket";
@@ -47,21 +45,8 @@ impl Fixture {
         let root = dir.path().join("s3");
         let volume = SampleVolume { size_bytes: BLOCKS * BLOCK + 1000, block_size_bytes: BLOCK as u32, seed: 5 };
         let source = dir.path().join("source.img");
-        snapshot_into(
-            &root.join(BUCKET).join(PREFIX),
-            &source,
-            &volume,
-            NAME,
-            Compression::None,
-            HashAlgorithm::Blake3,
-        )
-        .await;
-        let server = LoopbackS3::start(root).await.unwrap();
-        server.add_fault(
-            FaultRule::new(Fault::Latency(Duration::from_millis(60)))
-                .path_contains("/blocks/")
-                .method(FaultMethod::Get),
-        );
+        let (_, server) =
+            slow_loopback(&root, &source, &volume, (BUCKET, PREFIX, NAME), Duration::from_millis(60)).await;
         let state = dir.path().join("state");
         let config = dir.path().join("rehydrate.toml");
         std::fs::write(&config, slow_s3_toml(&state, 8 * BLOCK, 2)).unwrap();

@@ -24,12 +24,11 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{LoopbackEnv, Reaped, binary, slow_s3_toml, snapshot_into};
-use rehydrate::block::{BlockRange, BlockSelection, Compression, HashAlgorithm};
+use common::{LoopbackEnv, Reaped, binary, slow_loopback, slow_s3_toml};
+use rehydrate::block::{BlockRange, BlockSelection};
 use rehydrate::checkpoint::{Checkpoint, shard_checkpoint_key};
 use rehydrate::manifest::Manifest;
 use rehydrate::sample::SampleVolume;
-use rehydrate::store::fault::{Fault, FaultMethod, FaultRule};
 use rehydrate::store::loopback::LoopbackS3;
 
 const BUCKET: &str = "shard-bucket";
@@ -68,14 +67,8 @@ impl Fixture {
             block_size_bytes: BLOCK_BYTES,
             seed: 91,
         };
-        let prefix_dir = root.join(BUCKET).join(PREFIX);
         let source = dir.path().join("source.img");
-        let manifest =
-            snapshot_into(&prefix_dir, &source, &volume, NAME, Compression::None, HashAlgorithm::Blake3).await;
-        let server = LoopbackS3::start(root).await.unwrap();
-        server.add_fault(
-            FaultRule::new(Fault::Latency(BLOCK_LATENCY)).path_contains("/blocks/").method(FaultMethod::Get),
-        );
+        let (manifest, server) = slow_loopback(&root, &source, &volume, (BUCKET, PREFIX, NAME), BLOCK_LATENCY).await;
         let out = dir.path().join("out");
         std::fs::create_dir_all(&out).unwrap();
         let target = out.join("vol.img");

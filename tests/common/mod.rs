@@ -279,3 +279,22 @@ impl LoopbackEnv for std::process::Command {
             .env_remove("AWS_SESSION_TOKEN")
     }
 }
+
+/// A snapshot of `volume` named `name` under `<root>/<bucket>/<prefix>` (its
+/// source image written to `source`), served by an in-process S3 server over
+/// `root` whose block GETs each take `latency`: a restore slow enough to be
+/// killed part way.
+pub async fn slow_loopback(
+    root: &Path,
+    source: &Path,
+    volume: &SampleVolume,
+    (bucket, prefix, name): (&str, &str, &str),
+    latency: std::time::Duration,
+) -> (Manifest, rehydrate::store::loopback::LoopbackS3) {
+    use rehydrate::store::fault::{Fault, FaultMethod, FaultRule};
+    let prefix_dir = root.join(bucket).join(prefix);
+    let manifest = snapshot_into(&prefix_dir, source, volume, name, Compression::None, HashAlgorithm::Blake3).await;
+    let server = rehydrate::store::loopback::LoopbackS3::start(root.to_owned()).await.unwrap();
+    server.add_fault(FaultRule::new(Fault::Latency(latency)).path_contains("/blocks/").method(FaultMethod::Get));
+    (manifest, server)
+}
