@@ -67,11 +67,13 @@ async fn fixture(seed: u64) -> Fixture {
 
 impl Fixture {
     /// The config: each store on its own endpoint, through `[[store]]` only
-    /// (no top-level `[s3]` endpoint), plus `extra`.
+    /// (no top-level `[s3]` endpoint), plus `extra`. No hedging: requests are
+    /// counted exactly at each server (a tail hedge would ask the mirror for
+    /// a present object; hedging has its own tests in `src/fetch.rs`).
     fn config_file(&self, extra: &str) -> PathBuf {
         let path = self.dir.path().join("rehydrate.toml");
         let text = format!(
-            "[checkpoint]\ndir = {state:?}\n\n\
+            "[checkpoint]\ndir = {state:?}\n\n[fetch.hedge]\nenabled = false\n\n\
              [[store]]\nurl = \"s3://bucket\"\nendpoint_url = {primary:?}\nregion = \"us-east-1\"\n\n\
              [[store]]\nurl = \"s3://mirror/snap\"\nendpoint_url = {mirror:?}\nregion = \"us-east-1\"\n\
              rate_limit = {{ requests_per_sec = 500 }}\n\n{extra}",
