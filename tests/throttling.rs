@@ -116,7 +116,7 @@ async fn completes_under_an_unknown_limit_of_2000_per_sec() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follows_a_limit_that_drops_and_comes_back() {
-    let f = Arc::new(fixture(1500, 404).await);
+    let f = Arc::new(fixture(2000, 404).await);
     f.server.set_rate_limit(limit(300));
     let started = Instant::now();
     let (drop_at, rise_at) = (started + Duration::from_secs(2), started + Duration::from_secs(10));
