@@ -228,10 +228,10 @@ impl Cubic {
     /// A response to a request sent at `sent` arrived at `now`. Returns
     /// whether the rate was cut.
     pub fn on_response(&mut self, sent: Instant, now: Instant, throttled: bool) -> bool {
-        // The send rate: a store's first 503s come back before most of the
-        // answers they were sent with (an error is short), so the answers
-        // alone would read as a rate of almost nothing.
-        let measured = self.meter.rate(now);
+        // `meter` measures the send rate, read only when it is needed: a
+        // store's first 503s come back before most of the answers they were
+        // sent with (an error is short), so the answers alone would read as a
+        // rate of almost nothing.
         self.throttled_share += (f64::from(u8::from(throttled)) - self.throttled_share) / SHARE_WINDOW;
         if throttled {
             // A request sent before the last cut was paced at the old rate:
@@ -239,6 +239,7 @@ impl Cubic {
             if self.last_throttle.is_some_and(|cut| sent < cut) {
                 return false;
             }
+            let measured = self.meter.rate(now);
             let rate = self.fill_rate.map_or(measured, |fill| fill.min(measured)).max(self.rate_min);
             // When most answers are throttles (a burst far above the limit,
             // a limit that dropped), cut to the share that got through rather
@@ -254,7 +255,7 @@ impl Cubic {
         if let (Some(_), Some(cut)) = (self.fill_rate, self.last_throttle) {
             let t = now.saturating_duration_since(cut).as_secs_f64() - self.time_window_secs;
             let cubic = self.scale * t * t * t + self.last_max_rate;
-            self.fill_rate = Some(self.bounded(cubic.min(2.0 * measured)));
+            self.fill_rate = Some(self.bounded(cubic.min(2.0 * self.meter.rate(now))));
         }
         false
     }
@@ -277,7 +278,6 @@ pub struct RateControl {
     /// Requests wait here in arrival order; the holder sleeps for its slot.
     turnstile: tokio::sync::Mutex<()>,
     waiting: AtomicUsize,
-    throttles: AtomicU64,
     burst_secs: f64,
     metric_label: Option<String>,
 }
@@ -291,7 +291,6 @@ impl RateControl {
             next_slot: Mutex::new(now),
             turnstile: tokio::sync::Mutex::new(()),
             waiting: AtomicUsize::new(0),
-            throttles: AtomicU64::new(0),
             burst_secs: config.burst_secs,
             metric_label,
         };
@@ -315,11 +314,6 @@ impl RateControl {
     /// what a restore sends, this stays what the store allowed.
     pub fn throttled_rate(&self) -> Option<f64> {
         Self::lock(&self.cubic).throttled_rate()
-    }
-
-    /// Throttled answers seen so far.
-    pub fn throttles(&self) -> u64 {
-        self.throttles.load(Ordering::Relaxed)
     }
 
     /// Whether the store is throttling now: it throttled within
@@ -349,9 +343,6 @@ impl RateControl {
     /// Feed one response back (see [`Cubic::on_response`]).
     pub fn on_response(&self, sent: Instant, throttled: bool) {
         let now = Instant::now();
-        if throttled {
-            self.throttles.fetch_add(1, Ordering::Relaxed);
-        }
         let rate = {
             let mut cubic = Self::lock(&self.cubic);
             if cubic.on_response(sent, now, throttled) {
