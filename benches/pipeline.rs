@@ -92,6 +92,7 @@ async fn restore_once(setup: &Setup, target: &PathBuf, checkpoint: Checkpointing
         in_place: false,
         restart: false,
         blocks: None,
+        job: None,
     };
     let started = Instant::now();
     let report = rehydrate::restore::restore(&engine, &spec, &Arc::new(Progress::default()), &CancellationToken::new())

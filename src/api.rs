@@ -248,7 +248,7 @@ async fn serve_connections(
         (status = 400, description = "bad-json: the body is not JSON", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 401, description = "unauthorized: no bearer token, or not one of the configured tokens", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 408, description = "request-timeout: not received and handled within worker.request_timeout_millis", body = ProblemDetails, content_type = "application/problem+json"),
-        (status = 409, description = "id-conflict: the id names a job with another spec; target-busy: another active job holds the target (holder names it; submit with replace to take over)", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 409, description = "id-conflict: the id names a job with another spec; target-busy: another active job holds the target (holder names it; submit with replace to take over); target-locked: another process (a CLI restore, another worker) holds the target (holder names it)", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 413, description = "bad-body: the body is larger than worker.request_body_bytes_max", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 422, description = "invalid-spec: not a job spec, or one outside the worker's configuration (field names the field)", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 429, description = "queue-full: worker.jobs_queued_max jobs wait already", body = ProblemDetails, content_type = "application/problem+json"),
@@ -291,6 +291,9 @@ fn submit_problem(e: &SubmitError) -> Problem {
         SubmitError::IdConflict { .. } => Problem::new(StatusCode::CONFLICT, ProblemType::IdConflict, &detail),
         SubmitError::TargetBusy { holder, .. } => {
             Problem::new(StatusCode::CONFLICT, ProblemType::TargetBusy, &detail).with_holder(holder.as_str())
+        }
+        SubmitError::TargetHeldElsewhere { holder, .. } => {
+            Problem::new(StatusCode::CONFLICT, ProblemType::TargetLocked, &detail).with_holder(holder.as_str())
         }
         SubmitError::QueueFull(_) => Problem::new(StatusCode::TOO_MANY_REQUESTS, ProblemType::QueueFull, &detail),
         SubmitError::ShuttingDown => Problem::new(StatusCode::SERVICE_UNAVAILABLE, ProblemType::ShuttingDown, &detail),

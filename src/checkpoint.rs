@@ -72,7 +72,7 @@ pub mod settled;
 
 pub use cadence::{CHECKPOINT_INTERVAL_BYTES_DEFAULT, CHECKPOINT_INTERVAL_MILLIS_DEFAULT, SaveCadence};
 pub use config::CheckpointConfig;
-pub use dir::{CheckpointDir, CheckpointKey, checkpoint_key, shard_checkpoint_key};
+pub use dir::{CheckpointDir, CheckpointKey, FileId, checkpoint_key, file_id, shard_checkpoint_key};
 pub use format::{CHECKPOINT_SIZE_MAX_BYTES, Checkpoint, FORMAT_VERSION, FormatError, unix_now_secs};
 pub use settled::{FAILURE_REASON_MAX_BYTES, FailedSet, Ledger, SettledSet};
 

@@ -125,12 +125,16 @@ pub enum ExitCode {
     Refused = 5,
     /// Interrupted (SIGINT/SIGTERM) after checkpointing: rerun to resume.
     Interrupted = 6,
+    /// Another restore holds the target (a second restore of it, or one that
+    /// replaced this one's files): nothing was written over the other's work.
+    /// Rerun once the other has ended.
+    TargetBusy = 7,
 }
 
 impl ExitCode {
     /// Every code, in order: the table the README documents and orchestrator
     /// manifests (`deploy/kubernetes/`) map.
-    pub const ALL: [ExitCode; 7] = [
+    pub const ALL: [ExitCode; 8] = [
         ExitCode::Success,
         ExitCode::Internal,
         ExitCode::Usage,
@@ -138,6 +142,7 @@ impl ExitCode {
         ExitCode::IoFailure,
         ExitCode::Refused,
         ExitCode::Interrupted,
+        ExitCode::TargetBusy,
     ];
 
     /// Whether an orchestrator should run the same command again, unchanged,
@@ -148,13 +153,15 @@ impl ExitCode {
     ///
     /// - `Internal`, `IoFailure`, `Interrupted`: may pass on another try (a
     ///   crash, an EIO of a flaky path, a node drained under the restore).
+    /// - `TargetBusy`: passes once the restore holding the target has ended
+    ///   (an old pod still stopping when its replacement starts).
     /// - `Usage`, `Refused`: the same invocation fails the same way.
     /// - `DataFailure`: every source was already tried with bounded retries;
     ///   the damage report needs a person (fix the sources, then rerun).
     /// - `Success`: nothing to retry.
     pub fn retry_as_is(self) -> bool {
         match self {
-            ExitCode::Internal | ExitCode::IoFailure | ExitCode::Interrupted => true,
+            ExitCode::Internal | ExitCode::IoFailure | ExitCode::Interrupted | ExitCode::TargetBusy => true,
             ExitCode::Success | ExitCode::Usage | ExitCode::DataFailure | ExitCode::Refused => false,
         }
     }

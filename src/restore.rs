@@ -133,6 +133,10 @@ pub enum RestoreError {
     /// Stopped on request, after settling what was written.
     #[error("interrupted: {0}")]
     Interrupted(String),
+    /// Another restore holds the target (or took it over under this one):
+    /// nothing of the other's was written over.
+    #[error("{0}")]
+    Busy(String),
     /// Some blocks failed on every source; everything else was restored.
     #[error(
         "{} of {} blocks could not be restored from any source (first: block {}); the target was not swapped into place",
@@ -149,6 +153,7 @@ impl RestoreError {
             RestoreError::Source(_) | RestoreError::BlocksFailed(_) => ExitCode::DataFailure,
             RestoreError::Io(_) => ExitCode::IoFailure,
             RestoreError::Interrupted(_) => ExitCode::Interrupted,
+            RestoreError::Busy(_) => ExitCode::TargetBusy,
         }
     }
 }

@@ -1,6 +1,8 @@
-//! The raw calls into the kernel that std does not wrap, in one place and
-//! through rustix: the space of a filesystem (`statvfs`) and the size of a
-//! block device (`BLKGETSIZE64`). Everything else uses std.
+//! The raw calls into the kernel that std does not wrap, in one place: the
+//! space of a filesystem (`statvfs`) and the size of a block device
+//! (`BLKGETSIZE64`) through rustix; open-file-description range locks
+//! (`F_OFD_SETLK`) and whether a process exists (`kill(pid, 0)`) through libc,
+//! which rustix does not cover. Everything else uses std.
 
 use std::fs::File;
 use std::io;
@@ -35,6 +37,70 @@ pub fn block_device_size_bytes(device: &File) -> io::Result<u64> {
     // SAFETY: `device` is open for the call's duration and the getter's
     // output has the type the opcode writes.
     Ok(unsafe { rustix::ioctl::ioctl(device, getter) }?)
+}
+
+/// Whether a process with this pid exists (possibly another user's).
+pub fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    if pid <= 0 {
+        // kill with pid <= 0 signals process groups.
+        return false;
+    }
+    // SAFETY: signal 0 performs only the existence and permission checks and
+    // delivers nothing; `pid` is positive, so it names one process.
+    let result = unsafe { libc::kill(pid, 0) };
+    // EPERM: it exists but belongs to someone else.
+    result == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Try to take an open-file-description write lock on `len` bytes of `file`
+/// from `start` (`len` 0: to the end, however far it grows), without
+/// waiting. `Ok(false)`: another open file description holds an overlapping
+/// lock. The lock is released when the last descriptor of this open file
+/// closes, whatever way its process ends.
+pub fn ofd_try_write_lock(file: &File, start: u64, len: u64) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let too_far = || io::Error::new(io::ErrorKind::InvalidInput, "lock range beyond the largest file offset");
+    let lock = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: libc::off_t::try_from(start).map_err(|_| too_far())?,
+        l_len: libc::off_t::try_from(len).map_err(|_| too_far())?,
+        // Must be 0 for OFD locks.
+        l_pid: 0,
+    };
+    // SAFETY: `file` is an open descriptor for the call's duration and
+    // `lock` is a valid `struct flock` the kernel only reads for F_OFD_SETLK.
+    let result = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+    if result == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EAGAIN | libc::EACCES) => Ok(false),
+        _ => Err(err),
+    }
+}
+
+/// Whether another open file description holds a lock that would refuse a
+/// write lock on `len` bytes of `file` from `start`, without taking one.
+pub fn ofd_write_lock_conflicts(file: &File, start: u64, len: u64) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let too_far = || io::Error::new(io::ErrorKind::InvalidInput, "lock range beyond the largest file offset");
+    let mut lock = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: libc::off_t::try_from(start).map_err(|_| too_far())?,
+        l_len: libc::off_t::try_from(len).map_err(|_| too_far())?,
+        l_pid: 0,
+    };
+    // SAFETY: `file` is an open descriptor for the call's duration and
+    // `lock` is a valid `struct flock` the kernel reads and overwrites.
+    let result = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut lock) };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(lock.l_type != libc::F_UNLCK as libc::c_short)
 }
 
 #[cfg(test)]

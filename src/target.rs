@@ -13,14 +13,24 @@
 //! open (refused while mounted or held) and then written through a plain one,
 //! so shards on one machine can write one device at once.
 //!
-//! Nothing is written outside the target: the staging file is the only other
-//! file, it is removed on error by [`StagingGuard`], and staging files leaked
-//! by a crash are recognised by their name ([`is_staging_name`]).
+//! A target belongs to one restore at a time ([`lock()`], `lock.rs`): a second
+//! restore of it is refused while the first runs. The swap renames the
+//! staging file only while its path still names the file this restore wrote
+//! ([`swap`]), and [`StagingGuard`] removes only that file.
+//!
+//! Nothing is written outside the target but the staging file and the lock
+//! file (a line naming the holder, removed by the last holder out); the
+//! staging file is removed on error by [`StagingGuard`], and staging files
+//! leaked by a crash are recognised by their name ([`is_staging_name`]).
+
+mod lock;
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+pub use lock::{Holder, LOCK_SUFFIX, LockError, TargetLock, acquire as lock, holder, lock_path};
 
 /// Suffix of staging files; a sweep removes only files whose names end so.
 pub const STAGING_SUFFIX: &str = ".rehydrate-staging";
@@ -252,22 +262,41 @@ pub fn parent_dir(path: &Path) -> PathBuf {
 }
 
 /// Make the target whole: fsync, then (file targets) rename the staging file
-/// into place and fsync the directory.
+/// into place and fsync the directory. The rename happens only while the
+/// staging path still names the file this restore wrote (same device and
+/// inode as its open descriptor): a staging file replaced under the restore
+/// is never renamed over the target.
 pub fn swap(target: &Target) -> io::Result<()> {
     target.file.sync_all()?;
     if target.staged {
+        if !names_file(&target.write_path, &target.file) {
+            return Err(io::Error::other(format!(
+                "{} is no longer the file this restore wrote (another process replaced or removed it): not renaming it over {}",
+                target.write_path.display(),
+                target.path.display()
+            )));
+        }
         std::fs::rename(&target.write_path, &target.path)?;
         File::open(parent_dir(&target.path))?.sync_all()?;
     }
     Ok(())
 }
 
+/// Whether `path` names the open `file` (same device and inode).
+pub fn names_file(path: &Path, file: &File) -> bool {
+    match (std::fs::symlink_metadata(path), file.metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 /// Directory levels a staging sweep descends below a root.
 pub const SWEEP_DEPTH_MAX: usize = 8;
 
 /// Remove staging files under `root` (a directory rehydrate owns, such as a
-/// worker's target root) that no checkpoint in `checkpoints` owns: partial
-/// files of crashed restores that cannot be resumed. Only files named like
+/// worker's target root) that no checkpoint in `checkpoints` owns and no
+/// running restore holds: partial files of crashed restores that cannot be
+/// resumed. Only files named like
 /// staging files are touched; symlinks are not followed. Returns the paths
 /// removed.
 pub fn sweep_staging(root: &Path, checkpoints: &crate::checkpoint::CheckpointDir) -> io::Result<Vec<PathBuf>> {
@@ -296,7 +325,10 @@ fn sweep_dir(
         }
         let target_name = &name[1..name.len() - STAGING_SUFFIX.len()];
         let key = crate::checkpoint::checkpoint_key(&dir.join(target_name));
-        if !checkpoints.file_path(&key).exists() {
+        // A restore running now (another process, with its checkpoints
+        // elsewhere) owns its staging file whatever our checkpoints say.
+        let held = !matches!(holder(&dir.join(target_name)), Ok(None));
+        if !held && !checkpoints.file_path(&key).exists() {
             std::fs::remove_file(&path)?;
             tracing::info!(path = %path.display(), "swept a staging file no checkpoint owns");
             removed.push(path);
@@ -306,15 +338,19 @@ fn sweep_dir(
 }
 
 /// Removes a staging file when dropped, unless disarmed: a failed restore
-/// leaves nothing behind.
+/// leaves nothing behind. Only the file this restore wrote: when the path
+/// names another file by then, it is left alone.
 #[derive(Debug)]
 pub struct StagingGuard {
     path: Option<PathBuf>,
+    /// Device and inode of the staging file this restore wrote.
+    file_id: Option<(u64, u64)>,
 }
 
 impl StagingGuard {
     pub fn new(target: &Target) -> Self {
-        Self { path: target.staged.then(|| target.write_path.clone()) }
+        let file_id = target.file.metadata().ok().map(|m| (m.dev(), m.ino()));
+        Self { path: target.staged.then(|| target.write_path.clone()), file_id }
     }
 
     /// Keep the staging file (it was swapped into place, or a checkpoint
@@ -327,6 +363,11 @@ impl StagingGuard {
 impl Drop for StagingGuard {
     fn drop(&mut self) {
         if let Some(path) = self.path.take() {
+            let ours = std::fs::symlink_metadata(&path).is_ok_and(|m| Some((m.dev(), m.ino())) == self.file_id);
+            if !ours {
+                tracing::warn!(path = %path.display(), "the staging file was replaced by another process: left alone");
+                return;
+            }
             match std::fs::remove_file(&path) {
                 Ok(()) => tracing::info!(path = %path.display(), "removed staging file"),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -395,6 +436,36 @@ mod tests {
         for kept in [&owned, &sub.join("a.img"), &sub.join(".hidden"), &sub.join("x.rehydrate-staging")] {
             assert!(kept.exists(), "{} was removed", kept.display());
         }
+    }
+
+    #[test]
+    fn sweep_keeps_the_staging_file_of_a_running_restore() {
+        let root = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let checkpoints = crate::checkpoint::CheckpointDir::open(state.path().to_owned()).unwrap();
+        let target = root.path().join("busy.img");
+        let staging = staging_path(&target).unwrap();
+        std::fs::write(&staging, b"being written").unwrap();
+        let held = lock(&target, None, None).unwrap();
+        assert!(sweep_staging(root.path(), &checkpoints).unwrap().is_empty());
+        assert!(staging.exists());
+        drop(held);
+        assert_eq!(sweep_staging(root.path(), &checkpoints).unwrap(), vec![staging]);
+    }
+
+    #[test]
+    fn swap_refuses_a_replaced_staging_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vol.img");
+        let t = open(&path, spec(4096)).unwrap();
+        let other = dir.path().join("other");
+        std::fs::write(&other, b"someone else's").unwrap();
+        std::fs::rename(&other, &t.write_path).unwrap();
+        let err = swap(&t).unwrap_err();
+        assert!(err.to_string().contains("no longer the file this restore wrote"), "{err}");
+        assert!(!path.exists());
+        drop(StagingGuard::new(&t));
+        assert_eq!(std::fs::read(&t.write_path).unwrap(), b"someone else's", "the guard removed another's file");
     }
 
     #[test]

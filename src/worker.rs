@@ -115,6 +115,10 @@ pub enum SubmitError {
     IdConflict { id: String },
     #[error("target {target} is held by active job {holder}; submit with \"replace\": true to take it over")]
     TargetBusy { target: String, holder: String },
+    #[error(
+        "target {target} is being restored by another process ({holder}), not by a job of this worker; wait for that restore to end or stop it, then submit again"
+    )]
+    TargetHeldElsewhere { target: String, holder: String },
     #[error("the queue is full ({0} jobs waiting); retry later")]
     QueueFull(usize),
     #[error("the worker is shutting down")]
@@ -196,6 +200,13 @@ impl Worker {
         let spec = JobSpec { target: resolved.target, ..spec };
         let queued_max = self.config.jobs_queued_max.get();
         let mut live = self.live();
+        // A job of this worker holding the target is the job table's to
+        // judge (replace); anyone else's lock refuses the job at once.
+        if !live.busy_targets.contains_key(&spec.target)
+            && let Ok(Some(holder)) = crate::target::holder(&spec.target)
+        {
+            return Err(SubmitError::TargetHeldElsewhere { target: spec.target.display().to_string(), holder });
+        }
         let (outcome, replaced) = self.store.submit(&spec, queued_max, unix_now_secs()).map_err(SubmitError::Store)?;
         if let Some(old) = replaced {
             tracing::info!(job = %old, by = %spec.id, "job replaced");

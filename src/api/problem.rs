@@ -32,6 +32,10 @@ pub enum ProblemType {
     /// Another active job holds the target (`holder` names it).
     #[serde(rename = "urn:rehydrate:problem:target-busy")]
     TargetBusy,
+    /// Another process (a CLI restore, another worker) holds the target's
+    /// lock: `replace` cannot take it over (`holder` names the process).
+    #[serde(rename = "urn:rehydrate:problem:target-locked")]
+    TargetLocked,
     /// The job queue is full.
     #[serde(rename = "urn:rehydrate:problem:queue-full")]
     QueueFull,
@@ -79,7 +83,8 @@ pub struct ProblemDetails {
     /// `invalid-spec`: the field of the job spec at fault.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
-    /// `target-busy`: the id of the active job holding the target.
+    /// `target-busy`: the id of the active job holding the target;
+    /// `target-locked`: the process holding it (pid, job, blocks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holder: Option<String>,
 }

@@ -17,6 +17,7 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -148,6 +149,20 @@ impl CheckpointDir {
     /// last saved or loaded for `key`: call [`remove`](Self::remove) first to
     /// start a job over.
     pub fn save(&self, key: &CheckpointKey, checkpoint: &Checkpoint) -> io::Result<()> {
+        self.save_over(key, checkpoint, None).map(drop)
+    }
+
+    /// [`save`](Self::save), but only over the file it expects: with
+    /// `Some(expected)`, the file at the checkpoint's path must be `expected`
+    /// (`None`: there must be none) when the new one is about to replace it,
+    /// else nothing is replaced and the error is [`io::ErrorKind::AlreadyExists`].
+    /// Returns the device and inode of the file written.
+    pub fn save_over(
+        &self,
+        key: &CheckpointKey,
+        checkpoint: &Checkpoint,
+        expected: Option<Option<FileId>>,
+    ) -> io::Result<FileId> {
         let cursor = checkpoint.settled().cursor();
         if let Some(&previous) = self.lock_cursors().get(key)
             && cursor < previous
@@ -168,7 +183,7 @@ impl CheckpointDir {
             ));
         }
         let temp = self.dir.join(temp_name(key));
-        let result = self.replace_with(&temp, &self.file_path(key), &bytes);
+        let result = self.replace_with(&temp, &self.file_path(key), &bytes, expected);
         if result.is_err() {
             // Best effort: after a failed rename the temp file is litter. (A
             // crash leaves it to sweep_temporaries.)
@@ -221,12 +236,27 @@ impl CheckpointDir {
         Ok(removed)
     }
 
-    fn replace_with(&self, temp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
-        write_synced(temp, bytes)?;
+    fn replace_with(
+        &self,
+        temp: &Path,
+        path: &Path,
+        bytes: &[u8],
+        expected: Option<Option<FileId>>,
+    ) -> io::Result<FileId> {
+        let written = write_synced(temp, bytes)?;
         fail::fail_point!("checkpoint-before-rename", |_| Err(fail_point_error("checkpoint-before-rename")));
+        if let Some(expected) = expected
+            && file_id(path)? != expected
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} is not the checkpoint this restore wrote or resumed from", path.display()),
+            ));
+        }
         fs::rename(temp, path)?;
         fail::fail_point!("checkpoint-before-dir-sync", |_| Err(fail_point_error("checkpoint-before-dir-sync")));
-        sync_dir(&self.dir)
+        sync_dir(&self.dir)?;
+        Ok(written)
     }
 
     fn record_cursor(&self, key: &CheckpointKey, cursor: u64) {
@@ -254,10 +284,28 @@ fn read_bounded(path: &Path) -> io::Result<Option<Vec<u8>>> {
     Ok(Some(bytes))
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<FileId> {
     let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
     file.write_all(bytes)?;
-    file.sync_all()
+    file.sync_all()?;
+    let meta = file.metadata()?;
+    Ok(FileId { dev: meta.dev(), ino: meta.ino() })
+}
+
+/// Which file a path names: device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// The file at `path` now; `None` when there is none.
+pub fn file_id(path: &Path) -> io::Result<Option<FileId>> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) => Ok(Some(FileId { dev: meta.dev(), ino: meta.ino() })),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -299,7 +347,7 @@ impl TempOwner {
         if self.pid == pid {
             return self.nonce == nonce;
         }
-        process_exists(self.pid)
+        crate::sys::process_exists(self.pid)
     }
 }
 
@@ -323,16 +371,6 @@ fn parse_temp_name(name: &str) -> Option<TempOwner> {
         return None;
     }
     Some(TempOwner { pid, nonce: u64::from_str_radix(nonce, 16).ok()? })
-}
-
-fn process_exists(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
-    debug_assert!(pid > 0, "kill with pid <= 0 signals process groups");
-    // SAFETY: signal 0 performs only the existence and permission checks and
-    // delivers nothing; `pid` is positive, so it names one process.
-    let result = unsafe { libc::kill(pid, 0) };
-    // EPERM: it exists but belongs to someone else.
-    result == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 #[cfg(test)]

@@ -89,6 +89,7 @@ pub(super) async fn restore(args: RestoreArgs) -> ExitCode {
         in_place: args.in_place,
         restart: args.restart,
         blocks: args.blocks,
+        job: None,
     };
     let result = restore_with_progress(&engine, &spec, !args.json).await;
     print_restore_result(&result, args.json)

@@ -139,6 +139,7 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, String> {
         in_place: false,
         restart: true,
         blocks: None,
+        job: None,
     };
     let result = restore_with_progress(&engine, &spec, !args.json).await;
     let code = print_restore_result(&result, args.json);

@@ -38,6 +38,7 @@ pub(super) async fn restore_exported(engine: Engine, args: RestoreArgs, addr: Ex
         in_place: true,
         restart: args.restart,
         blocks: None,
+        job: None,
     };
     let result = run_with_progress(&engine, &spec, !args.json, Some(publish)).await;
     let code = print_restore_result(&result, args.json);

@@ -9,7 +9,8 @@ use super::phases::RestoreSpec;
 use super::{Engine, RestoreError};
 use crate::block::{BlockLayout, BlockRange};
 use crate::checkpoint::{
-    Checkpoint, CheckpointDir, CheckpointKey, JobIdentity, TargetIdentity, shard_checkpoint_key, unix_now_secs,
+    Checkpoint, CheckpointDir, CheckpointKey, FileId, JobIdentity, TargetIdentity, file_id, shard_checkpoint_key,
+    unix_now_secs,
 };
 use crate::snapshot::Snapshot;
 use crate::target::{self, OpenOptionsSpec, StagingGuard, Target};
@@ -20,6 +21,11 @@ use crate::write::Writer;
 pub(super) struct Durable {
     pub(super) dir: Arc<CheckpointDir>,
     pub(super) key: CheckpointKey,
+    /// Device and inode of the checkpoint file this restore last wrote or
+    /// resumed from; `None` before it has one. A save or removal finding
+    /// another file at the path stops instead: a restore never overwrites a
+    /// checkpoint it does not own.
+    owned: Arc<std::sync::Mutex<Option<FileId>>>,
 }
 
 impl Durable {
@@ -46,7 +52,8 @@ impl Durable {
             tracing::warn!(dir = %path.display(), error = %e, "could not sweep checkpoint temporaries");
         }
         let shard = (!blocks.is_all(layout)).then_some(blocks);
-        let durable = Durable { dir: Arc::new(dir), key: shard_checkpoint_key(&spec.target, shard) };
+        let durable =
+            Durable { dir: Arc::new(dir), key: shard_checkpoint_key(&spec.target, shard), owned: Default::default() };
         if spec.restart {
             durable
                 .dir
@@ -60,13 +67,38 @@ impl Durable {
         self.dir.file_path(&self.key).exists()
     }
 
+    /// Save over the checkpoint this restore owns (none, before its first
+    /// save); a file another process put there stops the restore instead.
     pub(super) fn save(&self, checkpoint: &Checkpoint) -> Result<(), RestoreError> {
-        self.dir.save(&self.key, checkpoint).map_err(|e| {
-            RestoreError::Io(format!("saving the checkpoint {}: {e}", self.dir.file_path(&self.key).display()))
-        })
+        let path = self.dir.file_path(&self.key);
+        let mut owned = self.owned.lock().unwrap_or_else(|e| e.into_inner());
+        match self.dir.save_over(&self.key, checkpoint, Some(*owned)) {
+            Ok(written) => {
+                *owned = Some(written);
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(RestoreError::Busy(format!(
+                "the checkpoint {} was replaced or removed by another process: this restore stops without overwriting it (another restore of the same target may be running)",
+                path.display()
+            ))),
+            Err(e) => Err(RestoreError::Io(format!("saving the checkpoint {}: {e}", path.display()))),
+        }
     }
 
+    /// This restore resumes from the checkpoint at the path: it owns it.
+    pub(super) fn claim(&self) {
+        *self.owned.lock().unwrap_or_else(|e| e.into_inner()) = file_id(&self.dir.file_path(&self.key)).ok().flatten();
+    }
+
+    /// Remove the checkpoint, unless the file at the path is not this
+    /// restore's (when it has one).
     pub(super) fn remove(&self) {
+        let path = self.dir.file_path(&self.key);
+        let owned = *self.owned.lock().unwrap_or_else(|e| e.into_inner());
+        if owned.is_some() && file_id(&path).ok().flatten() != owned {
+            tracing::warn!(path = %path.display(), "the checkpoint is not this restore's: left alone");
+            return;
+        }
         if let Err(e) = self.dir.remove(&self.key) {
             tracing::warn!(error = %e, "could not remove the checkpoint");
         }
@@ -115,7 +147,10 @@ pub(super) fn allocate(
     let identity = identity_of(target.identity);
     let checkpoint = match durable {
         Some(d) if has_checkpoint => match d.dir.load(&d.key, &identity) {
-            Ok(Some(checkpoint)) => checkpoint,
+            Ok(Some(checkpoint)) => {
+                d.claim();
+                checkpoint
+            }
             Ok(None) => Checkpoint::new(identity, unix_now_secs()),
             Err(e) => return Err(RestoreError::Refused(e.to_string())),
         },

@@ -65,6 +65,9 @@ pub struct RestoreSpec {
     /// Restore only these blocks (a shard, `--blocks`), in place: the target
     /// must be a block device or `in_place`. `None`: the whole volume.
     pub blocks: Option<BlockSelection>,
+    /// The worker job this restore runs for, named to a second restore of
+    /// the same target when it is refused.
+    pub job: Option<String>,
 }
 
 /// Run one restore to its end.
@@ -109,6 +112,8 @@ async fn restore_as(spec: &RestoreSpec, mut run: Run<'_>) -> Result<RestoreRepor
     let (engine, progress) = (run.engine, run.progress);
     progress.set_phase(Phase::Validate);
     let (snapshot, sources, blocks) = validate(engine, spec, run.tenant).await?;
+    // Held to the end of this function, whichever way it ends.
+    let _held = lock_target(spec, blocks, &snapshot.layout())?;
     if run.publish.is_some() && std::fs::symlink_metadata(&spec.target).is_err() {
         // An exported file is written in place: create it (allocate sizes it).
         std::fs::OpenOptions::new()
@@ -185,6 +190,21 @@ async fn validate(
         stores.push(engine.open_store(&url).await?);
     }
     Ok((Arc::new(manifest), Source::ordered(stores), blocks))
+}
+
+/// Take the target for this restore (its blocks, for a shard) before
+/// anything is written or discarded: a second restore of it is refused here,
+/// and so is `--restart` while another restore holds it.
+fn lock_target(
+    spec: &RestoreSpec,
+    blocks: BlockRange,
+    layout: &crate::block::BlockLayout,
+) -> Result<target::TargetLock, RestoreError> {
+    let shard = (!blocks.is_all(layout)).then_some((blocks.start, blocks.end));
+    target::lock(&spec.target, shard, spec.job.as_deref()).map_err(|e| match e {
+        target::LockError::Busy { .. } => RestoreError::Busy(e.to_string()),
+        target::LockError::Io { .. } => RestoreError::Io(e.to_string()),
+    })
 }
 
 /// Shards (`--blocks`) write one target side by side, so none may stage it
@@ -360,6 +380,15 @@ fn conclude(
 
     progress.set_phase(Phase::Swap);
     fail::fail_point!("restore-before-swap");
+    if target.staged && !target::names_file(&target.write_path, &target.file) {
+        // Another process replaced the staging file: renaming the path now
+        // would put its bytes in place under this restore's report.
+        return Err(RestoreError::Busy(format!(
+            "{} is no longer the file this restore wrote (another process replaced or removed it): the target {} was not swapped into place and this restore reports nothing restored",
+            target.write_path.display(),
+            target.path.display()
+        )));
+    }
     target::swap(target).map_err(|e| io_error(target, "swap (fsync and rename into place) failed", e))?;
     staging.disarm();
     fail::fail_point!("restore-before-status");

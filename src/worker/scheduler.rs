@@ -181,6 +181,7 @@ impl Worker {
             in_place: false,
             restart: restart_pending,
             blocks: None,
+            job: Some(id.to_string()),
         };
         let worker = Arc::clone(self);
         self.tasks.spawn(async move {

@@ -83,6 +83,7 @@ pub fn spec(manifest_url: &str, target: &Path) -> RestoreSpec {
         in_place: false,
         restart: false,
         blocks: None,
+        job: None,
     }
 }
 
