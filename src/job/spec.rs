@@ -104,13 +104,26 @@ pub fn resolve(spec: &JobSpec, config: &WorkerConfig) -> Result<ResolvedSpec, Sp
         .profiles
         .get(&spec.profile)
         .ok_or_else(|| err("profile", format!("no store profile {:?} is configured", spec.profile)))?;
-    check_manifest_key(&spec.manifest)?;
-    let store = StoreUrl::parse(&profile.store).map_err(|e| err("profile", e.to_string()))?;
+    let manifest_url = manifest_url(&profile.store, &spec.manifest)?;
     let target = match check_device(&spec.target, &config.block_devices)? {
         Some(device) => device,
         None => check_target(&spec.target, &config.target_roots)?,
     };
-    Ok(ResolvedSpec { manifest_url: store.join(&spec.manifest), secondaries: profile.secondaries.clone(), target })
+    Ok(ResolvedSpec { manifest_url, secondaries: profile.secondaries.clone(), target })
+}
+
+/// The snapshot URL of a job: the manifest key under the profile's store,
+/// or, for a Longhorn profile (`longhorn+s3://BUCKET/PREFIX`), the backup
+/// the job names as `volume=V&backup=B`.
+fn manifest_url(store: &str, manifest: &str) -> Result<String, SpecError> {
+    if crate::snapshot::longhorn::is_longhorn_url(store) {
+        let url = format!("{store}?{manifest}");
+        crate::snapshot::longhorn::LonghornUrl::parse(&url).map_err(|e| err("manifest", e.reason))?;
+        return Ok(url);
+    }
+    check_manifest_key(manifest)?;
+    let store = StoreUrl::parse(store).map_err(|e| err("profile", e.to_string()))?;
+    Ok(store.join(manifest))
 }
 
 fn check_manifest_key(key: &str) -> Result<(), SpecError> {
