@@ -277,3 +277,31 @@ async fn killed_with_sigkill_it_resumes_without_refetching_settled_blocks() {
     // Our own stale lock (same type) never blocks us; the new one is released.
     assert_eq!(locks_left(&bucket_dir).len(), 1, "only the killed run's lock remains");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_restore_releases_the_lock() {
+    let fx = Fixture::new();
+    let s3_root = fx.path("s3");
+    let bucket_dir = s3_root.join(BUCKET).join(PREFIX);
+    write_backup(&bucket_dir, VOLUME, BACKUP, &image(8, 9), "gzip", false);
+    let server = LoopbackS3::start(s3_root.clone()).await.unwrap();
+    let latency = FaultRule::new(Fault::Latency(Duration::from_millis(500))).path_contains(".blk");
+    server.add_fault(latency.method(FaultMethod::Get));
+    let target = fx.path("cancelled.img");
+    let args = ["restore", "--manifest", &s3_url(), "--target", target.to_str().unwrap()];
+    let mut child =
+        Reaped(fx.command(&args, Some(&server)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    let started = Instant::now();
+    while block_gets(&server, 0).is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(60), "the restore never got going");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(locks_left(&bucket_dir).len(), 1, "the lock is held while blocks are read");
+    // SIGTERM: settle what is written, checkpoint, exit 6, and let go.
+    let pid = i32::try_from(child.0.id()).unwrap();
+    // SAFETY: kill(2) of our own child, which has not been reaped yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.code(), Some(6), "a cancelled restore exits 6 (interrupted)");
+    assert!(locks_left(&bucket_dir).is_empty(), "the lock outlived a cancelled restore: {:?}", locks_left(&bucket_dir));
+}

@@ -212,6 +212,17 @@ mod tests {
     }
 
     #[test]
+    fn a_longhorn_profile_takes_the_backup_as_its_manifest() {
+        let store = "longhorn+s3://lh-backups/cluster-a";
+        let url = manifest_url(store, "volume=pvc-1&backup=backup-2").unwrap();
+        assert_eq!(url, "longhorn+s3://lh-backups/cluster-a?volume=pvc-1&backup=backup-2");
+        for bad in ["vol.manifest", "volume=pvc-1", "volume=../x&backup=b2", "volume=v1&backup=b2&x=1"] {
+            assert_eq!(manifest_url(store, bad).unwrap_err().field, "manifest", "{bad}");
+        }
+        assert_eq!(manifest_url("s3://bucket/p", "v.manifest").unwrap(), "s3://bucket/p/v.manifest");
+    }
+
+    #[test]
     fn targets_stay_under_roots() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
