@@ -305,3 +305,39 @@ async fn a_cancelled_restore_releases_the_lock() {
     assert_eq!(status.code(), Some(6), "a cancelled restore exits 6 (interrupted)");
     assert!(locks_left(&bucket_dir).is_empty(), "the lock outlived a cancelled restore: {:?}", locks_left(&bucket_dir));
 }
+
+/// Write a Longhorn lock file of `lock_type` into the volume's `locks/`,
+/// last written `age` ago.
+fn put_lock(root: &Path, name: &str, lock_type: u8, age: Duration) {
+    let dir = root.join(volume_dir(VOLUME)).join("locks");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.lck"));
+    let json = format!(r#"{{"Name":"{name}","Type":{lock_type},"Acquired":true}}"#);
+    std::fs::write(&path, json).unwrap();
+    let file = std::fs::File::options().write(true).open(&path).unwrap();
+    file.set_modified(std::time::SystemTime::now() - age).unwrap();
+}
+
+#[test]
+fn a_live_deletion_lock_holds_the_restore_off_and_an_expired_one_does_not() {
+    let fx = Fixture::new();
+    let dir = fx.path("nfs");
+    let want = image(4, 13);
+    write_backup(&dir, VOLUME, BACKUP, &want, "lz4", false);
+    // A crashed deletion's lock, 200 s old (Longhorn's expire after 150 s).
+    put_lock(&dir, "lock-0000000000000000", 2, Duration::from_secs(200));
+    restore_and_verify(&fx, &file_url(&dir), &want, None, "after-expired.img");
+    assert_eq!(locks_left(&dir), vec!["lock-0000000000000000.lck".to_owned()]);
+    // A deletion in progress: Longhorn's lock rules make us wait, then give up.
+    put_lock(&dir, "lock-ffffffffffffffff", 2, Duration::ZERO);
+    let target = fx.path("held-off.img");
+    let started = Instant::now();
+    let out = fx.run(&["restore", "--manifest", &file_url(&dir), "--target", target.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(text(&out).contains("lock-ffffffffffffffff"), "{}", text(&out));
+    assert!(started.elapsed() >= Duration::from_secs(30), "gave up before Longhorn's 30 s wait");
+    assert!(!target.exists());
+    let mut left = locks_left(&dir);
+    left.sort();
+    assert_eq!(left, vec!["lock-0000000000000000.lck".to_owned(), "lock-ffffffffffffffff.lck".to_owned()]);
+}
