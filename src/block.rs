@@ -214,6 +214,12 @@ pub enum HashAlgorithm {
     Blake3,
     /// SHA-256: about 1.0 GiB/s per core here, for stores that require it.
     Sha256,
+    /// SHA-512 truncated to its first 32 bytes (64 hex digits): Longhorn's
+    /// block checksum (`util.GetChecksum` in longhorn/backupstore
+    /// `util/util.go`, `PreservedChecksumLength = 64`). Not SHA-512/256,
+    /// which starts from other initial values. Only Longhorn backups use it.
+    #[serde(rename = "sha512-trunc256")]
+    Sha512Trunc256,
 }
 
 impl HashAlgorithm {
@@ -224,6 +230,13 @@ impl HashAlgorithm {
                 use sha2::Digest;
                 ContentHash(sha2::Sha256::digest(bytes).into())
             }
+            HashAlgorithm::Sha512Trunc256 => {
+                use sha2::Digest;
+                let full = sha2::Sha512::digest(bytes);
+                let mut prefix = [0u8; 32];
+                prefix.copy_from_slice(&full[..32]);
+                ContentHash(prefix)
+            }
         }
     }
 
@@ -231,6 +244,7 @@ impl HashAlgorithm {
         match self {
             HashAlgorithm::Blake3 => "blake3",
             HashAlgorithm::Sha256 => "sha256",
+            HashAlgorithm::Sha512Trunc256 => "sha512-trunc256",
         }
     }
 }
@@ -247,12 +261,18 @@ impl std::str::FromStr for HashAlgorithm {
 }
 
 /// How a block object's bytes are stored.
+///
+/// `none` and `zstd` are rehydrate's own; `lz4` (an LZ4 frame) and `gzip`
+/// are what Longhorn writes (`newCompressionWriter` in longhorn/backupstore
+/// `util/util.go`) and are only read, never written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
     #[default]
     None,
     Zstd,
+    Lz4,
+    Gzip,
 }
 
 impl Compression {
@@ -260,7 +280,14 @@ impl Compression {
         match self {
             Compression::None => "none",
             Compression::Zstd => "zstd",
+            Compression::Lz4 => "lz4",
+            Compression::Gzip => "gzip",
         }
+    }
+
+    /// Whether objects are stored as the block itself.
+    pub fn is_none(self) -> bool {
+        self == Compression::None
     }
 }
 
@@ -300,10 +327,12 @@ impl fmt::Display for ContentHash {
 
 /// Key of a block object relative to the snapshot's store prefix:
 /// `blocks/<hex hash>` or `blocks/<hex hash>.zst`.
+/// (Longhorn's codecs never name a rehydrate object: a Longhorn backup keys
+/// its blocks itself.)
 pub fn block_key(hash: &ContentHash, compression: Compression) -> String {
     match compression {
-        Compression::None => format!("blocks/{}", hash.to_hex()),
         Compression::Zstd => format!("blocks/{}.zst", hash.to_hex()),
+        _ => format!("blocks/{}", hash.to_hex()),
     }
 }
 

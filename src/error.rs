@@ -97,7 +97,7 @@ impl StoreError {
     pub fn from_io(context: &str, err: &std::io::Error) -> Self {
         use std::io::ErrorKind::*;
         let class = match err.kind() {
-            NotFound | PermissionDenied | IsADirectory | InvalidInput => ErrorClass::Permanent,
+            NotFound | PermissionDenied | ReadOnlyFilesystem | IsADirectory | InvalidInput => ErrorClass::Permanent,
             _ => ErrorClass::Transient,
         };
         Self::new(class, format!("{context}: {err}"))

@@ -205,6 +205,8 @@ impl fmt::Display for ManifestDigest {
 /// Why a manifest (or an entry offered to a [`ManifestBuilder`]) was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ManifestError {
+    #[error("a rehydrate manifest holds blake3 or sha256 hashes and none or zstd objects, not {0} (a Longhorn codec)")]
+    ForeignCodec(&'static str),
     #[error("manifest is {len_bytes} bytes, shorter than the {needed_bytes} bytes expected: {CORRUPT_ADVICE}")]
     Truncated { len_bytes: u64, needed_bytes: u64 },
     #[error(
@@ -287,6 +289,8 @@ pub enum EntryProblem {
     UnknownCompression { code: u8 },
     #[error("it is zstd-compressed but the snapshot's compression is none")]
     ZstdInUncompressedSnapshot,
+    #[error("its compression {0} is a Longhorn codec, never in a rehydrate manifest")]
+    ForeignCompression(&'static str),
     #[error("its reserved bytes are {0:02x?}, not zero")]
     ReservedNotZero([u8; 3]),
 }
@@ -417,6 +421,12 @@ impl ManifestBuilder {
         compression: Compression,
     ) -> Result<Self, ManifestError> {
         validate_name(name.as_bytes())?;
+        if hash_algorithm == HashAlgorithm::Sha512Trunc256 {
+            return Err(ManifestError::ForeignCodec(hash_algorithm.name()));
+        }
+        if matches!(compression, Compression::Lz4 | Compression::Gzip) {
+            return Err(ManifestError::ForeignCodec(compression.name()));
+        }
         // A clock before 1970 is recorded as 0 rather than refusing to snapshot.
         let created_unix_secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         Ok(Self { name: name.to_owned(), layout, hash_algorithm, compression, created_unix_secs, entries: Vec::new() })
@@ -519,7 +529,10 @@ fn check_entry(
             Err(EntryProblem::StoredLenNotBlockLen { stored_len_bytes: entry.stored_len_bytes, block_len_bytes })
         }
         (_, Compression::None) => Ok(()),
-        (Compression::None, Compression::Zstd) => Err(EntryProblem::ZstdInUncompressedSnapshot),
+        (_, Compression::Lz4 | Compression::Gzip) => Err(EntryProblem::ForeignCompression(entry.compression.name())),
+        (Compression::None | Compression::Lz4 | Compression::Gzip, Compression::Zstd) => {
+            Err(EntryProblem::ZstdInUncompressedSnapshot)
+        }
         (Compression::Zstd, Compression::Zstd) => {
             // Block length ≤ 64 MiB, so the bound fits usize and u64 anywhere.
             let bound_bytes = zstd::zstd_safe::compress_bound(block_len_bytes as usize) as u64;
@@ -539,6 +552,8 @@ fn hash_algorithm_code(algorithm: HashAlgorithm) -> u8 {
     match algorithm {
         HashAlgorithm::Blake3 => 1,
         HashAlgorithm::Sha256 => 2,
+        // Refused by `ManifestBuilder::new`; never decoded.
+        HashAlgorithm::Sha512Trunc256 => 0xff,
     }
 }
 
@@ -554,6 +569,8 @@ fn compression_code(compression: Compression) -> u8 {
     match compression {
         Compression::None => 0,
         Compression::Zstd => 1,
+        // Refused by `ManifestBuilder::new` and `check_entry`; never decoded.
+        Compression::Lz4 | Compression::Gzip => 0xff,
     }
 }
 

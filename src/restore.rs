@@ -12,7 +12,8 @@
 //! pipeline (`pipeline.rs`: dispatcher and units, `settler.rs`) moves blocks
 //! to the target and settles them; `report.rs` says how it went. [`progress`]
 //! is what a watcher reads while it runs; [`readback`] reads a target back
-//! against a manifest. [`live`] is the volume while it is restored, for an
+//! against a snapshot. [`source`] opens the snapshot a URL names (a
+//! rehydrate manifest, a Longhorn backup). [`live`] is the volume while it is restored, for an
 //! export to serve ([`restore_live`]).
 
 mod allocate;
@@ -25,6 +26,7 @@ pub mod read;
 pub mod readback;
 mod report;
 mod settler;
+pub mod source;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -14,9 +14,11 @@
 //! where its blocks are and what they must be; it never writes bytes itself.
 //!
 //! The rehydrate manifest ([`Manifest`]) is one implementation; [`create()`]
-//! makes one from a file or block device.
+//! makes one from a file or block device. A Longhorn backup
+//! ([`longhorn::LonghornBackup`]) is another.
 
 mod create;
+pub mod longhorn;
 
 use crate::block::{BlockIndex, BlockLayout, block_key};
 use crate::manifest::{BlockEntry, Manifest, ManifestDigest};

@@ -86,6 +86,24 @@ pub trait BlockStore: Send + Sync + fmt::Debug {
     /// Whether object `key` exists.
     fn exists_for<'a>(&'a self, ctx: &'a RequestContext, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
 
+    /// The objects directly under `dir` (a key prefix ending in `/`), with
+    /// their names relative to it and their modification times; an absent
+    /// `dir` lists nothing. Only Longhorn's restore lock lists
+    /// (`snapshot/longhorn/lock.rs`); a store that cannot says so.
+    fn list_for<'a>(
+        &'a self,
+        _ctx: &'a RequestContext,
+        dir: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<ObjectInfo>, StoreError>> {
+        Box::pin(async move { Err(StoreError::permanent(format!("{}: this store cannot list {dir}", self.url()))) })
+    }
+
+    /// Delete object `key`; an absent object is not an error. Only Longhorn's
+    /// restore lock deletes (its own lock file).
+    fn delete_for<'a>(&'a self, _ctx: &'a RequestContext, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move { Err(StoreError::permanent(format!("{}: this store cannot delete {key}", self.url()))) })
+    }
+
     /// The adaptive request rate this store is paced by, if it is (see
     /// `store/rate.rs`): fetch asks it whether the store is throttling now,
     /// and reports read the rate from it. Decorators forward it.
@@ -107,6 +125,15 @@ pub trait BlockStore: Send + Sync + fmt::Debug {
     fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
         self.exists_for(&NO_CONTEXT, key)
     }
+}
+
+/// One object a [`BlockStore::list_for`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Its name relative to the listed directory.
+    pub name: String,
+    /// When it was last written, by the store's clock.
+    pub modified: std::time::SystemTime,
 }
 
 /// Implement [`BlockStore`] for a decorator with an `inner: SharedStore` and
@@ -148,6 +175,22 @@ macro_rules! forward_through_run {
                 key: &'a str,
             ) -> $crate::store::BoxFuture<'a, Result<bool, $crate::store::StoreError>> {
                 Box::pin(self.run(ctx, key, self.inner.exists_for(ctx, key)))
+            }
+
+            fn list_for<'a>(
+                &'a self,
+                ctx: &'a $crate::store::RequestContext,
+                dir: &'a str,
+            ) -> $crate::store::BoxFuture<'a, Result<Vec<$crate::store::ObjectInfo>, $crate::store::StoreError>> {
+                Box::pin(self.run(ctx, dir, self.inner.list_for(ctx, dir)))
+            }
+
+            fn delete_for<'a>(
+                &'a self,
+                ctx: &'a $crate::store::RequestContext,
+                key: &'a str,
+            ) -> $crate::store::BoxFuture<'a, Result<(), $crate::store::StoreError>> {
+                Box::pin(self.run(ctx, key, self.inner.delete_for(ctx, key)))
             }
 
             fn rate_control(&self) -> Option<std::sync::Arc<$crate::store::rate::RateControl>> {

@@ -15,6 +15,10 @@ use crate::block::{Compression, ContentHash, HashAlgorithm};
 use crate::buf::BufPool;
 use crate::error::StoreError;
 
+mod codec;
+
+pub use codec::stored_len_bound;
+
 /// What a block object must turn out to be.
 #[derive(Debug, Clone, Copy)]
 pub struct Expected {
@@ -71,29 +75,34 @@ fn zero_bytes(len_bytes: usize) -> Bytes {
 }
 
 /// Check `raw` against `expected`; decompress when the object is compressed.
+///
+/// The stored length is exact for rehydrate's own codecs (none, zstd: the
+/// manifest records it) and a bound for Longhorn's (lz4, gzip: a Longhorn
+/// backup records no object length, so the snapshot gives the codec's worst
+/// case and the decoded length and hash decide).
 pub fn verify(raw: Bytes, expected: &Expected) -> Result<VerifiedBlock, StoreError> {
-    if raw.len() != expected.stored_len_bytes as usize {
+    let exact = matches!(expected.compression, Compression::None | Compression::Zstd);
+    if (exact && raw.len() != expected.stored_len_bytes as usize) || raw.len() > expected.stored_len_bytes as usize {
+        let relation = if exact { "" } else { "at most " };
         return Err(StoreError::corrupt(format!(
-            "object is {} bytes, the manifest says {}",
+            "object is {} bytes, the snapshot says {relation}{}",
             raw.len(),
             expected.stored_len_bytes
         )));
     }
+    let len_bytes = expected.len_bytes as usize;
     let bytes = match expected.compression {
         Compression::None => raw,
-        Compression::Zstd => decompress(&raw, expected.len_bytes as usize)?,
+        Compression::Zstd => decompress(&raw, len_bytes)?,
+        Compression::Lz4 | Compression::Gzip => codec::decode_longhorn(&raw, expected.compression, len_bytes)?,
     };
-    if bytes.len() != expected.len_bytes as usize {
-        return Err(StoreError::corrupt(format!(
-            "block is {} bytes, the manifest says {}",
-            bytes.len(),
-            expected.len_bytes
-        )));
+    if bytes.len() != len_bytes {
+        return Err(StoreError::corrupt(format!("block is {} bytes, the snapshot says {}", bytes.len(), len_bytes)));
     }
     let actual = expected.algorithm.hash(&bytes);
     if actual != expected.hash {
         return Err(StoreError::corrupt(format!(
-            "{} mismatch: got {}, the manifest says {}",
+            "{} mismatch: got {}, the snapshot says {}",
             expected.algorithm.name(),
             actual.to_hex(),
             expected.hash.to_hex()

@@ -102,6 +102,7 @@ async fn snapshot_roundtrips_through_a_file_store() {
             let block = match entry.compression {
                 Compression::None => object.to_vec(),
                 Compression::Zstd => zstd::bulk::decompress(&object, len).unwrap(),
+                other => panic!("{} is never in a rehydrate manifest", other.name()),
             };
             assert_eq!(manifest.hash_algorithm.hash(&block), entry.hash);
             let start = layout.offset(entry.index) as usize;

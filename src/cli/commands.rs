@@ -10,6 +10,7 @@ use super::{CreateArgs, JobCommand, RestoreArgs, ServeArgs, VerifyArgs, load_con
 use crate::config::parse_size_bytes;
 use crate::error::ExitCode;
 use crate::restore::progress::Progress;
+use crate::restore::source::Purpose;
 use crate::restore::{Engine, RestoreError, RestoreReport, RestoreSpec};
 use crate::store::StoreUrl;
 
@@ -145,26 +146,20 @@ pub(super) async fn verify(args: VerifyArgs) -> ExitCode {
         return ExitCode::Usage;
     };
     let engine = Engine::new(config);
-    let (url, key) = match StoreUrl::parse_manifest(&args.manifest) {
-        Ok(parts) => parts,
-        Err(e) => return usage(&e.to_string()),
-    };
-    let manifest = match async {
-        let store = engine.open_store(&url).await?;
-        crate::restore::load_manifest(&engine, &store, &key, 0).await
-    }
-    .await
-    {
-        Ok(m) => m,
+    let opened = crate::restore::source::open_snapshot(&engine, &args.manifest, 0, Purpose::Inspect).await;
+    let manifest = match opened {
+        Ok(opened) => opened.snapshot,
+        Err(e @ RestoreError::Usage(_)) => return usage(&e.to_string()),
         Err(e) => return fail(&e.to_string(), e.exit_code()),
     };
-    let blocks = match args.blocks.map(|b| b.resolve(&manifest.layout)) {
-        None => crate::block::BlockRange::all(&manifest.layout),
+    let layout = manifest.layout();
+    let blocks = match args.blocks.map(|b| b.resolve(&layout)) {
+        None => crate::block::BlockRange::all(&layout),
         Some(Ok(blocks)) => blocks,
         Some(Err(e)) => return usage(&e),
     };
     let target = args.target.clone();
-    let read = move || crate::restore::readback::readback_blocks(&manifest, &target, blocks);
+    let read = move || crate::restore::readback::readback_blocks(&*manifest, &target, blocks);
     let report = match tokio::task::spawn_blocking(read).await {
         Ok(Ok(report)) => report,
         Ok(Err(e)) => {

@@ -155,7 +155,11 @@ impl WorkerConfig {
                 return bad(format!("profiles.{name}: profile names are 1-64 of A-Z a-z 0-9 _ -"));
             }
             for url in std::iter::once(&profile.store).chain(&profile.secondaries) {
-                if let Err(e) = StoreUrl::parse(url) {
+                let parsed = match crate::snapshot::longhorn::is_longhorn_url(url) {
+                    true => crate::snapshot::longhorn::LonghornUrl::parse_profile_store(url),
+                    false => StoreUrl::parse(url),
+                };
+                if let Err(e) = parsed {
                     return bad(format!("profiles.{name}: {e}"));
                 }
             }

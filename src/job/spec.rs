@@ -104,13 +104,26 @@ pub fn resolve(spec: &JobSpec, config: &WorkerConfig) -> Result<ResolvedSpec, Sp
         .profiles
         .get(&spec.profile)
         .ok_or_else(|| err("profile", format!("no store profile {:?} is configured", spec.profile)))?;
-    check_manifest_key(&spec.manifest)?;
-    let store = StoreUrl::parse(&profile.store).map_err(|e| err("profile", e.to_string()))?;
+    let manifest_url = manifest_url(&profile.store, &spec.manifest)?;
     let target = match check_device(&spec.target, &config.block_devices)? {
         Some(device) => device,
         None => check_target(&spec.target, &config.target_roots)?,
     };
-    Ok(ResolvedSpec { manifest_url: store.join(&spec.manifest), secondaries: profile.secondaries.clone(), target })
+    Ok(ResolvedSpec { manifest_url, secondaries: profile.secondaries.clone(), target })
+}
+
+/// The snapshot URL of a job: the manifest key under the profile's store,
+/// or, for a Longhorn profile (`longhorn+s3://BUCKET/PREFIX`), the backup
+/// the job names as `volume=V&backup=B`.
+fn manifest_url(store: &str, manifest: &str) -> Result<String, SpecError> {
+    if crate::snapshot::longhorn::is_longhorn_url(store) {
+        let url = format!("{store}?{manifest}");
+        crate::snapshot::longhorn::LonghornUrl::parse(&url).map_err(|e| err("manifest", e.reason))?;
+        return Ok(url);
+    }
+    check_manifest_key(manifest)?;
+    let store = StoreUrl::parse(store).map_err(|e| err("profile", e.to_string()))?;
+    Ok(store.join(manifest))
 }
 
 fn check_manifest_key(key: &str) -> Result<(), SpecError> {
@@ -196,6 +209,17 @@ mod tests {
         for bad in ["/vol.manifest", "../vol.manifest", "a//vol.manifest", "vol.txt", "a\0.manifest", "./v.manifest"] {
             assert!(check_manifest_key(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_longhorn_profile_takes_the_backup_as_its_manifest() {
+        let store = "longhorn+s3://lh-backups/cluster-a";
+        let url = manifest_url(store, "volume=pvc-1&backup=backup-2").unwrap();
+        assert_eq!(url, "longhorn+s3://lh-backups/cluster-a?volume=pvc-1&backup=backup-2");
+        for bad in ["vol.manifest", "volume=pvc-1", "volume=../x&backup=b2", "volume=v1&backup=b2&x=1"] {
+            assert_eq!(manifest_url(store, bad).unwrap_err().field, "manifest", "{bad}");
+        }
+        assert_eq!(manifest_url("s3://bucket/p", "v.manifest").unwrap(), "s3://bucket/p/v.manifest");
     }
 
     #[test]

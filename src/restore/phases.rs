@@ -35,11 +35,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::plan::{self};
 use super::progress::{Phase, Progress};
+use super::source::{Purpose, open_snapshot};
 use super::{Engine, RestoreError};
 use crate::block::{BlockRange, BlockSelection};
 use crate::checkpoint::Checkpoint;
 use crate::fetch::{FetchContext, FetchTelemetry, Source};
 use crate::snapshot::Snapshot;
+use crate::snapshot::longhorn::lock::RestoreLock;
 use crate::store::StoreUrl;
 use crate::target::{self, StagingGuard, Target};
 use crate::write::{Backend, Writer};
@@ -108,10 +110,26 @@ pub async fn restore_live(
     restore_as(&spec, run).await
 }
 
-async fn restore_as(spec: &RestoreSpec, mut run: Run<'_>) -> Result<RestoreReport, RestoreError> {
+async fn restore_as(spec: &RestoreSpec, run: Run<'_>) -> Result<RestoreReport, RestoreError> {
+    run.progress.set_phase(Phase::Validate);
+    let (validated, lock) = validate(run.engine, spec, run.tenant).await?;
+    let result = restore_validated(spec, run, validated).await;
+    // Longhorn's restore lock goes on every exit: done, failed, cancelled.
+    if let Some(lock) = lock {
+        lock.release().await;
+    }
+    result
+}
+
+/// What validate found: the snapshot, its sources and the blocks to restore.
+type Validated = (Arc<dyn Snapshot>, Vec<Source>, BlockRange);
+
+async fn restore_validated(
+    spec: &RestoreSpec,
+    mut run: Run<'_>,
+    (snapshot, sources, blocks): Validated,
+) -> Result<RestoreReport, RestoreError> {
     let (engine, progress) = (run.engine, run.progress);
-    progress.set_phase(Phase::Validate);
-    let (snapshot, sources, blocks) = validate(engine, spec, run.tenant).await?;
     // Held to the end of this function, whichever way it ends.
     let _held = lock_target(spec, blocks, &snapshot.layout())?;
     if run.publish.is_some() && std::fs::symlink_metadata(&spec.target).is_err() {
@@ -165,31 +183,43 @@ struct Run<'a> {
     live_file: Option<Arc<File>>,
 }
 
-/// Validate: open the primary store, read and check the manifest, open the
-/// secondaries, and find the blocks to restore. From here on the restore sees
-/// the manifest as a [`Snapshot`].
+/// Validate: open the snapshot the URL names (a rehydrate manifest, a
+/// Longhorn backup: `super::source`) and its store, open the secondaries,
+/// and find the blocks to restore. From here on the restore sees a
+/// [`Snapshot`]. A Longhorn restore also gets Longhorn's restore lock, to
+/// release when it ends.
 async fn validate(
     engine: &Engine,
     spec: &RestoreSpec,
     tenant: u64,
-) -> Result<(Arc<dyn Snapshot>, Vec<Source>, BlockRange), RestoreError> {
+) -> Result<(Validated, Option<RestoreLock>), RestoreError> {
     if spec.blocks.is_some() {
         check_shard_target(spec)?;
     }
-    let (store_url, manifest_key) =
-        StoreUrl::parse_manifest(&spec.manifest_url).map_err(|e| RestoreError::Usage(e.to_string()))?;
-    let primary = engine.open_store(&store_url).await?;
-    let manifest = super::load_manifest(engine, &primary, &manifest_key, tenant).await?;
-    let blocks = match spec.blocks {
-        Some(selection) => selection.resolve(&manifest.layout).map_err(RestoreError::Usage)?,
-        None => BlockRange::all(&manifest.layout),
+    let opened = open_snapshot(engine, &spec.manifest_url, tenant, Purpose::Restore).await?;
+    let lock = opened.lock;
+    let sources = async {
+        let layout = opened.snapshot.layout();
+        let blocks = match spec.blocks {
+            Some(selection) => selection.resolve(&layout).map_err(RestoreError::Usage)?,
+            None => BlockRange::all(&layout),
+        };
+        let mut stores = vec![opened.primary];
+        for url in &spec.secondaries {
+            let url = StoreUrl::parse(url).map_err(|e| RestoreError::Usage(e.to_string()))?;
+            stores.push(engine.open_store(&url).await?);
+        }
+        Ok::<_, RestoreError>((Source::ordered(stores), blocks))
     };
-    let mut stores = vec![primary];
-    for url in &spec.secondaries {
-        let url = StoreUrl::parse(url).map_err(|e| RestoreError::Usage(e.to_string()))?;
-        stores.push(engine.open_store(&url).await?);
+    match sources.await {
+        Ok((sources, blocks)) => Ok(((opened.snapshot, sources, blocks), lock)),
+        Err(e) => {
+            if let Some(lock) = lock {
+                lock.release().await;
+            }
+            Err(e)
+        }
     }
-    Ok((Arc::new(manifest), Source::ordered(stores), blocks))
 }
 
 /// Take the target for this restore (its blocks, for a shard) before

@@ -37,10 +37,8 @@ impl Unit {
     /// the very buffer it arrived in).
     pub fn inflight_bytes(&self) -> u64 {
         match &self.source {
-            UnitSource::Object { expected, .. } => match expected.compression {
-                Compression::None => u64::from(expected.len_bytes),
-                Compression::Zstd => u64::from(expected.stored_len_bytes) + u64::from(expected.len_bytes),
-            },
+            UnitSource::Object { expected, .. } if expected.compression.is_none() => u64::from(expected.len_bytes),
+            UnitSource::Object { expected, .. } => u64::from(expected.stored_len_bytes) + u64::from(expected.len_bytes),
             UnitSource::Zeros { .. } => 0,
         }
     }

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use crate::block::{BlockIndex, Compression};
+use crate::block::BlockIndex;
 use crate::fetch::budget::{Budget, BudgetPermit};
 use crate::fetch::{FetchContext, SourceFailure, fetch_block};
 use crate::snapshot::Snapshot;
@@ -102,8 +102,9 @@ impl BlockReader {
 /// Bytes a fetch of this object holds: as received, plus the decompressed
 /// block when it is compressed.
 fn inflight_bytes(expected: &Expected) -> u64 {
-    match expected.compression {
-        Compression::None => u64::from(expected.len_bytes),
-        Compression::Zstd => u64::from(expected.stored_len_bytes) + u64::from(expected.len_bytes),
+    if expected.compression.is_none() {
+        u64::from(expected.len_bytes)
+    } else {
+        u64::from(expected.stored_len_bytes) + u64::from(expected.len_bytes)
     }
 }

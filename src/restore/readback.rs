@@ -1,4 +1,5 @@
-//! Read-back: compare a target, block by block, against a manifest.
+//! Read-back: compare a target, block by block, against a snapshot (a
+//! rehydrate manifest, a Longhorn backup).
 //!
 //! Independent of the restore path: it reads the target with plain reads and
 //! hashes each block (zero blocks must read back as zeros), so a bug in the
@@ -10,7 +11,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::block::{BlockIndex, BlockRange, is_zero};
-use crate::manifest::Manifest;
+use crate::snapshot::Snapshot;
 
 /// What a read-back found.
 #[derive(Debug, Clone, Serialize)]
@@ -29,15 +30,15 @@ impl ReadbackReport {
 }
 
 /// Read `target` and compare every block with `manifest`.
-pub fn readback(manifest: &Manifest, target: &Path) -> std::io::Result<ReadbackReport> {
-    readback_blocks(manifest, target, BlockRange::all(&manifest.layout))
+pub fn readback(manifest: &dyn Snapshot, target: &Path) -> std::io::Result<ReadbackReport> {
+    readback_blocks(manifest, target, BlockRange::all(&manifest.layout()))
 }
 
 /// Read the blocks `blocks` of `target` and compare each with `manifest`.
-pub fn readback_blocks(manifest: &Manifest, target: &Path, blocks: BlockRange) -> std::io::Result<ReadbackReport> {
+pub fn readback_blocks(manifest: &dyn Snapshot, target: &Path, blocks: BlockRange) -> std::io::Result<ReadbackReport> {
     let file = std::fs::File::open(target)?;
     let size = crate::target::device_size_bytes(&file)?;
-    let layout = manifest.layout;
+    let layout = manifest.layout();
     if size < layout.volume_size_bytes() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
@@ -46,14 +47,14 @@ pub fn readback_blocks(manifest: &Manifest, target: &Path, blocks: BlockRange) -
     }
     let mut buf = vec![0u8; layout.block_size_bytes() as usize];
     let mut mismatched = Vec::new();
-    let mut entries = manifest.entries().iter().skip_while(|e| e.index < blocks.start).peekable();
+    let mut entries = manifest.blocks().skip_while(|e| e.index < blocks.start).peekable();
     for index in blocks.start..blocks.end.min(layout.block_count()) {
         let len = layout.len(index) as usize;
         file.read_exact_at(&mut buf[..len], layout.offset(index))?;
         let ok = match entries.peek() {
             Some(e) if e.index == index => {
                 let e = entries.next().expect("peeked");
-                manifest.hash_algorithm.hash(&buf[..len]) == e.hash
+                e.expected.algorithm.hash(&buf[..len]) == e.expected.hash
             }
             _ => is_zero(&buf[..len]),
         };

@@ -218,7 +218,8 @@ struct PutDone {
 /// Compress (when it pays) and put one block unless the store has it.
 async fn put_block(store: &SharedStore, block: ReadBlock, compression: Compression) -> Result<PutDone, CreateError> {
     let (stored, compression) = match compression {
-        Compression::None => (block.bytes, Compression::None),
+        // Longhorn's codecs are read, never written (`ManifestBuilder` refuses them).
+        Compression::None | Compression::Lz4 | Compression::Gzip => (block.bytes, Compression::None),
         Compression::Zstd => {
             let raw = block.bytes;
             let packed = tokio::task::spawn_blocking(move || {

@@ -60,6 +60,9 @@ pub enum Fault {
     InternalError,
     /// The object is not there: `404 NoSuchKey`, a permanent error.
     NotFound,
+    /// The credentials may not do this (a read-only key writing): `403
+    /// AccessDenied`, a permanent error.
+    AccessDenied,
     /// The body cut short after `bytes` (over HTTP: with the full
     /// `Content-Length` advertised).
     Truncate { bytes: u64 },
@@ -175,6 +178,7 @@ async fn before_call(fault: &Fault, key: &str) -> Result<(), StoreError> {
         Fault::SlowDown => Err(StoreError::throttled(format!("{key}: 503 SlowDown (injected)"))),
         Fault::InternalError => Err(StoreError::transient(format!("{key}: 500 InternalError (injected)"))),
         Fault::NotFound => Err(StoreError::permanent(format!("{key}: 404 NoSuchKey (injected)"))),
+        Fault::AccessDenied => Err(StoreError::permanent(format!("{key}: 403 AccessDenied (injected)"))),
         Fault::Fail(e) => Err(e.clone()),
         Fault::Latency(delay) => {
             tokio::time::sleep(*delay).await;
@@ -246,6 +250,28 @@ impl BlockStore for FaultStore {
                 before_call(&fault, key).await?;
             }
             self.inner.exists_for(ctx, key).await
+        })
+    }
+
+    fn list_for<'a>(
+        &'a self,
+        ctx: &'a super::RequestContext,
+        dir: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<super::ObjectInfo>, StoreError>> {
+        Box::pin(async move {
+            if let Some(fault) = self.fault_for(FaultMethod::Get, dir) {
+                before_call(&fault, dir).await?;
+            }
+            self.inner.list_for(ctx, dir).await
+        })
+    }
+
+    fn delete_for<'a>(&'a self, ctx: &'a super::RequestContext, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            if let Some(fault) = self.fault_for(FaultMethod::Any, key) {
+                before_call(&fault, key).await?;
+            }
+            self.inner.delete_for(ctx, key).await
         })
     }
 

@@ -168,6 +168,57 @@ impl BlockStore for FileStore {
             }
         })
     }
+
+    fn list_for<'a>(
+        &'a self,
+        _ctx: &'a super::RequestContext,
+        dir: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<super::ObjectInfo>, StoreError>> {
+        Box::pin(async move {
+            let path = self.path(dir.trim_end_matches('/'))?;
+            tokio::task::spawn_blocking(move || list_blocking(&path))
+                .await
+                .map_err(|e| StoreError::transient(format!("list task failed: {e}")))?
+        })
+    }
+
+    fn delete_for<'a>(
+        &'a self,
+        _ctx: &'a super::RequestContext,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let path = self.path(key)?;
+            match tokio::fs::remove_file(&path).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(StoreError::from_io(&path.display().to_string(), &e))
+                }
+                _ => Ok(()),
+            }
+        })
+    }
+}
+
+/// The files directly in `dir` (staged writes excluded), with their mtimes.
+fn list_blocking(dir: &Path) -> Result<Vec<super::ObjectInfo>, StoreError> {
+    let ctx = dir.display().to_string();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(StoreError::from_io(&ctx, &e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| StoreError::from_io(&ctx, &e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(meta) = entry.metadata() else { continue };
+        if !meta.is_file() || name.contains(STAGING_MARKER) {
+            continue;
+        }
+        let modified = meta.modified().map_err(|e| StoreError::from_io(&ctx, &e))?;
+        out.push(super::ObjectInfo { name, modified });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -192,6 +192,24 @@ impl BlockStore for RateLimited {
         })
     }
 
+    fn list_for<'a>(
+        &'a self,
+        ctx: &'a super::RequestContext,
+        dir: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<super::ObjectInfo>, StoreError>> {
+        Box::pin(async move {
+            self.admit(0).await;
+            self.inner.list_for(ctx, dir).await
+        })
+    }
+
+    fn delete_for<'a>(&'a self, ctx: &'a super::RequestContext, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.admit(0).await;
+            self.inner.delete_for(ctx, key).await
+        })
+    }
+
     fn rate_control(&self) -> Option<Arc<super::rate::RateControl>> {
         self.inner.rate_control()
     }

@@ -19,7 +19,7 @@
 //!    `503 SlowDown` past it, like the nginx fixture on port 9082;
 //! 3. the first [`FaultRule`] that matches (method + path) and has uses
 //!    left: an error answer ([`Fault::SlowDown`], [`Fault::InternalError`],
-//!    [`Fault::NotFound`]), a delay ([`Fault::Latency`]) or a body fault on a
+//!    [`Fault::NotFound`], [`Fault::AccessDenied`]), a delay ([`Fault::Latency`]) or a body fault on a
 //!    successful GET ([`Fault::Stall`], [`Fault::Truncate`],
 //!    [`Fault::Corrupt`], [`Fault::Trickle`]).
 //!
@@ -387,6 +387,9 @@ impl FaultService {
             }
             Some(Fault::NotFound) => {
                 return error_response(StatusCode::NOT_FOUND, "NoSuchKey", "The specified key does not exist.", &path);
+            }
+            Some(Fault::AccessDenied) => {
+                return error_response(StatusCode::FORBIDDEN, "AccessDenied", "Access Denied", &path);
             }
             Some(Fault::Latency(delay)) => tokio::time::sleep(delay).await,
             _ => {}

@@ -529,6 +529,67 @@ impl BlockStore for S3Store {
             }
         })
     }
+
+    fn list_for<'a>(
+        &'a self,
+        _ctx: &'a super::RequestContext,
+        dir: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<super::ObjectInfo>, StoreError>> {
+        Box::pin(self.list_dir(dir))
+    }
+
+    fn delete_for<'a>(
+        &'a self,
+        _ctx: &'a super::RequestContext,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let object_key = self.object_key(key)?;
+            let what = self.describe(&object_key);
+            match self.client.delete_object().bucket(&self.bucket).key(&object_key).send().await {
+                Ok(_) => Ok(()),
+                Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => Ok(()),
+                Err(e) => Err(classify_sdk_error(&format!("DELETE {what}"), &e)),
+            }
+        })
+    }
+}
+
+impl S3Store {
+    /// `ListObjectsV2` of the objects directly under `dir` (delimiter `/`),
+    /// every page.
+    async fn list_dir(&self, dir: &str) -> Result<Vec<super::ObjectInfo>, StoreError> {
+        let prefix = format!("{}/", self.object_key(dir.trim_end_matches('/'))?);
+        let what = self.describe(&prefix);
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&prefix)
+                .delimiter("/")
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| classify_sdk_error(&format!("LIST {what}"), &e))?;
+            for object in page.contents() {
+                let (Some(key), Some(at)) = (object.key(), object.last_modified()) else { continue };
+                let modified = std::time::SystemTime::try_from(*at)
+                    .map_err(|e| StoreError::transient(format!("LIST {what}: bad LastModified: {e}")))?;
+                let name = key.strip_prefix(&prefix).unwrap_or(key).to_owned();
+                // A store that ignores the delimiter lists deeper keys too.
+                if !name.contains('/') {
+                    out.push(super::ObjectInfo { name, modified });
+                }
+            }
+            match page.next_continuation_token() {
+                Some(next) if page.is_truncated() == Some(true) => token = Some(next.to_owned()),
+                _ => return Ok(out),
+            }
+        }
+    }
 }
 
 /// S3 error codes that mean "slow down", whatever the status.

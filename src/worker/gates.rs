@@ -45,10 +45,9 @@ impl Worker {
     }
 
     pub(super) async fn manifest_bytes(&self, manifest_url: &str) -> Option<u64> {
-        let (url, key) = crate::store::StoreUrl::parse_manifest(manifest_url).ok()?;
-        let store = self.engine.open_store(&url).await.ok()?;
-        let manifest = crate::restore::load_manifest(&self.engine, &store, &key, 0).await.ok()?;
-        Some(manifest.block_bytes_total())
+        let purpose = crate::restore::source::Purpose::Inspect;
+        let opened = crate::restore::source::open_snapshot(&self.engine, manifest_url, 0, purpose).await.ok()?;
+        Some(opened.snapshot.block_bytes_total())
     }
 }
 
