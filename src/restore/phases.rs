@@ -251,6 +251,7 @@ async fn rehydrate(
     };
     let mut settler = Settler::new(engine, target, layout, writer.clone(), checkpoint, durable, Arc::clone(progress));
     settler.flushes = flushes;
+    settler.live = live.clone();
     let units = UnitContext { reader, live: live.clone(), writer: writer.clone(), layout };
     let transfer_started = Instant::now();
     let result = settler.run(plan, units, engine.budget.clone(), run.cancel).await;
