@@ -80,7 +80,11 @@ pub fn metrics_handle() -> Result<PrometheusHandle, String> {
 /// handler, so the router serves exactly the routes the OpenAPI document
 /// describes: the `/v1` routes (behind the token) and the open ones.
 fn routes() -> (OpenApiRouter<Api>, OpenApiRouter<Api>) {
-    let v1 = OpenApiRouter::new().routes(routes!(submit, list)).routes(routes!(get_job)).routes(routes!(cancel)).routes(routes!(stop_export));
+    let v1 = OpenApiRouter::new()
+        .routes(routes!(submit, list))
+        .routes(routes!(get_job))
+        .routes(routes!(cancel))
+        .routes(routes!(stop_export));
     let open = OpenApiRouter::new()
         .routes(routes!(metrics))
         .routes(routes!(healthz))

@@ -122,11 +122,17 @@ fn describe_nbd() {
         NBD_DEMAND_FETCHES_TOTAL,
         "Blocks fetched on demand because a client read (or a partial write) needed them before the background restore had them."
     );
-    describe_counter!(NBD_DEMAND_FAILURES_TOTAL, "Blocks fetched on demand that no source served (the read answered EIO).");
+    describe_counter!(
+        NBD_DEMAND_FAILURES_TOTAL,
+        "Blocks fetched on demand that no source served (the read answered EIO)."
+    );
     describe_histogram!(
         NBD_READ_LATENCY_SECONDS,
         Unit::Seconds,
         "Latency of NBD reads, by served: local (every block on the target already) or on_demand (waited for a fetch)."
     );
-    describe_counter!(NBD_OWNED_BLOCKS_TOTAL, "Blocks that became the client's by a write (the restore never overwrites them).");
+    describe_counter!(
+        NBD_OWNED_BLOCKS_TOTAL,
+        "Blocks that became the client's by a write (the restore never overwrites them)."
+    );
 }

@@ -57,10 +57,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::checkpoint::unix_now_secs;
 use crate::config::worker::WorkerConfig;
+pub use crate::job::export::{ExportState, ExportStatus};
 pub use crate::job::{JobDbError, JobRecord, JobSpec, JobState, JobStore, RunSummary, SpecError};
 use crate::restore::Engine;
 use crate::restore::progress::Progress;
-pub use crate::job::export::{ExportState, ExportStatus};
 pub use export::StopExportError;
 pub use gates::{Gate, filesystem_bytes, space_gate};
 pub use scheduler::RunningGauges;

@@ -95,15 +95,10 @@ async fn a_job_exports_its_volume_during_and_after_the_restore_until_stopped() {
     let config_path = dir.path().join("worker.toml");
     std::fs::write(&config_path, config).unwrap();
     let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
-    let mut child = tokio::process::Command::new(common::binary())
-        .args(["serve", "--config"])
-        .arg(&config_path)
-        .loopback_env(&server.endpoint_url(), dir.path())
-        .env("REHYDRATE_LOG", "info")
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut command = std::process::Command::new(common::binary());
+    command.args(["serve", "--config"]).arg(&config_path).loopback_env(&server.endpoint_url(), dir.path());
+    command.env("REHYDRATE_LOG", "info").stderr(log);
+    let mut child = tokio::process::Command::from(command).kill_on_drop(true).spawn().unwrap();
     let client = ApiClient::new(&format!("http://127.0.0.1:{port}"), None).unwrap();
     let started = Instant::now();
     while !client.raw(Method::GET, "/readyz", None).await.is_ok_and(|a| a.status.is_success()) {

@@ -148,7 +148,12 @@ pub fn resolve(spec: &JobSpec, config: &WorkerConfig) -> Result<ResolvedSpec, Sp
         None => check_target(&spec.target, &config.target_roots)?,
     };
     let export = check_export(&spec.export, config)?;
-    Ok(ResolvedSpec { manifest_url: store.join(&spec.manifest), secondaries: profile.secondaries.clone(), target, export })
+    Ok(ResolvedSpec {
+        manifest_url: store.join(&spec.manifest),
+        secondaries: profile.secondaries.clone(),
+        target,
+        export,
+    })
 }
 
 /// An export must be inside `worker.export_listen`.
@@ -165,11 +170,26 @@ fn check_export(export: &JobExport, config: &WorkerConfig) -> Result<Option<Expo
         JobExport::Flag(_) => Ok(Some(ExportPlan::Any(range))),
         JobExport::Url(url) => {
             let addr = ExportAddr::parse(url).map_err(|e| err("export", e))?;
-            if !range.allows(&addr) {
+            if !range_allows(&range, &addr) {
                 return Err(err("export", format!("{url} is outside worker.export_listen ({range})")));
             }
             Ok(Some(ExportPlan::At(addr)))
         }
+    }
+}
+
+/// Whether an export at `addr` lies inside `range`: the range's IP and one
+/// of its ports, or a socket directly in its directory.
+fn range_allows(range: &ExportRange, addr: &ExportAddr) -> bool {
+    match (range, addr) {
+        (ExportRange::Tcp { ip, ports }, ExportAddr::Tcp { addr, .. }) => {
+            addr.ip() == *ip && ports.contains(&addr.port())
+        }
+        (ExportRange::UnixDir(dir), ExportAddr::Unix { path, .. }) => {
+            path.parent() == Some(dir.as_path())
+                && path.file_name().is_some_and(|n| !n.to_string_lossy().starts_with('.'))
+        }
+        _ => false,
     }
 }
 
@@ -283,6 +303,22 @@ mod tests {
     }
 
     #[test]
+    fn export_ranges_hold_only_their_addresses() {
+        let addr = |url: &str| ExportAddr::parse(url).unwrap();
+        let tcp = ExportRange::parse("127.0.0.1:10900-10909").unwrap();
+        assert!(range_allows(&tcp, &addr("nbd://127.0.0.1:10905/a")));
+        assert!(!range_allows(&tcp, &addr("nbd://127.0.0.1:10910/a")));
+        assert!(!range_allows(&tcp, &addr("nbd://127.0.0.2:10905/a")));
+        assert!(!range_allows(&tcp, &addr("nbd+unix:///run/x.sock")));
+        let unix = ExportRange::parse("unix:/run/rehydrate/nbd").unwrap();
+        assert!(range_allows(&unix, &addr("nbd+unix:///run/rehydrate/nbd/db.sock")));
+        assert!(range_allows(&unix, &addr("nbd+unix:///db?socket=/run/rehydrate/nbd/db.sock")));
+        assert!(!range_allows(&unix, &addr("nbd+unix:///run/rehydrate/db.sock")));
+        assert!(!range_allows(&unix, &addr("nbd+unix:///run/rehydrate/nbd/sub/db.sock")));
+        assert!(!range_allows(&unix, &addr("nbd://127.0.0.1:10905/a")));
+    }
+
+    #[test]
     fn exports_stay_inside_the_configured_range() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = WorkerConfig { target_roots: vec![dir.path().to_owned()], ..WorkerConfig::default() };
@@ -311,9 +347,13 @@ mod tests {
         }
         let parsed = parse_body(br#"{"id":"a","profile":"main","manifest":"v.manifest","target":"/t","export":true}"#);
         assert_eq!(parsed.unwrap().export, JobExport::Flag(true));
-        let parsed = parse_body(br#"{"id":"a","profile":"main","manifest":"v.manifest","target":"/t","export":"nbd://127.0.0.1:1/x"}"#);
+        let parsed = parse_body(
+            br#"{"id":"a","profile":"main","manifest":"v.manifest","target":"/t","export":"nbd://127.0.0.1:1/x"}"#,
+        );
         assert_eq!(parsed.unwrap().export, JobExport::Url("nbd://127.0.0.1:1/x".into()));
-        assert!(parse_body(br#"{"id":"a","profile":"main","manifest":"v.manifest","target":"/t","export":3}"#).is_err());
+        assert!(
+            parse_body(br#"{"id":"a","profile":"main","manifest":"v.manifest","target":"/t","export":3}"#).is_err()
+        );
     }
 
     proptest::proptest! {

@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::config::worker::ExportRange;
-use crate::job::spec::ExportPlan;
 use crate::job::export::{ExportState, ExportStatus};
+use crate::job::spec::ExportPlan;
 use crate::job::{JobRecord, JobState};
 use crate::nbd::{Export, ExportAddr, Limits, Listener};
 use crate::restore::latency::LatencySummary;
@@ -162,11 +162,9 @@ impl Worker {
     ) -> Result<Result<RestoreReport, RestoreError>, String> {
         let engine = Arc::clone(&self.engine);
         // Its own task, so a panic in the restore still ends the run.
-        tokio::spawn(
-            async move { crate::restore::restore_live(&engine, &spec, &progress, &cancel, publish).await },
-        )
-        .await
-        .map_err(|e| format!("internal error: the restore task ended abnormally: {e}"))
+        tokio::spawn(async move { crate::restore::restore_live(&engine, &spec, &progress, &cancel, publish).await })
+            .await
+            .map_err(|e| format!("internal error: the restore task ended abnormally: {e}"))
     }
 
     /// [`finish_run`](Self::finish_run) off the async threads.
@@ -177,8 +175,7 @@ impl Worker {
         progress: Arc<Progress>,
         keep_target: bool,
     ) {
-        let _ =
-            tokio::task::spawn_blocking(move || self.finish_run(&record, result, &progress, keep_target)).await;
+        let _ = tokio::task::spawn_blocking(move || self.finish_run(&record, result, &progress, keep_target)).await;
     }
 
     /// The export has stopped: store what it served with the job, release
