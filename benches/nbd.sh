@@ -30,7 +30,8 @@
 #
 # Env: NGINX_CONF_IN (default /work/shared/bench/nginx.conf.in), TARGET_DIR
 #      (default /tmp), REHYDRATE (default target/release/rehydrate), SEED (1),
-#      NBD_PORT (10809).
+#      NBD_PORT (10809), PORT_BASE (9080: the fixture's ports; another base
+#      shifts all four, e.g. 19080 beside a running benchmark).
 set -euo pipefail
 
 SIZE_MIB=1024
@@ -51,6 +52,8 @@ TARGET_PARENT=${TARGET_DIR:-/tmp}
 BIN=${REHYDRATE:-$HERE/target/release/rehydrate}
 SEED=${SEED:-1}
 NBD_PORT=${NBD_PORT:-10809}
+PORT_BASE=${PORT_BASE:-9080}
+CLEAN=$PORT_BASE RATE300=$((PORT_BASE + 2))
 # shellcheck source=benches/e2e/lib.sh
 source "$HERE/benches/e2e/lib.sh"
 
@@ -79,6 +82,11 @@ seeded_volume "$SEED" "$SIZE_MIB" "$WORK/source.img"
 rm -f "$WORK/source.img"
 find "$ROOT/bucket/snap" -path '*blocks*' -type f -printf '%P\n' | shuf -n 41 --random-source=<(yes) >"$WORK/keys"
 nginx_write_conf "$CONF_IN" "$RUN" "$ROOT"
+NGINX_PORTS=()
+for p in 0 2 3 4; do
+    sed -i "s|listen 127.0.0.1:$((9080 + p));|listen 127.0.0.1:$((PORT_BASE + p));|" "$RUN/nginx.conf"
+    NGINX_PORTS+=($((PORT_BASE + p)))
+done
 nginx_start "$RUN"
 
 printf '[checkpoint]\ndir = "%s"\n' "$WORK/state" >"$WORK/config.toml"
@@ -157,7 +165,7 @@ EOF
 
 plain() { # round port get_ms
     local target=$OUT/vol.img wl=W1
-    [[ $2 == 9082 ]] && wl=W2b
+    [[ $2 == "$RATE300" ]] && wl=W2b
     rm -f "$target"
     AWS_ENDPOINT_URL=http://127.0.0.1:$2 "$BIN" restore --manifest s3://bucket/snap/vol.manifest --target "$target" \
         --config "$WORK/config.toml" --restart --json >"$WORK/restore.json" 2>/dev/null || true
@@ -196,7 +204,7 @@ exported() {
 }
 
 for round in $(seq "$RUNS"); do
-    for port in 9080 9082; do
+    for port in $CLEAN $RATE300; do
         echo "nbd: round $round of $RUNS, port $port (load $(cut -d' ' -f1-3 /proc/loadavg))" >&2
         get_ms=$(get_median "$port")
         plain "$round" "$port" "$get_ms"
@@ -205,15 +213,16 @@ for round in $(seq "$RUNS"); do
     done
 done
 
-python3 - "$RESULTS" <<'EOF'
+python3 - "$RESULTS" "$CLEAN" "$RATE300" <<'EOF'
 import json, statistics, sys
 recs = [json.loads(l) for l in open(sys.argv[1])]
+clean, rate300 = int(sys.argv[2]), int(sys.argv[3])
 def med(rs, k):
     vals = [r[k] for r in rs if isinstance(r.get(k), (int, float))]
     return statistics.median(vals) if vals else float("nan")
 rounds = sorted({r["round"] for r in recs})
 print(f"{'port':5} {'GET p50 ms':>10} {'W MiB/s':>8} {'X0 / W':>7} {'X / W':>6} {'first byte s':>12} {'local p50/p99 ms':>17} {'on-demand p50/p99 ms':>21} {'od p99 / GET':>12} {'client p50/p99 ms':>18} {'reads':>6}")
-for port in (9080, 9082):
+for port in (clean, rate300):
     rs = [r for r in recs if r["port"] == port]
     x0_ratio, x_ratio = [], []
     for rnd in rounds:
@@ -227,7 +236,8 @@ for port in (9080, 9082):
     get = med(rs, "get_median_ms")
     od99 = med(x, "demand_p99_ms")
     m = lambda v: statistics.median(v) if v else float("nan")
-    print(f"{port:5} {get:10.2f} {med(w,'bytes_per_sec')/(1<<20):8.1f} {m(x0_ratio):7.3f} {m(x_ratio):6.3f} {med(x,'first_byte_secs'):12.3f} "
+    name = "clean" if port == clean else "300/s"
+    print(f"{name:5} {get:10.2f} {med(w,'bytes_per_sec')/(1<<20):8.1f} {m(x0_ratio):7.3f} {m(x_ratio):6.3f} {med(x,'first_byte_secs'):12.3f} "
           f"{med(x,'local_p50_ms'):8.2f}/{med(x,'local_p99_ms'):<8.2f} {med(x,'demand_p50_ms'):10.2f}/{od99:<10.2f} {od99/get:12.2f} "
           f"{med(x,'client_p50_ms'):8.2f}/{med(x,'client_p99_ms'):<9.2f} {med(x,'client_reads'):6.0f}")
 print("medians over rounds. W: plain restore (W1 on 9080, W2b on 9082), X0: --export without a client, X: --export with"
