@@ -195,6 +195,10 @@ exported() {
     [[ -n $reader ]] && { wait "$reader" || true; }
     kill -TERM $pid 2>/dev/null || true
     wait $pid || true
+    if ! grep -q '"succeeded": true' "$WORK/restore.json"; then
+        echo "nbd: $wl on $port did not succeed; its stderr ends:" >&2
+        tail -5 "$WORK/stderr" | sed 's/^/    /' >&2
+    fi
     if ((read)); then
         record "$round" "$port" "$wl" "$get_ms" "$WORK/restore.json" "$WORK/reader.json" "$WORK/stderr"
     else
@@ -218,7 +222,7 @@ import json, statistics, sys
 recs = [json.loads(l) for l in open(sys.argv[1])]
 clean, rate300 = int(sys.argv[2]), int(sys.argv[3])
 def med(rs, k):
-    vals = [r[k] for r in rs if isinstance(r.get(k), (int, float))]
+    vals = [r[k] for r in rs if isinstance(r.get(k), (int, float)) and r[k] == r[k]]
     return statistics.median(vals) if vals else float("nan")
 rounds = sorted({r["round"] for r in recs})
 print(f"{'port':5} {'GET p50 ms':>10} {'W MiB/s':>8} {'X0 / W':>7} {'X / W':>6} {'first byte s':>12} {'local p50/p99 ms':>17} {'on-demand p50/p99 ms':>21} {'od p99 / GET':>12} {'client p50/p99 ms':>18} {'reads':>6}")
