@@ -111,7 +111,11 @@ mod tests {
     #[tokio::test]
     async fn a_full_budget_never_delays_a_demand_read() {
         let budget = Budget::new(4 << 20);
-        assert_eq!(budget.demand_capacity_bytes(), DEMAND_RESERVE_MIN_BYTES, "a small budget still has the minimum reserve");
+        assert_eq!(
+            budget.demand_capacity_bytes(),
+            DEMAND_RESERVE_MIN_BYTES,
+            "a small budget still has the minimum reserve"
+        );
         assert_eq!(Budget::new(1 << 30).demand_capacity_bytes(), 256 << 20, "a quarter of a large one");
         let _all = budget.acquire(4 << 20).await;
         let demand = tokio::time::timeout(std::time::Duration::from_millis(50), budget.acquire_demand(1 << 20)).await;

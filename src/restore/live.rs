@@ -307,9 +307,10 @@ impl LiveVolume {
     }
 
     fn record_read(&self, latency: Duration, on_demand: bool) {
-        let (histogram, served) = match on_demand {
-            true => (&self.counts.read_latency_on_demand, "on_demand"),
-            false => (&self.counts.read_latency_local, "local"),
+        let (histogram, served) = if on_demand {
+            (&self.counts.read_latency_on_demand, "on_demand")
+        } else {
+            (&self.counts.read_latency_local, "local")
         };
         histogram.record(latency);
         metrics::histogram!(m::NBD_READ_LATENCY_SECONDS, "served" => served).record(latency.as_secs_f64());

@@ -150,7 +150,7 @@ impl Worker {
         handle.stopped.store(true, Ordering::Relaxed);
         tracing::info!(job = %id, url = %handle.url, "job export stopped");
         let worker = Arc::clone(&self);
-        let _ = tokio::task::spawn_blocking(move || worker.export_ended(&record, &handle)).await;
+        let _ = tokio::task::spawn_blocking(move || worker.export_ended(&record, &handle, serve_on)).await;
     }
 
     async fn restore_with(
@@ -178,9 +178,10 @@ impl Worker {
         let _ = tokio::task::spawn_blocking(move || self.finish_run(&record, result, &progress, keep_target)).await;
     }
 
-    /// The export has stopped: store what it served with the job, release
-    /// the target.
-    fn export_ended(&self, record: &JobRecord, handle: &Arc<ExportHandle>) {
+    /// The export has stopped: store what it served with the job, and
+    /// release the target when the run kept it for the export (otherwise
+    /// the run released it as it ended, and a later run may hold it now).
+    fn export_ended(&self, record: &JobRecord, handle: &Arc<ExportHandle>, kept_target: bool) {
         let id = &record.spec.id;
         let status = handle.status();
         let mut live = self.live();
@@ -191,7 +192,7 @@ impl Worker {
         if live.exports.get(id).is_some_and(|h| Arc::ptr_eq(h, handle)) {
             live.exports.remove(id);
         }
-        if live.busy_targets.get(&record.spec.target) == Some(id) {
+        if kept_target && live.busy_targets.get(&record.spec.target) == Some(id) {
             live.busy_targets.remove(&record.spec.target);
         }
         drop(live);
