@@ -178,7 +178,8 @@ plain() { # round port get_ms
 exported() {
     local round=$1 port=$2 get_ms=$3 read=$4 target=$OUT/vol.img pid reader= t0 wl=X0
     ((read)) && wl=X
-    rm -f "$target" "$WORK/done" "$WORK/reader.json"
+    # The last run's stderr must be gone before the wait below reads it.
+    rm -f "$target" "$WORK/done" "$WORK/reader.json" "$WORK/stderr" "$WORK/restore.json"
     rm -rf "$WORK/state"/*
     sync -f "$OUT"
     t0=$(date +%s.%N)
