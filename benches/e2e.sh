@@ -39,6 +39,8 @@
 #     s5cmd runs W2–W5 at the best worker count of W1 in the same round; what
 #     it wrote is compared byte for byte with the good store (corrupt, missing).
 #  3. Prints a table of medians over the rounds and the machine.
+#  4. Runs benches/nbd.sh (the NBD export: first byte, read latency, throughput
+#     while a client reads) at the same size and rounds; E2E_NBD=0 skips it.
 #
 # CPU seconds per GiB are whole-machine busy jiffies (user+nice+system+irq+
 # softirq+steal from /proc/stat) over the timed window, divided by the GiB
@@ -260,3 +262,13 @@ python3 "$REPORT_PY" table "$RESULTS" \
     --size-mib "$SIZE_MIB" --objects "$NOBJ" --runs "$RUNS" --binary "$BIN" \
     --machine "nproc $(nproc); $(awk '/MemTotal/{printf "memory %.1f GiB", $2/1048576}' /proc/meminfo); kernel $(uname -r); $TARGET_PARENT on $(findmnt -no FSTYPE -T "$TARGET_PARENT") ($(findmnt -no SOURCE -T "$TARGET_PARENT")); CPU $(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)" \
     --load "start $LOAD_START, end $LOAD_END (1/5/15 min)"
+
+# The NBD export (issue 12): first byte, read latency local / on demand, and
+# throughput while a client reads, against W1 in its own rounds
+# (benches/nbd.sh, same size and rounds; E2E_NBD=0 skips it). It starts its
+# own nginx on the fixture's ports: this one stops first.
+if [[ ${E2E_NBD:-1} == 1 ]]; then
+    nginx_stop "$RUN"
+    REHYDRATE=$BIN "$HERE/benches/nbd.sh" --size-mib "$SIZE_MIB" --runs "$RUNS" ||
+        echo "e2e: the NBD benchmark did not run (benches/nbd.sh says why)" >&2
+fi

@@ -5,7 +5,8 @@
 //! | `POST /v1/jobs` | submit a [`JobSpec`](crate::job::JobSpec): 201 new, 200 the same job again |
 //! | `GET /v1/jobs` | every job's status |
 //! | `GET /v1/jobs/{id}` | one job's status |
-//! | `POST /v1/jobs/{id}/cancel` | cancel a queued or running job |
+//! | `POST /v1/jobs/{id}/cancel` | cancel a queued or running job (or stop an ended job's export) |
+//! | `POST /v1/jobs/{id}/export/stop` | stop a job's NBD export |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /healthz`, `GET /readyz` | liveness; readiness (503 once shutdown began) |
 //! | `GET /openapi.json` | this API as an OpenAPI 3.1 document |
@@ -44,7 +45,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::job::spec::BodyError;
 use crate::job::{JobSpec, JobState};
-use crate::worker::{CancelError, ListCursor, ListQuery, SubmitError, Submitted, Worker};
+use crate::worker::{CancelError, ListCursor, ListQuery, StopExportError, SubmitError, Submitted, Worker};
 use crate::worker::{JobPage, JobStatus};
 pub use auth::Tokens;
 use problem::ProblemDetails;
@@ -79,7 +80,11 @@ pub fn metrics_handle() -> Result<PrometheusHandle, String> {
 /// handler, so the router serves exactly the routes the OpenAPI document
 /// describes: the `/v1` routes (behind the token) and the open ones.
 fn routes() -> (OpenApiRouter<Api>, OpenApiRouter<Api>) {
-    let v1 = OpenApiRouter::new().routes(routes!(submit, list)).routes(routes!(get_job)).routes(routes!(cancel));
+    let v1 = OpenApiRouter::new()
+        .routes(routes!(submit, list))
+        .routes(routes!(get_job))
+        .routes(routes!(cancel))
+        .routes(routes!(stop_export));
     let open = OpenApiRouter::new()
         .routes(routes!(metrics))
         .routes(routes!(healthz))
@@ -379,11 +384,12 @@ async fn get_job(State(api): State<Api>, Path(id): Path<String>) -> Response {
 }
 
 /// Cancel a queued or running job: it checkpoints, and resubmitting it
-/// resumes.
+/// resumes. A job whose restore has ended but whose export still serves:
+/// the export stops (the job keeps its state).
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", security(("bearer" = [])),
     params(("id" = String, Path, description = "the job's id")),
     responses(
-        (status = 200, description = "the job, cancelled", body = JobStatus),
+        (status = 200, description = "the job, cancelled (or its export stopping)", body = JobStatus),
         (status = 401, description = "unauthorized: no bearer token, or not one of the configured tokens", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 404, description = "no-such-job: no job has that id", body = ProblemDetails, content_type = "application/problem+json"),
         (status = 408, description = "request-timeout: not received and handled within worker.request_timeout_millis", body = ProblemDetails, content_type = "application/problem+json"),
@@ -401,6 +407,35 @@ async fn cancel(State(api): State<Api>, Path(id): Path<String>) -> Response {
         }
         Ok(Err(e @ CancelError::Finished { .. })) => {
             Problem::new(StatusCode::CONFLICT, ProblemType::JobFinished, &e.to_string()).into_response()
+        }
+        Ok(Err(e)) => Problem::internal(&e.to_string()).into_response(),
+        Err(e) => Problem::internal(&e.to_string()).into_response(),
+    }
+}
+
+/// Stop a job's NBD export: open connections finish the requests in
+/// flight, then close. A restore still running goes on without it.
+#[utoipa::path(post, path = "/v1/jobs/{id}/export/stop", tag = "jobs", security(("bearer" = [])),
+    params(("id" = String, Path, description = "the job's id")),
+    responses(
+        (status = 200, description = "the job; its export stopping", body = JobStatus),
+        (status = 401, description = "unauthorized: no bearer token, or not one of the configured tokens", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 404, description = "no-such-job: no job has that id", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 408, description = "request-timeout: not received and handled within worker.request_timeout_millis", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 409, description = "no-export: the job serves no export (never asked for one, or it stopped)", body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 500, description = "internal: the worker failed; its log says more", body = ProblemDetails, content_type = "application/problem+json"),
+    )
+)]
+async fn stop_export(State(api): State<Api>, Path(id): Path<String>) -> Response {
+    let worker = Arc::clone(&api.worker);
+    let result = tokio::task::spawn_blocking(move || worker.stop_export(&id)).await;
+    match result {
+        Ok(Ok(status)) => axum::Json(status).into_response(),
+        Ok(Err(e @ StopExportError::NotFound(_))) => {
+            Problem::new(StatusCode::NOT_FOUND, ProblemType::NoSuchJob, &e.to_string()).into_response()
+        }
+        Ok(Err(e @ StopExportError::NoExport(_))) => {
+            Problem::new(StatusCode::CONFLICT, ProblemType::NoExport, &e.to_string()).into_response()
         }
         Ok(Err(e)) => Problem::internal(&e.to_string()).into_response(),
         Err(e) => Problem::internal(&e.to_string()).into_response(),

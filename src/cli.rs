@@ -112,6 +112,11 @@ pub enum JobCommand {
         /// on the target instead of resuming it.
         #[arg(long)]
         restart: bool,
+        /// Serve the volume over NBD while it is restored: an export URL
+        /// inside the worker's `worker.export_listen`, or `auto` for the
+        /// first free one.
+        #[arg(long, value_name = "URL|auto")]
+        export: Option<String>,
     },
     /// Show one job.
     Get {

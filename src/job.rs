@@ -10,6 +10,7 @@
 //! worker ([`crate::worker`]) schedules jobs and reports them.
 
 pub mod db;
+pub mod export;
 pub mod spec;
 
 pub use db::{DAMAGE_RECORDED_MAX, DATABASE_FILE, Insert, JobDbError, JobRecord, JobState, JobStore, RunSummary};

@@ -3,7 +3,7 @@
 //! Recorded through the `metrics` facade; `rehydrate serve` installs the
 //! Prometheus exporter and [`describe`] registers the help texts at startup.
 //! Label sets are bounded: `source` is `primary`/`secondaryN`, `outcome` and
-//! `reason` are error classes, `state` is a job state, `job` (on
+//! `reason` are error classes, `served` is `local`/`on_demand`, `state` is a job state, `job` (on
 //! [`JOB_PROGRESS_RATIO`], [`JOB_ELAPSED_SECONDS`] and [`JOB_ETA_SECONDS`]
 //! only) a running job's id, so at most
 //! `worker.jobs_running_max` series.
@@ -35,6 +35,17 @@ pub const JOB_PROGRESS_RATIO: &str = "rehydrate_job_progress_ratio";
 pub const OLDEST_QUEUED_JOB_AGE_SECONDS: &str = "rehydrate_oldest_queued_job_age_seconds";
 pub const OLDEST_INFLIGHT_BLOCK_AGE_SECONDS: &str = "rehydrate_oldest_inflight_block_age_seconds";
 pub const PENDING_BLOCKS: &str = "rehydrate_pending_blocks";
+
+/// NBD exports of volumes being restored (`--export`, jobs with `export`).
+pub const NBD_READS_TOTAL: &str = "rehydrate_nbd_reads_total";
+pub const NBD_WRITES_TOTAL: &str = "rehydrate_nbd_writes_total";
+pub const NBD_FLUSHES_TOTAL: &str = "rehydrate_nbd_flushes_total";
+pub const NBD_DEMAND_FETCHES_TOTAL: &str = "rehydrate_nbd_demand_fetches_total";
+pub const NBD_DEMAND_FAILURES_TOTAL: &str = "rehydrate_nbd_demand_failures_total";
+/// Labelled `served`: `local` (every block was on the target) or
+/// `on_demand` (the read waited for a block to be fetched).
+pub const NBD_READ_LATENCY_SECONDS: &str = "rehydrate_nbd_read_latency_seconds";
+pub const NBD_OWNED_BLOCKS_TOTAL: &str = "rehydrate_nbd_owned_blocks_total";
 
 pub const JOB_ELAPSED_SECONDS: &str = "rehydrate_job_elapsed_seconds";
 pub const JOB_ETA_SECONDS: &str = "rehydrate_job_eta_seconds";
@@ -99,4 +110,29 @@ pub fn describe() {
         "Age of the oldest block fetch in flight over running jobs (0 with none)."
     );
     describe_gauge!(PENDING_BLOCKS, "Blocks of running jobs neither settled nor failed yet.");
+    describe_nbd();
+}
+
+fn describe_nbd() {
+    use metrics::{Unit, describe_counter, describe_histogram};
+    describe_counter!(NBD_READS_TOTAL, "READ requests served by NBD exports.");
+    describe_counter!(NBD_WRITES_TOTAL, "WRITE, WRITE_ZEROES and TRIM requests served by NBD exports.");
+    describe_counter!(NBD_FLUSHES_TOTAL, "FLUSH requests (and FUA writes) served by NBD exports.");
+    describe_counter!(
+        NBD_DEMAND_FETCHES_TOTAL,
+        "Blocks fetched on demand because a client read (or a partial write) needed them before the background restore had them."
+    );
+    describe_counter!(
+        NBD_DEMAND_FAILURES_TOTAL,
+        "Blocks fetched on demand that no source served (the read answered EIO)."
+    );
+    describe_histogram!(
+        NBD_READ_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Latency of NBD reads, by served: local (every block on the target already) or on_demand (waited for a fetch)."
+    );
+    describe_counter!(
+        NBD_OWNED_BLOCKS_TOTAL,
+        "Blocks that became the client's by a write (the restore never overwrites them)."
+    );
 }

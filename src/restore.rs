@@ -17,6 +17,7 @@
 //! export to serve ([`restore_live`]).
 
 mod allocate;
+pub mod latency;
 pub mod live;
 mod phases;
 mod pipeline;

@@ -27,13 +27,19 @@
 //!   (they settle and checkpoint) and stores them as `queued`, so the next
 //!   start resumes them.
 //!
+//! - **Exports**: a job may ask for an NBD export of its volume
+//!   (`export.rs`): served while it is restored and after, until the job is
+//!   cancelled or the export stopped; its target stays busy until then.
+//!
 //! Parts: `status.rs` (what the API reports, and paging), `scheduler.rs`
-//! (starting, finishing and publishing runs), `gates.rs`, `sweep.rs`.
+//! (starting, finishing and publishing runs), `export.rs`, `gates.rs`,
+//! `sweep.rs`.
 //!
 //! Limits: `jobs_queued_max` (submissions beyond it are refused),
 //! `jobs_running_max`, `jobs_records_max`; every wait is bounded (the
 //! scheduler wakes at least every [`SCHEDULE_TICK`]).
 
+mod export;
 mod gates;
 mod scheduler;
 mod status;
@@ -51,9 +57,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::checkpoint::unix_now_secs;
 use crate::config::worker::WorkerConfig;
+pub use crate::job::export::{ExportState, ExportStatus};
 pub use crate::job::{JobDbError, JobRecord, JobSpec, JobState, JobStore, RunSummary, SpecError};
 use crate::restore::Engine;
 use crate::restore::progress::Progress;
+pub use export::StopExportError;
 pub use gates::{Gate, filesystem_bytes, space_gate};
 pub use scheduler::RunningGauges;
 pub use status::{BlockCounts, ByteCounts, JobPage, JobStatus, ListCursor, ListQuery, Throttling};
@@ -92,6 +100,8 @@ struct Live {
     held: HashMap<String, Hold>,
     /// Bytes a queued job's restore needs, from its manifest, by job id.
     needs: HashMap<String, u64>,
+    /// Job exports up (or stopping), by job id.
+    exports: HashMap<String, Arc<export::ExportHandle>>,
 }
 
 struct Running {
@@ -238,21 +248,31 @@ impl Worker {
     }
 
     /// Cancel a queued or running job. A running one settles and checkpoints
-    /// before its run ends; resubmitting it resumes.
+    /// before its run ends; resubmitting it resumes. A job that has ended
+    /// but still serves its export: the export stops (its state stays).
     pub fn cancel(&self, id: &str) -> Result<JobStatus, CancelError> {
         let mut live = self.live();
-        let record = self
-            .store
-            .transition(id, &[JobState::Queued, JobState::Running], None, |r| {
-                r.state = JobState::Cancelled;
-                r.reason = Some("cancelled by request".to_owned());
-                r.finished_unix_secs = Some(unix_now_secs());
-            })
-            .map_err(|e| match e {
-                JobDbError::NotFound(id) => CancelError::NotFound(id),
-                JobDbError::Conflict { id, found } => CancelError::Finished { id, state: found.state.name() },
-                e => CancelError::Store(e),
-            })?;
+        let transition = self.store.transition(id, &[JobState::Queued, JobState::Running], None, |r| {
+            r.state = JobState::Cancelled;
+            r.reason = Some("cancelled by request".to_owned());
+            r.finished_unix_secs = Some(unix_now_secs());
+        });
+        let record = match transition {
+            Ok(record) => record,
+            Err(JobDbError::Conflict { found, .. }) if live.exports.get(id).is_some_and(|h| !h.stop.is_cancelled()) => {
+                if let Some(export) = live.exports.get(id) {
+                    export.stop.cancel();
+                }
+                drop(live);
+                tracing::info!(job = %id, "job cancelled after its restore: its export stops");
+                return Ok(self.status_of(&found));
+            }
+            Err(JobDbError::NotFound(id)) => return Err(CancelError::NotFound(id)),
+            Err(JobDbError::Conflict { id, found }) => {
+                return Err(CancelError::Finished { id, state: found.state.name() });
+            }
+            Err(e) => return Err(CancelError::Store(e)),
+        };
         if let Some(run) = live.running.get(id) {
             run.cancel.cancel();
         }

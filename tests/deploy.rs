@@ -574,6 +574,8 @@ fn the_dashboard_and_the_alerts_use_only_metrics_the_code_exports() {
         "rehydrate_fetch_fallbacks_total",
         "rehydrate_target_sync_latency_seconds",
         "rehydrate_inflight_attempts_max",
+        "rehydrate_nbd_read_latency_seconds",
+        "rehydrate_nbd_demand_fetches_total",
     ] {
         assert!(
             dashboard.iter().any(|e| metric_names_in(e).iter().any(|n| n == signal)),

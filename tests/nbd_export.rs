@@ -57,6 +57,17 @@ struct Live {
 /// request takes `delay`, and start restoring it, exported. `budget_blocks`
 /// blocks in flight in the background.
 async fn start(blocks: u64, delay: Duration, budget_blocks: u64, faults: impl Fn(&Manifest) -> Vec<FaultRule>) -> Live {
+    start_tuned(blocks, delay, budget_blocks, faults, |_| {}).await
+}
+
+/// [`start`], with the engine's configuration changed by `tune` first.
+async fn start_tuned(
+    blocks: u64,
+    delay: Duration,
+    budget_blocks: u64,
+    faults: impl Fn(&Manifest) -> Vec<FaultRule>,
+    tune: impl FnOnce(&mut rehydrate::config::Config),
+) -> Live {
     let dir = tempfile::tempdir().unwrap();
     let volume = volume(blocks, 41);
     let url = snapshot(dir.path(), &volume, Compression::None, HashAlgorithm::Blake3).await;
@@ -64,6 +75,7 @@ async fn start(blocks: u64, delay: Duration, budget_blocks: u64, faults: impl Fn
     let mut c = config(BackendChoice::Auto, &dir.path().join("state"));
     c.fetch.inflight_bytes_max = std::num::NonZeroU64::new(budget_blocks * BLOCK).unwrap();
     c.write.direct_io = DirectIo::Off;
+    tune(&mut c);
     let engine = Arc::new(Engine::new(c));
     let store = Arc::new(FaultStore::new(Arc::new(FileStore::new(store_root(dir.path())))));
     for rule in faults(&manifest) {
@@ -254,6 +266,92 @@ async fn a_block_no_source_serves_answers_eio_and_is_reported() {
         other => panic!("expected the damage report, got {other:?}"),
     }
     assert_eq!(c.read(9 * BLOCK, 1).await, Err(proto::EIO), "still EIO after the restore");
+}
+
+/// Block `index` of the primary never answers (a wedged GET: the attempt
+/// deadline is far beyond the test).
+fn wedged(index: u64) -> impl Fn(&Manifest) -> Vec<FaultRule> {
+    move |m: &Manifest| {
+        vec![FaultRule::new(Fault::Stall { after_bytes: 0 }).path_contains(&m.object_key(&m.block(index).unwrap()))]
+    }
+}
+
+fn wedge_tolerant(c: &mut rehydrate::config::Config) {
+    c.fetch.attempt_timeout_millis = std::num::NonZeroU64::new(600_000).unwrap();
+    c.fetch.source_elapsed_max_millis = std::num::NonZeroU64::new(600_000).unwrap();
+    c.fetch.stall_after_millis = std::num::NonZeroU64::new(300).unwrap();
+}
+
+/// Poll `check` every 20 ms until it holds, for at most 30 s.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wedged_block_never_delays_a_read_of_another_and_the_watchdog_names_it() {
+    let wedge = 70;
+    let mut fx = start_tuned(96, Duration::from_millis(200), 2, wedged(wedge), wedge_tolerant).await;
+    let source = fx.source();
+    let addr = fx.addr;
+    let stuck = tokio::spawn(async move {
+        let (mut c, _) = Client::go(addr, NAME).await;
+        c.read(wedge * BLOCK, 10).await
+    });
+    let store = Arc::clone(&fx.store);
+    let wedged_key = fx.block_key(wedge);
+    eventually("the wedged block is asked for", || store.calls(&wedged_key) >= 1).await;
+    // Another block (holding data, of another object), far from the
+    // background restore: answered while the wedged one still hangs.
+    let (mut c, _) = Client::go(fx.addr, NAME).await;
+    let other = (76..96).find(|&i| fx.manifest.block(i).is_some() && fx.block_key(i) != wedged_key).unwrap() * BLOCK;
+    assert_eq!(c.read(other, BLOCK as u32).await.unwrap(), source[other as usize..(other + BLOCK) as usize]);
+    assert!(!stuck.is_finished(), "the wedged read is still waiting");
+    // The watchdog names the block a client read waits on.
+    let progress = Arc::clone(&fx.progress);
+    eventually("the restore is flagged stalled on the read", || {
+        progress.stalled().is_some_and(|r| r.contains(&format!("block {wedge} ")) && r.contains("client read"))
+    })
+    .await;
+    let reason = fx.progress.stalled().unwrap();
+    assert!(reason.contains(&format!("offset {}", wedge * BLOCK)), "{reason}");
+    assert!(fx.live.oldest_wait().is_some_and(|w| w.block == wedge && w.readers >= 1));
+    fx.cancel.cancel();
+    stuck.abort();
+    let _ = fx.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_across_blocks_not_restored_fetches_them_at_once() {
+    // The read's first block is wedged: fetched one after another, the
+    // others would never be asked for while it hangs.
+    let first = 60;
+    let fx = start_tuned(96, Duration::from_millis(200), 2, wedged(first), wedge_tolerant).await;
+    let addr = fx.addr;
+    let read = tokio::spawn(async move {
+        let (mut c, _) = Client::go(addr, NAME).await;
+        c.read(first * BLOCK + 10, (4 * BLOCK) as u32).await
+    });
+    let store = Arc::clone(&fx.store);
+    let wedged_key = fx.block_key(first);
+    // The read's other blocks that hold data of other objects.
+    let keys: Vec<String> = (first + 1..=first + 4)
+        .filter(|&i| fx.manifest.block(i).is_some())
+        .map(|i| fx.block_key(i))
+        .filter(|k| *k != wedged_key)
+        .collect();
+    assert!(keys.len() >= 2, "the sample volume has data there");
+    eventually("every other block of the read is asked for", || keys.iter().all(|k| store.calls(k) >= 1)).await;
+    assert!(!read.is_finished(), "the read waits for its wedged block");
+    assert!(
+        fx.progress.blocks_settled.load(Ordering::Relaxed) < first,
+        "the background restore has not reached those blocks: the read asked for them"
+    );
+    fx.cancel.cancel();
+    read.abort();
 }
 
 /// A tool's path, or a printed SKIP.

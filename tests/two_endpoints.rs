@@ -168,6 +168,7 @@ async fn worker_profile_with_primary_and_secondary_on_two_endpoints() {
         target: target.clone(),
         replace: false,
         restart: false,
+        export: Default::default(),
     };
     let started = Instant::now();
     let body = serde_json::to_vec(&spec).unwrap();

@@ -142,6 +142,7 @@ impl Fixture {
             target: target.to_owned(),
             replace: false,
             restart: false,
+            export: Default::default(),
         }
     }
 

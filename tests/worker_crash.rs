@@ -151,6 +151,7 @@ shutdown_grace_millis = {grace}
             target: target.to_owned(),
             replace: false,
             restart: false,
+            export: Default::default(),
         }
     }
 

@@ -51,6 +51,9 @@ pub enum ProblemType {
     /// The job already ended: there is nothing to cancel.
     #[serde(rename = "urn:rehydrate:problem:job-finished")]
     JobFinished,
+    /// The job serves no export (it never asked for one, or it stopped).
+    #[serde(rename = "urn:rehydrate:problem:no-export")]
+    NoExport,
     /// No bearer token, or none of the configured ones.
     #[serde(rename = "urn:rehydrate:problem:unauthorized")]
     Unauthorized,

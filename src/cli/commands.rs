@@ -281,7 +281,7 @@ pub(super) async fn job(command: JobCommand) -> ExitCode {
         Err(e) => return usage(&e.to_string()),
     };
     let result = match &command {
-        JobCommand::Submit { id, profile, manifest, target, replace, restart, .. } => {
+        JobCommand::Submit { id, profile, manifest, target, replace, restart, export, .. } => {
             let spec = crate::job::JobSpec {
                 id: id.clone(),
                 profile: profile.clone(),
@@ -289,6 +289,11 @@ pub(super) async fn job(command: JobCommand) -> ExitCode {
                 target: target.clone(),
                 replace: *replace,
                 restart: *restart,
+                export: match export.as_deref() {
+                    None => crate::job::spec::JobExport::Flag(false),
+                    Some("auto") => crate::job::spec::JobExport::Flag(true),
+                    Some(url) => crate::job::spec::JobExport::Url(url.to_owned()),
+                },
             };
             client.submit(&spec).await.map(|s| JobAnswer::One(Box::new(s.job)))
         }

@@ -52,7 +52,31 @@ pub(super) async fn restore_exported(engine: Engine, args: RestoreArgs, addr: Ex
     }
     stop.cancel();
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, server).await;
+    if let Some(volume) = published.borrow().as_ref() {
+        eprintln!("{}", served_summary(&volume.counts));
+    }
     code
+}
+
+/// One line of what the export served, for the operator and benchmarks.
+fn served_summary(c: &crate::restore::live::LiveCounts) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (local, on_demand) = (c.read_latency_local.summary(), c.read_latency_on_demand.summary());
+    format!(
+        "export served {} reads (local: {}, p50 {} ms, p99 {} ms; on demand: {}, p50 {} ms, p99 {} ms), {} writes, {} flushes; {} blocks fetched on demand ({} failed), {} blocks written by the client",
+        c.reads.load(Relaxed),
+        local.count,
+        local.p50_millis,
+        local.p99_millis,
+        on_demand.count,
+        on_demand.p50_millis,
+        on_demand.p99_millis,
+        c.writes.load(Relaxed),
+        c.flushes.load(Relaxed),
+        c.demand_fetches.load(Relaxed),
+        c.demand_failures.load(Relaxed),
+        c.blocks_owned.load(Relaxed),
+    )
 }
 
 /// Wait for the restore to publish its volume, then serve it until `stop`.

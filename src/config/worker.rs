@@ -70,6 +70,12 @@ pub struct WorkerConfig {
     pub connections_max: NonZeroUsize,
     /// `text` or `json` (one JSON object per line, for log shippers).
     pub log_format: LogFormat,
+    /// Where jobs that ask for an NBD export (`"export"` in the spec) may
+    /// listen: `127.0.0.1:10900-10999` (loopback TCP ports; `"export": true`
+    /// takes the first free one) or `unix:/run/rehydrate/nbd` (unix sockets
+    /// in that directory; `"export": true` gets `<dir>/<job id>.sock`).
+    /// Unset: jobs may not export. Loopback only: NBD has no authentication.
+    pub export_listen: Option<String>,
     /// Store profiles jobs name: `[worker.profiles.NAME]`.
     pub profiles: std::collections::BTreeMap<String, ProfileConfig>,
 }
@@ -94,6 +100,7 @@ impl Default for WorkerConfig {
             request_timeout_millis: nz64(30_000),
             connections_max: nzu(128),
             log_format: LogFormat::Text,
+            export_listen: None,
             profiles: std::collections::BTreeMap::new(),
         }
     }
@@ -128,6 +135,11 @@ impl WorkerConfig {
         Duration::from_millis(self.header_read_timeout_millis.get())
     }
 
+    /// The export range, when jobs may export (validated at load).
+    pub fn export_range(&self) -> Option<Result<ExportRange, String>> {
+        self.export_listen.as_deref().map(ExportRange::parse)
+    }
+
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_millis.get())
     }
@@ -146,6 +158,11 @@ impl WorkerConfig {
             && !dir.is_absolute()
         {
             return bad(format!("state_dir {} must be an absolute path", dir.display()));
+        }
+        if let Some(range) = &self.export_listen
+            && let Err(e) = ExportRange::parse(range)
+        {
+            return bad(format!("export_listen: {e}"));
         }
         if self.gate_backoff_millis > self.gate_backoff_max_millis {
             return bad("gate_backoff_millis is larger than gate_backoff_max_millis".to_owned());
@@ -168,6 +185,58 @@ impl WorkerConfig {
     }
 }
 
+/// Where job exports may listen (`worker.export_listen`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportRange {
+    /// Loopback TCP ports, both ends included.
+    Tcp { ip: std::net::IpAddr, ports: std::ops::RangeInclusive<u16> },
+    /// Unix sockets directly in this directory.
+    UnixDir(PathBuf),
+}
+
+impl ExportRange {
+    /// `IP:PORT`, `IP:FIRST-LAST` (`[::1]:...` for IPv6) or `unix:/DIR`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let usage = "give a loopback address and port range (127.0.0.1:10900-10999) or a socket directory (unix:/run/rehydrate/nbd)";
+        if let Some(dir) = text.strip_prefix("unix:") {
+            let dir = PathBuf::from(dir);
+            if !dir.is_absolute() {
+                return Err(format!("{text:?}: the socket directory must be an absolute path; {usage}"));
+            }
+            return Ok(ExportRange::UnixDir(dir));
+        }
+        let (host, ports) = text.rsplit_once(':').ok_or_else(|| format!("{text:?}: {usage}"))?;
+        let ip: std::net::IpAddr = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| format!("{text:?}: {host:?} is not an IP address; {usage}"))?;
+        if !ip.is_loopback() {
+            return Err(format!(
+                "{text:?}: {ip} is not a loopback address; NBD has no authentication here, so exports listen on loopback or unix sockets only"
+            ));
+        }
+        let (first, last) = ports.split_once('-').unwrap_or((ports, ports));
+        let port = |p: &str| p.parse::<u16>().ok().filter(|&p| p > 0);
+        match (port(first), port(last)) {
+            (Some(first), Some(last)) if first <= last => Ok(ExportRange::Tcp { ip, ports: first..=last }),
+            _ => Err(format!("{text:?}: {ports:?} is not a port or a range FIRST-LAST of ports 1-65535; {usage}")),
+        }
+    }
+}
+
+impl std::fmt::Display for ExportRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExportRange::Tcp { ip: ip @ std::net::IpAddr::V6(_), ports } => {
+                write!(f, "[{ip}]:{}-{}", ports.start(), ports.end())
+            }
+            ExportRange::Tcp { ip, ports } => write!(f, "{ip}:{}-{}", ports.start(), ports.end()),
+            ExportRange::UnixDir(dir) => write!(f, "unix:{}", dir.display()),
+        }
+    }
+}
+
 /// `[A-Za-z0-9_-]{1,64}`.
 pub fn valid_name(name: &str) -> bool {
     (1..=NAME_LEN_MAX).contains(&name.len())
@@ -180,4 +249,28 @@ fn nz64(v: u64) -> NonZeroU64 {
 
 fn nzu(v: usize) -> NonZeroUsize {
     NonZeroUsize::new(v).expect("default is non-zero")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_ranges_parse_or_say_what_is_wrong() {
+        let tcp = ExportRange::parse("127.0.0.1:10900-10909").unwrap();
+        assert_eq!(tcp.to_string(), "127.0.0.1:10900-10909");
+        assert_eq!(ExportRange::parse("[::1]:10900").unwrap().to_string(), "[::1]:10900-10900");
+        assert_eq!(ExportRange::parse("unix:/run/rehydrate/nbd").unwrap().to_string(), "unix:/run/rehydrate/nbd");
+        for (bad, says) in [
+            ("10.0.0.1:10900-10999", "not a loopback"),
+            ("127.0.0.1:10999-10900", "not a port"),
+            ("127.0.0.1:0", "not a port"),
+            ("localhost:10900", "not an IP"),
+            ("unix:relative", "absolute"),
+            ("10900", "loopback address and port range"),
+        ] {
+            let e = ExportRange::parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 }

@@ -8,8 +8,10 @@
 //! Reads of a volume still being restored (a lazy export) must not wait
 //! behind the background restore, which keeps the budget full by design: they
 //! take their bytes from a separate **demand reserve** ([`acquire_demand`](Budget::acquire_demand)),
-//! a quarter of the budget on top of it. Memory is bounded by the budget plus
-//! the reserve; a full background queue never delays a demand read.
+//! a quarter of the budget on top of it (at least [`DEMAND_RESERVE_MIN_BYTES`],
+//! so a few blocks wedged on a store never take all of it). Memory is bounded
+//! by the budget plus the reserve; a full background queue never delays a
+//! demand read.
 
 use std::sync::Arc;
 
@@ -18,6 +20,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// Permits are KiB so that a budget of terabytes still fits a semaphore's
 /// `u32` acquire count for one block.
 const UNIT_BYTES: u64 = 1024;
+
+/// The smallest demand reserve: 32 blocks of 1 MiB (8 of 4 MiB) read on
+/// demand at once, whatever the budget.
+pub const DEMAND_RESERVE_MIN_BYTES: u64 = 32 << 20;
 
 #[derive(Debug, Clone)]
 pub struct Budget {
@@ -37,9 +43,10 @@ pub struct BudgetPermit {
 impl Budget {
     pub fn new(capacity_bytes: u64) -> Self {
         let units = (capacity_bytes / UNIT_BYTES).max(1) as usize;
-        // A quarter: with the default budget, room for several blocks read
-        // on demand at once, at a quarter more memory at most.
-        let demand_capacity_bytes = (capacity_bytes / 4).max(UNIT_BYTES);
+        // A quarter, and at least DEMAND_RESERVE_MIN_BYTES: room for many
+        // blocks read on demand at once, so one wedged on a store (holding
+        // its bytes while it waits) never holds up a read of another.
+        let demand_capacity_bytes = (capacity_bytes / 4).max(DEMAND_RESERVE_MIN_BYTES);
         let demand_units = (demand_capacity_bytes / UNIT_BYTES) as usize;
         Self {
             semaphore: Arc::new(Semaphore::new(units)),
@@ -72,6 +79,11 @@ impl Budget {
         self.capacity_bytes
     }
 
+    /// Bytes the demand reserve holds at most.
+    pub fn demand_capacity_bytes(&self) -> u64 {
+        self.demand_capacity_bytes
+    }
+
     /// Bytes currently held by blocks in flight.
     pub fn inflight_bytes(&self) -> u64 {
         let free = self.semaphore.available_permits() as u64;
@@ -99,10 +111,17 @@ mod tests {
     #[tokio::test]
     async fn a_full_budget_never_delays_a_demand_read() {
         let budget = Budget::new(4 << 20);
+        assert_eq!(
+            budget.demand_capacity_bytes(),
+            DEMAND_RESERVE_MIN_BYTES,
+            "a small budget still has the minimum reserve"
+        );
+        assert_eq!(Budget::new(1 << 30).demand_capacity_bytes(), 256 << 20, "a quarter of a large one");
         let _all = budget.acquire(4 << 20).await;
         let demand = tokio::time::timeout(std::time::Duration::from_millis(50), budget.acquire_demand(1 << 20)).await;
         assert!(demand.is_ok(), "the demand reserve is separate from the background's budget");
         let _held = demand.unwrap();
+        let _rest = budget.acquire_demand(DEMAND_RESERVE_MIN_BYTES - (1 << 20)).await;
         let over = tokio::time::timeout(std::time::Duration::from_millis(50), budget.acquire_demand(1 << 20)).await;
         assert!(over.is_err(), "the reserve is bounded too");
     }

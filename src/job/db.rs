@@ -102,6 +102,9 @@ pub struct JobRecord {
     pub queued_unix_secs: Option<u64>,
     pub started_unix_secs: Option<u64>,
     pub finished_unix_secs: Option<u64>,
+    /// What the job's NBD export served, stored when it stopped.
+    #[serde(default)]
+    pub export: Option<super::export::ExportStatus>,
 }
 
 impl JobRecord {
@@ -119,6 +122,7 @@ impl JobRecord {
             queued_unix_secs: Some(now_unix_secs),
             started_unix_secs: None,
             finished_unix_secs: None,
+            export: None,
         }
     }
 }

@@ -13,7 +13,8 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::worker::WorkerConfig;
+use crate::config::worker::{ExportRange, WorkerConfig};
+use crate::nbd::ExportAddr;
 use crate::store::{MANIFEST_SUFFIX, StoreUrl};
 
 pub use crate::config::worker::{NAME_LEN_MAX, valid_name};
@@ -42,6 +43,40 @@ pub struct JobSpec {
     /// takes over a job restoring another snapshot.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub restart: bool,
+    /// Serve the volume over NBD while it is restored and after, until the
+    /// job is cancelled or its export stopped: `true` (an address from
+    /// `worker.export_listen`) or an export URL inside that range
+    /// (`nbd://127.0.0.1:10905/db`, `nbd+unix:///db?socket=/run/rehydrate/nbd/db.sock`).
+    #[serde(default, skip_serializing_if = "JobExport::is_off")]
+    pub export: JobExport,
+}
+
+/// A job's `export`: `true`/`false`, or where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum JobExport {
+    Flag(bool),
+    Url(String),
+}
+
+impl Default for JobExport {
+    fn default() -> Self {
+        JobExport::Flag(false)
+    }
+}
+
+impl JobExport {
+    pub fn is_off(&self) -> bool {
+        *self == JobExport::Flag(false)
+    }
+}
+
+/// Where a job's export listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportPlan {
+    /// The first free address of the range (TCP), or `<dir>/<job id>.sock`.
+    Any(ExportRange),
+    At(ExportAddr),
 }
 
 impl JobSpec {
@@ -62,6 +97,8 @@ pub struct ResolvedSpec {
     pub secondaries: Vec<String>,
     /// The target with its parent canonicalized.
     pub target: PathBuf,
+    /// Serve the volume over NBD while it is restored.
+    pub export: Option<ExportPlan>,
 }
 
 /// Which field of a spec is unacceptable, and why.
@@ -109,7 +146,8 @@ pub fn resolve(spec: &JobSpec, config: &WorkerConfig) -> Result<ResolvedSpec, Sp
         Some(device) => device,
         None => check_target(&spec.target, &config.target_roots)?,
     };
-    Ok(ResolvedSpec { manifest_url, secondaries: profile.secondaries.clone(), target })
+    let export = check_export(&spec.export, config)?;
+    Ok(ResolvedSpec { manifest_url, secondaries: profile.secondaries.clone(), target, export })
 }
 
 /// The snapshot URL of a job: the manifest key under the profile's store,
@@ -124,6 +162,43 @@ fn manifest_url(store: &str, manifest: &str) -> Result<String, SpecError> {
     check_manifest_key(manifest)?;
     let store = StoreUrl::parse(store).map_err(|e| err("profile", e.to_string()))?;
     Ok(store.join(manifest))
+}
+
+/// An export must be inside `worker.export_listen`.
+fn check_export(export: &JobExport, config: &WorkerConfig) -> Result<Option<ExportPlan>, SpecError> {
+    if export.is_off() {
+        return Ok(None);
+    }
+    let range = match config.export_range() {
+        Some(Ok(range)) => range,
+        Some(Err(e)) => return Err(err("export", format!("worker.export_listen is invalid: {e}"))),
+        None => return Err(err("export", "this worker has no worker.export_listen configured: jobs may not export")),
+    };
+    match export {
+        JobExport::Flag(_) => Ok(Some(ExportPlan::Any(range))),
+        JobExport::Url(url) => {
+            let addr = ExportAddr::parse(url).map_err(|e| err("export", e))?;
+            if !range_allows(&range, &addr) {
+                return Err(err("export", format!("{url} is outside worker.export_listen ({range})")));
+            }
+            Ok(Some(ExportPlan::At(addr)))
+        }
+    }
+}
+
+/// Whether an export at `addr` lies inside `range`: the range's IP and one
+/// of its ports, or a socket directly in its directory.
+fn range_allows(range: &ExportRange, addr: &ExportAddr) -> bool {
+    match (range, addr) {
+        (ExportRange::Tcp { ip, ports }, ExportAddr::Tcp { addr, .. }) => {
+            addr.ip() == *ip && ports.contains(&addr.port())
+        }
+        (ExportRange::UnixDir(dir), ExportAddr::Unix { path, .. }) => {
+            path.parent() == Some(dir.as_path())
+                && path.file_name().is_some_and(|n| !n.to_string_lossy().starts_with('.'))
+        }
+        _ => false,
+    }
 }
 
 fn check_manifest_key(key: &str) -> Result<(), SpecError> {
@@ -246,6 +321,60 @@ mod tests {
         }
     }
 
+    #[test]
+    fn export_ranges_hold_only_their_addresses() {
+        let addr = |url: &str| ExportAddr::parse(url).unwrap();
+        let tcp = ExportRange::parse("127.0.0.1:10900-10909").unwrap();
+        assert!(range_allows(&tcp, &addr("nbd://127.0.0.1:10905/a")));
+        assert!(!range_allows(&tcp, &addr("nbd://127.0.0.1:10910/a")));
+        assert!(!range_allows(&tcp, &addr("nbd://127.0.0.2:10905/a")));
+        assert!(!range_allows(&tcp, &addr("nbd+unix:///run/x.sock")));
+        let unix = ExportRange::parse("unix:/run/rehydrate/nbd").unwrap();
+        assert!(range_allows(&unix, &addr("nbd+unix:///run/rehydrate/nbd/db.sock")));
+        assert!(range_allows(&unix, &addr("nbd+unix:///db?socket=/run/rehydrate/nbd/db.sock")));
+        assert!(!range_allows(&unix, &addr("nbd+unix:///run/rehydrate/db.sock")));
+        assert!(!range_allows(&unix, &addr("nbd+unix:///run/rehydrate/nbd/sub/db.sock")));
+        assert!(!range_allows(&unix, &addr("nbd://127.0.0.1:10905/a")));
+    }
+
+    #[test]
+    fn exports_stay_inside_the_configured_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = WorkerConfig { target_roots: vec![dir.path().to_owned()], ..WorkerConfig::default() };
+        let profile = crate::config::worker::ProfileConfig { store: "file:///store".into(), secondaries: vec![] };
+        config.profiles.insert("main".into(), profile);
+        let spec = |export: JobExport| JobSpec {
+            id: "db".into(),
+            profile: "main".into(),
+            manifest: "v.manifest".into(),
+            target: dir.path().join("v.img"),
+            replace: false,
+            restart: false,
+            export,
+        };
+        assert_eq!(resolve(&spec(JobExport::Flag(false)), &config).unwrap().export, None);
+        let e = resolve(&spec(JobExport::Flag(true)), &config).unwrap_err();
+        assert_eq!(e.field, "export");
+        assert!(e.reason.contains("no worker.export_listen"), "{e}");
+        config.export_listen = Some("127.0.0.1:10900-10909".into());
+        assert!(matches!(resolve(&spec(JobExport::Flag(true)), &config).unwrap().export, Some(ExportPlan::Any(_))));
+        let at = resolve(&spec(JobExport::Url("nbd://127.0.0.1:10901/db".into())), &config).unwrap();
+        assert!(matches!(at.export, Some(ExportPlan::At(_))));
+        for bad in ["nbd://127.0.0.1:10910/db", "nbd+unix:///tmp/x.sock", "nbd://10.1.1.1:10901/db", "http://x"] {
+            let e = resolve(&spec(JobExport::Url(bad.into())), &config).unwrap_err();
+            assert_eq!(e.field, "export", "{bad}");
+        }
+        let parsed = parse_body(br#"{"id":"a","profile":"main","manifest":"v.manifest","target":"/t","export":true}"#);
+        assert_eq!(parsed.unwrap().export, JobExport::Flag(true));
+        let parsed = parse_body(
+            br#"{"id":"a","profile":"main","manifest":"v.manifest","target":"/t","export":"nbd://127.0.0.1:1/x"}"#,
+        );
+        assert_eq!(parsed.unwrap().export, JobExport::Url("nbd://127.0.0.1:1/x".into()));
+        assert!(
+            parse_body(br#"{"id":"a","profile":"main","manifest":"v.manifest","target":"/t","export":3}"#).is_err()
+        );
+    }
+
     proptest::proptest! {
         /// Whatever a client sends, resolving never panics, and an accepted
         /// target lies under the root and an accepted manifest key has no
@@ -269,6 +398,7 @@ mod tests {
                 target: root.join(target.trim_start_matches('/')),
                 replace: false,
                 restart: false,
+                export: JobExport::default(),
             };
             if let Ok(resolved) = resolve(&spec, &config) {
                 proptest::prop_assert!(resolved.target.starts_with(root.canonicalize().unwrap()));
@@ -301,6 +431,7 @@ mod tests {
                         proptest::strategy::Just("target".to_owned()),
                         proptest::strategy::Just("replace".to_owned()),
                         proptest::strategy::Just("restart".to_owned()),
+                        proptest::strategy::Just("export".to_owned()),
                         "\\PC{0,8}",
                     ],
                     proptest::prop_oneof![

@@ -24,24 +24,40 @@
 //! recorded in the checkpoint, so a resumed restore never overwrites them
 //! (`docs/architecture.md`, "Serving the volume while it is restored").
 //!
+//! A read that spans several blocks not local fetches them at once (at most
+//! [`READ_FETCHES_INFLIGHT_MAX`] at a time), not one after another. Each
+//! block a read waits for is registered while it waits, so the settler's
+//! stall watchdog can name a block a client has waited on too long
+//! ([`LiveVolume::oldest_wait`]).
+//!
 //! Limits: claims are per block and held only while that block is fetched
 //! or written; the callers (the NBD server) bound how many requests are in
 //! flight and how long each range is.
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
+use super::latency::LatencyHistogram;
 use super::read::{BlockReader, Priority};
 use crate::block::{BlockIndex, BlockLayout};
+use crate::metrics as m;
 use crate::verify::VerifiedBlock;
+
+/// Blocks one read fetches at once. Each holds its bytes in the demand
+/// reserve, which bounds them across reads; this bounds the tasks one
+/// request polls.
+pub const READ_FETCHES_INFLIGHT_MAX: usize = 16;
 
 /// A FLUSH sent to the settler: settle these client-owned blocks with an
 /// fdatasync and save the checkpoint, then answer.
@@ -61,6 +77,10 @@ pub struct LiveCounts {
     pub demand_failures: AtomicU64,
     /// Blocks the client wrote (its own from then on).
     pub blocks_owned: AtomicU64,
+    /// Latency of reads whose every block was local already.
+    pub read_latency_local: LatencyHistogram,
+    /// Latency of reads that waited for a block to be fetched.
+    pub read_latency_on_demand: LatencyHistogram,
 }
 
 /// One bit per block.
@@ -89,6 +109,35 @@ struct States {
     claimed: HashMap<BlockIndex, Arc<Notify>>,
     /// Owned blocks written since the last FLUSH.
     owned_unflushed: Vec<BlockIndex>,
+    /// Blocks reads wait for: since when, and how many reads.
+    waiting: HashMap<BlockIndex, (Instant, usize)>,
+}
+
+/// A block a client read waits for, the longest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadWait {
+    pub block: BlockIndex,
+    pub waited: Duration,
+    /// Reads waiting for that block.
+    pub readers: usize,
+}
+
+/// A read waiting for a block; unregistered when dropped.
+struct Waiting<'a> {
+    volume: &'a LiveVolume,
+    index: BlockIndex,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut states = self.volume.lock();
+        if let Some((_, readers)) = states.waiting.get_mut(&self.index) {
+            *readers -= 1;
+            if *readers == 0 {
+                states.waiting.remove(&self.index);
+            }
+        }
+    }
 }
 
 /// The volume being restored, readable and writable at any moment.
@@ -104,6 +153,10 @@ pub struct LiveVolume {
     /// FLUSH needs), `Some(false)` when it stopped short.
     finished: watch::Sender<Option<bool>>,
     pub counts: LiveCounts,
+    /// The target's lock: whoever serves the volume holds the target as long
+    /// as it holds the volume, past the end of the restore
+    /// (`docs/architecture.md`, invariant 8).
+    pub(super) target_lock: Option<Arc<crate::target::TargetLock>>,
 }
 
 /// How long a FLUSH waits for the end of the rehydrate phase once the
@@ -156,6 +209,7 @@ impl LiveVolume {
             owned: BitSet::new(layout.block_count()),
             claimed: HashMap::new(),
             owned_unflushed: Vec::new(),
+            waiting: HashMap::new(),
         };
         for i in (0..layout.block_count()).filter(|&i| local(i)) {
             states.local.set(i);
@@ -168,6 +222,7 @@ impl LiveVolume {
             settler,
             finished: watch::channel(None).0,
             counts: LiveCounts::default(),
+            target_lock: None,
         }
     }
 
@@ -212,37 +267,90 @@ impl LiveVolume {
         }
     }
 
-    /// Read `len` bytes at `offset` (inside the volume).
+    /// Read `len` bytes at `offset` (inside the volume): first every block
+    /// it touches that is not local is fetched (several at once), then the
+    /// bytes are read from the target. A zero block not local reads as zeros.
     pub async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        let started = Instant::now();
         self.counts.reads.fetch_add(1, Ordering::Relaxed);
-        let mut out = vec![0u8; len as usize];
-        for (index, within, range) in self.segments(offset, u64::from(len)) {
-            let dst = &mut out[range];
-            if self.is_local(index) {
-                self.pread(self.layout.offset(index) + within, dst).await?;
-                continue;
-            }
-            if self.reader.snapshot().block(index).is_none() {
-                // A zero block: zeros, at once (`out` holds them already).
-                continue;
-            }
-            let claim = self.claim(index).await;
-            if claim.is_local() {
-                drop(claim);
-                self.pread(self.layout.offset(index) + within, dst).await?;
-                continue;
-            }
-            let block = self.restore_claimed(&claim).await?;
-            let start = within as usize;
-            dst.copy_from_slice(&block.bytes()[start..start + dst.len()]);
+        metrics::counter!(m::NBD_READS_TOTAL).increment(1);
+        let segments: Vec<_> = self.segments(offset, u64::from(len)).collect();
+        let missing: Vec<BlockIndex> = segments
+            .iter()
+            .map(|&(index, ..)| index)
+            .filter(|&i| !self.is_local(i) && self.reader.snapshot().block(i).is_some())
+            .collect();
+        for group in missing.chunks(READ_FETCHES_INFLIGHT_MAX) {
+            let fetched = join_all(group.iter().map(|&i| self.make_local(i)).collect()).await;
+            fetched.into_iter().collect::<io::Result<Vec<()>>>()?;
         }
+        let mut out = vec![0u8; len as usize];
+        // Runs of adjacent local blocks are one pread each.
+        let mut run: Option<(u64, std::ops::Range<usize>)> = None;
+        for (index, within, range) in segments {
+            if !self.is_local(index) {
+                // A zero block: zeros (`out` holds them already).
+                if let Some((at, r)) = run.take() {
+                    self.pread(at, &mut out[r]).await?;
+                }
+                continue;
+            }
+            run = match run {
+                Some((at, r)) if r.end == range.start => Some((at, r.start..range.end)),
+                Some((at, r)) => {
+                    self.pread(at, &mut out[r]).await?;
+                    Some((self.layout.offset(index) + within, range))
+                }
+                None => Some((self.layout.offset(index) + within, range)),
+            };
+        }
+        if let Some((at, r)) = run {
+            self.pread(at, &mut out[r]).await?;
+        }
+        self.record_read(started.elapsed(), !missing.is_empty());
         Ok(out)
+    }
+
+    fn record_read(&self, latency: Duration, on_demand: bool) {
+        let (histogram, served) = if on_demand {
+            (&self.counts.read_latency_on_demand, "on_demand")
+        } else {
+            (&self.counts.read_latency_local, "local")
+        };
+        histogram.record(latency);
+        metrics::histogram!(m::NBD_READ_LATENCY_SECONDS, "served" => served).record(latency.as_secs_f64());
+    }
+
+    /// Make block `index` local: fetch it on demand unless someone else has
+    /// (or is doing so: then wait for them). Registered as a read waiting
+    /// for it meanwhile.
+    async fn make_local(&self, index: BlockIndex) -> io::Result<()> {
+        let _waiting = self.wait_for(index);
+        let claim = self.claim(index).await;
+        if !claim.is_local() {
+            self.restore_claimed(&claim).await?;
+        }
+        Ok(())
+    }
+
+    fn wait_for(&self, index: BlockIndex) -> Waiting<'_> {
+        let mut states = self.lock();
+        states.waiting.entry(index).or_insert((Instant::now(), 0)).1 += 1;
+        Waiting { volume: self, index }
+    }
+
+    /// The block reads have waited for the longest, if any waits.
+    pub fn oldest_wait(&self) -> Option<ReadWait> {
+        let states = self.lock();
+        let (&block, &(since, readers)) = states.waiting.iter().min_by_key(|(_, (since, _))| *since)?;
+        Some(ReadWait { block, waited: since.elapsed(), readers })
     }
 
     /// Write `data` at `offset` (inside the volume): the blocks it touches
     /// become the client's.
     pub async fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.counts.writes.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::NBD_WRITES_TOTAL).increment(1);
         for (index, within, range) in self.segments(offset, data.len() as u64) {
             self.write_block(index, within, &data[range]).await?;
         }
@@ -252,6 +360,7 @@ impl LiveVolume {
     /// Zeros over `len` bytes at `offset`, block by block (no payload held).
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         self.counts.writes.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::NBD_WRITES_TOTAL).increment(1);
         for (index, within, range) in self.segments(offset, len) {
             let zeros = VerifiedBlock::zeros(range.len());
             self.write_block(index, within, zeros.bytes()).await?;
@@ -264,6 +373,7 @@ impl LiveVolume {
     /// checkpoint as settled.
     pub async fn flush(&self) -> io::Result<()> {
         self.counts.flushes.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::NBD_FLUSHES_TOTAL).increment(1);
         let owned = std::mem::take(&mut self.lock().owned_unflushed);
         let (done, answer) = oneshot::channel();
         if self.settler.send(FlushRequest { owned: owned.clone(), done }).await.is_ok()
@@ -303,6 +413,7 @@ impl LiveVolume {
         states.local.set(index);
         if states.owned.set(index) {
             self.counts.blocks_owned.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(m::NBD_OWNED_BLOCKS_TOTAL).increment(1);
         }
         states.owned_unflushed.push(index);
         Ok(())
@@ -312,11 +423,13 @@ impl LiveVolume {
     async fn restore_claimed(&self, claim: &Claim<'_>) -> io::Result<VerifiedBlock> {
         let index = claim.index;
         self.counts.demand_fetches.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::NBD_DEMAND_FETCHES_TOTAL).increment(1);
         // The demand reserve's bytes are held until the block is written.
         let (block, _bytes) = match self.reader.read_held(index, Priority::Demand).await {
             Ok(held) => held,
             Err(failures) => {
                 self.counts.demand_failures.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::NBD_DEMAND_FAILURES_TOTAL).increment(1);
                 let reason = failures.last().map(|f| format!("{}: {}", f.source, f.last_error)).unwrap_or_default();
                 tracing::warn!(block = index, %reason, "a block read on demand failed on every source");
                 return Err(io::Error::from_raw_os_error(libc::EIO));
@@ -363,4 +476,24 @@ impl LiveVolume {
         let file = Arc::clone(&self.file);
         tokio::task::spawn_blocking(move || file.write_all_at(&data, offset)).await.map_err(io::Error::other)?
     }
+}
+
+/// Run `futures` at once, in this task; their outputs in order.
+async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(v) => *output = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { Poll::Pending } else { Poll::Ready(()) }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
 }

@@ -82,7 +82,7 @@ pub async fn restore(
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
 ) -> Result<RestoreReport, RestoreError> {
-    let run = Run { engine, progress, cancel, tenant: engine.next_tenant(), publish: None, live_file: None };
+    let run = Run { engine, progress, cancel, tenant: engine.next_tenant(), publish: None, live_file: None, held: None };
     restore_as(spec, run).await
 }
 
@@ -106,7 +106,7 @@ pub async fn restore_live(
     publish: Publish,
 ) -> Result<RestoreReport, RestoreError> {
     let spec = RestoreSpec { in_place: true, ..spec.clone() };
-    let run = Run { engine, progress, cancel, tenant: engine.next_tenant(), publish: Some(publish), live_file: None };
+    let run = Run { engine, progress, cancel, tenant: engine.next_tenant(), publish: Some(publish), live_file: None, held: None };
     restore_as(&spec, run).await
 }
 
@@ -131,7 +131,9 @@ async fn restore_validated(
 ) -> Result<RestoreReport, RestoreError> {
     let (engine, progress) = (run.engine, run.progress);
     // Held to the end of this function, whichever way it ends.
-    let _held = lock_target(spec, blocks, &snapshot.layout())?;
+    // A served volume holds it too, for as long as it is served.
+    let held = Arc::new(lock_target(spec, blocks, &snapshot.layout())?);
+    run.held = Some(Arc::clone(&held));
     if run.publish.is_some() && std::fs::symlink_metadata(&spec.target).is_err() {
         // An exported file is written in place: create it (allocate sizes it).
         std::fs::OpenOptions::new()
@@ -181,6 +183,8 @@ struct Run<'a> {
     publish: Option<Publish>,
     /// The target, for the served volume's reads and writes.
     live_file: Option<Arc<File>>,
+    /// The target's lock, handed to the served volume.
+    held: Option<Arc<target::TargetLock>>,
 }
 
 /// Validate: open the snapshot the URL names (a rehydrate manifest, a
@@ -301,6 +305,7 @@ async fn rehydrate(
     };
     let mut settler = Settler::new(engine, target, layout, writer.clone(), checkpoint, durable, Arc::clone(progress));
     settler.flushes = flushes;
+    settler.live = live.clone();
     let units = UnitContext { reader, live: live.clone(), writer: writer.clone(), layout };
     let transfer_started = Instant::now();
     let result = settler.run(plan, units, engine.budget.clone(), run.cancel).await;
@@ -341,7 +346,9 @@ fn go_live(
     let snapshot = Arc::clone(reader.snapshot());
     let settled = checkpoint.settled();
     let local = |i| settled.is_settled(i) || (target.fresh && snapshot.block(i).is_none());
-    let live = Arc::new(LiveVolume::new(Arc::clone(&reader), Arc::clone(file), tx, local));
+    let mut live = LiveVolume::new(Arc::clone(&reader), Arc::clone(file), tx, local);
+    live.target_lock = run.held.clone();
+    let live = Arc::new(live);
     publish(Arc::clone(&live));
     (reader, live, rx)
 }

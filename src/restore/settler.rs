@@ -1,6 +1,8 @@
 //! The settler: records unit outcomes and turns written blocks into settled
 //! ones (fdatasync first, then the checkpoint: `docs/architecture.md`
-//! invariant 3), and flags the restore stalled when nothing settles.
+//! invariant 3), and flags the restore stalled when nothing settles, or when
+//! a client read of the exported volume has waited for one block longer
+//! than `fetch.stall_after_millis`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::allocate::Durable;
-use super::live::FlushRequest;
+use super::live::{FlushRequest, LiveVolume};
 use super::pipeline::{UnitContext, UnitOutcome, dispatch};
 use super::plan::Plan;
 use super::progress::Progress;
@@ -58,6 +60,8 @@ pub(super) struct Settler {
     pub(super) transferred: Option<Instant>,
     /// FLUSHes of an exported volume ([`super::live`]).
     pub(super) flushes: Option<mpsc::Receiver<FlushRequest>>,
+    /// The exported volume, whose reads waiting for blocks are watched.
+    pub(super) live: Option<Arc<LiveVolume>>,
 }
 
 /// The next FLUSH, or never when the volume is not exported.
@@ -97,6 +101,7 @@ impl Settler {
             dispatched: None,
             transferred: None,
             flushes: None,
+            live: None,
         }
     }
 
@@ -253,7 +258,8 @@ impl Settler {
         metrics::gauge!(m::PROGRESS_RATIO).set(settled as f64 / bytes_total.max(1) as f64);
         self.written_bytes_since_sync = 0;
         self.last_settle = Instant::now();
-        self.progress.set_stalled(None);
+        // Settling ends a quiet stall, not a client read's wait.
+        self.progress.set_stalled(self.read_stall());
         fail::fail_point!("settle-before-checkpoint");
         self.dirty = true;
         self.save_if_dirty()
@@ -275,15 +281,54 @@ impl Settler {
         Ok(())
     }
 
-    /// Flag the restore stalled when nothing has settled for a while, naming
-    /// the oldest block in flight.
+    /// Flag the restore stalled when a client read has waited for a block
+    /// longer than the stall threshold (naming it), or when nothing has
+    /// settled for that long (naming the oldest block in flight).
     pub(super) fn watch_stall(&self, telemetry: &FetchTelemetry) {
         metrics::gauge!(m::INFLIGHT_ATTEMPTS_MAX).set(f64::from(telemetry.attempts_max_inflight()));
-        let quiet = self.last_settle.elapsed();
-        if quiet < self.stall_after || !self.written.is_empty() {
-            return;
+        let reason = self.read_stall().or_else(|| self.quiet_stall(telemetry));
+        match reason {
+            Some(reason) => {
+                if self.progress.stalled().is_none() {
+                    tracing::warn!(%reason, "restore stalled");
+                }
+                self.progress.set_stalled(Some(reason));
+            }
+            // A read's wait that ended clears its flag; a quiet stall ends
+            // when something settles.
+            None if self.quiet_for() < self.stall_after || !self.written.is_empty() => {
+                if self.progress.stalled().is_some_and(|r| r.starts_with(READ_STALL_PREFIX)) {
+                    self.progress.set_stalled(None);
+                }
+            }
+            None => {}
         }
-        let reason = match telemetry.oldest_inflight() {
+    }
+
+    fn quiet_for(&self) -> Duration {
+        self.last_settle.elapsed()
+    }
+
+    /// A client read waiting on one block longer than the threshold.
+    fn read_stall(&self) -> Option<String> {
+        let wait = self.live.as_ref()?.oldest_wait().filter(|w| w.waited >= self.stall_after)?;
+        Some(format!(
+            "{READ_STALL_PREFIX} for block {} (offset {}) for {:.1}s ({} read{} waiting on it); it is being fetched on demand",
+            wait.block,
+            self.layout.offset(wait.block),
+            wait.waited.as_secs_f64(),
+            wait.readers,
+            if wait.readers == 1 { "" } else { "s" },
+        ))
+    }
+
+    /// Nothing settled for the threshold, naming the oldest block in flight.
+    fn quiet_stall(&self, telemetry: &FetchTelemetry) -> Option<String> {
+        let quiet = self.quiet_for();
+        if quiet < self.stall_after || !self.written.is_empty() {
+            return None;
+        }
+        Some(match telemetry.oldest_inflight() {
             Some(f) => format!(
                 "nothing settled for {:.1}s; oldest block in flight: {} on {} (attempt {}, for {:.1}s)",
                 quiet.as_secs_f64(),
@@ -298,13 +343,12 @@ impl Settler {
                     quiet.as_secs_f64()
                 )
             }
-        };
-        if self.progress.stalled().is_none() {
-            tracing::warn!(%reason, "restore stalled");
-        }
-        self.progress.set_stalled(Some(reason));
+        })
     }
 }
+
+/// How a stall reason about a client read begins.
+const READ_STALL_PREFIX: &str = "a client read has waited";
 
 /// fdatasync of the target, with a fail point that injects EIO.
 pub(super) async fn sync_target(writer: &Writer) -> std::io::Result<()> {

@@ -13,7 +13,9 @@ impl Worker {
         let id = &record.spec.id;
         let holder = self.live().busy_targets.get(&record.spec.target).cloned();
         if let Some(holder) = holder {
-            return Gate::Hold(format!("target busy: run of job {holder} on this target is still stopping"));
+            return Gate::Hold(format!(
+                "target busy: run of job {holder} on this target is still stopping (or still serves its export)"
+            ));
         }
         let resolved = match crate::job::spec::resolve(&record.spec, &self.config) {
             Ok(r) => r,

@@ -184,6 +184,10 @@ impl Worker {
             job: Some(id.to_string()),
         };
         let worker = Arc::clone(self);
+        if let Some(plan) = resolved.export {
+            self.tasks.spawn(worker.run_exported(record, spec, plan, progress, cancel));
+            return;
+        }
         self.tasks.spawn(async move {
             // Its own task, so a panic in the restore still ends the run
             // (the job fails, the target is released) instead of the worker.
@@ -192,17 +196,19 @@ impl Worker {
             let result = tokio::spawn(async move { crate::restore::restore(&engine, &spec, &watched, &cancel).await })
                 .await
                 .map_err(|e| format!("internal error: the restore task ended abnormally: {e}"));
-            let _ = tokio::task::spawn_blocking(move || worker.finish_run(&record, result, &progress)).await;
+            worker.finish_blocking(record, result, progress, false).await;
         });
     }
 
     /// Store a run's outcome, compare-and-set on the run: if the job was
     /// cancelled or replaced meanwhile, its status stays what that decided.
+    /// `keep_target`: the target stays busy (its export serves on).
     pub(super) fn finish_run(
         &self,
         record: &JobRecord,
         result: Result<Result<RestoreReport, RestoreError>, String>,
         progress: &Progress,
+        keep_target: bool,
     ) {
         let id = &record.spec.id;
         let shutting_down = self.shutdown.is_cancelled();
@@ -249,7 +255,7 @@ impl Worker {
         if live.running.get(id).is_some_and(|r| r.run == record.run) {
             live.running.remove(id);
         }
-        if live.busy_targets.get(&record.spec.target) == Some(id) {
+        if !keep_target && live.busy_targets.get(&record.spec.target) == Some(id) {
             live.busy_targets.remove(&record.spec.target);
         }
         drop(live);

@@ -36,6 +36,10 @@ pub struct JobStatus {
     pub throttling: Throttling,
     pub reason: Option<String>,
     pub damage: Vec<DamagedBlock>,
+    /// The job's NBD export, when its spec asks for one: where, whether it
+    /// serves, and what it served (kept after it stopped).
+    #[serde(default)]
+    pub export: Option<ExportStatus>,
     pub created_unix_secs: u64,
     pub started_unix_secs: Option<u64>,
     pub finished_unix_secs: Option<u64>,
@@ -188,6 +192,7 @@ impl Worker {
             throttling: Throttling::default(),
             reason: record.reason.clone(),
             damage: record.damage.clone(),
+            export: live.exports.get(&id).map(|h| h.status()).or_else(|| record.export.clone()),
             created_unix_secs: record.created_unix_secs,
             started_unix_secs: record.started_unix_secs,
             finished_unix_secs: record.finished_unix_secs,
