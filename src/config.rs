@@ -130,6 +130,7 @@ impl Config {
             concurrency: self.concurrency.clone(),
             adaptive_rate: self.adaptive_rate.clone(),
             attempt_timeout: self.fetch.attempt_timeout(),
+            inflight_bytes_max: Some(self.fetch.inflight_bytes_max.get()),
         }
     }
 
