@@ -75,6 +75,8 @@
 #      REHYDRATE_OLD a second binary (the one before a change): on the
 #                    workloads in E2E_OLD_ON (default "W1 W7 W8 W9 CPU") it
 #                    restores right after BIN, as the row "rehydrate old"
+#      E2E_OLD_TOML  TOML appended to the config of the "rehydrate old" rows,
+#                    e.g. the settings before a change with REHYDRATE_OLD=BIN
 set -euo pipefail
 
 SIZE_MIB=4096
@@ -234,7 +236,7 @@ say() { python3 "$REPORT_PY" say "$(tail -1 "$RESULTS")" >&2; }
 
 get_stream() { ls "$WORK/curl$1"/cfg.* | xargs -P "$1" -n 1 curl -s -K; } # PARALLEL
 fio_write() { # ENGINE IODEPTH BS JOBS: the volume's bytes, split between the jobs
-    local per=$((BYTES / $4))
+    local per=$((BYTES / $4 / 4194304 * 4194304)) # O_DIRECT offsets: whole 4 MiB
     fio --name=p --filename="$OUT/fio.img" --rw=write --bs="$3" --direct=1 --size="$per" --offset_increment="$per" \
         --numjobs="$4" --ioengine="$1" --iodepth="$2" --end_fsync=1 --group_reporting --output=/dev/null
 }
@@ -263,7 +265,16 @@ s5cmd_round() { # round workload port bucket workers
 
 rehydrate_round() { # round workload port manifest config [restore args]; VERIFY: the manifest to verify against
     rehydrate_one "$BIN" rehydrate "$@"
-    if [[ -n $OLD_BIN && " $E2E_OLD_ON " == *" $2 "* ]]; then rehydrate_one "$OLD_BIN" "rehydrate old" "$@"; fi
+    if [[ -n $OLD_BIN && " $E2E_OLD_ON " == *" $2 "* ]]; then
+        local old_config=$5
+        if [[ -n ${E2E_OLD_TOML:-} ]]; then
+            old_config=$WORK/old-$(basename "$5")
+            { cat "$5"; printf '%b\n' "$E2E_OLD_TOML"; } >"$old_config"
+        fi
+        local args=("$@")
+        args[4]=$old_config
+        rehydrate_one "$OLD_BIN" "rehydrate old" "${args[@]}"
+    fi
 }
 rehydrate_one() { # binary client round workload port manifest config [restore args]
     local bin=$1 client=$2 round=$3 wl=$4 port=$5 manifest=$6 config=$7
