@@ -298,7 +298,8 @@ impl Aimd {
     pub fn new(config: &AdaptiveConcurrencyConfig) -> Self {
         let max = config.concurrency_max.get() as f64;
         let min = (config.concurrency_min.get() as f64).min(max);
-        let start = config.concurrency_start.map_or(CONCURRENCY_START_DEFAULT as f64, |s| s.get() as f64).clamp(min, max);
+        let start =
+            config.concurrency_start.map_or(CONCURRENCY_START_DEFAULT as f64, |s| s.get() as f64).clamp(min, max);
         Self {
             limit: start,
             min,
