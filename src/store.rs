@@ -303,6 +303,9 @@ pub struct StoreOptions {
     pub adaptive_rate: rate::AdaptiveRateConfig,
     /// The deadline of one attempt, body included.
     pub attempt_timeout: std::time::Duration,
+    /// The in-flight byte budget (`fetch.inflight_bytes_max`) the store's
+    /// requests share: it bounds the concurrency window. None: unbounded.
+    pub inflight_bytes_max: Option<u64>,
 }
 
 impl StoreOptions {
@@ -360,9 +363,12 @@ pub fn stack(backend: Backend, options: &StoreOptions) -> Result<SharedStore, St
     } else {
         timed
     };
-    let gated = limit::AdaptiveConcurrency::new(paced, &options.concurrency)
-        .map_err(|e| StoreError::permanent(format!("concurrency config: {e}")))?
-        .with_metric_label(label);
+    let mut gated = limit::AdaptiveConcurrency::new(paced, &options.concurrency)
+        .map_err(|e| StoreError::permanent(format!("concurrency config: {e}")))?;
+    if let Some(bytes) = options.inflight_bytes_max {
+        gated = gated.with_budget_bytes(bytes);
+    }
+    let gated = gated.with_metric_label(label);
     let limited = limit::RateLimited::new(Arc::new(gated), &options.rate_limit)
         .map_err(|e| StoreError::permanent(format!("rate_limit config: {e}")))?;
     Ok(Arc::new(limited))

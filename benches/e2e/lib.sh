@@ -17,6 +17,12 @@
 #                                      on exit, stop nginx and remove both
 #   seeded_volume SEED MIB OUT         write OUT: MIB MiB of random bytes that are
 #                                      the same for the same SEED (AES-128-CTR)
+#   compressible_volume SEED MIB OUT   the same, but every 4 KiB of random bytes is
+#                                      followed by 4 KiB of zeros: zstd makes ~2:1
+#   nginx_latency_start CONF_DIR RUN ROOT [ACCESS_LOG]
+#                                      write RUN/latency.conf from CONF_DIR/latency.conf.in
+#                                      (30 ms to first byte, port 9089) and start it
+#   nginx_latency_stop RUN             stop it if it was started (idempotent)
 
 NGINX_PORTS=(9080 9082 9083 9084)
 
@@ -78,6 +84,53 @@ seeded_volume() {
     [[ $(stat -c %s "$3") == $(($2 << 20)) ]] || { echo "seeded_volume: could not write $2 MiB to $3" >&2; return 1; }
 }
 
+compressible_volume() {
+    seeded_volume "$1" "$(($2 / 2))" "$3.half" || return 1
+    python3 - "$3.half" "$3" <<'PY'
+import sys
+zeros = bytes(4096)
+with open(sys.argv[1], "rb") as src, open(sys.argv[2], "wb") as out:
+    while chunk := src.read(4096):
+        out.write(chunk)
+        out.write(zeros)
+PY
+    rm -f "$3.half"
+}
+
+nginx_latency_start() {
+    local conf_dir=$1 run=$2 root=$3 access_log=${4:-}
+    [[ -f /usr/lib/nginx/modules/ngx_http_echo_module.so ]] || {
+        echo "nginx_latency_start: the echo module is missing: apt-get install -y libnginx-mod-http-echo" >&2
+        return 1
+    }
+    {
+        if [[ $(id -u) == 0 ]]; then echo "user root root;"; fi
+        if [[ -n $access_log ]]; then
+            sed -e "s|@RUN@|$run|g" -e "s|@ROOT@|$root|g" \
+                -e "s|^  access_log off;|  log_format e2e '\$server_port \$status \$body_bytes_sent \$uri';\n  access_log $access_log e2e;|" \
+                "$conf_dir/latency.conf.in"
+        else
+            sed -e "s|@RUN@|$run|g" -e "s|@ROOT@|$root|g" "$conf_dir/latency.conf.in"
+        fi
+    } >"$run/latency.conf"
+    if (exec 3<>/dev/tcp/127.0.0.1/9089) 2>/dev/null; then
+        echo "nginx_latency_start: port 9089 is in use: stop it and rerun" >&2
+        return 1
+    fi
+    nginx -p "$run" -c "$run/latency.conf" -e "$run/logs/error-latency.log"
+    for _ in $(seq 50); do
+        (exec 3<>/dev/tcp/127.0.0.1/9089) 2>/dev/null && return 0
+        sleep 0.1
+    done
+}
+
+nginx_latency_stop() {
+    local run=$1
+    [[ -f $run/nginx-latency.pid ]] || return 0
+    kill "$(cat "$run/nginx-latency.pid")" 2>/dev/null || true
+    rm -f "$run/nginx-latency.pid"
+}
+
 bench_dirs() {
     WORK=$(mktemp -d "/dev/shm/rehydrate-$1.XXXXXX")
     OUT=$(mktemp -d "$TARGET_PARENT/rehydrate-$1-target.XXXXXX")
@@ -88,6 +141,8 @@ bench_dirs() {
 }
 
 bench_cleanup() {
+    [[ -z ${WORKER_PID:-} ]] || kill "$WORKER_PID" 2>/dev/null || true
+    nginx_latency_stop "$RUN"
     nginx_stop "$RUN"
     rm -rf "$WORK" "$OUT"
 }

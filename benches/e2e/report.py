@@ -3,7 +3,7 @@
 
 Subcommands (all print to stdout; nothing here starts processes):
   corrupt GOOD OUT           write GOOD to OUT with 64 bytes flipped in the middle
-  record ...                 one JSON measurement from timings, rss and access log
+  record ...                 one JSON measurement from timings, GNU time's "%M %U %S" and access log
   merge LAST_JSON            LAST_JSON's object updated with the object on stdin
   compare DIR STORE KEYS     how many of KEYS in DIR are missing or differ from STORE
   rehydrate REPORT VERIFY    fields from rehydrate's --json restore and verify reports
@@ -32,10 +32,13 @@ def corrupt(good, out):
 
 def record(a):
     secs = float(a.t1) - float(a.t0)
-    rss = None
+    rss = own_cpu = None
     try:
         lines = [l for l in open(a.rss_file).read().split("\n") if l.strip()]
-        rss = int(lines[-1])
+        fields = lines[-1].split()
+        rss = int(fields[0])
+        if len(fields) >= 3:
+            own_cpu = float(fields[1]) + float(fields[2])
     except (OSError, ValueError, IndexError):
         pass
     requests = s503 = other_errors = 0
@@ -52,7 +55,7 @@ def record(a):
     print(json.dumps({
         "round": a.round, "workload": a.workload, "client": a.client, "bytes": a.bytes,
         "secs": secs, "bytes_per_sec": a.bytes / secs if secs > 0 else 0.0,
-        "busy_secs": a.busy_jiffies / a.clk_tck, "rss_kib": rss,
+        "busy_secs": a.busy_jiffies / a.clk_tck, "rss_kib": rss, "own_cpu_secs": own_cpu,
         "requests": requests, "s503": s503, "other_errors": other_errors, "exit": a.exit,
     }))
 
@@ -138,6 +141,11 @@ def table(a):
                 add((r["workload"], "s5cmd at W1's best -w"), r)
             else:
                 add((r["workload"], r["client"]), r)
+        for half, prefix in (("fio best", "fio "), ("GET stream best", "GET stream -P")):
+            tried = [r for r in rr if r["workload"] == "P" and r["client"].startswith(prefix)]
+            if tried:
+                best = max(tried, key=lambda r: r["bytes_per_sec"])
+                add(("P", half), dict(best, best_of=best["client"]))
         w1 = [r for r in rr if r["workload"] == "W1" and r["client"].startswith("s5cmd")]
         if w1:
             best = max(w1, key=lambda r: r["bytes_per_sec"])
@@ -147,19 +155,39 @@ def table(a):
         return med([r["bytes_per_sec"] for r in rows.get(key, [])])
 
     p = rate(("P", "P: GET stream + fio"))
-    wl_order = ["P", "W1", "W2", "W2b", "W3", "W4", "W5"]
-    order.sort(key=lambda k: (wl_order.index(k[0]) if k[0] in wl_order else 9,
-                              0 if k[1].startswith("GET") or k[1].startswith("fio") else 1 if k[1].startswith("P") else
+    wl_order = ["P", "W1", "W2", "W2b", "W3", "W4", "W5", "W7", "W8", "W9", "W10", "CPU"]
+    order.sort(key=lambda k: (wl_order.index(k[0]) if k[0] in wl_order else 99,
+                              0 if k[1].endswith(" best") and k[0] == "P" else
+                              1 if k[1].startswith("GET") or k[1].startswith("fio") else 2 if k[1].startswith("P") else
                               2 if k[1].startswith("s5cmd -w") else 3 if k[1].startswith("s5cmd") else 4))
 
-    head = ["wl", "client", "GiB/s", "/P", "/s5cmd", "time/W1", "tail s", "CPU s/GiB", "RSS MiB", "requests", "503s",
+    head = ["wl", "client", "GiB/s", "/P", "/W1", "/s5cmd", "time/W1", "jobs +-%", "own CPU s/GiB", "tail s", "CPU s/GiB", "RSS MiB", "requests", "503s",
             "secondary", "hedges", "corrupt written", "missing", "exit"]
     # rehydrate's time on each workload over its W1 time in the same round:
     # the rounds drift with the machine, the pairs much less.
-    w1_secs = {r["round"]: r["secs"] for r in recs if r["workload"] == "W1" and r["client"] == "rehydrate"}
+    # Each binary against its own W1 ("rehydrate old" against the old one's;
+    # W10's worker against the new one's).
+    w1 = {(r["round"], r["client"]): r for r in recs if r["workload"] == "W1" and r["client"].startswith("rehydrate")}
 
-    def time_over_w1(rs):
-        return med([r["secs"] / w1_secs[r["round"]] if r["round"] in w1_secs else None for r in rs])
+    def w1_of(r):
+        return w1.get((r["round"], r["client"] if r["client"] == "rehydrate old" else "rehydrate"))
+
+    def time_over_w1(rs):  # only where the bytes are W1's
+        return med([r["secs"] / w1_of(r)["secs"] if w1_of(r) and w1_of(r)["bytes"] == r["bytes"] else None for r in rs])
+
+    def rate_over_w1(rs):
+        return med([r["bytes_per_sec"] / w1_of(r)["bytes_per_sec"] if w1_of(r) else None for r in rs])
+
+    def spread(rs):
+        """The largest distance of a job's time from the median job's, in %, worst round."""
+        worst = None
+        for r in rs:
+            secs = r.get("job_secs")
+            if secs:
+                m = statistics.median(secs)
+                d = max(abs(x / m - 1) for x in secs) * 100
+                worst = d if worst is None else max(worst, d)
+        return worst
     lines = [head]
 
     def fmt(v, spec):
@@ -184,15 +212,20 @@ def table(a):
         elif client.startswith("s5cmd at"):
             label = "s5cmd -w " + ",".join(sorted({r["client"].split()[-1] for r in rs}))
         exits = ",".join(sorted({str(r["exit"]) for r in rs}))
-        rehydrate_row = client == "rehydrate"
-        lines.append([wl, label, fmt(g / GIB, ".3f"), fmt(g / p if p else None, ".2f"), fmt(g / ref if ref else None, ".2f"),
-                      fmt(time_over_w1(rs) if rehydrate_row else None, ".3f"),
+        rehydrate_row = client.startswith("rehydrate")
+        if client.endswith(" best"):
+            label += " (" + ",".join(sorted({r["best_of"] for r in rs})) + ")"
+        own = med([r["own_cpu_secs"] / x if r.get("own_cpu_secs") is not None else None for r, x in zip(rs, gib)])
+        lines.append([wl, label, fmt(g / GIB, ".3f"), fmt(g / p if p else None, ".2f"),
+                      fmt(rate_over_w1(rs) if rehydrate_row else None, ".3f"), fmt(g / ref if ref else None, ".2f"),
+                      fmt(time_over_w1(rs) if rehydrate_row else None, ".3f"), fmt(spread(rs), ".1f"),
+                      fmt(own if rehydrate_row else None, ".2f"),
                       fmt(med([r.get("tail_secs") for r in rs]) if rehydrate_row else None, ".3f"),
                       fmt(cpu, ".2f"), fmt(rss, ".0f"), fmt(med([r["requests"] for r in rs]), ".0f"),
                       fmt(med([r["s503"] for r in rs]), ".0f"), fmt(med([r.get("secondary") for r in rs]), ".0f"),
                       fmt(med([r.get("hedges") for r in rs]), ".0f"),
                       fmt(med([r.get("corrupt_written") for r in rs]), ".0f")
-                      + ("" if client != "rehydrate" else " (verified)" if all(r.get("verified") for r in rs) else " (NOT verified)"),
+                      + ("" if not rehydrate_row else " (verified)" if all(r.get("verified") for r in rs) else " (NOT verified)"),
                       fmt(med([r.get("missing") for r in rs]), ".0f"), exits])
     widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
     print()
@@ -201,8 +234,13 @@ def table(a):
     print(f"machine: {a.machine}")
     print(f"load average: {a.load}")
     print("W1 clean 9080 | W2 300 req/s 9082 (rate_limit 300 configured) | W2b the same, nothing configured | W3 1.2 % 500 9083 (+file secondary) | W4 1.2 % at 256 KiB/s 9084 "
-          "(+file secondary) | W5 3 corrupt objects, bucket2 on 9080 (+file secondary)")
-    print("/P: throughput over P (GET stream + O_DIRECT fio at once); /s5cmd: rehydrate over s5cmd on the same "
+          "(+file secondary) | W5 3 corrupt objects, bucket2 on 9080 (+file secondary) | W7 1 MiB blocks, 30 ms to first "
+          "byte 9089 | W8 256 KiB blocks on 9089 | W9 zstd blocks of data compressing ~2:1, 9080, volume bytes | "
+          "W10 8 restores of 512 MiB at once through one `rehydrate serve`, 9080 (aggregate) | CPU: 1 GiB W1 for CPU per GiB")
+    print("P: fio best = the best of the fio configurations (engine, queue depth, block size, jobs), GET stream best = "
+          "the best curl parallelism; P = both bests at once. /P: throughput over P; /W1: over rehydrate's W1 in the same "
+          "round; jobs +-%: W10's largest distance of a job's time from the median job's (worst round); own CPU: "
+          "rehydrate's process user+sys s per GiB (GNU time); /s5cmd: rehydrate over s5cmd on the same "
           "workload (W1: s5cmd's best worker count); time/W1: median over rounds of rehydrate's time over its W1 time "
           "in the same round; tail s: from the last block sent for to the last written; CPU: whole machine busy s per GiB; "
           "requests, 503s: nginx access log")

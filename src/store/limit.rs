@@ -215,6 +215,14 @@ impl BlockStore for RateLimited {
     }
 }
 
+/// Where the window starts when `concurrency_start` is unset (or the ceiling,
+/// if that is lower): the fixed ceiling of earlier versions, enough for a
+/// store answering in about a millisecond.
+pub const CONCURRENCY_START_DEFAULT: usize = 64;
+
+/// Weight of the newest response in the mean request size.
+const MEAN_BYTES_WEIGHT: f64 = 0.1;
+
 /// The AIMD concurrency window of one store. Every field may be omitted.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -222,11 +230,16 @@ pub struct AdaptiveConcurrencyConfig {
     /// The floor. Default 4: even a throttling store gets some parallelism,
     /// or one slow request would serialise a restore.
     pub concurrency_min: NonZeroUsize,
-    /// The ceiling. Default 64: enough to fill a 10 Gbit/s link with 4 MiB
-    /// blocks at S3's typical per-request latency.
+    /// The hard ceiling. Default 1024. Below it, the window is bounded by
+    /// the in-flight byte budget: never more requests than the budget holds
+    /// at the mean request size (Little's law: the budget's bytes in flight
+    /// at the store's latency), so small blocks get more requests in flight
+    /// for the same bytes, and a store far away as many as its latency needs.
     pub concurrency_max: NonZeroUsize,
-    /// Where the window starts. Default: the ceiling (a healthy store should
-    /// not be ramped up into; the first 503 brings it down).
+    /// Where the window starts. Default: 64, or the ceiling if lower. It
+    /// grows from there by one per success while requests wait for a slot
+    /// (doubling per round trip) until the store first throttles, then by
+    /// one per window's worth of successes.
     pub concurrency_start: Option<NonZeroUsize>,
     /// Multiplier applied on a throttled answer. Default 0.7: a third off
     /// per throttling episode, gentler than halving since S3 throttles per
@@ -246,7 +259,7 @@ impl Default for AdaptiveConcurrencyConfig {
     fn default() -> Self {
         Self {
             concurrency_min: NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN),
-            concurrency_max: NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN),
+            concurrency_max: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
             concurrency_start: None,
             decrease_factor: 0.7,
             decrease_cooldown_millis: 1_000,
@@ -276,9 +289,13 @@ impl AdaptiveConcurrencyConfig {
     }
 }
 
-/// The AIMD rule, pure (time is passed in): +1 per `limit` successes,
-/// ×`decrease_factor` on a throttled answer at most once per cooldown,
-/// always within `[min, max]`.
+/// The window rule, pure (time is passed in): while the store has never
+/// throttled, +1 per success that found requests waiting for a slot (the
+/// window was what limited them: slow start, doubling per round trip);
+/// otherwise +1 per `limit` successes; ×`decrease_factor` on a throttled
+/// answer at most once per cooldown. Always within `[min, ceiling]`, the
+/// ceiling being `max` or, with a byte budget, the requests that carry the
+/// budget at the mean request size, whichever is lower.
 #[derive(Debug, Clone)]
 pub struct Aimd {
     limit: f64,
@@ -287,13 +304,20 @@ pub struct Aimd {
     decrease_factor: f64,
     cooldown: Duration,
     last_decrease: Option<Instant>,
+    /// The in-flight byte budget the requests share, if bounded.
+    budget_bytes: Option<u64>,
+    /// Moving mean of the bytes a successful request carried.
+    mean_bytes: Option<f64>,
+    /// The store has not throttled yet: grow fast while the window limits.
+    probing: bool,
 }
 
 impl Aimd {
     pub fn new(config: &AdaptiveConcurrencyConfig) -> Self {
         let max = config.concurrency_max.get() as f64;
         let min = (config.concurrency_min.get() as f64).min(max);
-        let start = config.concurrency_start.map_or(max, |s| s.get() as f64).clamp(min, max);
+        let start =
+            config.concurrency_start.map_or(CONCURRENCY_START_DEFAULT as f64, |s| s.get() as f64).clamp(min, max);
         Self {
             limit: start,
             min,
@@ -301,29 +325,55 @@ impl Aimd {
             decrease_factor: config.decrease_factor,
             cooldown: Duration::from_millis(config.decrease_cooldown_millis),
             last_decrease: None,
+            budget_bytes: None,
+            mean_bytes: None,
+            probing: true,
+        }
+    }
+
+    /// Bound the window by an in-flight byte budget (see [`ceiling`](Self::ceiling)).
+    pub fn with_budget_bytes(mut self, bytes: u64) -> Self {
+        self.budget_bytes = Some(bytes);
+        self
+    }
+
+    /// The most requests the window may reach now: `max`, or fewer when
+    /// the byte budget at the mean request size needs fewer.
+    pub fn ceiling(&self) -> f64 {
+        match (self.budget_bytes, self.mean_bytes) {
+            (Some(budget), Some(mean)) if mean >= 1.0 => (budget as f64 / mean).round().clamp(self.min, self.max),
+            _ => self.max,
         }
     }
 
     /// The current window, in requests.
     pub fn limit(&self) -> usize {
-        self.limit.floor() as usize
+        self.limit.min(self.ceiling()).floor() as usize
     }
 
-    /// A request succeeded: grow by `1 / limit` (so +1 per window's worth).
-    pub fn on_success(&mut self) {
-        self.limit = (self.limit + 1.0 / self.limit).min(self.max);
+    /// A request succeeded carrying `bytes` (0: a request without a body,
+    /// which says nothing about sizes); `queued`: others were waiting for a
+    /// slot when it finished.
+    pub fn on_success(&mut self, bytes: u64, queued: bool) {
+        if bytes > 0 {
+            let b = bytes as f64;
+            self.mean_bytes = Some(self.mean_bytes.map_or(b, |m| m + MEAN_BYTES_WEIGHT * (b - m)));
+        }
+        let step = if self.probing && queued { 1.0 } else { 1.0 / self.limit };
+        self.limit = (self.limit + step).min(self.ceiling()).max(self.min);
     }
 
     /// The store throttled a request: shrink, unless it already did within
     /// the cooldown. Returns whether the window shrank.
     pub fn on_throttled(&mut self, now: Instant) -> bool {
+        self.probing = false;
         if let Some(last) = self.last_decrease
             && now.saturating_duration_since(last) < self.cooldown
         {
             return false;
         }
         self.last_decrease = Some(now);
-        self.limit = (self.limit * self.decrease_factor).floor().max(self.min);
+        self.limit = (self.limit.min(self.ceiling()) * self.decrease_factor).floor().max(self.min);
         true
     }
 }
@@ -373,19 +423,44 @@ impl Drop for Grant {
     }
 }
 
+/// The body bytes a store call's answer carried (for the window's mean
+/// request size); 0 for answers without a body.
+trait BodyBytes {
+    fn body_bytes(&self) -> u64;
+}
+
+impl BodyBytes for Bytes {
+    fn body_bytes(&self) -> u64 {
+        self.len() as u64
+    }
+}
+
+impl BodyBytes for () {
+    fn body_bytes(&self) -> u64 {
+        0
+    }
+}
+
+impl BodyBytes for bool {
+    fn body_bytes(&self) -> u64 {
+        0
+    }
+}
+
 /// What a finished request tells the window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
-    Success,
+    /// With the bytes the answer carried.
+    Success(u64),
     Throttled,
     /// Other failures say nothing about capacity (a 404, a corrupt body).
     Neutral,
 }
 
 impl Outcome {
-    fn of<T>(result: &Result<T, StoreError>) -> Self {
+    fn of<T: BodyBytes>(result: &Result<T, StoreError>) -> Self {
         match result {
-            Ok(_) => Outcome::Success,
+            Ok(answer) => Outcome::Success(answer.body_bytes()),
             Err(e) if e.class == ErrorClass::Throttled => Outcome::Throttled,
             Err(_) => Outcome::Neutral,
         }
@@ -429,9 +504,10 @@ impl Gate {
 
     fn release(self: &Arc<Self>, outcome: Outcome) {
         let mut window = self.lock();
+        let queued = !window.waiting.is_empty();
         window.in_flight -= 1;
         match outcome {
-            Outcome::Success => window.aimd.on_success(),
+            Outcome::Success(bytes) => window.aimd.on_success(bytes, queued),
             Outcome::Throttled => {
                 window.aimd.on_throttled(Instant::now());
             }
@@ -496,6 +572,16 @@ impl AdaptiveConcurrency {
         Ok(Self { inner, gate, metric_label: None })
     }
 
+    /// Bound the window by the in-flight byte budget its requests share
+    /// (see [`Aimd::ceiling`]).
+    pub fn with_budget_bytes(self, bytes: u64) -> Self {
+        {
+            let mut window = self.gate.lock();
+            window.aimd = window.aimd.clone().with_budget_bytes(bytes);
+        }
+        self
+    }
+
     /// Export the window as the `rehydrate_source_concurrency_limit` gauge
     /// with this `store` label.
     pub fn with_metric_label(mut self, label: String) -> Self {
@@ -516,7 +602,7 @@ impl AdaptiveConcurrency {
     }
 
     /// Run `op` in a slot and feed its outcome back to the window.
-    async fn run<T>(
+    async fn run<T: BodyBytes>(
         &self,
         ctx: &super::RequestContext,
         what: &str,
@@ -658,15 +744,88 @@ mod tests {
         // Each success adds 1/limit: ten are not quite +1 (the window grew
         // meanwhile), eleven are.
         for _ in 0..10 {
-            a.on_success();
+            a.on_success(0, false);
         }
         assert_eq!(a.limit(), 10);
-        a.on_success();
+        a.on_success(0, false);
         assert_eq!(a.limit(), 11);
         for _ in 0..1000 {
-            a.on_success();
+            a.on_success(0, false);
         }
         assert_eq!(a.limit(), 12);
+    }
+
+    /// One round trip of a window-limited store: every request in the
+    /// window completes with others queued behind it.
+    fn round_trip(a: &mut Aimd, bytes: u64) {
+        for _ in 0..a.limit() {
+            a.on_success(bytes, true);
+        }
+    }
+
+    #[test]
+    fn the_byte_budget_bounds_the_window_and_small_blocks_get_more_requests() {
+        let budget = 128u64 << 20;
+        let cases = [(4u64 << 20, 32), (1 << 20, 128), (256 << 10, 512), (64 << 10, 1024), (16 << 10, 1024)];
+        for (block, ceiling) in cases {
+            let mut a = Aimd::new(&AdaptiveConcurrencyConfig::default()).with_budget_bytes(budget);
+            assert_eq!(a.limit(), CONCURRENCY_START_DEFAULT, "no size known yet: the start");
+            for _ in 0..20 {
+                round_trip(&mut a, block);
+            }
+            assert_eq!(a.limit(), ceiling, "{block}-byte blocks");
+            // Bytes the window may hold in flight: the budget (the hard cap
+            // aside), whatever the block size.
+            assert!(a.limit() as u64 * block <= budget + block);
+        }
+        // No budget: the hard ceiling only.
+        let mut a = Aimd::new(&AdaptiveConcurrencyConfig::default());
+        for _ in 0..20 {
+            round_trip(&mut a, 1 << 20);
+        }
+        assert_eq!(a.limit(), 1024);
+    }
+
+    #[test]
+    fn a_window_limited_store_doubles_the_window_per_round_trip_until_it_throttles() {
+        let mut a = Aimd::new(&AdaptiveConcurrencyConfig::default()).with_budget_bytes(128 << 20);
+        // Little's law at 30 ms to first byte: 256 KiB blocks at 1.5 GiB/s
+        // need about 1.5 GiB/s × 30 ms / 256 KiB = 184 requests in flight.
+        // From 64, two round trips get there.
+        round_trip(&mut a, 256 << 10);
+        assert_eq!(a.limit(), 128);
+        round_trip(&mut a, 256 << 10);
+        assert_eq!(a.limit(), 256);
+        // Successes with nobody queued (the window is not what limits)
+        // grow it by one per window only.
+        for _ in 0..256 {
+            a.on_success(256 << 10, false);
+        }
+        assert_eq!(a.limit(), 256);
+        // After a throttle, queued successes no longer double it either.
+        assert!(a.on_throttled(Instant::now()));
+        assert_eq!(a.limit(), 179);
+        round_trip(&mut a, 256 << 10);
+        a.on_success(256 << 10, true);
+        assert_eq!(a.limit(), 180, "one per window's worth of successes");
+    }
+
+    #[test]
+    fn a_larger_mean_request_shrinks_the_window_to_the_budget() {
+        let mut a = Aimd::new(&AdaptiveConcurrencyConfig::default()).with_budget_bytes(64 << 20);
+        for _ in 0..10 {
+            round_trip(&mut a, 64 << 10);
+        }
+        assert_eq!(a.limit(), 1024);
+        // The snapshot's blocks turn out to be 4 MiB: the window follows the
+        // mean size down to 16 requests (64 MiB / 4 MiB), never below the floor.
+        for _ in 0..100 {
+            a.on_success(4 << 20, false);
+        }
+        assert_eq!(a.limit(), 16);
+        let mut tiny = Aimd::new(&AdaptiveConcurrencyConfig::default()).with_budget_bytes(1 << 20);
+        tiny.on_success(64 << 20, false);
+        assert_eq!(tiny.limit(), 4, "the floor holds even when one request outweighs the budget");
     }
 
     #[test]
@@ -687,6 +846,8 @@ mod tests {
         in_flight: AtomicUsize,
         peak: AtomicUsize,
         throttle: bool,
+        /// Length of each answer's body.
+        answer_bytes: usize,
     }
 
     impl BlockStore for Probe {
@@ -704,7 +865,11 @@ mod tests {
                 self.peak.fetch_max(now, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 self.in_flight.fetch_sub(1, Ordering::SeqCst);
-                if self.throttle { Err(StoreError::throttled("503 SlowDown")) } else { Ok(Bytes::new()) }
+                if self.throttle {
+                    Err(StoreError::throttled("503 SlowDown"))
+                } else {
+                    Ok(Bytes::from(vec![0; self.answer_bytes]))
+                }
             })
         }
         fn put_for<'a>(
@@ -829,12 +994,44 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_store_gets_the_requests_in_flight_the_budget_allows() {
+        // 5 ms per request and 64 KiB answers under a 16 MiB budget: the
+        // window may reach 256 requests, four times the start.
+        let probe = Arc::new(Probe {
+            url: StoreUrl::File { root: "/probe".into() },
+            in_flight: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            throttle: false,
+            answer_bytes: 64 << 10,
+        });
+        let store = Arc::new(
+            AdaptiveConcurrency::new(probe.clone(), &AdaptiveConcurrencyConfig::default())
+                .unwrap()
+                .with_budget_bytes(16 << 20),
+        );
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..3000 {
+            let store = store.clone();
+            tasks.spawn(async move { store.get(&format!("k{i}"), 64 << 10).await });
+        }
+        while let Some(result) = tasks.join_next().await {
+            result.unwrap().unwrap();
+        }
+        let peak = probe.peak.load(Ordering::SeqCst);
+        assert!(peak > 2 * CONCURRENCY_START_DEFAULT, "the window stayed near its start: peak {peak}");
+        assert!(peak <= 256, "past the budget's 256 requests: peak {peak}");
+        assert_eq!(store.current_limit(), 256);
+        assert_eq!(store.in_flight(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn gate_holds_the_window_and_shrinks_on_throttling() {
         let probe = Arc::new(Probe {
             url: StoreUrl::File { root: "/probe".into() },
             in_flight: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             throttle: true,
+            answer_bytes: 0,
         });
         let config = AdaptiveConcurrencyConfig {
             concurrency_min: nz(2),

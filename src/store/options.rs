@@ -79,6 +79,7 @@ impl StoreSection {
             attempt_timeout: self
                 .attempt_timeout_millis
                 .map_or(base.attempt_timeout, |millis| Duration::from_millis(millis.get())),
+            inflight_bytes_max: base.inflight_bytes_max,
         };
         options.validate()?;
         Ok(options)
