@@ -16,6 +16,7 @@
 //! export to serve ([`restore_live`]).
 
 mod allocate;
+pub mod ebs;
 pub mod live;
 mod phases;
 mod pipeline;

@@ -17,6 +17,7 @@
 //! makes one from a file or block device.
 
 mod create;
+pub mod ebs;
 
 use crate::block::{BlockIndex, BlockLayout, block_key};
 use crate::manifest::{BlockEntry, Manifest, ManifestDigest};
@@ -25,7 +26,7 @@ use crate::verify::Expected;
 pub use create::{CreateError, CreateReport, CreateSpec, create, default_name};
 
 /// What a restore needs from a snapshot.
-pub trait Snapshot: Send + Sync {
+pub trait Snapshot: Send + Sync + std::fmt::Debug {
     /// The snapshot's identity. A checkpoint names it, and is refused for any
     /// other snapshot (`docs/architecture.md`, invariant 4).
     fn digest(&self) -> ManifestDigest;
@@ -69,6 +70,7 @@ impl Manifest {
                 compression: entry.compression,
                 stored_len_bytes: entry.stored_len_bytes,
                 len_bytes: self.layout.len(entry.index),
+                hash_in: crate::verify::HashIn::Snapshot,
             },
         }
     }

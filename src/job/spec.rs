@@ -104,13 +104,25 @@ pub fn resolve(spec: &JobSpec, config: &WorkerConfig) -> Result<ResolvedSpec, Sp
         .profiles
         .get(&spec.profile)
         .ok_or_else(|| err("profile", format!("no store profile {:?} is configured", spec.profile)))?;
-    check_manifest_key(&spec.manifest)?;
-    let store = StoreUrl::parse(&profile.store).map_err(|e| err("profile", e.to_string()))?;
+    // An EBS snapshot is named whole (`ebs://snap-...`); a manifest is a key
+    // under the profile's store.
+    let manifest_url = if spec.manifest.starts_with(crate::store::EBS_SCHEME) {
+        let url = StoreUrl::parse(&spec.manifest).map_err(|e| err("manifest", e.to_string()))?;
+        if matches!(&url, StoreUrl::Ebs { snapshot_id } if snapshot_id.is_empty()) {
+            return Err(err("manifest", "ebs://snap-<hex>: name the snapshot"));
+        }
+        url.to_string()
+    } else {
+        check_manifest_key(&spec.manifest)?;
+        let store = StoreUrl::parse(&profile.store).map_err(|e| err("profile", e.to_string()))?;
+        store.join(&spec.manifest)
+    };
     let target = match check_device(&spec.target, &config.block_devices)? {
         Some(device) => device,
         None => check_target(&spec.target, &config.target_roots)?,
     };
-    Ok(ResolvedSpec { manifest_url: store.join(&spec.manifest), secondaries: profile.secondaries.clone(), target })
+    let secondaries = if manifest_url.starts_with(crate::store::EBS_SCHEME) { Vec::new() } else { profile.secondaries.clone() };
+    Ok(ResolvedSpec { manifest_url, secondaries, target })
 }
 
 fn check_manifest_key(key: &str) -> Result<(), SpecError> {

@@ -171,6 +171,9 @@ async fn validate(
     if spec.blocks.is_some() {
         check_shard_target(spec)?;
     }
+    if spec.manifest_url.starts_with(crate::store::EBS_SCHEME) {
+        return validate_ebs(engine, spec, tenant).await;
+    }
     let (store_url, manifest_key) =
         StoreUrl::parse_manifest(&spec.manifest_url).map_err(|e| RestoreError::Usage(e.to_string()))?;
     let primary = engine.open_store(&store_url).await?;
@@ -185,6 +188,25 @@ async fn validate(
         stores.push(engine.open_store(&url).await?);
     }
     Ok((Arc::new(manifest), Source::ordered(stores), blocks))
+}
+
+/// Validate an EBS snapshot (`super::ebs`): list it. Its secondaries are
+/// rehydrate snapshots of the same volume (`super::ebs::secondary`).
+async fn validate_ebs(
+    engine: &Engine,
+    spec: &RestoreSpec,
+    tenant: u64,
+) -> Result<(Arc<dyn Snapshot>, Vec<Source>, BlockRange), RestoreError> {
+    let (snapshot, store) = super::ebs::open(engine, &spec.manifest_url).await?;
+    let blocks = match spec.blocks {
+        Some(selection) => selection.resolve(&snapshot.layout()).map_err(RestoreError::Usage)?,
+        None => BlockRange::all(&snapshot.layout()),
+    };
+    let mut sources = Source::ordered(vec![store]);
+    for url in &spec.secondaries {
+        sources.push(super::ebs::secondary(engine, &*snapshot, url, sources.len(), tenant).await?);
+    }
+    Ok((snapshot, sources, blocks))
 }
 
 /// Shards (`--blocks`) write one target side by side, so none may stage it
