@@ -55,7 +55,6 @@ fn verification(c: &mut Criterion) {
         compression: Compression::Zstd,
         stored_len_bytes: packed.len() as u32,
         ..expected
-        hash_in: rehydrate::verify::HashIn::Snapshot,
     };
     group.bench_function("blake3_zstd", |b| b.iter(|| verify(zst.clone(), &expected_zst).expect("verifies")));
     group.finish();

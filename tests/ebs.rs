@@ -26,7 +26,11 @@ const GIB: u64 = 1 << 30;
 /// A sample image of `blocks` EBS blocks under `dir`, served as [`SNAP`].
 async fn serve(dir: &Path, blocks: u64, seed: u64) -> (EbsServer, PathBuf) {
     let image = dir.join("image.raw");
-    let volume = SampleVolume { size_bytes: blocks * u64::from(EBS_BLOCK_SIZE_BYTES), block_size_bytes: EBS_BLOCK_SIZE_BYTES, seed };
+    let volume = SampleVolume {
+        size_bytes: blocks * u64::from(EBS_BLOCK_SIZE_BYTES),
+        block_size_bytes: EBS_BLOCK_SIZE_BYTES,
+        seed,
+    };
     volume.write_to(&image).unwrap();
     let server = EbsServer::start(0).await.unwrap();
     server.add_snapshot(SNAP, &image).unwrap();
@@ -81,7 +85,16 @@ async fn run(server: &EbsServer, dir: &Path, args: &[&str]) -> Output {
 async fn restore(server: &EbsServer, dir: &Path, target: &Path, snapshot: &str) -> (Output, serde_json::Value) {
     let config = config(dir, 8);
     let manifest = format!("ebs://{snapshot}");
-    let args = ["restore", "--manifest", &manifest, "--target", target.to_str().unwrap(), "--config", config.to_str().unwrap(), "--json"];
+    let args = [
+        "restore",
+        "--manifest",
+        &manifest,
+        "--target",
+        target.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--json",
+    ];
     let out = run(server, dir, &args).await;
     let report = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
     (out, report)
@@ -90,7 +103,20 @@ async fn restore(server: &EbsServer, dir: &Path, target: &Path, snapshot: &str) 
 async fn verify(server: &EbsServer, dir: &Path, target: &Path) -> Output {
     let config = config(dir, 8);
     let manifest = format!("ebs://{SNAP}");
-    run(server, dir, &["verify", "--manifest", &manifest, "--target", target.to_str().unwrap(), "--config", config.to_str().unwrap()]).await
+    run(
+        server,
+        dir,
+        &[
+            "verify",
+            "--manifest",
+            &manifest,
+            "--target",
+            target.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    )
+    .await
 }
 
 /// The target is the image, then zeros to the end of the 1 GiB volume.
@@ -125,7 +151,11 @@ async fn a_snapshot_restores_byte_identical_and_verifies() {
     let stored = report["objects_planned"].as_u64().unwrap();
     // Each stored block fetched once (plus any hedge), zero blocks never.
     let hedges = counts(&report, "hedges");
-    assert!((stored..=stored + hedges).contains(&server.block_requests()), "{} requests: {report}", server.block_requests());
+    assert!(
+        (stored..=stored + hedges).contains(&server.block_requests()),
+        "{} requests: {report}",
+        server.block_requests()
+    );
     assert_eq!(report["blocks_total"].as_u64(), Some(GIB / u64::from(EBS_BLOCK_SIZE_BYTES)));
 
     let out = verify(&server, dir.path(), &target).await;
@@ -158,7 +188,7 @@ async fn throttles_server_errors_stalls_and_expired_tokens_are_survived() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_restored(&target, &image);
     assert!(counts(&report, "throttled_responses") >= 3, "throttles backed off and retried: {report}");
-    assert!(counts(&report, "retries") >= 2 + 1, "5xx and the stall retried: {report}");
+    assert!(counts(&report, "retries") > 2, "5xx (twice) and the stall retried: {report}");
     assert!(started.elapsed() < Duration::from_secs(30), "the stall was cut by the body deadline");
     assert!(server.refused_tokens() >= 1, "tokens did expire");
     assert!(server.list_requests() >= 2, "and the range was listed again");
@@ -169,11 +199,13 @@ async fn throttles_server_errors_stalls_and_expired_tokens_are_survived() {
 async fn a_bad_checksum_is_never_written_and_a_rerun_fetches_only_that_block() {
     let dir = tempfile::tempdir().unwrap();
     let (server, image) = serve(dir.path(), 12, 13).await;
-    let stored: Vec<u64> = (0..12).filter(|&i| {
-        let bytes = std::fs::read(&image).unwrap();
-        let at = (i * u64::from(EBS_BLOCK_SIZE_BYTES)) as usize;
-        bytes[at..at + EBS_BLOCK_SIZE_BYTES as usize].iter().any(|&b| b != 0)
-    }).collect();
+    let stored: Vec<u64> = (0..12)
+        .filter(|&i| {
+            let bytes = std::fs::read(&image).unwrap();
+            let at = (i * u64::from(EBS_BLOCK_SIZE_BYTES)) as usize;
+            bytes[at..at + EBS_BLOCK_SIZE_BYTES as usize].iter().any(|&b| b != 0)
+        })
+        .collect();
     let bad = stored[2];
     server.add_fault(FaultRule::new(Fault::Corrupt).path_ends_with(&format!("/blocks/{bad}")).first(1));
     let target = dir.path().join("restored.img");
@@ -243,7 +275,8 @@ async fn a_rehydrate_snapshot_of_the_same_volume_serves_as_the_secondary() {
         .unwrap();
     let wrong = format!("file://{}/small.manifest", other.display());
     let t2 = dir.path().join("second.img");
-    let args = ["restore", "--manifest", &manifest, "--target", t2.to_str().unwrap(), "--secondary", &wrong, "--config", c];
+    let args =
+        ["restore", "--manifest", &manifest, "--target", t2.to_str().unwrap(), "--secondary", &wrong, "--config", c];
     let out = run(&server, dir.path(), &args).await;
     assert!(!out.status.success());
     assert!(stderr(&out).contains("not a snapshot of the same volume"), "{}", stderr(&out));
@@ -275,8 +308,17 @@ async fn a_killed_restore_resumes_without_refetching_settled_blocks() {
     let target = dir.path().join("restored.img");
     let config = config(dir.path(), 2);
     let manifest = format!("ebs://{SNAP}");
-    let args = ["restore", "--manifest", &manifest, "--target", target.to_str().unwrap(), "--config", config.to_str().unwrap()];
-    let mut child = Reaped(command(&server, dir.path(), &args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    let args = [
+        "restore",
+        "--manifest",
+        &manifest,
+        "--target",
+        target.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    let mut child =
+        Reaped(command(&server, dir.path(), &args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
     let deadline = Instant::now() + Duration::from_secs(60);
     while server.block_requests() < 16 {
         assert!(Instant::now() < deadline, "the child made no progress");

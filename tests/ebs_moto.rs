@@ -51,7 +51,11 @@ fn start_moto(dir: &Path) -> (Reaped, String) {
     let child = Reaped(child);
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "moto_server did not start: {}", std::fs::read_to_string(dir.join("moto.log")).unwrap_or_default());
+        assert!(
+            Instant::now() < deadline,
+            "moto_server did not start: {}",
+            std::fs::read_to_string(dir.join("moto.log")).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     (child, format!("http://127.0.0.1:{port}"))
@@ -101,7 +105,11 @@ fn a_snapshot_written_by_boto3_to_moto_restores_byte_identical() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let missing = dir.path().join("missing.img");
-    let out = rehydrate(&endpoint, dir.path(), &["restore", "--manifest", "ebs://snap-0123456789abcdef0", "--target", missing.to_str().unwrap()]);
+    let out = rehydrate(
+        &endpoint,
+        dir.path(),
+        &["restore", "--manifest", "ebs://snap-0123456789abcdef0", "--target", missing.to_str().unwrap()],
+    );
     assert!(!out.status.success());
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("snap-0123456789abcdef0") && said.contains("no such snapshot"), "{said}");

@@ -121,7 +121,8 @@ pub fn resolve(spec: &JobSpec, config: &WorkerConfig) -> Result<ResolvedSpec, Sp
         Some(device) => device,
         None => check_target(&spec.target, &config.target_roots)?,
     };
-    let secondaries = if manifest_url.starts_with(crate::store::EBS_SCHEME) { Vec::new() } else { profile.secondaries.clone() };
+    let secondaries =
+        if manifest_url.starts_with(crate::store::EBS_SCHEME) { Vec::new() } else { profile.secondaries.clone() };
     Ok(ResolvedSpec { manifest_url, secondaries, target })
 }
 

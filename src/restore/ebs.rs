@@ -103,7 +103,12 @@ pub async fn readback(
         collect(Some(done), &mut mismatched)?;
     }
     mismatched.sort_unstable();
-    Ok(super::readback::ReadbackReport { block_range: range, blocks_total: range.len(), blocks_checked: range.len(), mismatched })
+    Ok(super::readback::ReadbackReport {
+        block_range: range,
+        blocks_total: range.len(),
+        blocks_checked: range.len(),
+        mismatched,
+    })
 }
 
 type Compared = (crate::block::BlockIndex, Result<bool, String>, Option<std::io::Error>);

@@ -204,7 +204,7 @@ async fn validate_ebs(
     };
     let mut sources = Source::ordered(vec![store]);
     for url in &spec.secondaries {
-        sources.push(super::ebs::secondary(engine, &*snapshot, url, sources.len(), tenant).await?);
+        sources.push(super::ebs::secondary(engine, &snapshot, url, sources.len(), tenant).await?);
     }
     Ok((snapshot, sources, blocks))
 }

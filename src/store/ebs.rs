@@ -234,7 +234,10 @@ impl EbsStore {
         let expires = out.expiry_time().and_then(|t| SystemTime::try_from(*t).ok());
         let mut blocks = Vec::with_capacity(out.blocks().len());
         for block in out.blocks() {
-            let index = block.block_index().and_then(|i| u64::try_from(i).ok()).ok_or_else(|| bad("a block without a valid BlockIndex"))?;
+            let index = block
+                .block_index()
+                .and_then(|i| u64::try_from(i).ok())
+                .ok_or_else(|| bad("a block without a valid BlockIndex"))?;
             let token = block.block_token().ok_or_else(|| bad("a block without a BlockToken"))?;
             blocks.push((index, Token { value: Arc::from(token), expires }));
         }
@@ -396,7 +399,9 @@ impl BlockStore for EbsStore {
         key: &'a str,
         _bytes: Bytes,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move { Err(StoreError::permanent(format!("{}: EBS snapshots are read only ({key})", self.url))) })
+        Box::pin(
+            async move { Err(StoreError::permanent(format!("{}: EBS snapshots are read only ({key})", self.url))) },
+        )
     }
 
     fn exists_for<'a>(

@@ -208,7 +208,12 @@ fn error(status: StatusCode, code: &str, message: &str, reason: Option<&str>) ->
 }
 
 fn no_snapshot(id: &str) -> Response {
-    error(StatusCode::NOT_FOUND, "ResourceNotFoundException", &format!("The snapshot '{id}' does not exist."), Some("SNAPSHOT_NOT_FOUND"))
+    error(
+        StatusCode::NOT_FOUND,
+        "ResourceNotFoundException",
+        &format!("The snapshot '{id}' does not exist."),
+        Some("SNAPSHOT_NOT_FOUND"),
+    )
 }
 
 impl ServerState {
@@ -236,7 +241,14 @@ async fn list_blocks(
     let start: u64 = match (query.get("pageToken"), query.get("startingBlockIndex")) {
         (Some(token), _) => match token.strip_prefix('N').and_then(|n| n.parse().ok()) {
             Some(n) => n,
-            None => return error(StatusCode::BAD_REQUEST, "ValidationException", "bad page token", Some("INVALID_PAGE_TOKEN")),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "ValidationException",
+                    "bad page token",
+                    Some("INVALID_PAGE_TOKEN"),
+                );
+            }
         },
         (None, Some(start)) => start.parse().unwrap_or(0),
         (None, None) => 0,
@@ -283,7 +295,12 @@ async fn get_block(
     let fault = state.take_fault(&path);
     match fault {
         Some(Fault::SlowDown) => {
-            return error(StatusCode::BAD_REQUEST, "RequestThrottledException", "Request throttled", Some("ACCOUNT_THROTTLED"));
+            return error(
+                StatusCode::BAD_REQUEST,
+                "RequestThrottledException",
+                "Request throttled",
+                Some("ACCOUNT_THROTTLED"),
+            );
         }
         Some(Fault::InternalError) => {
             return error(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerException", "Internal error", None);
@@ -299,7 +316,12 @@ async fn get_block(
     };
     if !token_ok {
         state.refused_tokens.fetch_add(1, Ordering::SeqCst);
-        return error(StatusCode::BAD_REQUEST, "ValidationException", "The block token is not valid.", Some("INVALID_BLOCK_TOKEN"));
+        return error(
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+            "The block token is not valid.",
+            Some("INVALID_BLOCK_TOKEN"),
+        );
     }
     let mut buf = vec![0u8; EBS_BLOCK_SIZE_BYTES as usize];
     if let Err(e) = read_block(&snap.file, index, &mut buf) {
@@ -318,7 +340,9 @@ fn block_response(data: Bytes, sha256: &[u8; 32], fault: Option<Fault>) -> Respo
             Body::from(bad.freeze())
         }
         Some(Fault::Truncate { bytes }) => Body::new(Shaped::start(data.slice(..(bytes as usize).min(len)), false)),
-        Some(Fault::Stall { after_bytes }) => Body::new(Shaped::start(data.slice(..(after_bytes as usize).min(len)), true)),
+        Some(Fault::Stall { after_bytes }) => {
+            Body::new(Shaped::start(data.slice(..(after_bytes as usize).min(len)), true))
+        }
         _ => Body::from(data),
     };
     let mut response = Response::new(body);
