@@ -29,7 +29,8 @@ pub struct JobSpec {
     pub id: String,
     /// A `[worker.profiles.NAME]` of the worker's configuration.
     pub profile: String,
-    /// The manifest's key under the profile's store (`vol.manifest`).
+    /// The manifest's key under the profile's store (`vol.manifest`), or an
+    /// EBS snapshot, whole (`ebs://snap-0123456789abcdef0`).
     pub manifest: String,
     /// The file to restore into, under one of `worker.target_roots`.
     #[schema(value_type = String)]
@@ -209,6 +210,34 @@ mod tests {
         for bad in ["/vol.manifest", "../vol.manifest", "a//vol.manifest", "vol.txt", "a\0.manifest", "./v.manifest"] {
             assert!(check_manifest_key(bad).is_err(), "{bad}");
         }
+    }
+
+    /// An EBS snapshot is named whole, not under the profile's store, and
+    /// the profile's secondaries (store URLs) are not its sources.
+    #[test]
+    fn an_ebs_snapshot_is_a_manifest_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = WorkerConfig { target_roots: vec![dir.path().to_owned()], ..WorkerConfig::default() };
+        let profile = crate::config::worker::ProfileConfig {
+            store: "s3://bucket/p".into(),
+            secondaries: vec!["file:///mirror".into()],
+        };
+        config.profiles.insert("main".into(), profile);
+        let spec = |manifest: &str| JobSpec {
+            id: "j".into(),
+            profile: "main".into(),
+            manifest: manifest.into(),
+            target: dir.path().join("t.img"),
+            replace: false,
+            restart: false,
+        };
+        let resolved = resolve(&spec("ebs://snap-0123456789abcdef0"), &config).unwrap();
+        assert_eq!(resolved.manifest_url, "ebs://snap-0123456789abcdef0");
+        assert!(resolved.secondaries.is_empty());
+        for bad in ["ebs://", "ebs://vol-01", "ebs://snap-01/../x"] {
+            assert!(resolve(&spec(bad), &config).is_err(), "{bad}");
+        }
+        assert_eq!(resolve(&spec("v.manifest"), &config).unwrap().secondaries, vec!["file:///mirror".to_owned()]);
     }
 
     #[test]
