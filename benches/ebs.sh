@@ -79,6 +79,7 @@ SERVER_PID=$!
 for _ in $(seq 1 600); do grep -q '^ready' "$WORK/server.log" 2>/dev/null && break; sleep 0.1; done
 grep -q '^ready' "$WORK/server.log" || { echo "ebs: server did not start: $(cat "$WORK/server.log")" >&2; exit 1; }
 ENDPOINT=http://127.0.0.1:$PORT
+: >"$WORK/none" # an empty AWS config and credentials file: only the environment counts
 export AWS_ENDPOINT_URL=$ENDPOINT AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench \
     AWS_EC2_METADATA_DISABLED=true AWS_CONFIG_FILE=$WORK/none AWS_SHARED_CREDENTIALS_FILE=$WORK/none
 unset AWS_PROFILE AWS_SESSION_TOKEN
