@@ -30,7 +30,9 @@ pub async fn open(engine: &Engine, url: &str) -> Result<(Arc<EbsSnapshot>, Share
             .map_err(|e| RestoreError::Usage(format!("cannot open {url}: {e}")))?,
     );
     let policy = crate::fetch::RetryPolicy::from_config(&engine.config.fetch);
-    let listing = raw.list(&policy).await.map_err(|e| match e.class {
+    let mut state = crate::fetch::RetryState::new(&policy, policy.jitter_seed, false);
+    let mut retry = |e: &crate::error::StoreError| state.after(e).sleep;
+    let listing = raw.list(&mut retry).await.map_err(|e| match e.class {
         ErrorClass::Corrupt => RestoreError::Refused(format!("cannot list {url}: {e}")),
         _ => RestoreError::Source(format!("cannot list {url}: {e}")),
     })?;

@@ -163,14 +163,19 @@ impl EbsStore {
         })
     }
 
-    /// List the whole snapshot, page by page, each page retried within
-    /// `policy`'s bounds; keep every block's token. The blocks come back
-    /// sorted and unique whatever order the service used.
-    pub async fn list(&self, policy: &crate::fetch::RetryPolicy) -> Result<Listing, StoreError> {
+    /// List the whole snapshot, page by page; keep every block's token. A
+    /// failed page is asked again after the sleep `retry` gives for its error
+    /// (the caller's retry policy: fetch's bounds), or the listing fails with
+    /// it when `retry` gives none. The blocks come back sorted and unique
+    /// whatever order the service used.
+    pub async fn list(
+        &self,
+        retry: &mut (dyn FnMut(&StoreError) -> Option<Duration> + Send),
+    ) -> Result<Listing, StoreError> {
         let mut next: Option<String> = None;
         let mut listing: Option<Listing> = None;
         for _ in 0..LIST_PAGES_MAX {
-            let page = self.list_page_retried(None, next.as_deref(), policy).await?;
+            let page = self.list_page_retried(next.as_deref(), &mut *retry).await?;
             let listing = listing.get_or_insert_with(|| Listing {
                 block_size_bytes: page.block_size_bytes,
                 volume_size_gib: page.volume_size_gib,
@@ -194,17 +199,15 @@ impl EbsStore {
 
     async fn list_page_retried(
         &self,
-        start: Option<BlockIndex>,
         next: Option<&str>,
-        policy: &crate::fetch::RetryPolicy,
+        retry: &mut (dyn FnMut(&StoreError) -> Option<Duration> + Send),
     ) -> Result<Page, StoreError> {
-        let mut retry = crate::fetch::RetryState::new(policy, policy.jitter_seed, false);
         loop {
-            let error = match self.list_page(start, next).await {
+            let error = match self.list_page(None, next).await {
                 Ok(page) => return Ok(page),
                 Err(error) => error,
             };
-            match retry.after(&error).sleep {
+            match retry(&error) {
                 Some(sleep) => tokio::time::sleep(sleep.max(error.retry_after().unwrap_or_default())).await,
                 None => return Err(error),
             }
