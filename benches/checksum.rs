@@ -46,6 +46,7 @@ fn verification(c: &mut Criterion) {
         compression: Compression::None,
         stored_len_bytes: BLOCK_BYTES as u32,
         len_bytes: BLOCK_BYTES as u32,
+        hash_in: rehydrate::verify::HashIn::Snapshot,
     };
     group.bench_function("blake3_raw", |b| b.iter(|| verify(raw.clone(), &expected).expect("verifies")));
     let zst = Bytes::from(packed.clone());

@@ -32,6 +32,7 @@ fn random_block(len_bytes: usize) -> VerifiedBlock {
         compression: Compression::None,
         stored_len_bytes: len_bytes as u32,
         len_bytes: len_bytes as u32,
+        hash_in: rehydrate::verify::HashIn::Snapshot,
     };
     verify(Bytes::from(raw), &expected).expect("a block verifies against its own hash")
 }

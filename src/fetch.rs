@@ -53,6 +53,12 @@ pub struct Source {
     pub store: SharedStore,
     /// The store's adaptive request rate, when it is paced (`store/rate.rs`).
     pub rate: Option<Arc<RateControl>>,
+    /// A snapshot of the same volume that this source holds, when it is not
+    /// the restored snapshot's own kind (a rehydrate snapshot as the
+    /// secondary of an EBS snapshot): a block is then asked of it by index,
+    /// under its own key and verified against its own hash; a block it holds
+    /// as zero is zeros. `None`: the same key as the primary's.
+    pub snapshot: Option<Arc<dyn crate::snapshot::Snapshot>>,
 }
 
 impl Source {
@@ -72,6 +78,7 @@ impl Source {
                 name: if i == 0 { "primary".into() } else { format!("secondary{i}") },
                 rate: store.rate_control(),
                 store,
+                snapshot: None,
             })
             .collect()
     }
@@ -346,7 +353,7 @@ async fn fetch_from(
     let mut retry = RetryState::new(policy, seed, source.rate.is_some());
     loop {
         telemetry.track(block, &source.name, retry.attempts + 1, block_started);
-        let error = match attempt_hedged(ctx, i, key, expected).await {
+        let error = match attempt_hedged(ctx, i, key, expected, block).await {
             Ok(served) => return Ok(served),
             Err(error) => error,
         };
@@ -366,7 +373,7 @@ async fn fetch_from(
             .increment(1);
         if next.throttled {
             tokio::time::sleep(sleep).await;
-        } else if let Some(served) = backoff_racing_next_source(ctx, i, key, expected, sleep).await {
+        } else if let Some(served) = backoff_racing_next_source(ctx, i, key, expected, block, sleep).await {
             return Ok(served);
         }
     }
@@ -452,6 +459,7 @@ async fn backoff_racing_next_source(
     i: usize,
     key: &str,
     expected: &Expected,
+    block: BlockIndex,
     sleep: Duration,
 ) -> Option<(VerifiedBlock, usize)> {
     let next = i + 1;
@@ -468,7 +476,7 @@ async fn backoff_racing_next_source(
     let wait = tokio::time::sleep(sleep);
     tokio::pin!(wait);
     tokio::select! {
-        result = attempt(ctx, next, key, expected, Arc::default()) => match result {
+        result = attempt(ctx, next, key, expected, block, Arc::default()) => match result {
             Ok(block) => Some((block, next)),
             Err(_) => {
                 wait.await;
@@ -494,9 +502,10 @@ async fn attempt_hedged(
     i: usize,
     key: &str,
     expected: &Expected,
+    block: BlockIndex,
 ) -> Result<(VerifiedBlock, usize), StoreError> {
     let sent = Arc::new(SentAt::default());
-    let first = attempt(ctx, i, key, expected, Arc::clone(&sent));
+    let first = attempt(ctx, i, key, expected, block, Arc::clone(&sent));
     if !ctx.hedger.enabled() {
         return first.await.map(|b| (b, i));
     }
@@ -545,7 +554,7 @@ async fn attempt_hedged(
     drop(outstanding);
     ctx.telemetry.hedges.fetch_add(1, Ordering::Relaxed);
     metrics::counter!(m::HEDGES_TOTAL, "source" => ctx.sources[j].name.clone()).increment(1);
-    let second = attempt(ctx, j, key, expected, Arc::default());
+    let second = attempt(ctx, j, key, expected, block, Arc::default());
     tokio::pin!(second);
     tokio::select! {
         result = &mut first => match result {
@@ -560,15 +569,29 @@ async fn attempt_hedged(
 }
 
 /// One request to source `i`, then verify. `sent` learns when the request
-/// left the local queues; latency is measured from there.
+/// left the local queues; latency is measured from there. A source with a
+/// snapshot of its own is asked for block `block` by its own key.
 async fn attempt(
     ctx: &FetchContext,
     i: usize,
     key: &str,
     expected: &Expected,
+    block: BlockIndex,
     sent: Arc<SentAt>,
 ) -> Result<VerifiedBlock, StoreError> {
     let source = &ctx.sources[i];
+    let own;
+    let (key, expected) = match &source.snapshot {
+        None => (key, expected),
+        Some(snapshot) => match snapshot.block(block) {
+            Some(held) => {
+                own = (snapshot.object_key(&held), held.expected);
+                (own.0.as_str(), &own.1)
+            }
+            // Its snapshot says the block is zero: so do its bytes.
+            None => return Ok(VerifiedBlock::zeros(snapshot.layout().len(block) as usize)),
+        },
+    };
     ctx.telemetry.requests.fetch_add(1, Ordering::Relaxed);
     ctx.hedger.count_request();
     let queued = Instant::now();
@@ -618,6 +641,7 @@ mod tests {
             compression: Compression::None,
             stored_len_bytes: data.len() as u32,
             len_bytes: data.len() as u32,
+            hash_in: crate::verify::HashIn::Snapshot,
         };
         (Arc::new(FaultStore::new(Arc::new(file))), key, expected)
     }
@@ -853,6 +877,7 @@ mod tests {
                 compression: Compression::None,
                 stored_len_bytes: 4096,
                 len_bytes: 4096,
+                hash_in: crate::verify::HashIn::Snapshot,
             };
             blocks.push((key, expected));
         }

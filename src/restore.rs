@@ -18,6 +18,7 @@
 
 mod allocate;
 pub mod latency;
+pub mod ebs;
 pub mod live;
 mod phases;
 mod pipeline;

@@ -18,6 +18,7 @@
 //! ([`longhorn::LonghornBackup`]) is another.
 
 mod create;
+pub mod ebs;
 pub mod longhorn;
 
 use crate::block::{BlockIndex, BlockLayout, block_key};
@@ -27,7 +28,7 @@ use crate::verify::Expected;
 pub use create::{CreateError, CreateReport, CreateSpec, create, default_name};
 
 /// What a restore needs from a snapshot.
-pub trait Snapshot: Send + Sync {
+pub trait Snapshot: Send + Sync + std::fmt::Debug {
     /// The snapshot's identity. A checkpoint names it, and is refused for any
     /// other snapshot (`docs/architecture.md`, invariant 4).
     fn digest(&self) -> ManifestDigest;
@@ -71,6 +72,7 @@ impl Manifest {
                 compression: entry.compression,
                 stored_len_bytes: entry.stored_len_bytes,
                 len_bytes: self.layout.len(entry.index),
+                hash_in: crate::verify::HashIn::Snapshot,
             },
         }
     }

@@ -10,6 +10,8 @@
 //! Errors are classified where they arise ([`StoreError`] carries its
 //! [`ErrorClass`](crate::error::ErrorClass)).
 
+pub mod ebs;
+pub mod ebs_server;
 pub mod fault;
 pub mod file;
 pub mod limit;
@@ -205,11 +207,14 @@ pub(crate) use forward_through_run;
 /// A shared store handle.
 pub type SharedStore = Arc<dyn BlockStore>;
 
-/// Where a store lives: `file:///abs/dir` or `s3://bucket/prefix`.
+/// Where a store lives: `file:///abs/dir`, `s3://bucket/prefix`, or
+/// `ebs://snap-...` (an EBS snapshot through the EBS direct APIs; an empty
+/// id only as a `[[store]]` prefix covering every snapshot).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum StoreUrl {
     File { root: PathBuf },
     S3 { bucket: String, prefix: String },
+    Ebs { snapshot_id: String },
 }
 
 /// Why a URL is not a store or manifest URL.
@@ -227,6 +232,13 @@ impl StoreUrl {
         let err = |reason: &str| UrlError { url: url.to_owned(), reason: reason.to_owned() };
         if url.contains('\0') {
             return Err(err("contains a NUL byte"));
+        }
+        if let Some(id) = url.strip_prefix(EBS_SCHEME) {
+            let id = id.trim_end_matches('/');
+            if !(id.is_empty() || ebs::valid_snapshot_id(id)) {
+                return Err(err("an EBS snapshot id is snap- and 1-59 hex digits (ebs://snap-0123456789abcdef0)"));
+            }
+            return Ok(StoreUrl::Ebs { snapshot_id: id.to_owned() });
         }
         if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -278,6 +290,9 @@ impl StoreUrl {
 /// Manifests are stored as `<store>/<name>.manifest`.
 pub const MANIFEST_SUFFIX: &str = ".manifest";
 
+/// The scheme of an EBS snapshot given as a manifest: `ebs://snap-...`.
+pub const EBS_SCHEME: &str = "ebs://";
+
 fn valid_bucket(bucket: &str) -> bool {
     (3..=63).contains(&bucket.len())
         && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
@@ -289,6 +304,7 @@ impl fmt::Display for StoreUrl {
             StoreUrl::File { root } => write!(f, "file://{}", root.display()),
             StoreUrl::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
             StoreUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+            StoreUrl::Ebs { snapshot_id } => write!(f, "{EBS_SCHEME}{snapshot_id}"),
         }
     }
 }
@@ -386,6 +402,9 @@ pub async fn open(url: &StoreUrl, options: &StoreOptions) -> Result<SharedStore,
         StoreUrl::S3 { bucket, prefix } => {
             Backend::Remote(Arc::new(s3::S3Store::connect(bucket, prefix, &options.s3).await?))
         }
+        StoreUrl::Ebs { snapshot_id } => {
+            Backend::Remote(Arc::new(ebs::EbsStore::connect(snapshot_id, &options.s3).await?))
+        }
     };
     stack(backend, options)
 }
@@ -409,6 +428,14 @@ mod tests {
 
     #[test]
     fn rejects_hostile_urls() {
+        assert_eq!(
+            StoreUrl::parse("ebs://snap-0123456789abcdef0").unwrap(),
+            StoreUrl::Ebs { snapshot_id: "snap-0123456789abcdef0".into() }
+        );
+        assert_eq!(StoreUrl::parse("ebs://snap-0a").unwrap().to_string(), "ebs://snap-0a");
+        for bad in ["ebs://vol-0a", "ebs://snap-", "ebs://snap-xyz", "ebs://snap-0a/x"] {
+            assert!(StoreUrl::parse(bad).is_err(), "{bad} accepted");
+        }
         for bad in ["relative/path", "file://../x", "/a/../b", "s3://B/x", "s3://bu", "s3://bucket/../x", "/a\0b"] {
             assert!(StoreUrl::parse(bad).is_err(), "{bad} accepted");
         }

@@ -29,6 +29,36 @@ pub struct Expected {
     pub stored_len_bytes: u32,
     /// Length of the block once decompressed.
     pub len_bytes: u32,
+    /// Where the hash the block must match comes from.
+    pub hash_in: HashIn,
+}
+
+/// Where a block's expected hash comes from: data, so a kind of snapshot
+/// that learns a block's checksum only with the block (an EBS snapshot:
+/// `GetSnapshotBlock` answers the SHA-256 in `x-amz-Checksum`) is verified
+/// here like any other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HashIn {
+    /// [`Expected::hash`], known before the fetch (a rehydrate manifest).
+    #[default]
+    Snapshot,
+    /// The object's last [`TRAILER_LEN_BYTES`] bytes, which its store
+    /// appended from the answer's checksum header; the block is the bytes
+    /// before them, and [`Expected::hash`] is unused. `stored_len_bytes`
+    /// counts the trailer.
+    Trailer,
+}
+
+/// Length of a [`HashIn::Trailer`] checksum: one SHA-256 or BLAKE3 digest.
+pub const TRAILER_LEN_BYTES: usize = 32;
+
+impl Expected {
+    /// The identity of the block's object before it is fetched, when known:
+    /// blocks with equal keys are one object, fetched once. A hash that comes
+    /// with the answer identifies nothing in advance.
+    pub fn object_identity(&self) -> Option<(ContentHash, Compression)> {
+        (self.hash_in == HashIn::Snapshot).then_some((self.hash, self.compression))
+    }
 }
 
 /// Bytes whose length and content hash matched the manifest.
@@ -80,7 +110,7 @@ fn zero_bytes(len_bytes: usize) -> Bytes {
 /// manifest records it) and a bound for Longhorn's (lz4, gzip: a Longhorn
 /// backup records no object length, so the snapshot gives the codec's worst
 /// case and the decoded length and hash decide).
-pub fn verify(raw: Bytes, expected: &Expected) -> Result<VerifiedBlock, StoreError> {
+pub fn verify(mut raw: Bytes, expected: &Expected) -> Result<VerifiedBlock, StoreError> {
     let exact = matches!(expected.compression, Compression::None | Compression::Zstd);
     if (exact && raw.len() != expected.stored_len_bytes as usize) || raw.len() > expected.stored_len_bytes as usize {
         let relation = if exact { "" } else { "at most " };
@@ -91,6 +121,16 @@ pub fn verify(raw: Bytes, expected: &Expected) -> Result<VerifiedBlock, StoreErr
         )));
     }
     let len_bytes = expected.len_bytes as usize;
+    let want = match expected.hash_in {
+        HashIn::Snapshot => expected.hash,
+        HashIn::Trailer => {
+            let Some(at) = raw.len().checked_sub(TRAILER_LEN_BYTES) else {
+                return Err(StoreError::corrupt("object shorter than its checksum trailer"));
+            };
+            let trailer = raw.split_off(at);
+            ContentHash(trailer[..].try_into().expect("split at the trailer length"))
+        }
+    };
     let bytes = match expected.compression {
         Compression::None => raw,
         Compression::Zstd => decompress(&raw, len_bytes)?,
@@ -100,12 +140,13 @@ pub fn verify(raw: Bytes, expected: &Expected) -> Result<VerifiedBlock, StoreErr
         return Err(StoreError::corrupt(format!("block is {} bytes, the snapshot says {}", bytes.len(), len_bytes)));
     }
     let actual = expected.algorithm.hash(&bytes);
-    if actual != expected.hash {
+    if actual != want {
         return Err(StoreError::corrupt(format!(
-            "{} mismatch: got {}, the snapshot says {}",
+            "{} mismatch: got {}, the {} says {}",
             expected.algorithm.name(),
             actual.to_hex(),
-            expected.hash.to_hex()
+            if expected.hash_in == HashIn::Trailer { "answer's checksum" } else { "snapshot" },
+            want.to_hex()
         )));
     }
     Ok(VerifiedBlock { bytes })
@@ -138,7 +179,33 @@ mod tests {
             compression,
             stored_len_bytes: stored.len() as u32,
             len_bytes: data.len() as u32,
+            hash_in: HashIn::Snapshot,
         }
+    }
+
+    /// A checksum that came with the answer, as a trailer: checked like a
+    /// manifest's hash, and the block is the bytes before it.
+    #[test]
+    fn a_trailer_checksum_is_checked() {
+        let data = vec![4u8; 8192];
+        let mut object = data.clone();
+        object.extend_from_slice(&HashAlgorithm::Sha256.hash(&data).0);
+        let exp = Expected {
+            hash: ContentHash([0; 32]),
+            algorithm: HashAlgorithm::Sha256,
+            compression: Compression::None,
+            stored_len_bytes: object.len() as u32,
+            len_bytes: data.len() as u32,
+            hash_in: HashIn::Trailer,
+        };
+        assert_eq!(exp.object_identity(), None, "nothing to deduplicate by");
+        assert_eq!(verify(Bytes::from(object.clone()), &exp).unwrap().bytes()[..], data[..]);
+        let mut bad = object.clone();
+        bad[10] ^= 1;
+        assert_eq!(verify(Bytes::from(bad), &exp).unwrap_err().class, ErrorClass::Corrupt);
+        let mut bad_sum = object;
+        *bad_sum.last_mut().unwrap() ^= 1;
+        assert_eq!(verify(Bytes::from(bad_sum), &exp).unwrap_err().class, ErrorClass::Corrupt);
     }
 
     #[test]

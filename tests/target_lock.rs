@@ -412,6 +412,7 @@ async fn a_cli_restore_and_a_worker_job_exclude_each_other() {
             target: target.clone(),
             replace: false,
             restart: false,
+            export: Default::default(),
         };
         let cli_first = rng.random_bool(0.5);
         let offset = Duration::from_millis(rng.random_range(0..=OFFSET_MAX.as_millis() as u64));

@@ -43,6 +43,7 @@ fn block(seed: u64, offset: u64, len_bytes: usize) -> VerifiedBlock {
         compression: Compression::None,
         stored_len_bytes: len_bytes as u32,
         len_bytes: len_bytes as u32,
+        hash_in: rehydrate::verify::HashIn::Snapshot,
     };
     // In a pooled, page-aligned buffer, as the stores deliver blocks.
     let mut buf = BufPool::shared().take(len_bytes).unwrap();
@@ -484,6 +485,7 @@ async fn direct_io_writes_unaligned_buffers_buffered() {
         compression: Compression::None,
         stored_len_bytes: 8192,
         len_bytes: 8192,
+        hash_in: rehydrate::verify::HashIn::Snapshot,
     };
     let unaligned = verify(unaligned_bytes, &expected).unwrap();
     writer.write(0, &aligned).await.unwrap();

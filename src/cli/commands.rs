@@ -146,6 +146,13 @@ pub(super) async fn verify(args: VerifyArgs) -> ExitCode {
         return ExitCode::Usage;
     };
     let engine = Engine::new(config);
+    if args.manifest.starts_with(crate::store::EBS_SCHEME) {
+        let read = crate::restore::ebs::readback(&engine, &args.manifest, &args.target, args.blocks).await;
+        return match read {
+            Ok(report) => print_readback(&args, &report),
+            Err(e) => fail(&e.to_string(), e.exit_code()),
+        };
+    }
     let opened = crate::restore::source::open_snapshot(&engine, &args.manifest, 0, Purpose::Inspect).await;
     let manifest = match opened {
         Ok(opened) => opened.snapshot,
@@ -167,8 +174,14 @@ pub(super) async fn verify(args: VerifyArgs) -> ExitCode {
         }
         Err(e) => return fail(&format!("read-back task failed: {e}"), ExitCode::Internal),
     };
+    print_readback(&args, &report)
+}
+
+/// Print a read-back's outcome; its exit code.
+fn print_readback(args: &VerifyArgs, report: &crate::restore::readback::ReadbackReport) -> ExitCode {
+    let blocks = report.block_range;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        println!("{}", serde_json::to_string_pretty(report).unwrap_or_default());
     } else if report.matches() && args.blocks.is_some() {
         println!("verified: the {} blocks {blocks} of {} match", report.blocks_total, args.target.display());
     } else if report.matches() {

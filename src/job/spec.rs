@@ -30,7 +30,8 @@ pub struct JobSpec {
     pub id: String,
     /// A `[worker.profiles.NAME]` of the worker's configuration.
     pub profile: String,
-    /// The manifest's key under the profile's store (`vol.manifest`).
+    /// The manifest's key under the profile's store (`vol.manifest`), or an
+    /// EBS snapshot, whole (`ebs://snap-0123456789abcdef0`).
     pub manifest: String,
     /// The file to restore into, under one of `worker.target_roots`.
     #[schema(value_type = String)]
@@ -141,13 +142,25 @@ pub fn resolve(spec: &JobSpec, config: &WorkerConfig) -> Result<ResolvedSpec, Sp
         .profiles
         .get(&spec.profile)
         .ok_or_else(|| err("profile", format!("no store profile {:?} is configured", spec.profile)))?;
-    let manifest_url = manifest_url(&profile.store, &spec.manifest)?;
+    // An EBS snapshot is named whole (`ebs://snap-...`); a manifest is a key
+    // under the profile's store (or a Longhorn backup under a Longhorn one).
+    let manifest_url = if spec.manifest.starts_with(crate::store::EBS_SCHEME) {
+        let url = StoreUrl::parse(&spec.manifest).map_err(|e| err("manifest", e.to_string()))?;
+        if matches!(&url, StoreUrl::Ebs { snapshot_id } if snapshot_id.is_empty()) {
+            return Err(err("manifest", "ebs://snap-<hex>: name the snapshot"));
+        }
+        url.to_string()
+    } else {
+        manifest_url(&profile.store, &spec.manifest)?
+    };
     let target = match check_device(&spec.target, &config.block_devices)? {
         Some(device) => device,
         None => check_target(&spec.target, &config.target_roots)?,
     };
     let export = check_export(&spec.export, config)?;
-    Ok(ResolvedSpec { manifest_url, secondaries: profile.secondaries.clone(), target, export })
+    let secondaries =
+        if manifest_url.starts_with(crate::store::EBS_SCHEME) { Vec::new() } else { profile.secondaries.clone() };
+    Ok(ResolvedSpec { manifest_url, secondaries, target, export })
 }
 
 /// The snapshot URL of a job: the manifest key under the profile's store,
@@ -284,6 +297,35 @@ mod tests {
         for bad in ["/vol.manifest", "../vol.manifest", "a//vol.manifest", "vol.txt", "a\0.manifest", "./v.manifest"] {
             assert!(check_manifest_key(bad).is_err(), "{bad}");
         }
+    }
+
+    /// An EBS snapshot is named whole, not under the profile's store, and
+    /// the profile's secondaries (store URLs) are not its sources.
+    #[test]
+    fn an_ebs_snapshot_is_a_manifest_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = WorkerConfig { target_roots: vec![dir.path().to_owned()], ..WorkerConfig::default() };
+        let profile = crate::config::worker::ProfileConfig {
+            store: "s3://bucket/p".into(),
+            secondaries: vec!["file:///mirror".into()],
+        };
+        config.profiles.insert("main".into(), profile);
+        let spec = |manifest: &str| JobSpec {
+            id: "j".into(),
+            profile: "main".into(),
+            manifest: manifest.into(),
+            target: dir.path().join("t.img"),
+            replace: false,
+            restart: false,
+            export: Default::default(),
+        };
+        let resolved = resolve(&spec("ebs://snap-0123456789abcdef0"), &config).unwrap();
+        assert_eq!(resolved.manifest_url, "ebs://snap-0123456789abcdef0");
+        assert!(resolved.secondaries.is_empty());
+        for bad in ["ebs://", "ebs://vol-01", "ebs://snap-01/../x"] {
+            assert!(resolve(&spec(bad), &config).is_err(), "{bad}");
+        }
+        assert_eq!(resolve(&spec("v.manifest"), &config).unwrap().secondaries, vec!["file:///mirror".to_owned()]);
     }
 
     #[test]

@@ -200,6 +200,9 @@ async fn validate(
     if spec.blocks.is_some() {
         check_shard_target(spec)?;
     }
+    if spec.manifest_url.starts_with(crate::store::EBS_SCHEME) {
+        return Ok((validate_ebs(engine, spec, tenant).await?, None));
+    }
     let opened = open_snapshot(engine, &spec.manifest_url, tenant, Purpose::Restore).await?;
     let lock = opened.lock;
     let sources = async {
@@ -239,6 +242,25 @@ fn lock_target(
         target::LockError::Busy { .. } => RestoreError::Busy(e.to_string()),
         target::LockError::Io { .. } => RestoreError::Io(e.to_string()),
     })
+}
+
+/// Validate an EBS snapshot (`super::ebs`): list it. Its secondaries are
+/// rehydrate snapshots of the same volume (`super::ebs::secondary`).
+async fn validate_ebs(
+    engine: &Engine,
+    spec: &RestoreSpec,
+    tenant: u64,
+) -> Result<(Arc<dyn Snapshot>, Vec<Source>, BlockRange), RestoreError> {
+    let (snapshot, store) = super::ebs::open(engine, &spec.manifest_url).await?;
+    let blocks = match spec.blocks {
+        Some(selection) => selection.resolve(&snapshot.layout()).map_err(RestoreError::Usage)?,
+        None => BlockRange::all(&snapshot.layout()),
+    };
+    let mut sources = Source::ordered(vec![store]);
+    for url in &spec.secondaries {
+        sources.push(super::ebs::secondary(engine, &snapshot, url, sources.len(), tenant).await?);
+    }
+    Ok((snapshot, sources, blocks))
 }
 
 /// Shards (`--blocks`) write one target side by side, so none may stage it

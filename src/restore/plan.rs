@@ -96,13 +96,16 @@ pub fn plan(snapshot: &dyn Snapshot, range: BlockRange, fresh: bool, settled: im
             continue;
         };
         let expected = block.expected;
-        match by_object.get(&(expected.hash, expected.compression)) {
+        let identity = expected.object_identity();
+        match identity.and_then(|id| by_object.get(&id)) {
             Some(&u) => {
                 out.units[u].blocks.push(index);
                 out.blocks_deduplicated += 1;
             }
             None => {
-                by_object.insert((expected.hash, expected.compression), out.units.len());
+                if let Some(id) = identity {
+                    by_object.insert(id, out.units.len());
+                }
                 let key = snapshot.object_key(&block);
                 out.units.push(Unit { source: UnitSource::Object { key, expected }, blocks: vec![index] });
             }

@@ -284,6 +284,7 @@ impl LonghornBackup {
             compression: self.compression,
             stored_len_bytes,
             len_bytes,
+            hash_in: crate::verify::HashIn::Snapshot,
         };
         SnapshotBlock { index, expected }
     }

@@ -447,6 +447,13 @@ impl BodyBytes for bool {
     }
 }
 
+/// A listing is not a block: it does not count towards the mean block size.
+impl BodyBytes for Vec<crate::store::ObjectInfo> {
+    fn body_bytes(&self) -> u64 {
+        0
+    }
+}
+
 /// What a finished request tells the window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {

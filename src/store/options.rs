@@ -65,6 +65,9 @@ impl StoreSection {
                 (b == *bucket && under).then_some(b.len() + 1 + p.len())
             }
             (StoreUrl::File { root: r }, StoreUrl::File { root }) => root.starts_with(&r).then(|| r.as_os_str().len()),
+            (StoreUrl::Ebs { snapshot_id: p }, StoreUrl::Ebs { snapshot_id }) => {
+                (p.is_empty() || p == *snapshot_id).then_some(1 + p.len())
+            }
             _ => None,
         }
     }
@@ -104,6 +107,14 @@ fn overlay<T: Clone + Serialize + DeserializeOwned>(
 /// The options of the store at `url`: `base` overlaid with the entry of the
 /// longest prefix covering it, if any.
 pub fn resolve(base: &StoreOptions, sections: &[StoreSection], url: &StoreUrl) -> Result<StoreOptions, String> {
+    let ebs_base;
+    let base = match url {
+        StoreUrl::Ebs { .. } => {
+            ebs_base = super::ebs::default_options(base);
+            &ebs_base
+        }
+        _ => base,
+    };
     let best = sections.iter().filter_map(|s| Some((s.covers(url)?, s))).max_by_key(|(len, _)| *len);
     match best {
         Some((_, section)) => section.apply(base).map_err(|e| format!("[[store]] url = {:?}: {e}", section.url)),
@@ -198,6 +209,20 @@ mod tests {
         let base = base();
         assert_eq!(resolve(&base, &stores, &url("file:///srv/a/b")).unwrap().attempt_timeout, Duration::from_millis(5));
         assert_eq!(resolve(&base, &stores, &url("file:///srv/ab")).unwrap(), base);
+    }
+
+    /// An EBS snapshot gets the EBS direct APIs' per-snapshot quota as its
+    /// rate limit; an `ebs://` entry overrides it.
+    #[test]
+    fn ebs_stores_default_to_the_api_quota() {
+        let base = base();
+        let snap = url("ebs://snap-0a");
+        let plain = resolve(&base, &[], &snap).unwrap();
+        assert_eq!(plain.rate_limit.requests_per_sec, crate::store::ebs::GET_SNAPSHOT_BLOCK_PER_SNAPSHOT_PER_SEC);
+        let stores = sections("[[store]]\nurl = \"ebs://\"\nrate_limit = { requests_per_sec = 100 }\n");
+        validate(&base, &stores).unwrap();
+        assert_eq!(resolve(&base, &stores, &snap).unwrap().rate_limit.requests_per_sec.map(|r| r.get()), Some(100));
+        assert_eq!(resolve(&base, &stores, &url("s3://bkt/p")).unwrap(), base, "other kinds untouched");
     }
 
     #[test]

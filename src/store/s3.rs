@@ -156,7 +156,7 @@ impl S3Config {
         Ok(())
     }
 
-    fn body_guard(&self, start: Instant) -> BodyGuard {
+    pub(super) fn body_guard(&self, start: Instant) -> BodyGuard {
         BodyGuard {
             start,
             deadline: Duration::from_millis(self.body_deadline_millis),
@@ -315,13 +315,26 @@ impl S3Store {
 /// advertised `Content-Length` (or `len_max_bytes` when none was sent).
 async fn read_body(
     what: &str,
-    mut body: ByteStream,
+    body: ByteStream,
     advertised: Option<u64>,
     len_max_bytes: u64,
     guard: BodyGuard,
 ) -> Result<Bytes, StoreError> {
+    read_body_then(what, body, advertised, len_max_bytes, guard, &[]).await
+}
+
+/// [`read_body`], then `trailer` appended in the same buffer (an EBS block's
+/// checksum, `store/ebs.rs`): no second copy of the block.
+pub(super) async fn read_body_then(
+    what: &str,
+    mut body: ByteStream,
+    advertised: Option<u64>,
+    len_max_bytes: u64,
+    guard: BodyGuard,
+    trailer: &[u8],
+) -> Result<Bytes, StoreError> {
     let limit = advertised.unwrap_or(len_max_bytes);
-    let mut buf = Assembly::new(advertised);
+    let mut buf = Assembly::new(advertised.map(|len| len + trailer.len() as u64));
     loop {
         let wait = guard.next_wait(Instant::now()).map_err(|cut| cut.error(what, buf.len() as u64, advertised))?;
         let chunk = match tokio::time::timeout(wait, body.next()).await {
@@ -359,6 +372,7 @@ async fn read_body(
             buf.len()
         )));
     }
+    buf.extend_from_slice(trailer)?;
     Ok(buf.freeze())
 }
 
@@ -412,7 +426,7 @@ impl Assembly {
 /// The deadlines over one streamed body. Pure: time is passed in, so the
 /// rules are unit-tested without sleeping.
 #[derive(Debug, Clone, Copy)]
-struct BodyGuard {
+pub(super) struct BodyGuard {
     start: Instant,
     deadline: Duration,
     idle: Duration,
@@ -718,7 +732,7 @@ fn parse_retry_after(value: Option<&str>) -> Option<Duration> {
 
 /// An error and its sources on one line (SDK errors put the useful part in
 /// the source chain, e.g. "connection refused").
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+pub(super) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     let mut depth = 0;
