@@ -60,6 +60,8 @@ impl JobSpec {
 pub struct ResolvedSpec {
     pub manifest_url: String,
     pub secondaries: Vec<String>,
+    /// Peer workers asked first (the profile's `peers`).
+    pub peers: Vec<String>,
     /// The target with its parent canonicalized.
     pub target: PathBuf,
 }
@@ -110,7 +112,12 @@ pub fn resolve(spec: &JobSpec, config: &WorkerConfig) -> Result<ResolvedSpec, Sp
         Some(device) => device,
         None => check_target(&spec.target, &config.target_roots)?,
     };
-    Ok(ResolvedSpec { manifest_url: store.join(&spec.manifest), secondaries: profile.secondaries.clone(), target })
+    Ok(ResolvedSpec {
+        manifest_url: store.join(&spec.manifest),
+        secondaries: profile.secondaries.clone(),
+        peers: profile.peers.clone(),
+        target,
+    })
 }
 
 fn check_manifest_key(key: &str) -> Result<(), SpecError> {
@@ -236,7 +243,7 @@ mod tests {
             let root = dir.path().join("root");
             std::fs::create_dir_all(root.join("a")).unwrap();
             let mut config = WorkerConfig { target_roots: vec![root.clone()], ..WorkerConfig::default() };
-            let profile = crate::config::worker::ProfileConfig { store: "s3://bucket/p".into(), secondaries: vec![] };
+            let profile = crate::config::worker::ProfileConfig { store: "s3://bucket/p".into(), secondaries: vec![], peers: vec![] };
             config.profiles.insert("main".into(), profile);
             let spec = JobSpec {
                 id,
@@ -294,7 +301,7 @@ mod tests {
             let object: serde_json::Map<String, serde_json::Value> = members.into_iter().collect();
             let body = serde_json::to_vec(&object).unwrap();
             let mut config = WorkerConfig { target_roots: vec![PathBuf::from("/nonexistent-root")], ..WorkerConfig::default() };
-            let profile = crate::config::worker::ProfileConfig { store: "file:///store".into(), secondaries: vec![] };
+            let profile = crate::config::worker::ProfileConfig { store: "file:///store".into(), secondaries: vec![], peers: vec![] };
             config.profiles.insert("main".into(), profile);
             match parse_body(&body) {
                 Ok(spec) => {

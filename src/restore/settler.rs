@@ -22,6 +22,7 @@ use crate::checkpoint::{Checkpoint, SaveCadence, unix_now_secs};
 use crate::fetch::FetchTelemetry;
 use crate::fetch::budget::Budget;
 use crate::metrics as m;
+use crate::peer::holdings::SettledBits;
 use crate::target::Target;
 use crate::write::Writer;
 
@@ -58,6 +59,8 @@ pub(super) struct Settler {
     pub(super) transferred: Option<Instant>,
     /// FLUSHes of an exported volume ([`super::live`]).
     pub(super) flushes: Option<mpsc::Receiver<FlushRequest>>,
+    /// The bits peers read this restore's settled blocks by (`crate::peer`).
+    pub(super) held: Option<Arc<SettledBits>>,
 }
 
 /// The next FLUSH, or never when the volume is not exported.
@@ -97,6 +100,7 @@ impl Settler {
             dispatched: None,
             transferred: None,
             flushes: None,
+            held: None,
         }
     }
 
@@ -241,6 +245,9 @@ impl Settler {
         let mut bytes = 0;
         for index in std::mem::take(&mut self.written) {
             if self.checkpoint.settle(index) {
+                if let Some(held) = &self.held {
+                    held.set(index);
+                }
                 blocks += 1;
                 bytes += u64::from(self.layout.len(index));
             }

@@ -156,7 +156,7 @@ impl S3Config {
         Ok(())
     }
 
-    fn body_guard(&self, start: Instant) -> BodyGuard {
+    pub(super) fn body_guard(&self, start: Instant) -> BodyGuard {
         BodyGuard {
             start,
             deadline: Duration::from_millis(self.body_deadline_millis),
@@ -311,11 +311,24 @@ impl S3Store {
     }
 }
 
+/// A response body, chunk by chunk: what [`read_body`] reads, whichever
+/// HTTP client it came from (the SDK's `ByteStream`, hyper's `Incoming` in
+/// `store/http.rs`). An error is its message.
+pub(super) trait Chunks: Send {
+    fn next_chunk(&mut self) -> impl std::future::Future<Output = Option<Result<Bytes, String>>> + Send;
+}
+
+impl Chunks for ByteStream {
+    async fn next_chunk(&mut self) -> Option<Result<Bytes, String>> {
+        self.next().await.map(|r| r.map_err(|e| error_chain(&e)))
+    }
+}
+
 /// Read a whole body under the [`BodyGuard`]; check its length against the
 /// advertised `Content-Length` (or `len_max_bytes` when none was sent).
-async fn read_body(
+pub(super) async fn read_body(
     what: &str,
-    mut body: ByteStream,
+    mut body: impl Chunks,
     advertised: Option<u64>,
     len_max_bytes: u64,
     guard: BodyGuard,
@@ -324,7 +337,7 @@ async fn read_body(
     let mut buf = Assembly::new(advertised);
     loop {
         let wait = guard.next_wait(Instant::now()).map_err(|cut| cut.error(what, buf.len() as u64, advertised))?;
-        let chunk = match tokio::time::timeout(wait, body.next()).await {
+        let chunk = match tokio::time::timeout(wait, body.next_chunk()).await {
             Err(_elapsed) => {
                 let cut = guard.cut_after_wait(Instant::now());
                 return Err(cut.error(what, buf.len() as u64, advertised));
@@ -333,9 +346,8 @@ async fn read_body(
             Ok(Some(Err(e))) => {
                 let of = advertised.map(|len| format!(" of {len}")).unwrap_or_default();
                 return Err(StoreError::transient(format!(
-                    "GET {what}: body read failed after {}{of} bytes ({}): connection broke or body truncated; another attempt may pass",
+                    "GET {what}: body read failed after {}{of} bytes ({e}): connection broke or body truncated; another attempt may pass",
                     buf.len(),
-                    error_chain(&e)
                 )));
             }
             Ok(Some(Ok(chunk))) => chunk,
@@ -412,7 +424,7 @@ impl Assembly {
 /// The deadlines over one streamed body. Pure: time is passed in, so the
 /// rules are unit-tested without sleeping.
 #[derive(Debug, Clone, Copy)]
-struct BodyGuard {
+pub(super) struct BodyGuard {
     start: Instant,
     deadline: Duration,
     idle: Duration,
@@ -587,7 +599,7 @@ pub fn classify(status: Option<u16>, code: Option<&str>) -> ErrorClass {
 }
 
 /// What a class means for the block, for error messages.
-fn meaning(class: ErrorClass) -> &'static str {
+pub(super) fn meaning(class: ErrorClass) -> &'static str {
     match class {
         ErrorClass::Throttled => "the store asks us to slow down; back off and retry",
         ErrorClass::Transient => "may pass; retry with backoff",
@@ -651,13 +663,13 @@ where
 
 /// An HTTP `Retry-After` given in whole seconds (the form throttling stores
 /// send; an HTTP date is ignored, and the fetch stage caps whatever comes).
-fn parse_retry_after(value: Option<&str>) -> Option<Duration> {
+pub(super) fn parse_retry_after(value: Option<&str>) -> Option<Duration> {
     value?.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
 /// An error and its sources on one line (SDK errors put the useful part in
 /// the source chain, e.g. "connection refused").
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+pub(super) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     let mut depth = 0;
