@@ -40,8 +40,6 @@ use tokio_util::sync::CancellationToken;
 const DEADLINE: Duration = Duration::from_secs(60);
 const BLOCKS: u64 = 24;
 const TOKEN: &str = "fleet-token-0123456789";
-/// The block held back from the store until the test lets it through.
-const GATED: u64 = 9;
 
 /// A store whose gets of one object wait until the test opens the gate.
 #[derive(Debug)]
@@ -138,6 +136,19 @@ impl Fixture {
         }
     }
 
+    /// Three data blocks, each the only holder of its content: one to read,
+    /// one to corrupt, one held back from the store (gated).
+    fn picks(&self) -> [u64; 3] {
+        let entries = self.manifest.entries();
+        let unique: Vec<u64> = entries
+            .iter()
+            .filter(|e| entries.iter().filter(|o| o.hash == e.hash).count() == 1)
+            .map(|e| e.index)
+            .collect();
+        assert!(unique.len() >= 3, "the sample volume has too few distinct data blocks");
+        [unique[0], unique[1], unique[unique.len() / 2]]
+    }
+
     /// The decoded key of block `index`, as peers serve it.
     fn decoded_key(&self, index: u64) -> String {
         block_key(&self.manifest.entry(index).expect("a data block").hash, Compression::None)
@@ -206,12 +217,12 @@ fn succeeded(job: &Value) -> bool {
     job["state"] == "succeeded"
 }
 
-/// A worker whose store holds back block [`GATED`]: its job settles every
+/// A worker whose store holds back block `gated`: its job settles every
 /// other block and keeps running until the gate opens.
-fn gated_engine(f: &Fixture, config: Config) -> (Engine, tokio::sync::watch::Sender<bool>) {
+fn gated_engine(f: &Fixture, config: Config, gated: u64) -> (Engine, tokio::sync::watch::Sender<bool>) {
     let engine = Engine::new(config);
     let (open, _) = tokio::sync::watch::channel(false);
-    let entry = f.manifest.entry(GATED).expect("a data block");
+    let entry = f.manifest.entry(gated).expect("a data block");
     let key = block_key(&entry.hash, entry.compression);
     let root = f.store_root();
     let gate = GateStore { inner: Arc::new(FileStore::new(root.clone())), key, open: open.clone() };
@@ -222,7 +233,8 @@ fn gated_engine(f: &Fixture, config: Config) -> (Engine, tokio::sync::watch::Sen
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_serves_only_settled_verified_blocks_and_only_with_a_token() {
     let f = Fixture::new(71).await;
-    let (engine, gate) = gated_engine(&f, f.config("a", vec![]));
+    let [read, corrupt, gated] = f.picks();
+    let (engine, gate) = gated_engine(&f, f.config("a", vec![]), gated);
     let server = start(engine, &[TOKEN]).await;
     let target = f.target("a");
     submit(&server.client, &f.spec("held", &target)).await;
@@ -234,20 +246,20 @@ async fn a_worker_serves_only_settled_verified_blocks_and_only_with_a_token() {
 
     let peer = server.blocks(Some(TOKEN));
     // A settled block of a zstd snapshot: served decoded, under its decoded key.
-    assert_eq!(peer.get(&f.decoded_key(3), 1 << 20).await.unwrap(), f.block(3));
-    assert!(peer.exists(&f.decoded_key(3)).await.unwrap(), "HEAD");
+    assert_eq!(peer.get(&f.decoded_key(read), 1 << 20).await.unwrap(), f.block(read));
+    assert!(peer.exists(&f.decoded_key(read)).await.unwrap(), "HEAD");
     // Not settled yet: 404, not the bytes.
-    let e = peer.get(&f.decoded_key(GATED), 1 << 20).await.unwrap_err();
+    let e = peer.get(&f.decoded_key(gated), 1 << 20).await.unwrap_err();
     assert!(e.class == ErrorClass::Permanent && e.message.contains("HTTP 404"), "{e}");
-    assert!(!peer.exists(&f.decoded_key(GATED)).await.unwrap());
+    assert!(!peer.exists(&f.decoded_key(gated)).await.unwrap());
     // The stored (compressed) key form is never served; nor an unknown hash.
-    let zst = block_key(&f.manifest.entry(3).unwrap().hash, Compression::Zstd);
+    let zst = block_key(&f.manifest.entry(read).unwrap().hash, Compression::Zstd);
     assert!(peer.get(&zst, 1 << 20).await.unwrap_err().message.contains("HTTP 404"));
     let unknown = block_key(&HashAlgorithm::Blake3.hash(b"nobody"), Compression::None);
     assert!(peer.get(&unknown, 1 << 20).await.unwrap_err().message.contains("HTTP 404"));
     // No token, a wrong token: 401.
     for token in [None, Some("wrong-token-0123456789")] {
-        let e = server.blocks(token).get(&f.decoded_key(3), 1 << 20).await.unwrap_err();
+        let e = server.blocks(token).get(&f.decoded_key(read), 1 << 20).await.unwrap_err();
         assert!(e.message.contains("HTTP 401"), "{token:?}: {e}");
     }
 
@@ -255,13 +267,13 @@ async fn a_worker_serves_only_settled_verified_blocks_and_only_with_a_token() {
     wait_for(&server.client, "held", "succeeded", succeeded).await;
     check_identical(&f.manifest, &f.volume, &target);
     // Settled now, and still served after the restore ended.
-    assert_eq!(peer.get(&f.decoded_key(GATED), 1 << 20).await.unwrap(), f.block(GATED));
+    assert_eq!(peer.get(&f.decoded_key(gated), 1 << 20).await.unwrap(), f.block(gated));
 
-    // Corrupt the target under block 5: never the bytes.
+    // Corrupt the target under a block: never the bytes.
     let file = std::fs::OpenOptions::new().write(true).open(&target).unwrap();
-    file.write_all_at(&[0xA5; 512], f.manifest.layout.offset(5) + 100).unwrap();
+    file.write_all_at(&[0xA5; 512], f.manifest.layout.offset(corrupt) + 100).unwrap();
     file.sync_all().unwrap();
-    let e = peer.get(&f.decoded_key(5), 1 << 20).await.unwrap_err();
+    let e = peer.get(&f.decoded_key(corrupt), 1 << 20).await.unwrap_err();
     assert!(e.message.contains("HTTP 500"), "a block failing verification is refused: {e}");
 
     let served = server.client.raw(Method::GET, "/v1/peers", None).await.unwrap().body;
@@ -321,4 +333,16 @@ async fn a_worker_restores_from_its_peers_ahead_of_the_store() {
     assert_eq!(served["blocks_served"], objects, "{served:#}");
     b.stop().await;
     a.stop().await;
+}
+
+/// The client's typed answers as JSON, read by key like the body the server
+/// sent.
+trait AsJson {
+    fn json(&self) -> Value;
+}
+
+impl<T: serde::Serialize> AsJson for T {
+    fn json(&self) -> Value {
+        serde_json::to_value(self).unwrap()
+    }
 }

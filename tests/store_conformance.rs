@@ -28,7 +28,7 @@ use rehydrate::store::file::FileStore;
 use rehydrate::store::http::HttpStore;
 use rehydrate::store::loopback::LoopbackS3;
 use rehydrate::store::s3::S3Config;
-use rehydrate::store::{Backend, SharedStore, StoreOptions, StoreUrl, stack};
+use rehydrate::store::{Backend, BlockStore, SharedStore, StoreOptions, StoreUrl, stack};
 
 /// Every byte derived from `seed` and its offset.
 fn pattern(len: usize, seed: u8) -> Bytes {
