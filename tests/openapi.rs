@@ -80,11 +80,19 @@ fn the_document_is_openapi_3_1_with_every_operation_described() {
             }
         }
     }
-    assert_eq!(operations, 8, "submit, list, get, cancel, metrics, healthz, readyz, openapi.json");
+    assert_eq!(operations, 10, "submit, list, get, cancel, blocks, peers, metrics, healthz, readyz, openapi.json");
     let schemas = doc["components"]["schemas"].as_object().unwrap();
-    for name in
-        ["JobSpec", "JobStatus", "JobPage", "JobState", "Phase", "DamagedBlock", "ProblemDetails", "ProblemType"]
-    {
+    for name in [
+        "JobSpec",
+        "JobStatus",
+        "JobPage",
+        "JobState",
+        "Phase",
+        "DamagedBlock",
+        "ProblemDetails",
+        "ProblemType",
+        "PeerServing",
+    ] {
         assert!(schemas.contains_key(name), "no schema {name}");
     }
     // Every problem type the API can answer with is listed.
