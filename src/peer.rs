@@ -52,6 +52,11 @@ pub struct PeersConfig {
     /// deadline) is skipped this long. 10000: a dead peer costs one timeout
     /// per 10 s, not one per block.
     pub skip_millis: NonZeroU64,
+    /// Requests in flight to one peer at most; a block waits for one up to
+    /// `attempt_timeout_millis`, then goes to the next source. 16: a peer answers from memory or local disk in
+    /// milliseconds, and three peers at 16 each stay well under a worker's
+    /// `worker.connections_max` (128).
+    pub inflight_max: NonZeroUsize,
     /// This worker's place in its fleet (0 ..= number of peers): its restores
     /// start at that fraction of the volume, so a fleet started together
     /// fetches different blocks from the object store first and then feeds
@@ -82,6 +87,7 @@ impl Default for PeersConfig {
             token_file: None,
             attempt_timeout_millis: NonZeroU64::new(1_000).expect("non-zero"),
             skip_millis: NonZeroU64::new(10_000).expect("non-zero"),
+            inflight_max: NonZeroUsize::new(16).expect("non-zero"),
             fleet_index: 0,
             serve: true,
             serve_requests_per_sec: NonZeroU32::new(2_000).expect("non-zero"),

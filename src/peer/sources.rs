@@ -52,7 +52,9 @@ pub fn open(url: &str, config: &PeersConfig, options: &StoreOptions) -> Result<S
     let http = HttpStore::new(&base, &s3, token)?;
     let options = StoreOptions { attempt_timeout: 2 * config.attempt_timeout(), ..options.clone() };
     let timed = crate::store::stack(Backend::Local(Arc::new(http)), &options)?;
-    Ok(Arc::new(Skipping { inner: timed, skip: config.skip(), dead_until: Mutex::new(None) }))
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.inflight_max.get()));
+    let slot_wait = config.attempt_timeout();
+    Ok(Arc::new(Skipping { inner: timed, skip: config.skip(), dead_until: Mutex::new(None), slots, slot_wait }))
 }
 
 /// What the http store says of a peer that cannot be reached: no
@@ -67,6 +69,13 @@ pub struct Skipping {
     skip: std::time::Duration,
     /// Skipped until then, and why.
     dead_until: Mutex<Option<(Instant, String)>>,
+    /// Requests in flight to this peer (`peers.inflight_max`): a request
+    /// waits for one up to the short deadline, then asks the next source, so
+    /// a fleet never queues on a peer's listener (and never mistakes that
+    /// queue for a dead peer).
+    slots: Arc<tokio::sync::Semaphore>,
+    /// How long a request waits for one of them (the short deadline).
+    slot_wait: std::time::Duration,
 }
 
 impl Skipping {
@@ -115,6 +124,10 @@ impl crate::store::BlockStore for Skipping {
             if let Some(e) = self.skipped() {
                 return Err(e);
             }
+            let slot = tokio::time::timeout(self.slot_wait, Arc::clone(&self.slots).acquire_owned()).await;
+            let Ok(Ok(_slot)) = slot else {
+                return Err(StoreError::permanent(format!("{}: busy (peers.inflight_max in flight)", self.url())));
+            };
             self.inner.get_for(ctx, key, len_max_bytes).await.map_err(|e| self.judge(e))
         })
     }
