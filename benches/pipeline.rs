@@ -89,6 +89,7 @@ async fn restore_once(setup: &Setup, target: &PathBuf, checkpoint: Checkpointing
         manifest_url: setup.manifest_url.clone(),
         target: target.clone(),
         secondaries: vec![],
+        peers: vec![],
         in_place: false,
         restart: false,
         blocks: None,

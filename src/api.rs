@@ -7,6 +7,8 @@
 //! | `GET /v1/jobs/{id}` | one job's status |
 //! | `POST /v1/jobs/{id}/cancel` | cancel a queued or running job (or stop an ended job's export) |
 //! | `POST /v1/jobs/{id}/export/stop` | stop a job's NBD export |
+//! | `GET`/`HEAD /v1/blocks/{hash}` | a block this worker holds settled, for peers ([`blocks`]) |
+//! | `GET /v1/peers` | blocks and bytes served to peers |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /healthz`, `GET /readyz` | liveness; readiness (503 once shutdown began) |
 //! | `GET /openapi.json` | this API as an OpenAPI 3.1 document |
@@ -28,6 +30,7 @@
 //! loopback refuses to start without them.
 
 pub mod auth;
+mod blocks;
 pub mod client;
 mod doc;
 pub mod problem;
@@ -61,6 +64,8 @@ struct Api {
     metrics: PrometheusHandle,
     /// The OpenAPI document, rendered once.
     document: Arc<str>,
+    /// `/v1/blocks`' limits.
+    serving: Arc<blocks::Serving>,
 }
 
 /// The process's Prometheus recorder, installed on first use (a process has
@@ -84,7 +89,9 @@ fn routes() -> (OpenApiRouter<Api>, OpenApiRouter<Api>) {
         .routes(routes!(submit, list))
         .routes(routes!(get_job))
         .routes(routes!(cancel))
-        .routes(routes!(stop_export));
+        .routes(routes!(stop_export))
+        .routes(routes!(blocks::peers))
+        .routes(routes!(blocks::get_block));
     let open = OpenApiRouter::new()
         .routes(routes!(metrics))
         .routes(routes!(healthz))
@@ -110,7 +117,8 @@ pub fn openapi_json_text() -> String {
 pub fn router(worker: Arc<Worker>, tokens: Tokens) -> Result<Router, String> {
     let body_max = worker.config().request_body_bytes_max.get();
     let document: Arc<str> = openapi_json_text().into();
-    let api = Api { worker, tokens: Arc::new(tokens), metrics: metrics_handle()?, document };
+    let serving = Arc::new(blocks::Serving::new(&worker.engine().config.peers));
+    let api = Api { worker, tokens: Arc::new(tokens), metrics: metrics_handle()?, document, serving };
     let (v1, open) = routes();
     let v1 = v1.split_for_parts().0.route_layer(axum::middleware::from_fn_with_state(api.clone(), auth::require_token));
     Ok(Router::new()

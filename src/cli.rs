@@ -189,6 +189,10 @@ pub struct RestoreArgs {
     /// A fallback source holding the same block objects (repeatable, in order).
     #[arg(long = "secondary")]
     pub secondaries: Vec<String>,
+    /// A peer worker (`http://host:port`) asked for each block before the
+    /// store (repeatable, in order; `[peers]` sets its token and deadline).
+    #[arg(long = "peer")]
+    pub peers: Vec<String>,
     /// Write an existing regular file in place instead of a staging file.
     #[arg(long)]
     pub in_place: bool,

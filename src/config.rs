@@ -48,6 +48,8 @@ pub struct Config {
     pub manifest: ManifestConfig,
     /// `rehydrate serve`: listener, job limits, gates, store profiles.
     pub worker: WorkerConfig,
+    /// `[peers]`: asking peer workers for blocks, and serving them.
+    pub peers: crate::peer::PeersConfig,
 }
 
 /// Why a configuration was refused.
@@ -112,6 +114,15 @@ impl Config {
             && !dir.is_absolute()
         {
             return Err(ConfigError::Invalid(format!("checkpoint.dir {} must be an absolute path", dir.display())));
+        }
+        for (name, profile) in &self.worker.profiles {
+            for peer in &profile.peers {
+                if !matches!(crate::store::StoreUrl::parse(peer), Ok(crate::store::StoreUrl::Http { .. })) {
+                    return Err(ConfigError::Invalid(format!(
+                        "worker.profiles.{name}.peers: {peer:?} is not a worker's http(s)://host:port"
+                    )));
+                }
+            }
         }
         self.worker.validate()
     }
@@ -195,6 +206,15 @@ mod tests {
         assert_eq!(c.worker.jobs_queued_max, d.worker.jobs_queued_max);
         assert_eq!(c.worker.target_free_bytes_min, d.worker.target_free_bytes_min);
         assert_eq!(c.worker.request_body_bytes_max, d.worker.request_body_bytes_max);
+        assert_eq!(c.peers, d.peers);
+    }
+
+    #[test]
+    fn profile_peers_are_http_urls() {
+        let ok = "[worker.profiles.main]\nstore = \"s3://bucket/v\"\npeers = [\"http://10.0.0.2:7878\"]\n";
+        assert_eq!(Config::parse(ok).unwrap().worker.profiles["main"].peers, vec!["http://10.0.0.2:7878"]);
+        let bad = "[worker.profiles.main]\nstore = \"s3://bucket/v\"\npeers = [\"s3://bucket/p\"]\n";
+        assert!(Config::parse(bad).unwrap_err().to_string().contains("peers"));
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub struct Source {
     /// under its own key and verified against its own hash; a block it holds
     /// as zero is zeros. `None`: the same key as the primary's.
     pub snapshot: Option<Arc<dyn crate::snapshot::Snapshot>>,
+    /// A peer worker: asked for the decoded key form ([`crate::peer::decoded`]).
+    pub peer: bool,
 }
 
 impl Source {
@@ -79,8 +81,33 @@ impl Source {
                 rate: store.rate_control(),
                 store,
                 snapshot: None,
+                peer: false,
             })
             .collect()
+    }
+
+    /// Peer workers ahead of `stores`: `peer1`, `peer2`, … then the stores
+    /// named as [`Source::ordered`] names them.
+    pub fn peers_then(peers: Vec<SharedStore>, stores: Vec<SharedStore>) -> Vec<Source> {
+        let peers = peers.into_iter().enumerate().map(|(i, store)| Source {
+            name: format!("peer{}", i + 1),
+            rate: None,
+            store,
+            snapshot: None,
+            peer: true,
+        });
+        peers.chain(Self::ordered(stores)).collect()
+    }
+
+    /// The key to ask this source for, and what its answer must be: a peer
+    /// serves decoded blocks.
+    fn request<'k>(&self, key: &'k str, expected: &Expected) -> (std::borrow::Cow<'k, str>, Expected) {
+        if self.peer {
+            let (key, expected) = crate::peer::decoded(expected);
+            (std::borrow::Cow::Owned(key), expected)
+        } else {
+            (std::borrow::Cow::Borrowed(key), *expected)
+        }
     }
 }
 
@@ -330,6 +357,8 @@ pub async fn fetch_block(
             Ok((verified, served_by)) => {
                 telemetry.untrack(block);
                 telemetry.served[served_by].fetch_add(1, Ordering::Relaxed);
+                let name = ctx.sources[served_by].name.clone();
+                metrics::counter!(m::SERVED_BLOCKS_TOTAL, "source" => name).increment(1);
                 return Ok((verified, served_by));
             }
             Err(failure) => failures.push(failure),
@@ -592,6 +621,8 @@ async fn attempt(
             None => return Ok(VerifiedBlock::zeros(snapshot.layout().len(block) as usize)),
         },
     };
+    let (key, expected) = source.request(key, expected);
+    let (key, expected) = (key.as_ref(), &expected);
     ctx.telemetry.requests.fetch_add(1, Ordering::Relaxed);
     ctx.hedger.count_request();
     let queued = Instant::now();

@@ -19,6 +19,7 @@ pub mod job;
 pub mod manifest;
 pub mod metrics;
 pub mod nbd;
+pub mod peer;
 pub mod restore;
 pub mod sample;
 pub mod snapshot;

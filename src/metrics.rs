@@ -2,7 +2,7 @@
 //!
 //! Recorded through the `metrics` facade; `rehydrate serve` installs the
 //! Prometheus exporter and [`describe`] registers the help texts at startup.
-//! Label sets are bounded: `source` is `primary`/`secondaryN`, `outcome` and
+//! Label sets are bounded: `source` is `peerN`/`primary`/`secondaryN`, `outcome` and
 //! `reason` are error classes, `served` is `local`/`on_demand`, `state` is a job state, `job` (on
 //! [`JOB_PROGRESS_RATIO`], [`JOB_ELAPSED_SECONDS`] and [`JOB_ETA_SECONDS`]
 //! only) a running job's id, so at most
@@ -14,6 +14,10 @@ pub const FALLBACKS_TOTAL: &str = "rehydrate_fetch_fallbacks_total";
 pub const HEDGES_TOTAL: &str = "rehydrate_fetch_hedges_total";
 pub const FETCH_LATENCY_SECONDS: &str = "rehydrate_fetch_latency_seconds";
 pub const FETCHED_BYTES_TOTAL: &str = "rehydrate_fetched_bytes_total";
+pub const SERVED_BLOCKS_TOTAL: &str = "rehydrate_blocks_by_source_total";
+pub const PEER_SERVED_BLOCKS_TOTAL: &str = "rehydrate_peer_served_blocks_total";
+pub const PEER_SERVED_BYTES_TOTAL: &str = "rehydrate_peer_served_bytes_total";
+pub const PEER_REFUSED_TOTAL: &str = "rehydrate_peer_refused_total";
 pub const WRITTEN_BYTES_TOTAL: &str = "rehydrate_written_bytes_total";
 pub const SETTLED_BLOCKS_TOTAL: &str = "rehydrate_settled_blocks_total";
 pub const SETTLED_BYTES_TOTAL: &str = "rehydrate_settled_bytes_total";
@@ -73,6 +77,13 @@ pub fn describe() {
         "Latency of one fetch attempt, from the request leaving the local queues (rate limit, concurrency gate) to its body verified."
     );
     describe_counter!(FETCHED_BYTES_TOTAL, Unit::Bytes, "Bytes of block objects received, by source.");
+    describe_counter!(
+        SERVED_BLOCKS_TOTAL,
+        "Distinct block objects fetched, by the source that served them (peerN, primary, secondaryN)."
+    );
+    describe_counter!(PEER_SERVED_BLOCKS_TOTAL, "Blocks this worker served to peers (GET /v1/blocks, verified).");
+    describe_counter!(PEER_SERVED_BYTES_TOTAL, Unit::Bytes, "Bytes this worker served to peers.");
+    describe_counter!(PEER_REFUSED_TOTAL, "Peer block requests not served, by reason (not_held, busy, mismatch, io).");
     describe_counter!(WRITTEN_BYTES_TOTAL, Unit::Bytes, "Bytes written to targets (not yet durable).");
     describe_counter!(SETTLED_BLOCKS_TOTAL, "Blocks written and made durable by fdatasync.");
     describe_counter!(SETTLED_BYTES_TOTAL, Unit::Bytes, "Bytes written and made durable by fdatasync.");

@@ -52,6 +52,10 @@ pub struct Engine {
     stores: Mutex<HashMap<StoreUrl, SharedStore>>,
     /// The last tenant id handed to a restore (0: requests outside any).
     tenants: std::sync::atomic::AtomicU64,
+    /// Peer workers opened so far, by URL: one skip state per peer.
+    peers: Mutex<HashMap<String, SharedStore>>,
+    /// What this process's restores hold, for peers (`crate::peer`).
+    pub holdings: Arc<crate::peer::holdings::Holdings>,
 }
 
 impl Engine {
@@ -62,7 +66,30 @@ impl Engine {
         let retained_bytes_max = usize::try_from(config.fetch.inflight_bytes_max.get()).unwrap_or(usize::MAX);
         crate::buf::BufPool::shared().set_retained_bytes_max(retained_bytes_max);
         crate::metrics::describe();
-        Self { config, budget, stores: Mutex::new(HashMap::new()), tenants: std::sync::atomic::AtomicU64::new(0) }
+        let holdings = Arc::new(crate::peer::holdings::Holdings::new(config.peers.holdings_max.get()));
+        Self {
+            config,
+            budget,
+            stores: Mutex::new(HashMap::new()),
+            tenants: std::sync::atomic::AtomicU64::new(0),
+            peers: Mutex::new(HashMap::new()),
+            holdings,
+        }
+    }
+
+    /// Open a peer worker by its URL (once per URL per process), behind its
+    /// short deadline and skip (`peer/sources.rs`).
+    pub fn open_peer(&self, url: &str) -> Result<SharedStore, RestoreError> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(store) = peers.get(url) {
+            return Ok(Arc::clone(store));
+        }
+        let base = StoreUrl::parse(url).map_err(|e| RestoreError::Usage(format!("peer: {e}")))?;
+        let options = self.store_options(&base)?;
+        let store = crate::peer::sources::open(url, &self.config.peers, &options)
+            .map_err(|e| RestoreError::Usage(e.to_string()))?;
+        peers.insert(url.to_owned(), Arc::clone(&store));
+        Ok(store)
     }
 
     /// A tenant id for a new restore: its requests take turns with other

@@ -3,8 +3,9 @@
 //! A [`BlockStore`] is a small object-safe trait over a flat key space under
 //! one prefix: get a whole object (bounded in length), put one, ask whether
 //! one exists. Backends: `file://` ([`file::FileStore`], a directory laid out
-//! exactly as the same snapshot would be in a bucket) and `s3://`
-//! (`store/s3.rs`). Every policy (rate limit, retry, timeout, fallback, fault
+//! exactly as the same snapshot would be in a bucket), `s3://`
+//! (`store/s3.rs`) and, read-only, `http://` / `https://` (`store/http.rs`:
+//! any static host, or a peer worker). Every policy (rate limit, retry, timeout, fallback, fault
 //! injection, metrics) wraps this same trait and forwards every method.
 //!
 //! Errors are classified where they arise ([`StoreError`] carries its
@@ -14,6 +15,7 @@ pub mod ebs;
 pub mod ebs_server;
 pub mod fault;
 pub mod file;
+pub mod http;
 pub mod limit;
 pub mod loopback;
 pub mod options;
@@ -207,13 +209,16 @@ pub(crate) use forward_through_run;
 /// A shared store handle.
 pub type SharedStore = Arc<dyn BlockStore>;
 
-/// Where a store lives: `file:///abs/dir`, `s3://bucket/prefix`, or
-/// `ebs://snap-...` (an EBS snapshot through the EBS direct APIs; an empty
-/// id only as a `[[store]]` prefix covering every snapshot).
+/// Where a store lives: `file:///abs/dir`, `s3://bucket/prefix`,
+/// `http(s)://host[:port][/prefix]`, or `ebs://snap-...` (an EBS snapshot
+/// through the EBS direct APIs; an empty id only as a `[[store]]` prefix
+/// covering every snapshot).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum StoreUrl {
     File { root: PathBuf },
     S3 { bucket: String, prefix: String },
+    /// `base`: scheme, host and prefix, no trailing slash.
+    Http { base: String },
     Ebs { snapshot_id: String },
 }
 
@@ -251,9 +256,12 @@ impl StoreUrl {
             }
             return Ok(StoreUrl::S3 { bucket: bucket.to_owned(), prefix: prefix.to_owned() });
         }
+        if url.starts_with("http://") || url.starts_with("https://") {
+            return parse_http(url).map_err(err);
+        }
         let path = url.strip_prefix("file://").unwrap_or(url);
         if !path.starts_with('/') {
-            return Err(err("use file:///absolute/path or s3://bucket/prefix"));
+            return Err(err("use file:///absolute/path, s3://bucket/prefix or http(s)://host/prefix"));
         }
         let root = PathBuf::from(path);
         if root.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
@@ -287,6 +295,27 @@ impl StoreUrl {
     }
 }
 
+/// An `http://` or `https://` base URL: a host, an optional port, an
+/// optional prefix of plain path segments; no query, fragment or user info.
+fn parse_http(url: &str) -> Result<StoreUrl, &'static str> {
+    let (scheme, rest) = url.split_once("://").ok_or("no scheme")?;
+    let rest = rest.trim_end_matches('/');
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if authority.is_empty() || authority.contains('@') {
+        return Err("an http store URL needs a host (and no user info): http://host[:port]/prefix");
+    }
+    if url.contains(['?', '#', ' ']) {
+        return Err("an http store URL has no query, fragment or spaces");
+    }
+    if !path.is_empty() && path.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
+        return Err("a prefix may not contain empty, '.' or '..' segments");
+    }
+    let base =
+        if path.is_empty() { format!("{scheme}://{authority}") } else { format!("{scheme}://{authority}/{path}") };
+    base.parse::<hyper::Uri>().map_err(|_| "not a valid http URL")?;
+    Ok(StoreUrl::Http { base })
+}
+
 /// Manifests are stored as `<store>/<name>.manifest`.
 pub const MANIFEST_SUFFIX: &str = ".manifest";
 
@@ -305,6 +334,7 @@ impl fmt::Display for StoreUrl {
             StoreUrl::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
             StoreUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
             StoreUrl::Ebs { snapshot_id } => write!(f, "{EBS_SCHEME}{snapshot_id}"),
+            StoreUrl::Http { base } => f.write_str(base),
         }
     }
 }
@@ -394,8 +424,8 @@ fn with_deadline(backend: SharedStore, options: &StoreOptions) -> SharedStore {
     Arc::new(timeout::Timeout::new(backend, options.attempt_timeout))
 }
 
-/// Open the store a URL names with its options: an `s3://` store as a
-/// [`Backend::Remote`], a `file://` store as a [`Backend::Local`].
+/// Open the store a URL names with its options: an `s3://` or `http(s)://`
+/// store as a [`Backend::Remote`], a `file://` store as a [`Backend::Local`].
 pub async fn open(url: &StoreUrl, options: &StoreOptions) -> Result<SharedStore, StoreError> {
     let backend = match url {
         StoreUrl::File { root } => Backend::Local(Arc::new(file::FileStore::new(root.clone()))),
@@ -405,6 +435,7 @@ pub async fn open(url: &StoreUrl, options: &StoreOptions) -> Result<SharedStore,
         StoreUrl::Ebs { snapshot_id } => {
             Backend::Remote(Arc::new(ebs::EbsStore::connect(snapshot_id, &options.s3).await?))
         }
+        StoreUrl::Http { .. } => Backend::Remote(Arc::new(http::HttpStore::new(url, &options.s3, None)?)),
     };
     stack(backend, options)
 }
@@ -424,6 +455,11 @@ mod tests {
         assert_eq!(store.join(&key), "s3://bucket/p/vol.manifest");
         let (store, key) = StoreUrl::parse_manifest("file:///srv/vol.manifest").unwrap();
         assert_eq!((store.to_string(), key.as_str()), ("file:///srv".to_owned(), "vol.manifest"));
+        let (store, key) = StoreUrl::parse_manifest("http://10.0.0.5:8080/snaps/vol.manifest").unwrap();
+        assert_eq!(store, StoreUrl::Http { base: "http://10.0.0.5:8080/snaps".into() });
+        assert_eq!(store.join(&key), "http://10.0.0.5:8080/snaps/vol.manifest");
+        let (store, _) = StoreUrl::parse_manifest("https://cdn.example/vol.manifest").unwrap();
+        assert_eq!(store.to_string(), "https://cdn.example");
     }
 
     #[test]
@@ -436,7 +472,21 @@ mod tests {
         for bad in ["ebs://vol-0a", "ebs://snap-", "ebs://snap-xyz", "ebs://snap-0a/x"] {
             assert!(StoreUrl::parse(bad).is_err(), "{bad} accepted");
         }
-        for bad in ["relative/path", "file://../x", "/a/../b", "s3://B/x", "s3://bu", "s3://bucket/../x", "/a\0b"] {
+        for bad in [
+            "relative/path",
+            "file://../x",
+            "/a/../b",
+            "s3://B/x",
+            "s3://bu",
+            "s3://bucket/../x",
+            "/a\0b",
+            "http://",
+            "http:///x",
+            "http://u:p@host/x",
+            "http://host/a/../b",
+            "http://host/a//b",
+            "http://host/x?q=1",
+        ] {
             assert!(StoreUrl::parse(bad).is_err(), "{bad} accepted");
         }
         assert!(StoreUrl::parse_manifest("s3://bucket/p/vol.txt").is_err());

@@ -188,6 +188,11 @@ impl Worker {
         Ok(worker)
     }
 
+    /// The engine every restore of this worker runs on.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
     pub fn config(&self) -> &WorkerConfig {
         &self.config
     }

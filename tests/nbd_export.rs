@@ -184,6 +184,16 @@ async fn reads_during_the_restore_are_the_snapshot_and_share_fetches() {
     assert!(fx.store.calls(&fx.block_key(far)) <= 2, "the background restore does not fetch it again for nothing");
 }
 
+/// Wait until no one holds `target` (a stopped export lets it go once its
+/// connections have closed).
+async fn released(target: &std::path::Path) {
+    let started = std::time::Instant::now();
+    while rehydrate::target::holder(target).unwrap().is_some() {
+        assert!(started.elapsed() < Duration::from_secs(10), "the stopped export still holds the target");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_during_the_restore_survive_it_and_a_rerun() {
     let mut fx = start(64, Duration::from_millis(100), 2, no_faults).await;
@@ -215,9 +225,13 @@ async fn writes_during_the_restore_survive_it_and_a_rerun() {
     assert!(fx.live.counts.blocks_owned.load(Ordering::Relaxed) >= 6);
 
     // A rerun of the same export resumes from the kept checkpoint: it
-    // restores nothing over the client's writes.
+    // restores nothing over the client's writes. The first export holds the
+    // target while it serves: stop it first.
     fx.stop.cancel();
-    let Live { dir, volume, manifest, store, engine, .. } = fx;
+    drop(c);
+    let Live { dir, volume, manifest, store, engine, live, .. } = fx;
+    drop(live);
+    released(&target(&dir)).await;
     let mut again = launch(dir, volume, manifest, store, engine).await;
     let report = again.finish().await.unwrap();
     assert_eq!(report.blocks_resumed, report.blocks_total);
@@ -240,8 +254,11 @@ async fn a_flush_after_the_restore_stopped_short_fails_and_a_rerun_keeps_the_flu
     assert_eq!(c.flush().await, proto::ESHUTDOWN, "no FLUSH succeeds after the restore stopped short");
     fx.stop.cancel();
     drop(c);
-    // The rerun resumes and keeps the write flushed before the stop.
-    let Live { dir, volume, manifest, store, engine, .. } = fx;
+    // The rerun resumes and keeps the write flushed before the stop, once
+    // the first export, which holds the target while it serves, has stopped.
+    let Live { dir, volume, manifest, store, engine, live, .. } = fx;
+    drop(live);
+    released(&target(&dir)).await;
     let mut again = launch(dir, volume, manifest, store, engine).await;
     assert!(again.finish().await.unwrap().succeeded);
     let got = std::fs::read(target(&again.dir)).unwrap();

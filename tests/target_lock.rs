@@ -290,11 +290,15 @@ async fn a_killed_holder_does_not_block_the_resume() {
     let target = fx.out.join("killed.img");
     let mut first = fx.restore(0, &target, &[], "killed");
     let (staging, checkpoint) = (staging_of(&target), checkpoint_of(&fx, &target));
+    until("the restore has started", || std::fs::metadata(&checkpoint).is_ok_and(|m| m.len() > 0)).await;
+    // The first save names nothing settled; a checkpoint saved again (a new
+    // file) has settled blocks.
+    let first_save = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&checkpoint).unwrap());
     until("the restore has settled some blocks", || {
-        std::fs::metadata(&checkpoint).is_ok_and(|m| m.len() > 0) && staging.exists()
+        std::fs::metadata(&checkpoint).is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) != first_save)
+            && staging.exists()
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(150)).await;
     first.0.kill().unwrap();
     let status = first.0.wait().unwrap();
     assert!(status.code().is_none(), "the restore ended before it was killed: {status}");

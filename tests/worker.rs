@@ -113,7 +113,7 @@ impl Fixture {
         c.worker.gate_backoff_millis = std::num::NonZeroU64::new(20).unwrap();
         c.worker.gate_backoff_max_millis = std::num::NonZeroU64::new(200).unwrap();
         let store = format!("file://{}", store_root(self.dir.path()).display());
-        c.worker.profiles.insert("main".into(), ProfileConfig { store, secondaries: vec![] });
+        c.worker.profiles.insert("main".into(), ProfileConfig { store, secondaries: vec![], peers: vec![] });
         c
     }
 

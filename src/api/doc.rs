@@ -22,6 +22,7 @@ use super::problem::{ProblemDetails, ProblemType};
     ),
     tags(
         (name = "jobs", description = "Restore jobs (/v1, bearer token)"),
+        (name = "peers", description = "Blocks this worker holds, for peer workers (/v1, bearer token)"),
         (name = "operations", description = "Metrics, health, readiness and this document (no token)")
     ),
     components(schemas(ProblemDetails, ProblemType)),

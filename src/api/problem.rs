@@ -70,6 +70,16 @@ pub enum ProblemType {
     /// The worker failed (its log says more).
     #[serde(rename = "urn:rehydrate:problem:internal")]
     Internal,
+    /// This worker holds no settled block of that key (`/v1/blocks`).
+    #[serde(rename = "urn:rehydrate:problem:no-such-block")]
+    NoSuchBlock,
+    /// Serving peers is at its rate or concurrency limit: ask the next source.
+    #[serde(rename = "urn:rehydrate:problem:busy")]
+    Busy,
+    /// The target's bytes did not hash to the block's content hash: nothing
+    /// was served.
+    #[serde(rename = "urn:rehydrate:problem:block-unverified")]
+    BlockUnverified,
 }
 
 /// An error answer's body (RFC 9457).

@@ -87,6 +87,7 @@ pub(super) async fn restore(args: RestoreArgs) -> ExitCode {
         manifest_url: args.manifest,
         target: args.target,
         secondaries: args.secondaries,
+        peers: args.peers,
         in_place: args.in_place,
         restart: args.restart,
         blocks: args.blocks,

@@ -136,6 +136,7 @@ async fn demo(args: DemoArgs) -> Result<ExitCode, String> {
         manifest_url: "s3://bucket/demo/demo.manifest".into(),
         target: paths.target.clone(),
         secondaries: vec![format!("file://{}", paths.mirror_dir.display())],
+        peers: vec![],
         in_place: false,
         restart: true,
         blocks: None,

@@ -35,6 +35,7 @@ pub(super) async fn restore_exported(engine: Engine, args: RestoreArgs, addr: Ex
         manifest_url: args.manifest,
         target: args.target,
         secondaries: args.secondaries,
+        peers: args.peers,
         in_place: true,
         restart: args.restart,
         blocks: None,

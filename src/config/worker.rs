@@ -124,6 +124,10 @@ pub struct ProfileConfig {
     /// Fallback stores holding the same block objects, in order.
     #[serde(default)]
     pub secondaries: Vec<String>,
+    /// Peer workers (`http://host:port`, their listeners) asked for each
+    /// block before the store, in order (`[peers]`).
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 impl WorkerConfig {

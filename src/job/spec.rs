@@ -96,6 +96,8 @@ impl JobSpec {
 pub struct ResolvedSpec {
     pub manifest_url: String,
     pub secondaries: Vec<String>,
+    /// Peer workers asked first (the profile's `peers`).
+    pub peers: Vec<String>,
     /// The target with its parent canonicalized.
     pub target: PathBuf,
     /// Serve the volume over NBD while it is restored.
@@ -160,7 +162,7 @@ pub fn resolve(spec: &JobSpec, config: &WorkerConfig) -> Result<ResolvedSpec, Sp
     let export = check_export(&spec.export, config)?;
     let secondaries =
         if manifest_url.starts_with(crate::store::EBS_SCHEME) { Vec::new() } else { profile.secondaries.clone() };
-    Ok(ResolvedSpec { manifest_url, secondaries, target, export })
+    Ok(ResolvedSpec { manifest_url, secondaries, peers: profile.peers.clone(), target, export })
 }
 
 /// The snapshot URL of a job: the manifest key under the profile's store,
@@ -308,6 +310,7 @@ mod tests {
         let profile = crate::config::worker::ProfileConfig {
             store: "s3://bucket/p".into(),
             secondaries: vec!["file:///mirror".into()],
+            peers: vec![],
         };
         config.profiles.insert("main".into(), profile);
         let spec = |manifest: &str| JobSpec {
@@ -383,7 +386,7 @@ mod tests {
     fn exports_stay_inside_the_configured_range() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = WorkerConfig { target_roots: vec![dir.path().to_owned()], ..WorkerConfig::default() };
-        let profile = crate::config::worker::ProfileConfig { store: "file:///store".into(), secondaries: vec![] };
+        let profile = crate::config::worker::ProfileConfig { store: "file:///store".into(), secondaries: vec![], peers: vec![] };
         config.profiles.insert("main".into(), profile);
         let spec = |export: JobExport| JobSpec {
             id: "db".into(),
@@ -431,7 +434,7 @@ mod tests {
             let root = dir.path().join("root");
             std::fs::create_dir_all(root.join("a")).unwrap();
             let mut config = WorkerConfig { target_roots: vec![root.clone()], ..WorkerConfig::default() };
-            let profile = crate::config::worker::ProfileConfig { store: "s3://bucket/p".into(), secondaries: vec![] };
+            let profile = crate::config::worker::ProfileConfig { store: "s3://bucket/p".into(), secondaries: vec![], peers: vec![] };
             config.profiles.insert("main".into(), profile);
             let spec = JobSpec {
                 id,
@@ -491,7 +494,7 @@ mod tests {
             let object: serde_json::Map<String, serde_json::Value> = members.into_iter().collect();
             let body = serde_json::to_vec(&object).unwrap();
             let mut config = WorkerConfig { target_roots: vec![PathBuf::from("/nonexistent-root")], ..WorkerConfig::default() };
-            let profile = crate::config::worker::ProfileConfig { store: "file:///store".into(), secondaries: vec![] };
+            let profile = crate::config::worker::ProfileConfig { store: "file:///store".into(), secondaries: vec![], peers: vec![] };
             config.profiles.insert("main".into(), profile);
             match parse_body(&body) {
                 Ok(spec) => {

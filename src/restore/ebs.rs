@@ -171,5 +171,6 @@ pub async fn secondary(
         rate: store.rate_control(),
         store,
         snapshot: Some(Arc::new(manifest)),
+        peer: false,
     })
 }

@@ -40,6 +40,7 @@ use super::{Engine, RestoreError};
 use crate::block::{BlockRange, BlockSelection};
 use crate::checkpoint::Checkpoint;
 use crate::fetch::{FetchContext, FetchTelemetry, Source};
+use crate::peer::holdings::{Holding, SettledBits};
 use crate::snapshot::Snapshot;
 use crate::snapshot::longhorn::lock::RestoreLock;
 use crate::store::StoreUrl;
@@ -60,6 +61,9 @@ pub struct RestoreSpec {
     pub target: PathBuf,
     /// Fallback sources in order, after the manifest's own store.
     pub secondaries: Vec<String>,
+    /// Peer workers (`http://host:port`), asked for each block before the
+    /// stores (`crate::peer`).
+    pub peers: Vec<String>,
     /// Write an existing regular file in place instead of staging it.
     pub in_place: bool,
     /// Discard a checkpoint of an earlier run instead of resuming it.
@@ -216,7 +220,8 @@ async fn validate(
             let url = StoreUrl::parse(url).map_err(|e| RestoreError::Usage(e.to_string()))?;
             stores.push(engine.open_store(&url).await?);
         }
-        Ok::<_, RestoreError>((Source::ordered(stores), blocks))
+        let peers = spec.peers.iter().map(|url| engine.open_peer(url)).collect::<Result<Vec<_>, _>>()?;
+        Ok::<_, RestoreError>((Source::peers_then(peers, stores), blocks))
     };
     match sources.await {
         Ok((sources, blocks)) => Ok(((opened.snapshot, sources, blocks), lock)),
@@ -305,7 +310,13 @@ async fn rehydrate(
     let (engine, progress) = (run.engine, run.progress);
     let layout = snapshot.layout();
     let blocks = checkpoint.settled().blocks();
-    let plan = plan::plan(&**snapshot, blocks, target.fresh, |i| checkpoint.settled().is_settled(i));
+    let mut plan = plan::plan(&**snapshot, blocks, target.fresh, |i| checkpoint.settled().is_settled(i));
+    let peers = sources.iter().filter(|s| s.peer).count();
+    if peers > 0 {
+        // A fleet started together fetches different blocks first.
+        let start = crate::peer::fleet_start(plan.units.len(), engine.config.peers.fleet_index, peers + 1);
+        plan.units.rotate_left(start);
+    }
     progress.blocks_total.store(blocks.len(), Ordering::Relaxed);
     progress.bytes_total.store(blocks.bytes(&layout), Ordering::Relaxed);
     let blocks_resumed = checkpoint.settled().settled_count();
@@ -325,12 +336,20 @@ async fn rehydrate(
         }
         _ => (Arc::new(reader), None, None),
     };
+    // An exported volume's blocks may become the client's: never served.
+    let holding = if run.publish.is_none() { hold(engine, snapshot, target, &checkpoint) } else { None };
     let mut settler = Settler::new(engine, target, layout, writer.clone(), checkpoint, durable, Arc::clone(progress));
     settler.flushes = flushes;
     settler.live = live.clone();
+    settler.held = holding.as_ref().map(|(_, bits)| Arc::clone(bits));
     let units = UnitContext { reader, live: live.clone(), writer: writer.clone(), layout };
     let transfer_started = Instant::now();
     let result = settler.run(plan, units, engine.budget.clone(), run.cancel).await;
+    let complete = result.is_ok() && settler.damage.is_empty() && settler.checkpoint.settled().is_complete();
+    if let Some((holding, _)) = holding.filter(|_| !complete) {
+        // Ended short: its target may be swept or replaced.
+        engine.holdings.withdraw(&holding);
+    }
     if let Some(live) = live {
         live.finish(result.is_ok());
     }
@@ -345,6 +364,37 @@ async fn rehydrate(
     let closed = writer.close().await;
     let result = result.and_then(|()| closed.map_err(|e| io_error(target, "closing the writer failed", e)));
     Transfer { result, settler, timings, backend, telemetry, blocks_deduplicated, objects_planned, transferred }
+}
+
+/// Offer this restore's settled blocks to peers (`crate::peer::holdings`):
+/// a read handle on the target, and the settled bits the settler keeps.
+fn hold(
+    engine: &Engine,
+    snapshot: &Arc<dyn Snapshot>,
+    target: &Target,
+    checkpoint: &Checkpoint,
+) -> Option<(Arc<Holding>, Arc<SettledBits>)> {
+    if !engine.config.peers.serve {
+        return None;
+    }
+    let file = match File::open(&target.write_path) {
+        Ok(file) => file,
+        Err(e) => {
+            tracing::warn!(target = %target.write_path.display(), error = %e, "not served to peers: cannot open the target to read");
+            return None;
+        }
+    };
+    let settled = checkpoint.settled();
+    let bits = Arc::new(SettledBits::new(settled.blocks()));
+    for index in settled.blocks().start..settled.blocks().end {
+        if settled.is_settled(index) {
+            bits.set(index);
+        }
+    }
+    let label = target.write_path.display().to_string();
+    let holding = Arc::new(Holding::new(label, Arc::clone(snapshot), file, Arc::clone(&bits)));
+    engine.holdings.hold(Arc::clone(&holding));
+    Some((holding, bits))
 }
 
 /// Make the volume live: demand reads get their lane, the volume is built

@@ -8,6 +8,11 @@
 //! can restore from "S3" on embedded defaults. `s3s-fs` keeps its own
 //! metadata as dotfiles in `<root>` (beside the buckets, never inside them).
 //!
+//! [`LoopbackS3::start_static`] serves the same layout as a plain static
+//! HTTP host instead (`GET`/`HEAD` of `/<bucket>/<key>`, no signing, like
+//! nginx over the directory), for the `http://` store, behind the same fault
+//! layer.
+//!
 //! Requests are signed normally by the client and checked with SigV4 against
 //! one fixed key pair ([`LoopbackS3::credentials`]). Path-style addressing
 //! only (`/<bucket>/<key>`); [`LoopbackS3::s3_config`] sets it.
@@ -185,10 +190,20 @@ impl LoopbackS3 {
             builder.set_auth(s3s::auth::SimpleAuth::from_single(LOOPBACK_ACCESS_KEY_ID, LOOPBACK_SECRET_ACCESS_KEY));
             builder.build()
         };
+        Self::serve_origin(root, Origin::S3(s3)).await
+    }
+
+    /// Serve `root` as a static HTTP host (`GET`/`HEAD` `/<bucket>/<key>`
+    /// answer the file `<root>/<bucket>/<key>`), behind the fault layer.
+    pub async fn start_static(root: PathBuf) -> io::Result<LoopbackS3> {
+        Self::serve_origin(root.clone(), Origin::Static(root)).await
+    }
+
+    async fn serve_origin(root: PathBuf, origin: Origin) -> io::Result<LoopbackS3> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State::default());
-        let service = FaultService { inner: s3, state: state.clone() };
+        let service = FaultService { inner: origin, state: state.clone() };
         let server = tokio::spawn(serve(listener, service));
         Ok(LoopbackS3 { addr, root, state, server: Some(server) })
     }
@@ -345,10 +360,53 @@ async fn serve(listener: TcpListener, service: FaultService) {
     }
 }
 
-/// The hyper service: the fault layer around the `s3s` service.
+/// What answers behind the fault layer.
+#[derive(Clone)]
+enum Origin {
+    S3(s3s::service::S3Service),
+    /// A static host over this directory.
+    Static(PathBuf),
+}
+
+impl Origin {
+    async fn call(&self, req: Request<Incoming>) -> Result<Response<s3s::Body>, String> {
+        match self {
+            Origin::S3(s3) => hyper::service::Service::call(s3, req).await.map_err(|e| format!("s3s failed: {e:?}")),
+            Origin::Static(root) => Ok(serve_static(root, req.method(), req.uri().path()).await),
+        }
+    }
+}
+
+/// A static host's answer: the file under `root` at `path`, 404 when there
+/// is none (or the path would leave `root`), 405 for anything but GET/HEAD.
+async fn serve_static(root: &std::path::Path, method: &Method, path: &str) -> Response<s3s::Body> {
+    let status = |code: StatusCode| {
+        let mut response = Response::new(s3s::Body::empty());
+        *response.status_mut() = code;
+        response.headers_mut().insert(hyper::header::CONTENT_LENGTH, hyper::header::HeaderValue::from(0));
+        response
+    };
+    if method != Method::GET && method != Method::HEAD {
+        return status(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let relative = path.trim_start_matches('/');
+    if relative.is_empty() || relative.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
+        return status(StatusCode::NOT_FOUND);
+    }
+    let Ok(bytes) = tokio::fs::read(root.join(relative)).await else {
+        return status(StatusCode::NOT_FOUND);
+    };
+    let len = bytes.len();
+    let body = if method == Method::GET { s3s::Body::from(Bytes::from(bytes)) } else { s3s::Body::empty() };
+    let mut response = Response::new(body);
+    response.headers_mut().insert(hyper::header::CONTENT_LENGTH, hyper::header::HeaderValue::from(len));
+    response
+}
+
+/// The hyper service: the fault layer around the origin (`s3s`, or a static host).
 #[derive(Clone)]
 struct FaultService {
-    inner: s3s::service::S3Service,
+    inner: Origin,
     state: Arc<State>,
 }
 
@@ -394,10 +452,9 @@ impl FaultService {
             Some(Fault::Latency(delay)) => tokio::time::sleep(delay).await,
             _ => {}
         }
-        let response = match hyper::service::Service::call(&self.inner, req).await {
+        let response = match self.inner.call(req).await {
             Ok(response) => response,
-            Err(e) => {
-                let message = format!("s3s failed: {e:?}");
+            Err(message) => {
                 return error_response(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", &message, &path);
             }
         };

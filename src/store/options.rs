@@ -16,6 +16,15 @@
 //! rate_limit = { requests_per_sec = 200 }
 //! ```
 //!
+//! An `http(s)://` store takes the `[s3]` timeouts and body guards (the
+//! endpoint keys do not apply to it):
+//!
+//! ```toml
+//! [[store]]
+//! url = "http://10.0.0.7:8080/snaps"
+//! body_idle_timeout_millis = 2000
+//! ```
+//!
 //! An entry's keys are the `[s3]` keys (endpoint, region, path style,
 //! profile, timeouts, body guards), `attempt_timeout_millis`, and the tables
 //! `rate_limit`, `concurrency` and `adaptive_rate`, each overlaid on its
@@ -67,6 +76,9 @@ impl StoreSection {
             (StoreUrl::File { root: r }, StoreUrl::File { root }) => root.starts_with(&r).then(|| r.as_os_str().len()),
             (StoreUrl::Ebs { snapshot_id: p }, StoreUrl::Ebs { snapshot_id }) => {
                 (p.is_empty() || p == *snapshot_id).then_some(1 + p.len())
+            }
+            (StoreUrl::Http { base: b }, StoreUrl::Http { base }) => {
+                (base == &b || base.starts_with(&format!("{b}/"))).then_some(b.len())
             }
             _ => None,
         }
@@ -223,6 +235,16 @@ mod tests {
         validate(&base, &stores).unwrap();
         assert_eq!(resolve(&base, &stores, &snap).unwrap().rate_limit.requests_per_sec.map(|r| r.get()), Some(100));
         assert_eq!(resolve(&base, &stores, &url("s3://bkt/p")).unwrap(), base, "other kinds untouched");
+    }
+
+    #[test]
+    fn http_stores_match_by_path_segments() {
+        let stores = sections("[[store]]\nurl = \"http://h:8080/snaps\"\nattempt_timeout_millis = 7\n");
+        let base = base();
+        let got = resolve(&base, &stores, &url("http://h:8080/snaps/vol")).unwrap();
+        assert_eq!(got.attempt_timeout, Duration::from_millis(7));
+        assert_eq!(resolve(&base, &stores, &url("http://h:8080/snapshots")).unwrap(), base);
+        assert_eq!(resolve(&base, &stores, &url("http://h:8081/snaps")).unwrap(), base);
     }
 
     #[test]

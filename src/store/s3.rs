@@ -311,11 +311,24 @@ impl S3Store {
     }
 }
 
+/// A response body, chunk by chunk: what [`read_body`] reads, whichever
+/// HTTP client it came from (the SDK's `ByteStream`, hyper's `Incoming` in
+/// `store/http.rs`). An error is its message.
+pub(super) trait Chunks: Send {
+    fn next_chunk(&mut self) -> impl std::future::Future<Output = Option<Result<Bytes, String>>> + Send;
+}
+
+impl Chunks for ByteStream {
+    async fn next_chunk(&mut self) -> Option<Result<Bytes, String>> {
+        self.next().await.map(|r| r.map_err(|e| error_chain(&e)))
+    }
+}
+
 /// Read a whole body under the [`BodyGuard`]; check its length against the
 /// advertised `Content-Length` (or `len_max_bytes` when none was sent).
-async fn read_body(
+pub(super) async fn read_body(
     what: &str,
-    body: ByteStream,
+    body: impl Chunks,
     advertised: Option<u64>,
     len_max_bytes: u64,
     guard: BodyGuard,
@@ -327,7 +340,7 @@ async fn read_body(
 /// checksum, `store/ebs.rs`): no second copy of the block.
 pub(super) async fn read_body_then(
     what: &str,
-    mut body: ByteStream,
+    mut body: impl Chunks,
     advertised: Option<u64>,
     len_max_bytes: u64,
     guard: BodyGuard,
@@ -337,7 +350,7 @@ pub(super) async fn read_body_then(
     let mut buf = Assembly::new(advertised.map(|len| len + trailer.len() as u64));
     loop {
         let wait = guard.next_wait(Instant::now()).map_err(|cut| cut.error(what, buf.len() as u64, advertised))?;
-        let chunk = match tokio::time::timeout(wait, body.next()).await {
+        let chunk = match tokio::time::timeout(wait, body.next_chunk()).await {
             Err(_elapsed) => {
                 let cut = guard.cut_after_wait(Instant::now());
                 return Err(cut.error(what, buf.len() as u64, advertised));
@@ -346,9 +359,8 @@ pub(super) async fn read_body_then(
             Ok(Some(Err(e))) => {
                 let of = advertised.map(|len| format!(" of {len}")).unwrap_or_default();
                 return Err(StoreError::transient(format!(
-                    "GET {what}: body read failed after {}{of} bytes ({}): connection broke or body truncated; another attempt may pass",
+                    "GET {what}: body read failed after {}{of} bytes ({e}): connection broke or body truncated; another attempt may pass",
                     buf.len(),
-                    error_chain(&e)
                 )));
             }
             Ok(Some(Ok(chunk))) => chunk,
@@ -662,7 +674,7 @@ pub fn classify(status: Option<u16>, code: Option<&str>) -> ErrorClass {
 }
 
 /// What a class means for the block, for error messages.
-fn meaning(class: ErrorClass) -> &'static str {
+pub(super) fn meaning(class: ErrorClass) -> &'static str {
     match class {
         ErrorClass::Throttled => "the store asks us to slow down; back off and retry",
         ErrorClass::Transient => "may pass; retry with backoff",
@@ -726,7 +738,7 @@ where
 
 /// An HTTP `Retry-After` given in whole seconds (the form throttling stores
 /// send; an HTTP date is ignored, and the fetch stage caps whatever comes).
-fn parse_retry_after(value: Option<&str>) -> Option<Duration> {
+pub(super) fn parse_retry_after(value: Option<&str>) -> Option<Duration> {
     value?.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 

@@ -174,7 +174,10 @@ pub fn holder(target: &Path) -> io::Result<Option<String>> {
 
 fn acquire_device(target: &Path, me: &Holder) -> Result<TargetLock, LockError> {
     let io_err = |source| LockError::Io { path: target.to_owned(), lock: target.to_owned(), source };
-    let file = OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(target).map_err(io_err)?;
+    // A write lock needs a descriptor open for writing (no `O_EXCL`: the
+    // restore's own open decides that).
+    let file =
+        OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open(target).map_err(io_err)?;
     if !take_range(&file, me.blocks).map_err(io_err)? {
         let holder = holder_by_proc(&file, me.blocks);
         return Err(LockError::Busy { path: target.to_owned(), holder });

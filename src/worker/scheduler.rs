@@ -178,6 +178,7 @@ impl Worker {
             manifest_url: resolved.manifest_url,
             target: resolved.target,
             secondaries: resolved.secondaries,
+            peers: resolved.peers,
             in_place: false,
             restart: restart_pending,
             blocks: None,

@@ -80,6 +80,7 @@ pub fn spec(manifest_url: &str, target: &Path) -> RestoreSpec {
         manifest_url: manifest_url.to_owned(),
         target: target.to_owned(),
         secondaries: vec![],
+        peers: vec![],
         in_place: false,
         restart: false,
         blocks: None,
