@@ -59,10 +59,20 @@ pub fn process_exists(pid: u32) -> bool {
 /// lock. The lock is released when the last descriptor of this open file
 /// closes, whatever way its process ends.
 pub fn ofd_try_write_lock(file: &File, start: u64, len: u64) -> io::Result<bool> {
+    ofd_set(file, libc::F_WRLCK, start, len)
+}
+
+/// Release this open file description's lock on `len` bytes of `file` from
+/// `start` (`len` 0: to the end).
+pub fn ofd_unlock(file: &File, start: u64, len: u64) -> io::Result<()> {
+    ofd_set(file, libc::F_UNLCK, start, len).map(drop)
+}
+
+fn ofd_set(file: &File, kind: libc::c_int, start: u64, len: u64) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
     let too_far = || io::Error::new(io::ErrorKind::InvalidInput, "lock range beyond the largest file offset");
     let lock = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
+        l_type: kind as libc::c_short,
         l_whence: libc::SEEK_SET as libc::c_short,
         l_start: libc::off_t::try_from(start).map_err(|_| too_far())?,
         l_len: libc::off_t::try_from(len).map_err(|_| too_far())?,

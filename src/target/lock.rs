@@ -109,6 +109,8 @@ pub struct TargetLock {
     file: File,
     /// The lock file, removed by the last holder out; `None` for a device.
     lock_path: Option<PathBuf>,
+    /// The blocks held (`None`: all).
+    blocks: Option<(u64, u64)>,
 }
 
 /// The lock file of a regular-file target.
@@ -148,7 +150,7 @@ pub fn acquire(target: &Path, blocks: Option<(u64, u64)>, job: Option<&str>) -> 
             continue;
         }
         write_record(&file, &me, blocks.is_none()).map_err(io_err)?;
-        return Ok(TargetLock { file, lock_path: Some(lock) });
+        return Ok(TargetLock { file, lock_path: Some(lock), blocks });
     }
     Err(io_err(io::Error::other("the lock file kept being replaced")))
 }
@@ -182,7 +184,7 @@ fn acquire_device(target: &Path, me: &Holder) -> Result<TargetLock, LockError> {
         let holder = holder_by_proc(&file, me.blocks);
         return Err(LockError::Busy { path: target.to_owned(), holder });
     }
-    Ok(TargetLock { file, lock_path: None })
+    Ok(TargetLock { file, lock_path: None, blocks: me.blocks })
 }
 
 fn open_lock_file(path: &Path) -> io::Result<File> {
@@ -270,18 +272,24 @@ fn holder_by_proc(file: &File, wanted: Option<(u64, u64)>) -> Option<Holder> {
 
 impl Drop for TargetLock {
     fn drop(&mut self) {
-        // The last holder out removes the lock file: it can take the whole
-        // range only when no other restore holds any of it. Removing while
-        // holding is safe: a newcomer checks that its locked file is still
-        // the one the path names.
-        if let Some(path) = &self.lock_path
-            && crate::sys::ofd_try_write_lock(&self.file, 0, 0).unwrap_or(false)
-            && super::names_file(path, &self.file)
-            && let Err(e) = std::fs::remove_file(path)
-        {
-            tracing::warn!(path = %path.display(), error = %e, "could not remove the target's lock file");
+        // The last holder out removes the lock file. It lets its own range
+        // go first, then tries for the whole file: that succeeds only when no
+        // other restore holds any of it, and of holders leaving at once the
+        // last to try always succeeds. Removing while holding is safe: a
+        // newcomer checks that its locked file is still the one the path
+        // names.
+        if let Some(path) = &self.lock_path {
+            let (start, len) = range_of(self.blocks);
+            let alone = crate::sys::ofd_unlock(&self.file, start, len).is_ok()
+                && crate::sys::ofd_try_write_lock(&self.file, 0, 0).unwrap_or(false);
+            if alone
+                && super::names_file(path, &self.file)
+                && let Err(e) = std::fs::remove_file(path)
+            {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove the target's lock file");
+            }
         }
-        // Closing the descriptor (dropping `file`) releases the lock.
+        // Closing the descriptor (dropping `file`) releases what is left.
     }
 }
 
