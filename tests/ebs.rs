@@ -341,3 +341,41 @@ async fn a_killed_restore_resumes_without_refetching_settled_blocks() {
     }
     assert!(!ckpt.exists(), "the checkpoint goes with the completed restore");
 }
+
+/// A worker job names the snapshot whole (`"manifest": "ebs://snap-..."`)
+/// under any profile: the same restore as the CLI's, reported in its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_job_restores_an_ebs_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, image) = serve(dir.path(), 12, 23).await;
+    let config = config(dir.path(), 8);
+    let roots = dir.path().join("targets");
+    std::fs::create_dir_all(&roots).unwrap();
+    let worker = format!(
+        "\n[worker]\ntarget_roots = [\"{}\"]\ntarget_free_bytes_min = 0\n\n[worker.profiles.main]\nstore = \"file://{}\"\n",
+        roots.display(),
+        dir.path().display()
+    );
+    let mut toml = std::fs::read_to_string(&config).unwrap();
+    toml.push_str(&worker);
+    std::fs::write(&config, toml).unwrap();
+    let log = dir.path().join("serve.log");
+    let (_worker, client) = common::serve_worker(&config, Some(&server.endpoint_url()), dir.path(), &log).await;
+    let target = roots.join("ebs.img");
+    let spec = rehydrate::worker::JobSpec {
+        id: "ebs-1".into(),
+        profile: "main".into(),
+        manifest: format!("ebs://{SNAP}"),
+        target: target.clone(),
+        replace: false,
+        restart: false,
+        export: Default::default(),
+    };
+    client.submit(&spec).await.unwrap();
+    let job = common::job_ended(&client, "ebs-1").await;
+    assert_eq!(job.state, rehydrate::worker::JobState::Succeeded, "{job:?}");
+    assert_restored(&target, &image);
+    assert_eq!(job.sources.get("primary").copied(), Some(server.block_requests()), "{job:?}");
+    let out = verify(&server, dir.path(), &target).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+}

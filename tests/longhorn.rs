@@ -341,3 +341,40 @@ fn a_live_deletion_lock_holds_the_restore_off_and_an_expired_one_does_not() {
     left.sort();
     assert_eq!(left, vec!["lock-0000000000000000.lck".to_owned(), "lock-ffffffffffffffff.lck".to_owned()]);
 }
+
+/// A worker profile whose store is a Longhorn backup target takes the backup
+/// as its job's manifest (`volume=V&backup=B`): the same restore as the
+/// CLI's, the lock released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_job_restores_a_longhorn_backup() {
+    let fx = Fixture::new();
+    let want = image(6, 31);
+    let root = fx.path("nfs");
+    write_backup(&root, VOLUME, BACKUP, &want, "lz4", false);
+    let roots = fx.path("targets");
+    std::fs::create_dir_all(&roots).unwrap();
+    let mut toml = std::fs::read_to_string(&fx.config).unwrap();
+    toml.push_str(&format!(
+        "\n[worker]\ntarget_roots = [\"{}\"]\ntarget_free_bytes_min = 0\n\n[worker.profiles.lh]\nstore = \"longhorn+file://{}\"\n",
+        roots.display(),
+        root.display()
+    ));
+    std::fs::write(&fx.config, toml).unwrap();
+    let log = fx.path("serve.log");
+    let (_worker, client) = common::serve_worker(&fx.config, None, fx.dir.path(), &log).await;
+    let target = roots.join("lh.img");
+    let spec = rehydrate::worker::JobSpec {
+        id: "lh-1".into(),
+        profile: "lh".into(),
+        manifest: format!("volume={VOLUME}&backup={BACKUP}"),
+        target: target.clone(),
+        replace: false,
+        restart: false,
+        export: Default::default(),
+    };
+    client.submit(&spec).await.unwrap();
+    let job = common::job_ended(&client, "lh-1").await;
+    assert_eq!(job.state, rehydrate::worker::JobState::Succeeded, "{job:?}");
+    assert!(std::fs::read(&target).unwrap() == want, "the job's target differs from the backed-up volume");
+    assert!(locks_left(&root).is_empty(), "the job left Longhorn's lock: {:?}", locks_left(&root));
+}

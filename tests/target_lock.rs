@@ -24,7 +24,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper::Method;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rehydrate::api::client::ApiClient;
@@ -352,28 +351,8 @@ async fn a_replaced_checkpoint_is_never_overwritten() {
 
 /// A running `rehydrate serve` on the fixture's config.
 async fn serve(fx: &Fixture) -> (Reaped, ApiClient) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(binary())
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--config"])
-        .arg(&fx.config)
-        .loopback_env(&fx.server.endpoint_url(), fx.dir.path())
-        .env_remove("REHYDRATE_TOKENS")
-        .env_remove("FAILPOINTS")
-        .env("REHYDRATE_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(fx.dir.path().join("serve.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut child = Reaped(child);
-    let client = ApiClient::new(&format!("http://127.0.0.1:{port}"), None).unwrap();
-    let started = Instant::now();
-    while !client.raw(Method::GET, "/readyz", None).await.is_ok_and(|a| a.status.is_success()) {
-        assert!(child.0.try_wait().unwrap().is_none(), "the worker exited at startup");
-        assert!(started.elapsed() < DEADLINE, "the worker never became ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    (child, client)
+    let log = fx.dir.path().join("serve.log");
+    common::serve_worker(&fx.config, Some(&fx.server.endpoint_url()), fx.dir.path(), &log).await
 }
 
 /// How a worker job ended, or that its submission was refused (the problem
@@ -389,15 +368,8 @@ async fn run_job(client: &ApiClient, spec: &JobSpec) -> JobEnd {
         Err(e) => panic!("submit: {e}"),
         Ok(_) => {}
     }
-    let started = Instant::now();
-    loop {
-        let job = client.get(&spec.id).await.unwrap();
-        if matches!(job.state, JobState::Succeeded | JobState::Failed | JobState::Cancelled) {
-            return JobEnd::Ended { state: job.state, reason: job.reason };
-        }
-        assert!(started.elapsed() < DEADLINE, "job {} did not end", spec.id);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let job = common::job_ended(client, &spec.id).await;
+    JobEnd::Ended { state: job.state, reason: job.reason }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -300,3 +300,51 @@ pub async fn slow_loopback(
     server.add_fault(FaultRule::new(Fault::Latency(latency)).path_contains("/blocks/").method(FaultMethod::Get));
     (manifest, server)
 }
+
+/// `rehydrate serve` with `config` on a free loopback port, pointed at the
+/// in-process server at `endpoint` (when given; `scratch` holds the AWS
+/// stand-ins), once it answers `/readyz`; its stderr in `log`.
+pub async fn serve_worker(
+    config: &Path,
+    endpoint: Option<&str>,
+    scratch: &Path,
+    log: &Path,
+) -> (Reaped, rehydrate::api::client::ApiClient) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut cmd = std::process::Command::new(binary());
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--config"])
+        .arg(config)
+        .env_remove("REHYDRATE_TOKENS")
+        .env_remove("FAILPOINTS")
+        .env("REHYDRATE_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    if let Some(endpoint) = endpoint {
+        cmd.loopback_env(endpoint, scratch);
+    }
+    let mut child = Reaped(cmd.spawn().unwrap());
+    let client = rehydrate::api::client::ApiClient::new(&format!("http://127.0.0.1:{port}"), None).unwrap();
+    let started = std::time::Instant::now();
+    while !client.raw(hyper::Method::GET, "/readyz", None).await.is_ok_and(|a| a.status.is_success()) {
+        let exited = child.0.try_wait().unwrap();
+        assert!(exited.is_none(), "the worker exited at startup: {}", std::fs::read_to_string(log).unwrap_or_default());
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "the worker never became ready");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    (child, client)
+}
+
+/// Poll job `id` until it has ended (succeeded, failed or cancelled).
+pub async fn job_ended(client: &rehydrate::api::client::ApiClient, id: &str) -> rehydrate::worker::JobStatus {
+    use rehydrate::worker::JobState;
+    let started = std::time::Instant::now();
+    loop {
+        let job = client.get(id).await.unwrap();
+        if matches!(job.state, JobState::Succeeded | JobState::Failed | JobState::Cancelled) {
+            return job;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "job {id} did not end: {job:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
