@@ -17,8 +17,8 @@
 //! export to serve ([`restore_live`]).
 
 mod allocate;
-pub mod latency;
 pub mod ebs;
+pub mod latency;
 pub mod live;
 mod phases;
 mod pipeline;

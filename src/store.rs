@@ -215,11 +215,20 @@ pub type SharedStore = Arc<dyn BlockStore>;
 /// covering every snapshot).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum StoreUrl {
-    File { root: PathBuf },
-    S3 { bucket: String, prefix: String },
+    File {
+        root: PathBuf,
+    },
+    S3 {
+        bucket: String,
+        prefix: String,
+    },
     /// `base`: scheme, host and prefix, no trailing slash.
-    Http { base: String },
-    Ebs { snapshot_id: String },
+    Http {
+        base: String,
+    },
+    Ebs {
+        snapshot_id: String,
+    },
 }
 
 /// Why a URL is not a store or manifest URL.

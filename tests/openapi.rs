@@ -80,7 +80,10 @@ fn the_document_is_openapi_3_1_with_every_operation_described() {
             }
         }
     }
-    assert_eq!(operations, 11, "submit, list, get, cancel, export stop, blocks, peers, metrics, healthz, readyz, openapi.json");
+    assert_eq!(
+        operations, 11,
+        "submit, list, get, cancel, export stop, blocks, peers, metrics, healthz, readyz, openapi.json"
+    );
     let schemas = doc["components"]["schemas"].as_object().unwrap();
     for name in [
         "JobSpec",

@@ -212,7 +212,9 @@ async fn race_cli(fx: &Fixture, case: &str, a: (usize, &[&str]), b: (usize, &[&s
         std::fs::remove_file(&target).unwrap();
         fx.check_nothing_left(&context);
     }
-    println!("{case}: {exclusions} of {TRIES} tries overlapped and one was refused, {sequential} ran one after the other");
+    println!(
+        "{case}: {exclusions} of {TRIES} tries overlapped and one was refused, {sequential} ran one after the other"
+    );
     assert!(exclusions >= TRIES / 2, "{case}: too few tries overlapped to test anything ({exclusions} of {TRIES})");
 }
 
@@ -220,7 +222,10 @@ async fn race_cli(fx: &Fixture, case: &str, a: (usize, &[&str]), b: (usize, &[&s
 /// what to do.
 fn refused_naming(fx: &Fixture, refused: &str, holder_pid: u32, context: &str) -> bool {
     let stderr = fx.stderr(refused);
-    assert!(stderr.contains(&format!("pid {holder_pid}")), "{context}: the refusal does not name pid {holder_pid}: {stderr}");
+    assert!(
+        stderr.contains(&format!("pid {holder_pid}")),
+        "{context}: the refusal does not name pid {holder_pid}: {stderr}"
+    );
     assert!(stderr.contains("nothing was written"), "{context}: {stderr}");
     true
 }
@@ -440,6 +445,8 @@ async fn a_cli_restore_and_a_worker_job_exclude_each_other() {
         std::fs::remove_file(&target).unwrap();
         fx.check_nothing_left(&context);
     }
-    println!("cli against worker: {exclusions} of {TRIES} tries overlapped and one was refused, {sequential} sequential");
+    println!(
+        "cli against worker: {exclusions} of {TRIES} tries overlapped and one was refused, {sequential} sequential"
+    );
     assert!(exclusions >= TRIES / 2, "too few tries overlapped to test anything ({exclusions} of {TRIES})");
 }

@@ -386,7 +386,8 @@ mod tests {
     fn exports_stay_inside_the_configured_range() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = WorkerConfig { target_roots: vec![dir.path().to_owned()], ..WorkerConfig::default() };
-        let profile = crate::config::worker::ProfileConfig { store: "file:///store".into(), secondaries: vec![], peers: vec![] };
+        let profile =
+            crate::config::worker::ProfileConfig { store: "file:///store".into(), secondaries: vec![], peers: vec![] };
         config.profiles.insert("main".into(), profile);
         let spec = |export: JobExport| JobSpec {
             id: "db".into(),

@@ -86,7 +86,8 @@ pub async fn restore(
     progress: &Arc<Progress>,
     cancel: &CancellationToken,
 ) -> Result<RestoreReport, RestoreError> {
-    let run = Run { engine, progress, cancel, tenant: engine.next_tenant(), publish: None, live_file: None, held: None };
+    let run =
+        Run { engine, progress, cancel, tenant: engine.next_tenant(), publish: None, live_file: None, held: None };
     restore_as(spec, run).await
 }
 
@@ -110,7 +111,15 @@ pub async fn restore_live(
     publish: Publish,
 ) -> Result<RestoreReport, RestoreError> {
     let spec = RestoreSpec { in_place: true, ..spec.clone() };
-    let run = Run { engine, progress, cancel, tenant: engine.next_tenant(), publish: Some(publish), live_file: None, held: None };
+    let run = Run {
+        engine,
+        progress,
+        cancel,
+        tenant: engine.next_tenant(),
+        publish: Some(publish),
+        live_file: None,
+        held: None,
+    };
     restore_as(&spec, run).await
 }
 

@@ -178,8 +178,7 @@ fn acquire_device(target: &Path, me: &Holder) -> Result<TargetLock, LockError> {
     let io_err = |source| LockError::Io { path: target.to_owned(), lock: target.to_owned(), source };
     // A write lock needs a descriptor open for writing (no `O_EXCL`: the
     // restore's own open decides that).
-    let file =
-        OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open(target).map_err(io_err)?;
+    let file = OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open(target).map_err(io_err)?;
     if !take_range(&file, me.blocks).map_err(io_err)? {
         let holder = holder_by_proc(&file, me.blocks);
         return Err(LockError::Busy { path: target.to_owned(), holder });
@@ -227,10 +226,8 @@ fn write_record(mut file: &File, me: &Holder, alone: bool) -> io::Result<()> {
 /// lock file whose blocks overlap it, else the process whose descriptor
 /// carries the lock.
 fn holder_of(file: &File, lock: &Path, wanted: Option<(u64, u64)>) -> Option<Holder> {
-    let recorded = read_records(lock)
-        .into_iter()
-        .rev()
-        .find(|h| crate::sys::process_exists(h.pid) && overlaps(h.blocks, wanted));
+    let recorded =
+        read_records(lock).into_iter().rev().find(|h| crate::sys::process_exists(h.pid) && overlaps(h.blocks, wanted));
     recorded.or_else(|| holder_by_proc(file, wanted))
 }
 
