@@ -235,6 +235,27 @@ pub(crate) struct Shared<V> {
     pub(crate) payload_budget: Arc<Semaphore>,
 }
 
+/// Wait for a restore to publish its volume (the export comes up once the
+/// target is allocated), call `ready`, then serve it as `name` until `stop`.
+pub async fn serve_when_published<V: Volume>(
+    listener: Listener,
+    name: String,
+    mut published: tokio::sync::watch::Receiver<Option<Arc<V>>>,
+    stop: CancellationToken,
+    ready: impl FnOnce(),
+) {
+    let volume = tokio::select! {
+        () = stop.cancelled() => return,
+        volume = published.wait_for(Option::is_some) => match volume {
+            Ok(volume) => volume.clone(),
+            Err(_) => return,
+        },
+    };
+    let Some(volume) = volume else { return };
+    ready();
+    serve(listener, Export { name, volume, limits: Limits::default() }, stop).await;
+}
+
 /// Serve `export` on `listener` until `stop` is cancelled; then stop
 /// accepting and let open connections finish their requests in flight.
 pub async fn serve<V: Volume>(listener: Listener, export: Export<V>, stop: CancellationToken) {

@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::*;
 use hyper::Method;
 use rehydrate::api::Tokens;
@@ -31,7 +30,7 @@ use rehydrate::store::fault::FaultStore;
 use rehydrate::store::file::FileStore;
 use rehydrate::store::http::HttpStore;
 use rehydrate::store::s3::S3Config;
-use rehydrate::store::{BlockStore, BoxFuture, SharedStore, StoreError, StoreUrl};
+use rehydrate::store::{BlockStore, SharedStore, StoreUrl};
 use rehydrate::worker::{JobSpec, Worker};
 use rehydrate::write::BackendChoice;
 use serde_json::Value;
@@ -40,49 +39,6 @@ use tokio_util::sync::CancellationToken;
 const DEADLINE: Duration = Duration::from_secs(60);
 const BLOCKS: u64 = 24;
 const TOKEN: &str = "fleet-token-0123456789";
-
-/// A store whose gets of one object wait until the test opens the gate.
-#[derive(Debug)]
-struct GateStore {
-    inner: SharedStore,
-    key: String,
-    open: tokio::sync::watch::Sender<bool>,
-}
-
-impl BlockStore for GateStore {
-    fn url(&self) -> &StoreUrl {
-        self.inner.url()
-    }
-    fn get_for<'a>(
-        &'a self,
-        _ctx: &'a rehydrate::store::RequestContext,
-        key: &'a str,
-        len_max_bytes: u64,
-    ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
-        Box::pin(async move {
-            if key == self.key {
-                let mut rx = self.open.subscribe();
-                let _ = rx.wait_for(|open| *open).await;
-            }
-            self.inner.get(key, len_max_bytes).await
-        })
-    }
-    fn put_for<'a>(
-        &'a self,
-        _ctx: &'a rehydrate::store::RequestContext,
-        key: &'a str,
-        bytes: Bytes,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.put(key, bytes)
-    }
-    fn exists_for<'a>(
-        &'a self,
-        _ctx: &'a rehydrate::store::RequestContext,
-        key: &'a str,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.inner.exists(key)
-    }
-}
 
 /// A zstd snapshot in a file store (so peers serve decoded blocks of
 /// compressed objects), target roots and state directories.

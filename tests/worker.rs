@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::*;
 use hyper::Method;
 use rehydrate::api::Tokens;
@@ -21,8 +20,8 @@ use rehydrate::config::{Config, ProfileConfig};
 use rehydrate::manifest::Manifest;
 use rehydrate::restore::Engine;
 use rehydrate::sample::SampleVolume;
+use rehydrate::store::StoreUrl;
 use rehydrate::store::file::FileStore;
-use rehydrate::store::{BlockStore, BoxFuture, SharedStore, StoreError, StoreUrl};
 use rehydrate::worker::{JobSpec, Worker};
 use rehydrate::write::BackendChoice;
 use serde_json::{Value, json};
@@ -31,50 +30,6 @@ use tokio_util::sync::CancellationToken;
 /// Generous: polls end as soon as the condition holds.
 const DEADLINE: Duration = Duration::from_secs(60);
 const BLOCKS: u64 = 37;
-
-/// A store whose gets of one object wait until the test opens the gate: a
-/// job then settles everything but that block and stays running.
-#[derive(Debug)]
-struct GateStore {
-    inner: SharedStore,
-    key: String,
-    open: tokio::sync::watch::Sender<bool>,
-}
-
-impl BlockStore for GateStore {
-    fn url(&self) -> &StoreUrl {
-        self.inner.url()
-    }
-    fn get_for<'a>(
-        &'a self,
-        _ctx: &'a rehydrate::store::RequestContext,
-        key: &'a str,
-        len_max_bytes: u64,
-    ) -> BoxFuture<'a, Result<Bytes, StoreError>> {
-        Box::pin(async move {
-            if key.contains(&self.key) {
-                let mut rx = self.open.subscribe();
-                let _ = rx.wait_for(|open| *open).await;
-            }
-            self.inner.get(key, len_max_bytes).await
-        })
-    }
-    fn put_for<'a>(
-        &'a self,
-        _ctx: &'a rehydrate::store::RequestContext,
-        key: &'a str,
-        bytes: Bytes,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.inner.put(key, bytes)
-    }
-    fn exists_for<'a>(
-        &'a self,
-        _ctx: &'a rehydrate::store::RequestContext,
-        key: &'a str,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        self.inner.exists(key)
-    }
-}
 
 /// A snapshot in a file store, a target root and a state directory.
 struct Fixture {

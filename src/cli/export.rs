@@ -11,7 +11,7 @@ use super::RestoreArgs;
 use super::commands::{cancel_on_signal, run_with_progress};
 use super::output::{fail, print_restore_result};
 use crate::error::ExitCode;
-use crate::nbd::{Export, ExportAddr, Limits, Listener};
+use crate::nbd::{ExportAddr, Listener};
 use crate::restore::live::LiveVolume;
 use crate::restore::{Engine, Publish, RestoreError, RestoreSpec};
 
@@ -30,7 +30,15 @@ pub(super) async fn restore_exported(engine: Engine, args: RestoreArgs, addr: Ex
     });
     let stop = CancellationToken::new();
     let published = volume_rx.clone();
-    let server = tokio::spawn(serve_when_published(listener, addr.clone(), volume_rx, stop.clone()));
+    let url = addr.client_url();
+    let announce = move || eprintln!("exporting at {url}");
+    let server = tokio::spawn(crate::nbd::serve_when_published(
+        listener,
+        addr.name().to_owned(),
+        volume_rx,
+        stop.clone(),
+        announce,
+    ));
     let spec = RestoreSpec {
         manifest_url: args.manifest,
         target: args.target,
@@ -78,24 +86,4 @@ fn served_summary(c: &crate::restore::live::LiveCounts) -> String {
         c.demand_failures.load(Relaxed),
         c.blocks_owned.load(Relaxed),
     )
-}
-
-/// Wait for the restore to publish its volume, then serve it until `stop`.
-async fn serve_when_published(
-    listener: Listener,
-    addr: ExportAddr,
-    mut published: watch::Receiver<Option<Arc<LiveVolume>>>,
-    stop: CancellationToken,
-) {
-    let volume = tokio::select! {
-        () = stop.cancelled() => return,
-        volume = published.wait_for(Option::is_some) => match volume {
-            Ok(volume) => volume.clone(),
-            Err(_) => return,
-        },
-    };
-    let Some(volume) = volume else { return };
-    eprintln!("exporting at {}", addr.client_url());
-    let export = Export { name: addr.name().to_owned(), volume, limits: Limits::default() };
-    crate::nbd::serve(listener, export, stop).await;
 }

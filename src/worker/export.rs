@@ -25,7 +25,7 @@ use crate::config::worker::ExportRange;
 use crate::job::export::{ExportState, ExportStatus};
 use crate::job::spec::ExportPlan;
 use crate::job::{JobRecord, JobState};
-use crate::nbd::{Export, ExportAddr, Limits, Listener};
+use crate::nbd::{ExportAddr, Listener};
 use crate::restore::latency::LatencySummary;
 use crate::restore::live::LiveVolume;
 use crate::restore::progress::Progress;
@@ -131,7 +131,13 @@ impl Worker {
         });
         self.live().exports.insert(id.clone(), Arc::clone(&handle));
         tracing::info!(job = %id, url = %handle.url, "job export listening");
-        let server = tokio::spawn(serve_published(listener, id.clone(), handle.volume.subscribe(), stop.clone()));
+        let server = tokio::spawn(crate::nbd::serve_when_published(
+            listener,
+            id.clone(),
+            handle.volume.subscribe(),
+            stop.clone(),
+            || {},
+        ));
         let published = Arc::clone(&handle);
         let publish: Publish = Arc::new(move |volume| {
             published.volume.send_replace(Some(volume));
@@ -224,23 +230,4 @@ pub enum StopExportError {
     NoExport(String),
     #[error(transparent)]
     Store(JobDbError),
-}
-
-/// Wait for the restore to publish its volume, then serve it until `stop`.
-async fn serve_published(
-    listener: Listener,
-    name: String,
-    mut published: watch::Receiver<Option<Arc<LiveVolume>>>,
-    stop: CancellationToken,
-) {
-    let volume = tokio::select! {
-        () = stop.cancelled() => return,
-        volume = published.wait_for(Option::is_some) => match volume {
-            Ok(volume) => volume.clone(),
-            Err(_) => return,
-        },
-    };
-    let Some(volume) = volume else { return };
-    let export = Export { name, volume, limits: Limits::default() };
-    crate::nbd::serve(listener, export, stop).await;
 }

@@ -348,3 +348,48 @@ pub async fn job_ended(client: &rehydrate::api::client::ApiClient, id: &str) -> 
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+/// A store whose gets of the objects whose keys contain `key` wait until the
+/// test opens the gate (`open.send_replace(true)`): a restore then settles
+/// everything but those blocks and stays running.
+#[derive(Debug)]
+pub struct GateStore {
+    pub inner: rehydrate::store::SharedStore,
+    pub key: String,
+    pub open: tokio::sync::watch::Sender<bool>,
+}
+
+impl rehydrate::store::BlockStore for GateStore {
+    fn url(&self) -> &rehydrate::store::StoreUrl {
+        self.inner.url()
+    }
+    fn get_for<'a>(
+        &'a self,
+        _ctx: &'a rehydrate::store::RequestContext,
+        key: &'a str,
+        len_max_bytes: u64,
+    ) -> rehydrate::store::BoxFuture<'a, Result<bytes::Bytes, rehydrate::store::StoreError>> {
+        Box::pin(async move {
+            if key.contains(&self.key) {
+                let mut rx = self.open.subscribe();
+                let _ = rx.wait_for(|open| *open).await;
+            }
+            self.inner.get(key, len_max_bytes).await
+        })
+    }
+    fn put_for<'a>(
+        &'a self,
+        _ctx: &'a rehydrate::store::RequestContext,
+        key: &'a str,
+        bytes: bytes::Bytes,
+    ) -> rehydrate::store::BoxFuture<'a, Result<(), rehydrate::store::StoreError>> {
+        self.inner.put(key, bytes)
+    }
+    fn exists_for<'a>(
+        &'a self,
+        _ctx: &'a rehydrate::store::RequestContext,
+        key: &'a str,
+    ) -> rehydrate::store::BoxFuture<'a, Result<bool, rehydrate::store::StoreError>> {
+        self.inner.exists(key)
+    }
+}
