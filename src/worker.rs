@@ -214,11 +214,14 @@ impl Worker {
         let resolved = crate::job::spec::resolve(&spec, &self.config).map_err(SubmitError::Invalid)?;
         let spec = JobSpec { target: resolved.target, ..spec };
         let queued_max = self.config.jobs_queued_max.get();
+        // Probed before taking the job table's lock: it reads the lock file
+        // (and /proc when the file names no live holder).
+        let held_by = crate::target::holder(&spec.target).ok().flatten();
         let mut live = self.live();
         // A job of this worker holding the target is the job table's to
         // judge (replace); anyone else's lock refuses the job at once.
         if !live.busy_targets.contains_key(&spec.target)
-            && let Ok(Some(holder)) = crate::target::holder(&spec.target)
+            && let Some(holder) = held_by
         {
             return Err(SubmitError::TargetHeldElsewhere { target: spec.target.display().to_string(), holder });
         }
