@@ -31,7 +31,12 @@ pub async fn open(engine: &Engine, url: &str) -> Result<(Arc<EbsSnapshot>, Share
     );
     let policy = crate::fetch::RetryPolicy::from_config(&engine.config.fetch);
     let mut state = crate::fetch::RetryState::new(&policy, policy.jitter_seed, false);
-    let mut retry = |e: &crate::error::StoreError| state.after(e).sleep;
+    // A throttled list honours the service's Retry-After, capped like
+    // every other Retry-After (`fetch.retry_after_max_millis`).
+    let retry_after_max = policy.retry_after_max;
+    let mut retry = |e: &crate::error::StoreError| {
+        state.after(e).sleep.map(|sleep| sleep.max(e.retry_after().unwrap_or_default().min(retry_after_max)))
+    };
     let listing = raw.list(&mut retry).await.map_err(|e| match e.class {
         ErrorClass::Corrupt => RestoreError::Refused(format!("cannot list {url}: {e}")),
         _ => RestoreError::Source(format!("cannot list {url}: {e}")),

@@ -208,7 +208,7 @@ impl EbsStore {
                 Err(error) => error,
             };
             match retry(&error) {
-                Some(sleep) => tokio::time::sleep(sleep.max(error.retry_after().unwrap_or_default())).await,
+                Some(sleep) => tokio::time::sleep(sleep).await,
                 None => return Err(error),
             }
         }
