@@ -334,10 +334,10 @@ impl Settler {
             }
             // A read's wait that ended clears its flag; a quiet stall ends
             // when something settles.
-            None if self.quiet_for() < self.stall_after || !self.written.is_empty() => {
-                if self.progress.stalled().is_some_and(|r| r.starts_with(READ_STALL_PREFIX)) {
-                    self.progress.set_stalled(None);
-                }
+            None if (self.quiet_for() < self.stall_after || !self.written.is_empty())
+                && self.progress.stalled().is_some_and(|r| r.starts_with(READ_STALL_PREFIX)) =>
+            {
+                self.progress.set_stalled(None);
             }
             None => {}
         }
