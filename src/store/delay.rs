@@ -11,9 +11,10 @@
 //! - **base**: the store's median request time with the window held at its
 //!   floor, measured over [`PROBE_SAMPLES`] requests sent during the probe
 //!   (the requests sent before it, at the full window, are not counted).
-//!   The first probe starts with the first answer that carries a body; a
-//!   new one every [`PROBE_INTERVAL`], so a store whose latency changed
-//!   (farther away, busier) gets a new base;
+//!   The first probe starts with the first answer that carries a body; the
+//!   next [`PROBE_INTERVAL_FIRST`] after it, then at doubling intervals up
+//!   to [`PROBE_INTERVAL`], so a store whose latency changed (farther away,
+//!   busier) gets a new base;
 //! - **rounds**: between probes, the median time of each round trip's
 //!   requests (a window's worth of answers, at least [`PROBE_SAMPLES`]) is
 //!   compared with the base. Above `ratio_max` × base the requests are
@@ -29,8 +30,13 @@
 
 use std::time::{Duration, Instant};
 
-/// How often the base is measured again.
+/// How often the base is measured again, at most.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(10);
+/// The second probe's interval after the first; it doubles from there up
+/// to [`PROBE_INTERVAL`]. The first base is measured as the restore starts
+/// (connections opening, the machine busy setting up), often high: a second
+/// look soon after corrects it before a short restore is over.
+pub const PROBE_INTERVAL_FIRST: Duration = Duration::from_secs(1);
 /// Requests a probe, or a round, needs at least.
 pub const PROBE_SAMPLES: usize = 8;
 /// The most one round shrinks the window by.
@@ -59,6 +65,8 @@ pub struct DelayRule {
     round_since: Option<Instant>,
     /// The last round's median was above `ratio_max` × base.
     queueing: bool,
+    /// Probes done.
+    probes: u32,
 }
 
 impl DelayRule {
@@ -71,6 +79,7 @@ impl DelayRule {
             round: Vec::new(),
             round_since: None,
             queueing: false,
+            probes: 0,
         }
     }
 
@@ -103,6 +112,7 @@ impl DelayRule {
                     self.round.clear();
                     self.round_since = Some(now);
                     self.queueing = false;
+                    self.probes += 1;
                     return Some(Verdict::NewBase);
                 }
             }
@@ -112,7 +122,7 @@ impl DelayRule {
             self.start_probe(now);
             return None;
         };
-        if now.saturating_duration_since(measured) >= PROBE_INTERVAL {
+        if now.saturating_duration_since(measured) >= self.probe_interval() {
             self.start_probe(now);
             return None;
         }
@@ -132,6 +142,11 @@ impl DelayRule {
         }
         self.round_since = Some(now);
         Some(Verdict::Shrink((allowed / round.as_secs_f64()).max(SHRINK_MAX)))
+    }
+
+    /// The time from one base to the next probe.
+    fn probe_interval(&self) -> Duration {
+        PROBE_INTERVAL_FIRST.saturating_mul(1 << self.probes.saturating_sub(1).min(4)).min(PROBE_INTERVAL)
     }
 
     fn start_probe(&mut self, now: Instant) {

@@ -1,6 +1,8 @@
 //! Per-store budgets, as decorators of [`BlockStore`]: [`RateLimited`]
 //! (requests and bytes per second) and [`AdaptiveConcurrency`] (an AIMD
-//! concurrency limit that shrinks on `Throttled` and grows on success).
+//! concurrency limit that shrinks on `Throttled` and grows on success, and
+//! that the latency rule of [`super::delay`] keeps near what the store's
+//! throughput needs).
 //!
 //! Each wraps an `Arc<dyn BlockStore>` and forwards every method, and one
 //! instance per store is shared by every restore in the process, so the
@@ -24,6 +26,12 @@
 //! next tenant in turn. A restore that has queued thousands of small blocks
 //! therefore delays another restore's manifest read by one request per
 //! tenant, not by its whole queue.
+//!
+//! Demand: a request a reader is blocked on ([`RequestContext::demand`](super::RequestContext),
+//! a read of a volume still being restored) takes a slot at once, past the
+//! window and every queue (the budget's demand reserve bounds how many there
+//! are). While one is out, the other requests get no new slot beyond the
+//! floor, so the bytes in flight drain and the reader's answer has the link.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
@@ -411,8 +419,12 @@ impl Aimd {
             Some(Verdict::Shrink(factor)) => {
                 self.probing = false;
                 self.limit = (self.limit.min(self.ceiling()) * factor).max(self.min);
+                tracing::debug!(window = self.limit(), factor, "requests queue: concurrency window shrunk");
             }
-            Some(Verdict::NewBase) => self.probing = !self.throttled,
+            Some(Verdict::NewBase) => {
+                self.probing = !self.throttled;
+                tracing::debug!(base = ?self.delay.base(), window = self.limit(), "store's base latency measured");
+            }
             None => {}
         }
     }
