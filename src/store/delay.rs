@@ -99,9 +99,19 @@ impl DelayRule {
     }
 
     /// A request sent at `sent` was answered `rtt` after it, at `now`, with
-    /// the window at `limit`. Returns what the window must do, when this
-    /// answer ends a probe or a round that queued.
-    pub fn on_sample(&mut self, rtt: Duration, sent: Instant, now: Instant, limit: usize) -> Option<Verdict> {
+    /// the window at `limit`; `full`: the window was full when it was sent.
+    /// Returns what the window must do, when this answer ends a probe or a
+    /// round that queued. Only requests sent with the window full make up
+    /// rounds: a slow answer with the window not full is the store's or the
+    /// machine's doing, not the window's.
+    pub fn on_sample(
+        &mut self,
+        rtt: Duration,
+        sent: Instant,
+        now: Instant,
+        limit: usize,
+        full: bool,
+    ) -> Option<Verdict> {
         if let Some(since) = self.probe_since {
             if sent >= since {
                 self.probe.push(rtt);
@@ -126,7 +136,7 @@ impl DelayRule {
             self.start_probe(now);
             return None;
         }
-        if self.round_since.is_some_and(|since| sent < since) {
+        if !full || self.round_since.is_some_and(|since| sent < since) {
             return None;
         }
         self.round.push(rtt);
@@ -174,25 +184,25 @@ mod tests {
         let t0 = Instant::now();
         let mut rule = DelayRule::new(1.5);
         assert!(!rule.probing(), "no probe before any answer: the window starts as configured");
-        assert_eq!(rule.on_sample(ms(60), t0, t0 + ms(60), 64), None);
+        assert_eq!(rule.on_sample(ms(60), t0, t0 + ms(60), 64, true), None);
         assert!(rule.probing());
         let since = t0 + ms(60);
         // The full window's requests, sent before the probe, drain: ignored.
         for i in 0..63 {
-            rule.on_sample(ms(60), t0, since + ms(i), 64);
+            rule.on_sample(ms(60), t0, since + ms(i), 64, true);
         }
         assert!(rule.probing() && rule.base().is_none());
         for i in 0..PROBE_SAMPLES as u64 {
-            rule.on_sample(ms(4 + i % 2), since + ms(i), since + ms(10 + i), 64);
+            rule.on_sample(ms(4 + i % 2), since + ms(i), since + ms(10 + i), 64, true);
         }
         assert!(!rule.probing());
         assert_eq!(rule.base(), Some(ms(5)));
     }
 
     fn probed(rule: &mut DelayRule, base: Duration, at: Instant) {
-        rule.on_sample(base, at, at, 4);
+        rule.on_sample(base, at, at, 4, true);
         for _ in 0..PROBE_SAMPLES {
-            rule.on_sample(base, at, at, 4);
+            rule.on_sample(base, at, at, 4, true);
         }
         assert_eq!(rule.base(), Some(base));
     }
@@ -204,26 +214,27 @@ mod tests {
         probed(&mut rule, ms(10), t0);
         // 14 ms medians: within 1.5 x 10 ms, nothing to do.
         for _ in 0..32 {
-            assert_eq!(rule.on_sample(ms(14), t0, t0 + ms(1), 32), None);
+            assert_eq!(rule.on_sample(ms(14), t0, t0 + ms(1), 32, true), None);
         }
         assert!(!rule.queueing());
         // 20 ms: the window that holds 15 ms is 3/4 of this one; the
         // verdict comes once per round (32 answers).
-        let verdicts: Vec<_> = (0..32).filter_map(|_| rule.on_sample(ms(20), t0, t0 + ms(2), 32)).collect();
+        let verdicts: Vec<_> = (0..32).filter_map(|_| rule.on_sample(ms(20), t0, t0 + ms(2), 32, true)).collect();
         assert_eq!(verdicts, vec![Verdict::Shrink(0.75)]);
         assert!(rule.queueing());
         // Requests sent before that verdict went at the old window: not
         // judged again.
-        assert!((0..64).all(|_| rule.on_sample(ms(20), t0, t0 + ms(3), 32).is_none()));
+        assert!((0..64).all(|_| rule.on_sample(ms(20), t0, t0 + ms(3), 32, true).is_none()));
         // 100 ms: at most halved.
         let sent = t0 + ms(2);
-        let verdicts: Vec<_> = (0..8).filter_map(|_| rule.on_sample(ms(100), sent, t0 + ms(3), 4)).collect();
+        let verdicts: Vec<_> = (0..8).filter_map(|_| rule.on_sample(ms(100), sent, t0 + ms(3), 4, true)).collect();
         assert_eq!(verdicts, vec![Verdict::Shrink(SHRINK_MAX)]);
         // A long tail is not queueing: the median decides.
         let mut tail = vec![ms(12); 6];
         tail.extend([ms(300), ms(900)]);
         let sent = t0 + ms(3);
-        let verdicts: Vec<_> = tail.into_iter().filter_map(|rtt| rule.on_sample(rtt, sent, t0 + ms(4), 8)).collect();
+        let verdicts: Vec<_> =
+            tail.into_iter().filter_map(|rtt| rule.on_sample(rtt, sent, t0 + ms(4), 8, true)).collect();
         assert!(verdicts.is_empty() && !rule.queueing());
     }
 
@@ -234,10 +245,10 @@ mod tests {
         probed(&mut rule, ms(1), t0);
         // The store moved farther away: 30 ms at any window.
         let later = t0 + PROBE_INTERVAL;
-        assert_eq!(rule.on_sample(ms(30), t0, later, 64), None);
+        assert_eq!(rule.on_sample(ms(30), t0, later, 64, true), None);
         assert!(rule.probing());
         let verdicts: Vec<_> = (0..PROBE_SAMPLES as u64)
-            .filter_map(|i| rule.on_sample(ms(30), later + ms(i), later + ms(30 + i), 64))
+            .filter_map(|i| rule.on_sample(ms(30), later + ms(i), later + ms(30 + i), 64, true))
             .collect();
         assert_eq!(verdicts, vec![Verdict::NewBase]);
         assert_eq!(rule.base(), Some(ms(30)));

@@ -410,12 +410,13 @@ impl Aimd {
     /// the latency rule may shrink the window (it then leaves slow start).
     /// Answers far smaller than the mean (a manifest, a listing) are not
     /// the blocks whose time the rule compares.
-    pub fn on_rtt(&mut self, bytes: u64, rtt: Duration, sent: Instant, now: Instant) {
+    /// `full`: the window was full when the request was sent.
+    pub fn on_rtt(&mut self, bytes: u64, rtt: Duration, sent: Instant, now: Instant, full: bool) {
         if self.mean_bytes.is_none_or(|mean| (bytes as f64) < mean / 2.0) {
             return;
         }
         let limit = self.limit();
-        match self.delay.on_sample(rtt, sent, now, limit) {
+        match self.delay.on_sample(rtt, sent, now, limit, full) {
             Some(Verdict::Shrink(factor)) => {
                 self.probing = false;
                 self.limit = (self.limit.min(self.ceiling()) * factor).max(self.min);
@@ -493,6 +494,8 @@ impl Window {
 #[derive(Debug)]
 struct Grant {
     gate: Option<Arc<Gate>>,
+    /// The window was full once this slot was handed out.
+    full: bool,
 }
 
 impl Grant {
@@ -502,6 +505,7 @@ impl Grant {
             outcome: Outcome::Neutral,
             demand: false,
             acquired: Instant::now(),
+            full: self.full,
         }
     }
 }
@@ -509,7 +513,7 @@ impl Grant {
 impl Drop for Grant {
     fn drop(&mut self) {
         if let Some(gate) = self.gate.take() {
-            gate.release(Outcome::Neutral, false, Instant::now());
+            gate.release(Outcome::Neutral, false, Instant::now(), false);
         }
     }
 }
@@ -594,6 +598,7 @@ impl Gate {
                     outcome: Outcome::Neutral,
                     demand,
                     acquired: Instant::now(),
+                    full: !window.background_room(),
                 });
             }
             let (tx, rx) = oneshot::channel();
@@ -610,7 +615,7 @@ impl Gate {
     }
 
     /// A slot taken at `acquired` comes back with its request's outcome.
-    fn release(self: &Arc<Self>, outcome: Outcome, demand: bool, acquired: Instant) {
+    fn release(self: &Arc<Self>, outcome: Outcome, demand: bool, acquired: Instant, full: bool) {
         let now = Instant::now();
         let mut window = self.lock();
         // Requests wait because the window is full, not because a reader
@@ -624,7 +629,7 @@ impl Gate {
                 // A demand request holds no slot of the window: its time
                 // says nothing about the window's queueing.
                 if !demand {
-                    window.aimd.on_rtt(bytes, now.saturating_duration_since(acquired), acquired, now);
+                    window.aimd.on_rtt(bytes, now.saturating_duration_since(acquired), acquired, now, full);
                 }
             }
             Outcome::Throttled => {
@@ -647,7 +652,8 @@ impl Gate {
             }
             window.last_served = tenant;
             window.in_flight += 1;
-            if let Err(mut unsent) = waiter.send(Grant { gate: Some(Arc::clone(self)) }) {
+            let full = !window.background_room();
+            if let Err(mut unsent) = waiter.send(Grant { gate: Some(Arc::clone(self)), full }) {
                 // The waiter gave up: take the slot back here, under the lock.
                 unsent.gate = None;
                 window.in_flight -= 1;
@@ -664,11 +670,13 @@ struct Slot {
     outcome: Outcome,
     demand: bool,
     acquired: Instant,
+    /// The window was full once this slot was taken.
+    full: bool,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.gate.release(self.outcome, self.demand, self.acquired);
+        self.gate.release(self.outcome, self.demand, self.acquired, self.full);
     }
 }
 
@@ -976,7 +984,7 @@ mod tests {
             let end = t + rtt;
             for _ in 0..window {
                 a.on_success(bytes, true);
-                a.on_rtt(bytes, rtt, t, end);
+                a.on_rtt(bytes, rtt, t, end, true);
             }
             throughput = window as f64 / rtt.as_secs_f64();
             t = end;
