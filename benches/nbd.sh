@@ -31,7 +31,9 @@
 # Env: NGINX_CONF_IN (default /work/shared/bench/nginx.conf.in), TARGET_DIR
 #      (default /tmp), REHYDRATE (default target/release/rehydrate), SEED (1),
 #      NBD_PORT (10809), PORT_BASE (9080: the fixture's ports; another base
-#      shifts all four, e.g. 19080 beside a running benchmark).
+#      shifts all four, e.g. 19080 beside a running benchmark),
+#      LATENCY_RATIO_MAX (1.5: concurrency.latency_ratio_max of every restore
+#      here, W included; empty: the default, the latency rule off).
 set -euo pipefail
 
 SIZE_MIB=1024
@@ -52,6 +54,7 @@ TARGET_PARENT=${TARGET_DIR:-/tmp}
 BIN=${REHYDRATE:-$HERE/target/release/rehydrate}
 SEED=${SEED:-1}
 NBD_PORT=${NBD_PORT:-10809}
+LATENCY_RATIO_MAX=${LATENCY_RATIO_MAX-1.5}
 PORT_BASE=${PORT_BASE:-9080}
 CLEAN=$PORT_BASE RATE300=$((PORT_BASE + 2))
 # shellcheck source=benches/e2e/lib.sh
@@ -90,6 +93,9 @@ done
 nginx_start "$RUN"
 
 printf '[checkpoint]\ndir = "%s"\n' "$WORK/state" >"$WORK/config.toml"
+if [[ -n $LATENCY_RATIO_MAX ]]; then
+    printf '[concurrency]\nlatency_ratio_max = %s\n' "$LATENCY_RATIO_MAX" >>"$WORK/config.toml"
+fi
 export AWS_ACCESS_KEY_ID=nginx-ignores-signatures AWS_SECRET_ACCESS_KEY=nginx-ignores-signatures
 export AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
 unset AWS_PROFILE AWS_SESSION_TOKEN

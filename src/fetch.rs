@@ -313,6 +313,9 @@ impl FetchTelemetry {
 pub struct FetchContext {
     /// The restore these fetches work for: its turn at the stores' gates.
     pub tenant: u64,
+    /// Fetches for a reader waiting now: their requests go first at the
+    /// stores' local queues ([`RequestContext::demand`]).
+    pub demand: bool,
     pub sources: Vec<Source>,
     pub policy: RetryPolicy,
     pub telemetry: std::sync::Arc<FetchTelemetry>,
@@ -323,12 +326,18 @@ impl FetchContext {
     pub fn new(sources: Vec<Source>, config: &crate::fetch::FetchConfig) -> Self {
         let telemetry = std::sync::Arc::new(FetchTelemetry::new(&sources));
         let hedger = Hedger::new(config.hedge, sources.len());
-        Self { tenant: 0, policy: RetryPolicy::from_config(config), telemetry, hedger, sources }
+        Self { tenant: 0, demand: false, policy: RetryPolicy::from_config(config), telemetry, hedger, sources }
     }
 
     /// The same, with every request made for restore `tenant`.
     pub fn for_tenant(mut self, tenant: u64) -> Self {
         self.tenant = tenant;
+        self
+    }
+
+    /// The same, for readers waiting now ([`Self::demand`]).
+    pub fn for_demand(mut self) -> Self {
+        self.demand = true;
         self
     }
 }
@@ -627,11 +636,24 @@ async fn attempt(
     ctx.hedger.count_request();
     let queued = Instant::now();
     // The attempt deadline is the store's innermost layer (`store/timeout.rs`).
-    let request = RequestContext { tenant: ctx.tenant, sent: Some(Arc::clone(&sent)) };
+    let request = RequestContext { tenant: ctx.tenant, sent: Some(Arc::clone(&sent)), demand: ctx.demand };
     let result = match source.store.get_for(&request, key, u64::from(expected.stored_len_bytes)).await {
         Ok(raw) => {
             metrics::counter!(m::FETCHED_BYTES_TOTAL, "source" => source.name.clone()).increment(raw.len() as u64);
-            verify(raw, expected).map_err(|e| StoreError::new(e.class, format!("{key}: {}", e.message)))
+            let arrived = Instant::now();
+            let verified = verify(raw, expected).map_err(|e| StoreError::new(e.class, format!("{key}: {}", e.message)));
+            if ctx.demand {
+                let sent_at = sent.get().unwrap_or(queued);
+                tracing::debug!(
+                    block,
+                    source = %source.name,
+                    queued_ms = (sent_at - queued).as_secs_f64() * 1e3,
+                    store_ms = (arrived - sent_at).as_secs_f64() * 1e3,
+                    verify_ms = arrived.elapsed().as_secs_f64() * 1e3,
+                    "demand attempt"
+                );
+            }
+            verified
         }
         Err(e) => Err(e),
     };

@@ -212,7 +212,7 @@ pub async fn load_manifest(
     let policy = crate::fetch::RetryPolicy::from_config(&engine.config.fetch);
     let bytes = crate::fetch::get_retried(
         store,
-        &crate::store::RequestContext { tenant, sent: None },
+        &crate::store::RequestContext { tenant, sent: None, demand: false },
         key,
         Manifest::encoded_len_max(&limits),
         &policy,

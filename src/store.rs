@@ -11,6 +11,7 @@
 //! Errors are classified where they arise ([`StoreError`] carries its
 //! [`ErrorClass`](crate::error::ErrorClass)).
 
+pub mod delay;
 pub mod ebs;
 pub mod ebs_server;
 pub mod fault;
@@ -49,11 +50,15 @@ pub struct RequestContext {
     /// pace) for the store, by the innermost layer (`store/timeout.rs`).
     /// Fetch measures store latency from there.
     pub sent: Option<Arc<timeout::SentAt>>,
+    /// A reader is blocked on this request now (a read of a volume still
+    /// being restored): the stores' local queues let it go first
+    /// (`store/limit.rs`, `store/rate.rs`).
+    pub demand: bool,
 }
 
 impl RequestContext {
     /// A request outside any restore, whose send time nobody watches.
-    pub const NONE: RequestContext = RequestContext { tenant: 0, sent: None };
+    pub const NONE: RequestContext = RequestContext { tenant: 0, sent: None, demand: false };
 }
 
 /// [`RequestContext::NONE`] with a `'static` address, for the context-free

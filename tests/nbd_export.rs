@@ -433,6 +433,28 @@ async fn libnbd_tools_see_copy_and_write_the_volume_during_the_restore() {
     assert!(std::fs::read(target(&fx.dir)).unwrap() == expected, "nbdsh's write survived the restore");
 }
 
+/// The same volume exported on a unix socket (`nbd+unix://`), read by
+/// libnbd's tools while the restore runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn libnbd_tools_read_a_unix_socket_export_during_the_restore() {
+    let (Some(nbdinfo), Some(nbdcopy)) = (tool("nbdinfo"), tool("nbdcopy")) else {
+        return;
+    };
+    let mut fx = start(64, Duration::from_millis(100), 4, no_faults).await;
+    let socket = fx.dir.path().join("vol.sock");
+    let url = format!("nbd+unix:///{NAME}?socket={}", socket.display());
+    let listener = Listener::bind(&ExportAddr::parse(&url).unwrap()).await.unwrap();
+    let export = Export { name: NAME.into(), volume: Arc::clone(&fx.live), limits: Limits::default() };
+    tokio::spawn(serve(listener, export, fx.stop.clone()));
+    let info = run(&nbdinfo, &["--json", &url]).await;
+    assert!(info.contains(&format!("\"export-size\": {}", fx.size())), "{info}");
+    assert!(fx.restore_running(), "nbdcopy starts while the restore runs");
+    let copy = fx.dir.path().join("copy.img");
+    run(&nbdcopy, &[&url, copy.to_str().unwrap()]).await;
+    assert!(std::fs::read(&copy).unwrap() == fx.source(), "nbdcopy got the volume byte for byte over the socket");
+    assert!(fx.finish().await.unwrap().succeeded);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn qemu_compares_reads_and_writes_the_volume_during_the_restore() {
     let (Some(qemu_img), Some(qemu_io)) = (tool("qemu-img"), tool("qemu-io")) else {

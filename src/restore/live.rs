@@ -422,6 +422,7 @@ impl LiveVolume {
     /// Fetch, verify and write a claimed block that is not local; then it is.
     async fn restore_claimed(&self, claim: &Claim<'_>) -> io::Result<VerifiedBlock> {
         let index = claim.index;
+        let started = Instant::now();
         self.counts.demand_fetches.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::NBD_DEMAND_FETCHES_TOTAL).increment(1);
         // The demand reserve's bytes are held until the block is written.
@@ -435,8 +436,15 @@ impl LiveVolume {
                 return Err(io::Error::from_raw_os_error(libc::EIO));
             }
         };
+        let fetched = started.elapsed();
         self.pwrite(self.layout.offset(index), block.bytes().clone()).await?;
         claim.set_local();
+        tracing::debug!(
+            block = index,
+            fetch_ms = fetched.as_secs_f64() * 1e3,
+            write_ms = (started.elapsed() - fetched).as_secs_f64() * 1e3,
+            "block restored on demand"
+        );
         Ok(block)
     }
 

@@ -419,7 +419,8 @@ fn go_live(
 ) -> (Arc<BlockReader>, Arc<LiveVolume>, mpsc::Receiver<FlushRequest>) {
     // Demand fetches are a tenant of their own at the stores' gates.
     let fetch = FetchContext::new(reader.fetch().sources.clone(), &run.engine.config.fetch)
-        .for_tenant(run.engine.next_tenant());
+        .for_tenant(run.engine.next_tenant())
+        .for_demand();
     let lane = DemandLane { budget: run.engine.budget.clone(), fetch };
     let reader = Arc::new(reader.with_demand_lane(lane));
     // A FLUSH waits for its answer: a short queue is enough.

@@ -88,8 +88,16 @@ impl BlockReader {
         tracing::trace!(block = index, ?priority, %key, "reading block");
         match (&self.demand, priority) {
             (Some(lane), Priority::Demand) => {
+                let started = std::time::Instant::now();
                 let bytes = lane.budget.acquire_demand(inflight_bytes(&block.expected)).await;
+                let budget_ms = started.elapsed().as_secs_f64() * 1e3;
                 let (verified, _source) = fetch_block(&lane.fetch, &key, &block.expected, index).await?;
+                tracing::debug!(
+                    block = index,
+                    budget_ms,
+                    fetch_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "demand read"
+                );
                 Ok((verified, Some(bytes)))
             }
             _ => {

@@ -278,6 +278,9 @@ pub struct RateControl {
     /// Requests wait here in arrival order; the holder sleeps for its slot.
     turnstile: tokio::sync::Mutex<()>,
     waiting: AtomicUsize,
+    /// Demand requests (a reader blocked on them) waiting for a slot: they
+    /// skip the turnstile, and its head lets them take the next slots.
+    demand_waiting: AtomicUsize,
     burst_secs: f64,
     metric_label: Option<String>,
 }
@@ -291,6 +294,7 @@ impl RateControl {
             next_slot: Mutex::new(now),
             turnstile: tokio::sync::Mutex::new(()),
             waiting: AtomicUsize::new(0),
+            demand_waiting: AtomicUsize::new(0),
             burst_secs: config.burst_secs,
             metric_label,
         };
@@ -360,8 +364,11 @@ impl RateControl {
     }
 
     /// Wait for this request's turn at the current rate (at once while
-    /// unpaced). Cancel-safe: a waiter that goes away leaves the queue.
-    pub async fn admit(&self) {
+    /// unpaced). A `demand` request (a reader blocked on it) does not queue
+    /// behind the others: it takes the next slot, and the queue's head
+    /// waits while any demand request does. Cancel-safe: a waiter that goes
+    /// away leaves the queue.
+    pub async fn admit(&self, demand: bool) {
         if self.requests_per_sec().is_none() {
             return;
         }
@@ -369,9 +376,26 @@ impl RateControl {
         let _leave = scopeguard(|| {
             self.waiting.fetch_sub(1, Ordering::Relaxed);
         });
+        if demand {
+            self.demand_waiting.fetch_add(1, Ordering::Relaxed);
+            let _leave = scopeguard(|| {
+                self.demand_waiting.fetch_sub(1, Ordering::Relaxed);
+            });
+            return self.take_next_slot(false).await;
+        }
         let _turn = self.turnstile.lock().await;
+        self.take_next_slot(true).await
+    }
+
+    /// Sleep until a slot at the current rate is due and take it; `yields`:
+    /// not while a demand request waits for one.
+    async fn take_next_slot(&self, yields: bool) {
         loop {
             let Some(rate) = self.requests_per_sec() else { return };
+            if yields && self.demand_waiting.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_secs_f64(1.0 / rate).min(RECHECK)).await;
+                continue;
+            }
             match self.take_slot(rate, Instant::now()) {
                 None => return,
                 Some(wait) => tokio::time::sleep(wait.min(RECHECK)).await,
@@ -423,11 +447,11 @@ impl AdaptiveRate {
 
     async fn run<T>(
         &self,
-        _ctx: &super::RequestContext,
+        ctx: &super::RequestContext,
         _what: &str,
         op: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        self.control.admit().await;
+        self.control.admit(ctx.demand).await;
         let sent = self.control.on_sent();
         let result = op.await;
         let throttled = matches!(&result, Err(e) if e.class == ErrorClass::Throttled);
@@ -611,7 +635,7 @@ mod tests {
     async fn waiting_requests_are_spread_by_the_rate() {
         let config = AdaptiveRateConfig { burst_secs: 0.0, ..AdaptiveRateConfig::default() };
         let control = Arc::new(RateControl::new(&config, None, None));
-        control.admit().await;
+        control.admit(false).await;
         let sent = Instant::now();
         control.on_response(sent, true);
         // Measured ~0 before the throttle: the floor (1/s) applies at first;
@@ -630,7 +654,7 @@ mod tests {
         for _ in 0..11 {
             let control = Arc::clone(&control);
             waiters.spawn(async move {
-                control.admit().await;
+                control.admit(false).await;
                 Instant::now()
             });
         }
@@ -644,5 +668,44 @@ mod tests {
         assert!(spread >= Duration::from_millis(180), "{spread:?}");
         assert!(started.elapsed() >= Duration::from_millis(180));
         assert_eq!(control.waiting.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_demand_request_takes_the_next_slot_ahead_of_the_queue() {
+        let config = AdaptiveRateConfig { burst_secs: 0.0, ..AdaptiveRateConfig::default() };
+        let control = Arc::new(RateControl::new(&config, None, None));
+        *RateControl::lock(&control.cubic) = {
+            let mut cubic = Cubic::new(&config, Some(20.0));
+            cubic.fill_rate = Some(20.0);
+            cubic.last_throttle = Some(Instant::now());
+            cubic.last_max_rate = 20.0;
+            cubic
+        };
+        control.publish(Some(20.0));
+        // Eight background requests queue at 20/s (one per 50 ms) ...
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut waiters = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (control, order) = (Arc::clone(&control), Arc::clone(&order));
+            waiters.spawn(async move {
+                control.admit(false).await;
+                order.lock().unwrap().push("background");
+            });
+        }
+        // (The first may have gone already: the pacer was idle.)
+        while control.waiting.load(Ordering::Relaxed) + order.lock().unwrap().len() < 8 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // ... then a reader's: it goes within about one slot, not after the
+        // eight (400 ms).
+        control.admit(true).await;
+        order.lock().unwrap().push("demand");
+        while let Some(done) = waiters.join_next().await {
+            done.unwrap();
+        }
+        let order = order.lock().unwrap().clone();
+        let position = order.iter().position(|&o| o == "demand").unwrap();
+        assert!(position <= 2, "the demand request went {position}th: {order:?}");
+        assert_eq!(control.demand_waiting.load(Ordering::Relaxed), 0);
     }
 }
