@@ -4,12 +4,19 @@
 # regression against the binary before it:
 #
 #   benches/ab.sh OLD_BINARY NEW_BINARY [--size-mib N (default 2048)] [--runs N (default 5)]
+#                 [--block-size SIZE (default 1MiB)] [--port N (default 9080)]
 #
-# Builds a seeded volume, snapshots it in 1 MiB blocks (with NEW) into a tmpfs
-# store served by nginx (/work/shared/bench/nginx.conf.in, port 9080), then
-# alternates OLD and NEW restores (fdatasync included; each restore is
-# verified against the manifest outside the timed window). Prints each run and
-# the medians, and NEW's median time over OLD's.
+# Builds a seeded volume, snapshots it in SIZE blocks (with NEW) into a tmpfs
+# store served by nginx (/work/shared/bench/nginx.conf.in, port 9080; with
+# --port 9089 also the fixture's latency.conf.in, 30 ms to first byte: W7,
+# or W8 with --block-size 256KiB; --port 9083: W3, with the store itself as
+# the file:// secondary), then alternates OLD and NEW restores (fdatasync
+# included; each restore is verified against the manifest outside the timed
+# window). Prints each run (wall time, the process's user + sys CPU and peak
+# RSS from GNU time) and the medians, and NEW's median time over OLD's.
+# OLD_TOML / NEW_TOML: TOML appended to each binary's config; OLD_PORT: OLD
+# restores from that port instead (the same binary twice with --port 9083
+# OLD_PORT=9080 compares W3 with W1 in one run).
 set -euo pipefail
 
 (($# >= 2)) || { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 2; }
@@ -17,10 +24,14 @@ OLD=$1 NEW=$2
 shift 2
 SIZE_MIB=2048
 RUNS=5
+BLOCK_SIZE=1MiB
+PORT=9080
 while (($#)); do
     case $1 in
     --size-mib) SIZE_MIB=$2; shift 2 ;;
     --runs) RUNS=$2; shift 2 ;;
+    --block-size) BLOCK_SIZE=$2; shift 2 ;;
+    --port) PORT=$2; shift 2 ;;
     *) echo "ab: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -35,38 +46,55 @@ command -v nginx >/dev/null || { echo "ab: needs nginx (apt-get install -y nginx
 bench_dirs ab
 STORE=$WORK/root/bucket/snap
 seeded_volume 1 "$SIZE_MIB" "$WORK/source.img"
-"$NEW" snapshot create --source "$WORK/source.img" --store "file://$STORE" --name vol --block-size 1MiB >/dev/null
+"$NEW" snapshot create --source "$WORK/source.img" --store "file://$STORE" --name vol --block-size "$BLOCK_SIZE" >/dev/null
 rm -f "$WORK/source.img"
 nginx_write_conf "$CONF_IN" "$RUN" "$WORK/root"
 nginx_start "$RUN"
-printf '[checkpoint]\ndir = "%s"\n' "$WORK/state" >"$WORK/clean.toml"
+OLD_PORT=${OLD_PORT:-$PORT}
+if [[ $PORT == 9089 || $OLD_PORT == 9089 ]]; then nginx_latency_start "$(dirname "$CONF_IN")" "$RUN" "$WORK/root"; fi
+# W3/W4's ports fail some keys on purpose: the store itself is their secondary.
+secondary() { if [[ $1 == 9083 || $1 == 9084 ]]; then echo "--secondary=file://$STORE"; fi; }
+for which in old new; do
+    printf '[checkpoint]\ndir = "%s"\n' "$WORK/state" >"$WORK/$which.toml"
+done
+printf '%s\n' "${OLD_TOML:-}" >>"$WORK/old.toml"
+printf '%s\n' "${NEW_TOML:-}" >>"$WORK/new.toml"
 export AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=x AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
-export AWS_ENDPOINT_URL=http://127.0.0.1:9080
+echo "ab: $SIZE_MIB MiB in $BLOCK_SIZE blocks, port $PORT (old: $OLD_PORT), load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 : >"$WORK/times"
 for round in $(seq "$RUNS"); do
     for which in old new; do
-        bin=$OLD
-        [[ $which == new ]] && bin=$NEW
+        bin=$OLD port=$OLD_PORT
+        [[ $which == new ]] && bin=$NEW port=$PORT
         rm -f "$OUT/vol.img"
         sync -f "$OUT"
-        t0=$(date +%s.%N)
-        "$bin" restore --manifest s3://bucket/snap/vol.manifest --target "$OUT/vol.img" --config "$WORK/clean.toml" \
-            --restart --json >/dev/null
-        t1=$(date +%s.%N)
+        # shellcheck disable=SC2046 # secondary prints one word or nothing
+        AWS_ENDPOINT_URL=http://127.0.0.1:$port /usr/bin/time -f "%e %U %S %M" -o "$WORK/time" "$bin" restore \
+            --manifest s3://bucket/snap/vol.manifest --target "$OUT/vol.img" --config "$WORK/$which.toml" \
+            --restart --json $(secondary "$port") >"$WORK/report-$which-$round.json"
         "$NEW" verify --manifest "file://$STORE/vol.manifest" --target "$OUT/vol.img" >/dev/null
-        echo "$which $(echo "$t1 - $t0" | bc)" | tee -a "$WORK/times" >&2
+        phases=$(python3 -c 'import json,sys
+r = json.load(open(sys.argv[1])); t = r.get("timings", {}); f = r.get("fetch", {})
+print(*("%s=%.2f" % (k, t.get(k + "_secs", 0)) for k in ("prepare", "transfer", "tail", "finish")),
+      "retries=%s hedges=%s served=%s" % (f.get("retries"), f.get("hedges"), f.get("served_by_source")))' \
+            "$WORK/report-$which-$round.json")
+        echo "$which $(cat "$WORK/time") $phases" | tee -a "$WORK/times" >&2
     done
 done
 python3 - "$WORK/times" "$SIZE_MIB" <<'EOF'
 import statistics, sys
-t = {"old": [], "new": []}
+t, cpu, rss = {"old": [], "new": []}, {"old": [], "new": []}, {"old": [], "new": []}
 for line in open(sys.argv[1]):
-    which, secs = line.split()
+    which, secs, user, sys_, kib = line.split()[:5]
     t[which].append(float(secs))
-mib = int(sys.argv[2])
+    cpu[which].append(float(user) + float(sys_))
+    rss[which].append(int(kib) / 1024)
+gib = int(sys.argv[2]) / 1024
+med = statistics.median
 for which in ("old", "new"):
-    m = statistics.median(t[which])
-    print(f"{which}: median {m:.3f} s ({mib / 1024 / m:.3f} GiB/s) over {len(t[which])} runs: {', '.join(f'{x:.3f}' for x in t[which])}")
-print(f"new/old median time: {statistics.median(t['new']) / statistics.median(t['old']):.3f}")
+    m = med(t[which])
+    print(f"{which}: median {m:.3f} s ({gib / m:.3f} GiB/s), {med(cpu[which]) / gib:.2f} own CPU s/GiB, "
+          f"{med(rss[which]):.0f} MiB peak RSS over {len(t[which])} runs: {', '.join(f'{x:.3f}' for x in t[which])}")
+print(f"new/old median time: {med(t['new']) / med(t['old']):.3f}")
 EOF
