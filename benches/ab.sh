@@ -14,6 +14,8 @@
 # included; each restore is verified against the manifest outside the timed
 # window). Prints each run (wall time, the process's user + sys CPU and peak
 # RSS from GNU time) and the medians, and NEW's median time over OLD's.
+# NEW_WRAP: a command NEW runs under (e.g. "strace -f -T -e trace=fdatasync
+# -o /tmp/sync.txt"), inside the timing.
 # OLD_TOML / NEW_TOML: TOML appended to each binary's config; OLD_PORT: OLD
 # restores from that port instead (the same binary twice with --port 9083
 # OLD_PORT=9080 compares W3 with W1 in one run).
@@ -65,12 +67,12 @@ echo "ab: $SIZE_MIB MiB in $BLOCK_SIZE blocks, port $PORT (old: $OLD_PORT), load
 : >"$WORK/times"
 for round in $(seq "$RUNS"); do
     for which in old new; do
-        bin=$OLD port=$OLD_PORT
-        [[ $which == new ]] && bin=$NEW port=$PORT
+        bin=$OLD port=$OLD_PORT wrap=()
+        [[ $which == new ]] && bin=$NEW port=$PORT && read -ra wrap <<<"${NEW_WRAP:-}"
         rm -f "$OUT/vol.img"
         sync -f "$OUT"
         # shellcheck disable=SC2046 # secondary prints one word or nothing
-        AWS_ENDPOINT_URL=http://127.0.0.1:$port /usr/bin/time -f "%e %U %S %M" -o "$WORK/time" "$bin" restore \
+        AWS_ENDPOINT_URL=http://127.0.0.1:$port /usr/bin/time -f "%e %U %S %M" -o "$WORK/time" "${wrap[@]}" "$bin" restore \
             --manifest s3://bucket/snap/vol.manifest --target "$OUT/vol.img" --config "$WORK/$which.toml" \
             --restart --json $(secondary "$port") >"$WORK/report-$which-$round.json"
         "$NEW" verify --manifest "file://$STORE/vol.manifest" --target "$OUT/vol.img" >/dev/null
