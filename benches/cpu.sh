@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # rehydrate's own CPU per GiB (issue 16, point 4), rerunnable:
 #
-#   benches/cpu.sh BINARY [--runs N (default 3)] [--size-mib N (default 1024)] [--profile] [--faults]
+#   benches/cpu.sh BINARY [--runs N (default 3)] [--size-mib N (default 1024)] [--block-size SIZE (default 1MiB)]
+#                  [--profile] [--faults]
 #
 # Snapshots a seeded random volume in 1 MiB blocks into tmpfs, serves it with
 # the fixture's nginx (clean port 9080), restores it N times to TARGET_DIR
@@ -17,11 +18,12 @@ set -euo pipefail
 (($# >= 1)) || { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 2; }
 BIN=$1
 shift
-RUNS=3 SIZE_MIB=1024 PROFILE=0 FAULTS=0
+RUNS=3 SIZE_MIB=1024 BLOCK_SIZE=1MiB PROFILE=0 FAULTS=0
 while (($#)); do
     case $1 in
     --runs) RUNS=$2; shift 2 ;;
     --size-mib) SIZE_MIB=$2; shift 2 ;;
+    --block-size) BLOCK_SIZE=$2; shift 2 ;;
     --profile) PROFILE=1; shift ;;
     --faults) FAULTS=1; shift ;;
     *) echo "cpu: unknown argument $1" >&2; exit 2 ;;
@@ -36,7 +38,7 @@ bench_dirs cpu
 STORE=$WORK/root/bucket/snap
 mkdir -p "$STORE"
 seeded_volume 7 "$SIZE_MIB" "$WORK/source.img"
-"$BIN" snapshot create --source "$WORK/source.img" --store "file://$STORE" --name vol --json >/dev/null
+"$BIN" snapshot create --source "$WORK/source.img" --store "file://$STORE" --name vol --block-size "$BLOCK_SIZE" --json >/dev/null
 rm -f "$WORK/source.img"
 nginx_write_conf "$CONF_IN" "$RUN" "$WORK/root"
 nginx_start "$RUN"
@@ -45,7 +47,7 @@ export AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=x AWS_REGION=us-east-1 AWS_EC2_
 export AWS_ENDPOINT_URL=http://127.0.0.1:9080
 restore() { "$@" "$BIN" restore --manifest s3://bucket/snap/vol.manifest --target "$OUT/vol.img" --config "$WORK/clean.toml" --restart --json >/dev/null; }
 gib=$(python3 -c "print($SIZE_MIB / 1024)")
-echo "cpu: $SIZE_MIB MiB, load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "cpu: $SIZE_MIB MiB in $BLOCK_SIZE blocks, load $(cut -d' ' -f1-3 /proc/loadavg)"
 for i in $(seq "$RUNS"); do
     rm -f "$OUT/vol.img"
     restore /usr/bin/time -f "%e %U %S %M" -o "$WORK/time"
@@ -55,7 +57,7 @@ done
 rm -f "$OUT/vol.img"
 if command -v strace >/dev/null; then
     restore strace -c -f -o "$WORK/strace"
-    echo "  strace -c -f (one run, $((SIZE_MIB)) blocks):"
+    echo "  strace -c -f (one run):"
     head -20 "$WORK/strace" | sed 's/^/    /'
 fi
 rm -f "$OUT/vol.img"

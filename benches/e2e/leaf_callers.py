@@ -6,7 +6,9 @@
 For every sample whose leaf (first) frame is one of LEAVES, the first frame
 further up that names one of CALLERS decides the row. Prints each leaf's
 share of all samples, split by caller, so "the copy into the aligned
-buffer" and "hyper's buffer growth" can be told apart in one memmove.
+buffer" and "hyper's buffer growth" can be told apart in one memmove; then
+the share of the AWS SDK's per-request work (samples with an SDK frame on
+the stack, outside the body read and the big leaves).
 """
 import collections
 import sys
@@ -43,14 +45,27 @@ def samples(lines):
         yield stack
 
 
+SDK_FRAMES = ("aws_smithy", "aws_sdk_s3", "aws_sigv4", "aws_runtime")
+BODY_FRAMES = ("hyper::proto::h1::io::Buffered", "rehydrate::store::s3::Assembly")
+
+
+def is_sdk_request_work(stack):
+    if any(leaf in stack[0] for leaf in LEAVES):
+        return False
+    frames = " ".join(stack)
+    return any(f in frames for f in SDK_FRAMES) and not any(f in frames for f in BODY_FRAMES)
+
+
 def main():
     total = 0
     by_leaf = collections.Counter()
     by_caller = collections.Counter()
     leaves = collections.Counter()
+    sdk = 0
     for stack in samples(sys.stdin):
         total += 1
         leaves[stack[0]] += 1
+        sdk += is_sdk_request_work(stack)
         leaf = next((name for name in LEAVES if name in stack[0]), None)
         if leaf is None:
             continue
@@ -66,6 +81,7 @@ def main():
         for (l, caller), m in by_caller.most_common():
             if l == leaf:
                 print(f"      {100 * m / total:5.1f} %  from {caller}")
+    print(f"  {100 * sdk / max(total, 1):5.1f} %  the SDK's per-request work (SDK frames on the stack, not the body)")
 
 
 if __name__ == "__main__":
