@@ -36,9 +36,9 @@ pub const DEMAND_RESERVE_MIN_BYTES: u64 = 32 << 20;
 /// What one fetch holds besides its block's bytes: the connection's HTTP read
 /// buffer (hyper's adaptive buffer grows to `8 KiB + 100 × 4 KiB`, and a
 /// `BytesMut` reallocation can round that up) and the request's own state.
-/// Measured: peak RSS grew by about 0.5-0.65 MiB per extra request in flight
-/// (1 GiB in 256 KiB blocks at 30 ms: 173 MiB with 64 requests, 509 MiB with
-/// 512).
+/// Measured: peak RSS grew by about 0.6 MiB per extra request in flight
+/// (1 GiB in 256 KiB blocks at 30 ms, medians of 3: 233 MiB with 64
+/// requests, 498 MiB with 512).
 pub const REQUEST_OVERHEAD_BYTES: u64 = 512 << 10;
 
 #[derive(Debug, Clone)]
