@@ -29,6 +29,7 @@ pub mod readback;
 mod report;
 mod settler;
 pub mod source;
+mod unsettled;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -12,7 +12,10 @@
 //!   blocks nobody requested before (a random moment, measured in progress);
 //! - **fail point** (with the `failpoints` feature): `FAILPOINTS=<name>=N*off->panic`
 //!   crashes the child at the N+1-th pass through a named durability edge
-//!   (the binary turns that panic into an abort: no cleanup runs).
+//!   (the binary turns that panic into an abort: no cleanup runs);
+//! - **kill during a slow fdatasync** (with the `failpoints` feature): every
+//!   fdatasync takes 1.5 s longer, and SIGKILL comes late in one: the work
+//!   lost must not grow with the disk's latency.
 //!
 //! After every crash the checkpoint on disk is checked against the staging
 //! file: every block it names as settled holds the snapshot's bytes there, and
@@ -51,10 +54,13 @@ const BLOCK_BYTES: u32 = 64 * 1024;
 /// 480 blocks of 64 KiB: 360 distinct objects (the sample volume has zero and
 /// duplicate blocks), enough for twenty crashes that each make some progress.
 const BLOCKS: u64 = 480;
-/// Server-side latency of every block GET: slow enough that the blocks
-/// fetched during one fdatasync stay within the slack below even when
-/// fdatasync is slow (writeback of earlier tests' files).
-const BLOCK_LATENCY: Duration = Duration::from_millis(100);
+/// Server-side latency of every block GET: slow enough that a restore takes
+/// seconds and can be stopped part way.
+const BLOCK_LATENCY: Duration = Duration::from_millis(40);
+/// How much longer every fdatasync takes in the slow-disk crashes: long
+/// enough for the child to fetch ~150 blocks meanwhile (4 in flight at 40 ms)
+/// if nothing held it back.
+const SLOW_SYNC_MILLIS: u64 = 1500;
 /// `concurrency.concurrency_max` of the child: block requests in flight.
 const INFLIGHT_REQUESTS_MAX: u64 = 4;
 /// `checkpoint.interval_bytes` of the child, in blocks.
@@ -67,27 +73,19 @@ const CHILD_DEADLINE: Duration = Duration::from_secs(60);
 /// The most block objects one crash may throw away: objects the crashed run
 /// requested that the checkpoint it left does not name as settled.
 ///
-/// At the crash, what the run requested but its checkpoint does not hold is:
-/// - requests in flight at the server: at most [`INFLIGHT_REQUESTS_MAX`];
-/// - blocks written since the last fdatasync: the byte cadence syncs once
-///   `INTERVAL_BLOCKS` blocks were written, overshooting by at most one unit
-///   (a unit writes at most 2 blocks: an object and its duplicate), so at
-///   most `INTERVAL_BLOCKS + 2`;
-/// - one more such interval when the crash came after an fdatasync but before
-///   the checkpoint's rename (`settle-before-checkpoint`,
-///   `checkpoint-before-rename`): `INTERVAL_BLOCKS + 2`;
-/// - blocks fetched while the settler waited on fdatasync and not yet
-///   recorded: one more interval's worth as slack (the server serves at most
-///   4 blocks per 100 ms, so filling it takes a 200 ms fdatasync). The
-///   engine does not bound blocks written during a slow fdatasync (no
-///   backpressure from the settler yet), so this slack is an assumption
-///   about fdatasync latency, sized for a busy disk.
-///
-/// Objects are at most blocks: 32 of the 361 objects. Together with the
-/// other check (a restart requests nothing its checkpoint names as settled),
-/// the work a crash makes the job redo is at most this.
+/// Every object is fetched by a unit that took its blocks' bytes from the
+/// run's unsettled gate before asking for it, and gives them back only once
+/// its blocks are fdatasynced **and** the checkpoint naming them is saved.
+/// The gate holds twice the byte interval (`checkpoint.unsettled_bytes_max`
+/// in [`slow_s3_toml`]), so whatever moment the crash
+/// comes (mid-request, mid-fdatasync however slow, between the fdatasync and
+/// the checkpoint's rename), the objects requested and not named by the
+/// checkpoint are at most `2 * INTERVAL_BLOCKS`: 16 of the 361 objects, the
+/// requests in flight included. Together with the other check (a restart
+/// requests nothing its checkpoint names as settled), the work a crash makes
+/// the job redo is at most this, and it does not depend on the disk.
 fn lost_bound_objects() -> u64 {
-    INFLIGHT_REQUESTS_MAX + 2 * (INTERVAL_BLOCKS + 2) + INTERVAL_BLOCKS
+    2 * INTERVAL_BLOCKS
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +95,10 @@ enum Crash {
     Kill { fresh_requests: u64, extra_millis: u64 },
     /// Crash at the `skip + 1`-th pass through this fail point.
     FailPoint { name: &'static str, skip: u32 },
+    /// Every fdatasync takes [`SLOW_SYNC_MILLIS`] longer (a disk busy with
+    /// writeback); SIGKILL once this many never-requested blocks were
+    /// requested, plus most of one slow sync.
+    KillDuringSlowSync { fresh_requests: u64 },
     /// Run to completion.
     Complete,
 }
@@ -116,6 +118,9 @@ fn plan(rng: &mut SmallRng) -> Vec<Crash> {
         }
     }
     if cfg!(feature = "failpoints") {
+        for _ in 0..2 {
+            plan.push(Crash::KillDuringSlowSync { fresh_requests: rng.random_range(2..=12) });
+        }
         plan.push(Crash::FailPoint { name: "restore-before-swap", skip: 0 });
         plan.push(Crash::FailPoint { name: "restore-before-status", skip: 0 });
     } else {
@@ -195,6 +200,44 @@ impl Fixture {
     }
 }
 
+/// A SIGKILL once a run has requested `fresh_requests` blocks no earlier run
+/// requested, plus `extra_millis`.
+struct KillAt {
+    cycle: usize,
+    /// The server's arrivals before this run.
+    mark: usize,
+    fresh_requests: u64,
+    extra_millis: u64,
+}
+
+impl KillAt {
+    async fn run(&self, fx: &Fixture, child: &mut Reaped, requested_before: &HashSet<String>) -> ExitStatus {
+        let cycle = self.cycle;
+        let deadline = Instant::now() + CHILD_DEADLINE;
+        loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                panic!(
+                    "cycle {cycle}: the child exited ({status}) before it could be killed: {}",
+                    fx.output(cycle, "stderr")
+                );
+            }
+            let fresh = fx.block_requests(self.mark).iter().filter(|k| !requested_before.contains(*k)).count() as u64;
+            if fresh >= self.fresh_requests {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cycle {cycle}: no progress within {CHILD_DEADLINE:?}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(self.extra_millis)).await;
+        let pid = i32::try_from(child.0.id()).unwrap();
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let status = child.0.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "cycle {cycle}: {status}");
+        status
+    }
+}
+
 /// Wait for the child to exit on its own, within [`CHILD_DEADLINE`].
 async fn wait_exit(child: &mut Reaped) -> ExitStatus {
     let started = Instant::now();
@@ -265,34 +308,19 @@ async fn killed_again_and_again_resumes_with_bounded_rework_and_ends_identical()
         let failpoints = match &crash {
             Crash::FailPoint { name, skip } if *skip == 0 => Some(format!("{name}=panic")),
             Crash::FailPoint { name, skip } => Some(format!("{name}={skip}*off->panic")),
+            Crash::KillDuringSlowSync { .. } => Some(format!("target-sync-slow=return({SLOW_SYNC_MILLIS})")),
             _ => None,
         };
         let mut child = fx.spawn(cycle, failpoints);
+        let kill = |fresh_requests, extra_millis| KillAt { cycle, mark, fresh_requests, extra_millis };
         let status = match &crash {
             Crash::Kill { fresh_requests, extra_millis } => {
-                let deadline = Instant::now() + CHILD_DEADLINE;
-                loop {
-                    if let Some(status) = child.0.try_wait().unwrap() {
-                        panic!(
-                            "cycle {cycle}: the child exited ({status}) before it could be killed: {}",
-                            fx.output(cycle, "stderr")
-                        );
-                    }
-                    let fresh =
-                        fx.block_requests(mark).iter().filter(|k| !requested_before.contains(*k)).count() as u64;
-                    if fresh >= *fresh_requests {
-                        break;
-                    }
-                    assert!(Instant::now() < deadline, "cycle {cycle}: no progress within {CHILD_DEADLINE:?}");
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                tokio::time::sleep(Duration::from_millis(*extra_millis)).await;
-                let pid = i32::try_from(child.0.id()).unwrap();
-                // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet.
-                assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-                let status = child.0.wait().unwrap();
-                assert_eq!(status.signal(), Some(libc::SIGKILL), "cycle {cycle}: {status}");
-                status
+                kill(*fresh_requests, *extra_millis).run(&fx, &mut child, &requested_before).await
+            }
+            Crash::KillDuringSlowSync { fresh_requests } => {
+                // The first sync starts after INTERVAL_BLOCKS blocks: kill
+                // late in it, when units have had most of it to run ahead.
+                kill(*fresh_requests, SLOW_SYNC_MILLIS * 4 / 5).run(&fx, &mut child, &requested_before).await
             }
             Crash::FailPoint { name, .. } => {
                 let status = wait_exit(&mut child).await;

@@ -22,17 +22,35 @@ pub struct CheckpointConfig {
     /// ... or after this many newly written bytes, whichever comes first.
     /// 1 GiB: one fdatasync per GiB costs well under 1 % of a restore.
     pub interval_bytes: NonZeroU64,
+    /// Most bytes of blocks requested or written and not yet settled (fdatasync
+    /// and checkpoint): the work one crash can throw away, however slow the
+    /// target's fdatasync. Unset: `interval_bytes` + `fetch.inflight_bytes_max`
+    /// (one interval plus the blocks in flight; never binds while fdatasync
+    /// keeps up). Smaller bounds the rework tighter at the cost of throughput.
+    pub unsettled_bytes_max: Option<NonZeroU64>,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { enabled: true, dir: None, interval_millis: nz64(2_000), interval_bytes: nz64(1 << 30) }
+        Self {
+            enabled: true,
+            dir: None,
+            interval_millis: nz64(2_000),
+            interval_bytes: nz64(1 << 30),
+            unsettled_bytes_max: None,
+        }
     }
 }
 
 impl CheckpointConfig {
     pub fn interval(&self) -> Duration {
         Duration::from_millis(self.interval_millis.get())
+    }
+
+    /// The bound on requested-or-written, unsettled bytes for a process whose
+    /// in-flight budget is `inflight_bytes_max`.
+    pub fn unsettled_bytes_max(&self, inflight_bytes_max: u64) -> u64 {
+        self.unsettled_bytes_max.map_or(self.interval_bytes.get().saturating_add(inflight_bytes_max), NonZeroU64::get)
     }
 
     /// The checkpoint directory, resolved from the config or the environment.

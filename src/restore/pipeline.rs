@@ -1,8 +1,10 @@
 //! The rehydrate pipeline's dispatcher and units: the dispatcher walks the
-//! plan in block order, takes each unit's bytes from the process-wide
-//! in-flight budget (waiting when it is spent) and spawns the unit; a unit
-//! gets its block verified, writes it at every offset that holds it, gives
-//! its bytes back and reports the outcome to the settler.
+//! plan in block order, takes each unit's write bytes from the run's
+//! [`UnsettledGate`] and its in-flight bytes from the process-wide budget
+//! (waiting when either is spent) and spawns the unit; a unit gets its block
+//! verified, writes it at every offset that holds it, gives its in-flight
+//! bytes back and reports the outcome, with its unsettled permit, to the
+//! settler (which holds the permit until the blocks are settled).
 //!
 //! While the volume is exported ([`super::live`]), a unit claims each block
 //! before writing it and skips a block that is local already (read on
@@ -18,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::live::LiveVolume;
 use super::plan::{Unit, UnitSource};
 use super::read::{BlockReader, Priority};
+use super::unsettled::{UnsettledGate, UnsettledPermit};
 use crate::block::{BlockIndex, BlockLayout};
 use crate::fetch::SourceFailure;
 use crate::fetch::budget::Budget;
@@ -104,15 +107,33 @@ fn failed(ctx: &UnitContext, blocks: Vec<BlockIndex>, failures: Vec<SourceFailur
     UnitOutcome::Failed { blocks, failures, local }
 }
 
-/// Walk the plan in order, each unit waiting for its bytes in the budget.
+/// A unit's outcome and the write bytes it holds until they settle.
+pub(super) type Reported = (UnitOutcome, UnsettledPermit);
+
+/// Where the dispatcher takes each unit's bytes from.
+pub(super) struct Gates {
+    /// The process's in-flight budget.
+    pub(super) budget: Budget,
+    /// The run's written-not-settled bound.
+    pub(super) unsettled: UnsettledGate,
+}
+
+/// Walk the plan in order, each unit waiting for room in the unsettled gate
+/// and then for its bytes in the budget.
 pub(super) async fn dispatch(
     units: Vec<Unit>,
-    budget: Budget,
+    gates: Gates,
     ctx: Arc<UnitContext>,
-    outcomes: mpsc::Sender<UnitOutcome>,
+    outcomes: mpsc::Sender<Reported>,
     cancel: CancellationToken,
 ) {
+    let Gates { budget, unsettled } = gates;
     for unit in units {
+        let writes: u64 = unit.blocks.iter().map(|&i| u64::from(ctx.layout.len(i))).sum();
+        let unsettled = tokio::select! {
+            permit = unsettled.acquire(writes) => permit,
+            () = cancel.cancelled() => return,
+        };
         let charge = unit.inflight_bytes().max(u64::from(ctx.layout.len(unit.first_block())));
         let permit = tokio::select! {
             permit = budget.acquire(charge) => permit,
@@ -129,7 +150,7 @@ pub(super) async fn dispatch(
             };
             drop(permit);
             // The settler has gone only when the restore stopped: nothing to report to.
-            let _ = outcomes.send(outcome).await;
+            let _ = outcomes.send((outcome, unsettled)).await;
         });
     }
     // Every block is in flight or done: what is left is the critical path.

@@ -1,6 +1,8 @@
 //! The settler: records unit outcomes and turns written blocks into settled
 //! ones (fdatasync first, then the checkpoint: `docs/architecture.md`
-//! invariant 3), and flags the restore stalled when nothing settles, or when
+//! invariant 3), gives each unit's [`UnsettledGate`] permit back only then
+//! (so a slow fdatasync holds the dispatcher back instead of letting written,
+//! unsettled work pile up: invariant 9), and flags the restore stalled when nothing settles, or when
 //! a client read of the exported volume has waited for one block longer
 //! than `fetch.stall_after_millis`.
 
@@ -14,10 +16,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::allocate::Durable;
 use super::live::{FlushRequest, LiveVolume};
-use super::pipeline::{UnitContext, UnitOutcome, dispatch};
+use super::pipeline::{Gates, Reported, UnitContext, UnitOutcome, dispatch};
 use super::plan::Plan;
 use super::progress::Progress;
 use super::report::DamagedBlock;
+use super::unsettled::{UnsettledGate, UnsettledPermit};
 use super::{Engine, RestoreError};
 use crate::block::{BlockIndex, BlockLayout};
 use crate::checkpoint::{Checkpoint, SaveCadence, unix_now_secs};
@@ -31,7 +34,8 @@ use crate::write::Writer;
 /// How often the settler wakes to check its cadence and for stalls.
 const TICK: Duration = Duration::from_millis(200);
 /// Unit outcomes waiting for the settler. Units hold no block bytes while they
-/// wait here (their budget is already returned), so this only bounds tasks.
+/// wait here (their budget is already returned), and their written bytes are
+/// bounded by the unsettled gate, so this only bounds tasks.
 const OUTCOME_QUEUE_MAX: usize = 1024;
 
 /// Records outcomes and turns written blocks into settled ones.
@@ -50,6 +54,12 @@ pub(super) struct Settler {
     /// Written, not yet covered by a successful fdatasync.
     pub(super) written: Vec<BlockIndex>,
     pub(super) written_bytes_since_sync: u64,
+    /// Bounds what is written and not yet settled.
+    pub(super) gate: UnsettledGate,
+    /// Permits of the units recorded and not yet settled: given back to the
+    /// gate once the checkpoint naming their blocks is saved.
+    pub(super) unsettled: Vec<UnsettledPermit>,
+    pub(super) unsettled_bytes: u64,
     pub(super) cadence: SaveCadence,
     pub(super) last_settle: Instant,
     pub(super) stall_after: Duration,
@@ -96,6 +106,9 @@ impl Settler {
             checkpoint_save_failed: false,
             written: Vec::new(),
             written_bytes_since_sync: 0,
+            gate: UnsettledGate::new(c.checkpoint.unsettled_bytes_max(c.fetch.inflight_bytes_max.get())),
+            unsettled: Vec::new(),
+            unsettled_bytes: 0,
             cadence: SaveCadence::new(c.checkpoint.interval_millis, c.checkpoint.interval_bytes, Instant::now()),
             last_settle: Instant::now(),
             stall_after: c.fetch.stall_after(),
@@ -122,7 +135,8 @@ impl Settler {
         let ctx = Arc::new(units);
         let (tx, mut rx) = mpsc::channel(OUTCOME_QUEUE_MAX);
         let stop = cancel.child_token();
-        let dispatcher = tokio::spawn(dispatch(plan.units, budget, Arc::clone(&ctx), tx, stop.clone()));
+        let gates = Gates { budget, unsettled: self.gate.clone() };
+        let dispatcher = tokio::spawn(dispatch(plan.units, gates, Arc::clone(&ctx), tx, stop.clone()));
         let _stop_on_exit = stop.clone().drop_guard();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -189,9 +203,13 @@ impl Settler {
         )))
     }
 
-    pub(super) fn record(&mut self, outcome: UnitOutcome) -> Result<(), RestoreError> {
+    pub(super) fn record(&mut self, (outcome, permit): Reported) -> Result<(), RestoreError> {
         match outcome {
             UnitOutcome::Written { blocks, bytes } => {
+                if bytes > 0 {
+                    self.unsettled_bytes += permit.bytes();
+                    self.unsettled.push(permit);
+                }
                 self.written_bytes_since_sync += bytes;
                 self.progress.bytes_written.fetch_add(bytes, Ordering::Relaxed);
                 metrics::counter!(m::WRITTEN_BYTES_TOTAL).increment(bytes);
@@ -223,8 +241,12 @@ impl Settler {
         Ok(())
     }
 
+    /// On the cadence, counting what units hold in the gate too (a unit
+    /// that skipped blocks a client wrote holds more than it wrote); and at
+    /// once when the dispatcher waits on a full gate, never for the clock.
     pub(super) fn sync_due(&self) -> bool {
-        !self.written.is_empty() && self.cadence.due(Instant::now(), self.written_bytes_since_sync)
+        let bytes = self.written_bytes_since_sync.max(self.unsettled_bytes);
+        !self.written.is_empty() && (self.gate.is_waited_on() || self.cadence.due(Instant::now(), bytes))
     }
 
     /// fdatasync, then count every block written before it as settled, then
@@ -269,7 +291,16 @@ impl Settler {
         self.progress.set_stalled(self.read_stall());
         fail::fail_point!("settle-before-checkpoint");
         self.dirty = true;
-        self.save_if_dirty()
+        self.save_if_dirty()?;
+        self.release_settled();
+        Ok(())
+    }
+
+    /// The blocks recorded so far are settled and named by the saved
+    /// checkpoint: their units' room in the gate goes back to the dispatcher.
+    fn release_settled(&mut self) {
+        self.unsettled.clear();
+        self.unsettled_bytes = 0;
     }
 
     pub(super) fn save_if_dirty(&mut self) -> Result<(), RestoreError> {
@@ -303,10 +334,10 @@ impl Settler {
             }
             // A read's wait that ended clears its flag; a quiet stall ends
             // when something settles.
-            None if self.quiet_for() < self.stall_after || !self.written.is_empty() => {
-                if self.progress.stalled().is_some_and(|r| r.starts_with(READ_STALL_PREFIX)) {
-                    self.progress.set_stalled(None);
-                }
+            None if (self.quiet_for() < self.stall_after || !self.written.is_empty())
+                && self.progress.stalled().is_some_and(|r| r.starts_with(READ_STALL_PREFIX)) =>
+            {
+                self.progress.set_stalled(None);
             }
             None => {}
         }
@@ -357,8 +388,14 @@ impl Settler {
 /// How a stall reason about a client read begins.
 const READ_STALL_PREFIX: &str = "a client read has waited";
 
-/// fdatasync of the target, with a fail point that injects EIO.
+/// fdatasync of the target, with fail points that inject EIO and a slow
+/// disk (`target-sync-slow=return(MILLIS)`: the sync takes that much longer).
 pub(super) async fn sync_target(writer: &Writer) -> std::io::Result<()> {
     fail::fail_point!("target-sync-eio", |_| Err(std::io::Error::from_raw_os_error(libc::EIO)));
+    #[cfg(feature = "failpoints")]
+    if let Some(millis) = fail::eval("target-sync-slow", |arg| arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(1000))
+    {
+        tokio::time::sleep(Duration::from_millis(millis)).await;
+    }
     writer.sync().await
 }

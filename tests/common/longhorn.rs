@@ -87,7 +87,7 @@ pub fn image(blocks: usize, seed: u64) -> Vec<u8> {
 /// Compressible but not trivial bytes.
 fn fill(seed: u64, block: u64, i: usize) -> u8 {
     let x = (i as u64 / 16).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.wrapping_add(block * 0x1000_0001);
-    if i % 7 == 0 { (x >> 29) as u8 } else { (i % 251) as u8 }
+    if i.is_multiple_of(7) { (x >> 29) as u8 } else { (i % 251) as u8 }
 }
 
 /// What a generated backup holds.

@@ -209,7 +209,8 @@ pub fn binary() -> PathBuf {
 
 /// Config sections for a child reading a slowed in-process S3 server: short
 /// backoff, fixed jitter, checkpoints in `state` every 100 ms or
-/// `interval_bytes`, at most `requests_max` requests in flight, S3 deadlines
+/// `interval_bytes`, at most twice `interval_bytes` requested or written and
+/// not yet settled, at most `requests_max` requests in flight, S3 deadlines
 /// of a few seconds.
 pub fn slow_s3_toml(state: &Path, interval_bytes: u64, requests_max: u64) -> String {
     format!(
@@ -224,6 +225,7 @@ jitter_seed = 7
 dir = "{state}"
 interval_millis = 100
 interval_bytes = {interval_bytes}
+unsettled_bytes_max = {unsettled_bytes_max}
 
 [concurrency]
 concurrency_min = 2
@@ -236,7 +238,8 @@ operation_timeout_millis = 5000
 body_deadline_millis = 5000
 body_idle_timeout_millis = 2000
 "#,
-        state = state.display()
+        state = state.display(),
+        unsettled_bytes_max = 2 * interval_bytes,
     )
 }
 
