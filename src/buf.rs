@@ -443,6 +443,27 @@ mod tests {
     }
 
     #[test]
+    fn a_recycled_buffer_shows_only_the_new_content() {
+        let pool = BufPool::new(4 << 20);
+        let mut first = pool.take(1 << 20).unwrap();
+        first.extend_from_slice(&vec![0xAA; 1 << 20]).unwrap();
+        drop(first.into_bytes());
+        // The same pages come back for a shorter block: its bytes are only
+        // what was put in, never the previous block's tail.
+        let mut again = pool.take(1 << 20).unwrap();
+        assert_eq!((again.len(), pool.allocated_count()), (0, 1));
+        again.extend_from_slice(&[0x55; 100]).unwrap();
+        let bytes = again.into_bytes();
+        assert_eq!(&bytes[..], &[0x55; 100][..]);
+        drop(bytes);
+        // Past the content the capacity holds old bytes (initialised, never
+        // part of a block unless written again).
+        let mut third = pool.take(1 << 20).unwrap();
+        assert_eq!((third.len(), pool.allocated_count()), (0, 1));
+        assert_eq!((third.spare_mut()[99], third.spare_mut()[100]), (0x55, 0xAA));
+    }
+
+    #[test]
     fn idle_buffers_are_bounded() {
         let pool = BufPool::new(2 << 20);
         let bufs: Vec<_> = (0..4).map(|_| pool.take(1 << 20).unwrap()).collect();

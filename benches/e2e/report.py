@@ -112,6 +112,8 @@ def say(rec):
     for k in ("secondary", "hedges", "corrupt_written", "missing"):
         if r.get(k) is not None:
             extra += f" {k}={r[k]}"
+    if r.get("job_secs"):
+        extra += " jobs=" + ",".join(f"{x:.2f}" for x in r["job_secs"])
     print(f"  {r['workload']:3} {r['client']:22} {r['secs']:7.2f} s {r['bytes_per_sec'] / GIB:6.3f} GiB/s "
           f"cpu {r['busy_secs']:6.2f} s req {r['requests']} 503 {r['s503']} exit {r['exit']}{extra}")
 

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 
 use crate::block::{BlockIndex, BlockRange, Compression, ContentHash};
+use crate::fetch::budget::REQUEST_OVERHEAD_BYTES;
 use crate::snapshot::Snapshot;
 use crate::verify::Expected;
 
@@ -34,11 +35,16 @@ pub struct Unit {
 impl Unit {
     /// Bytes this unit holds in flight: the object as received, plus the
     /// decompressed block when it is compressed (a raw block is written from
-    /// the very buffer it arrived in).
+    /// the very buffer it arrived in), plus what its request holds besides
+    /// ([`REQUEST_OVERHEAD_BYTES`]: the connection's read buffer).
     pub fn inflight_bytes(&self) -> u64 {
         match &self.source {
-            UnitSource::Object { expected, .. } if expected.compression.is_none() => u64::from(expected.len_bytes),
-            UnitSource::Object { expected, .. } => u64::from(expected.stored_len_bytes) + u64::from(expected.len_bytes),
+            UnitSource::Object { expected, .. } if expected.compression.is_none() => {
+                u64::from(expected.len_bytes) + REQUEST_OVERHEAD_BYTES
+            }
+            UnitSource::Object { expected, .. } => {
+                u64::from(expected.stored_len_bytes) + u64::from(expected.len_bytes) + REQUEST_OVERHEAD_BYTES
+            }
             UnitSource::Zeros { .. } => 0,
         }
     }
@@ -112,4 +118,36 @@ pub fn plan(snapshot: &dyn Snapshot, range: BlockRange, fresh: bool, settled: im
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::HashAlgorithm;
+    use crate::verify::HashIn;
+
+    fn object(compression: Compression, stored_len_bytes: u32, len_bytes: u32) -> Unit {
+        let expected = Expected {
+            hash: ContentHash([0; 32]),
+            algorithm: HashAlgorithm::Blake3,
+            compression,
+            stored_len_bytes,
+            len_bytes,
+            hash_in: HashIn::Snapshot,
+        };
+        Unit { source: UnitSource::Object { key: "k".into(), expected }, blocks: vec![0] }
+    }
+
+    #[test]
+    fn a_fetch_charges_its_bytes_and_its_request() {
+        assert_eq!(
+            object(Compression::None, 256 << 10, 256 << 10).inflight_bytes(),
+            (256 << 10) + REQUEST_OVERHEAD_BYTES
+        );
+        assert_eq!(object(Compression::Zstd, 100, 1 << 20).inflight_bytes(), 100 + (1 << 20) + REQUEST_OVERHEAD_BYTES);
+        let zeros = Unit { source: UnitSource::Zeros { len_bytes: 1 << 20 }, blocks: vec![0] };
+        assert_eq!(zeros.inflight_bytes(), 0, "zeros fetch nothing");
+        // A 128 MiB budget admits 170 fetches of 256 KiB, not 512.
+        assert_eq!((128u64 << 20) / object(Compression::None, 256 << 10, 256 << 10).inflight_bytes(), 170);
+    }
 }
