@@ -33,7 +33,9 @@
 #      NBD_PORT (10809), PORT_BASE (9080: the fixture's ports; another base
 #      shifts all four, e.g. 19080 beside a running benchmark),
 #      LATENCY_RATIO_MAX (1.5: concurrency.latency_ratio_max of every restore
-#      here, W included; empty: the default, the latency rule off).
+#      here, W included; empty: the default, the latency rule off),
+#      CONCURRENCY_TOML (more [concurrency] lines for every restore here,
+#      e.g. "concurrency_min = 2"; newline-separated).
 set -euo pipefail
 
 SIZE_MIB=1024
@@ -93,9 +95,9 @@ done
 nginx_start "$RUN"
 
 printf '[checkpoint]\ndir = "%s"\n' "$WORK/state" >"$WORK/config.toml"
-if [[ -n $LATENCY_RATIO_MAX ]]; then
-    printf '[concurrency]\nlatency_ratio_max = %s\n' "$LATENCY_RATIO_MAX" >>"$WORK/config.toml"
-fi
+printf '[concurrency]\n' >>"$WORK/config.toml"
+[[ -z $LATENCY_RATIO_MAX ]] || printf 'latency_ratio_max = %s\n' "$LATENCY_RATIO_MAX" >>"$WORK/config.toml"
+[[ -z ${CONCURRENCY_TOML:-} ]] || printf '%s\n' "$CONCURRENCY_TOML" >>"$WORK/config.toml"
 export AWS_ACCESS_KEY_ID=nginx-ignores-signatures AWS_SECRET_ACCESS_KEY=nginx-ignores-signatures
 export AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
 unset AWS_PROFILE AWS_SESSION_TOKEN
