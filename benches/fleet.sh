@@ -4,7 +4,8 @@
 # peers ahead of it, against the same 4 without peers. nginx logs every
 # request; the figure is block requests at nginx over the snapshot's objects
 # (4.0 without peers; at most 1.3 wanted with peers), and the wall time of
-# the four restores (all submitted at once, until the last succeeded). Every
+# the four restores (all submitted at once, until the last succeeded), and
+# the CPU seconds the four workers spent (user + system, from /proc). Every
 # target is checked against the manifest (`rehydrate verify`).
 #
 # Then the kill run: the 4 with peers again, one worker killed (SIGKILL)
@@ -155,6 +156,18 @@ verify_targets() { # MODE INDEX...
 
 block_requests() { grep -c ' /bucket/snap/blocks/' "$LOG" || true; }
 
+# CPU seconds (user + system) the running workers have spent so far.
+workers_cpu() {
+    local pid ticks=0 stat f
+    for pid in "${PIDS[@]}"; do
+        stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+        stat=${stat##*) }
+        read -r -a f <<<"$stat"
+        ticks=$((ticks + f[11] + f[12]))
+    done
+    python3 -c "print(f'{$ticks / $(getconf CLK_TCK):.1f}')"
+}
+
 sources() { # MODE
     local i
     for i in $(seq 0 $((N - 1))); do
@@ -178,10 +191,11 @@ run() {
     local requests per_obj
     requests=$(block_requests)
     per_obj=$(python3 -c "print(f'{$requests/$OBJECTS:.2f}')")
-    local served
+    local served cpu
     served=$(sources "$mode")
+    cpu=$(workers_cpu)
     stop_workers
-    ROWS+=("$(printf '%s\t%s\t%.2f\t%s\t%s\t%s\t%s' "$mode" "$rep" "$(python3 -c "print($end-$start)")" "$requests" "$per_obj" "$verified" "$served")")
+    ROWS+=("$(printf '%s\t%s\t%.2f\t%s\t%s\t%s\t%s\t%s' "$mode" "$rep" "$(python3 -c "print($end-$start)")" "$requests" "$per_obj" "$verified" "$cpu" "$served")")
     echo "${ROWS[-1]}" >&2
 }
 
@@ -228,7 +242,7 @@ kill_run
 echo
 echo "fleet: $N workers, ${SIZE_MIB} MiB, $BLOCK blocks, $OBJECTS objects; binary $BIN"
 {
-    printf 'mode\trep\tseconds\tblock requests\tper object\tverified\tserved by source (per worker)\n'
+    printf 'mode\trep\tseconds\tblock requests\tper object\tverified\tworkers CPU s\tserved by source (per worker)\n'
     printf '%s\n' "${ROWS[@]}"
 } | column -t -s $'\t'
 python3 - "$OBJECTS" "${ROWS[@]}" <<'PY'
@@ -238,7 +252,8 @@ rows = [r.split("\t") for r in sys.argv[2:]]
 for mode in ("nopeers", "peers"):
     secs = [float(r[2]) for r in rows if r[0] == mode]
     reqs = [int(r[3]) for r in rows if r[0] == mode]
+    cpu = [float(r[6]) for r in rows if r[0] == mode]
     print(f"median {mode}: {statistics.median(secs):.2f} s, {statistics.median(reqs)} block requests "
-          f"({statistics.median(reqs)/objects:.2f} per object)")
+          f"({statistics.median(reqs)/objects:.2f} per object), workers CPU {statistics.median(cpu):.1f} s")
 PY
 echo "kill run: $KILL_ROW"
