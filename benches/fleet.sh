@@ -5,7 +5,9 @@
 # request; the figure is block requests at nginx over the snapshot's objects
 # (4.0 without peers; at most 1.3 wanted with peers), and the wall time of
 # the four restores (all submitted at once, until the last succeeded), and
-# the CPU seconds the four workers spent (user + system, from /proc). Every
+# the CPU seconds the four workers and nginx spent (user + system, from
+# /proc; on a machine with fewer cores than busy threads, the time follows
+# it). Every
 # target is checked against the manifest (`rehydrate verify`).
 #
 # Then the kill run: the 4 with peers again, one worker killed (SIGKILL)
@@ -156,10 +158,10 @@ verify_targets() { # MODE INDEX...
 
 block_requests() { grep -c ' /bucket/snap/blocks/' "$LOG" || true; }
 
-# CPU seconds (user + system) the running workers have spent so far.
-workers_cpu() {
+# CPU seconds (user + system) processes PID... have spent so far.
+cpu_of() {
     local pid ticks=0 stat f
-    for pid in "${PIDS[@]}"; do
+    for pid in "$@"; do
         stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
         stat=${stat##*) }
         read -r -a f <<<"$stat"
@@ -167,6 +169,9 @@ workers_cpu() {
     done
     python3 -c "print(f'{$ticks / $(getconf CLK_TCK):.1f}')"
 }
+workers_cpu() { cpu_of "${PIDS[@]}"; }
+# nginx's workers (the master only forks them).
+nginx_cpu() { cpu_of $(ps -o pid= --ppid "$(cat "$RUN/nginx.pid")"); }
 
 sources() { # MODE
     local i
@@ -177,11 +182,12 @@ sources() { # MODE
 
 # run MODE PEERS REP -> one row
 run() {
-    local mode=$1 peers=$2 rep=$3 i start end verified
+    local mode=$1 peers=$2 rep=$3 i start end verified nginx_before
     stop_workers
     rm -rf "$OUT"/* "$WORK"/state-*
     : >"$LOG"
     for i in $(seq 0 $((N - 1))); do config "$mode$i" "$i" "$peers"; start_worker "$mode$i" "$i"; done
+    nginx_before=$(nginx_cpu)
     start=$(date +%s.%N)
     submit_all "$mode"
     wait_succeeded $(seq 0 $((N - 1)))
@@ -193,7 +199,7 @@ run() {
     per_obj=$(python3 -c "print(f'{$requests/$OBJECTS:.2f}')")
     local served cpu
     served=$(sources "$mode")
-    cpu=$(workers_cpu)
+    cpu="$(workers_cpu)+$(python3 -c "print(f'{$(nginx_cpu) - $nginx_before:.1f}')")"
     stop_workers
     ROWS+=("$(printf '%s\t%s\t%.2f\t%s\t%s\t%s\t%s\t%s' "$mode" "$rep" "$(python3 -c "print($end-$start)")" "$requests" "$per_obj" "$verified" "$cpu" "$served")")
     echo "${ROWS[-1]}" >&2
@@ -242,7 +248,7 @@ kill_run
 echo
 echo "fleet: $N workers, ${SIZE_MIB} MiB, $BLOCK blocks, $OBJECTS objects; binary $BIN"
 {
-    printf 'mode\trep\tseconds\tblock requests\tper object\tverified\tworkers CPU s\tserved by source (per worker)\n'
+    printf 'mode\trep\tseconds\tblock requests\tper object\tverified\tCPU s (workers+nginx)\tserved by source (per worker)\n'
     printf '%s\n' "${ROWS[@]}"
 } | column -t -s $'\t'
 python3 - "$OBJECTS" "${ROWS[@]}" <<'PY'
@@ -252,8 +258,8 @@ rows = [r.split("\t") for r in sys.argv[2:]]
 for mode in ("nopeers", "peers"):
     secs = [float(r[2]) for r in rows if r[0] == mode]
     reqs = [int(r[3]) for r in rows if r[0] == mode]
-    cpu = [float(r[6]) for r in rows if r[0] == mode]
+    cpu = [sum(map(float, r[6].split("+"))) for r in rows if r[0] == mode]
     print(f"median {mode}: {statistics.median(secs):.2f} s, {statistics.median(reqs)} block requests "
-          f"({statistics.median(reqs)/objects:.2f} per object), workers CPU {statistics.median(cpu):.1f} s")
+          f"({statistics.median(reqs)/objects:.2f} per object), CPU (workers + nginx) {statistics.median(cpu):.1f} s")
 PY
 echo "kill run: $KILL_ROW"
