@@ -263,7 +263,7 @@ kill_run
 echo
 echo "fleet: $N workers, ${SIZE_MIB} MiB, $BLOCK blocks, $OBJECTS objects; binary $BIN"
 {
-    printf 'mode\trep\tseconds\tblock requests\tper object\tverified\tCPU s (workers+nginx)\tmachine busy %\tserved by source (per worker)\n'
+    printf 'mode\trep\tseconds\tblock requests\tper object\tverified\tCPU s (workers+nginx)\tmachine busy %%\tserved by source (per worker)\n'
     printf '%s\n' "${ROWS[@]}"
 } | column -t -s $'\t'
 python3 - "$OBJECTS" "${ROWS[@]}" <<'PY'
