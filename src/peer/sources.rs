@@ -6,7 +6,7 @@
 //! `[peers]` settings. Out: a [`SharedStore`] that fetch puts ahead of the
 //! object store. One request per block per peer, never retried on it:
 //!
-//! - 404 (the peer does not hold it, or not settled yet): permanent, the
+//! - 404 (the peer does not hold it, or did not write it in time): permanent, the
 //!   next source at once;
 //! - no answer (no connection, or no response headers within
 //!   `peers.attempt_timeout_millis`): the peer is skipped for
