@@ -4,7 +4,10 @@
 # peers ahead of it, against the same 4 without peers. nginx logs every
 # request; the figure is block requests at nginx over the snapshot's objects
 # (4.0 without peers; at most 1.3 wanted with peers), and the wall time of
-# the four restores (all submitted at once, until the last succeeded). Every
+# the four restores (all submitted at once, until the last succeeded), and
+# the CPU seconds the four workers and nginx spent (user + system, from
+# /proc; on a machine with fewer cores than busy threads, the time follows
+# it) and how busy the whole machine's CPUs were meanwhile. Every
 # target is checked against the manifest (`rehydrate verify`).
 #
 # Then the kill run: the 4 with peers again, one worker killed (SIGKILL)
@@ -19,6 +22,8 @@
 #        TARGET_DIR    where the restored volumes go (default /tmp)
 #        REHYDRATE     the binary (default: release build of this checkout)
 #        PORT_BASE     workers listen on PORT_BASE+1 .. PORT_BASE+4 (default 7970)
+#        PEERS_TOML    extra lines for every worker's [peers] section (e.g. "inflight_max = 32")
+#        JOBS_DIR      when set, each run's final job status and metrics per worker go there
 #
 # Needs nginx, curl, python3. Installs nothing.
 set -euo pipefail
@@ -93,6 +98,7 @@ config() {
 dir = "$WORK/state-$name"
 [peers]
 fleet_index = $index
+${PEERS_TOML:-}
 [worker]
 listen = "127.0.0.1:$((PORT_BASE + index + 1))"
 target_roots = ["$OUT/$name"]
@@ -155,6 +161,23 @@ verify_targets() { # MODE INDEX...
 
 block_requests() { grep -c ' /bucket/snap/blocks/' "$LOG" || true; }
 
+# CPU seconds (user + system) processes PID... have spent so far.
+cpu_of() {
+    local pid ticks=0 stat f
+    for pid in "$@"; do
+        stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+        stat=${stat##*) }
+        read -r -a f <<<"$stat"
+        ticks=$((ticks + f[11] + f[12]))
+    done
+    python3 -c "print(f'{$ticks / $(getconf CLK_TCK):.1f}')"
+}
+workers_cpu() { cpu_of "${PIDS[@]}"; }
+# The machine's CPU counters (busy and total jiffies, every process).
+machine_jiffies() { awk '/^cpu /{t=0; for (i=2; i<=NF; i++) t+=$i; print t-$5-$6, t}' /proc/stat; }
+# nginx's workers (the master only forks them).
+nginx_cpu() { cpu_of $(ps -o pid= --ppid "$(cat "$RUN/nginx.pid")"); }
+
 sources() { # MODE
     local i
     for i in $(seq 0 $((N - 1))); do
@@ -164,24 +187,36 @@ sources() { # MODE
 
 # run MODE PEERS REP -> one row
 run() {
-    local mode=$1 peers=$2 rep=$3 i start end verified
+    local mode=$1 peers=$2 rep=$3 i start end verified nginx_before busy busy_before total_before busy_after total_after
     stop_workers
     rm -rf "$OUT"/* "$WORK"/state-*
     : >"$LOG"
     for i in $(seq 0 $((N - 1))); do config "$mode$i" "$i" "$peers"; start_worker "$mode$i" "$i"; done
+    nginx_before=$(nginx_cpu)
+    read -r busy_before total_before < <(machine_jiffies)
     start=$(date +%s.%N)
     submit_all "$mode"
     wait_succeeded $(seq 0 $((N - 1)))
     end=$(date +%s.%N)
+    read -r busy_after total_after < <(machine_jiffies)
+    busy=$(((busy_after - busy_before) * 100 / (total_after - total_before)))
     verified=yes
     verify_targets "$mode" $(seq 0 $((N - 1))) || verified=NO
     local requests per_obj
     requests=$(block_requests)
     per_obj=$(python3 -c "print(f'{$requests/$OBJECTS:.2f}')")
-    local served
+    local served cpu
     served=$(sources "$mode")
+    if [[ -n ${JOBS_DIR:-} ]]; then
+        mkdir -p "$JOBS_DIR"
+        for i in $(seq 0 $((N - 1))); do
+            api "$i" GET /v1/jobs/vol >"$JOBS_DIR/$mode$i-$rep.json"
+            api "$i" GET /metrics >"$JOBS_DIR/$mode$i-$rep.metrics"
+        done
+    fi
+    cpu="$(workers_cpu)+$(python3 -c "print(f'{$(nginx_cpu) - $nginx_before:.1f}')")"
     stop_workers
-    ROWS+=("$(printf '%s\t%s\t%.2f\t%s\t%s\t%s\t%s' "$mode" "$rep" "$(python3 -c "print($end-$start)")" "$requests" "$per_obj" "$verified" "$served")")
+    ROWS+=("$(printf '%s\t%s\t%.2f\t%s\t%s\t%s\t%s\t%s\t%s' "$mode" "$rep" "$(python3 -c "print($end-$start)")" "$requests" "$per_obj" "$verified" "$cpu" "$busy" "$served")")
     echo "${ROWS[-1]}" >&2
 }
 
@@ -228,7 +263,7 @@ kill_run
 echo
 echo "fleet: $N workers, ${SIZE_MIB} MiB, $BLOCK blocks, $OBJECTS objects; binary $BIN"
 {
-    printf 'mode\trep\tseconds\tblock requests\tper object\tverified\tserved by source (per worker)\n'
+    printf 'mode\trep\tseconds\tblock requests\tper object\tverified\tCPU s (workers+nginx)\tmachine busy %%\tserved by source (per worker)\n'
     printf '%s\n' "${ROWS[@]}"
 } | column -t -s $'\t'
 python3 - "$OBJECTS" "${ROWS[@]}" <<'PY'
@@ -238,7 +273,10 @@ rows = [r.split("\t") for r in sys.argv[2:]]
 for mode in ("nopeers", "peers"):
     secs = [float(r[2]) for r in rows if r[0] == mode]
     reqs = [int(r[3]) for r in rows if r[0] == mode]
+    cpu = [sum(map(float, r[6].split("+"))) for r in rows if r[0] == mode]
+    busy = [int(r[7]) for r in rows if r[0] == mode]
     print(f"median {mode}: {statistics.median(secs):.2f} s, {statistics.median(reqs)} block requests "
-          f"({statistics.median(reqs)/objects:.2f} per object)")
+          f"({statistics.median(reqs)/objects:.2f} per object), CPU (workers + nginx) {statistics.median(cpu):.1f} s, "
+          f"machine busy {statistics.median(busy)} %")
 PY
 echo "kill run: $KILL_ROW"

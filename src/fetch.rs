@@ -154,6 +154,8 @@ pub struct SourceFailure {
 #[derive(Debug)]
 pub struct FetchTelemetry {
     sources: Vec<String>,
+    /// Which of `sources` are peer workers.
+    peers: Vec<bool>,
     served: Vec<AtomicU64>,
     requests: AtomicU64,
     retries: AtomicU64,
@@ -235,6 +237,7 @@ impl FetchTelemetry {
     pub fn new(sources: &[Source]) -> Self {
         Self {
             sources: sources.iter().map(|s| s.name.clone()).collect(),
+            peers: sources.iter().map(|s| s.peer).collect(),
             served: sources.iter().map(|_| AtomicU64::new(0)).collect(),
             requests: AtomicU64::new(0),
             retries: AtomicU64::new(0),
@@ -298,12 +301,21 @@ impl FetchTelemetry {
         map.values().map(|f| f.attempts).max().unwrap_or(0)
     }
 
-    fn track(&self, block: BlockIndex, source: &str, attempts: u32, started: Instant) {
+    /// Whether block `block` is being asked of a store (not a peer) now: a
+    /// peer asking this worker for it is worth keeping waiting
+    /// (`crate::peer::holdings`).
+    pub fn asking_store(&self, block: BlockIndex) -> bool {
+        let map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(inflight) = map.get(&block) else { return false };
+        self.sources.iter().zip(&self.peers).any(|(name, &peer)| !peer && *name == inflight.source)
+    }
+
+    pub(crate) fn track(&self, block: BlockIndex, source: &str, attempts: u32, started: Instant) {
         let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         map.insert(block, InFlight { block, source: source.to_owned(), attempts, started });
     }
 
-    fn untrack(&self, block: BlockIndex) {
+    pub(crate) fn untrack(&self, block: BlockIndex) {
         self.inflight.lock().unwrap_or_else(|e| e.into_inner()).remove(&block);
     }
 }

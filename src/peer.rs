@@ -5,13 +5,15 @@
 //! byte from S3. Two halves:
 //!
 //! - **serving** ([`holdings`]): a restore registers what it holds (its
-//!   target, its snapshot, the blocks it has settled); the worker's
+//!   target, its snapshot, the blocks it has written); the worker's
 //!   `GET /v1/blocks/{key}` answers a block from there, read from the target
-//!   at its offset and verified against its content hash on the way out;
+//!   at its offset and verified against its content hash on the way out (a
+//!   block the restore is fetching from its store now is waited for, up to
+//!   `peers.serve_wait_millis`);
 //! - **asking** ([`sources`]): a restore lists peer workers as sources ahead
-//!   of its object store, each behind a short deadline and a skip: a peer
-//!   that does not hold a block answers 404 at once, a dead one costs one
-//!   short timeout and is then skipped for a while.
+//!   of its object store ([`fleet_order`]), each behind a short deadline and
+//!   a skip: a peer that does not hold a block answers 404, a dead one costs
+//!   one short timeout and is then skipped for a while.
 //!
 //! **What a peer serves for a key.** A peer holds decoded blocks (the target
 //! has no compressed bytes), so it serves every block under its decoded key
@@ -68,11 +70,24 @@ pub struct PeersConfig {
     pub serve_requests_per_sec: NonZeroU32,
     /// Block requests served at once at most: serving never takes more than
     /// this many threads of disk reads and hashing from this worker's own
-    /// restores. 8.
+    /// restores. 16: three peers asking at `inflight_max` each are mostly
+    /// served without queueing, and a 1 MiB block takes about a millisecond
+    /// to hash, so 16 at once still leave the worker's own restores most of
+    /// a core.
     pub serve_concurrency_max: NonZeroUsize,
     /// A request waits at most this long for one of those slots, then gets
-    /// 429 (the peer asks its next source). 200.
+    /// 429 (the peer asks its next source). 400: a peer's store request takes
+    /// about as long, so a block found here is still the cheaper source; with
+    /// `serve_wait_millis`, the peer's answer stays within its
+    /// `attempt_timeout_millis` (1000).
     pub serve_queue_millis: u64,
+    /// A block this worker's own restore is fetching from its store right
+    /// now (asked, not yet written) is waited for up to this long, then 404:
+    /// a fleet started together asks for the same blocks at about the same
+    /// time, and one store request serving two workers is the point. Blocks
+    /// asked of a peer are not waited for (no chains of waits). 400: about
+    /// one store round trip of a 1 MiB block; 0 answers 404 at once.
+    pub serve_wait_millis: u64,
     /// Restores whose blocks are served, the newest first: a finished
     /// restore keeps serving until this many newer ones replaced it. 16.
     pub holdings_max: NonZeroUsize,
@@ -91,8 +106,9 @@ impl Default for PeersConfig {
             fleet_index: 0,
             serve: true,
             serve_requests_per_sec: NonZeroU32::new(2_000).expect("non-zero"),
-            serve_concurrency_max: NonZeroUsize::new(8).expect("non-zero"),
-            serve_queue_millis: 200,
+            serve_concurrency_max: NonZeroUsize::new(16).expect("non-zero"),
+            serve_queue_millis: 400,
+            serve_wait_millis: 400,
             holdings_max: NonZeroUsize::new(16).expect("non-zero"),
         }
     }
@@ -149,6 +165,19 @@ pub fn fleet_start(units: usize, index: u32, members: usize) -> usize {
     units * index / members
 }
 
+/// The order fleet member `index` asks `peers` in: the fleet's other
+/// members listed in fleet order (by `fleet_index`, this node left out),
+/// asked from the next member on (`index + 1`, `index + 2`, … wrapping), so
+/// each member first asks the one whose share of the volume it reaches
+/// next, and a fleet does not all ask the same member first.
+pub fn fleet_order<T>(peers: &[T], index: u32) -> Vec<&T> {
+    let mut order: Vec<&T> = peers.iter().collect();
+    if !order.is_empty() {
+        order.rotate_left(index as usize % peers.len());
+    }
+    order
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +201,19 @@ mod tests {
         for bad in [format!("{key}.zst"), "blocks/xyz".into(), "vol.manifest".into(), key.to_uppercase()] {
             assert_eq!(requested_hash(&bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn each_fleet_member_asks_the_next_member_first() {
+        // Four members; each lists the other three in fleet order.
+        let others = |me: u32| (0..4u32).filter(|&m| m != me).collect::<Vec<_>>();
+        for me in 0..4u32 {
+            let order: Vec<u32> = fleet_order(&others(me), me).into_iter().copied().collect();
+            let next: Vec<u32> = (1..4).map(|k| (me + k) % 4).collect();
+            assert_eq!(order, next, "member {me}");
+        }
+        assert!(fleet_order::<u32>(&[], 3).is_empty());
+        assert_eq!(fleet_order(&["a"], 5), [&"a"]);
     }
 
     #[test]

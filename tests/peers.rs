@@ -1,9 +1,11 @@
 //! Fleets: a worker serves the blocks it holds (`GET /v1/blocks/{hash}`)
 //! and restores list peer workers ahead of their object store.
 //!
-//! Served blocks: only settled ones (a block held back from the store is
-//! 404 until it settles), verified on the way out (the target corrupted
-//! under a block: 500, never the bytes), behind the worker's token, rate
+//! Served blocks: only written ones, verified on the way out (the target
+//! corrupted under a block, settled or only written: 500, never the bytes);
+//! written is enough, the fdatasync is not waited for; a block the worker is
+//! fetching from its store is waited for (`peers.serve_wait_millis`), then
+//! served, or 404 when it does not come; behind the worker's token, rate
 //! limited. Peers as sources: a worker restores a snapshot from a peer that
 //! holds it, asking its store for no block at all; a dead peer ahead of it
 //! costs one failed request, then is skipped.
@@ -188,7 +190,7 @@ fn gated_engine(f: &Fixture, config: Config, gated: u64) -> (Engine, tokio::sync
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_serves_only_settled_verified_blocks_and_only_with_a_token() {
+async fn a_worker_serves_only_written_verified_blocks_and_only_with_a_token() {
     let f = Fixture::new(71).await;
     let [read, corrupt, gated] = f.picks();
     let (engine, gate) = gated_engine(&f, f.config("a", vec![]), gated);
@@ -205,7 +207,7 @@ async fn a_worker_serves_only_settled_verified_blocks_and_only_with_a_token() {
     // A settled block of a zstd snapshot: served decoded, under its decoded key.
     assert_eq!(peer.get(&f.decoded_key(read), 1 << 20).await.unwrap(), f.block(read));
     assert!(peer.exists(&f.decoded_key(read)).await.unwrap(), "HEAD");
-    // Not settled yet: 404, not the bytes.
+    // Not written yet (held back from the store past serve_wait_millis): 404.
     let e = peer.get(&f.decoded_key(gated), 1 << 20).await.unwrap_err();
     assert!(e.class == ErrorClass::Permanent && e.message.contains("HTTP 404"), "{e}");
     assert!(!peer.exists(&f.decoded_key(gated)).await.unwrap());
@@ -237,6 +239,91 @@ async fn a_worker_serves_only_settled_verified_blocks_and_only_with_a_token() {
     assert_eq!(served["blocks_served"], 2, "{served:#}");
     assert_eq!(served["bytes_served"], 2 * u64::from(f.manifest.layout.block_size_bytes()), "{served:#}");
     assert_eq!(served["holdings"], 1, "{served:#}");
+    server.stop().await;
+}
+
+/// Wait for `peer` to serve block `index` of `f` (a 404 meanwhile: not yet).
+async fn served(f: &Fixture, peer: &HttpStore, index: u64) -> bytes::Bytes {
+    let start = Instant::now();
+    loop {
+        match peer.get(&f.decoded_key(index), 1 << 20).await {
+            Ok(bytes) => return bytes,
+            Err(e) => assert!(e.message.contains("HTTP 404"), "{e}"),
+        }
+        assert!(start.elapsed() < DEADLINE, "block {index} was never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn written_blocks_are_served_before_their_fdatasync_and_verified() {
+    let f = Fixture::new(74).await;
+    let [read, corrupt, gated] = f.picks();
+    let mut config = f.config("a", vec![]);
+    // No fdatasync before the end: nothing settles while the gate is shut.
+    config.checkpoint.interval_millis = std::num::NonZeroU64::new(3_600_000).unwrap();
+    config.checkpoint.interval_bytes = std::num::NonZeroU64::new(1 << 40).unwrap();
+    let (engine, gate) = gated_engine(&f, config, gated);
+    let server = start(engine, &[TOKEN]).await;
+    let target = f.target("a");
+    submit(&server.client, &f.spec("unsynced", &target)).await;
+    let peer = server.blocks(Some(TOKEN));
+    assert_eq!(served(&f, &peer, read).await, f.block(read), "written, not synced: served");
+    assert_eq!(served(&f, &peer, corrupt).await, f.block(corrupt));
+    let job = server.client.get("unsynced").await.unwrap().json();
+    assert_eq!(job["blocks"]["settled"], 0, "served before any fdatasync: {job:#}");
+
+    // The written (unsynced) block corrupted on the target: never its bytes.
+    let staging = rehydrate::target::staging_path(&target).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&staging).unwrap();
+    file.write_all_at(&[0xA5; 512], f.manifest.layout.offset(corrupt) + 100).unwrap();
+    let e = peer.get(&f.decoded_key(corrupt), 1 << 20).await.unwrap_err();
+    assert!(e.message.contains("HTTP 500"), "a written block failing verification is refused: {e}");
+    file.write_all_at(&f.block(corrupt)[100..612], f.manifest.layout.offset(corrupt) + 100).unwrap();
+
+    gate.send_replace(true);
+    wait_for(&server.client, "unsynced", "succeeded", succeeded).await;
+    check_identical(&f.manifest, &f.volume, &target);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_being_fetched_from_the_store_is_served_once_written() {
+    let f = Fixture::new(75).await;
+    let [_, _, gated] = f.picks();
+    let mut config = f.config("a", vec![]);
+    // Long enough that only the write, never the clock, ends the wait.
+    config.peers.serve_wait_millis = 120_000;
+    let (engine, gate) = gated_engine(&f, config, gated);
+    let server = start(engine, &[TOKEN]).await;
+    submit(&server.client, &f.spec("fetching", &f.target("a"))).await;
+    let total = f.manifest.layout.block_count();
+    wait_for(&server.client, "fetching", "settled but for the gated block", |job| {
+        job["blocks"]["settled"].as_u64() == Some(total - 1)
+    })
+    .await;
+    let asked = tokio::spawn({
+        let peer = server.blocks(Some(TOKEN));
+        let key = f.decoded_key(gated);
+        async move { peer.get(&key, 1 << 20).await }
+    });
+    let start = Instant::now();
+    loop {
+        let serving = server.client.raw(Method::GET, "/v1/peers", None).await.unwrap().body;
+        if serving["waiting"] == 1 {
+            break;
+        }
+        if asked.is_finished() {
+            panic!("answered without waiting for the block: {:?}", asked.await);
+        }
+        assert!(start.elapsed() < DEADLINE, "the request never waited: {serving:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gate.send_replace(true);
+    let bytes = asked.await.unwrap().expect("served once its restore wrote it");
+    assert_eq!(bytes, f.block(gated));
+    wait_for(&server.client, "fetching", "succeeded", succeeded).await;
+    check_identical(&f.manifest, &f.volume, &f.target("a"));
     server.stop().await;
 }
 

@@ -1,47 +1,67 @@
 //! What this process holds, for peers: [`Holdings`], one [`Holding`] per
-//! restore, and [`Holdings::read`], the one way a block leaves for a peer.
+//! restore, and [`Holdings::find`] then [`Holdings::read_found`], the one way
+//! a block leaves for a peer.
 //!
 //! In: restores register a holding once their target is allocated (a read
-//! handle on the target, the snapshot, and [`SettledBits`] the settler sets
-//! after each fdatasync), and withdraw it when they end short of success.
-//! A restore that succeeded keeps serving until `peers.holdings_max` newer
-//! holdings pushed it out (its handle follows the file through the swap).
+//! handle on the target, the snapshot, and [`HeldBits`] each unit sets as
+//! soon as its write of a block completed), and withdraw it when they end
+//! short of success. A restore that succeeded keeps serving until
+//! `peers.holdings_max` newer holdings pushed it out (its handle follows the
+//! file through the swap).
 //!
 //! Out: for a content hash, the decoded block, or `None`. A block is read
-//! only when its restore has settled it (written and fdatasynced), from the
-//! target at its offset, and is hashed on the way out: bytes that do not
-//! hash to the requested content hash are never served ([`ReadError::Mismatch`]).
-//! Reads and hashing run on the blocking pool.
+//! only once its restore has written it (not waiting for the fdatasync of
+//! the checkpoint cadence), from the target at its offset, and is hashed on
+//! the way out: bytes that do not hash to the requested content hash (torn,
+//! unwritten, overwritten) are never served ([`ReadError::Mismatch`]). A
+//! block the restore is fetching from its store right now is waited for, up
+//! to `peers.serve_wait_millis`; anything else is `None` at once. Reads and
+//! hashing run on the blocking pool.
+//!
+//! Why written is enough: the fdatasync protects the restore's own
+//! checkpoint against a crash of this machine (a checkpoint never names a
+//! block that was not durable). A peer does not need that: what it gets was
+//! hashed here on the way out and is hashed again on arrival, and a crash of
+//! this machine after sending cannot make a byte already sent and verified
+//! wrong. A restore that ends short (an fdatasync failed, cancelled) is
+//! withdrawn at once.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 
 use crate::block::{BlockIndex, BlockRange, ContentHash};
+use crate::fetch::FetchTelemetry;
 use crate::snapshot::Snapshot;
 
-/// Settled blocks of one restore, readable while it runs: one bit per block
-/// of its range, set only after the fdatasync that made the block durable.
+/// Blocks of one restore that peers may read, readable while it runs: one
+/// bit per block of its range, set once the block's write completed (or it
+/// was settled before this run), and a wake-up for requests waiting on one.
 #[derive(Debug)]
-pub struct SettledBits {
+pub struct HeldBits {
     range: BlockRange,
     words: Vec<AtomicU64>,
+    written: tokio::sync::Notify,
 }
 
-impl SettledBits {
+impl HeldBits {
     pub fn new(range: BlockRange) -> Self {
         let words = range.len().div_ceil(64) as usize;
-        Self { range, words: (0..words).map(|_| AtomicU64::new(0)).collect() }
+        Self { range, words: (0..words).map(|_| AtomicU64::new(0)).collect(), written: tokio::sync::Notify::new() }
     }
 
+    /// Block `index` is on the target: peers may read it (and requests
+    /// waiting for one look again).
     pub fn set(&self, index: BlockIndex) {
         if self.range.contains(index) {
             let bit = index - self.range.start;
             self.words[(bit / 64) as usize].fetch_or(1 << (bit % 64), Ordering::Release);
+            self.written.notify_waiters();
         }
     }
 
@@ -61,7 +81,9 @@ pub struct Holding {
     snapshot: Arc<dyn Snapshot>,
     /// A read handle on the target (no `O_DIRECT`).
     file: Arc<File>,
-    settled: Arc<SettledBits>,
+    held: Arc<HeldBits>,
+    /// The restore's fetches: which blocks it is asking its store for now.
+    fetches: Option<Arc<FetchTelemetry>>,
     /// The first block holding each content hash.
     index: HashMap<ContentHash, BlockIndex>,
     withdrawn: AtomicBool,
@@ -74,32 +96,70 @@ impl std::fmt::Debug for Holding {
 }
 
 impl Holding {
-    /// The blocks of `snapshot` within `settled`'s range, read from `file`.
-    pub fn new(label: String, snapshot: Arc<dyn Snapshot>, file: File, settled: Arc<SettledBits>) -> Self {
-        let range = settled.range;
+    /// The blocks of `snapshot` within `held`'s range, read from `file`.
+    pub fn new(label: String, snapshot: Arc<dyn Snapshot>, file: File, held: Arc<HeldBits>) -> Self {
+        let range = held.range;
         let mut index = HashMap::new();
         for block in snapshot.blocks().filter(|b| range.contains(b.index)) {
             index.entry(block.expected.hash).or_insert(block.index);
         }
-        Self { label, snapshot, file: Arc::new(file), settled, index, withdrawn: AtomicBool::new(false) }
+        let file = Arc::new(file);
+        Self { label, snapshot, file, held, fetches: None, index, withdrawn: AtomicBool::new(false) }
     }
 
-    /// The settled block holding `hash`, if any. Identical blocks share the
-    /// first index: when that one is not settled yet, a later one may be.
-    fn settled_block(&self, hash: &ContentHash) -> Option<BlockIndex> {
-        let first = *self.index.get(hash)?;
-        if self.settled.is_set(first) {
-            return Some(first);
-        }
-        None
+    /// The same, with the restore's fetches: a block it is asking its store
+    /// for is worth waiting for.
+    pub fn with_fetches(mut self, fetches: Arc<FetchTelemetry>) -> Self {
+        self.fetches = Some(fetches);
+        self
     }
+
+    /// The written block holding `hash`, if any. Identical blocks share the
+    /// first index.
+    fn held_block(&self, hash: &ContentHash) -> Option<BlockIndex> {
+        let first = *self.index.get(hash)?;
+        self.held.is_set(first).then_some(first)
+    }
+
+    /// Whether this restore is asking its store (not a peer) for `hash` now.
+    fn fetching_from_store(&self, hash: &ContentHash) -> bool {
+        let (Some(first), Some(fetches)) = (self.index.get(hash), &self.fetches) else { return false };
+        fetches.asking_store(*first)
+    }
+
+    /// Wait up to `wait` for `hash`'s block to be written (`None`: not
+    /// written by then, or the holding was withdrawn).
+    async fn wait_written(&self, hash: &ContentHash, wait: Duration) -> Option<BlockIndex> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let written = self.held.written.notified();
+            tokio::pin!(written);
+            // Registered before the look, so a write in between wakes it.
+            written.as_mut().enable();
+            if self.withdrawn.load(Ordering::Acquire) {
+                return None;
+            }
+            if let Some(index) = self.held_block(hash) {
+                return Some(index);
+            }
+            tokio::time::timeout_at(deadline, written).await.ok()?;
+        }
+    }
+}
+
+/// A held block found for a request: read it with [`Holdings::read_found`].
+#[derive(Debug)]
+pub struct Found {
+    holding: Arc<Holding>,
+    index: BlockIndex,
+    hash: ContentHash,
 }
 
 /// Why a held block was not served.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    /// The target no longer holds the block's bytes (overwritten, corrupt):
-    /// nothing is served.
+    /// The target does not hold the block's bytes (torn, overwritten,
+    /// corrupt): nothing is served.
     #[error("{label}: block {index} does not hash to {hash} on the target: not served")]
     Mismatch { label: String, index: BlockIndex, hash: String },
     #[error("{label}: reading block {index} from the target failed: {error}")]
@@ -115,18 +175,26 @@ pub struct Holdings {
     pub bytes_served: AtomicU64,
     /// Blocks served to peers.
     pub blocks_served: AtomicU64,
+    /// Requests waiting now for a block their holding is fetching.
+    pub waiting: AtomicU64,
 }
 
 impl Holdings {
     pub fn new(max: usize) -> Self {
-        Self { list: Mutex::new(Vec::new()), max, bytes_served: AtomicU64::new(0), blocks_served: AtomicU64::new(0) }
+        Self {
+            list: Mutex::new(Vec::new()),
+            max,
+            bytes_served: AtomicU64::new(0),
+            blocks_served: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
+        }
     }
 
     fn list(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Holding>>> {
         self.list.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Serve `holding`'s settled blocks from now on; the oldest beyond the
+    /// Serve `holding`'s written blocks from now on; the oldest beyond the
     /// cap stops being served.
     pub fn hold(&self, holding: Arc<Holding>) {
         let mut list = self.list();
@@ -146,22 +214,39 @@ impl Holdings {
     /// Stop serving `holding` (its restore ended short: its target may go).
     pub fn withdraw(&self, holding: &Arc<Holding>) {
         holding.withdrawn.store(true, Ordering::Release);
+        holding.held.written.notify_waiters();
         self.list().retain(|h| !Arc::ptr_eq(h, holding));
     }
 
-    /// The decoded, verified block of content hash `hash`, if a holding has
-    /// it settled; `Ok(None)` when none does.
-    pub async fn read(&self, hash: ContentHash) -> Result<Option<Bytes>, ReadError> {
-        let found = self.list().iter().find_map(|h| Some((Arc::clone(h), h.settled_block(&hash)?)));
-        let Some((holding, index)) = found else {
-            return Ok(None);
-        };
-        let read = tokio::task::spawn_blocking(move || read_verified(&holding, index, hash)).await;
-        let bytes = match read {
-            Ok(result) => result?,
-            Err(e) => return Err(ReadError::Io { label: String::new(), index, error: std::io::Error::other(e) }),
-        };
-        Ok(Some(bytes))
+    /// The written block of content hash `hash`: at once when a holding has
+    /// it written; when none has but one is fetching it from its store now,
+    /// after waiting up to `wait` for that write; otherwise `None` at once.
+    pub async fn find(&self, hash: ContentHash, wait: Duration) -> Option<Found> {
+        let holders: Vec<Arc<Holding>> = self.list().iter().filter(|h| h.index.contains_key(&hash)).cloned().collect();
+        if let Some((holding, index)) = holders.iter().find_map(|h| Some((Arc::clone(h), h.held_block(&hash)?))) {
+            return Some(Found { holding, index, hash });
+        }
+        let holding = holders.into_iter().find(|h| h.fetching_from_store(&hash))?;
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let index = holding.wait_written(&hash, wait).await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        Some(Found { holding, index: index?, hash })
+    }
+
+    /// The decoded, verified bytes of a block [`find`](Self::find) found.
+    pub async fn read_found(&self, found: Found) -> Result<Bytes, ReadError> {
+        let index = found.index;
+        match tokio::task::spawn_blocking(move || read_verified(&found.holding, found.index, found.hash)).await {
+            Ok(result) => result,
+            Err(e) => Err(ReadError::Io { label: String::new(), index, error: std::io::Error::other(e) }),
+        }
+    }
+
+    /// [`find`](Self::find) then [`read_found`](Self::read_found):
+    /// `Ok(None)` when no holding has the block written.
+    pub async fn read(&self, hash: ContentHash, wait: Duration) -> Result<Option<Bytes>, ReadError> {
+        let Some(found) = self.find(hash, wait).await else { return Ok(None) };
+        self.read_found(found).await.map(Some)
     }
 
     /// Count a block sent to a peer (a `GET`; a `HEAD` sends no bytes).
@@ -193,41 +278,105 @@ mod tests {
     use crate::block::{BlockLayout, Compression, HashAlgorithm};
     use crate::manifest::{BlockEntry, ManifestBuilder};
 
-    #[tokio::test]
-    async fn only_settled_blocks_that_verify_are_read() {
+    const WAIT: Duration = Duration::from_secs(30);
+
+    /// Four distinct 4 KiB blocks on a target file, their snapshot, and a
+    /// holding of them registered with no block written yet.
+    struct Held {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        data: Vec<Vec<u8>>,
+        bits: Arc<HeldBits>,
+        holding: Arc<Holding>,
+        holdings: Holdings,
+    }
+
+    fn held(fetches: Option<Arc<FetchTelemetry>>) -> Held {
         let dir = tempfile::tempdir().unwrap();
         let layout = BlockLayout::new(4 * 4096, 4096).unwrap();
         let data: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i + 1; 4096]).collect();
         let path = dir.path().join("target");
         std::fs::write(&path, data.concat()).unwrap();
         let mut b = ManifestBuilder::new("vol", layout, HashAlgorithm::Blake3, Compression::None).unwrap();
-        let hash = |i: usize| HashAlgorithm::Blake3.hash(&data[i]);
-        for i in 0..4 {
-            let entry =
-                BlockEntry { index: i as u64, hash: hash(i), stored_len_bytes: 4096, compression: Compression::None };
+        for (i, block) in data.iter().enumerate() {
+            let hash = HashAlgorithm::Blake3.hash(block);
+            let entry = BlockEntry { index: i as u64, hash, stored_len_bytes: 4096, compression: Compression::None };
             b.push(entry).unwrap();
         }
         let snapshot: Arc<dyn Snapshot> = Arc::new(b.finish());
-        let bits = Arc::new(SettledBits::new(BlockRange::all(&layout)));
+        let bits = Arc::new(HeldBits::new(BlockRange::all(&layout)));
+        let mut holding = Holding::new("t".into(), snapshot, File::open(&path).unwrap(), Arc::clone(&bits));
+        if let Some(fetches) = fetches {
+            holding = holding.with_fetches(fetches);
+        }
+        let holding = Arc::new(holding);
         let holdings = Holdings::new(2);
-        let holding = Arc::new(Holding::new("t".into(), snapshot, File::open(&path).unwrap(), Arc::clone(&bits)));
         holdings.hold(Arc::clone(&holding));
-        assert!(holdings.read(hash(1)).await.unwrap().is_none(), "not settled: not read");
-        bits.set(1);
-        assert_eq!(holdings.read(hash(1)).await.unwrap().unwrap(), data[1]);
+        Held { _dir: dir, path, data, bits, holding, holdings }
+    }
+
+    impl Held {
+        fn hash(&self, i: usize) -> ContentHash {
+            HashAlgorithm::Blake3.hash(&self.data[i])
+        }
+    }
+
+    #[tokio::test]
+    async fn only_written_blocks_that_verify_are_read() {
+        let h = held(None);
+        assert!(h.holdings.read(h.hash(1), WAIT).await.unwrap().is_none(), "not written: not read");
+        h.bits.set(1);
+        assert_eq!(h.holdings.read(h.hash(1), WAIT).await.unwrap().unwrap(), h.data[1]);
         // The target changed under the block: never its bytes.
-        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&h.path).unwrap();
         file.write_all_at(&[0], 4096 + 7).unwrap();
-        assert!(matches!(holdings.read(hash(1)).await, Err(ReadError::Mismatch { .. })));
-        holdings.withdraw(&holding);
-        bits.set(2);
-        assert!(holdings.read(hash(2)).await.unwrap().is_none(), "withdrawn: nothing is read");
-        assert!(holdings.is_empty());
+        assert!(matches!(h.holdings.read(h.hash(1), WAIT).await, Err(ReadError::Mismatch { .. })));
+        h.holdings.withdraw(&h.holding);
+        h.bits.set(2);
+        assert!(h.holdings.read(h.hash(2), WAIT).await.unwrap().is_none(), "withdrawn: nothing is read");
+        assert!(h.holdings.is_empty());
+    }
+
+    /// A fetch context's telemetry with a peer ahead of the store.
+    fn fetches() -> Arc<FetchTelemetry> {
+        let store: crate::store::SharedStore = Arc::new(crate::store::file::FileStore::new("/nonexistent".into()));
+        let sources = crate::fetch::Source::peers_then(vec![Arc::clone(&store)], vec![store]);
+        Arc::new(FetchTelemetry::new(&sources))
+    }
+
+    #[tokio::test]
+    async fn a_block_fetched_from_the_store_now_is_waited_for() {
+        let telemetry = fetches();
+        let h = Arc::new(held(Some(Arc::clone(&telemetry))));
+        let now = std::time::Instant::now();
+        telemetry.track(1, "primary", 1, now);
+        telemetry.track(2, "peer1", 1, now);
+        telemetry.track(3, "primary", 1, now);
+        let waiting = tokio::spawn({
+            let h = Arc::clone(&h);
+            async move { h.holdings.read(h.hash(1), WAIT).await.unwrap() }
+        });
+        while h.holdings.waiting.load(Ordering::Relaxed) == 0 {
+            assert!(!waiting.is_finished(), "answered without waiting");
+            tokio::task::yield_now().await;
+        }
+        h.bits.set(1);
+        assert_eq!(waiting.await.unwrap().unwrap(), h.data[1], "served once written");
+        // Asked of a peer, not the store: not waited for (no chains of waits).
+        assert!(!h.holding.fetching_from_store(&h.hash(2)));
+        assert!(h.holding.fetching_from_store(&h.hash(3)));
+        telemetry.untrack(3);
+        assert!(!h.holding.fetching_from_store(&h.hash(3)), "fetched (or given up): not waited for");
+        assert!(!h.holding.fetching_from_store(&h.hash(0)), "never asked for");
+        // Fetched from the store but not written within the wait: not served.
+        telemetry.track(3, "primary", 1, now);
+        assert!(h.holdings.read(h.hash(3), Duration::from_millis(10)).await.unwrap().is_none());
+        assert_eq!(h.holdings.waiting.load(Ordering::Relaxed), 0);
     }
 
     #[test]
-    fn settled_bits_cover_their_range_only() {
-        let bits = SettledBits::new(BlockRange { start: 10, end: 200 });
+    fn held_bits_cover_their_range_only() {
+        let bits = HeldBits::new(BlockRange { start: 10, end: 200 });
         assert!(!bits.is_set(10));
         bits.set(10);
         bits.set(199);

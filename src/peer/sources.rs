@@ -6,7 +6,7 @@
 //! `[peers]` settings. Out: a [`SharedStore`] that fetch puts ahead of the
 //! object store. One request per block per peer, never retried on it:
 //!
-//! - 404 (the peer does not hold it, or not settled yet): permanent, the
+//! - 404 (the peer does not hold it, or did not write it in time): permanent, the
 //!   next source at once;
 //! - no answer (no connection, or no response headers within
 //!   `peers.attempt_timeout_millis`): the peer is skipped for
@@ -167,5 +167,50 @@ mod tests {
         let second = peer.get("blocks/00", 10).await.unwrap_err();
         assert!(second.message.contains("skipped for 10000 ms"), "{second}");
         assert!(open("s3://bucket/x", &config, &options).is_err());
+    }
+
+    /// A peer that answers every request with `status` and an empty body,
+    /// counting them.
+    async fn answering(status: &'static str) -> (String, Arc<std::sync::atomic::AtomicU32>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let count = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = Arc::clone(&count);
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let counted = Arc::clone(&counted);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    while let Ok(n) = conn.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let answer = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+                        if conn.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, count)
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_answers_is_never_skipped() {
+        let options = StoreOptions { attempt_timeout: std::time::Duration::from_secs(5), ..Default::default() };
+        for status in ["404 Not Found", "429 Too Many Requests", "500 Internal Server Error"] {
+            let (url, count) = answering(status).await;
+            let peer = open(&url, &PeersConfig::default(), &options).unwrap();
+            for _ in 0..3 {
+                let e = peer.get("blocks/00", 10).await.unwrap_err();
+                assert_eq!(e.class, ErrorClass::Permanent, "{status}: never retried on the peer: {e}");
+                assert!(!e.message.contains("skipped"), "{status}: {e}");
+            }
+            let asked = count.load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(asked, 3, "{status}: every request reached the peer");
+        }
     }
 }

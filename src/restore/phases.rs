@@ -37,10 +37,10 @@ use super::plan::{self};
 use super::progress::{Phase, Progress};
 use super::source::{Purpose, open_snapshot};
 use super::{Engine, RestoreError};
-use crate::block::{BlockRange, BlockSelection};
+use crate::block::{BlockIndex, BlockRange, BlockSelection};
 use crate::checkpoint::Checkpoint;
 use crate::fetch::{FetchContext, FetchTelemetry, Source};
-use crate::peer::holdings::{Holding, SettledBits};
+use crate::peer::holdings::{HeldBits, Holding};
 use crate::snapshot::Snapshot;
 use crate::snapshot::longhorn::lock::RestoreLock;
 use crate::store::StoreUrl;
@@ -229,7 +229,8 @@ async fn validate(
             let url = StoreUrl::parse(url).map_err(|e| RestoreError::Usage(e.to_string()))?;
             stores.push(engine.open_store(&url).await?);
         }
-        let peers = spec.peers.iter().map(|url| engine.open_peer(url)).collect::<Result<Vec<_>, _>>()?;
+        let order = crate::peer::fleet_order(&spec.peers, engine.config.peers.fleet_index);
+        let peers = order.iter().map(|url| engine.open_peer(url)).collect::<Result<Vec<_>, _>>()?;
         Ok::<_, RestoreError>((Source::peers_then(peers, stores), blocks))
     };
     match sources.await {
@@ -346,12 +347,15 @@ async fn rehydrate(
         _ => (Arc::new(reader), None, None),
     };
     // An exported volume's blocks may become the client's: never served.
-    let holding = if run.publish.is_none() { hold(engine, snapshot, target, &checkpoint) } else { None };
+    let holding = match run.publish {
+        None => hold(engine, snapshot, target, &checkpoint, &plan.zero_free, &telemetry),
+        Some(_) => None,
+    };
     let mut settler = Settler::new(engine, target, layout, writer.clone(), checkpoint, durable, Arc::clone(progress));
     settler.flushes = flushes;
     settler.live = live.clone();
-    settler.held = holding.as_ref().map(|(_, bits)| Arc::clone(bits));
-    let units = UnitContext { reader, live: live.clone(), writer: writer.clone(), layout };
+    let held = holding.as_ref().map(|(_, bits)| Arc::clone(bits));
+    let units = UnitContext { reader, live: live.clone(), writer: writer.clone(), layout, held };
     let transfer_started = Instant::now();
     let result = settler.run(plan, units, engine.budget.clone(), run.cancel).await;
     let complete = result.is_ok() && settler.damage.is_empty() && settler.checkpoint.settled().is_complete();
@@ -375,14 +379,18 @@ async fn rehydrate(
     Transfer { result, settler, timings, backend, telemetry, blocks_deduplicated, objects_planned, transferred }
 }
 
-/// Offer this restore's settled blocks to peers (`crate::peer::holdings`):
-/// a read handle on the target, and the settled bits the settler keeps.
+/// Offer this restore's blocks to peers (`crate::peer::holdings`): a read
+/// handle on the target and the held bits, set here for the blocks settled
+/// before (and the zeros a fresh target holds), then by each unit as its
+/// write completes; a block it is fetching from its store is waited for.
 fn hold(
     engine: &Engine,
     snapshot: &Arc<dyn Snapshot>,
     target: &Target,
     checkpoint: &Checkpoint,
-) -> Option<(Arc<Holding>, Arc<SettledBits>)> {
+    zeros: &[BlockIndex],
+    fetches: &Arc<FetchTelemetry>,
+) -> Option<(Arc<Holding>, Arc<HeldBits>)> {
     if !engine.config.peers.serve {
         return None;
     }
@@ -394,14 +402,16 @@ fn hold(
         }
     };
     let settled = checkpoint.settled();
-    let bits = Arc::new(SettledBits::new(settled.blocks()));
+    let bits = Arc::new(HeldBits::new(settled.blocks()));
     for index in settled.blocks().start..settled.blocks().end {
         if settled.is_settled(index) {
             bits.set(index);
         }
     }
+    zeros.iter().for_each(|&index| bits.set(index));
     let label = target.write_path.display().to_string();
-    let holding = Arc::new(Holding::new(label, Arc::clone(snapshot), file, Arc::clone(&bits)));
+    let holding = Holding::new(label, Arc::clone(snapshot), file, Arc::clone(&bits)).with_fetches(Arc::clone(fetches));
+    let holding = Arc::new(holding);
     engine.holdings.hold(Arc::clone(&holding));
     Some((holding, bits))
 }

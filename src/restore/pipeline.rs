@@ -2,9 +2,10 @@
 //! plan in block order, takes each unit's write bytes from the run's
 //! [`UnsettledGate`] and its in-flight bytes from the process-wide budget
 //! (waiting when either is spent) and spawns the unit; a unit gets its block
-//! verified, writes it at every offset that holds it, gives its in-flight
-//! bytes back and reports the outcome, with its unsettled permit, to the
-//! settler (which holds the permit until the blocks are settled).
+//! verified, writes it at every offset that holds it (marking each block
+//! held for peers as its write completes), gives its in-flight bytes back
+//! and reports the outcome, with its unsettled permit, to the settler (which
+//! holds the permit until the blocks are settled).
 //!
 //! While the volume is exported ([`super::live`]), a unit claims each block
 //! before writing it and skips a block that is local already (read on
@@ -25,6 +26,7 @@ use crate::block::{BlockIndex, BlockLayout};
 use crate::fetch::SourceFailure;
 use crate::fetch::budget::Budget;
 use crate::metrics as m;
+use crate::peer::holdings::HeldBits;
 use crate::verify::VerifiedBlock;
 use crate::write::Writer;
 
@@ -36,6 +38,9 @@ pub(super) struct UnitContext {
     pub(super) live: Option<Arc<LiveVolume>>,
     pub(super) writer: Writer,
     pub(super) layout: BlockLayout,
+    /// The bits peers read this restore's blocks by (`crate::peer`): set as
+    /// each write completes, before its fdatasync.
+    pub(super) held: Option<Arc<HeldBits>>,
 }
 
 /// How one unit ended.
@@ -91,6 +96,9 @@ pub(super) async fn run_unit(ctx: &UnitContext, unit: Unit) -> UnitOutcome {
         }
         if let Some(claim) = claim {
             claim.set_local();
+        }
+        if let Some(held) = &ctx.held {
+            held.set(index);
         }
         bytes += block.len() as u64;
     }

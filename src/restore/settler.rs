@@ -27,7 +27,6 @@ use crate::checkpoint::{Checkpoint, SaveCadence, unix_now_secs};
 use crate::fetch::FetchTelemetry;
 use crate::fetch::budget::Budget;
 use crate::metrics as m;
-use crate::peer::holdings::SettledBits;
 use crate::target::Target;
 use crate::write::Writer;
 
@@ -73,8 +72,6 @@ pub(super) struct Settler {
     pub(super) flushes: Option<mpsc::Receiver<FlushRequest>>,
     /// The exported volume, whose reads waiting for blocks are watched.
     pub(super) live: Option<Arc<LiveVolume>>,
-    /// The bits peers read this restore's settled blocks by (`crate::peer`).
-    pub(super) held: Option<Arc<SettledBits>>,
 }
 
 /// The next FLUSH, or never when the volume is not exported.
@@ -118,7 +115,6 @@ impl Settler {
             transferred: None,
             flushes: None,
             live: None,
-            held: None,
         }
     }
 
@@ -272,9 +268,6 @@ impl Settler {
         let mut bytes = 0;
         for index in std::mem::take(&mut self.written) {
             if self.checkpoint.settle(index) {
-                if let Some(held) = &self.held {
-                    held.set(index);
-                }
                 blocks += 1;
                 bytes += u64::from(self.layout.len(index));
             }
