@@ -55,6 +55,9 @@ use super::{BlockStore, BoxFuture, StoreError, StoreUrl};
 use crate::buf::{AlignedBuf, BufPool};
 use crate::error::ErrorClass;
 
+mod get;
+mod h1;
+
 /// S3 refuses object keys longer than this.
 const S3_KEY_LEN_MAX_BYTES: usize = 1024;
 
@@ -186,6 +189,10 @@ impl fmt::Debug for StaticCredentials {
 #[derive(Debug)]
 pub struct S3Store {
     client: Client,
+    /// The GET path of our own (`s3/get.rs`); `None` only for endpoints it
+    /// does not sign (S3 Express, multi-region access points), whose GETs
+    /// stay on the SDK.
+    signed_get: Option<get::SignedGet>,
     bucket: String,
     prefix: String,
     url: StoreUrl,
@@ -261,7 +268,9 @@ impl S3Store {
         let sdk_config = loader.load().await;
         let path_style = config.force_path_style.unwrap_or(sdk_config.endpoint_url().is_some());
         let s3_config = aws_sdk_s3::config::Builder::from(&sdk_config).force_path_style(path_style).build();
-        Ok(S3Store { client: Client::from_conf(s3_config), bucket, prefix, url, config: config.clone() })
+        let signed_get = get::SignedGet::new(&sdk_config, &bucket, path_style, config).await;
+        let client = Client::from_conf(s3_config);
+        Ok(S3Store { client, signed_get, bucket, prefix, url, config: config.clone() })
     }
 
     /// The full object key of `key` under this store's prefix.
@@ -284,6 +293,9 @@ impl S3Store {
     async fn get_object(&self, key: &str, len_max_bytes: u64) -> Result<Bytes, StoreError> {
         let object_key = self.object_key(key)?;
         let what = self.describe(&object_key);
+        if let Some(signed_get) = &self.signed_get {
+            return signed_get.get(&what, &object_key, len_max_bytes).await;
+        }
         let output = self
             .client
             .get_object()
