@@ -1,4 +1,9 @@
-//! `s3://` store: [`S3Store`], a [`BlockStore`] over `aws-sdk-s3`.
+//! `s3://` store: [`S3Store`], a [`BlockStore`] over `aws-sdk-s3`, except
+//! for the hot path: a block's GET is signed with SigV4 and sent on a pooled
+//! HTTP/1.1 connection of our own, its body read from the socket straight
+//! into a pooled aligned buffer (`s3/get.rs`, `s3/h1.rs`: the SDK decides
+//! the endpoint and supplies the credentials, once per store, not per
+//! request). List, put, head and delete go through the SDK.
 //!
 //! In: object keys under `<prefix>/` in one bucket. Out: whole objects as
 //! [`Bytes`], or a [`StoreError`] whose [`ErrorClass`] was decided here, in
@@ -9,9 +14,12 @@
 //! Limits and deadlines, per attempt (see [`S3Config`]):
 //! - the SDK's own retries are **off** (`RetryConfig::disabled()`): the fetch
 //!   stage owns the only retry loop, so one `get` is exactly one HTTP request
-//!   and a 503 storm is never multiplied by a hidden inner loop;
+//!   and a 503 storm is never multiplied by a hidden inner loop (the GET
+//!   path sends a request again only when a pooled connection turns out to
+//!   have been closed by the server before it saw the request);
 //! - connect, attempt (request sent .. response headers) and operation
-//!   (credentials + the one attempt) timeouts are set on the SDK;
+//!   (credentials + the one attempt) timeouts are set on the SDK and kept
+//!   the same way on the GET path;
 //! - the SDK's timeouts do not cover a streamed body, so the body is read
 //!   here chunk by chunk under three guards of our own: a whole-body
 //!   deadline, an idle deadline per chunk (a stalled connection) and a minimum
@@ -21,10 +29,12 @@
 //!   `Corrupt` before a byte of the body is read, and the body may never grow
 //!   past what was advertised; a body shorter than advertised is `Transient`
 //!   (truncated in flight);
-//! - a body with a `Content-Length` is put together in a page-aligned buffer
-//!   of the shared pool (`crate::buf`) sized to it: one copy out of the HTTP
-//!   client's chunks, no reallocation, and the block can go to the target
-//!   with `O_DIRECT`.
+//! - a body with a `Content-Length` lands in a page-aligned buffer of the
+//!   shared pool (`crate::buf`) sized to it: read into from the socket on
+//!   the GET path of our own (only the few bytes that came with the
+//!   response head are copied), one copy out of the HTTP client's chunks on
+//!   the SDK's; no reallocation, and the block can go to the target with
+//!   `O_DIRECT`.
 //!
 //! Integrity of the bytes is checked by the verify stage against the
 //! manifest's content hash, so SDK checksums are only computed or validated

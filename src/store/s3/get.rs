@@ -448,8 +448,9 @@ impl Sink {
         let room = usize::try_from(limit.saturating_sub(len as u64)).unwrap_or(usize::MAX);
         match self {
             Sink::Pooled(buf) => {
+                // Sized to the Content-Length, which is the limit here.
                 let spare = buf.spare_mut();
-                let want = room.clamp(1, spare.len().max(1)).min(spare.len());
+                let want = room.min(spare.len());
                 let n = response.read(&mut spare[..want]).await?;
                 buf.set_len(len + n);
                 Ok(n)

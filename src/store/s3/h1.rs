@@ -343,6 +343,12 @@ pub struct Response {
     done: bool,
 }
 
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("h1::Response").field("head", &self.head).finish_non_exhaustive()
+    }
+}
+
 impl Response {
     pub fn head(&self) -> &Head {
         &self.head
