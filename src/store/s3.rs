@@ -913,6 +913,23 @@ mod tests {
         assert!(e.message.contains("s3://b/k") && e.message.contains("10 of 100"), "{e}");
     }
 
+    #[tokio::test]
+    async fn gets_take_the_signed_path_and_a_wrong_secret_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("bkt")).unwrap();
+        let server = super::super::loopback::LoopbackS3::start(root.path().to_owned()).await.unwrap();
+        let store = server.connect_store("bkt", "p").await.unwrap();
+        assert!(store.signed_get.is_some(), "a path-style http endpoint is signed here");
+        store.put("k", Bytes::from_static(b"block")).await.unwrap();
+        assert_eq!(store.get("k", 5).await.unwrap(), Bytes::from_static(b"block"));
+        let wrong = StaticCredentials { secret_access_key: "wrong".into(), ..super::super::loopback::LoopbackS3::credentials() };
+        let intruder = S3Store::connect_with_static_credentials("bkt", "p", &server.s3_config(), &wrong).await.unwrap();
+        assert!(intruder.signed_get.is_some());
+        let e = intruder.get("k", 5).await.unwrap_err();
+        assert_eq!(e.class, ErrorClass::Permanent, "{e}");
+        assert!(e.message.contains("HTTP 403, S3 code SignatureDoesNotMatch"), "{e}");
+    }
+
     #[test]
     fn config_defaults_parse_and_validate() {
         let config: S3Config = toml::from_str("endpoint_url = \"http://127.0.0.1:9000\"").unwrap();
