@@ -33,9 +33,11 @@ const UNIT_BYTES: u64 = 1024;
 /// demand at once, whatever the budget.
 pub const DEMAND_RESERVE_MIN_BYTES: u64 = 32 << 20;
 
-/// What one fetch holds besides its block's bytes: the connection's HTTP read
-/// buffer (hyper's adaptive buffer grows to `8 KiB + 100 × 4 KiB`, and a
-/// `BytesMut` reallocation can round that up) and the request's own state.
+/// What one fetch through a hyper client holds besides its block's bytes
+/// (the `http(s)://` and EBS stores; see [`StoreUrl::request_overhead_bytes`](crate::store::StoreUrl::request_overhead_bytes)
+/// for each store): the connection's HTTP read buffer (hyper's adaptive
+/// buffer grows to `8 KiB + 100 × 4 KiB`, and a `BytesMut` reallocation can
+/// round that up) and the request's own state.
 /// Measured: peak RSS grew by about 0.6 MiB per extra request in flight
 /// (1 GiB in 256 KiB blocks at 30 ms, medians of 3: 233 MiB with 64
 /// requests, 498 MiB with 512).

@@ -71,6 +71,13 @@ mod h1;
 /// S3 refuses object keys longer than this.
 const S3_KEY_LEN_MAX_BYTES: usize = 1024;
 
+/// What one GET holds besides its block's buffer, for the in-flight budget:
+/// the response head's buffer (at most `h1::HEAD_LEN_MAX_BYTES`, 4 KiB for
+/// an ordinary head) or an error answer's body (at most
+/// [`ERROR_BODY_MAX_BYTES`](super::http::ERROR_BODY_MAX_BYTES)), and the
+/// request's own state.
+pub const REQUEST_OVERHEAD_BYTES: u64 = 64 << 10;
+
 /// Configuration of one S3 store. Every field may be omitted.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
