@@ -929,7 +929,10 @@ mod tests {
         assert!(store.signed_get.is_some(), "a path-style http endpoint is signed here");
         store.put("k", Bytes::from_static(b"block")).await.unwrap();
         assert_eq!(store.get("k", 5).await.unwrap(), Bytes::from_static(b"block"));
-        let wrong = StaticCredentials { secret_access_key: "wrong".into(), ..super::super::loopback::LoopbackS3::credentials() };
+        let wrong = StaticCredentials {
+            secret_access_key: "wrong".into(),
+            ..super::super::loopback::LoopbackS3::credentials()
+        };
         let intruder = S3Store::connect_with_static_credentials("bkt", "p", &server.s3_config(), &wrong).await.unwrap();
         assert!(intruder.signed_get.is_some());
         let e = intruder.get("k", 5).await.unwrap_err();

@@ -30,8 +30,8 @@ use std::time::{Duration, Instant, SystemTime};
 use aws_sdk_s3::config::endpoint::{DefaultResolver, Params, ResolveEndpoint};
 use aws_sdk_s3::config::{ProvideCredentials, SharedCredentialsProvider};
 use aws_sigv4::http_request::{
-    PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
-    UriPathNormalizationMode, sign,
+    PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings, UriPathNormalizationMode,
+    sign,
 };
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
@@ -400,7 +400,9 @@ async fn read_body_into(
             Ok(Ok(_)) => {}
         }
         if sink.len() as u64 > limit {
-            return Err(StoreError::corrupt(format!("GET {what}: body longer than the {len_max_bytes} bytes expected")));
+            return Err(StoreError::corrupt(format!(
+                "GET {what}: body longer than the {len_max_bytes} bytes expected"
+            )));
         }
         guard
             .check_throughput(Instant::now(), sink.len() as u64)

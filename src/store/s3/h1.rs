@@ -318,8 +318,13 @@ impl Buffered {
 
 /// How the body's end is known.
 enum Framing {
-    Length { left: u64 },
-    Chunked { left_in_chunk: u64, state: ChunkState },
+    Length {
+        left: u64,
+    },
+    Chunked {
+        left_in_chunk: u64,
+        state: ChunkState,
+    },
     /// Neither: the body ends when the server closes the connection.
     Close,
 }
@@ -504,7 +509,8 @@ mod tests {
         assert_eq!((head.status, head.content_length, head.chunked, head.close), (200, Some(5), false, false));
         assert_eq!(&raw[len..], b"hello");
         assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none());
-        let raw = b"HTTP/1.1 503 Slow Down\r\nTransfer-Encoding: chunked\r\nConnection: close\r\nRetry-After: 2\r\n\r\n";
+        let raw =
+            b"HTTP/1.1 503 Slow Down\r\nTransfer-Encoding: chunked\r\nConnection: close\r\nRetry-After: 2\r\n\r\n";
         let (head, _) = parse_head(raw).unwrap().unwrap();
         assert!(head.chunked && head.close);
         assert_eq!(head.retry_after.as_deref(), Some("2"));
@@ -561,9 +567,10 @@ mod tests {
     #[tokio::test]
     async fn bodies_by_length_and_chunks_and_a_stale_connection_is_replaced() {
         let chunked: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4;ext=1\r\nwiki\r\n5\r\npedia\r\n0\r\nX-T: 1\r\n\r\n";
-        let port = serve(vec![vec![b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world", chunked], vec![
-            b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno",
-        ]])
+        let port = serve(vec![
+            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world", chunked],
+            vec![b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno"],
+        ])
         .await;
         let client = client(port);
         let mut response = client.send(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
