@@ -93,7 +93,15 @@ impl SignedGet {
             .build()
             .ok()?;
         let endpoint = DefaultResolver::new().resolve_endpoint(&params).await.ok()?;
-        let auth = sigv4_scheme(endpoint.properties().get("authSchemes"))?;
+        // The resolver names its auth schemes in a typed list (older ones
+        // in the `authSchemes` property).
+        let typed: Vec<Document> = endpoint.auth_schemes().iter().map(|s| s.as_document()).collect();
+        let schemes = if typed.is_empty() {
+            endpoint.properties().get("authSchemes").cloned()
+        } else {
+            Some(Document::Array(typed))
+        };
+        let auth = sigv4_scheme(schemes.as_ref())?;
         let uri: hyper::Uri = endpoint.url().parse().ok()?;
         let tls = match uri.scheme_str()? {
             "https" => true,
@@ -514,5 +522,32 @@ mod tests {
         assert_eq!(sigv4_scheme(Some(&scheme(&[("name", s("sigv4-s3express"))]))), None);
         assert_eq!(sigv4_scheme(Some(&scheme(&[("name", s("sigv4a"))]))), None);
         assert!(sigv4_scheme(None).is_some());
+    }
+
+    async fn resolved(bucket: &str, endpoint: Option<&str>, path_style: bool) -> Option<SignedGet> {
+        let credentials = aws_sdk_s3::config::Credentials::new("id", "secret", None, None, "test");
+        let mut sdk_config = aws_types::SdkConfig::builder()
+            .region(aws_sdk_s3::config::Region::new("eu-west-1"))
+            .credentials_provider(SharedCredentialsProvider::new(credentials));
+        if let Some(url) = endpoint {
+            sdk_config = sdk_config.endpoint_url(url);
+        }
+        SignedGet::new(&sdk_config.build(), bucket, path_style, &S3Config::default()).await
+    }
+
+    #[tokio::test]
+    async fn endpoints_are_the_sdks() {
+        let aws = resolved("bkt", None, false).await.unwrap();
+        assert_eq!((aws.host.as_str(), aws.base_path.as_str()), ("bkt.s3.eu-west-1.amazonaws.com", ""));
+        assert!(aws.client.origin().tls && aws.client.origin().port == 443);
+        assert_eq!((aws.signing_name.as_str(), aws.signing_region.as_str()), ("s3", "eu-west-1"));
+        let path = resolved("bkt", None, true).await.unwrap();
+        assert_eq!((path.host.as_str(), path.base_path.as_str()), ("s3.eu-west-1.amazonaws.com", "/bkt"));
+        let local = resolved("bkt", Some("http://127.0.0.1:9000"), true).await.unwrap();
+        assert_eq!((local.host.as_str(), local.base_path.as_str()), ("127.0.0.1:9000", "/bkt"));
+        assert!(!local.client.origin().tls);
+        // S3 Express directory buckets sign with their own scheme: the SDK's GET.
+        let express = resolved("dir--euw1-az1--x-s3", None, false).await;
+        assert!(express.is_none(), "{express:?}");
     }
 }

@@ -207,6 +207,8 @@ async fn exchange(mut conn: Conn, request: &[u8]) -> Result<Response, Exchange> 
         if stale { Exchange::Stale } else { Exchange::Failed(SendError::Io(e.to_string())) }
     };
     conn.stream.write_all(request).await.map_err(broke)?;
+    // TLS may hold the last record back until flushed (TCP: a no-op).
+    conn.stream.flush().await.map_err(broke)?;
     let mut buf = vec![0; HEAD_READ_BYTES];
     let mut filled = 0;
     loop {
