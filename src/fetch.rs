@@ -341,6 +341,13 @@ impl FetchContext {
         Self { tenant: 0, demand: false, policy: RetryPolicy::from_config(config), telemetry, hedger, sources }
     }
 
+    /// What one fetch holds besides its object, at most, whichever source
+    /// serves it (a hedge may go to any): the largest of the sources'
+    /// [`StoreUrl::request_overhead_bytes`](crate::store::StoreUrl::request_overhead_bytes).
+    pub fn request_overhead_bytes(&self) -> u64 {
+        self.sources.iter().map(|s| s.store.url().request_overhead_bytes()).max().unwrap_or(0)
+    }
+
     /// The same, with every request made for restore `tenant`.
     pub fn for_tenant(mut self, tenant: u64) -> Self {
         self.tenant = tenant;

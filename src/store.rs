@@ -245,6 +245,21 @@ pub struct UrlError {
 }
 
 impl StoreUrl {
+    /// What one request to this store holds besides its object's bytes, for
+    /// the in-flight budget: the S3 store's GET reads the body into the
+    /// block's own buffer and keeps only a response head
+    /// ([`s3::REQUEST_OVERHEAD_BYTES`]); the stores on hyper keep its read
+    /// buffer ([`crate::fetch::budget::REQUEST_OVERHEAD_BYTES`]); a file
+    /// store keeps the same bound (its reads are not where memory goes).
+    pub fn request_overhead_bytes(&self) -> u64 {
+        match self {
+            StoreUrl::S3 { .. } => s3::REQUEST_OVERHEAD_BYTES,
+            StoreUrl::File { .. } | StoreUrl::Http { .. } | StoreUrl::Ebs { .. } => {
+                crate::fetch::budget::REQUEST_OVERHEAD_BYTES
+            }
+        }
+    }
+
     /// Parse `file:///abs/dir` (or a bare absolute path) or
     /// `s3://bucket[/prefix]`.
     pub fn parse(url: &str) -> Result<Self, UrlError> {

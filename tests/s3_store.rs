@@ -336,3 +336,18 @@ async fn bad_credentials_are_permanent_and_a_dead_endpoint_is_transient() {
     assert_eq!(e.class, ErrorClass::Transient, "{e}");
     eprintln!("dead endpoint: {e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_that_need_encoding_round_trip() {
+    let f = fixture().await;
+    let keys =
+        ["blocks/with space", "blocks/plus+sign", "blocks/ünïcödé-€", "blocks/a=b&c;d,e:f@g", "blocks/%41-percent"];
+    for (i, key) in keys.iter().enumerate() {
+        let block = pattern(1000 + i, i as u8);
+        f.store.put(key, block.clone()).await.unwrap();
+        assert_eq!(f.store.get(key, 1 << 20).await.unwrap(), block, "{key}");
+        assert!(f.store.exists(key).await.unwrap(), "{key}");
+    }
+    // "%41" is three characters of the key, not an escaped "A".
+    assert!(f.store.get("blocks/A-percent", 1 << 20).await.is_err());
+}

@@ -13,13 +13,17 @@
 //! by the budget plus the reserve; a full background queue never delays a
 //! demand read.
 //!
-//! A fetch holds more than its block: the request's connection keeps an HTTP
-//! read buffer while the body arrives (hyper's grows to about 400 KiB), and
-//! it stays with the connection in the pool afterwards. So a restore charges
-//! each fetch [`REQUEST_OVERHEAD_BYTES`] on top of its block: with small
-//! blocks the budget then admits fewer requests, and the resident set stays
-//! the budget plus a constant whatever the block size (256 KiB blocks: 170
-//! fetches in flight for 128 MiB, not 512 fetches and twice the memory).
+//! A fetch holds more than its block: through hyper, the request's
+//! connection keeps an HTTP read buffer while the body arrives (it grows to
+//! about 400 KiB) and it stays with the connection in the pool afterwards;
+//! the S3 store's own GET keeps only a response head. So a restore charges
+//! each fetch its sources' request overhead on top of its block
+//! ([`REQUEST_OVERHEAD_BYTES`] through hyper, 64 KiB on `s3://`:
+//! `StoreUrl::request_overhead_bytes`): with small blocks the budget then
+//! admits fewer requests, and the resident set stays the budget plus a
+//! constant whatever the block size (256 KiB blocks through hyper: 170
+//! fetches in flight for 128 MiB, not 512 fetches and twice the memory; 409
+//! on `s3://`).
 
 use std::sync::Arc;
 
@@ -33,9 +37,11 @@ const UNIT_BYTES: u64 = 1024;
 /// demand at once, whatever the budget.
 pub const DEMAND_RESERVE_MIN_BYTES: u64 = 32 << 20;
 
-/// What one fetch holds besides its block's bytes: the connection's HTTP read
-/// buffer (hyper's adaptive buffer grows to `8 KiB + 100 × 4 KiB`, and a
-/// `BytesMut` reallocation can round that up) and the request's own state.
+/// What one fetch through a hyper client holds besides its block's bytes
+/// (the `http(s)://` and EBS stores; see [`StoreUrl::request_overhead_bytes`](crate::store::StoreUrl::request_overhead_bytes)
+/// for each store): the connection's HTTP read buffer (hyper's adaptive
+/// buffer grows to `8 KiB + 100 × 4 KiB`, and a `BytesMut` reallocation can
+/// round that up) and the request's own state.
 /// Measured: peak RSS grew by about 0.6 MiB per extra request in flight
 /// (1 GiB in 256 KiB blocks at 30 ms, medians of 3: 233 MiB with 64
 /// requests, 498 MiB with 512).

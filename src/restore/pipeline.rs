@@ -136,13 +136,14 @@ pub(super) async fn dispatch(
     cancel: CancellationToken,
 ) {
     let Gates { budget, unsettled } = gates;
+    let request_overhead_bytes = ctx.reader.fetch().request_overhead_bytes();
     for unit in units {
         let writes: u64 = unit.blocks.iter().map(|&i| u64::from(ctx.layout.len(i))).sum();
         let unsettled = tokio::select! {
             permit = unsettled.acquire(writes) => permit,
             () = cancel.cancelled() => return,
         };
-        let charge = unit.inflight_bytes().max(u64::from(ctx.layout.len(unit.first_block())));
+        let charge = unit.inflight_bytes(request_overhead_bytes).max(u64::from(ctx.layout.len(unit.first_block())));
         let permit = tokio::select! {
             permit = budget.acquire(charge) => permit,
             () = cancel.cancelled() => return,

@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 
 use crate::block::{BlockIndex, BlockRange, Compression, ContentHash};
-use crate::fetch::budget::REQUEST_OVERHEAD_BYTES;
 use crate::snapshot::Snapshot;
 use crate::verify::Expected;
 
@@ -36,14 +35,15 @@ impl Unit {
     /// Bytes this unit holds in flight: the object as received, plus the
     /// decompressed block when it is compressed (a raw block is written from
     /// the very buffer it arrived in), plus what its request holds besides
-    /// ([`REQUEST_OVERHEAD_BYTES`]: the connection's read buffer).
-    pub fn inflight_bytes(&self) -> u64 {
+    /// (`request_overhead_bytes`: the sources' worst,
+    /// [`FetchContext::request_overhead_bytes`](crate::fetch::FetchContext::request_overhead_bytes)).
+    pub fn inflight_bytes(&self, request_overhead_bytes: u64) -> u64 {
         match &self.source {
             UnitSource::Object { expected, .. } if expected.compression.is_none() => {
-                u64::from(expected.len_bytes) + REQUEST_OVERHEAD_BYTES
+                u64::from(expected.len_bytes) + request_overhead_bytes
             }
             UnitSource::Object { expected, .. } => {
-                u64::from(expected.stored_len_bytes) + u64::from(expected.len_bytes) + REQUEST_OVERHEAD_BYTES
+                u64::from(expected.stored_len_bytes) + u64::from(expected.len_bytes) + request_overhead_bytes
             }
             UnitSource::Zeros { .. } => 0,
         }
@@ -140,14 +140,15 @@ mod tests {
 
     #[test]
     fn a_fetch_charges_its_bytes_and_its_request() {
-        assert_eq!(
-            object(Compression::None, 256 << 10, 256 << 10).inflight_bytes(),
-            (256 << 10) + REQUEST_OVERHEAD_BYTES
-        );
-        assert_eq!(object(Compression::Zstd, 100, 1 << 20).inflight_bytes(), 100 + (1 << 20) + REQUEST_OVERHEAD_BYTES);
+        use crate::fetch::budget::REQUEST_OVERHEAD_BYTES as HYPER;
+        use crate::store::s3::REQUEST_OVERHEAD_BYTES as S3;
+        assert_eq!(object(Compression::None, 256 << 10, 256 << 10).inflight_bytes(HYPER), (256 << 10) + HYPER);
+        assert_eq!(object(Compression::Zstd, 100, 1 << 20).inflight_bytes(S3), 100 + (1 << 20) + S3);
         let zeros = Unit { source: UnitSource::Zeros { len_bytes: 1 << 20 }, blocks: vec![0] };
-        assert_eq!(zeros.inflight_bytes(), 0, "zeros fetch nothing");
-        // A 128 MiB budget admits 170 fetches of 256 KiB, not 512.
-        assert_eq!((128u64 << 20) / object(Compression::None, 256 << 10, 256 << 10).inflight_bytes(), 170);
+        assert_eq!(zeros.inflight_bytes(HYPER), 0, "zeros fetch nothing");
+        // A 128 MiB budget admits 170 fetches of 256 KiB through hyper, not
+        // 512; 409 through the S3 store's own GET.
+        assert_eq!((128u64 << 20) / object(Compression::None, 256 << 10, 256 << 10).inflight_bytes(HYPER), 170);
+        assert_eq!((128u64 << 20) / object(Compression::None, 256 << 10, 256 << 10).inflight_bytes(S3), 409);
     }
 }

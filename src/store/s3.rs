@@ -1,4 +1,9 @@
-//! `s3://` store: [`S3Store`], a [`BlockStore`] over `aws-sdk-s3`.
+//! `s3://` store: [`S3Store`], a [`BlockStore`] over `aws-sdk-s3`, except
+//! for the hot path: a block's GET is signed with SigV4 and sent on a pooled
+//! HTTP/1.1 connection of our own, its body read from the socket straight
+//! into a pooled aligned buffer (`s3/get.rs`, `s3/h1.rs`: the SDK decides
+//! the endpoint and supplies the credentials, once per store, not per
+//! request). List, put, head and delete go through the SDK.
 //!
 //! In: object keys under `<prefix>/` in one bucket. Out: whole objects as
 //! [`Bytes`], or a [`StoreError`] whose [`ErrorClass`] was decided here, in
@@ -9,9 +14,12 @@
 //! Limits and deadlines, per attempt (see [`S3Config`]):
 //! - the SDK's own retries are **off** (`RetryConfig::disabled()`): the fetch
 //!   stage owns the only retry loop, so one `get` is exactly one HTTP request
-//!   and a 503 storm is never multiplied by a hidden inner loop;
+//!   and a 503 storm is never multiplied by a hidden inner loop (the GET
+//!   path sends a request again only when a pooled connection turns out to
+//!   have been closed by the server before it saw the request);
 //! - connect, attempt (request sent .. response headers) and operation
-//!   (credentials + the one attempt) timeouts are set on the SDK;
+//!   (credentials + the one attempt) timeouts are set on the SDK and kept
+//!   the same way on the GET path;
 //! - the SDK's timeouts do not cover a streamed body, so the body is read
 //!   here chunk by chunk under three guards of our own: a whole-body
 //!   deadline, an idle deadline per chunk (a stalled connection) and a minimum
@@ -21,10 +29,12 @@
 //!   `Corrupt` before a byte of the body is read, and the body may never grow
 //!   past what was advertised; a body shorter than advertised is `Transient`
 //!   (truncated in flight);
-//! - a body with a `Content-Length` is put together in a page-aligned buffer
-//!   of the shared pool (`crate::buf`) sized to it: one copy out of the HTTP
-//!   client's chunks, no reallocation, and the block can go to the target
-//!   with `O_DIRECT`.
+//! - a body with a `Content-Length` lands in a page-aligned buffer of the
+//!   shared pool (`crate::buf`) sized to it: read into from the socket on
+//!   the GET path of our own (only the few bytes that came with the
+//!   response head are copied), one copy out of the HTTP client's chunks on
+//!   the SDK's; no reallocation, and the block can go to the target with
+//!   `O_DIRECT`.
 //!
 //! Integrity of the bytes is checked by the verify stage against the
 //! manifest's content hash, so SDK checksums are only computed or validated
@@ -55,8 +65,18 @@ use super::{BlockStore, BoxFuture, StoreError, StoreUrl};
 use crate::buf::{AlignedBuf, BufPool};
 use crate::error::ErrorClass;
 
+mod get;
+mod h1;
+
 /// S3 refuses object keys longer than this.
 const S3_KEY_LEN_MAX_BYTES: usize = 1024;
+
+/// What one GET holds besides its block's buffer, for the in-flight budget:
+/// the response head's buffer (at most `h1::HEAD_LEN_MAX_BYTES`, 4 KiB for
+/// an ordinary head) or an error answer's body (at most
+/// [`ERROR_BODY_MAX_BYTES`](super::http::ERROR_BODY_MAX_BYTES)), and the
+/// request's own state.
+pub const REQUEST_OVERHEAD_BYTES: u64 = 64 << 10;
 
 /// Configuration of one S3 store. Every field may be omitted.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -186,6 +206,10 @@ impl fmt::Debug for StaticCredentials {
 #[derive(Debug)]
 pub struct S3Store {
     client: Client,
+    /// The GET path of our own (`s3/get.rs`); `None` only for endpoints it
+    /// does not sign (S3 Express, multi-region access points), whose GETs
+    /// stay on the SDK.
+    signed_get: Option<get::SignedGet>,
     bucket: String,
     prefix: String,
     url: StoreUrl,
@@ -261,7 +285,9 @@ impl S3Store {
         let sdk_config = loader.load().await;
         let path_style = config.force_path_style.unwrap_or(sdk_config.endpoint_url().is_some());
         let s3_config = aws_sdk_s3::config::Builder::from(&sdk_config).force_path_style(path_style).build();
-        Ok(S3Store { client: Client::from_conf(s3_config), bucket, prefix, url, config: config.clone() })
+        let signed_get = get::SignedGet::new(&sdk_config, &bucket, path_style, config).await;
+        let client = Client::from_conf(s3_config);
+        Ok(S3Store { client, signed_get, bucket, prefix, url, config: config.clone() })
     }
 
     /// The full object key of `key` under this store's prefix.
@@ -284,6 +310,9 @@ impl S3Store {
     async fn get_object(&self, key: &str, len_max_bytes: u64) -> Result<Bytes, StoreError> {
         let object_key = self.object_key(key)?;
         let what = self.describe(&object_key);
+        if let Some(signed_get) = &self.signed_get {
+            return signed_get.get(&what, &object_key, len_max_bytes).await;
+        }
         let output = self
             .client
             .get_object()
@@ -889,6 +918,26 @@ mod tests {
         let e = BodyCut::Idle(Duration::from_secs(5)).error("s3://b/k", 10, Some(100));
         assert_eq!(e.class, ErrorClass::Transient);
         assert!(e.message.contains("s3://b/k") && e.message.contains("10 of 100"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn gets_take_the_signed_path_and_a_wrong_secret_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("bkt")).unwrap();
+        let server = super::super::loopback::LoopbackS3::start(root.path().to_owned()).await.unwrap();
+        let store = server.connect_store("bkt", "p").await.unwrap();
+        assert!(store.signed_get.is_some(), "a path-style http endpoint is signed here");
+        store.put("k", Bytes::from_static(b"block")).await.unwrap();
+        assert_eq!(store.get("k", 5).await.unwrap(), Bytes::from_static(b"block"));
+        let wrong = StaticCredentials {
+            secret_access_key: "wrong".into(),
+            ..super::super::loopback::LoopbackS3::credentials()
+        };
+        let intruder = S3Store::connect_with_static_credentials("bkt", "p", &server.s3_config(), &wrong).await.unwrap();
+        assert!(intruder.signed_get.is_some());
+        let e = intruder.get("k", 5).await.unwrap_err();
+        assert_eq!(e.class, ErrorClass::Permanent, "{e}");
+        assert!(e.message.contains("HTTP 403, S3 code SignatureDoesNotMatch"), "{e}");
     }
 
     #[test]
