@@ -39,8 +39,7 @@ use aws_smithy_types::Document;
 use bytes::Bytes;
 
 use super::h1::{self, Origin, SendError};
-use super::{BodyGuard, S3Config, classify, meaning, parse_retry_after};
-use crate::buf::{AlignedBuf, BufPool};
+use super::{Assembly, BodyGuard, S3Config, classify, meaning, parse_retry_after};
 use crate::error::{ErrorClass, StoreError};
 use crate::store::http::ERROR_BODY_MAX_BYTES;
 
@@ -387,7 +386,7 @@ async fn read_body_into(
     guard: BodyGuard,
 ) -> Result<Bytes, StoreError> {
     let limit = advertised.unwrap_or(len_max_bytes);
-    let mut sink = Sink::new(advertised);
+    let mut sink = Assembly::new(advertised);
     while advertised != Some(sink.len() as u64) {
         let wait = guard.next_wait(Instant::now()).map_err(|cut| cut.error(what, sink.len() as u64, advertised))?;
         match tokio::time::timeout(wait, sink.read_from(response, limit)).await {
@@ -427,37 +426,17 @@ async fn read_body_into(
     Ok(sink.freeze())
 }
 
-/// Where a body is read to: a pooled aligned buffer sized to the
-/// `Content-Length` (the block goes on to the writer and `O_DIRECT` as it
-/// is), or a heap buffer when no length was sent.
-enum Sink {
-    Pooled(AlignedBuf),
-    Heap(Vec<u8>),
-}
-
-impl Sink {
-    fn new(advertised: Option<u64>) -> Self {
-        match advertised.and_then(|len| usize::try_from(len).ok()).and_then(|len| BufPool::shared().take(len)) {
-            Some(buf) => Sink::Pooled(buf),
-            // Bounded by the caller's maximum, checked before this.
-            None => Sink::Heap(Vec::with_capacity(advertised.unwrap_or(0) as usize)),
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Sink::Pooled(buf) => buf.len(),
-            Sink::Heap(buf) => buf.len(),
-        }
-    }
-
+/// The body is read into the same [`Assembly`] `read_body` fills chunk by
+/// chunk (a pooled aligned buffer sized to the `Content-Length`, or a heap
+/// buffer when none was sent), but straight from the socket.
+impl Assembly {
     /// One read of at most `limit - len` bytes; at the limit, one byte more
     /// is asked for, so a body longer than the limit shows.
     async fn read_from(&mut self, response: &mut h1::Response, limit: u64) -> std::io::Result<usize> {
         let len = self.len();
         let room = usize::try_from(limit.saturating_sub(len as u64)).unwrap_or(usize::MAX);
         match self {
-            Sink::Pooled(buf) => {
+            Assembly::Pooled(buf) => {
                 // Sized to the Content-Length, which is the limit here.
                 let spare = buf.spare_mut();
                 let want = room.min(spare.len());
@@ -465,19 +444,12 @@ impl Sink {
                 buf.set_len(len + n);
                 Ok(n)
             }
-            Sink::Heap(buf) => {
+            Assembly::Heap(buf) => {
                 buf.resize(len + room.clamp(1, HEAP_READ_BYTES), 0);
                 let read = response.read(&mut buf[len..]).await;
                 buf.truncate(len + *read.as_ref().unwrap_or(&0));
                 read
             }
-        }
-    }
-
-    fn freeze(self) -> Bytes {
-        match self {
-            Sink::Pooled(buf) => buf.into_bytes(),
-            Sink::Heap(buf) => Bytes::from(buf),
         }
     }
 }
