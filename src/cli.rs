@@ -190,7 +190,9 @@ pub struct RestoreArgs {
     #[arg(long = "secondary")]
     pub secondaries: Vec<String>,
     /// A peer worker (`http://host:port`) asked for each block before the
-    /// store (repeatable, in order; `[peers]` sets its token and deadline).
+    /// store (repeatable; list the fleet's other members in fleet order:
+    /// they are asked from `peers.fleet_index` on, wrapping; `[peers]` sets
+    /// their token and deadline).
     #[arg(long = "peer")]
     pub peers: Vec<String>,
     /// Write an existing regular file in place instead of a staging file.

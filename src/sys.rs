@@ -1,6 +1,6 @@
 //! The raw calls into the kernel that std does not wrap, in one place: the
-//! space of a filesystem (`statvfs`) and the size of a block device
-//! (`BLKGETSIZE64`) through rustix; open-file-description range locks
+//! space of a filesystem (`statvfs`), the size of a block device
+//! (`BLKGETSIZE64`) and the page size through rustix; open-file-description range locks
 //! (`F_OFD_SETLK`) and whether a process exists (`kill(pid, 0)`) through libc,
 //! which rustix does not cover. Everything else uses std.
 
@@ -24,6 +24,14 @@ pub fn filesystem_space(path: &Path) -> io::Result<FilesystemSpace> {
         available_bytes: st.f_bavail.saturating_mul(st.f_frsize),
         total_bytes: st.f_blocks.saturating_mul(st.f_frsize),
     })
+}
+
+/// Whether every block of every snapshot covers whole pages of the page
+/// cache: block sizes are multiples of [`BLOCK_SIZE_MIN_BYTES`](crate::block::BLOCK_SIZE_MIN_BYTES),
+/// so this holds where a page is at most that (4 KiB on x86-64, not on an
+/// arm64 kernel with 16 or 64 KiB pages).
+pub fn blocks_are_whole_pages() -> bool {
+    crate::block::BLOCK_SIZE_MIN_BYTES.is_multiple_of(rustix::param::page_size() as u32)
 }
 
 /// `BLKGETSIZE64 = _IOR(0x12, 114, size_t)`: a block device's size in bytes.

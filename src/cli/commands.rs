@@ -66,7 +66,7 @@ pub(super) async fn snapshot_create(args: CreateArgs) -> ExitCode {
 }
 
 pub(super) async fn restore(args: RestoreArgs) -> ExitCode {
-    let Ok(mut config) = load_config(args.config.as_ref()) else {
+    let Ok(config) = load_config(args.config.as_ref()) else {
         return ExitCode::Usage;
     };
     if let Some(url) = &args.export {
@@ -77,9 +77,6 @@ pub(super) async fn restore(args: RestoreArgs) -> ExitCode {
             Ok(addr) => addr,
             Err(e) => return usage(&e),
         };
-        // The export reads and writes the target through the page cache:
-        // the background restore writes it the same way.
-        config.write.direct_io = crate::write::DirectIo::Off;
         return super::export::restore_exported(Engine::new(config), args, addr).await;
     }
     let engine = Engine::new(config);

@@ -221,14 +221,16 @@ pub(super) struct Allocated {
 }
 
 /// Allocate: open the target and the checkpoint that belongs to it, check
-/// the room a restore from the beginning needs, start the writer. `None`: the
-/// target in place is already the whole restore.
+/// the room a restore from the beginning needs, start the writer (`live`:
+/// for a volume served while it is restored). `None`: the target in place is
+/// already the whole restore.
 pub(super) fn allocate_phase(
     engine: &Engine,
     spec: &RestoreSpec,
     snapshot: &dyn Snapshot,
     blocks: BlockRange,
     durable: Option<&Durable>,
+    live: bool,
 ) -> Result<Option<Allocated>, RestoreError> {
     let (target, checkpoint) = match allocate(spec, snapshot, blocks, durable)? {
         Allocation::Ready { target, checkpoint } => (target, *checkpoint),
@@ -247,7 +249,14 @@ pub(super) fn allocate_phase(
     }
     let writer_file =
         target.file.try_clone().map_err(|e| io_error(&target, "cannot duplicate the target handle", e))?;
-    let writer =
-        Writer::open(writer_file, &engine.config.write).map_err(|e| io_error(&target, "cannot start the writer", e))?;
+    let mut write = engine.config.write.clone();
+    if live && !crate::sys::blocks_are_whole_pages() {
+        // The export reads and writes the target through the page cache;
+        // O_DIRECT writes beside it are coherent only when no page holds
+        // parts of two blocks (docs/architecture.md, "Serving the volume
+        // while it is restored").
+        write.direct_io = crate::write::DirectIo::Off;
+    }
+    let writer = Writer::open(writer_file, &write).map_err(|e| io_error(&target, "cannot start the writer", e))?;
     Ok(Some(Allocated { target, checkpoint, staging, writer }))
 }

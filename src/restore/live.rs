@@ -8,10 +8,11 @@
 //! final bytes: restored, or written by the client) or not. Reading a block
 //! that is not local fetches it at once through [`Priority::Demand`] (the
 //! budget's demand reserve, its own tenant at the stores' gates), verifies
-//! it, writes it and answers from it; a zero block is answered at once. A
-//! block being fetched or written is **claimed**: a second reader of it waits
-//! for the first and then reads the target, so concurrent reads share one
-//! fetch. A block no source can serve answers `EIO`; the background restore
+//! it and answers from the verified bytes, while a task of its own writes
+//! them to the target (the read does not wait for the target's write queue);
+//! a zero block is answered at once. A block being fetched or written is
+//! **claimed** (until that write is done): a second reader of it waits for
+//! the first and then reads the target, so concurrent reads share one fetch. A block no source can serve answers `EIO`; the background restore
 //! names it in the damage report.
 //!
 //! A client write makes its blocks **owned** by the client. A partial write
@@ -51,6 +52,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use super::latency::LatencyHistogram;
 use super::read::{BlockReader, Priority};
 use crate::block::{BlockIndex, BlockLayout};
+use crate::fetch::budget::BudgetPermit;
 use crate::metrics as m;
 use crate::verify::VerifiedBlock;
 
@@ -157,6 +159,8 @@ pub struct LiveVolume {
     /// as it holds the volume, past the end of the restore
     /// (`docs/architecture.md`, invariant 8).
     pub(super) target_lock: Option<Arc<crate::target::TargetLock>>,
+    /// This volume, for the tasks that write blocks fetched for a read.
+    this: std::sync::Weak<LiveVolume>,
 }
 
 /// How long a FLUSH waits for the end of the rehydrate phase once the
@@ -188,20 +192,33 @@ impl Claim<'_> {
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        if let Some(notify) = self.volume.lock().claimed.remove(&self.index) {
-            notify.notify_waiters();
-        }
+        self.volume.release(self.index);
+    }
+}
+
+/// A [`Claim`] held by a task of its own (the write of a block a read was
+/// answered from).
+struct OwnedClaim {
+    volume: Arc<LiveVolume>,
+    index: BlockIndex,
+}
+
+impl Drop for OwnedClaim {
+    fn drop(&mut self) {
+        self.volume.release(self.index);
     }
 }
 
 impl LiveVolume {
     /// `local(i)`: the target already holds block `i`'s final bytes (settled
     /// by an earlier run, or zeros of a fresh file).
+    /// `this`: the `Arc` the volume is built in (`Arc::new_cyclic`).
     pub(super) fn new(
         reader: Arc<BlockReader>,
         file: Arc<File>,
         settler: mpsc::Sender<FlushRequest>,
         local: impl Fn(BlockIndex) -> bool,
+        this: std::sync::Weak<LiveVolume>,
     ) -> Self {
         let layout = reader.snapshot().layout();
         let mut states = States {
@@ -223,6 +240,7 @@ impl LiveVolume {
             finished: watch::channel(None).0,
             counts: LiveCounts::default(),
             target_lock: None,
+            this,
         }
     }
 
@@ -246,6 +264,12 @@ impl LiveVolume {
 
     pub fn is_owned(&self, index: BlockIndex) -> bool {
         self.lock().owned.get(index)
+    }
+
+    fn release(&self, index: BlockIndex) {
+        if let Some(notify) = self.lock().claimed.remove(&index) {
+            notify.notify_waiters();
+        }
     }
 
     /// Claim block `index`, waiting while someone else holds it.
@@ -280,14 +304,27 @@ impl LiveVolume {
             .map(|&(index, ..)| index)
             .filter(|&i| !self.is_local(i) && self.reader.snapshot().block(i).is_some())
             .collect();
+        let mut fetched = HashMap::new();
         for group in missing.chunks(READ_FETCHES_INFLIGHT_MAX) {
-            let fetched = join_all(group.iter().map(|&i| self.make_local(i)).collect()).await;
-            fetched.into_iter().collect::<io::Result<Vec<()>>>()?;
+            let blocks = join_all(group.iter().map(|&i| self.fetch_for_read(i)).collect()).await;
+            for (&index, block) in group.iter().zip(blocks) {
+                if let Some(bytes) = block? {
+                    fetched.insert(index, bytes);
+                }
+            }
         }
         let mut out = vec![0u8; len as usize];
         // Runs of adjacent local blocks are one pread each.
         let mut run: Option<(u64, std::ops::Range<usize>)> = None;
         for (index, within, range) in segments {
+            if let Some(bytes) = fetched.get(&index) {
+                if let Some((at, r)) = run.take() {
+                    self.pread(at, &mut out[r]).await?;
+                }
+                let within = within as usize;
+                out[range.clone()].copy_from_slice(&bytes[within..within + range.len()]);
+                continue;
+            }
             if !self.is_local(index) {
                 // A zero block: zeros (`out` holds them already).
                 if let Some((at, r)) = run.take() {
@@ -321,16 +358,41 @@ impl LiveVolume {
         metrics::histogram!(m::NBD_READ_LATENCY_SECONDS, "served" => served).record(latency.as_secs_f64());
     }
 
-    /// Make block `index` local: fetch it on demand unless someone else has
-    /// (or is doing so: then wait for them). Registered as a read waiting
-    /// for it meanwhile.
-    async fn make_local(&self, index: BlockIndex) -> io::Result<()> {
+    /// Make block `index` local for a read: fetch it on demand unless
+    /// someone else has (or is doing so: then wait for them). `Some`: the
+    /// verified bytes fetched here, which a task of its own writes to the
+    /// target under the claim while the read answers from them; `None`: the
+    /// block is local, read it from the target. Registered as a read
+    /// waiting for it meanwhile.
+    async fn fetch_for_read(&self, index: BlockIndex) -> io::Result<Option<Bytes>> {
         let _waiting = self.wait_for(index);
         let claim = self.claim(index).await;
-        if !claim.is_local() {
-            self.restore_claimed(&claim).await?;
+        if claim.is_local() {
+            return Ok(None);
         }
-        Ok(())
+        let Some(volume) = self.this.upgrade() else {
+            // Not built in an Arc (never, but then: write before answering).
+            return self.restore_claimed(&claim).await.map(|block| Some(block.bytes().clone()));
+        };
+        let (block, reserve) = self.fetch_on_demand(index).await?;
+        let bytes = block.bytes().clone();
+        // The claim passes to the writing task.
+        std::mem::forget(claim);
+        let claim = OwnedClaim { volume, index };
+        let write = bytes.clone();
+        tokio::spawn(async move {
+            let volume = &claim.volume;
+            match volume.pwrite(volume.layout.offset(index), write).await {
+                Ok(()) => {
+                    volume.lock().local.set(index);
+                }
+                // Not local: the next read fetches it again, the background
+                // restore writes it (and meets the same error, if it lasts).
+                Err(e) => tracing::warn!(block = index, error = %e, "a block read on demand could not be written"),
+            }
+            drop((reserve, claim));
+        });
+        Ok(Some(bytes))
     }
 
     fn wait_for(&self, index: BlockIndex) -> Waiting<'_> {
@@ -419,23 +481,25 @@ impl LiveVolume {
         Ok(())
     }
 
+    /// Fetch and verify block `index` on demand; with the demand reserve's
+    /// bytes it holds, to be kept until the block is written.
+    async fn fetch_on_demand(&self, index: BlockIndex) -> io::Result<(VerifiedBlock, Option<BudgetPermit>)> {
+        self.counts.demand_fetches.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::NBD_DEMAND_FETCHES_TOTAL).increment(1);
+        self.reader.read_held(index, Priority::Demand).await.map_err(|failures| {
+            self.counts.demand_failures.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(m::NBD_DEMAND_FAILURES_TOTAL).increment(1);
+            let reason = failures.last().map(|f| format!("{}: {}", f.source, f.last_error)).unwrap_or_default();
+            tracing::warn!(block = index, %reason, "a block read on demand failed on every source");
+            io::Error::from_raw_os_error(libc::EIO)
+        })
+    }
+
     /// Fetch, verify and write a claimed block that is not local; then it is.
     async fn restore_claimed(&self, claim: &Claim<'_>) -> io::Result<VerifiedBlock> {
         let index = claim.index;
         let started = Instant::now();
-        self.counts.demand_fetches.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(m::NBD_DEMAND_FETCHES_TOTAL).increment(1);
-        // The demand reserve's bytes are held until the block is written.
-        let (block, _bytes) = match self.reader.read_held(index, Priority::Demand).await {
-            Ok(held) => held,
-            Err(failures) => {
-                self.counts.demand_failures.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(m::NBD_DEMAND_FAILURES_TOTAL).increment(1);
-                let reason = failures.last().map(|f| format!("{}: {}", f.source, f.last_error)).unwrap_or_default();
-                tracing::warn!(block = index, %reason, "a block read on demand failed on every source");
-                return Err(io::Error::from_raw_os_error(libc::EIO));
-            }
-        };
+        let (block, _reserve) = self.fetch_on_demand(index).await?;
         let fetched = started.elapsed();
         self.pwrite(self.layout.offset(index), block.bytes().clone()).await?;
         claim.set_local();

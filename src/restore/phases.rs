@@ -159,7 +159,7 @@ async fn restore_validated(
     progress.set_phase(Phase::Allocate);
     let durable = Durable::open(engine, spec, blocks, &snapshot.layout())?;
     let Some(Allocated { target, checkpoint, mut staging, writer }) =
-        allocate_phase(engine, spec, &*snapshot, blocks, durable.as_ref())?
+        allocate_phase(engine, spec, &*snapshot, blocks, durable.as_ref(), run.publish.is_some())?
     else {
         if let Some(d) = &durable {
             d.remove();
@@ -438,9 +438,11 @@ fn go_live(
     let snapshot = Arc::clone(reader.snapshot());
     let settled = checkpoint.settled();
     let local = |i| settled.is_settled(i) || (target.fresh && snapshot.block(i).is_none());
-    let mut live = LiveVolume::new(Arc::clone(&reader), Arc::clone(file), tx, local);
-    live.target_lock = run.held.clone();
-    let live = Arc::new(live);
+    let live = Arc::new_cyclic(|this| {
+        let mut live = LiveVolume::new(Arc::clone(&reader), Arc::clone(file), tx, local, this.clone());
+        live.target_lock = run.held.clone();
+        live
+    });
     publish(Arc::clone(&live));
     (reader, live, rx)
 }

@@ -31,7 +31,12 @@
 //! a read of a volume still being restored) takes a slot at once, past the
 //! window and every queue (the budget's demand reserve bounds how many there
 //! are). While one is out, the other requests get no new slot beyond the
-//! floor, so the bytes in flight drain and the reader's answer has the link.
+//! floor, and those already on the wire are not polled (their bytes wait in
+//! their sockets, the store's sender blocks on them) for up to
+//! [`DEMAND_PAUSE_MAX`] from the reader's request: the reader's answer has
+//! the link, the store and the CPU to itself, not a 1/64 share of them. The
+//! background pauses at most as long as it has read since its last pause
+//! ([`Pause`]), so readers that never stop still leave it half the time.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
@@ -41,11 +46,68 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 use super::delay::{DelayRule, Verdict};
 use super::{BlockStore, BoxFuture, SharedStore, StoreError, StoreUrl};
 use crate::error::ErrorClass;
+
+/// How long the background requests on the wire stop reading their answers
+/// once a reader's request takes a slot, at most (until every reader's
+/// request is answered, when sooner). A reader's 1 MiB answer from a fast
+/// store takes about a millisecond alone; one whose store is slow for it
+/// stops holding the others back after this.
+pub const DEMAND_PAUSE_MAX: Duration = Duration::from_millis(10);
+
+/// When the background requests on the wire stop reading for a reader's
+/// request. A pause is paid for with reading time: it lasts at most the
+/// credit in hand, which is earned back one for one while the background
+/// reads (up to the maximum pause), so under readers that never stop the
+/// background still reads half the time.
+#[derive(Debug)]
+struct Pause {
+    /// The current (or last) pause's end.
+    until: Option<tokio::time::Instant>,
+    credit: Duration,
+    /// When the background last began reading again.
+    since: tokio::time::Instant,
+    max: Duration,
+}
+
+impl Pause {
+    fn new(max: Duration) -> Self {
+        Pause { until: None, credit: max, since: tokio::time::Instant::now(), max }
+    }
+
+    /// A reader's request went out at `now`: pause, unless one is on.
+    fn begin(&mut self, now: tokio::time::Instant) {
+        if self.active(now).is_some() {
+            return;
+        }
+        if let Some(ended) = self.until.take() {
+            self.since = ended;
+        }
+        self.credit = (self.credit + now.saturating_duration_since(self.since)).min(self.max);
+        if !self.credit.is_zero() {
+            self.until = Some(now + std::mem::take(&mut self.credit));
+        }
+        self.since = now;
+    }
+
+    /// Every reader's request is answered at `now`: what is left of the
+    /// pause is credit again.
+    fn end(&mut self, now: tokio::time::Instant) {
+        if let Some(until) = self.until.take() {
+            self.credit += until.saturating_duration_since(now);
+            self.since = until.min(now);
+        }
+    }
+
+    /// The end of the pause on at `now`, if one is.
+    fn active(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        self.until.filter(|&until| now < until)
+    }
+}
 
 /// Byte budgets are counted in tokens of this many bytes, so a `u32` quota
 /// reaches 4 TiB/s and a 4 MiB block is 4096 tokens, not 4 Mi.
@@ -469,6 +531,8 @@ struct Window {
     waiting: BTreeMap<u64, VecDeque<oneshot::Sender<Grant>>>,
     /// The tenant served last, for the round robin.
     last_served: u64,
+    /// The background's pauses for demand requests.
+    pause: Pause,
 }
 
 impl Window {
@@ -580,6 +644,10 @@ struct Gate {
     /// The window, readable without the lock (for metrics).
     limit: AtomicUsize,
     acquire_timeout: Duration,
+    /// Told when a demand request takes a slot, and when the last one out
+    /// gives its slot back.
+    demand_started: Notify,
+    demand_ended: Notify,
 }
 
 impl Gate {
@@ -598,13 +666,14 @@ impl Gate {
             if demand || (window.waiting.is_empty() && window.background_room()) {
                 window.in_flight += 1;
                 window.demand_in_flight += usize::from(demand);
-                return Some(Slot {
+                let slot = Slot {
                     gate: Arc::clone(self),
                     outcome: Outcome::Neutral,
                     demand,
                     acquired: Instant::now(),
                     full: !window.background_room(),
-                });
+                };
+                return Some(slot);
             }
             let (tx, rx) = oneshot::channel();
             window.waiting.entry(tenant).or_default().push_back(tx);
@@ -628,6 +697,10 @@ impl Gate {
         let queued = !window.waiting.is_empty() && window.demand_in_flight == 0;
         window.in_flight -= 1;
         window.demand_in_flight -= usize::from(demand);
+        let demand_ended = demand && window.demand_in_flight == 0;
+        if demand_ended {
+            window.pause.end(tokio::time::Instant::now());
+        }
         match outcome {
             Outcome::Success(bytes) => {
                 window.aimd.on_success(bytes, queued);
@@ -644,6 +717,53 @@ impl Gate {
         }
         self.limit.store(window.aimd.limit(), Ordering::Relaxed);
         self.hand_out(&mut window);
+        drop(window);
+        if demand_ended {
+            self.demand_ended.notify_waiters();
+        }
+    }
+
+    /// A demand request has left the local queues: the background pauses
+    /// (unless it does already, or has no credit).
+    fn pause_for_demand(&self) {
+        self.lock().pause.begin(tokio::time::Instant::now());
+        self.demand_started.notify_waiters();
+    }
+
+    /// Until when background requests on the wire stop reading, if they
+    /// do now.
+    fn pause_until(&self) -> Option<tokio::time::Instant> {
+        self.lock().pause.active(tokio::time::Instant::now())
+    }
+
+    /// Run a background request's `op`, not polling it while it is on the
+    /// wire (`on_wire`: past the local queues) and the background pauses
+    /// for a demand request ([`Pause`]): what it has not read yet waits in
+    /// its socket.
+    async fn yielding<F: std::future::Future>(&self, on_wire: impl Fn() -> bool, op: F) -> F::Output {
+        tokio::pin!(op);
+        loop {
+            // Registered before the check, so a start between the two wakes it.
+            let started = self.demand_started.notified();
+            tokio::pin!(started);
+            started.as_mut().enable();
+            let Some(until) = self.pause_until().filter(|_| on_wire()) else {
+                tokio::select! {
+                    biased;
+                    output = &mut op => return output,
+                    () = &mut started => continue,
+                }
+            };
+            let ended = self.demand_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.pause_until().is_some() {
+                tokio::select! {
+                    () = ended => {}
+                    () = tokio::time::sleep_until(until) => {}
+                }
+            }
+        }
     }
 
     /// Give free slots to waiting requests, one tenant after another.
@@ -706,8 +826,11 @@ impl AdaptiveConcurrency {
                 demand_in_flight: 0,
                 waiting: BTreeMap::new(),
                 last_served: 0,
+                pause: Pause::new(DEMAND_PAUSE_MAX),
             }),
             acquire_timeout: Duration::from_millis(config.acquire_timeout_millis),
+            demand_started: Notify::new(),
+            demand_ended: Notify::new(),
         });
         Ok(Self { inner, gate, metric_label: None })
     }
@@ -719,6 +842,12 @@ impl AdaptiveConcurrency {
             let mut window = self.gate.lock();
             window.aimd = window.aimd.clone().with_budget_bytes(bytes);
         }
+        self
+    }
+
+    #[cfg(test)]
+    fn with_demand_pause_max(self, pause: Duration) -> Self {
+        self.gate.lock().pause = Pause::new(pause);
         self
     }
 
@@ -755,7 +884,27 @@ impl AdaptiveConcurrency {
                 self.current_limit()
             )));
         };
-        let result = op.await;
+        let result = if ctx.demand {
+            // The pause starts once the request is on the wire, not while it
+            // waits for its slot at the pacer.
+            let on_wire = async {
+                if let Some(sent) = &ctx.sent {
+                    sent.sent().await;
+                }
+            };
+            tokio::pin!(op);
+            tokio::select! {
+                biased;
+                result = &mut op => result,
+                () = on_wire => {
+                    self.gate.pause_for_demand();
+                    op.await
+                }
+            }
+        } else {
+            let on_wire = || ctx.sent.as_ref().is_none_or(|sent| sent.get().is_some());
+            self.gate.yielding(on_wire, op).await
+        };
         slot.outcome = Outcome::of(&result);
         drop(slot);
         if let Some(label) = &self.metric_label {
@@ -1226,8 +1375,9 @@ mod tests {
         panic!("never: {what}");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_demand_request_skips_the_full_window_and_the_background_yields_to_it() {
+    /// A [`Held`] store behind a window of 2 to 4 whose background pauses
+    /// for a demand request up to `pause`.
+    fn held_store(pause: Duration) -> (Arc<Held>, Arc<AdaptiveConcurrency>) {
         let held = Arc::new(Held {
             url: StoreUrl::File { root: "/held".into() },
             demand: tokio::sync::Semaphore::new(0),
@@ -1239,7 +1389,13 @@ mod tests {
             concurrency_max: nz(4),
             ..AdaptiveConcurrencyConfig::default()
         };
-        let store = Arc::new(AdaptiveConcurrency::new(held.clone(), &config).unwrap());
+        let store = AdaptiveConcurrency::new(held.clone(), &config).unwrap().with_demand_pause_max(pause);
+        (held, Arc::new(store))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_demand_request_skips_the_full_window_and_the_background_yields_to_it() {
+        let (held, store) = held_store(DEMAND_PAUSE_MAX);
         let mut background = tokio::task::JoinSet::new();
         for _ in 0..10 {
             let store = store.clone();
@@ -1270,6 +1426,77 @@ mod tests {
         while let Some(done) = background.join_next().await {
             done.unwrap().unwrap();
         }
+        assert_eq!(store.in_flight(), 0);
+    }
+
+    #[test]
+    fn the_background_pauses_at_most_as_long_as_it_has_read_since() {
+        let t0 = tokio::time::Instant::now();
+        let at = |micros: u64| t0 + Duration::from_micros(micros);
+        let mut pause = Pause::new(Duration::from_millis(10));
+        pause.begin(at(0));
+        assert_eq!(pause.active(at(0)), Some(at(10_000)), "a full pause in hand at first");
+        // A second reader's request during the pause does not extend it.
+        pause.begin(at(1_000));
+        assert_eq!(pause.active(at(1_000)), Some(at(10_000)));
+        // Answered after 2 ms: 8 ms are credit again, and 0.2 ms of reading
+        // earn 0.2 more.
+        pause.end(at(2_000));
+        assert_eq!(pause.active(at(2_000)), None);
+        pause.begin(at(2_200));
+        assert_eq!(pause.active(at(2_200)), Some(at(10_400)));
+        // A reader that never stops: the pause runs out, and the next one
+        // lasts as long as the background has read since.
+        assert_eq!(pause.active(at(10_400)), None);
+        pause.begin(at(11_000));
+        assert_eq!(pause.active(at(11_000)), Some(at(11_600)));
+        pause.end(at(12_000));
+        pause.begin(at(12_000));
+        assert_eq!(pause.active(at(12_000)), Some(at(12_400)));
+        // Credit never exceeds the maximum pause.
+        pause.end(at(12_400));
+        pause.begin(at(1_000_000));
+        assert_eq!(pause.active(at(1_000_000)), Some(at(1_010_000)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn background_answers_wait_while_a_demand_request_is_out_for_a_bounded_time() {
+        let get = |store: &Arc<AdaptiveConcurrency>, key: &'static str, demand: bool| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let ctx = crate::store::RequestContext { demand, ..tenant(1) };
+                store.get_for(&ctx, key, 0).await.map(|_| Instant::now())
+            })
+        };
+        let a_while = Duration::from_secs(30);
+
+        // A reader's request stays out: a background answer that has
+        // arrived is read once the pause is over, not before.
+        let pause = Duration::from_millis(50);
+        let (held, store) = held_store(pause);
+        let background = get(&store, "b", false);
+        until("the background request is sent", || held.started.load(Ordering::SeqCst) == 1).await;
+        let t0 = Instant::now();
+        let _slow_demand = get(&store, "d", true);
+        until("the demand request is sent", || held.started.load(Ordering::SeqCst) == 2).await;
+        held.background.add_permits(1);
+        let done = tokio::time::timeout(a_while, background).await.expect("held past its pause").unwrap().unwrap();
+        assert!(done - t0 >= pause, "read {:?} after the demand began", done - t0);
+
+        // Once every reader's request is answered, the background reads on.
+        let (held, store) = held_store(a_while * 4);
+        let background = get(&store, "b", false);
+        until("the background request is sent", || held.started.load(Ordering::SeqCst) == 1).await;
+        let _demands = [get(&store, "d", true), get(&store, "d", true)];
+        until("the demand requests are sent", || held.started.load(Ordering::SeqCst) == 3).await;
+        held.background.add_permits(1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!background.is_finished(), "the background read on while a reader waited");
+        held.demand.add_permits(1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!background.is_finished(), "the background read on while one reader still waited");
+        held.demand.add_permits(1);
+        tokio::time::timeout(a_while, background).await.expect("held past the readers' answers").unwrap().unwrap();
         assert_eq!(store.in_flight(), 0);
     }
 

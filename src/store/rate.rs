@@ -278,9 +278,6 @@ pub struct RateControl {
     /// Requests wait here in arrival order; the holder sleeps for its slot.
     turnstile: tokio::sync::Mutex<()>,
     waiting: AtomicUsize,
-    /// Demand requests (a reader blocked on them) waiting for a slot: they
-    /// skip the turnstile, and its head lets them take the next slots.
-    demand_waiting: AtomicUsize,
     burst_secs: f64,
     metric_label: Option<String>,
 }
@@ -294,7 +291,6 @@ impl RateControl {
             next_slot: Mutex::new(now),
             turnstile: tokio::sync::Mutex::new(()),
             waiting: AtomicUsize::new(0),
-            demand_waiting: AtomicUsize::new(0),
             burst_secs: config.burst_secs,
             metric_label,
         };
@@ -364,43 +360,53 @@ impl RateControl {
     }
 
     /// Wait for this request's turn at the current rate (at once while
-    /// unpaced). A `demand` request (a reader blocked on it) does not queue
-    /// behind the others: it takes the next slot, and the queue's head
-    /// waits while any demand request does. Cancel-safe: a waiter that goes
-    /// away leaves the queue.
+    /// unpaced). A `demand` request (a reader blocked on it) does not queue:
+    /// it reserves the next free slot at once ([`reserve_slot`](Self::reserve_slot))
+    /// and the queue's next slots move back by one interval, so the store
+    /// sees the same rate.
+    /// Cancel-safe: a waiter that goes away leaves the queue.
     pub async fn admit(&self, demand: bool) {
-        if self.requests_per_sec().is_none() {
+        let Some(rate) = self.requests_per_sec() else { return };
+        if demand {
+            let wait = self.reserve_slot(rate, Instant::now());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
             return;
         }
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let _leave = scopeguard(|| {
             self.waiting.fetch_sub(1, Ordering::Relaxed);
         });
-        if demand {
-            self.demand_waiting.fetch_add(1, Ordering::Relaxed);
-            let _leave = scopeguard(|| {
-                self.demand_waiting.fetch_sub(1, Ordering::Relaxed);
-            });
-            return self.take_next_slot(false).await;
-        }
         let _turn = self.turnstile.lock().await;
-        self.take_next_slot(true).await
+        self.take_next_slot().await
     }
 
-    /// Sleep until a slot at the current rate is due and take it; `yields`:
-    /// not while a demand request waits for one.
-    async fn take_next_slot(&self, yields: bool) {
+    /// Sleep until a slot at the current rate is due and take it.
+    async fn take_next_slot(&self) {
         loop {
             let Some(rate) = self.requests_per_sec() else { return };
-            if yields && self.demand_waiting.load(Ordering::Relaxed) > 0 {
-                tokio::time::sleep(Duration::from_secs_f64(1.0 / rate).min(RECHECK)).await;
-                continue;
-            }
             match self.take_slot(rate, Instant::now()) {
                 None => return,
                 Some(wait) => tokio::time::sleep(wait.min(RECHECK)).await,
             }
         }
+    }
+
+    /// Reserve the next free slot at `rate` for a demand request and say
+    /// how long until it is due (within the burst tolerance, as for any
+    /// request): at most one interval while the background keeps the pace
+    /// busy, none on an idle one. Not more: demand requests sent on credit
+    /// past the pace (tried: twice the burst) drew the store's throttles on
+    /// everyone, and the learned rate fell to a quarter under a reader that
+    /// never stops.
+    fn reserve_slot(&self, rate: f64, now: Instant) -> Duration {
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let tolerance = Duration::from_secs_f64(self.burst_secs).max(interval);
+        let mut next = Self::lock(&self.next_slot);
+        let due = (*next).max(now);
+        *next = due + interval;
+        (due + interval).saturating_duration_since(now + tolerance)
     }
 
     /// GCRA: take the next slot at `rate` if it is due within the burst
@@ -670,8 +676,29 @@ mod tests {
         assert_eq!(control.waiting.load(Ordering::Relaxed), 0);
     }
 
+    #[test]
+    fn a_demand_request_reserves_the_next_free_slot_ahead_of_the_queue() {
+        let config = AdaptiveRateConfig { burst_secs: 0.0, ..AdaptiveRateConfig::default() };
+        let control = RateControl::new(&config, None, None);
+        let t0 = Instant::now();
+        // At 20/s (one per 50 ms) a background request takes the slot due now.
+        assert_eq!(control.take_slot(20.0, t0), None);
+        assert_eq!(control.take_slot(20.0, t0), Some(Duration::from_millis(50)));
+        // A reader's request reserves the next slot ahead of them (due in
+        // 50 ms), a second one the slot after ...
+        assert_eq!(control.reserve_slot(20.0, t0), Duration::from_millis(50));
+        assert_eq!(control.reserve_slot(20.0, t0), Duration::from_millis(100));
+        // ... and the background's next slot is two intervals later.
+        assert_eq!(control.take_slot(20.0, t0), Some(Duration::from_millis(150)));
+        assert_eq!(control.take_slot(20.0, t0 + Duration::from_millis(150)), None);
+        // An idle pacer: the reader's request takes the slot due now.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(control.reserve_slot(20.0, later), Duration::ZERO);
+        assert_eq!(control.take_slot(20.0, later), Some(Duration::from_millis(50)));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_demand_request_takes_the_next_slot_ahead_of_the_queue() {
+    async fn a_demand_request_does_not_wait_behind_the_queue() {
         let config = AdaptiveRateConfig { burst_secs: 0.0, ..AdaptiveRateConfig::default() };
         let control = Arc::new(RateControl::new(&config, None, None));
         *RateControl::lock(&control.cubic) = {
@@ -696,8 +723,7 @@ mod tests {
         while control.waiting.load(Ordering::Relaxed) + order.lock().unwrap().len() < 8 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        // ... then a reader's: it goes within about one slot, not after the
-        // eight (400 ms).
+        // ... then a reader's: it goes at once, not after the eight (400 ms).
         control.admit(true).await;
         order.lock().unwrap().push("demand");
         while let Some(done) = waiters.join_next().await {
@@ -706,6 +732,5 @@ mod tests {
         let order = order.lock().unwrap().clone();
         let position = order.iter().position(|&o| o == "demand").unwrap();
         assert!(position <= 2, "the demand request went {position}th: {order:?}");
-        assert_eq!(control.demand_waiting.load(Ordering::Relaxed), 0);
     }
 }
