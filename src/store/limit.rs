@@ -644,9 +644,11 @@ struct Gate {
     /// The window, readable without the lock (for metrics).
     limit: AtomicUsize,
     acquire_timeout: Duration,
-    /// Told when a demand request takes a slot, and when the last one out
-    /// gives its slot back.
-    demand_started: Notify,
+    /// Whether a pause may be on (set when one begins, cleared when every
+    /// demand request is answered): the background's requests look here at
+    /// each poll without the lock.
+    pausing: std::sync::atomic::AtomicBool,
+    /// Told when the last demand request out gives its slot back.
     demand_ended: Notify,
 }
 
@@ -700,6 +702,7 @@ impl Gate {
         let demand_ended = demand && window.demand_in_flight == 0;
         if demand_ended {
             window.pause.end(tokio::time::Instant::now());
+            self.pausing.store(false, Ordering::Relaxed);
         }
         match outcome {
             Outcome::Success(bytes) => {
@@ -726,8 +729,12 @@ impl Gate {
     /// A demand request has left the local queues: the background pauses
     /// (unless it does already, or has no credit).
     fn pause_for_demand(&self) {
-        self.lock().pause.begin(tokio::time::Instant::now());
-        self.demand_started.notify_waiters();
+        let mut window = self.lock();
+        window.pause.begin(tokio::time::Instant::now());
+        // Under the lock, so an end that clears it comes after.
+        if window.demand_in_flight > 0 {
+            self.pausing.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Until when background requests on the wire stop reading, if they
@@ -739,20 +746,24 @@ impl Gate {
     /// Run a background request's `op`, not polling it while it is on the
     /// wire (`on_wire`: past the local queues) and the background pauses
     /// for a demand request ([`Pause`]): what it has not read yet waits in
-    /// its socket.
+    /// its socket. A pause is seen when `op` is next woken (by its socket):
+    /// one that is not woken reads nothing anyway.
     async fn yielding<F: std::future::Future>(&self, on_wire: impl Fn() -> bool, op: F) -> F::Output {
         tokio::pin!(op);
         loop {
-            // Registered before the check, so a start between the two wakes it.
-            let started = self.demand_started.notified();
-            tokio::pin!(started);
-            started.as_mut().enable();
-            let Some(until) = self.pause_until().filter(|_| on_wire()) else {
-                tokio::select! {
-                    biased;
-                    output = &mut op => return output,
-                    () = &mut started => continue,
+            let paused = std::future::poll_fn(|cx| {
+                if self.pausing.load(Ordering::Relaxed)
+                    && on_wire()
+                    && let Some(until) = self.pause_until()
+                {
+                    return std::task::Poll::Ready(Err(until));
                 }
+                op.as_mut().poll(cx).map(Ok)
+            })
+            .await;
+            let until = match paused {
+                Ok(output) => return output,
+                Err(until) => until,
             };
             let ended = self.demand_ended.notified();
             tokio::pin!(ended);
@@ -829,7 +840,7 @@ impl AdaptiveConcurrency {
                 pause: Pause::new(DEMAND_PAUSE_MAX),
             }),
             acquire_timeout: Duration::from_millis(config.acquire_timeout_millis),
-            demand_started: Notify::new(),
+            pausing: std::sync::atomic::AtomicBool::new(false),
             demand_ended: Notify::new(),
         });
         Ok(Self { inner, gate, metric_label: None })
