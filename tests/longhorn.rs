@@ -331,11 +331,15 @@ fn a_live_deletion_lock_holds_the_restore_off_and_an_expired_one_does_not() {
     // A deletion in progress: Longhorn's lock rules make us wait, then give up.
     put_lock(&dir, "lock-ffffffffffffffff", 2, Duration::ZERO);
     let target = fx.path("held-off.img");
-    let started = Instant::now();
+    // Longhorn's wait is on the wall clock (lock files' times), so it is
+    // timed here on the wall clock too: a step of this VM's clock between
+    // two monotonic readings is not the restore giving up early.
+    let started = std::time::SystemTime::now();
     let out = fx.run(&["restore", "--manifest", &file_url(&dir), "--target", target.to_str().unwrap()], None);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(text(&out).contains("lock-ffffffffffffffff"), "{}", text(&out));
-    assert!(started.elapsed() >= Duration::from_secs(30), "gave up before Longhorn's 30 s wait");
+    let waited = std::time::SystemTime::now().duration_since(started).unwrap_or_default();
+    assert!(waited >= Duration::from_secs(30), "gave up after {waited:?}, before Longhorn's 30 s wait");
     assert!(!target.exists());
     let mut left = locks_left(&dir);
     left.sort();
