@@ -430,6 +430,7 @@ pub fn stack(backend: Backend, options: &StoreOptions) -> Result<SharedStore, St
     };
     options.validate().map_err(|e| StoreError::permanent(format!("store options: {e}")))?;
     let label = remote.url().to_string();
+    let request_overhead_bytes = remote.url().request_overhead_bytes();
     let timed = with_deadline(remote, options);
     let paced: SharedStore = if options.adaptive_rate.enabled {
         let ceiling = options.rate_limit.requests_per_sec.map(|r| f64::from(r.get()));
@@ -441,7 +442,7 @@ pub fn stack(backend: Backend, options: &StoreOptions) -> Result<SharedStore, St
     let mut gated = limit::AdaptiveConcurrency::new(paced, &options.concurrency)
         .map_err(|e| StoreError::permanent(format!("concurrency config: {e}")))?;
     if let Some(bytes) = options.inflight_bytes_max {
-        gated = gated.with_budget_bytes(bytes);
+        gated = gated.with_budget_bytes(bytes, request_overhead_bytes);
     }
     let gated = gated.with_metric_label(label);
     let limited = limit::RateLimited::new(Arc::new(gated), &options.rate_limit)

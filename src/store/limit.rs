@@ -395,6 +395,9 @@ pub struct Aimd {
     last_decrease: Option<Instant>,
     /// The in-flight byte budget the requests share, if bounded.
     budget_bytes: Option<u64>,
+    /// What the budget charges each request beyond its body (see
+    /// `StoreUrl::request_overhead_bytes`).
+    request_overhead_bytes: u64,
     /// Moving mean of the bytes a successful request carried.
     mean_bytes: Option<f64>,
     /// Slow start: grow fast while the window limits. Until the store
@@ -421,6 +424,7 @@ impl Aimd {
             cooldown: Duration::from_millis(config.decrease_cooldown_millis),
             last_decrease: None,
             budget_bytes: None,
+            request_overhead_bytes: 0,
             mean_bytes: None,
             probing: true,
             throttled: false,
@@ -428,17 +432,23 @@ impl Aimd {
         }
     }
 
-    /// Bound the window by an in-flight byte budget (see [`ceiling`](Self::ceiling)).
-    pub fn with_budget_bytes(mut self, bytes: u64) -> Self {
+    /// Bound the window by an in-flight byte budget that charges each
+    /// request its body and `request_overhead_bytes` (see [`ceiling`](Self::ceiling)).
+    pub fn with_budget_bytes(mut self, bytes: u64, request_overhead_bytes: u64) -> Self {
         self.budget_bytes = Some(bytes);
+        self.request_overhead_bytes = request_overhead_bytes;
         self
     }
 
     /// The most requests the window may reach now: `max`, or fewer when
-    /// the byte budget at the mean request size needs fewer.
+    /// the byte budget at the mean request size (and its overhead) admits
+    /// fewer. Never more than the budget admits: a window above that is
+    /// never full, and the latency rule judges only full windows.
     pub fn ceiling(&self) -> f64 {
         match (self.budget_bytes, self.mean_bytes) {
-            (Some(budget), Some(mean)) if mean >= 1.0 => (budget as f64 / mean).round().clamp(self.min, self.max),
+            (Some(budget), Some(mean)) if mean >= 1.0 => {
+                (budget as f64 / (mean + self.request_overhead_bytes as f64)).floor().clamp(self.min, self.max)
+            }
             _ => self.max,
         }
     }
@@ -848,10 +858,10 @@ impl AdaptiveConcurrency {
 
     /// Bound the window by the in-flight byte budget its requests share
     /// (see [`Aimd::ceiling`]).
-    pub fn with_budget_bytes(self, bytes: u64) -> Self {
+    pub fn with_budget_bytes(self, bytes: u64, request_overhead_bytes: u64) -> Self {
         {
             let mut window = self.gate.lock();
-            window.aimd = window.aimd.clone().with_budget_bytes(bytes);
+            window.aimd = window.aimd.clone().with_budget_bytes(bytes, request_overhead_bytes);
         }
         self
     }
@@ -1068,7 +1078,7 @@ mod tests {
         let budget = 128u64 << 20;
         let cases = [(4u64 << 20, 32), (1 << 20, 128), (256 << 10, 512), (64 << 10, 1024), (16 << 10, 1024)];
         for (block, ceiling) in cases {
-            let mut a = Aimd::new(&AdaptiveConcurrencyConfig::default()).with_budget_bytes(budget);
+            let mut a = Aimd::new(&AdaptiveConcurrencyConfig::default()).with_budget_bytes(budget, 0);
             assert_eq!(a.limit(), CONCURRENCY_START_DEFAULT, "no size known yet: the start");
             for _ in 0..20 {
                 round_trip(&mut a, block);
@@ -1078,6 +1088,14 @@ mod tests {
             // aside), whatever the block size.
             assert!(a.limit() as u64 * block <= budget + block);
         }
+        // A budget that charges each request 64 KiB beyond its body (an
+        // s3:// store): the window stops at what the budget admits, 120 of
+        // 1 MiB (128 MiB / 1088 KiB = 120.5), or it would never be full.
+        let mut a = Aimd::new(&AdaptiveConcurrencyConfig::default()).with_budget_bytes(budget, 64 << 10);
+        for _ in 0..20 {
+            round_trip(&mut a, 1 << 20);
+        }
+        assert_eq!(a.limit(), 120);
         // No budget: the hard ceiling only.
         let mut a = Aimd::new(&AdaptiveConcurrencyConfig::default());
         for _ in 0..20 {
@@ -1088,7 +1106,7 @@ mod tests {
 
     #[test]
     fn a_window_limited_store_doubles_the_window_per_round_trip_until_it_throttles() {
-        let mut a = Aimd::new(&AdaptiveConcurrencyConfig::default()).with_budget_bytes(128 << 20);
+        let mut a = Aimd::new(&AdaptiveConcurrencyConfig::default()).with_budget_bytes(128 << 20, 0);
         // Little's law at 30 ms to first byte: 256 KiB blocks at 1.5 GiB/s
         // need about 1.5 GiB/s × 30 ms / 256 KiB = 184 requests in flight.
         // From 64, two round trips get there.
@@ -1112,7 +1130,7 @@ mod tests {
 
     #[test]
     fn a_larger_mean_request_shrinks_the_window_to_the_budget() {
-        let mut a = Aimd::new(&AdaptiveConcurrencyConfig::default()).with_budget_bytes(64 << 20);
+        let mut a = Aimd::new(&AdaptiveConcurrencyConfig::default()).with_budget_bytes(64 << 20, 0);
         for _ in 0..10 {
             round_trip(&mut a, 64 << 10);
         }
@@ -1123,7 +1141,7 @@ mod tests {
             a.on_success(4 << 20, false);
         }
         assert_eq!(a.limit(), 16);
-        let mut tiny = Aimd::new(&AdaptiveConcurrencyConfig::default()).with_budget_bytes(1 << 20);
+        let mut tiny = Aimd::new(&AdaptiveConcurrencyConfig::default()).with_budget_bytes(1 << 20, 0);
         tiny.on_success(64 << 20, false);
         assert_eq!(tiny.limit(), 4, "the floor holds even when one request outweighs the budget");
     }
@@ -1165,7 +1183,7 @@ mod tests {
     fn on_a_fast_store_the_window_stays_near_its_bandwidth_delay_product() {
         // Loopback: 1 MiB in 1 ms, 1,000 per second: one request fills the
         // link; the byte budget alone would allow 128.
-        let mut a = Aimd::new(&latency_rule()).with_budget_bytes(128 << 20);
+        let mut a = Aimd::new(&latency_rule()).with_budget_bytes(128 << 20, 0);
         let (window, throughput) = simulate(&mut a, Duration::from_millis(1), 1000.0, 1 << 20, 2.0, Instant::now());
         assert!(window <= 8, "{window} requests in flight where 1 fills the link");
         assert!(throughput >= 999.0, "{throughput}/s: the link is still full");
@@ -1177,7 +1195,7 @@ mod tests {
     fn on_a_far_store_the_window_still_grows_to_what_its_latency_needs() {
         // 256 KiB blocks at 1.5 GiB/s, 30 ms away: 6,144 per second need
         // 184 in flight (W7); the budget allows 512.
-        let mut a = Aimd::new(&latency_rule()).with_budget_bytes(128 << 20);
+        let mut a = Aimd::new(&latency_rule()).with_budget_bytes(128 << 20, 0);
         let (window, throughput) = simulate(&mut a, Duration::from_millis(30), 6144.0, 256 << 10, 3.0, Instant::now());
         assert!((184..=280).contains(&window), "window {window}: below the product, or far past it");
         assert!(throughput >= 6100.0, "{throughput}/s");
@@ -1553,7 +1571,7 @@ mod tests {
         // The latency rule (off by default) off: scheduling delays of a
         // loaded test machine are not what this test is about.
         let config = AdaptiveConcurrencyConfig { latency_ratio_max: None, ..AdaptiveConcurrencyConfig::default() };
-        let store = Arc::new(AdaptiveConcurrency::new(probe.clone(), &config).unwrap().with_budget_bytes(16 << 20));
+        let store = Arc::new(AdaptiveConcurrency::new(probe.clone(), &config).unwrap().with_budget_bytes(16 << 20, 0));
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..3000 {
             let store = store.clone();
