@@ -31,7 +31,9 @@
 //! wait in arrival order, and the one at the head sleeps until its slot,
 //! looking at the current rate again at least every [`RECHECK`]. So after a
 //! throttle the requests already waiting are spread out by the new rate
-//! instead of all going again after the same backoff.
+//! instead of all going again after the same backoff. A demand request (a
+//! reader of an exported volume waits for it) does not queue: it reserves
+//! the next free slot, and the queue's slots move back by one.
 //!
 //! One [`RateControl`] per store is shared by every restore in the process
 //! (stores are opened once per URL). A configured `rate_limit` is a separate,
