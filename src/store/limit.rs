@@ -678,14 +678,13 @@ impl Gate {
             if demand || (window.waiting.is_empty() && window.background_room()) {
                 window.in_flight += 1;
                 window.demand_in_flight += usize::from(demand);
-                let slot = Slot {
+                return Some(Slot {
                     gate: Arc::clone(self),
                     outcome: Outcome::Neutral,
                     demand,
                     acquired: Instant::now(),
                     full: !window.background_room(),
-                };
-                return Some(slot);
+                });
             }
             let (tx, rx) = oneshot::channel();
             window.waiting.entry(tenant).or_default().push_back(tx);

@@ -385,13 +385,7 @@ pub(super) async fn read_body_then(
                 return Err(cut.error(what, buf.len() as u64, advertised));
             }
             Ok(None) => break,
-            Ok(Some(Err(e))) => {
-                let of = advertised.map(|len| format!(" of {len}")).unwrap_or_default();
-                return Err(StoreError::transient(format!(
-                    "GET {what}: body read failed after {}{of} bytes ({e}): connection broke or body truncated; another attempt may pass",
-                    buf.len(),
-                )));
-            }
+            Ok(Some(Err(e))) => return Err(body_read_failed(what, buf.len(), advertised, &e)),
             Ok(Some(Ok(chunk))) => chunk,
         };
         if buf.len() as u64 + chunk.len() as u64 > limit {
@@ -405,16 +399,28 @@ pub(super) async fn read_body_then(
             .check_throughput(Instant::now(), buf.len() as u64)
             .map_err(|cut| cut.error(what, buf.len() as u64, advertised))?;
     }
-    if let Some(len) = advertised
-        && (buf.len() as u64) < len
-    {
-        return Err(StoreError::transient(format!(
-            "GET {what}: truncated body, {} of {len} bytes: the connection closed early; another attempt may pass",
-            buf.len()
-        )));
-    }
+    check_whole(what, buf.len(), advertised)?;
     buf.extend_from_slice(trailer)?;
     Ok(buf.freeze())
+}
+
+/// A body read that broke after `got` bytes (of `advertised`, when known).
+fn body_read_failed(what: &str, got: usize, advertised: Option<u64>, e: &dyn std::fmt::Display) -> StoreError {
+    let of = advertised.map(|len| format!(" of {len}")).unwrap_or_default();
+    StoreError::transient(format!(
+        "GET {what}: body read failed after {got}{of} bytes ({e}): connection broke or body truncated; another attempt may pass",
+    ))
+}
+
+/// A body that ended at `got` bytes is whole: its `Content-Length`, if one
+/// was sent, or a truncated body (transient).
+fn check_whole(what: &str, got: usize, advertised: Option<u64>) -> Result<(), StoreError> {
+    match advertised {
+        Some(len) if (got as u64) < len => Err(StoreError::transient(format!(
+            "GET {what}: truncated body, {got} of {len} bytes: the connection closed early; another attempt may pass"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Where a body's chunks are put together: with a `Content-Length` (already

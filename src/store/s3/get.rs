@@ -39,7 +39,7 @@ use aws_smithy_types::Document;
 use bytes::Bytes;
 
 use super::h1::{self, Origin, SendError};
-use super::{Assembly, BodyGuard, S3Config, classify, meaning, parse_retry_after};
+use super::{Assembly, BodyGuard, S3Config, body_read_failed, check_whole, classify, meaning, parse_retry_after};
 use crate::error::{ErrorClass, StoreError};
 use crate::store::http::ERROR_BODY_MAX_BYTES;
 
@@ -110,12 +110,12 @@ impl SignedGet {
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let host_in_uri = uri.host()?;
         let host = host_in_uri.trim_start_matches('[').trim_end_matches(']').to_owned();
-        let origin = Origin { tls, host, port };
-        let host = origin.host_header();
-        let client = h1::Client::new(origin, Duration::from_millis(config.connect_timeout_millis)).ok()?;
         if uri.query().is_some() {
             return None;
         }
+        let origin = Origin { tls, host, port };
+        let host = origin.host_header();
+        let client = h1::Client::new(origin, Duration::from_millis(config.connect_timeout_millis)).ok()?;
         Some(SignedGet {
             client,
             host,
@@ -397,13 +397,7 @@ async fn read_body_into(
             Ok(Ok(0)) => break,
             // Cut short of its Content-Length: the check below says so.
             Ok(Err(e)) if advertised.is_some() && e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Ok(Err(e)) => {
-                let of = advertised.map(|len| format!(" of {len}")).unwrap_or_default();
-                return Err(StoreError::transient(format!(
-                    "GET {what}: body read failed after {}{of} bytes ({e}): connection broke or body truncated; another attempt may pass",
-                    sink.len(),
-                )));
-            }
+            Ok(Err(e)) => return Err(body_read_failed(what, sink.len(), advertised, &e)),
             Ok(Ok(_)) => {}
         }
         if sink.len() as u64 > limit {
@@ -415,14 +409,7 @@ async fn read_body_into(
             .check_throughput(Instant::now(), sink.len() as u64)
             .map_err(|cut| cut.error(what, sink.len() as u64, advertised))?;
     }
-    if let Some(len) = advertised
-        && (sink.len() as u64) < len
-    {
-        return Err(StoreError::transient(format!(
-            "GET {what}: truncated body, {} of {len} bytes: the connection closed early; another attempt may pass",
-            sink.len()
-        )));
-    }
+    check_whole(what, sink.len(), advertised)?;
     Ok(sink.freeze())
 }
 
