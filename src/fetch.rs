@@ -372,6 +372,20 @@ pub async fn fetch_block(
     expected: &Expected,
     block: BlockIndex,
 ) -> Result<(VerifiedBlock, usize), Vec<SourceFailure>> {
+    fetch_block_observed(ctx, key, expected, block, None).await
+}
+
+/// [`fetch_block`], marking `on_wire` while one of its requests is out:
+/// from when it leaves the local queues (rate limits, concurrency gate) for
+/// a store until its answer failed (then again for the retry). Unmarked,
+/// the fetch has nothing out, and dropping it costs no request.
+pub async fn fetch_block_observed(
+    ctx: &FetchContext,
+    key: &str,
+    expected: &Expected,
+    block: BlockIndex,
+    on_wire: Option<&Arc<SentAt>>,
+) -> Result<(VerifiedBlock, usize), Vec<SourceFailure>> {
     let started = Instant::now();
     let telemetry = &ctx.telemetry;
     let mut failures = Vec::new();
@@ -380,8 +394,7 @@ pub async fn fetch_block(
             telemetry.fallbacks.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(m::FALLBACKS_TOTAL, "source" => source.name.clone()).increment(1);
         }
-        let seed = ctx.policy.jitter_seed ^ block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64;
-        match fetch_from(ctx, i, key, expected, block, seed, started).await {
+        match fetch_from(ctx, i, key, expected, block, started, on_wire).await {
             Ok((verified, served_by)) => {
                 telemetry.untrack(block);
                 telemetry.served[served_by].fetch_add(1, Ordering::Relaxed);
@@ -403,17 +416,22 @@ async fn fetch_from(
     key: &str,
     expected: &Expected,
     block: BlockIndex,
-    seed: u64,
     block_started: Instant,
+    on_wire: Option<&Arc<SentAt>>,
 ) -> Result<(VerifiedBlock, usize), SourceFailure> {
     let (source, policy, telemetry) = (&ctx.sources[i], &ctx.policy, &ctx.telemetry);
+    let seed = policy.jitter_seed ^ block.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64;
     let mut retry = RetryState::new(policy, seed, source.rate.is_some());
     loop {
         telemetry.track(block, &source.name, retry.attempts + 1, block_started);
-        let error = match attempt_hedged(ctx, i, key, expected, block).await {
+        let error = match attempt_hedged(ctx, i, key, expected, block, on_wire).await {
             Ok(served) => return Ok(served),
             Err(error) => error,
         };
+        // Nothing of this fetch is on the wire until the retry goes out.
+        if let Some(sent) = on_wire {
+            sent.clear();
+        }
         if error.class == ErrorClass::Corrupt {
             telemetry.corrupt.fetch_add(1, Ordering::Relaxed);
         }
@@ -560,8 +578,11 @@ async fn attempt_hedged(
     key: &str,
     expected: &Expected,
     block: BlockIndex,
+    on_wire: Option<&Arc<SentAt>>,
 ) -> Result<(VerifiedBlock, usize), StoreError> {
-    let sent = Arc::new(SentAt::default());
+    // The caller's `on_wire` marks this attempt, unless one is out already
+    // (a hedge marks its own).
+    let sent = on_wire.filter(|s| s.get().is_none()).map_or_else(Arc::default, Arc::clone);
     let first = attempt(ctx, i, key, expected, block, Arc::clone(&sent));
     if !ctx.hedger.enabled() {
         return first.await.map(|b| (b, i));

@@ -46,6 +46,7 @@ pub const NBD_WRITES_TOTAL: &str = "rehydrate_nbd_writes_total";
 pub const NBD_FLUSHES_TOTAL: &str = "rehydrate_nbd_flushes_total";
 pub const NBD_DEMAND_FETCHES_TOTAL: &str = "rehydrate_nbd_demand_fetches_total";
 pub const NBD_DEMAND_FAILURES_TOTAL: &str = "rehydrate_nbd_demand_failures_total";
+pub const NBD_SHARED_FETCHES_TOTAL: &str = "rehydrate_nbd_shared_fetches_total";
 /// Labelled `served`: `local` (every block was on the target) or
 /// `on_demand` (the read waited for a block to be fetched).
 pub const NBD_READ_LATENCY_SECONDS: &str = "rehydrate_nbd_read_latency_seconds";
@@ -132,6 +133,10 @@ fn describe_nbd() {
     describe_counter!(
         NBD_DEMAND_FETCHES_TOTAL,
         "Blocks fetched on demand because a client read (or a partial write) needed them before the background restore had them."
+    );
+    describe_counter!(
+        NBD_SHARED_FETCHES_TOTAL,
+        "Blocks a client read took from the background restore's fetch of them, already on the wire, instead of fetching them on demand."
     );
     describe_counter!(
         NBD_DEMAND_FAILURES_TOTAL,

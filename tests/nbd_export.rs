@@ -68,6 +68,19 @@ async fn start_tuned(
     faults: impl Fn(&Manifest) -> Vec<FaultRule>,
     tune: impl FnOnce(&mut rehydrate::config::Config),
 ) -> Live {
+    start_with(blocks, delay, budget_blocks, faults, tune, false).await
+}
+
+/// [`start_tuned`]; `remote`: the store gets every policy a remote store
+/// gets (deadline, pacer, concurrency window), as S3 does.
+async fn start_with(
+    blocks: u64,
+    delay: Duration,
+    budget_blocks: u64,
+    faults: impl Fn(&Manifest) -> Vec<FaultRule>,
+    tune: impl FnOnce(&mut rehydrate::config::Config),
+    remote: bool,
+) -> Live {
     let dir = tempfile::tempdir().unwrap();
     let volume = volume(blocks, 41);
     let url = snapshot(dir.path(), &volume, Compression::None, HashAlgorithm::Blake3).await;
@@ -82,7 +95,12 @@ async fn start_tuned(
         store.add(rule);
     }
     store.add(FaultRule::new(Fault::Latency(delay)).path_contains("blocks/"));
-    engine.register_store(StoreUrl::File { root: store_root(dir.path()) }, store.clone());
+    let url = StoreUrl::File { root: store_root(dir.path()) };
+    if remote {
+        engine.register_remote_store(url, store.clone()).unwrap();
+    } else {
+        engine.register_store(url, store.clone());
+    }
     launch(dir, volume, manifest, store, engine).await
 }
 
@@ -369,6 +387,113 @@ async fn a_read_across_blocks_not_restored_fetches_them_at_once() {
     );
     fx.cancel.cancel();
     read.abort();
+}
+
+/// Blocks holding data of an object no other block holds, in order.
+fn unique_data_blocks(manifest: &Manifest, blocks: u64) -> Vec<u64> {
+    let keys: Vec<Option<String>> = (0..blocks).map(|i| manifest.block(i).map(|b| manifest.object_key(&b))).collect();
+    (0..blocks)
+        .filter(|&i| {
+            keys[i as usize].as_ref().is_some_and(|k| keys.iter().filter(|o| o.as_ref() == Some(k)).count() == 1)
+        })
+        .collect()
+}
+
+fn unhedged(c: &mut rehydrate::config::Config) {
+    c.fetch.hedge.enabled = false;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_of_a_block_the_background_has_on_the_wire_shares_that_fetch() {
+    // The background's request for `slow` takes 2 s; eight reads of far
+    // blocks taking 1.2 s each teach the export that a fetch on demand takes
+    // 1.2 s. Then `slow` is read 0.8 s before its answer is due: the read
+    // waits for it rather than asking the store again.
+    let blocks = 48;
+    // The slow block and the far ones, from the snapshot's manifest.
+    let pick = move |m: &Manifest| {
+        let unique = unique_data_blocks(m, blocks);
+        let far: Vec<u64> = unique.iter().copied().filter(|&i| i >= 30).take(8).collect();
+        assert_eq!(far.len(), 8, "the sample volume has unique data blocks far away");
+        (unique[0], far)
+    };
+    let faults = move |m: &Manifest| {
+        let (slow, far) = pick(m);
+        let key = |i: u64| m.object_key(&m.block(i).unwrap());
+        let mut rules =
+            vec![FaultRule::new(Fault::Latency(Duration::from_millis(2000))).path_contains(&key(slow)).first(1)];
+        for i in far {
+            rules.push(FaultRule::new(Fault::Latency(Duration::from_millis(1200))).path_contains(&key(i)).first(1));
+        }
+        rules
+    };
+    let mut fx = start_tuned(blocks, Duration::from_millis(10), 4, faults, unhedged).await;
+    let (slow, far) = pick(&fx.manifest);
+    let source = fx.source();
+    let slow_key = fx.block_key(slow);
+    let mut readers = Vec::new();
+    for &i in &far {
+        let addr = fx.addr;
+        readers.push(tokio::spawn(async move {
+            let (mut c, _) = Client::go(addr, NAME).await;
+            c.read(i * BLOCK, 4096).await.unwrap()
+        }));
+    }
+    for (r, &i) in readers.into_iter().zip(&far) {
+        assert_eq!(r.await.unwrap(), source[(i * BLOCK) as usize..(i * BLOCK + 4096) as usize]);
+    }
+    assert_eq!(fx.live.counts.demand_fetches.load(Ordering::Relaxed), 8);
+    assert_eq!(fx.store.calls(&slow_key), 1, "the background asked for the slow block once");
+    assert!(!fx.live.is_local(slow), "its answer is not in yet");
+    let (mut c, _) = Client::go(fx.addr, NAME).await;
+    let at = slow * BLOCK + 1000;
+    assert_eq!(c.read(at, 5000).await.unwrap(), source[at as usize..(at + 5000) as usize]);
+    assert_eq!(fx.live.counts.shared_fetches.load(Ordering::Relaxed), 1, "the read took the background's block");
+    assert_eq!(fx.live.counts.demand_fetches.load(Ordering::Relaxed), 8, "and fetched nothing itself");
+    let report = fx.finish().await.unwrap();
+    assert!(report.succeeded);
+    assert!(std::fs::read(target(&fx.dir)).unwrap() == source, "the target is the snapshot");
+    assert_eq!(fx.store.calls(&slow_key), 1, "one request for the slow block in all");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_block_a_reader_fetched_while_the_background_request_queued_is_not_asked_again() {
+    // One request on the wire at a time: the background's next requests
+    // wait at the store's gate, which a reader's request passes.
+    let one_at_a_time = |c: &mut rehydrate::config::Config| {
+        c.concurrency.concurrency_min = std::num::NonZeroUsize::MIN;
+        c.concurrency.concurrency_max = std::num::NonZeroUsize::MIN;
+        c.fetch.hedge.enabled = false;
+    };
+    // Room for eight requests (a file store's are charged 512 KiB each
+    // beside the block).
+    let mut fx = start_with(48, Duration::from_millis(200), 80, no_faults, one_at_a_time, true).await;
+    let source = fx.source();
+    // The objects in the order the background asks for them: the budget
+    // dispatches the first eight at once; the fourth to eighth wait at the
+    // gate at least 600 ms, the reader's request takes 200.
+    let mut order: Vec<String> = Vec::new();
+    for i in 0..48 {
+        if let Some(block) = fx.manifest.block(i) {
+            let key = fx.manifest.object_key(&block);
+            if !order.contains(&key) {
+                order.push(key);
+            }
+        }
+    }
+    let queued = unique_data_blocks(&fx.manifest, 48)
+        .into_iter()
+        .find(|&i| (3..8).contains(&order.iter().position(|k| *k == fx.block_key(i)).unwrap()))
+        .expect("a unique block among the first eight objects");
+    let key = fx.block_key(queued);
+    let (mut c, _) = Client::go(fx.addr, NAME).await;
+    let at = queued * BLOCK;
+    assert_eq!(c.read(at, 4096).await.unwrap(), source[at as usize..(at + 4096) as usize]);
+    assert_eq!(fx.live.counts.demand_fetches.load(Ordering::Relaxed), 1);
+    let report = fx.finish().await.unwrap();
+    assert!(report.succeeded);
+    assert!(std::fs::read(target(&fx.dir)).unwrap() == source, "the target is the snapshot");
+    assert_eq!(fx.store.calls(&key), 1, "the background took the reader's block and sent nothing");
 }
 
 /// A tool's path, or a printed SKIP.

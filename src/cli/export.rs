@@ -72,7 +72,7 @@ fn served_summary(c: &crate::restore::live::LiveCounts) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let (local, on_demand) = (c.read_latency_local.summary(), c.read_latency_on_demand.summary());
     format!(
-        "export served {} reads (local: {}, p50 {} ms, p99 {} ms; on demand: {}, p50 {} ms, p99 {} ms), {} writes, {} flushes; {} blocks fetched on demand ({} failed), {} blocks written by the client",
+        "export served {} reads (local: {}, p50 {} ms, p99 {} ms; on demand: {}, p50 {} ms, p99 {} ms), {} writes, {} flushes; {} blocks fetched on demand ({} failed), {} taken from the background's fetches, {} blocks written by the client",
         c.reads.load(Relaxed),
         local.count,
         local.p50_millis,
@@ -84,6 +84,7 @@ fn served_summary(c: &crate::restore::live::LiveCounts) -> String {
         c.flushes.load(Relaxed),
         c.demand_fetches.load(Relaxed),
         c.demand_failures.load(Relaxed),
+        c.shared_fetches.load(Relaxed),
         c.blocks_owned.load(Relaxed),
     )
 }

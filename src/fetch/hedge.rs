@@ -100,6 +100,8 @@ struct Window {
     delay_micros: AtomicU64,
     /// The tail's hedge delay; 0 until [`TAIL_SAMPLES_MIN`] samples.
     tail_delay_micros: AtomicU64,
+    /// The median latency; 0 until [`TAIL_SAMPLES_MIN`] samples.
+    median_micros: AtomicU64,
 }
 
 /// Whether an attempt past its hedge delay may send a hedge.
@@ -218,6 +220,7 @@ impl Hedger {
             let at = |q: f64| sorted[((sorted.len() as f64 - 1.0) * q).round() as usize];
             let delay_min = self.config.delay_min_millis * 1000;
             let median = at(0.5) as f64;
+            window.median_micros.store(at(0.5).max(1), Ordering::Relaxed);
             let tail = ((median * self.config.tail_median_multiple) as u64).max(delay_min).max(1);
             window.tail_delay_micros.store(tail, Ordering::Relaxed);
             if sorted.len() >= WINDOW_SAMPLES_MIN {
@@ -225,6 +228,13 @@ impl Hedger {
                 window.delay_micros.store(at(self.config.quantile).max(floor).max(1), Ordering::Relaxed);
             }
         }
+    }
+
+    /// The median of `source`'s recent successful attempts (hedging on or
+    /// off); `None` until it has a few.
+    pub fn median(&self, source: usize) -> Option<Duration> {
+        let micros = self.windows.get(source)?.median_micros.load(Ordering::Relaxed);
+        (micros > 0).then(|| Duration::from_micros(micros))
     }
 
     /// How long to wait before hedging an attempt on `source`: the tail's

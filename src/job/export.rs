@@ -32,6 +32,9 @@ pub struct ExportStatus {
     /// them; and those no source served (the read answered EIO).
     pub demand_fetches: u64,
     pub demand_failures: u64,
+    /// Blocks a read took from the background restore's fetch of them,
+    /// already on the wire, instead of fetching them itself.
+    pub shared_fetches: u64,
     /// Blocks the client wrote: the restore never overwrites them.
     pub blocks_owned: u64,
     /// Latency of reads whose blocks were all local.

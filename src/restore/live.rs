@@ -12,8 +12,19 @@
 //! them to the target (the read does not wait for the target's write queue);
 //! a zero block is answered at once. A block being fetched or written is
 //! **claimed** (until that write is done): a second reader of it waits for
-//! the first and then reads the target, so concurrent reads share one fetch. A block no source can serve answers `EIO`; the background restore
-//! names it in the damage report.
+//! the first and then reads the target, so concurrent reads share one fetch.
+//! A block no source can serve answers `EIO`; the background restore names
+//! it in the damage report.
+//!
+//! The background's fetches are shared too ([`SharedFetch`]): a reader of a
+//! block whose background request is already on the wire waits for that
+//! answer, as long as a fetch on demand usually takes (the demand lane's
+//! median), before it asks the store itself; and a block a reader fetched
+//! while the background's request still waited in a local queue (the
+//! concurrency window, the pacer) is taken by the background from the
+//! reader, which drops its request unsent. A reader scanning the volume
+//! behind the background restore therefore costs the store few extra
+//! requests, which on a paced store are the restore's own.
 //!
 //! A client write makes its blocks **owned** by the client. A partial write
 //! to a block that is not local restores the block first, then applies the
@@ -54,6 +65,7 @@ use super::read::{BlockReader, Priority};
 use crate::block::{BlockIndex, BlockLayout};
 use crate::fetch::budget::BudgetPermit;
 use crate::metrics as m;
+use crate::store::timeout::SentAt;
 use crate::verify::VerifiedBlock;
 
 /// Blocks one read fetches at once. Each holds its bytes in the demand
@@ -76,6 +88,8 @@ pub struct LiveCounts {
     pub flushes: AtomicU64,
     /// Blocks fetched because a reader (or a partial write) needed them now.
     pub demand_fetches: AtomicU64,
+    /// Blocks a read took from the background's fetch of them instead.
+    pub shared_fetches: AtomicU64,
     pub demand_failures: AtomicU64,
     /// Blocks the client wrote (its own from then on).
     pub blocks_owned: AtomicU64,
@@ -113,6 +127,113 @@ struct States {
     owned_unflushed: Vec<BlockIndex>,
     /// Blocks reads wait for: since when, and how many reads.
     waiting: HashMap<BlockIndex, (Instant, usize)>,
+    /// The background's fetches in progress, by each block they restore.
+    shared: HashMap<BlockIndex, Arc<SharedFetch>>,
+}
+
+/// What came of a shared fetch so far.
+#[derive(Clone)]
+enum Fetched {
+    Pending,
+    Ready(VerifiedBlock),
+    Failed,
+}
+
+/// One background fetch (one object, for every block of its unit) that
+/// readers share: whether one of its requests is out now, and the verified
+/// block once either side has it.
+pub(super) struct SharedFetch {
+    sent: Arc<SentAt>,
+    fetched: watch::Sender<Fetched>,
+}
+
+impl SharedFetch {
+    /// The block, if it arrives in time: at once when it is here; not at
+    /// all when the background's request waits in a local queue (a fetch on
+    /// demand goes ahead of it; a retry waits there too) or failed; else
+    /// within `patience`.
+    async fn ready_within(&self, patience: Option<Duration>) -> Option<VerifiedBlock> {
+        let mut fetched = self.fetched.subscribe();
+        match &*fetched.borrow_and_update() {
+            Fetched::Ready(block) => return Some(block.clone()),
+            Fetched::Failed => return None,
+            Fetched::Pending if self.sent.get().is_none() => return None,
+            Fetched::Pending => {}
+        }
+        let ready = fetched.wait_for(|f| !matches!(f, Fetched::Pending));
+        match tokio::time::timeout(patience?, ready).await {
+            Ok(Ok(f)) => match &*f {
+                Fetched::Ready(block) => Some(block.clone()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// A reader's verified block, once one arrives while the background's
+    /// own request has not gone out (never otherwise: a request on the wire
+    /// is answered soon, and dropping it would cost its connection).
+    async fn offered(&self) -> VerifiedBlock {
+        let mut fetched = self.fetched.subscribe();
+        loop {
+            if let Fetched::Ready(block) = &*fetched.borrow_and_update()
+                && self.sent.get().is_none()
+            {
+                return block.clone();
+            }
+            if fetched.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// The first outcome wins.
+    fn publish(&self, outcome: Result<&VerifiedBlock, ()>) {
+        self.fetched.send_if_modified(|f| {
+            if !matches!(f, Fetched::Pending) {
+                return false;
+            }
+            *f = outcome.map_or(Fetched::Failed, |block| Fetched::Ready(block.clone()));
+            true
+        });
+    }
+}
+
+/// A background fetch readers may share, registered under its blocks until
+/// dropped (once the unit has written them).
+pub(super) struct BackgroundFetch<'a> {
+    volume: &'a LiveVolume,
+    blocks: &'a [BlockIndex],
+    shared: Arc<SharedFetch>,
+}
+
+impl BackgroundFetch<'_> {
+    /// Marked while one of the background's requests for the block is out.
+    pub(super) fn sent(&self) -> &Arc<SentAt> {
+        &self.shared.sent
+    }
+
+    /// Resolves with a reader's block fetched while ours waited unsent.
+    pub(super) async fn offered(&self) -> VerifiedBlock {
+        self.shared.offered().await
+    }
+
+    /// The background's fetch ended: readers waiting take its block, or
+    /// fetch on demand after a failure.
+    pub(super) fn publish(&self, outcome: Result<&VerifiedBlock, ()>) {
+        self.shared.publish(outcome);
+    }
+}
+
+impl Drop for BackgroundFetch<'_> {
+    fn drop(&mut self) {
+        let mut states = self.volume.lock();
+        for index in self.blocks {
+            if states.shared.get(index).is_some_and(|s| Arc::ptr_eq(s, &self.shared)) {
+                states.shared.remove(index);
+            }
+        }
+    }
 }
 
 /// A block a client read waits for, the longest.
@@ -227,6 +348,7 @@ impl LiveVolume {
             claimed: HashMap::new(),
             owned_unflushed: Vec::new(),
             waiting: HashMap::new(),
+            shared: HashMap::new(),
         };
         for i in (0..layout.block_count()).filter(|&i| local(i)) {
             states.local.set(i);
@@ -270,6 +392,22 @@ impl LiveVolume {
         if let Some(notify) = self.lock().claimed.remove(&index) {
             notify.notify_waiters();
         }
+    }
+
+    /// Register the background's fetch of the object of `blocks` (one unit)
+    /// for readers to share, until the returned guard drops.
+    pub(super) fn share_fetch<'a>(&'a self, blocks: &'a [BlockIndex]) -> BackgroundFetch<'a> {
+        let shared =
+            Arc::new(SharedFetch { sent: Arc::new(SentAt::default()), fetched: watch::channel(Fetched::Pending).0 });
+        let mut states = self.lock();
+        for &index in blocks {
+            states.shared.insert(index, Arc::clone(&shared));
+        }
+        BackgroundFetch { volume: self, blocks, shared }
+    }
+
+    fn shared_fetch(&self, index: BlockIndex) -> Option<Arc<SharedFetch>> {
+        self.lock().shared.get(&index).cloned()
     }
 
     /// Claim block `index`, waiting while someone else holds it.
@@ -366,6 +504,17 @@ impl LiveVolume {
     /// waiting for it meanwhile.
     async fn fetch_for_read(&self, index: BlockIndex) -> io::Result<Option<Bytes>> {
         let _waiting = self.wait_for(index);
+        if let Some(shared) = self.shared_fetch(index)
+            && let Some(block) = shared.ready_within(self.reader.demand_median()).await
+        {
+            // A client write may have landed meanwhile: the target has it.
+            if self.is_local(index) {
+                return Ok(None);
+            }
+            self.counts.shared_fetches.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(m::NBD_SHARED_FETCHES_TOTAL).increment(1);
+            return Ok(Some(block.bytes().clone()));
+        }
         let claim = self.claim(index).await;
         if claim.is_local() {
             return Ok(None);
@@ -375,6 +524,10 @@ impl LiveVolume {
             return self.restore_claimed(&claim).await.map(|block| Some(block.bytes().clone()));
         };
         let (block, reserve) = self.fetch_on_demand(index).await?;
+        if let Some(shared) = self.shared_fetch(index) {
+            // The background's request, if it has not gone out, need not.
+            shared.publish(Ok(&block));
+        }
         let bytes = block.bytes().clone();
         // The claim passes to the writing task.
         std::mem::forget(claim);

@@ -74,13 +74,30 @@ pub(super) async fn run_unit(ctx: &UnitContext, unit: Unit) -> UnitOutcome {
     {
         return UnitOutcome::Written { blocks: unit.blocks, bytes: 0 };
     }
-    let block = match &unit.source {
+    let shared = match (&ctx.live, &unit.source) {
+        (Some(live), UnitSource::Object { .. }) => Some(live.share_fetch(&unit.blocks)),
+        _ => None,
+    };
+    let block = match (&unit.source, &shared) {
         // Zeros need no lookup: the plan knows the block's length.
-        UnitSource::Zeros { len_bytes } => VerifiedBlock::zeros(*len_bytes as usize),
-        UnitSource::Object { .. } => match ctx.reader.read(unit.first_block(), Priority::Background).await {
+        (UnitSource::Zeros { len_bytes }, _) => VerifiedBlock::zeros(*len_bytes as usize),
+        (UnitSource::Object { .. }, None) => match ctx.reader.read(unit.first_block(), Priority::Background).await {
             Ok(block) => block,
-            Err(failures) => return failed(ctx, unit.blocks, failures),
+            Err(failures) => return failed(ctx, unit.blocks.clone(), failures),
         },
+        // Exported: readers share this fetch, and a reader's fetch of the
+        // block, while ours still waits in a local queue, replaces ours.
+        (UnitSource::Object { .. }, Some(shared)) => {
+            let read = tokio::select! {
+                read = ctx.reader.read_observed(unit.first_block(), shared.sent()) => read,
+                block = shared.offered() => Ok(block),
+            };
+            shared.publish(read.as_ref().map_err(|_| ()));
+            match read {
+                Ok(block) => block,
+                Err(failures) => return failed(ctx, unit.blocks.clone(), failures),
+            }
+        }
     };
     let mut bytes = 0;
     for &index in &unit.blocks {
@@ -102,6 +119,7 @@ pub(super) async fn run_unit(ctx: &UnitContext, unit: Unit) -> UnitOutcome {
         }
         bytes += block.len() as u64;
     }
+    drop(shared);
     UnitOutcome::Written { blocks: unit.blocks, bytes }
 }
 

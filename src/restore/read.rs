@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 use crate::block::BlockIndex;
 use crate::fetch::budget::{Budget, BudgetPermit};
-use crate::fetch::{FetchContext, SourceFailure, fetch_block};
+use crate::fetch::{FetchContext, SourceFailure, fetch_block, fetch_block_observed};
 use crate::snapshot::Snapshot;
+use crate::store::timeout::SentAt;
 use crate::verify::{Expected, VerifiedBlock};
 
 /// Who is waiting for a block.
@@ -71,6 +72,29 @@ impl BlockReader {
     /// first source that serves it, checked against what the snapshot says.
     pub async fn read(&self, index: BlockIndex, priority: Priority) -> Result<VerifiedBlock, Vec<SourceFailure>> {
         self.read_held(index, priority).await.map(|(block, _bytes)| block)
+    }
+
+    /// A [`Priority::Background`] read that marks `on_wire` while one of its
+    /// requests is out to a store (see [`fetch_block_observed`]): while it
+    /// is not, dropping it costs no request.
+    pub async fn read_observed(
+        &self,
+        index: BlockIndex,
+        on_wire: &Arc<SentAt>,
+    ) -> Result<VerifiedBlock, Vec<SourceFailure>> {
+        let Some(block) = self.snapshot.block(index) else {
+            return Ok(VerifiedBlock::zeros(self.snapshot.layout().len(index) as usize));
+        };
+        let key = self.snapshot.object_key(&block);
+        fetch_block_observed(&self.fetch, &key, &block.expected, index, Some(on_wire))
+            .await
+            .map(|(verified, _source)| verified)
+    }
+
+    /// What a fetch on demand usually takes: the demand lane's median on
+    /// its first source, once it has a few. `None` without a lane.
+    pub fn demand_median(&self) -> Option<std::time::Duration> {
+        self.demand.as_ref().and_then(|lane| lane.fetch.hedger.median(0))
     }
 
     /// [`read`](Self::read), and for a [`Priority::Demand`] read through the

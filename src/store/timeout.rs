@@ -37,6 +37,12 @@ impl SentAt {
         self.0.send_if_modified(|at| at.is_none() && at.replace(now).is_none());
     }
 
+    /// Unmark: the request it marked has been answered, and the next one
+    /// (a retry) waits in the local queues again.
+    pub fn clear(&self) {
+        self.0.send_if_modified(|at| at.take().is_some());
+    }
+
     /// Resolves once the request has been sent (at once if it has).
     pub async fn sent(&self) {
         let mut rx = self.0.subscribe();

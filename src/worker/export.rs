@@ -60,6 +60,7 @@ impl ExportHandle {
             flushes: 0,
             demand_fetches: 0,
             demand_failures: 0,
+            shared_fetches: 0,
             blocks_owned: 0,
             read_latency_local: LatencySummary::default(),
             read_latency_on_demand: LatencySummary::default(),
@@ -72,6 +73,7 @@ impl ExportHandle {
             status.flushes = n(&c.flushes);
             status.demand_fetches = n(&c.demand_fetches);
             status.demand_failures = n(&c.demand_failures);
+            status.shared_fetches = n(&c.shared_fetches);
             status.blocks_owned = n(&c.blocks_owned);
             status.read_latency_local = c.read_latency_local.summary();
             status.read_latency_on_demand = c.read_latency_on_demand.summary();
