@@ -235,6 +235,40 @@ pub(crate) struct Shared<V> {
     pub(crate) payload_budget: Arc<Semaphore>,
 }
 
+/// Run an export server (`serve`, `serve_when_published`) on a thread and a
+/// runtime of its own; resolves when it has returned.
+///
+/// Why: the restore keeps the process's runtime busy (every block's hash,
+/// its HTTP reads), and a task there waits its turn behind those, with the
+/// runtime's I/O events looked at only between them: a client's read of a
+/// block already on the target waited up to 23 ms (p99) for its turn. On its
+/// own thread the server sleeps in its own `epoll` until a client asks,
+/// and the kernel runs it as soon as it wakes. What a read fetches from the
+/// stores still runs on the restore's runtime (`LiveVolume`), so no store
+/// connection depends on this runtime, which ends with the export.
+pub fn spawn_server<F>(name: &str, server: F) -> impl Future<Output = ()> + Send + 'static
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let spawned = runtime.map_err(|e| e.to_string()).and_then(|runtime| {
+        std::thread::Builder::new()
+            .name(format!("nbd-{name}").chars().take(15).collect())
+            .spawn(move || {
+                runtime.block_on(server);
+                drop(done_tx);
+            })
+            .map_err(|e| e.to_string())
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "nbd: cannot start the export's thread; it is not served");
+    }
+    async move {
+        let _ = done_rx.await;
+    }
+}
+
 /// Wait for a restore to publish its volume (the export comes up once the
 /// target is allocated), call `ready`, then serve it as `name` until `stop`.
 pub async fn serve_when_published<V: Volume>(

@@ -32,13 +32,10 @@ pub(super) async fn restore_exported(engine: Engine, args: RestoreArgs, addr: Ex
     let published = volume_rx.clone();
     let url = addr.client_url();
     let announce = move || eprintln!("exporting at {url}");
-    let server = tokio::spawn(crate::nbd::serve_when_published(
-        listener,
-        addr.name().to_owned(),
-        volume_rx,
-        stop.clone(),
-        announce,
-    ));
+    let server = crate::nbd::spawn_server(
+        "export",
+        crate::nbd::serve_when_published(listener, addr.name().to_owned(), volume_rx, stop.clone(), announce),
+    );
     let spec = RestoreSpec {
         manifest_url: args.manifest,
         target: args.target,

@@ -282,6 +282,10 @@ pub struct LiveVolume {
     pub(super) target_lock: Option<Arc<crate::target::TargetLock>>,
     /// This volume, for the tasks that write blocks fetched for a read.
     this: std::sync::Weak<LiveVolume>,
+    /// The restore's runtime: fetches on demand run there whatever runtime
+    /// serves the volume (an export's own, `nbd::spawn_server`), so the
+    /// store connections they open and pool live as long as the process's.
+    restore_runtime: tokio::runtime::Handle,
 }
 
 /// How long a FLUSH waits for the end of the rehydrate phase once the
@@ -363,6 +367,7 @@ impl LiveVolume {
             counts: LiveCounts::default(),
             target_lock: None,
             this,
+            restore_runtime: tokio::runtime::Handle::current(),
         }
     }
 
@@ -639,7 +644,15 @@ impl LiveVolume {
     async fn fetch_on_demand(&self, index: BlockIndex) -> io::Result<(VerifiedBlock, Option<BudgetPermit>)> {
         self.counts.demand_fetches.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::NBD_DEMAND_FETCHES_TOTAL).increment(1);
-        self.reader.read_held(index, Priority::Demand).await.map_err(|failures| {
+        let reader = Arc::clone(&self.reader);
+        let fetch = tokio_util::task::AbortOnDropHandle::new(
+            self.restore_runtime.spawn(async move { reader.read_held(index, Priority::Demand).await }),
+        );
+        let fetched = fetch.await.map_err(|e| {
+            tracing::error!(block = index, error = %e, "a fetch on demand ended abnormally");
+            io::Error::from_raw_os_error(libc::EIO)
+        })?;
+        fetched.map_err(|failures| {
             self.counts.demand_failures.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(m::NBD_DEMAND_FAILURES_TOTAL).increment(1);
             let reason = failures.last().map(|f| format!("{}: {}", f.source, f.last_error)).unwrap_or_default();

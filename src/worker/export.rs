@@ -133,13 +133,10 @@ impl Worker {
         });
         self.live().exports.insert(id.clone(), Arc::clone(&handle));
         tracing::info!(job = %id, url = %handle.url, "job export listening");
-        let server = tokio::spawn(crate::nbd::serve_when_published(
-            listener,
-            id.clone(),
-            handle.volume.subscribe(),
-            stop.clone(),
-            || {},
-        ));
+        let server = crate::nbd::spawn_server(
+            "export",
+            crate::nbd::serve_when_published(listener, id.clone(), handle.volume.subscribe(), stop.clone(), || {}),
+        );
         let published = Arc::clone(&handle);
         let publish: Publish = Arc::new(move |volume| {
             published.volume.send_replace(Some(volume));
