@@ -81,6 +81,9 @@ pub struct Holding {
     snapshot: Arc<dyn Snapshot>,
     /// A read handle on the target (no `O_DIRECT`).
     file: Arc<File>,
+    /// The same with `O_DIRECT`, where the target takes it: whole 4 KiB
+    /// blocks are read with it, straight into a pooled buffer.
+    direct: Option<File>,
     held: Arc<HeldBits>,
     /// The restore's fetches: which blocks it is asking its store for now.
     fetches: Option<Arc<FetchTelemetry>>,
@@ -104,7 +107,20 @@ impl Holding {
             index.entry(block.expected.hash).or_insert(block.index);
         }
         let file = Arc::new(file);
-        Self { label, snapshot, file, held, fetches: None, index, withdrawn: AtomicBool::new(false) }
+        Self { label, snapshot, file, direct: None, held, fetches: None, index, withdrawn: AtomicBool::new(false) }
+    }
+
+    /// Read aligned blocks through `direct`, a handle on the same target
+    /// opened with `O_DIRECT`: the target's blocks were written with
+    /// `O_DIRECT`, so a buffered read would fetch each one into the page
+    /// cache and copy it out (measured: 18 % of a 2-core machine's time in a
+    /// fleet of 4 serving each other, 2026-12-03); a direct read lands in
+    /// the buffer the answer is sent from. (A direct read writes back any
+    /// page-cache pages of its range first, so an export's client writes
+    /// are seen.)
+    pub fn with_direct(mut self, direct: File) -> Self {
+        self.direct = Some(direct);
+        self
     }
 
     /// The same, with the restore's fetches: a block it is asking its store
@@ -259,17 +275,39 @@ impl Holdings {
 /// Block `index` of `holding` from its target, only if it hashes to `hash`.
 fn read_verified(holding: &Holding, index: BlockIndex, hash: ContentHash) -> Result<Bytes, ReadError> {
     let layout = holding.snapshot.layout();
-    let mut buf = vec![0u8; layout.len(index) as usize];
-    holding.file.read_exact_at(&mut buf, layout.offset(index)).map_err(|error| ReadError::Io {
-        label: holding.label.clone(),
-        index,
-        error,
-    })?;
+    let (offset, len) = (layout.offset(index), layout.len(index) as usize);
+    let io_error = |error| ReadError::Io { label: holding.label.clone(), index, error };
+    let bytes = match read_direct(holding, offset, len) {
+        Some(read) => read.map_err(io_error)?,
+        None => {
+            let mut buf = vec![0u8; len];
+            holding.file.read_exact_at(&mut buf, offset).map_err(io_error)?;
+            Bytes::from(buf)
+        }
+    };
     let algorithm = holding.snapshot.block(index).map(|b| b.expected.algorithm).unwrap_or_default();
-    if algorithm.hash(&buf) != hash || holding.withdrawn.load(Ordering::Acquire) {
+    if algorithm.hash(&bytes) != hash || holding.withdrawn.load(Ordering::Acquire) {
         return Err(ReadError::Mismatch { label: holding.label.clone(), index, hash: hash.to_hex() });
     }
-    Ok(Bytes::from(buf))
+    Ok(bytes)
+}
+
+/// `len` bytes at `offset` through the holding's `O_DIRECT` handle, into a
+/// pooled aligned buffer; `None` when there is no such handle or the block
+/// is not whole 4 KiB pages (the last block of an odd-sized volume: it
+/// reads buffered).
+fn read_direct(holding: &Holding, offset: u64, len: usize) -> Option<std::io::Result<Bytes>> {
+    let direct = holding.direct.as_ref()?;
+    let align = crate::buf::ALIGN_BYTES;
+    if !offset.is_multiple_of(align as u64) || !len.is_multiple_of(align) || len == 0 {
+        return None;
+    }
+    let mut buf = crate::buf::BufPool::shared().take(len)?;
+    let read = direct.read_exact_at(&mut buf.spare_mut()[..len], offset);
+    Some(read.map(|()| {
+        buf.set_len(len);
+        buf.into_bytes()
+    }))
 }
 
 #[cfg(test)]
@@ -292,6 +330,12 @@ mod tests {
     }
 
     fn held(fetches: Option<Arc<FetchTelemetry>>) -> Held {
+        held_with(fetches, false).expect("a buffered holding")
+    }
+
+    /// `direct`: blocks are read through an `O_DIRECT` handle (`None` when
+    /// the temporary directory's filesystem refuses it).
+    fn held_with(fetches: Option<Arc<FetchTelemetry>>, direct: bool) -> Option<Held> {
         let dir = tempfile::tempdir().unwrap();
         let layout = BlockLayout::new(4 * 4096, 4096).unwrap();
         let data: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i + 1; 4096]).collect();
@@ -309,10 +353,15 @@ mod tests {
         if let Some(fetches) = fetches {
             holding = holding.with_fetches(fetches);
         }
+        if direct {
+            use std::os::unix::fs::OpenOptionsExt;
+            let opened = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path);
+            holding = holding.with_direct(opened.ok()?);
+        }
         let holding = Arc::new(holding);
         let holdings = Holdings::new(2);
         holdings.hold(Arc::clone(&holding));
-        Held { _dir: dir, path, data, bits, holding, holdings }
+        Some(Held { _dir: dir, path, data, bits, holding, holdings })
     }
 
     impl Held {
@@ -323,7 +372,25 @@ mod tests {
 
     #[tokio::test]
     async fn only_written_blocks_that_verify_are_read() {
-        let h = held(None);
+        only_written_blocks_that_verify_are_read_from(held(None)).await;
+    }
+
+    #[tokio::test]
+    async fn only_written_blocks_that_verify_are_read_with_o_direct() {
+        let Some(h) = held_with(None, true) else {
+            eprintln!("SKIP: the temporary directory's filesystem refuses O_DIRECT");
+            return;
+        };
+        // Whole 4 KiB blocks go through the direct handle, into an aligned
+        // buffer.
+        let read = read_direct(&h.holding, 4096, 4096).expect("read directly").unwrap();
+        assert_eq!(read, h.data[1]);
+        assert!(read.as_ptr().addr().is_multiple_of(crate::buf::ALIGN_BYTES));
+        assert!(read_direct(&h.holding, 100, 4096).is_none(), "an unaligned range reads buffered");
+        only_written_blocks_that_verify_are_read_from(h).await;
+    }
+
+    async fn only_written_blocks_that_verify_are_read_from(h: Held) {
         assert!(h.holdings.read(h.hash(1), WAIT).await.unwrap().is_none(), "not written: not read");
         h.bits.set(1);
         assert_eq!(h.holdings.read(h.hash(1), WAIT).await.unwrap().unwrap(), h.data[1]);

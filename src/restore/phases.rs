@@ -410,10 +410,21 @@ fn hold(
     }
     zeros.iter().for_each(|&index| bits.set(index));
     let label = target.write_path.display().to_string();
-    let holding = Holding::new(label, Arc::clone(snapshot), file, Arc::clone(&bits)).with_fetches(Arc::clone(fetches));
+    let mut holding =
+        Holding::new(label, Arc::clone(snapshot), file, Arc::clone(&bits)).with_fetches(Arc::clone(fetches));
+    if let Some(direct) = open_direct_reads(&target.write_path) {
+        holding = holding.with_direct(direct);
+    }
     let holding = Arc::new(holding);
     engine.holdings.hold(Arc::clone(&holding));
     Some((holding, bits))
+}
+
+/// `path` opened for reading with `O_DIRECT`, where its filesystem allows
+/// (not tmpfs): peers' reads of whole blocks then skip the page cache.
+fn open_direct_reads(path: &std::path::Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT | libc::O_CLOEXEC).open(path).ok()
 }
 
 /// Make the volume live: demand reads get their lane, the volume is built
