@@ -120,6 +120,14 @@ pub trait BlockStore: Send + Sync + fmt::Debug {
         None
     }
 
+    /// A restore charges each request it sends here `overhead_bytes` beyond
+    /// its body against its in-flight budget (the largest of its sources'
+    /// [`StoreUrl::request_overhead_bytes`]): a concurrency window with a
+    /// byte budget sizes its ceiling by the largest charge it has been told
+    /// of, so it never grows past what the budget admits (`store/limit.rs`,
+    /// `Aimd::ceiling`). Decorators forward it.
+    fn charge_requests(&self, _overhead_bytes: u64) {}
+
     /// [`get_for`](Self::get_for) outside any restore.
     fn get<'a>(&'a self, key: &'a str, len_max_bytes: u64) -> BoxFuture<'a, Result<Bytes, StoreError>> {
         self.get_for(&NO_CONTEXT, key, len_max_bytes)
@@ -153,8 +161,12 @@ macro_rules! forward_through_run {
     ($decorator:ty) => {
         $crate::store::forward_through_run!($decorator, |_| None);
     };
-    // `$here`: the decorator's own rate control, if it has one.
     ($decorator:ty, $here:expr) => {
+        $crate::store::forward_through_run!($decorator, $here, |_, _| {});
+    };
+    // `$here`: the decorator's own rate control, if it has one; `$charge`:
+    // what it does with a restore's request charge before passing it on.
+    ($decorator:ty, $here:expr, $charge:expr) => {
         impl $crate::store::BlockStore for $decorator {
             fn url(&self) -> &$crate::store::StoreUrl {
                 self.inner.url()
@@ -205,6 +217,12 @@ macro_rules! forward_through_run {
             fn rate_control(&self) -> Option<std::sync::Arc<$crate::store::rate::RateControl>> {
                 let here: fn(&$decorator) -> Option<std::sync::Arc<$crate::store::rate::RateControl>> = $here;
                 here(self).or_else(|| self.inner.rate_control())
+            }
+
+            fn charge_requests(&self, overhead_bytes: u64) {
+                let charge: fn(&$decorator, u64) = $charge;
+                charge(self, overhead_bytes);
+                self.inner.charge_requests(overhead_bytes);
             }
         }
     };

@@ -114,6 +114,10 @@ impl crate::store::BlockStore for Skipping {
         self.inner.url()
     }
 
+    fn charge_requests(&self, overhead_bytes: u64) {
+        self.inner.charge_requests(overhead_bytes);
+    }
+
     fn get_for<'a>(
         &'a self,
         ctx: &'a RequestContext,

@@ -155,6 +155,10 @@ pub(super) async fn dispatch(
 ) {
     let Gates { budget, unsettled } = gates;
     let request_overhead_bytes = ctx.reader.fetch().request_overhead_bytes();
+    // Each source's window learns what a request of this restore is charged.
+    for source in &ctx.reader.fetch().sources {
+        source.store.charge_requests(request_overhead_bytes);
+    }
     for unit in units {
         let writes: u64 = unit.blocks.iter().map(|&i| u64::from(ctx.layout.len(i))).sum();
         let unsettled = tokio::select! {

@@ -284,6 +284,10 @@ impl BlockStore for RateLimited {
     fn rate_control(&self) -> Option<Arc<super::rate::RateControl>> {
         self.inner.rate_control()
     }
+
+    fn charge_requests(&self, overhead_bytes: u64) {
+        self.inner.charge_requests(overhead_bytes);
+    }
 }
 
 /// Where the window starts when `concurrency_start` is unset (or the ceiling,
@@ -438,6 +442,16 @@ impl Aimd {
         self.budget_bytes = Some(bytes);
         self.request_overhead_bytes = request_overhead_bytes;
         self
+    }
+
+    /// The budget is charged `overhead_bytes` per request by a restore (the
+    /// largest of its sources' overheads, which may exceed this store's
+    /// own: a file or `http://` secondary's 512 KiB beside S3's 64 KiB):
+    /// the ceiling counts the largest charge told, or the window could grow
+    /// past what the budget admits, never be full, and the latency rule
+    /// (which judges full windows only) would never shrink it.
+    pub fn charge_requests(&mut self, overhead_bytes: u64) {
+        self.request_overhead_bytes = self.request_overhead_bytes.max(overhead_bytes);
     }
 
     /// The most requests the window may reach now: `max`, or fewer when
@@ -865,6 +879,14 @@ impl AdaptiveConcurrency {
         self
     }
 
+    /// A restore charges each request `overhead_bytes` beyond its body:
+    /// the ceiling counts the largest such charge (see [`Aimd::charge_requests`]).
+    fn charge_requests_here(&self, overhead_bytes: u64) {
+        let mut window = self.gate.lock();
+        window.aimd.charge_requests(overhead_bytes);
+        self.gate.limit.store(window.aimd.limit(), Ordering::Relaxed);
+    }
+
     #[cfg(test)]
     fn with_demand_pause_max(self, pause: Duration) -> Self {
         self.gate.lock().pause = Pause::new(pause);
@@ -935,7 +957,7 @@ impl AdaptiveConcurrency {
     }
 }
 
-crate::store::forward_through_run!(AdaptiveConcurrency);
+crate::store::forward_through_run!(AdaptiveConcurrency, |_| None, |this, bytes| this.charge_requests_here(bytes));
 
 #[cfg(test)]
 mod tests {
@@ -1143,6 +1165,38 @@ mod tests {
         let mut tiny = Aimd::new(&AdaptiveConcurrencyConfig::default()).with_budget_bytes(1 << 20, 0);
         tiny.on_success(64 << 20, false);
         assert_eq!(tiny.limit(), 4, "the floor holds even when one request outweighs the budget");
+    }
+
+    #[test]
+    fn the_ceiling_counts_the_largest_charge_a_restore_makes_per_request() {
+        // An S3 store charges 64 KiB a request; a restore with a file
+        // secondary charges every request 512 KiB: 128 MiB admit 85 of
+        // 1 MiB, not 120, and the window stops there.
+        let mut a = Aimd::new(&AdaptiveConcurrencyConfig::default()).with_budget_bytes(128 << 20, 64 << 10);
+        for _ in 0..10 {
+            round_trip(&mut a, 1 << 20);
+        }
+        assert_eq!(a.limit(), 120);
+        a.charge_requests(512 << 10);
+        assert_eq!(a.limit(), 85);
+        a.charge_requests(0);
+        assert_eq!(a.limit(), 85, "a smaller charge (another restore's) does not raise it");
+    }
+
+    #[tokio::test]
+    async fn a_restores_charge_reaches_the_window_through_the_stack() {
+        let dir = tempfile::tempdir().unwrap();
+        let file: SharedStore = Arc::new(FileStore::new(dir.path().to_path_buf()));
+        std::fs::write(dir.path().join("b"), vec![7u8; 1 << 20]).unwrap();
+        let config = AdaptiveConcurrencyConfig { concurrency_start: Some(nz(512)), ..Default::default() };
+        let gated = Arc::new(AdaptiveConcurrency::new(file, &config).unwrap().with_budget_bytes(128 << 20, 64 << 10));
+        let limited = RateLimited::new(Arc::clone(&gated) as SharedStore, &RateLimitConfig::default()).unwrap();
+        let store: SharedStore =
+            Arc::new(crate::store::timeout::Timeout::new(Arc::new(limited), Duration::from_secs(5)));
+        store.get("b", 1 << 20).await.unwrap();
+        assert_eq!(gated.current_limit(), 120, "the budget over 1 MiB and this store's 64 KiB");
+        store.charge_requests(512 << 10);
+        assert_eq!(gated.current_limit(), 85);
     }
 
     /// A store simulated by Little's law: requests take `base` when the
