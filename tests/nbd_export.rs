@@ -57,22 +57,12 @@ struct Live {
 /// request takes `delay`, and start restoring it, exported. `budget_blocks`
 /// blocks in flight in the background.
 async fn start(blocks: u64, delay: Duration, budget_blocks: u64, faults: impl Fn(&Manifest) -> Vec<FaultRule>) -> Live {
-    start_tuned(blocks, delay, budget_blocks, faults, |_| {}).await
+    start_with(blocks, delay, budget_blocks, faults, |_| {}, false).await
 }
 
-/// [`start`], with the engine's configuration changed by `tune` first.
-async fn start_tuned(
-    blocks: u64,
-    delay: Duration,
-    budget_blocks: u64,
-    faults: impl Fn(&Manifest) -> Vec<FaultRule>,
-    tune: impl FnOnce(&mut rehydrate::config::Config),
-) -> Live {
-    start_with(blocks, delay, budget_blocks, faults, tune, false).await
-}
-
-/// [`start_tuned`]; `remote`: the store gets every policy a remote store
-/// gets (deadline, pacer, concurrency window), as S3 does.
+/// [`start`], with the engine's configuration changed by `tune` first;
+/// `remote`: the store gets every policy a remote store gets (deadline,
+/// pacer, concurrency window), as S3 does.
 async fn start_with(
     blocks: u64,
     delay: Duration,
@@ -329,7 +319,7 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wedged_block_never_delays_a_read_of_another_and_the_watchdog_names_it() {
     let wedge = 70;
-    let mut fx = start_tuned(96, Duration::from_millis(200), 2, wedged(wedge), wedge_tolerant).await;
+    let mut fx = start_with(96, Duration::from_millis(200), 2, wedged(wedge), wedge_tolerant, false).await;
     let source = fx.source();
     let addr = fx.addr;
     let stuck = tokio::spawn(async move {
@@ -364,7 +354,7 @@ async fn a_read_across_blocks_not_restored_fetches_them_at_once() {
     // The read's first block is wedged: fetched one after another, the
     // others would never be asked for while it hangs.
     let first = 60;
-    let fx = start_tuned(96, Duration::from_millis(200), 2, wedged(first), wedge_tolerant).await;
+    let fx = start_with(96, Duration::from_millis(200), 2, wedged(first), wedge_tolerant, false).await;
     let addr = fx.addr;
     let read = tokio::spawn(async move {
         let (mut c, _) = Client::go(addr, NAME).await;
@@ -428,7 +418,7 @@ async fn a_read_of_a_block_the_background_has_on_the_wire_shares_that_fetch() {
         }
         rules
     };
-    let mut fx = start_tuned(blocks, Duration::from_millis(10), 4, faults, unhedged).await;
+    let mut fx = start_with(blocks, Duration::from_millis(10), 4, faults, unhedged, false).await;
     let (slow, far) = pick(&fx.manifest);
     let source = fx.source();
     let slow_key = fx.block_key(slow);
