@@ -21,10 +21,14 @@
 //! answer, as long as a fetch on demand usually takes (the demand lane's
 //! median), before it asks the store itself; and a block a reader fetched
 //! while the background's request still waited in a local queue (the
-//! concurrency window, the pacer) is taken by the background from the
-//! reader, which drops its request unsent. A reader scanning the volume
-//! behind the background restore therefore costs the store few extra
-//! requests, which on a paced store are the restore's own.
+//! concurrency window, the pacer) is handed to the background, which drops
+//! its own request unsent. A reader scanning the volume while it is
+//! restored therefore costs the store few extra requests, which on a paced
+//! store are the restore's own.
+//!
+//! Whatever runtime serves the volume (an export runs on one of its own,
+//! `nbd::spawn_server`), its fetches on demand run on the restore's, so the
+//! store connections they open and pool outlive the export.
 //!
 //! A client write makes its blocks **owned** by the client. A partial write
 //! to a block that is not local restores the block first, then applies the
