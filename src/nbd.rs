@@ -235,8 +235,9 @@ pub(crate) struct Shared<V> {
     pub(crate) payload_budget: Arc<Semaphore>,
 }
 
-/// Run an export server (`serve`, `serve_when_published`) on a thread and a
-/// runtime of its own; resolves when it has returned.
+/// Run the server of export `name` (`serve`, `serve_when_published`) on a
+/// thread (named after it) and a runtime of its own; resolves when it has
+/// returned.
 ///
 /// Why: the restore keeps the process's runtime busy (every block's hash,
 /// its HTTP reads), and a task there waits its turn behind those, with the

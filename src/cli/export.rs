@@ -33,7 +33,7 @@ pub(super) async fn restore_exported(engine: Engine, args: RestoreArgs, addr: Ex
     let url = addr.client_url();
     let announce = move || eprintln!("exporting at {url}");
     let server = crate::nbd::spawn_server(
-        "export",
+        addr.name(),
         crate::nbd::serve_when_published(listener, addr.name().to_owned(), volume_rx, stop.clone(), announce),
     );
     let spec = RestoreSpec {

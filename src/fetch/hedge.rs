@@ -219,8 +219,9 @@ impl Hedger {
             sorted.sort_unstable();
             let at = |q: f64| sorted[((sorted.len() as f64 - 1.0) * q).round() as usize];
             let delay_min = self.config.delay_min_millis * 1000;
-            let median = at(0.5) as f64;
-            window.median_micros.store(at(0.5).max(1), Ordering::Relaxed);
+            let median_micros = at(0.5);
+            window.median_micros.store(median_micros.max(1), Ordering::Relaxed);
+            let median = median_micros as f64;
             let tail = ((median * self.config.tail_median_multiple) as u64).max(delay_min).max(1);
             window.tail_delay_micros.store(tail, Ordering::Relaxed);
             if sorted.len() >= WINDOW_SAMPLES_MIN {

@@ -319,6 +319,17 @@ impl Claim<'_> {
     }
 }
 
+impl Claim<'_> {
+    /// The same claim, held from now on by a task of its own (`volume`:
+    /// this claim's volume, as an `Arc` the task can keep).
+    fn into_owned(self, volume: Arc<LiveVolume>) -> OwnedClaim {
+        let index = self.index;
+        // Released by the owned claim instead.
+        std::mem::forget(self);
+        OwnedClaim { volume, index }
+    }
+}
+
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         self.volume.release(self.index);
@@ -538,9 +549,7 @@ impl LiveVolume {
             shared.publish(Ok(&block));
         }
         let bytes = block.bytes().clone();
-        // The claim passes to the writing task.
-        std::mem::forget(claim);
-        let claim = OwnedClaim { volume, index };
+        let claim = claim.into_owned(volume);
         let write = bytes.clone();
         tokio::spawn(async move {
             let volume = &claim.volume;

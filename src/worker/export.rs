@@ -134,7 +134,7 @@ impl Worker {
         self.live().exports.insert(id.clone(), Arc::clone(&handle));
         tracing::info!(job = %id, url = %handle.url, "job export listening");
         let server = crate::nbd::spawn_server(
-            "export",
+            &id,
             crate::nbd::serve_when_published(listener, id.clone(), handle.volume.subscribe(), stop.clone(), || {}),
         );
         let published = Arc::clone(&handle);
