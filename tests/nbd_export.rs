@@ -457,12 +457,16 @@ async fn a_block_a_reader_fetched_while_the_background_request_queued_is_not_ask
         c.fetch.hedge.enabled = false;
     };
     // Room for eight requests (a file store's are charged 512 KiB each
-    // beside the block).
-    let mut fx = start_with(48, Duration::from_millis(200), 80, no_faults, one_at_a_time, true).await;
+    // beside the block); the first one the background sends takes 3 s, so
+    // the other seven dispatched wait at the gate that long, whatever order
+    // their tasks reached it in; the reader's request takes 100 ms.
+    let first_slow =
+        |_: &Manifest| vec![FaultRule::new(Fault::Latency(Duration::from_secs(3))).path_contains("blocks/").first(1)];
+    let mut fx = start_with(48, Duration::from_millis(100), 80, first_slow, one_at_a_time, true).await;
     let source = fx.source();
-    // The objects in the order the background asks for them: the budget
-    // dispatches the first eight at once; the fifth to eighth wait at the
-    // gate at least 800 ms, the reader's request takes 200.
+    let store = Arc::clone(&fx.store);
+    eventually("the first background request is out", || store.calls("blocks/") >= 1).await;
+    // A block of the first eight objects (dispatched at once) not asked for.
     let mut order: Vec<String> = Vec::new();
     for i in 0..48 {
         if let Some(block) = fx.manifest.block(i) {
@@ -474,8 +478,8 @@ async fn a_block_a_reader_fetched_while_the_background_request_queued_is_not_ask
     }
     let queued = unique_data_blocks(&fx.manifest, 48)
         .into_iter()
-        .find(|&i| (4..8).contains(&order.iter().position(|k| *k == fx.block_key(i)).unwrap()))
-        .expect("a unique block among the first eight objects");
+        .find(|&i| order[..8].contains(&fx.block_key(i)) && fx.store.calls(&fx.block_key(i)) == 0)
+        .expect("a unique block among the first eight objects, waiting at the gate");
     let key = fx.block_key(queued);
     let (mut c, _) = Client::go(fx.addr, NAME).await;
     let at = queued * BLOCK;
