@@ -23,17 +23,26 @@
 //!   little does not build up a rate it never tried).
 //!
 //! One throttling episode is one signal: a throttle counts only when its
-//! request was sent after the last decrease. Requests already in flight when
-//! the rate was cut were sent at the old rate; their 503s say nothing new,
-//! and counting them would collapse the rate to its floor after one burst.
+//! request was sent once the last decrease had taken effect, one burst
+//! tolerance and one interval of the new rate after it. Requests already in
+//! flight when the rate was cut were sent at the old rate, and the first
+//! ones after it go at once on the pacer's burst tolerance into a store
+//! whose own bucket the old rate emptied; their 503s say nothing new.
+//! Counting them (with readers' requests sent on slots reserved at the old
+//! rate, below) cut the rate of a 40 req/s store 17 times within 300 ms of
+//! one opening burst, to the floor.
 //!
 //! Pacing is a GCRA (virtual scheduling) behind a FIFO turnstile: requests
 //! wait in arrival order, and the one at the head sleeps until its slot,
 //! looking at the current rate again at least every [`RECHECK`]. So after a
 //! throttle the requests already waiting are spread out by the new rate
-//! instead of all going again after the same backoff. A demand request (a
-//! reader of an exported volume waits for it) does not queue: it reserves
-//! the next free slot, and the queue's slots move back by one.
+//! instead of all going again after the same backoff. Demand requests (a
+//! reader of an exported volume waits for each) queue apart, ahead of the
+//! others: the background's head takes no slot while one waits. They are
+//! paced like the rest, at the current rate: a slot reserved ahead at the
+//! rate of the moment was kept after a cut (readers of a 40 req/s store
+//! went at one per second for 30 s after a cut to the floor, on slots
+//! reserved then, while the rate had grown back).
 //!
 //! One [`RateControl`] per store is shared by every restore in the process
 //! (stores are opened once per URL). A configured `rate_limit` is a separate,
@@ -179,6 +188,10 @@ pub struct Cubic {
     last_throttle: Option<Instant>,
     /// Seconds from a throttle until the curve is back at `last_max_rate`.
     time_window_secs: f64,
+    /// Throttles of requests sent before this are the last cut's episode.
+    settled_at: Option<Instant>,
+    /// The pacer's burst tolerance, seconds (see [`AdaptiveRateConfig::burst_secs`]).
+    burst_secs: f64,
     /// The share of recent answers that were throttles (a moving average
     /// over about [`SHARE_WINDOW`] answers).
     throttled_share: f64,
@@ -202,6 +215,8 @@ impl Cubic {
             last_max_rate: 0.0,
             last_throttle: None,
             time_window_secs: 0.0,
+            settled_at: None,
+            burst_secs: config.burst_secs,
             throttled_share: 0.0,
         }
     }
@@ -236,9 +251,9 @@ impl Cubic {
         // rate of almost nothing.
         self.throttled_share += (f64::from(u8::from(throttled)) - self.throttled_share) / SHARE_WINDOW;
         if throttled {
-            // A request sent before the last cut was paced at the old rate:
-            // the cut already answered its throttle.
-            if self.last_throttle.is_some_and(|cut| sent < cut) {
+            // A request sent before the last cut took effect was paced at
+            // the old rate: the cut already answered its throttle.
+            if self.settled_at.is_some_and(|settled| sent < settled) {
                 return false;
             }
             let measured = self.meter.rate(now);
@@ -251,7 +266,12 @@ impl Cubic {
             self.last_max_rate = rate;
             self.time_window_secs = (rate * (1.0 - factor) / self.scale).cbrt();
             self.last_throttle = Some(now);
-            self.fill_rate = Some(self.bounded(rate * factor));
+            let fill = self.bounded(rate * factor);
+            self.fill_rate = Some(fill);
+            // The pacer lets a burst tolerance's worth go at once, then one
+            // per interval: only requests after those are paced at `fill`.
+            let interval = 1.0 / fill;
+            self.settled_at = Some(now + Duration::from_secs_f64(self.burst_secs.max(interval) + interval));
             return true;
         }
         if let (Some(_), Some(cut)) = (self.fill_rate, self.last_throttle) {
@@ -279,7 +299,12 @@ pub struct RateControl {
     next_slot: Mutex<Instant>,
     /// Requests wait here in arrival order; the holder sleeps for its slot.
     turnstile: tokio::sync::Mutex<()>,
+    /// Demand requests wait here, ahead of the other turnstile's holder.
+    demand_turnstile: tokio::sync::Mutex<()>,
     waiting: AtomicUsize,
+    demand_waiting: AtomicUsize,
+    /// Told when the last demand request waiting has its slot.
+    demand_admitted: tokio::sync::Notify,
     burst_secs: f64,
     metric_label: Option<String>,
 }
@@ -292,7 +317,10 @@ impl RateControl {
             fill_rate_bits: AtomicU64::new(0f64.to_bits()),
             next_slot: Mutex::new(now),
             turnstile: tokio::sync::Mutex::new(()),
+            demand_turnstile: tokio::sync::Mutex::new(()),
             waiting: AtomicUsize::new(0),
+            demand_waiting: AtomicUsize::new(0),
+            demand_admitted: tokio::sync::Notify::new(),
             burst_secs: config.burst_secs,
             metric_label,
         };
@@ -322,7 +350,7 @@ impl RateControl {
     /// [`THROTTLING_NOW`], or requests are waiting for their pace. A hedge
     /// sent to it would only add load or queue behind the others.
     pub fn throttling_now(&self) -> bool {
-        if self.waiting.load(Ordering::Relaxed) > 0 {
+        if self.waiting.load(Ordering::Relaxed) + self.demand_waiting.load(Ordering::Relaxed) > 0 {
             return true;
         }
         Self::lock(&self.cubic).last_throttle().is_some_and(|at| at.elapsed() < THROTTLING_NOW)
@@ -362,53 +390,51 @@ impl RateControl {
     }
 
     /// Wait for this request's turn at the current rate (at once while
-    /// unpaced). A `demand` request (a reader blocked on it) does not queue:
-    /// it reserves the next free slot at once ([`reserve_slot`](Self::reserve_slot))
-    /// and the queue's next slots move back by one interval, so the store
-    /// sees the same rate.
+    /// unpaced). A `demand` request (a reader blocked on it) waits in the
+    /// demand queue, which goes first: the other queue's head takes no slot
+    /// while a demand request waits.
     /// Cancel-safe: a waiter that goes away leaves the queue.
     pub async fn admit(&self, demand: bool) {
-        let Some(rate) = self.requests_per_sec() else { return };
-        if demand {
-            let wait = self.reserve_slot(rate, Instant::now());
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
+        if self.requests_per_sec().is_none() {
             return;
+        }
+        if demand {
+            self.demand_waiting.fetch_add(1, Ordering::Relaxed);
+            let _leave = scopeguard(|| {
+                if self.demand_waiting.fetch_sub(1, Ordering::Relaxed) == 1 {
+                    self.demand_admitted.notify_waiters();
+                }
+            });
+            let _turn = self.demand_turnstile.lock().await;
+            return self.take_next_slot(true).await;
         }
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let _leave = scopeguard(|| {
             self.waiting.fetch_sub(1, Ordering::Relaxed);
         });
         let _turn = self.turnstile.lock().await;
-        self.take_next_slot().await
+        self.take_next_slot(false).await
     }
 
-    /// Sleep until a slot at the current rate is due and take it.
-    async fn take_next_slot(&self) {
+    /// Sleep until a slot at the current rate is due and take it; a request
+    /// that is not `demand` first lets every demand request waiting go.
+    async fn take_next_slot(&self, demand: bool) {
         loop {
             let Some(rate) = self.requests_per_sec() else { return };
+            if !demand && self.demand_waiting.load(Ordering::Relaxed) > 0 {
+                let admitted = self.demand_admitted.notified();
+                tokio::pin!(admitted);
+                admitted.as_mut().enable();
+                if self.demand_waiting.load(Ordering::Relaxed) > 0 {
+                    let _ = tokio::time::timeout(RECHECK, admitted).await;
+                }
+                continue;
+            }
             match self.take_slot(rate, Instant::now()) {
                 None => return,
                 Some(wait) => tokio::time::sleep(wait.min(RECHECK)).await,
             }
         }
-    }
-
-    /// Reserve the next free slot at `rate` for a demand request and say
-    /// how long until it is due (within the burst tolerance, as for any
-    /// request): at most one interval while the background keeps the pace
-    /// busy, none on an idle one. Not more: demand requests sent on credit
-    /// past the pace (tried: twice the burst) drew the store's throttles on
-    /// everyone, and the learned rate fell to a quarter under a reader that
-    /// never stops.
-    fn reserve_slot(&self, rate: f64, now: Instant) -> Duration {
-        let interval = Duration::from_secs_f64(1.0 / rate);
-        let tolerance = Duration::from_secs_f64(self.burst_secs).max(interval);
-        let mut next = Self::lock(&self.next_slot);
-        let due = (*next).max(now);
-        *next = due + interval;
-        (due + interval).saturating_duration_since(now + tolerance)
     }
 
     /// GCRA: take the next slot at `rate` if it is due within the burst
@@ -602,8 +628,13 @@ mod tests {
         assert_eq!(cubic.fill_rate().unwrap(), after_first);
         // 0.8 of the ~1000/s measured.
         assert!((750.0..=850.0).contains(&after_first), "{after_first}");
-        // A request sent after the cut and throttled again cuts again.
-        assert!(cubic.on_response(at(t0, 1001), at(t0, 1002), true));
+        // Sent after the cut but on the pacer's burst tolerance (50 ms) into
+        // a bucket the old rate emptied: the same episode.
+        assert!(!cubic.on_response(at(t0, 1001), at(t0, 1002), true));
+        assert!(!cubic.on_response(at(t0, 1040), at(t0, 1041), true));
+        assert_eq!(cubic.fill_rate().unwrap(), after_first);
+        // Sent once the cut took effect and throttled again: it cuts again.
+        assert!(cubic.on_response(at(t0, 1060), at(t0, 1061), true));
         assert!(cubic.fill_rate().unwrap() < after_first);
     }
 
@@ -621,7 +652,8 @@ mod tests {
         cubic.on_response(at(t0, 1000), at(t0, 1000), true);
         assert!(cubic.fill_rate().unwrap() <= 100.0);
         let mut t = 1001;
-        for _ in 0..40 {
+        // Each cut takes effect within 250 ms at these rates.
+        for _ in 0..300 {
             cubic.on_response(at(t0, t), at(t0, t), true);
             t += 10;
         }
@@ -648,14 +680,7 @@ mod tests {
         control.on_response(sent, true);
         // Measured ~0 before the throttle: the floor (1/s) applies at first;
         // pin a known rate instead.
-        *RateControl::lock(&control.cubic) = {
-            let mut cubic = Cubic::new(&config, Some(50.0));
-            cubic.fill_rate = Some(50.0);
-            cubic.last_throttle = Some(Instant::now());
-            cubic.last_max_rate = 50.0;
-            cubic
-        };
-        control.publish(Some(50.0));
+        pin_rate(&control, &config, 50.0);
         assert!(control.throttling_now());
         let started = Instant::now();
         let mut waiters = tokio::task::JoinSet::new();
@@ -678,39 +703,54 @@ mod tests {
         assert_eq!(control.waiting.load(Ordering::Relaxed), 0);
     }
 
-    #[test]
-    fn a_demand_request_reserves_the_next_free_slot_ahead_of_the_queue() {
+    /// Pace `control` at `rate` as if the store had just throttled there.
+    fn pin_rate(control: &RateControl, config: &AdaptiveRateConfig, rate: f64) {
+        *RateControl::lock(&control.cubic) = {
+            let mut cubic = Cubic::new(config, Some(rate));
+            cubic.fill_rate = Some(rate);
+            cubic.last_throttle = Some(Instant::now());
+            cubic.last_max_rate = rate;
+            cubic
+        };
+        control.publish(Some(rate));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn demand_requests_waiting_are_paced_at_the_rate_after_a_cut() {
         let config = AdaptiveRateConfig { burst_secs: 0.0, ..AdaptiveRateConfig::default() };
-        let control = RateControl::new(&config, None, None);
-        let t0 = Instant::now();
-        // At 20/s (one per 50 ms) a background request takes the slot due now.
-        assert_eq!(control.take_slot(20.0, t0), None);
-        assert_eq!(control.take_slot(20.0, t0), Some(Duration::from_millis(50)));
-        // A reader's request reserves the next slot ahead of them (due in
-        // 50 ms), a second one the slot after ...
-        assert_eq!(control.reserve_slot(20.0, t0), Duration::from_millis(50));
-        assert_eq!(control.reserve_slot(20.0, t0), Duration::from_millis(100));
-        // ... and the background's next slot is two intervals later.
-        assert_eq!(control.take_slot(20.0, t0), Some(Duration::from_millis(150)));
-        assert_eq!(control.take_slot(20.0, t0 + Duration::from_millis(150)), None);
-        // An idle pacer: the reader's request takes the slot due now.
-        let later = t0 + Duration::from_secs(10);
-        assert_eq!(control.reserve_slot(20.0, later), Duration::ZERO);
-        assert_eq!(control.take_slot(20.0, later), Some(Duration::from_millis(50)));
+        let control = Arc::new(RateControl::new(&config, None, None));
+        pin_rate(&control, &config, 100.0);
+        let started = Instant::now();
+        let mut waiters = tokio::task::JoinSet::new();
+        for _ in 0..6 {
+            let control = Arc::clone(&control);
+            waiters.spawn(async move {
+                control.admit(true).await;
+                Instant::now()
+            });
+        }
+        // At 100/s two go in the first 15 ms; then the store throttles and
+        // the rate is cut to 5/s (one per 200 ms).
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        pin_rate(&control, &config, 5.0);
+        tokio::time::sleep(Duration::from_millis(300).saturating_sub(started.elapsed())).await;
+        let mut admitted = 0;
+        while let Some(done) = waiters.try_join_next() {
+            assert!(done.unwrap() < started + Duration::from_millis(300));
+            admitted += 1;
+        }
+        // Slots reserved at 100/s would have let all six go within 60 ms.
+        assert!(admitted <= 4, "{admitted} of 6 demand requests went within 300 ms, past a cut to 5/s");
+        waiters.abort_all();
+        while waiters.join_next().await.is_some() {}
+        assert_eq!(control.demand_waiting.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_demand_request_does_not_wait_behind_the_queue() {
         let config = AdaptiveRateConfig { burst_secs: 0.0, ..AdaptiveRateConfig::default() };
         let control = Arc::new(RateControl::new(&config, None, None));
-        *RateControl::lock(&control.cubic) = {
-            let mut cubic = Cubic::new(&config, Some(20.0));
-            cubic.fill_rate = Some(20.0);
-            cubic.last_throttle = Some(Instant::now());
-            cubic.last_max_rate = 20.0;
-            cubic
-        };
-        control.publish(Some(20.0));
+        pin_rate(&control, &config, 20.0);
         // Eight background requests queue at 20/s (one per 50 ms) ...
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut waiters = tokio::task::JoinSet::new();
