@@ -139,3 +139,79 @@ async fn follows_a_limit_that_drops_and_comes_back() {
     let arrived = f.arrivals_between(drop_at + Duration::from_secs(5), rise_at);
     assert!(arrived <= 3 * 78, "{arrived} requests in 3 s against a limit of 60/s");
 }
+
+/// A reader that scans a volume exported while it is restored (as `nbdcopy`
+/// does: many reads in flight, ahead of the background) from a store that
+/// throttles at 40 requests per second. Its requests go first; the
+/// background waits behind them, longer than the acquire timeout (here
+/// 500 ms), and must not count that as a saturated store: before, the
+/// background failed blocks with "no concurrency slot", and readers'
+/// requests, sent on pacer slots reserved before the rate was cut, kept the
+/// learned rate at its floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_scanning_an_exported_volume_never_fail_the_background() {
+    use rehydrate::restore::live::LiveVolume;
+    use rehydrate::restore::progress::Progress;
+    use rehydrate::restore::{Publish, restore_live};
+    use tokio::sync::watch;
+    use tokio_util::sync::CancellationToken;
+
+    let blocks = 160;
+    let dir = tempfile::tempdir().unwrap();
+    let volume = SampleVolume { size_bytes: blocks * u64::from(BLOCK_BYTES), block_size_bytes: BLOCK_BYTES, seed: 405 };
+    let file_url = snapshot(dir.path(), &volume, Compression::None, HashAlgorithm::Blake3).await;
+    let manifest = load_manifest(&file_url);
+    let server = LoopbackS3::start(dir.path().join("store")).await.unwrap();
+    let mut config = Config::default();
+    config.checkpoint.dir = Some(dir.path().join("state"));
+    config.s3 = server.s3_config();
+    config.concurrency.acquire_timeout_millis = 500;
+    config.validate().unwrap();
+    let engine = engine_on_loopback(config, "snap").await;
+    server.set_rate_limit(limit(40));
+
+    let target = dir.path().join("vol.img");
+    let spec = spec(&format!("s3://bucket/snap/vol-{}.manifest", volume.seed), &target);
+    let (tx, mut rx) = watch::channel::<Option<Arc<LiveVolume>>>(None);
+    let publish: Publish = Arc::new(move |v| {
+        tx.send_replace(Some(v));
+    });
+    let progress = Arc::new(Progress::default());
+    let cancel = CancellationToken::new();
+    let restore = tokio::spawn(async move { restore_live(&engine, &spec, &progress, &cancel, publish).await });
+    let live = rx.wait_for(Option::is_some).await.unwrap().clone().unwrap();
+    // 32 readers, each reading every 32nd block in order.
+    let source = Arc::new(std::fs::read(dir.path().join(format!("source-{}.img", volume.seed))).unwrap());
+    let mut readers = tokio::task::JoinSet::new();
+    for first in 0..32 {
+        let (live, source) = (Arc::clone(&live), Arc::clone(&source));
+        readers.spawn(async move {
+            for index in (first..blocks).step_by(32) {
+                let at = index * u64::from(BLOCK_BYTES);
+                let got = live.read(at, BLOCK_BYTES).await.unwrap();
+                assert!(got == source[at as usize..(at + u64::from(BLOCK_BYTES)) as usize], "block {index}");
+            }
+        });
+    }
+    while let Some(done) = readers.join_next().await {
+        done.unwrap();
+    }
+    let report = match tokio::time::timeout(Duration::from_secs(120), restore).await.unwrap().unwrap() {
+        Ok(report) => report,
+        Err(e) => panic!("the restore failed while readers scanned the volume: {e}"),
+    };
+    // (Not `check_ledger`: blocks the readers fetched are the export's
+    // count, not the background's served objects.)
+    assert!(server.slowdowns_sent() > 0, "the limit was never reached: the test tests nothing");
+    assert_eq!(report.blocks_failed, 0, "{report:#?}");
+    assert!(report.succeeded);
+    check_identical(&manifest, &volume, &target);
+    let on_demand = live.counts.demand_fetches.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(on_demand > 0, "no read went ahead of the background: the test tests nothing");
+    eprintln!(
+        "{blocks} blocks in {:.2}s, {on_demand} on demand: {} requests at the server, {} SlowDown",
+        report.duration_secs,
+        server.requests_total(),
+        server.slowdowns_sent()
+    );
+}

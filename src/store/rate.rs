@@ -23,14 +23,15 @@
 //!   little does not build up a rate it never tried).
 //!
 //! One throttling episode is one signal: a throttle counts only when its
-//! request was sent once the last decrease had taken effect, one burst
-//! tolerance and one interval of the new rate after it. Requests already in
-//! flight when the rate was cut were sent at the old rate, and the first
-//! ones after it go at once on the pacer's burst tolerance into a store
-//! whose own bucket the old rate emptied; their 503s say nothing new.
-//! Counting them (with readers' requests sent on slots reserved at the old
-//! rate, below) cut the rate of a 40 req/s store 17 times within 300 ms of
-//! one opening burst, to the floor.
+//! request was sent once the last decrease had taken effect, one interval
+//! of the new rate after it. Requests already in flight when the rate was
+//! cut were sent at the old rate; their 503s say nothing new. A cut also
+//! takes the pacer's burst credit away (the next request goes one new
+//! interval later), so no request after it goes at the old rate's pace.
+//! Counting the old rate's 503s (with readers' requests sent on slots
+//! reserved at the old rate, and the burst credit spent at once after each
+//! cut) cut the rate of a 40 req/s store 17 times within 300 ms of one
+//! opening burst, to the floor.
 //!
 //! Pacing is a GCRA (virtual scheduling) behind a FIFO turnstile: requests
 //! wait in arrival order, and the one at the head sleeps until its slot,
@@ -190,8 +191,6 @@ pub struct Cubic {
     time_window_secs: f64,
     /// Throttles of requests sent before this are the last cut's episode.
     settled_at: Option<Instant>,
-    /// The pacer's burst tolerance, seconds (see [`AdaptiveRateConfig::burst_secs`]).
-    burst_secs: f64,
     /// The share of recent answers that were throttles (a moving average
     /// over about [`SHARE_WINDOW`] answers).
     throttled_share: f64,
@@ -216,7 +215,6 @@ impl Cubic {
             last_throttle: None,
             time_window_secs: 0.0,
             settled_at: None,
-            burst_secs: config.burst_secs,
             throttled_share: 0.0,
         }
     }
@@ -268,10 +266,9 @@ impl Cubic {
             self.last_throttle = Some(now);
             let fill = self.bounded(rate * factor);
             self.fill_rate = Some(fill);
-            // The pacer lets a burst tolerance's worth go at once, then one
-            // per interval: only requests after those are paced at `fill`.
-            let interval = 1.0 / fill;
-            self.settled_at = Some(now + Duration::from_secs_f64(self.burst_secs.max(interval) + interval));
+            // The pacer sends the next request one interval of `fill` from
+            // now ([`RateControl::on_response`]): the first paced at it.
+            self.settled_at = Some(now + Duration::from_secs_f64(1.0 / fill));
             return true;
         }
         if let (Some(_), Some(cut)) = (self.fill_rate, self.last_throttle) {
@@ -376,6 +373,12 @@ impl RateControl {
         let rate = {
             let mut cubic = Self::lock(&self.cubic);
             if cubic.on_response(sent, now, throttled) {
+                // No burst credit after a cut: the next request goes one
+                // interval of the new rate from now.
+                let cut = cubic.fill_rate().unwrap_or(self.burst_secs.recip());
+                let tolerance = Duration::from_secs_f64(self.burst_secs.max(cut.recip()));
+                let mut next = Self::lock(&self.next_slot);
+                *next = (*next).max(now + tolerance);
                 tracing::debug!(
                     store = self.metric_label.as_deref().unwrap_or(""),
                     requests_per_sec = cubic.fill_rate().unwrap_or(0.0),
@@ -628,14 +631,36 @@ mod tests {
         assert_eq!(cubic.fill_rate().unwrap(), after_first);
         // 0.8 of the ~1000/s measured.
         assert!((750.0..=850.0).contains(&after_first), "{after_first}");
-        // Sent after the cut but on the pacer's burst tolerance (50 ms) into
-        // a bucket the old rate emptied: the same episode.
+        // Sent after the cut but before one interval of the new rate (about
+        // 1.25 ms): not paced at it yet, the same episode.
         assert!(!cubic.on_response(at(t0, 1001), at(t0, 1002), true));
-        assert!(!cubic.on_response(at(t0, 1040), at(t0, 1041), true));
         assert_eq!(cubic.fill_rate().unwrap(), after_first);
         // Sent once the cut took effect and throttled again: it cuts again.
-        assert!(cubic.on_response(at(t0, 1060), at(t0, 1061), true));
+        assert!(cubic.on_response(at(t0, 1002), at(t0, 1003), true));
         assert!(cubic.fill_rate().unwrap() < after_first);
+    }
+
+    #[test]
+    fn a_cut_takes_the_pacers_burst_credit_away() {
+        let config = AdaptiveRateConfig::default();
+        let control = RateControl::new(&config, None, None);
+        pin_rate(&control, &config, 1000.0);
+        let now = Instant::now();
+        {
+            let mut cubic = RateControl::lock(&control.cubic);
+            for ms in 0..1000 {
+                cubic.on_sent(now - Duration::from_millis(1000 - ms));
+            }
+        }
+        // An idle pacer at 1,000/s lets 50 requests go at once (50 ms) ...
+        assert_eq!(control.take_slot(1000.0, Instant::now()), None);
+        // ... until the store throttles: the cut (to 0.8 of the ~1,000/s
+        // sent) leaves no credit, the next request waits its interval.
+        control.on_response(Instant::now(), true);
+        let rate = control.requests_per_sec().unwrap();
+        assert!((700.0..=900.0).contains(&rate), "{rate}");
+        let wait = control.take_slot(rate, Instant::now()).expect("no request goes at once after a cut");
+        assert!(wait <= Duration::from_secs_f64(1.0 / rate), "{wait:?}");
     }
 
     #[test]
@@ -652,7 +677,7 @@ mod tests {
         cubic.on_response(at(t0, 1000), at(t0, 1000), true);
         assert!(cubic.fill_rate().unwrap() <= 100.0);
         let mut t = 1001;
-        // Each cut takes effect within 250 ms at these rates.
+        // Each cut takes effect one interval of its rate later.
         for _ in 0..300 {
             cubic.on_response(at(t0, t), at(t0, t), true);
             t += 10;
