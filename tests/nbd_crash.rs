@@ -2,7 +2,9 @@
 //! a slowed in-process S3 server with `--export`; each cycle a client writes
 //! whole and partial blocks at random (mostly where the restore has not
 //! been yet), FLUSHes, and the process is killed with SIGKILL at a random
-//! moment; the same command is run again. At the end every flushed write
+//! moment; the same command is run again. The client is libnbd's `nbdsh`
+//! where it is installed (`.ci/run` installs it), else the suite's own
+//! (and the test says so). At the end every flushed write
 //! reads back through the export and from the target, and every other byte
 //! is the snapshot's: no acknowledged write is ever overwritten by snapshot
 //! data.
@@ -46,7 +48,7 @@ impl Fixture {
         let volume = SampleVolume { size_bytes: BLOCKS * BLOCK + 1000, block_size_bytes: BLOCK as u32, seed: 5 };
         let source = dir.path().join("source.img");
         let (_, server) =
-            slow_loopback(&root, &source, &volume, (BUCKET, PREFIX, NAME), Duration::from_millis(60)).await;
+            slow_loopback(&root, &source, &volume, (BUCKET, PREFIX, NAME), Duration::from_millis(150)).await;
         let state = dir.path().join("state");
         let config = dir.path().join("rehydrate.toml");
         std::fs::write(&config, slow_s3_toml(&state, 8 * BLOCK, 2)).unwrap();
@@ -107,16 +109,43 @@ async fn flushed_writes_survive_kill_9_and_are_never_overwritten() {
     let mut expected = std::fs::read(fx.dir.path().join("source.img")).unwrap();
     let size = fx.volume.size_bytes;
     let mut rng = SmallRng::seed_from_u64(2026);
+    let nbdsh = common::installed_tool("nbdsh").filter(|_| common::python_nbd_installed());
+    if nbdsh.is_none() {
+        eprintln!("the writes go through the suite's own NBD client instead of nbdsh");
+    }
     for cycle in 0..CYCLES {
         let (mut child, addr, _stderr) = fx.spawn();
         let (mut c, export_size) = Client::go(addr, NAME).await;
         assert_eq!(export_size, size);
-        for _ in 0..rng.random_range(1..6) {
-            let (offset, data) = random_write(&mut rng, size);
-            assert_eq!(c.write(offset, &data).await, 0, "cycle {cycle}: write at {offset}");
-            expected[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+        let writes: Vec<_> = (0..rng.random_range(1..6)).map(|_| random_write(&mut rng, size)).collect();
+        match &nbdsh {
+            // One nbdsh connection writes them all, then FLUSHes; it exits
+            // with an error if any of them failed.
+            Some(nbdsh) => {
+                let script: String = writes
+                    .iter()
+                    .map(|(offset, data)| format!("h.pwrite(b'\\x{:02x}' * {}, {offset}); ", data[0], data.len()))
+                    .chain(["h.flush()".to_string()])
+                    .collect();
+                let out = tokio::process::Command::new(nbdsh)
+                    .args(["-u", &format!("nbd://{addr}/{NAME}"), "-c", &script])
+                    // nbdsh is a python3 script: the system's python3 has the module.
+                    .env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()))
+                    .output()
+                    .await
+                    .unwrap();
+                assert!(out.status.success(), "cycle {cycle}: nbdsh: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            None => {
+                for (offset, data) in &writes {
+                    assert_eq!(c.write(*offset, data).await, 0, "cycle {cycle}: write at {offset}");
+                }
+                assert_eq!(c.flush().await, 0, "cycle {cycle}: flush");
+            }
         }
-        assert_eq!(c.flush().await, 0, "cycle {cycle}: flush");
+        for (offset, data) in &writes {
+            expected[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+        }
         // A read of a random range agrees with the model at once.
         let offset = rng.random_range(0..size - 4096);
         assert!(c.read(offset, 4096).await.unwrap() == expected[offset as usize..offset as usize + 4096]);

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{config, load_manifest, snapshot, store_root, volume};
+use common::{config, installed_tool, load_manifest, python_nbd_installed, snapshot, store_root, volume};
 use nbd_client::Client;
 use rehydrate::block::{Compression, HashAlgorithm};
 use rehydrate::manifest::Manifest;
@@ -492,19 +492,6 @@ async fn a_block_a_reader_fetched_while_the_background_request_queued_is_not_ask
 }
 
 /// A tool's path, or a printed SKIP.
-fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .chain([PathBuf::from("/usr/bin")])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        eprintln!("SKIP: {name} is not installed (Debian: libnbd-bin / qemu-utils); .ci/run installs it");
-    }
-    found
-}
-
 async fn run(program: &Path, args: &[&str]) -> String {
     let out = tokio::time::timeout(
         Duration::from_secs(120),
@@ -524,7 +511,9 @@ async fn run(program: &Path, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn libnbd_tools_see_copy_and_write_the_volume_during_the_restore() {
-    let (Some(nbdinfo), Some(nbdcopy), Some(nbdsh)) = (tool("nbdinfo"), tool("nbdcopy"), tool("nbdsh")) else {
+    let (Some(nbdinfo), Some(nbdcopy), Some(nbdsh)) =
+        (installed_tool("nbdinfo"), installed_tool("nbdcopy"), installed_tool("nbdsh"))
+    else {
         return;
     };
     let mut fx = start(128, Duration::from_millis(100), 4, no_faults).await;
@@ -536,14 +525,10 @@ async fn libnbd_tools_see_copy_and_write_the_volume_during_the_restore() {
     run(&nbdcopy, &[&url, copy.to_str().unwrap()]).await;
     assert!(std::fs::read(&copy).unwrap() == fx.source(), "nbdcopy got the volume byte for byte");
     let script = format!("h.pwrite(b'\\x5e' * 3000, {}); h.flush()", 100 * BLOCK + 17);
-    let python_nbd = std::process::Command::new("/usr/bin/python3").args(["-c", "import nbd"]).status();
-    let wrote = if python_nbd.is_ok_and(|s| s.success()) {
+    let wrote = python_nbd_installed();
+    if wrote {
         run(&nbdsh, &["-u", &url, "-c", &script]).await;
-        true
-    } else {
-        eprintln!("SKIP: nbdsh needs the python3 module nbd (Debian: python3-libnbd); .ci/run installs it");
-        false
-    };
+    }
     let report = fx.finish().await.unwrap();
     assert!(report.succeeded);
     let mut expected = fx.source();
@@ -557,7 +542,7 @@ async fn libnbd_tools_see_copy_and_write_the_volume_during_the_restore() {
 /// libnbd's tools while the restore runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn libnbd_tools_read_a_unix_socket_export_during_the_restore() {
-    let (Some(nbdinfo), Some(nbdcopy)) = (tool("nbdinfo"), tool("nbdcopy")) else {
+    let (Some(nbdinfo), Some(nbdcopy)) = (installed_tool("nbdinfo"), installed_tool("nbdcopy")) else {
         return;
     };
     let mut fx = start(64, Duration::from_millis(100), 4, no_faults).await;
@@ -577,7 +562,7 @@ async fn libnbd_tools_read_a_unix_socket_export_during_the_restore() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn qemu_compares_reads_and_writes_the_volume_during_the_restore() {
-    let (Some(qemu_img), Some(qemu_io)) = (tool("qemu-img"), tool("qemu-io")) else {
+    let (Some(qemu_img), Some(qemu_io)) = (installed_tool("qemu-img"), installed_tool("qemu-io")) else {
         return;
     };
     let mut fx = start(128, Duration::from_millis(100), 4, no_faults).await;

@@ -29,14 +29,6 @@ const BLOCK: u64 = 64 * 1024;
 const BLOCKS: u64 = 160;
 const DEADLINE: Duration = Duration::from_secs(120);
 
-fn tool(name: &str) -> Option<PathBuf> {
-    let found = ["/usr/bin", "/usr/local/bin"].iter().map(|d| Path::new(d).join(name)).find(|p| p.is_file());
-    if found.is_none() {
-        eprintln!("SKIP: {name} is not installed (Debian: libnbd-bin); .ci/run installs it");
-    }
-    found
-}
-
 async fn run(program: &Path, args: &[&str]) -> (bool, String) {
     let out = tokio::time::timeout(DEADLINE, tokio::process::Command::new(program).args(args).output())
         .await
@@ -139,7 +131,7 @@ async fn a_job_exports_its_volume_during_and_after_the_restore_until_stopped() {
     let mut expected = expected;
     expected[(BLOCKS / 2 * BLOCK) as usize..((BLOCKS / 2 + 1) * BLOCK) as usize].copy_from_slice(&written);
 
-    let nbd_tools = (tool("nbdinfo"), tool("nbdcopy"));
+    let nbd_tools = (common::installed_tool("nbdinfo"), common::installed_tool("nbdcopy"));
     if let (Some(nbdinfo), Some(nbdcopy)) = &nbd_tools {
         let (ok, info) = run(nbdinfo, &["--json", &url]).await;
         assert!(ok && info.contains(&format!("\"export-size\": {}", volume.size_bytes)), "{info}");

@@ -396,3 +396,32 @@ impl rehydrate::store::BlockStore for GateStore {
         self.inner.exists(key)
     }
 }
+
+/// An outside tool the suite drives (libnbd's, QEMU's), if installed; when
+/// not, says SKIP and why (`.ci/run` installs them).
+pub fn installed_tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        eprintln!("SKIP: {name} is not installed (Debian: libnbd-bin / qemu-utils); .ci/run installs it");
+    }
+    found
+}
+
+/// Whether libnbd's python3 module (which `nbdsh` is) is installed; when
+/// not, says SKIP.
+pub fn python_nbd_installed() -> bool {
+    let found = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", "import nbd"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        eprintln!("SKIP: nbdsh needs the python3 module nbd (Debian: python3-libnbd); .ci/run installs it");
+    }
+    found
+}
