@@ -12,7 +12,7 @@
 mod common;
 mod nbd_client;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{LoopbackEnv, slow_loopback, slow_s3_toml};
