@@ -34,6 +34,11 @@ struct Fixture {
 }
 
 async fn fixture(blocks: u64, seed: u64) -> Fixture {
+    fixture_with(blocks, seed, |_| {}).await
+}
+
+/// [`fixture`], with the default configuration changed by `tune`.
+async fn fixture_with(blocks: u64, seed: u64, tune: impl FnOnce(&mut Config)) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let volume = SampleVolume { size_bytes: blocks * u64::from(BLOCK_BYTES), block_size_bytes: BLOCK_BYTES, seed };
     let file_url = snapshot(dir.path(), &volume, Compression::None, HashAlgorithm::Blake3).await;
@@ -42,6 +47,7 @@ async fn fixture(blocks: u64, seed: u64) -> Fixture {
     let mut config = Config::default();
     config.checkpoint.dir = Some(dir.path().join("state"));
     config.s3 = server.s3_config();
+    tune(&mut config);
     config.validate().unwrap();
     let engine = engine_on_loopback(config, "snap").await;
     Fixture { dir, volume, manifest, server, engine }
@@ -157,21 +163,13 @@ async fn readers_scanning_an_exported_volume_never_fail_the_background() {
     use tokio_util::sync::CancellationToken;
 
     let blocks = 160;
-    let dir = tempfile::tempdir().unwrap();
-    let volume = SampleVolume { size_bytes: blocks * u64::from(BLOCK_BYTES), block_size_bytes: BLOCK_BYTES, seed: 405 };
-    let file_url = snapshot(dir.path(), &volume, Compression::None, HashAlgorithm::Blake3).await;
-    let manifest = load_manifest(&file_url);
-    let server = LoopbackS3::start(dir.path().join("store")).await.unwrap();
-    let mut config = Config::default();
-    config.checkpoint.dir = Some(dir.path().join("state"));
-    config.s3 = server.s3_config();
-    config.concurrency.acquire_timeout_millis = 500;
-    config.validate().unwrap();
-    let engine = engine_on_loopback(config, "snap").await;
+    let f = fixture_with(blocks, 405, |c| c.concurrency.acquire_timeout_millis = 500).await;
+    let Fixture { dir, volume, manifest, server, engine } = &f;
     server.set_rate_limit(limit(40));
 
     let target = dir.path().join("vol.img");
     let spec = spec(&format!("s3://bucket/snap/vol-{}.manifest", volume.seed), &target);
+    let engine = Arc::clone(engine);
     let (tx, mut rx) = watch::channel::<Option<Arc<LiveVolume>>>(None);
     let publish: Publish = Arc::new(move |v| {
         tx.send_replace(Some(v));
@@ -205,7 +203,7 @@ async fn readers_scanning_an_exported_volume_never_fail_the_background() {
     assert!(server.slowdowns_sent() > 0, "the limit was never reached: the test tests nothing");
     assert_eq!(report.blocks_failed, 0, "{report:#?}");
     assert!(report.succeeded);
-    check_identical(&manifest, &volume, &target);
+    check_identical(manifest, volume, &target);
     let on_demand = live.counts.demand_fetches.load(std::sync::atomic::Ordering::Relaxed);
     assert!(on_demand > 0, "no read went ahead of the background: the test tests nothing");
     eprintln!(

@@ -1479,15 +1479,20 @@ mod tests {
         panic!("never: {what}");
     }
 
-    /// A [`Held`] store behind a window of 2 to 4 whose background pauses
-    /// for a demand request up to `pause`.
-    fn held_store(pause: Duration) -> (Arc<Held>, Arc<AdaptiveConcurrency>) {
-        let held = Arc::new(Held {
+    /// A [`Held`] store with no answer let through yet.
+    fn held() -> Arc<Held> {
+        Arc::new(Held {
             url: StoreUrl::File { root: "/held".into() },
             demand: tokio::sync::Semaphore::new(0),
             background: tokio::sync::Semaphore::new(0),
             started: AtomicUsize::new(0),
-        });
+        })
+    }
+
+    /// A [`Held`] store behind a window of 2 to 4 whose background pauses
+    /// for a demand request up to `pause`.
+    fn held_store(pause: Duration) -> (Arc<Held>, Arc<AdaptiveConcurrency>) {
+        let held = held();
         let config = AdaptiveConcurrencyConfig {
             concurrency_min: nz(2),
             concurrency_max: nz(4),
@@ -1535,12 +1540,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_request_held_back_by_readers_waits_past_the_acquire_timeout() {
-        let held = Arc::new(Held {
-            url: StoreUrl::File { root: "/held".into() },
-            demand: tokio::sync::Semaphore::new(0),
-            background: tokio::sync::Semaphore::new(0),
-            started: AtomicUsize::new(0),
-        });
+        let held = held();
         let config = AdaptiveConcurrencyConfig {
             concurrency_min: nz(1),
             concurrency_max: nz(1),
