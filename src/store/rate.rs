@@ -43,7 +43,10 @@
 //! paced like the rest, at the current rate: a slot reserved ahead at the
 //! rate of the moment was kept after a cut (readers of a 40 req/s store
 //! went at one per second for 30 s after a cut to the floor, on slots
-//! reserved then, while the rate had grown back).
+//! reserved then, while the rate had grown back). A reader that never
+//! stops therefore holds the background at the pacer; it cannot do so for
+//! long, since each of its requests restores a block the background then
+//! skips (and the concurrency window keeps the background's floor).
 //!
 //! One [`RateControl`] per store is shared by every restore in the process
 //! (stores are opened once per URL). A configured `rate_limit` is a separate,
@@ -375,10 +378,11 @@ impl RateControl {
             if cubic.on_response(sent, now, throttled) {
                 // No burst credit after a cut: the next request goes one
                 // interval of the new rate from now.
-                let cut = cubic.fill_rate().unwrap_or(self.burst_secs.recip());
-                let tolerance = Duration::from_secs_f64(self.burst_secs.max(cut.recip()));
-                let mut next = Self::lock(&self.next_slot);
-                *next = (*next).max(now + tolerance);
+                if let Some(rate) = cubic.fill_rate() {
+                    let tolerance = Duration::from_secs_f64(self.burst_secs.max(rate.recip()));
+                    let mut next = Self::lock(&self.next_slot);
+                    *next = (*next).max(now + tolerance);
+                }
                 tracing::debug!(
                     store = self.metric_label.as_deref().unwrap_or(""),
                     requests_per_sec = cubic.fill_rate().unwrap_or(0.0),
