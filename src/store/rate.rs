@@ -46,7 +46,7 @@
 //! reserved then, while the rate had grown back). A reader that never
 //! stops therefore holds the background at the pacer; it cannot do so for
 //! long, since each of its requests restores a block the background then
-//! skips (and the concurrency window keeps the background's floor).
+//! skips.
 //!
 //! One [`RateControl`] per store is shared by every restore in the process
 //! (stores are opened once per URL). A configured `rate_limit` is a separate,
