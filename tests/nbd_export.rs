@@ -190,6 +190,8 @@ async fn reads_during_the_restore_are_the_snapshot_and_share_fetches() {
     assert!(report.succeeded);
     assert!(std::fs::read(target(&fx.dir)).unwrap() == source, "the target is the snapshot");
     assert!(fx.store.calls(&fx.block_key(far)) <= 2, "the background restore does not fetch it again for nothing");
+    common::check_ledger(&report, &fx.manifest);
+    assert!(report.objects_from_export > 0, "the reads restored blocks the background then skipped: {report:#?}");
 }
 
 /// Wait until no one holds `target` (a stopped export lets it go once its
@@ -489,6 +491,9 @@ async fn a_block_a_reader_fetched_while_the_background_request_queued_is_not_ask
     assert!(report.succeeded);
     assert!(std::fs::read(target(&fx.dir)).unwrap() == source, "the target is the snapshot");
     assert_eq!(fx.store.calls(&key), 1, "the background took the reader's block and sent nothing");
+    // The background fetched every object but that one: the ledger says so.
+    common::check_ledger(&report, &fx.manifest);
+    assert_eq!(report.objects_from_export, 1, "{report:#?}");
 }
 
 /// A tool's path, or a printed SKIP.

@@ -97,6 +97,11 @@ pub struct LiveCounts {
     pub demand_failures: AtomicU64,
     /// Blocks the client wrote (its own from then on).
     pub blocks_owned: AtomicU64,
+    /// Objects the background restore did not fetch because of the client:
+    /// its reads or writes had made every block of the object local, or a
+    /// read on demand brought the block while the background's request still
+    /// waited (the restore report's `objects_from_export`).
+    pub objects_from_export: AtomicU64,
     /// Latency of reads whose every block was local already.
     pub read_latency_local: LatencyHistogram,
     /// Latency of reads that waited for a block to be fetched.

@@ -560,6 +560,11 @@ fn report_of(
         blocks_failed: transfer.settler.damage.len() as u64,
         blocks_deduplicated: transfer.blocks_deduplicated,
         objects_planned: transfer.objects_planned,
+        objects_from_export: transfer
+            .settler
+            .live
+            .as_ref()
+            .map_or(0, |live| live.counts.objects_from_export.load(Ordering::Relaxed)),
         bytes_written: progress.bytes_written.load(Ordering::Relaxed),
         fetch: transfer.telemetry.counts(),
         timings: transfer.timings,

@@ -72,6 +72,9 @@ pub(super) async fn run_unit(ctx: &UnitContext, unit: Unit) -> UnitOutcome {
     if let Some(live) = &ctx.live
         && unit.blocks.iter().all(|&i| live.is_local(i))
     {
+        if matches!(unit.source, UnitSource::Object { .. }) {
+            live.counts.objects_from_export.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         return UnitOutcome::Written { blocks: unit.blocks, bytes: 0 };
     }
     let shared = match (&ctx.live, &unit.source) {
@@ -90,7 +93,12 @@ pub(super) async fn run_unit(ctx: &UnitContext, unit: Unit) -> UnitOutcome {
         (UnitSource::Object { .. }, Some(shared)) => {
             let read = tokio::select! {
                 read = ctx.reader.read_observed(unit.first_block(), shared.sent()) => read,
-                block = shared.offered() => Ok(block),
+                block = shared.offered() => {
+                    if let Some(live) = &ctx.live {
+                        live.counts.objects_from_export.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(block)
+                }
             };
             shared.publish(read.as_ref().map_err(|_| ()));
             match read {
@@ -130,6 +138,10 @@ fn failed(ctx: &UnitContext, blocks: Vec<BlockIndex>, failures: Vec<SourceFailur
         return UnitOutcome::Failed { blocks, failures, local: Vec::new() };
     };
     let (local, blocks): (Vec<_>, Vec<_>) = blocks.into_iter().partition(|&i| live.is_local(i));
+    if blocks.is_empty() {
+        // The client made every block local meanwhile: nothing failed.
+        live.counts.objects_from_export.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     UnitOutcome::Failed { blocks, failures, local }
 }
 

@@ -42,6 +42,12 @@ pub struct RestoreReport {
     pub blocks_deduplicated: u64,
     /// Distinct block objects this run set out to fetch.
     pub objects_planned: u64,
+    /// Of those, objects the background restore did not fetch because the
+    /// volume's client (`--export`) had made every block of them local by
+    /// reading or writing it, or read it on demand first. The objects served
+    /// (`fetch.served_by_source`), the failed ones and these are the
+    /// objects planned. 0 without an export.
+    pub objects_from_export: u64,
     pub bytes_total: u64,
     pub bytes_written: u64,
     pub duration_secs: f64,
@@ -94,6 +100,7 @@ impl RestoreReport {
             blocks_zero: blocks.len() - stored,
             blocks_deduplicated: 0,
             objects_planned: 0,
+            objects_from_export: 0,
             bytes_total: blocks.bytes(&layout),
             bytes_written: 0,
             duration_secs: 0.0,

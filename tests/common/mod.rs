@@ -128,7 +128,11 @@ pub fn check_shard_ledger(report: &RestoreReport, manifest: &Manifest, blocks: B
         .iter()
         .map(|d| manifest.entry(d.index).map(|e| (e.hash, e.compression)).expect("a damaged block has an object"))
         .collect();
-    assert_eq!(served + failed_objects.len() as u64, report.objects_planned, "served + failed != planned objects");
+    assert_eq!(
+        served + failed_objects.len() as u64 + report.objects_from_export,
+        report.objects_planned,
+        "served + failed + from the export's client != planned objects"
+    );
     if report.blocks_resumed == 0 {
         assert_eq!(report.objects_planned, distinct.len() as u64, "a fresh run plans every distinct object");
     }
