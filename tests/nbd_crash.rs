@@ -30,7 +30,7 @@ const BUCKET: &str = "nbd-bucket";
 const PREFIX: &str = "vols";
 const NAME: &str = "vol";
 const BLOCK: u64 = 64 * 1024;
-const BLOCKS: u64 = 240;
+const BLOCKS: u64 = 320;
 const CYCLES: usize = 20;
 
 struct Fixture {
@@ -48,7 +48,7 @@ impl Fixture {
         let volume = SampleVolume { size_bytes: BLOCKS * BLOCK + 1000, block_size_bytes: BLOCK as u32, seed: 5 };
         let source = dir.path().join("source.img");
         let (_, server) =
-            slow_loopback(&root, &source, &volume, (BUCKET, PREFIX, NAME), Duration::from_millis(150)).await;
+            slow_loopback(&root, &source, &volume, (BUCKET, PREFIX, NAME), Duration::from_millis(300)).await;
         let state = dir.path().join("state");
         let config = dir.path().join("rehydrate.toml");
         std::fs::write(&config, slow_s3_toml(&state, 8 * BLOCK, 2)).unwrap();
@@ -172,6 +172,10 @@ async fn flushed_writes_survive_kill_9_and_are_never_overwritten() {
         }
     }
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    eprintln!(
+        "the last run resumed {} of {} blocks after {CYCLES} kills",
+        report["blocks_resumed"], report["blocks_total"]
+    );
     assert_eq!(report["succeeded"], true, "{report}");
     assert!(
         report["blocks_resumed"].as_u64().unwrap() < report["blocks_total"].as_u64().unwrap(),
