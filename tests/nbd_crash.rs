@@ -127,14 +127,7 @@ async fn flushed_writes_survive_kill_9_and_are_never_overwritten() {
                     .map(|(offset, data)| format!("h.pwrite(b'\\x{:02x}' * {}, {offset}); ", data[0], data.len()))
                     .chain(["h.flush()".to_string()])
                     .collect();
-                let out = tokio::process::Command::new(nbdsh)
-                    .args(["-u", &format!("nbd://{addr}/{NAME}"), "-c", &script])
-                    // nbdsh is a python3 script: the system's python3 has the module.
-                    .env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()))
-                    .output()
-                    .await
-                    .unwrap();
-                assert!(out.status.success(), "cycle {cycle}: nbdsh: {}", String::from_utf8_lossy(&out.stderr));
+                common::run_tool(nbdsh, &["-u", &format!("nbd://{addr}/{NAME}"), "-c", &script]).await;
             }
             None => {
                 for (offset, data) in &writes {

@@ -11,12 +11,12 @@ mod common;
 mod nbd_client;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{config, installed_tool, load_manifest, python_nbd_installed, snapshot, store_root, volume};
+use common::{config, installed_tool, load_manifest, python_nbd_installed, run_tool, snapshot, store_root, volume};
 use nbd_client::Client;
 use rehydrate::block::{Compression, HashAlgorithm};
 use rehydrate::manifest::Manifest;
@@ -496,24 +496,6 @@ async fn a_block_a_reader_fetched_while_the_background_request_queued_is_not_ask
     assert_eq!(report.objects_from_export, 1, "{report:#?}");
 }
 
-/// A tool's path, or a printed SKIP.
-async fn run(program: &Path, args: &[&str]) -> String {
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new(program)
-            .args(args)
-            // nbdsh is a python3 script: the system's python3 has the module.
-            .env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()))
-            .output(),
-    )
-    .await
-    .expect("the tool ends")
-    .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{} {args:?} failed: {text}", program.display());
-    text
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn libnbd_tools_see_copy_and_write_the_volume_during_the_restore() {
     let (Some(nbdinfo), Some(nbdcopy), Some(nbdsh)) =
@@ -523,16 +505,16 @@ async fn libnbd_tools_see_copy_and_write_the_volume_during_the_restore() {
     };
     let mut fx = start(128, Duration::from_millis(100), 4, no_faults).await;
     let url = format!("nbd://{}/{NAME}", fx.addr);
-    let info = run(&nbdinfo, &["--json", &url]).await;
+    let info = run_tool(&nbdinfo, &["--json", &url]).await;
     assert!(info.contains(&format!("\"export-size\": {}", fx.size())), "{info}");
     let copy = fx.dir.path().join("copy.img");
     assert!(fx.restore_running(), "nbdcopy starts while the restore runs");
-    run(&nbdcopy, &[&url, copy.to_str().unwrap()]).await;
+    run_tool(&nbdcopy, &[&url, copy.to_str().unwrap()]).await;
     assert!(std::fs::read(&copy).unwrap() == fx.source(), "nbdcopy got the volume byte for byte");
     let script = format!("h.pwrite(b'\\x5e' * 3000, {}); h.flush()", 100 * BLOCK + 17);
     let wrote = python_nbd_installed();
     if wrote {
-        run(&nbdsh, &["-u", &url, "-c", &script]).await;
+        run_tool(&nbdsh, &["-u", &url, "-c", &script]).await;
     }
     let report = fx.finish().await.unwrap();
     assert!(report.succeeded);
@@ -556,11 +538,11 @@ async fn libnbd_tools_read_a_unix_socket_export_during_the_restore() {
     let listener = Listener::bind(&ExportAddr::parse(&url).unwrap()).await.unwrap();
     let export = Export { name: NAME.into(), volume: Arc::clone(&fx.live), limits: Limits::default() };
     tokio::spawn(serve(listener, export, fx.stop.clone()));
-    let info = run(&nbdinfo, &["--json", &url]).await;
+    let info = run_tool(&nbdinfo, &["--json", &url]).await;
     assert!(info.contains(&format!("\"export-size\": {}", fx.size())), "{info}");
     assert!(fx.restore_running(), "nbdcopy starts while the restore runs");
     let copy = fx.dir.path().join("copy.img");
-    run(&nbdcopy, &[&url, copy.to_str().unwrap()]).await;
+    run_tool(&nbdcopy, &[&url, copy.to_str().unwrap()]).await;
     assert!(std::fs::read(&copy).unwrap() == fx.source(), "nbdcopy got the volume byte for byte over the socket");
     assert!(fx.finish().await.unwrap().succeeded);
 }
@@ -574,12 +556,12 @@ async fn qemu_compares_reads_and_writes_the_volume_during_the_restore() {
     let url = format!("nbd://{}/{NAME}", fx.addr);
     let source = fx.dir.path().join("source-41.img");
     assert!(fx.restore_running(), "qemu-img compare starts while the restore runs");
-    run(&qemu_img, &["compare", "-f", "raw", "-F", "raw", source.to_str().unwrap(), &url]).await;
+    run_tool(&qemu_img, &["compare", "-f", "raw", "-F", "raw", source.to_str().unwrap(), &url]).await;
     let writes = format!("write -P 0x6b {} 4096", 120 * BLOCK + 512);
     let whole = format!("write -P 0x7c {} {BLOCK}", 110 * BLOCK);
-    run(&qemu_io, &["-f", "raw", "-c", &writes, "-c", &whole, "-c", "flush", &url]).await;
+    run_tool(&qemu_io, &["-f", "raw", "-c", &writes, "-c", &whole, "-c", "flush", &url]).await;
     let check = format!("read -P 0x6b {} 4096", 120 * BLOCK + 512);
-    run(&qemu_io, &["-f", "raw", "-c", &check, &url]).await;
+    run_tool(&qemu_io, &["-f", "raw", "-c", &check, &url]).await;
     let report = fx.finish().await.unwrap();
     assert!(report.succeeded);
     let mut expected = fx.source();

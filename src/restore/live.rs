@@ -222,9 +222,12 @@ impl BackgroundFetch<'_> {
         &self.shared.sent
     }
 
-    /// Resolves with a reader's block fetched while ours waited unsent.
+    /// Resolves with a reader's block fetched while ours waited unsent
+    /// (an object the background then does not fetch: counted).
     pub(super) async fn offered(&self) -> VerifiedBlock {
-        self.shared.offered().await
+        let block = self.shared.offered().await;
+        self.volume.count_object_from_export();
+        block
     }
 
     /// The background's fetch ended: readers waiting take its block, or
@@ -429,6 +432,12 @@ impl LiveVolume {
             states.shared.insert(index, Arc::clone(&shared));
         }
         BackgroundFetch { volume: self, blocks, shared }
+    }
+
+    /// The background restore does not fetch an object because of the
+    /// client (see [`LiveCounts::objects_from_export`]).
+    pub(super) fn count_object_from_export(&self) {
+        self.counts.objects_from_export.fetch_add(1, Ordering::Relaxed);
     }
 
     fn shared_fetch(&self, index: BlockIndex) -> Option<Arc<SharedFetch>> {

@@ -73,7 +73,7 @@ pub(super) async fn run_unit(ctx: &UnitContext, unit: Unit) -> UnitOutcome {
         && unit.blocks.iter().all(|&i| live.is_local(i))
     {
         if matches!(unit.source, UnitSource::Object { .. }) {
-            live.counts.objects_from_export.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            live.count_object_from_export();
         }
         return UnitOutcome::Written { blocks: unit.blocks, bytes: 0 };
     }
@@ -93,12 +93,7 @@ pub(super) async fn run_unit(ctx: &UnitContext, unit: Unit) -> UnitOutcome {
         (UnitSource::Object { .. }, Some(shared)) => {
             let read = tokio::select! {
                 read = ctx.reader.read_observed(unit.first_block(), shared.sent()) => read,
-                block = shared.offered() => {
-                    if let Some(live) = &ctx.live {
-                        live.counts.objects_from_export.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Ok(block)
-                }
+                block = shared.offered() => Ok(block),
             };
             shared.publish(read.as_ref().map_err(|_| ()));
             match read {
@@ -140,7 +135,7 @@ fn failed(ctx: &UnitContext, blocks: Vec<BlockIndex>, failures: Vec<SourceFailur
     let (local, blocks): (Vec<_>, Vec<_>) = blocks.into_iter().partition(|&i| live.is_local(i));
     if blocks.is_empty() {
         // The client made every block local meanwhile: nothing failed.
-        live.counts.objects_from_export.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        live.count_object_from_export();
     }
     UnitOutcome::Failed { blocks, failures, local }
 }

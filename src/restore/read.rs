@@ -82,13 +82,7 @@ impl BlockReader {
         index: BlockIndex,
         on_wire: &Arc<SentAt>,
     ) -> Result<VerifiedBlock, Vec<SourceFailure>> {
-        let Some(block) = self.snapshot.block(index) else {
-            return Ok(VerifiedBlock::zeros(self.snapshot.layout().len(index) as usize));
-        };
-        let key = self.snapshot.object_key(&block);
-        fetch_block_observed(&self.fetch, &key, &block.expected, index, Some(on_wire))
-            .await
-            .map(|(verified, _source)| verified)
+        self.read_from(index, Priority::Background, Some(on_wire)).await.map(|(block, _bytes)| block)
     }
 
     /// What a fetch on demand usually takes: the demand lane's median on
@@ -104,6 +98,17 @@ impl BlockReader {
         &self,
         index: BlockIndex,
         priority: Priority,
+    ) -> Result<(VerifiedBlock, Option<BudgetPermit>), Vec<SourceFailure>> {
+        self.read_from(index, priority, None).await
+    }
+
+    /// [`read_held`](Self::read_held), a background read marking `on_wire`
+    /// when given one.
+    async fn read_from(
+        &self,
+        index: BlockIndex,
+        priority: Priority,
+        on_wire: Option<&Arc<SentAt>>,
     ) -> Result<(VerifiedBlock, Option<BudgetPermit>), Vec<SourceFailure>> {
         let Some(block) = self.snapshot.block(index) else {
             return Ok((VerifiedBlock::zeros(self.snapshot.layout().len(index) as usize), None));
@@ -124,9 +129,9 @@ impl BlockReader {
                 );
                 Ok((verified, Some(bytes)))
             }
-            _ => {
-                fetch_block(&self.fetch, &key, &block.expected, index).await.map(|(verified, _source)| (verified, None))
-            }
+            _ => fetch_block_observed(&self.fetch, &key, &block.expected, index, on_wire)
+                .await
+                .map(|(verified, _source)| (verified, None)),
         }
     }
 }

@@ -429,3 +429,22 @@ pub fn python_nbd_installed() -> bool {
     }
     found
 }
+
+/// Run an outside tool (`installed_tool`) with `args`, at most 120 s; its
+/// output, stdout then stderr. Fails the test if it fails.
+pub async fn run_tool(program: &Path, args: &[&str]) -> String {
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        tokio::process::Command::new(program)
+            .args(args)
+            // nbdsh is a python3 script: the system's python3 has the module.
+            .env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()))
+            .output(),
+    )
+    .await
+    .expect("the tool ends")
+    .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{} {args:?} failed: {text}", program.display());
+    text
+}
