@@ -174,7 +174,7 @@ pub(super) async fn dispatch(
         };
         let charge = unit.inflight_bytes(request_overhead_bytes).max(u64::from(ctx.layout.len(unit.first_block())));
         let permit = tokio::select! {
-            permit = budget.acquire(charge) => permit,
+            permit = budget.acquire(ctx.reader.fetch().tenant, charge) => permit,
             () = cancel.cancelled() => return,
         };
         metrics::gauge!(m::INFLIGHT_BYTES).set(budget.inflight_bytes() as f64);
