@@ -123,9 +123,13 @@ struct State {
 #[derive(Debug, Clone, Copy)]
 struct Tenant {
     held: u64,
+    /// A restore that [joined](Budget::join) and has not left: kept while
+    /// it holds nothing, so a moment without a request in flight does not
+    /// reset its count.
     /// Units granted since it (last) appeared, counted from the least any
     /// tenant had been granted and given back then (at least `held`).
     granted: u64,
+    members: u32,
 }
 
 #[derive(Debug)]
@@ -152,11 +156,18 @@ impl State {
     /// A request of `tenant` joins the queue: a tenant new to the budget
     /// starts at the least granted and given back of those present.
     fn enqueue(&mut self, waiter: Waiter) {
-        if !self.tenants.contains_key(&waiter.tenant) {
-            let start = self.tenants.values().map(|t| t.granted - t.held).min().unwrap_or(0);
-            self.tenants.insert(waiter.tenant, Tenant { held: 0, granted: start });
-        }
+        self.appear(waiter.tenant);
         self.waiting.push_back(waiter);
+    }
+
+    /// A tenant new to the budget starts at the least granted and given
+    /// back of those present.
+    fn appear(&mut self, tenant: u64) -> &mut Tenant {
+        if !self.tenants.contains_key(&tenant) {
+            let start = self.tenants.values().map(|t| t.granted - t.held).min().unwrap_or(0);
+            self.tenants.insert(tenant, Tenant { held: 0, granted: start, members: 0 });
+        }
+        self.tenants.entry(tenant).or_insert(Tenant { held: 0, granted: 0, members: 0 })
     }
 
     /// Grant waiting requests while the next one (fewest granted first)
@@ -171,7 +182,7 @@ impl State {
             }
             let Some(waiter) = self.waiting.remove(i) else { return };
             self.free_units -= waiter.units;
-            let tenant = self.tenants.entry(waiter.tenant).or_insert(Tenant { held: 0, granted: 0 });
+            let tenant = self.appear(waiter.tenant);
             tenant.held += waiter.units;
             tenant.granted += waiter.units;
             self.unclaimed.insert(waiter.id, (waiter.tenant, waiter.units));
@@ -190,14 +201,32 @@ impl State {
         self.forget_if_idle(tenant);
     }
 
-    /// A tenant holding nothing and waiting for nothing is forgotten.
+    /// A tenant that is not a member, holds nothing and waits for nothing
+    /// is forgotten.
     fn forget_if_idle(&mut self, tenant: u64) {
-        let idle = self.tenants.get(&tenant).is_some_and(|t| t.held == 0)
+        let idle = self.tenants.get(&tenant).is_some_and(|t| t.held == 0 && t.members == 0)
             && !self.waiting.iter().any(|w| w.tenant == tenant)
             && !self.unclaimed.values().any(|&(t, _)| t == tenant);
         if idle {
             self.tenants.remove(&tenant);
         }
+    }
+}
+
+/// A restore's place in the budget's fair share; see [`Budget::join`].
+#[derive(Debug)]
+pub struct Membership {
+    shared: Arc<Shared>,
+    tenant: u64,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        if let Some(t) = state.tenants.get_mut(&self.tenant) {
+            t.members = t.members.saturating_sub(1);
+        }
+        state.forget_if_idle(self.tenant);
     }
 }
 
@@ -283,6 +312,18 @@ impl Budget {
         BudgetPermit { held: Held::Background { shared: Arc::clone(&self.shared), tenant, units } }
     }
 
+    /// Restore `tenant` takes part until the returned [`Membership`]
+    /// drops: its count of bytes granted is kept for that long, even while
+    /// it holds none (between two requests). Without it, a restore whose
+    /// blocks had all come back before its dispatcher asked again was
+    /// forgotten, and came back at the least the others had been given
+    /// back, ahead by what they held; each time, so in one worker run one
+    /// job of eight finished in 0.86 s and the others in 2.7-2.9 s.
+    pub fn join(&self, tenant: u64) -> Membership {
+        self.shared.lock().appear(tenant).members += 1;
+        Membership { shared: Arc::clone(&self.shared), tenant }
+    }
+
     pub fn capacity_bytes(&self) -> u64 {
         self.capacity_bytes
     }
@@ -366,6 +407,37 @@ mod tests {
         assert_eq!(budget.inflight_bytes(), 4 << 10);
         drop((a2, a3, b4, c3));
         assert_eq!(budget.inflight_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_restore_that_joined_keeps_its_count_while_it_holds_nothing() {
+        let budget = Budget::new(4 << 10);
+        let (_a_share, _b_share) = (budget.join(1), budget.join(2));
+        let a: Vec<_> = futures_of(&budget, 1, 3).await; // A 3
+        let b1 = budget.acquire(2, 1024).await; // B 1; full
+        drop(a); // A holds nothing between requests: still 3, not reset
+        let b_more: Vec<_> = futures_of(&budget, 2, 3).await; // B 4; full
+        let mut b = std::pin::pin!(budget.acquire(2, 1024));
+        let mut a = std::pin::pin!(budget.acquire(1, 1024));
+        assert!(poll_once(b.as_mut()).is_pending() && poll_once(a.as_mut()).is_pending());
+        drop(b1);
+        let a4 = ready(poll_once(a.as_mut()), "A (3) before B (4)"); // A 4
+        let mut a = std::pin::pin!(budget.acquire(1, 1024));
+        assert!(poll_once(a.as_mut()).is_pending());
+        let mut b_more = b_more;
+        drop(b_more.pop());
+        let _b =
+            ready(poll_once(b.as_mut()), "A and B at 4: B asked first (a forgotten A would be back at 0 and go again)");
+        assert!(poll_once(a.as_mut()).is_pending());
+        drop(a4);
+    }
+
+    async fn futures_of(budget: &Budget, tenant: u64, n: usize) -> Vec<BudgetPermit> {
+        let mut permits = Vec::new();
+        for _ in 0..n {
+            permits.push(budget.acquire(tenant, 1024).await);
+        }
+        permits
     }
 
     #[tokio::test]

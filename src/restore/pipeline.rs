@@ -161,6 +161,8 @@ pub(super) async fn dispatch(
     cancel: CancellationToken,
 ) {
     let Gates { budget, unsettled } = gates;
+    // Its share of the budget is kept until every unit is dispatched.
+    let _share = budget.join(ctx.reader.fetch().tenant);
     let request_overhead_bytes = ctx.reader.fetch().request_overhead_bytes();
     // Each source's window learns what a request of this restore is charged.
     for source in &ctx.reader.fetch().sources {
