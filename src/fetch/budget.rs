@@ -164,7 +164,7 @@ impl State {
     /// back of those present.
     fn appear(&mut self, tenant: u64) -> &mut Tenant {
         if !self.tenants.contains_key(&tenant) {
-            let start = self.tenants.values().map(|t| t.granted - t.held).min().unwrap_or(0);
+            let start = self.tenants.values().map(|t| t.granted.saturating_sub(t.held)).min().unwrap_or(0);
             self.tenants.insert(tenant, Tenant { held: 0, granted: start, members: 0 });
         }
         self.tenants.entry(tenant).or_insert(Tenant { held: 0, granted: 0, members: 0 })
