@@ -3,7 +3,9 @@
 //! One budget per process, shared by every restore: memory is bounded by the
 //! budget, not by the number of jobs. A block takes its length from the budget
 //! before its fetch starts and gives it back when its bytes are written (or
-//! dropped): the [`BudgetPermit`] travels with the block.
+//! dropped): the [`BudgetPermit`] travels with the block. Restores share it
+//! fairly: freed bytes go to the waiting restore granted the fewest so far
+//! (see [`Shared`] for the rule and why a FIFO semaphore was not enough).
 //!
 //! Reads of a volume still being restored (a lazy export) must not wait
 //! behind the background restore, which keeps the budget full by design: they
@@ -30,8 +32,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-/// Permits are KiB so that a budget of terabytes still fits a semaphore's
-/// `u32` acquire count for one block.
+/// Budgets are counted in KiB, so that a budget of terabytes still fits the
+/// demand reserve's semaphore (a `u32` acquire count for one block).
 const UNIT_BYTES: u64 = 1024;
 
 /// The smallest demand reserve: 32 blocks of 1 MiB (8 of 4 MiB) read on
@@ -153,8 +155,7 @@ impl State {
         self.tenants.get(&tenant).map_or(0, |t| t.granted)
     }
 
-    /// A request of `tenant` joins the queue: a tenant new to the budget
-    /// starts at the least granted and given back of those present.
+    /// A request of `tenant` joins the queue.
     fn enqueue(&mut self, waiter: Waiter) {
         self.appear(waiter.tenant);
         self.waiting.push_back(waiter);
