@@ -92,8 +92,8 @@ impl Drop for BudgetPermit {
 /// flight): it catches up by at most what they hold, never by their whole
 /// history, and a restore that had the worker to itself for a moment keeps
 /// no lead of a whole budget over the ones submitted a few milliseconds
-/// later (it had: 0.4-0.6 s of a 2.4 s job). One that holds nothing and
-/// waits for nothing is forgotten. So restores with work waiting are
+/// later (it had: 0.4-0.6 s of a 2.4 s job). One that has left (or never
+/// joined), holds nothing and waits for nothing is forgotten. So restores with work waiting are
 /// granted bytes at the same rate, whatever their stores' latency and
 /// whenever their tasks run.
 ///
@@ -117,20 +117,18 @@ struct State {
     /// Tenants holding or waiting for units.
     tenants: HashMap<u64, Tenant>,
     waiting: VecDeque<Waiter>,
-    /// Granted, not yet taken by the request's future.
-    unclaimed: HashMap<u64, (u64, u64)>,
     next_id: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Tenant {
     held: u64,
-    /// A restore that [joined](Budget::join) and has not left: kept while
-    /// it holds nothing, so a moment without a request in flight does not
-    /// reset its count.
     /// Units granted since it (last) appeared, counted from the least any
     /// tenant had been granted and given back then (at least `held`).
     granted: u64,
+    /// Memberships of a restore that [joined](Budget::join) and has not
+    /// left: kept while it holds nothing, so a moment without a request in
+    /// flight does not reset its count.
     members: u32,
 }
 
@@ -164,11 +162,12 @@ impl State {
     /// A tenant new to the budget starts at the least granted and given
     /// back of those present.
     fn appear(&mut self, tenant: u64) -> &mut Tenant {
-        if !self.tenants.contains_key(&tenant) {
-            let start = self.tenants.values().map(|t| t.granted.saturating_sub(t.held)).min().unwrap_or(0);
-            self.tenants.insert(tenant, Tenant { held: 0, granted: start, members: 0 });
-        }
-        self.tenants.entry(tenant).or_insert(Tenant { held: 0, granted: 0, members: 0 })
+        let start = if self.tenants.contains_key(&tenant) {
+            0
+        } else {
+            self.tenants.values().map(|t| t.granted.saturating_sub(t.held)).min().unwrap_or(0)
+        };
+        self.tenants.entry(tenant).or_insert(Tenant { held: 0, granted: start, members: 0 })
     }
 
     /// Grant waiting requests while the next one (fewest granted first)
@@ -186,10 +185,10 @@ impl State {
             let tenant = self.appear(waiter.tenant);
             tenant.held += waiter.units;
             tenant.granted += waiter.units;
-            self.unclaimed.insert(waiter.id, (waiter.tenant, waiter.units));
             // A request whose future is gone was taken out of the queue
             // by its guard first (under this lock): the send cannot fail
-            // for it, and if it did, the guard gives the units back.
+            // for it. One dropped after this gives the units back (its
+            // guard finds it no longer queued).
             let _ = waiter.granted.send(());
         }
     }
@@ -206,8 +205,7 @@ impl State {
     /// is forgotten.
     fn forget_if_idle(&mut self, tenant: u64) {
         let idle = self.tenants.get(&tenant).is_some_and(|t| t.held == 0 && t.members == 0)
-            && !self.waiting.iter().any(|w| w.tenant == tenant)
-            && !self.unclaimed.values().any(|&(t, _)| t == tenant);
+            && !self.waiting.iter().any(|w| w.tenant == tenant);
         if idle {
             self.tenants.remove(&tenant);
         }
@@ -232,10 +230,14 @@ impl Drop for Membership {
 }
 
 /// Takes a request out of the queue if its future is dropped while it
-/// waits, or gives its units back if they were granted and never taken.
+/// waits, or gives its units back if they were granted and never taken:
+/// only `grant` and this guard take a request out of the queue, so one no
+/// longer queued was granted.
 struct WaitGuard {
     shared: Arc<Shared>,
     id: u64,
+    tenant: u64,
+    units: u64,
     claimed: bool,
 }
 
@@ -245,12 +247,12 @@ impl Drop for WaitGuard {
             return;
         }
         let mut state = self.shared.lock();
-        if let Some(i) = state.waiting.iter().position(|w| w.id == self.id) {
-            if let Some(waiter) = state.waiting.remove(i) {
-                state.forget_if_idle(waiter.tenant);
+        match state.waiting.iter().position(|w| w.id == self.id) {
+            Some(i) => {
+                state.waiting.remove(i);
+                state.forget_if_idle(self.tenant);
             }
-        } else if let Some((tenant, units)) = state.unclaimed.remove(&self.id) {
-            state.give_back(tenant, units);
+            None => state.give_back(self.tenant, self.units),
         }
         // Either way the head of the queue may now fit.
         state.grant();
@@ -265,13 +267,7 @@ impl Budget {
         // its bytes while it waits) never holds up a read of another.
         let demand_capacity_bytes = (capacity_bytes / 4).max(DEMAND_RESERVE_MIN_BYTES);
         let demand_units = (demand_capacity_bytes / UNIT_BYTES) as usize;
-        let state = State {
-            free_units: units,
-            tenants: HashMap::new(),
-            waiting: VecDeque::new(),
-            unclaimed: HashMap::new(),
-            next_id: 0,
-        };
+        let state = State { free_units: units, tenants: HashMap::new(), waiting: VecDeque::new(), next_id: 0 };
         Self {
             shared: Arc::new(Shared { state: Mutex::new(state) }),
             capacity_bytes,
@@ -304,11 +300,10 @@ impl Budget {
             state.grant();
             id
         };
-        let mut guard = WaitGuard { shared: Arc::clone(&self.shared), id, claimed: false };
+        let mut guard = WaitGuard { shared: Arc::clone(&self.shared), id, tenant, units, claimed: false };
         // The sender is dropped only once granted (it sends first) or by
         // this request's own guard.
         let _ = wait.await;
-        self.shared.lock().unclaimed.remove(&id);
         guard.claimed = true;
         BudgetPermit { held: Held::Background { shared: Arc::clone(&self.shared), tenant, units } }
     }
@@ -414,10 +409,10 @@ mod tests {
     async fn a_restore_that_joined_keeps_its_count_while_it_holds_nothing() {
         let budget = Budget::new(4 << 10);
         let (_a_share, _b_share) = (budget.join(1), budget.join(2));
-        let a: Vec<_> = futures_of(&budget, 1, 3).await; // A 3
+        let a: Vec<_> = permits_of(&budget, 1, 3).await; // A 3
         let b1 = budget.acquire(2, 1024).await; // B 1; full
         drop(a); // A holds nothing between requests: still 3, not reset
-        let b_more: Vec<_> = futures_of(&budget, 2, 3).await; // B 4; full
+        let mut b_more: Vec<_> = permits_of(&budget, 2, 3).await; // B 4; full
         let mut b = std::pin::pin!(budget.acquire(2, 1024));
         let mut a = std::pin::pin!(budget.acquire(1, 1024));
         assert!(poll_once(b.as_mut()).is_pending() && poll_once(a.as_mut()).is_pending());
@@ -425,7 +420,6 @@ mod tests {
         let a4 = ready(poll_once(a.as_mut()), "A (3) before B (4)"); // A 4
         let mut a = std::pin::pin!(budget.acquire(1, 1024));
         assert!(poll_once(a.as_mut()).is_pending());
-        let mut b_more = b_more;
         drop(b_more.pop());
         let _b =
             ready(poll_once(b.as_mut()), "A and B at 4: B asked first (a forgotten A would be back at 0 and go again)");
@@ -433,7 +427,7 @@ mod tests {
         drop(a4);
     }
 
-    async fn futures_of(budget: &Budget, tenant: u64, n: usize) -> Vec<BudgetPermit> {
+    async fn permits_of(budget: &Budget, tenant: u64, n: usize) -> Vec<BudgetPermit> {
         let mut permits = Vec::new();
         for _ in 0..n {
             permits.push(budget.acquire(tenant, 1024).await);
