@@ -43,6 +43,8 @@
 #          rehydrate --secondary file://<good store>
 #       W7 W1's snapshot on the latency port 9089 (rehydrate only)
 #       W8 the volume in 256 KiB blocks on 9089 (rehydrate only)
+#       W8c the same 256 KiB snapshot on the clean port 9080: what the block
+#           size costs without the latency (W8 over W8c is the latency's cost)
 #       W9 a zstd snapshot of data compressing ~2:1 on 9080, throughput in
 #          volume bytes (rehydrate only)
 #       W10 8 restores of a 512 MiB snapshot at once, submitted to one
@@ -146,7 +148,7 @@ echo "e2e: ${SIZE_MIB} MiB volume, $RUNS run(s); binary $BIN; store in $WORK; ta
 seeded_volume "$SEED" "$SIZE_MIB" "$WORK/source.img" || exit 1
 "$BIN" snapshot create --source "$WORK/source.img" --store "file://$STORE" --name vol --block-size 1MiB --json \
     >"$WORK/snapshot.json"
-if want W8; then
+if want W8 || want W8c; then
     "$BIN" snapshot create --source "$WORK/source.img" --store "file://$ROOT/bucket/snap256" --name vol \
         --block-size 256KiB --json >/dev/null
 fi
@@ -406,6 +408,10 @@ for round in $(seq "$RUNS"); do
     if want W8; then
         VERIFY=file://$ROOT/bucket/snap256/vol.manifest \
             rehydrate_round "$round" W8 9089 s3://bucket/snap256/vol.manifest "$WORK/clean.toml"
+    fi
+    if want W8c; then
+        VERIFY=file://$ROOT/bucket/snap256/vol.manifest \
+            rehydrate_round "$round" W8c 9080 s3://bucket/snap256/vol.manifest "$WORK/clean.toml"
     fi
     if want W9; then
         VERIFY=file://$ROOT/bucket/snapz/vol.manifest MEASURE_BYTES=$((SIZE_MIB << 20)) \
