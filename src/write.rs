@@ -11,7 +11,9 @@
 //! Engines: the writer of one target runs on dedicated thread(s), never on the
 //! tokio workers, fed by one bounded channel.
 //! - **io_uring** (`uring.rs`): one thread running a tokio-uring runtime;
-//!   up to `queue_depth` writes in flight in the ring at once.
+//!   up to `queue_depth` writes in flight in the ring at once. Direct writes
+//!   it finds queued together that sit end to end go as one vectored write
+//!   (`coalesce.rs`): one device request instead of several.
 //! - **pwrite** (`pwrite.rs`): `pwrite_threads` threads taking requests from
 //!   one bounded MPMC channel, for kernels or seccomp profiles without
 //!   io_uring.
@@ -56,6 +58,7 @@
 //! because the kernel may have dropped the dirty pages it could not write and
 //! a later "successful" fdatasync would vouch for data that is gone.
 
+mod coalesce;
 mod progress;
 mod pwrite;
 mod uring;
@@ -232,8 +235,16 @@ struct Inner {
     sync_failure: OnceLock<String>,
     /// Whether an `O_DIRECT` descriptor is open.
     direct_io: bool,
-    /// Writes that went through the `O_DIRECT` descriptor.
-    direct_writes: Arc<AtomicU64>,
+    counts: Arc<WriteCounts>,
+}
+
+/// What the backends count of their writes.
+#[derive(Debug, Default)]
+struct WriteCounts {
+    /// Blocks written through the `O_DIRECT` descriptor.
+    direct: AtomicU64,
+    /// Of those, blocks written by a vectored write of several blocks.
+    merged: AtomicU64,
 }
 
 /// The target's descriptors as a backend holds them: the job's, and the
@@ -243,7 +254,7 @@ struct Inner {
 struct Fds<F> {
     buffered: F,
     direct: Option<F>,
-    direct_writes: Arc<AtomicU64>,
+    counts: Arc<WriteCounts>,
 }
 
 impl<F> Fds<F> {
@@ -253,11 +264,17 @@ impl<F> Fds<F> {
     }
 
     fn count_direct(&self) {
-        self.direct_writes.fetch_add(1, Ordering::Relaxed);
+        self.counts.direct.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `blocks` went direct in one vectored write.
+    fn count_merged(&self, blocks: usize) {
+        self.counts.direct.fetch_add(blocks as u64, Ordering::Relaxed);
+        self.counts.merged.fetch_add(blocks as u64, Ordering::Relaxed);
     }
 
     fn map<G>(self, mut f: impl FnMut(F) -> G) -> Fds<G> {
-        Fds { buffered: f(self.buffered), direct: self.direct.map(f), direct_writes: self.direct_writes }
+        Fds { buffered: f(self.buffered), direct: self.direct.map(f), counts: self.counts }
     }
 }
 
@@ -266,7 +283,7 @@ impl Fds<File> {
         Ok(Fds {
             buffered: self.buffered.try_clone()?,
             direct: self.direct.as_ref().map(File::try_clone).transpose()?,
-            direct_writes: Arc::clone(&self.direct_writes),
+            counts: Arc::clone(&self.counts),
         })
     }
 }
@@ -350,8 +367,8 @@ impl Writer {
         let queue_depth = config.queue_depth.get();
         let direct = open_direct(&file, config.direct_io)?;
         let direct_io = direct.is_some();
-        let direct_writes = Arc::new(AtomicU64::new(0));
-        let file = Fds { buffered: file, direct, direct_writes: Arc::clone(&direct_writes) };
+        let counts = Arc::new(WriteCounts::default());
+        let file = Fds { buffered: file, direct, counts: Arc::clone(&counts) };
         let (backend, queue, threads) = match config.backend {
             BackendChoice::Pwrite => start_pwrite(file, config)?,
             BackendChoice::Uring => {
@@ -380,7 +397,7 @@ impl Writer {
                 threads: tokio::sync::Mutex::new(threads),
                 sync_failure: OnceLock::new(),
                 direct_io,
-                direct_writes,
+                counts,
             }),
         })
     }
@@ -394,9 +411,15 @@ impl Writer {
         self.inner.direct_io
     }
 
-    /// Writes (submissions) that went through the `O_DIRECT` descriptor.
+    /// Blocks written through the `O_DIRECT` descriptor.
     pub fn direct_writes_count(&self) -> u64 {
-        self.inner.direct_writes.load(Ordering::Relaxed)
+        self.inner.counts.direct.load(Ordering::Relaxed)
+    }
+
+    /// Of those, blocks written together with the blocks beside them in one
+    /// vectored write (io_uring backend, `write/coalesce.rs`).
+    pub fn merged_writes_count(&self) -> u64 {
+        self.inner.counts.merged.load(Ordering::Relaxed)
     }
 
     /// Write all of `block` at `offset`. Resolves once every byte was written
@@ -451,6 +474,11 @@ impl Writer {
         // concurrent close that saw the semaphore closed finds the queue gone.
         drop(inner.queue.lock().unwrap_or_else(|p| p.into_inner()).take());
         let mut threads = inner.threads.lock().await;
+        tracing::debug!(
+            direct_blocks = inner.counts.direct.load(Ordering::Relaxed),
+            merged_blocks = inner.counts.merged.load(Ordering::Relaxed),
+            "writer closing"
+        );
         let mut result = Ok(());
         for thread in threads.drain(..) {
             let exited = match thread.exited.await {

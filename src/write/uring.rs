@@ -29,6 +29,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
+use super::coalesce::{group_adjacent, write_group};
 use super::progress::{INTERRUPTED_MAX, write_all_at};
 use super::{Fds, Request, URING_START_TIMEOUT, WriterThread, redo_buffered};
 
@@ -107,7 +108,15 @@ async fn serve(file: Fds<tokio_uring::fs::File>, mut rx: mpsc::Receiver<Request>
         tokio::select! {
             request = rx.recv() => match request {
                 Some(request) => {
-                    in_flight.spawn_local(handle(file.clone(), request));
+                    // Whatever else is queued goes with it, so writes that
+                    // sit end to end are merged (`coalesce.rs`).
+                    let mut batch = vec![request];
+                    while let Ok(more) = rx.try_recv() {
+                        batch.push(more);
+                    }
+                    for group in group_adjacent(batch, |request| mergeable(&file, request)) {
+                        in_flight.spawn_local(handle_group(file.clone(), group));
+                    }
                 }
                 // Disconnected and empty: everything queued was taken.
                 None => break,
@@ -128,6 +137,59 @@ async fn serve(file: Fds<tokio_uring::fs::File>, mut rx: mpsc::Receiver<Request>
         }
         // Unreachable once every task is joined; the fds close on drop.
         Err(_) => Ok(()),
+    }
+}
+
+/// A write's offset and length when it may be merged with its neighbours:
+/// one that goes through the `O_DIRECT` descriptor.
+fn mergeable(file: &Fds<tokio_uring::fs::File>, request: &Request) -> Option<(u64, usize)> {
+    match request {
+        Request::Write { offset, bytes, .. } => {
+            file.direct_for(bytes.as_ptr(), bytes.len(), *offset).map(|_| (*offset, bytes.len()))
+        }
+        Request::Sync { .. } => None,
+    }
+}
+
+/// One request, or writes end to end through the `O_DIRECT` descriptor as
+/// one vectored write.
+async fn handle_group(file: Rc<Fds<tokio_uring::fs::File>>, group: Vec<Request>) {
+    if group.len() == 1 || file.direct.is_none() {
+        for request in group {
+            handle(Rc::clone(&file), request).await;
+        }
+        return;
+    }
+    let mut blocks = Vec::with_capacity(group.len());
+    let mut replies = Vec::with_capacity(group.len());
+    for request in group {
+        match request {
+            Request::Write { offset, bytes, reply, _permit } => {
+                blocks.push((offset, bytes));
+                replies.push((reply, _permit));
+            }
+            // `mergeable` keeps syncs out of groups.
+            sync @ Request::Sync { .. } => handle(Rc::clone(&file), sync).await,
+        }
+    }
+    let vectored = |bufs: Vec<Bytes>, at: u64| {
+        let file = Rc::clone(&file);
+        async move {
+            match &file.direct {
+                Some(direct) => direct.writev_at(bufs, at).await.0,
+                None => Ok(0),
+            }
+        }
+    };
+    let single = |bytes: Bytes, at: u64| {
+        let file = Rc::clone(&file);
+        async move { write_all_at(bytes, at, |buf, at| write_at(Rc::clone(&file), buf, at)).await }
+    };
+    let (results, covered) = write_group(&blocks, vectored, single).await;
+    file.count_merged(covered);
+    for ((reply, permit), result) in replies.into_iter().zip(results) {
+        let _ = reply.send(result);
+        drop(permit);
     }
 }
 
@@ -177,5 +239,72 @@ fn log_panic(joined: Result<(), tokio::task::JoinError>) {
     // "writer thread stopped before answering".
     if let Err(e) = joined {
         tracing::error!(error = %e, "io_uring write task failed");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test stops loudly at an unexpected error
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    use tokio::sync::Semaphore;
+
+    use super::super::{DirectIo, WriteCounts, open_direct};
+    use super::*;
+    use crate::buf::BufPool;
+
+    const BLOCK: usize = 64 * 1024;
+
+    fn block(fill: u8) -> Bytes {
+        let mut buf = BufPool::shared().take(BLOCK).unwrap();
+        buf.extend_from_slice(&vec![fill; BLOCK]).unwrap();
+        buf.into_bytes()
+    }
+
+    #[test]
+    fn writes_queued_together_end_to_end_go_as_one_vectored_write_and_the_rest_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("target");
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let direct = open_direct(&file, DirectIo::On).unwrap();
+        assert!(direct.is_some(), "the test directory's filesystem refuses O_DIRECT");
+        let counts = Arc::new(WriteCounts::default());
+        let fds = Fds { buffered: file, direct, counts: Arc::clone(&counts) };
+
+        // Queued before the ring thread runs, so it finds them all at once:
+        // blocks 0-7 out of order, block 9 after a gap, and an unaligned
+        // write (a heap buffer) that must go alone, buffered.
+        let (tx, rx) = mpsc::channel(64);
+        let permits = Arc::new(Semaphore::new(64));
+        let mut answers = Vec::new();
+        let mut send = |offset: u64, bytes: Bytes| {
+            let (reply, answer) = oneshot::channel();
+            let _permit = Arc::clone(&permits).try_acquire_owned().unwrap();
+            tx.try_send(super::super::Request::Write { offset, bytes, reply, _permit }).unwrap();
+            answers.push(answer);
+        };
+        for i in [3u8, 0, 1, 2, 7, 5, 4, 6, 9] {
+            send(u64::from(i) * BLOCK as u64, block(i + 1));
+        }
+        let tail_offset = 10 * BLOCK as u64;
+        send(tail_offset, Bytes::from(vec![0xEE; 1000]));
+        drop(tx);
+        let (ready, _ready_rx) = std_mpsc::sync_channel(1);
+        run(fds, rx, 64, ready).unwrap();
+
+        for answer in answers {
+            answer.blocking_recv().unwrap().unwrap();
+        }
+        assert_eq!(counts.merged.load(Ordering::Relaxed), 8, "blocks 0-7 in one vectored write");
+        assert_eq!(counts.direct.load(Ordering::Relaxed), 9, "block 9 went direct alone");
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(data.len() as u64, tail_offset + 1000);
+        for i in [0u8, 1, 2, 3, 4, 5, 6, 7, 9] {
+            let at = usize::from(i) * BLOCK;
+            assert!(data[at..at + BLOCK].iter().all(|&b| b == i + 1), "block {i}");
+        }
+        assert!(data[8 * BLOCK..9 * BLOCK].iter().all(|&b| b == 0), "the gap stays a hole");
+        assert!(data[10 * BLOCK..].iter().all(|&b| b == 0xEE));
     }
 }
