@@ -475,8 +475,8 @@ impl Writer {
         drop(inner.queue.lock().unwrap_or_else(|p| p.into_inner()).take());
         let mut threads = inner.threads.lock().await;
         tracing::debug!(
-            direct_blocks = inner.counts.direct.load(Ordering::Relaxed),
-            merged_blocks = inner.counts.merged.load(Ordering::Relaxed),
+            direct_blocks = self.direct_writes_count(),
+            merged_blocks = self.merged_writes_count(),
             "writer closing"
         );
         let mut result = Ok(());
