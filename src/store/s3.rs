@@ -78,6 +78,12 @@ const S3_KEY_LEN_MAX_BYTES: usize = 1024;
 /// request's own state.
 pub const REQUEST_OVERHEAD_BYTES: u64 = 64 << 10;
 
+/// [`S3Config::receive_buffer_bytes`]'s default.
+pub const RECEIVE_BUFFER_BYTES_DEFAULT: u64 = 2 << 20;
+/// The largest receive buffer accepted: the kernel caps it at
+/// `net.core.rmem_max` anyway; past this it is a typo.
+pub const RECEIVE_BUFFER_BYTES_MAX: u64 = 1 << 30;
+
 /// Configuration of one S3 store. Every field may be omitted.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -124,6 +130,16 @@ pub struct S3Config {
     /// Time after the headers before the throughput floor applies. Default
     /// 2000: lets TCP slow-start and small objects finish unjudged.
     pub body_throughput_grace_millis: u64,
+    /// Receive buffer of each `s3://` connection (`SO_RCVBUF`; the kernel doubles it
+    /// for its own bookkeeping and caps it at `net.core.rmem_max`), 0 for the
+    /// kernel's own sizing. Default 2 MiB: a whole 1 MiB block's answer fits,
+    /// so the store sends it in one go and the process reads it in large
+    /// pieces; left to the kernel, the buffer starts at 128 KiB and the
+    /// answer arrives in many small ones (2 GiB from the loopback fixture:
+    /// 0.86 x the time, 0.59 against 0.65 own CPU s/GiB; with 30 ms to first
+    /// byte 0.93 x). At 30 ms a connection still carries 2 MiB per round
+    /// trip, about 70 MB/s, more than one S3 connection gives.
+    pub receive_buffer_bytes: u64,
 }
 
 impl Default for S3Config {
@@ -140,6 +156,7 @@ impl Default for S3Config {
             body_idle_timeout_millis: 5_000,
             body_throughput_min_bytes_per_sec: 1024 * 1024,
             body_throughput_grace_millis: 2_000,
+            receive_buffer_bytes: RECEIVE_BUFFER_BYTES_DEFAULT,
         }
     }
 }
@@ -167,6 +184,12 @@ impl S3Config {
         }
         if self.body_throughput_grace_millis >= self.body_deadline_millis {
             return Err("s3.body_throughput_grace_millis must be below s3.body_deadline_millis".into());
+        }
+        if self.receive_buffer_bytes > RECEIVE_BUFFER_BYTES_MAX {
+            return Err(format!(
+                "s3.receive_buffer_bytes {} is above the {RECEIVE_BUFFER_BYTES_MAX} allowed (0: the kernel's own sizing)",
+                self.receive_buffer_bytes
+            ));
         }
         if let Some(url) = &self.endpoint_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
@@ -956,5 +979,10 @@ mod tests {
         assert!(bad.validate().is_err());
         let bad = S3Config { endpoint_url: Some("127.0.0.1:9000".into()), ..S3Config::default() };
         assert!(bad.validate().is_err());
+        assert_eq!(config.receive_buffer_bytes, 2 << 20);
+        let kernel = S3Config { receive_buffer_bytes: 0, ..S3Config::default() };
+        kernel.validate().unwrap();
+        let typo = S3Config { receive_buffer_bytes: 2 << 40, ..S3Config::default() };
+        assert!(typo.validate().unwrap_err().contains("s3.receive_buffer_bytes"));
     }
 }

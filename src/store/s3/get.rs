@@ -115,7 +115,9 @@ impl SignedGet {
         }
         let origin = Origin { tls, host, port };
         let host = origin.host_header();
-        let client = h1::Client::new(origin, Duration::from_millis(config.connect_timeout_millis)).ok()?;
+        let client = h1::Client::new(origin, Duration::from_millis(config.connect_timeout_millis))
+            .ok()?
+            .with_receive_buffer(usize::try_from(config.receive_buffer_bytes).ok().filter(|&n| n > 0));
         Some(SignedGet {
             client,
             host,

@@ -78,6 +78,8 @@ pub struct Client {
     origin: Origin,
     tls: Option<TlsConnector>,
     connect_timeout: Duration,
+    /// `SO_RCVBUF` of new connections; `None`: the kernel's sizing.
+    receive_buffer_bytes: Option<usize>,
     idle: Mutex<Vec<(Conn, Instant)>>,
 }
 
@@ -102,7 +104,14 @@ impl Client {
         } else {
             None
         };
-        Ok(Client { origin, tls, connect_timeout, idle: Mutex::new(Vec::new()) })
+        Ok(Client { origin, tls, connect_timeout, receive_buffer_bytes: None, idle: Mutex::new(Vec::new()) })
+    }
+
+    /// Set each new connection's receive buffer (`SO_RCVBUF`) to this many
+    /// bytes; `None` leaves it to the kernel.
+    pub fn with_receive_buffer(mut self, bytes: Option<usize>) -> Client {
+        self.receive_buffer_bytes = bytes;
+        self
     }
 
     pub fn origin(&self) -> &Origin {
@@ -160,6 +169,11 @@ impl Client {
             }
         };
         tcp.set_nodelay(true).map_err(|e| SendError::Connect(format!("{what}: TCP_NODELAY: {e}")))?;
+        if let Some(bytes) = self.receive_buffer_bytes {
+            socket2::SockRef::from(&tcp)
+                .set_recv_buffer_size(bytes)
+                .map_err(|e| SendError::Connect(format!("{what}: SO_RCVBUF {bytes}: {e}")))?;
+        }
         let stream = match &self.tls {
             None => Stream::Plain(tcp),
             Some(connector) => {
@@ -588,6 +602,29 @@ mod tests {
         assert_eq!(body(&mut response).await.unwrap(), b"no");
         client.release(response);
         assert!(client.checkout().is_none(), "a closing answer's connection is not pooled");
+    }
+
+    #[tokio::test]
+    async fn new_connections_get_the_receive_buffer_asked_for() {
+        fn rcvbuf(response: &Response) -> usize {
+            match &response.conn.stream {
+                Stream::Plain(tcp) => socket2::SockRef::from(tcp).recv_buffer_size().unwrap(),
+                Stream::Tls(_) => unreachable!("plain HTTP here"),
+            }
+        }
+        let answer: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let port = serve(vec![vec![answer], vec![answer]]).await;
+        // Below the smallest usual net.core.rmem_max (212992), and not the
+        // kernel's starting size (net.ipv4.tcp_rmem's middle, 131072).
+        let asked = 200_704;
+        let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap();
+        let sized = client(port).with_receive_buffer(Some(asked));
+        let response = sized.send(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        // Linux doubles what it is asked for (its bookkeeping), capped at rmem_max.
+        assert_eq!(rcvbuf(&response), 2 * asked.min(rmem_max));
+        let kernel = client(port);
+        let response = kernel.send(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        assert_ne!(rcvbuf(&response), 2 * asked.min(rmem_max), "left to the kernel, it sizes the buffer itself");
     }
 
     #[tokio::test]
