@@ -130,15 +130,18 @@ pub struct S3Config {
     /// Time after the headers before the throughput floor applies. Default
     /// 2000: lets TCP slow-start and small objects finish unjudged.
     pub body_throughput_grace_millis: u64,
-    /// Receive buffer of each `s3://` connection (`SO_RCVBUF`; the kernel doubles it
-    /// for its own bookkeeping and caps it at `net.core.rmem_max`), 0 for the
-    /// kernel's own sizing. Default 2 MiB: a whole 1 MiB block's answer fits,
-    /// so the store sends it in one go and the process reads it in large
-    /// pieces; left to the kernel, the buffer starts at 128 KiB and the
-    /// answer arrives in many small ones (2 GiB from the loopback fixture:
-    /// 0.86 x the time, 0.59 against 0.65 own CPU s/GiB; with 30 ms to first
-    /// byte 0.93 x). At 30 ms a connection still carries 2 MiB per round
-    /// trip, about 70 MB/s, more than one S3 connection gives.
+    /// The most an `s3://` connection's receive buffer (`SO_RCVBUF`) is set
+    /// to; 0 leaves it to the kernel. Before a GET of 1 MiB or more the
+    /// buffer is sized to hold the whole answer (the object's length and a
+    /// head, rounded up to a power of two), at most this; the kernel doubles
+    /// it for its bookkeeping and caps it at `net.core.rmem_max`. Smaller
+    /// answers are left to the kernel, whose buffer starts at 128 KiB and
+    /// grows. Default 2 MiB: a 1 MiB block's answer arrives in one go and is
+    /// read in large pieces (2 GiB from the loopback fixture, alternating
+    /// runs: 0.89 x the time, 0.68 against 0.79 own CPU s/GiB); 256 KiB
+    /// blocks were slower with a sized buffer (1.15 x), hence the floor. At
+    /// 30 ms a connection still carries 2 MiB per round trip, about 70 MB/s,
+    /// more than one S3 connection gives.
     pub receive_buffer_bytes: u64,
 }
 

@@ -134,7 +134,7 @@ impl SignedGet {
     /// `len_max_bytes`, under the store's deadlines and body guards.
     pub(super) async fn get(&self, what: &str, object_key: &str, len_max_bytes: u64) -> Result<Bytes, StoreError> {
         let operation = Duration::from_millis(self.config.operation_timeout_millis);
-        let response = match tokio::time::timeout(operation, self.send(what, object_key)).await {
+        let response = match tokio::time::timeout(operation, self.send(what, object_key, len_max_bytes)).await {
             Ok(sent) => sent?,
             Err(_) => return Err(no_answer(what)),
         };
@@ -159,7 +159,7 @@ impl SignedGet {
     }
 
     /// Sign and send; the answer's head within the attempt timeout.
-    async fn send(&self, what: &str, object_key: &str) -> Result<h1::Response, StoreError> {
+    async fn send(&self, what: &str, object_key: &str, answer_len_bytes: u64) -> Result<h1::Response, StoreError> {
         let identity = self.credentials.identity(what).await?;
         let target = format!("{}/{}", self.base_path, encode_key(object_key));
         let request = self.request_head(&target, &identity).map_err(|e| {
@@ -167,7 +167,9 @@ impl SignedGet {
             StoreError::new(class, format!("GET {what}: request could not be built: {e}: {}", meaning(class)))
         })?;
         let attempt = Duration::from_millis(self.config.operation_attempt_timeout_millis);
-        let sent = tokio::time::timeout(attempt, self.client.send(&request)).await.map_err(|_| no_answer(what))?;
+        let sent = tokio::time::timeout(attempt, self.client.send(&request, answer_len_bytes))
+            .await
+            .map_err(|_| no_answer(what))?;
         sent.map_err(|e| {
             let class = ErrorClass::Transient;
             let detail = match e {
