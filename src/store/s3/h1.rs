@@ -9,7 +9,10 @@
 //! the copy is a second pass over every byte. Here the response head is read
 //! into a small buffer (a few body bytes that arrive with it are the only
 //! bytes copied) and the rest of a `Content-Length` body goes from the socket
-//! into the block buffer by `read`.
+//! into the block buffer by `read`. Before a request whose answer may be 1 MiB
+//! or more, the connection's receive buffer is sized to hold that answer (up
+//! to a cap, [`Client::with_receive_buffer`]), so it arrives in one go and is
+//! read in large pieces.
 //!
 //! Limits: a response head is at most [`HEAD_LEN_MAX_BYTES`] and
 //! [`HEADERS_MAX`] headers; at most [`IDLE_CONNS_MAX`] idle connections are
