@@ -154,12 +154,13 @@ fn mergeable(file: &Fds<tokio_uring::fs::File>, request: &Request) -> Option<(u6
 /// One request, or writes end to end through the `O_DIRECT` descriptor as
 /// one vectored write.
 async fn handle_group(file: Rc<Fds<tokio_uring::fs::File>>, group: Vec<Request>) {
-    if group.len() == 1 || file.direct.is_none() {
+    // `mergeable` puts only direct writes in a group of more than one.
+    let Some(direct) = file.direct.as_ref().filter(|_| group.len() > 1) else {
         for request in group {
             handle(Rc::clone(&file), request).await;
         }
         return;
-    }
+    };
     let mut blocks = Vec::with_capacity(group.len());
     let mut replies = Vec::with_capacity(group.len());
     for request in group {
@@ -172,15 +173,7 @@ async fn handle_group(file: Rc<Fds<tokio_uring::fs::File>>, group: Vec<Request>)
             sync @ Request::Sync { .. } => handle(Rc::clone(&file), sync).await,
         }
     }
-    let vectored = |bufs: Vec<Bytes>, at: u64| {
-        let file = Rc::clone(&file);
-        async move {
-            match &file.direct {
-                Some(direct) => direct.writev_at(bufs, at).await.0,
-                None => Ok(0),
-            }
-        }
-    };
+    let vectored = |bufs: Vec<Bytes>, at: u64| async move { direct.writev_at(bufs, at).await.0 };
     let single = |bytes: Bytes, at: u64| {
         let file = Rc::clone(&file);
         async move { write_all_at(bytes, at, |buf, at| write_at(Rc::clone(&file), buf, at)).await }
