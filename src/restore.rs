@@ -210,9 +210,12 @@ pub async fn load_manifest(
     let limits = engine.manifest_limits();
     let url = store.url().join(key);
     let policy = crate::fetch::RetryPolicy::from_config(&engine.config.fetch);
+    // Everything of the restore (or the gate that reads it) waits on this
+    // one request: it goes ahead of the blocks other restores have queued
+    // at the store, as a reader's request does.
     let bytes = crate::fetch::get_retried(
         store,
-        &crate::store::RequestContext { tenant, sent: None, demand: false },
+        &crate::store::RequestContext { tenant, sent: None, demand: true },
         key,
         Manifest::encoded_len_max(&limits),
         &policy,

@@ -51,8 +51,9 @@ pub struct RequestContext {
     /// Fetch measures store latency from there.
     pub sent: Option<Arc<timeout::SentAt>>,
     /// A reader is blocked on this request now (a read of a volume still
-    /// being restored): the stores' local queues let it go first
-    /// (`store/limit.rs`, `store/rate.rs`).
+    /// being restored, or a manifest a restore cannot start without): the
+    /// stores' local queues let it go first (`store/limit.rs`,
+    /// `store/rate.rs`).
     pub demand: bool,
 }
 

@@ -108,6 +108,10 @@ struct Running {
     run: u64,
     cancel: CancellationToken,
     progress: Arc<Progress>,
+    target: PathBuf,
+    /// Bytes of blocks its restore writes, when its gate read them (not for
+    /// block devices): what it still writes is reserved on its filesystem.
+    needs: Option<u64>,
 }
 
 struct Hold {
@@ -285,6 +289,7 @@ impl Worker {
             run.cancel.cancel();
         }
         live.held.remove(id);
+        live.needs.remove(id);
         drop(live);
         tracing::info!(job = %id, "job cancelled");
         Ok(self.status_of(&record))

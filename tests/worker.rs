@@ -909,6 +909,49 @@ async fn a_held_job_starts_once_space_is_freed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waits_for_the_space_a_running_restore_will_still_write() {
+    let f = Fixture::new(45).await;
+    let needs = f.manifest.block_bytes_total();
+    // Room for one restore of this snapshot and a half.
+    let Some(small) = Tmpfs::mount(&format!("{}k", needs * 3 / 2 / 1024)) else { return };
+    let mut config = f.config();
+    config.worker.target_roots = vec![f.roots(), small.dir.path().to_owned()];
+    // Every block waits until opened: the first restore runs, having
+    // written nothing yet.
+    let engine = Engine::new(config);
+    let (open, _) = tokio::sync::watch::channel(false);
+    let root = store_root(f.dir.path());
+    let gate = GateStore { inner: Arc::new(FileStore::new(root.clone())), key: "blocks/".into(), open: open.clone() };
+    engine.register_store(StoreUrl::File { root }, Arc::new(gate));
+    let server = start(engine, Tokens::default(), None).await;
+    let first = small.dir.path().join("first.img");
+    let second = small.dir.path().join("second.img");
+    assert_eq!(submit(&server.client, &f.spec("first", &first)).await.status.as_u16(), 201);
+    wait_for(&server.client, "first", "running", |j| state(j) == "running").await;
+    // The filesystem's free space would hold the second one now, but not
+    // once the first has written its blocks.
+    let (free, _) = rehydrate::worker::filesystem_bytes(small.dir.path()).unwrap();
+    assert!(free >= needs, "the tmpfs has {free} bytes free, less than one restore ({needs})");
+    assert_eq!(submit(&server.client, &f.spec("second", &second)).await.status.as_u16(), 201);
+    let held = wait_for(&server.client, "second", "held", |j| j["held_by"].is_string()).await;
+    assert_eq!(state(&held), "queued", "{held:#}");
+    assert!(held["held_by"].as_str().unwrap().contains("will still write"), "{held:#}");
+    // The first finishes whole; the second still does not fit beside it.
+    open.send_replace(true);
+    let job = wait_for(&server.client, "first", "succeeded", |j| state(j) == "succeeded").await;
+    check_succeeded(&f, &job, &first);
+    let held = server.client.get("second").await.unwrap().json();
+    assert_eq!(state(&held), "queued", "{held:#}");
+    assert!(!second.exists(), "a held job wrote its target");
+    // Its space freed (the finished restore's handles on it, kept to serve
+    // peers, close once it is removed), the second starts and completes.
+    std::fs::remove_file(&first).unwrap();
+    let job = wait_for(&server.client, "second", "succeeded", |j| state(j) == "succeeded").await;
+    check_succeeded(&f, &job, &second);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listed_block_device_is_restored_in_place_and_a_held_one_refused() {
     let f = Fixture::new(44).await;
     // Larger than the volume, pre-filled with non-zero bytes.

@@ -276,20 +276,56 @@ impl JobStore {
         let tx = self.db.begin_write().map_err(db)?;
         let record = {
             let mut table = tx.open_table(JOBS).map_err(db)?;
-            let mut record = match table.get(id).map_err(db)? {
-                Some(v) => decode(v.value())?,
-                None => return Err(JobDbError::NotFound(id.to_owned())),
-            };
-            if !from.contains(&record.state) || run.is_some_and(|r| r != record.run) {
-                return Err(JobDbError::Conflict { id: id.to_owned(), found: Box::new(record) });
-            }
-            change(&mut record);
-            put(&mut table, &record)?;
-            record
+            compare_and_set(&mut table, id, from, run, change)?
         };
         tx.commit().map_err(db)?;
         Ok(record)
     }
+
+    /// [`transition`](Self::transition) for each of `ids` (any run), in one
+    /// transaction: one commit, so one sync, for all of them. Each id gets
+    /// its own result (`NotFound`, `Conflict`); the outer error is the
+    /// database's, and then nothing changed.
+    pub fn transition_each(
+        &self,
+        ids: &[&str],
+        from: &[JobState],
+        change: impl Fn(&mut JobRecord),
+    ) -> Result<Vec<Result<JobRecord, JobDbError>>, JobDbError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let results = {
+            let mut table = tx.open_table(JOBS).map_err(db)?;
+            let mut results = Vec::with_capacity(ids.len());
+            for id in ids {
+                match compare_and_set(&mut table, id, from, None, &change) {
+                    Err(JobDbError::Db(e)) => return Err(JobDbError::Db(e)),
+                    result => results.push(result),
+                }
+            }
+            results
+        };
+        tx.commit().map_err(db)?;
+        Ok(results)
+    }
+}
+
+fn compare_and_set(
+    table: &mut redb::Table<&str, &[u8]>,
+    id: &str,
+    from: &[JobState],
+    run: Option<u64>,
+    change: impl FnOnce(&mut JobRecord),
+) -> Result<JobRecord, JobDbError> {
+    let mut record = match table.get(id).map_err(db)? {
+        Some(v) => decode(v.value())?,
+        None => return Err(JobDbError::NotFound(id.to_owned())),
+    };
+    if !from.contains(&record.state) || run.is_some_and(|r| r != record.run) {
+        return Err(JobDbError::Conflict { id: id.to_owned(), found: Box::new(record) });
+    }
+    change(&mut record);
+    put(table, &record)?;
+    Ok(record)
 }
 
 fn db_err<E: std::fmt::Display>(e: E) -> JobDbError {
@@ -328,4 +364,52 @@ fn prune(table: &mut redb::Table<&str, &[u8]>, all: &[JobRecord], records_max: u
         table.remove(r.spec.id.as_str()).map_err(db)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str) -> JobSpec {
+        JobSpec {
+            id: id.into(),
+            profile: "main".into(),
+            manifest: "vol.manifest".into(),
+            target: format!("/srv/{id}.img").into(),
+            replace: false,
+            restart: false,
+            export: Default::default(),
+        }
+    }
+
+    #[test]
+    fn transition_each_changes_every_record_it_may_in_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(dir.path(), 100).unwrap();
+        for id in ["a", "b", "c"] {
+            assert!(matches!(store.submit(&spec(id), 100, 1).unwrap().0, Insert::Created(_)));
+        }
+        store.transition("b", &[JobState::Queued], None, |r| r.state = JobState::Running).unwrap();
+        let results = store
+            .transition_each(&["a", "b", "gone", "c"], &[JobState::Queued], |r| {
+                r.state = JobState::Running;
+                r.run += 1;
+            })
+            .unwrap();
+        assert!(matches!(&results[0], Ok(r) if r.spec.id == "a" && r.run == 1));
+        assert!(matches!(&results[1], Err(JobDbError::Conflict { id, .. }) if id == "b"), "{:?}", results[1]);
+        assert!(matches!(&results[2], Err(JobDbError::NotFound(id)) if id == "gone"));
+        assert!(matches!(&results[3], Ok(r) if r.spec.id == "c" && r.run == 1));
+        // Stored: a and c run, b untouched by this change.
+        let stored: Vec<(String, JobState, u64)> =
+            store.list().unwrap().into_iter().map(|r| (r.spec.id, r.state, r.run)).collect();
+        assert_eq!(
+            stored,
+            [
+                ("a".into(), JobState::Running, 1),
+                ("b".into(), JobState::Running, 0),
+                ("c".into(), JobState::Running, 1)
+            ]
+        );
+    }
 }

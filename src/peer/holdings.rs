@@ -7,7 +7,8 @@
 //! soon as its write of a block completed), and withdraw it when they end
 //! short of success. A restore that succeeded keeps serving until
 //! `peers.holdings_max` newer holdings pushed it out (its handle follows the
-//! file through the swap).
+//! file through the swap) or its target file is removed
+//! ([`Holdings::drop_unlinked`]: its handles close, so its space is freed).
 //!
 //! Out: for a content hash, the decoded block, or `None`. A block is read
 //! only once its restore has written it (not waiting for the fdatasync of
@@ -130,6 +131,13 @@ impl Holding {
         self
     }
 
+    /// Whether the target file it reads has no name left (its handle keeps
+    /// the file's space allocated while it is open).
+    fn is_unlinked(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().is_ok_and(|m| m.nlink() == 0)
+    }
+
     /// The written block holding `hash`, if any. Identical blocks share the
     /// first index.
     fn held_block(&self, hash: &ContentHash) -> Option<BlockIndex> {
@@ -213,9 +221,23 @@ impl Holdings {
     /// Serve `holding`'s written blocks from now on; the oldest beyond the
     /// cap stops being served.
     pub fn hold(&self, holding: Arc<Holding>) {
+        self.drop_unlinked();
         let mut list = self.list();
         list.insert(0, holding);
         list.truncate(self.max);
+    }
+
+    /// Stop serving the holdings whose target file is gone (removed, or
+    /// replaced by another file): their handles are closed, so the space
+    /// the file took is freed, not kept until newer restores push them out.
+    /// Returns how many went. The worker calls it on every scheduling tick.
+    pub fn drop_unlinked(&self) -> usize {
+        let gone: Vec<Arc<Holding>> = self.list().iter().filter(|h| h.is_unlinked()).cloned().collect();
+        for holding in &gone {
+            tracing::info!(target = %holding.label, "its target file was removed: no longer served to peers");
+            self.withdraw(holding);
+        }
+        gone.len()
     }
 
     /// Holdings served now.
@@ -368,6 +390,25 @@ mod tests {
         fn hash(&self, i: usize) -> ContentHash {
             HashAlgorithm::Blake3.hash(&self.data[i])
         }
+    }
+
+    #[tokio::test]
+    async fn a_removed_target_is_no_longer_held_and_its_space_is_freed() {
+        let h = held(None);
+        h.bits.set(1);
+        assert_eq!(h.holdings.drop_unlinked(), 0, "its target is still there");
+        assert!(h.holdings.read(h.hash(1), WAIT).await.unwrap().is_some());
+        // Replaced by another file under the same name: the old one has no
+        // name left.
+        let replacement = h.path.with_extension("new");
+        std::fs::write(&replacement, h.data.concat()).unwrap();
+        std::fs::rename(&replacement, &h.path).unwrap();
+        assert_eq!(h.holdings.drop_unlinked(), 1);
+        assert!(h.holdings.is_empty());
+        assert!(h.holdings.read(h.hash(1), WAIT).await.unwrap().is_none(), "a dropped holding serves nothing");
+        // The holdings list no longer keeps its handle open.
+        let Held { holding, .. } = h;
+        assert_eq!(Arc::strong_count(&holding), 1);
     }
 
     #[tokio::test]

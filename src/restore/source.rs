@@ -100,7 +100,8 @@ async fn read_cfg(
     tenant: u64,
 ) -> Result<bytes::Bytes, RestoreError> {
     let policy = crate::fetch::RetryPolicy::from_config(&engine.config.fetch);
-    let ctx = crate::store::RequestContext { tenant, sent: None, demand: false };
+    // The restore waits on it: ahead of other restores' queued blocks.
+    let ctx = crate::store::RequestContext { tenant, sent: None, demand: true };
     crate::fetch::get_retried(store, &ctx, key, len_max_bytes, &policy).await.map_err(|e| {
         let url = store.url().join(key);
         match e.class {

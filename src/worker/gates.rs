@@ -1,16 +1,47 @@
 //! The gates a queued job passes before it starts: its target is not still
 //! being written by an earlier run, and the target's filesystem has room for
-//! what is left to write.
+//! what is left to write besides what the restores already running (or
+//! starting in the same round) there will still write.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::*;
 use crate::job::JobRecord;
 
 impl Worker {
-    /// The gates a queued job passes before it starts.
-    pub(super) async fn gate(&self, record: &JobRecord) -> Gate {
-        let id = &record.spec.id;
+    /// Read, all at once, the manifests the space gates of `records` need
+    /// and do not know yet (each is a round trip to its store; one after
+    /// another they started the jobs of a burst tens of milliseconds apart).
+    pub(super) async fn learn_needs(self: &Arc<Self>, records: &[JobRecord]) {
+        let unknown: Vec<(String, String)> = {
+            let live = self.live();
+            records
+                .iter()
+                .filter(|r| !live.needs.contains_key(&r.spec.id))
+                .filter_map(|r| {
+                    let resolved = crate::job::spec::resolve(&r.spec, &self.config).ok()?;
+                    (!is_block_device(&resolved.target)).then(|| (r.spec.id.clone(), resolved.manifest_url))
+                })
+                .collect()
+        };
+        let mut reads = tokio::task::JoinSet::new();
+        for (id, url) in unknown {
+            let worker = Arc::clone(self);
+            reads.spawn(async move { (id, worker.manifest_bytes(&url).await) });
+        }
+        while let Some(read) = reads.join_next().await {
+            // A manifest that cannot be read is the restore's to report (with
+            // its classified error), not a gate's: its gate passes.
+            if let Ok((id, Some(n))) = read {
+                self.live().needs.insert(id, n);
+            }
+        }
+    }
+
+    /// The gates a queued job passes before it starts (its needs read by
+    /// [`learn_needs`](Self::learn_needs)). `starting`: the jobs that passed
+    /// earlier in this round and have not started yet.
+    pub(super) fn gate(&self, record: &JobRecord, starting: &[Reserved]) -> Gate {
         let holder = self.live().busy_targets.get(&record.spec.target).cloned();
         if let Some(holder) = holder {
             return Gate::Hold(format!(
@@ -25,25 +56,40 @@ impl Worker {
             // Written in place: its size is checked when it is opened.
             return Gate::Pass;
         }
-        let known = self.live().needs.get(id).copied();
-        let needed = match known {
-            Some(n) => n,
-            // A manifest that cannot be read is the restore's to report (with
-            // its classified error), not a gate's.
-            None => match self.manifest_bytes(&resolved.manifest_url).await {
-                Some(n) => {
-                    self.live().needs.insert(id.clone(), n);
-                    n
-                }
-                None => return Gate::Pass,
-            },
-        };
+        let Some(needed) = self.live().needs.get(&record.spec.id).copied() else { return Gate::Pass };
         let dir = crate::target::parent_dir(&record.spec.target);
         let already = staged_bytes(&record.spec.target);
-        match filesystem_bytes(&dir) {
-            Ok((free, total)) => space_gate(needed, already, free, total, self.config.target_free_bytes_min),
+        let space = filesystem_bytes(&dir).and_then(|space| Ok((space, device_of(&dir)?)));
+        match space {
+            Ok(((free, total), device)) => {
+                let reserved = self.reserved_on(device, starting);
+                space_gate(needed, already, free, total, self.config.target_free_bytes_min, reserved)
+            }
             Err(e) => Gate::Hold(format!("free space of {}: {e}", dir.display())),
         }
+    }
+
+    /// Bytes the running restores (and `starting`) on filesystem `device`
+    /// still write: what they need less what their staging files hold.
+    fn reserved_on(&self, device: u64, starting: &[Reserved]) -> u64 {
+        let running: Vec<(PathBuf, u64)> = {
+            let live = self.live();
+            live.running.values().filter_map(|r| Some((r.target.clone(), r.needs?))).collect()
+        };
+        let running = running
+            .iter()
+            .filter(|(target, _)| device_of(&crate::target::parent_dir(target)).is_ok_and(|d| d == device));
+        let running: u64 = running.map(|(target, needs)| needs.saturating_sub(staged_bytes(target))).sum();
+        let starting: u64 = starting.iter().filter(|s| s.device == device).map(|s| s.bytes).sum();
+        running.saturating_add(starting)
+    }
+
+    /// What a job that passed its gate holds on its filesystem until it
+    /// starts (`None`: nothing, a block device or needs not known).
+    pub(super) fn reserved_by(&self, record: &JobRecord) -> Option<Reserved> {
+        let needed = self.live().needs.get(&record.spec.id).copied()?;
+        let device = device_of(&crate::target::parent_dir(&record.spec.target)).ok()?;
+        Some(Reserved { device, bytes: needed.saturating_sub(staged_bytes(&record.spec.target)) })
     }
 
     pub(super) async fn manifest_bytes(&self, manifest_url: &str) -> Option<u64> {
@@ -51,6 +97,18 @@ impl Worker {
         let opened = crate::restore::source::open_snapshot(&self.engine, manifest_url, 0, purpose).await.ok()?;
         Some(opened.snapshot.block_bytes_total())
     }
+}
+
+/// Bytes a job that passed its gate will write on a filesystem.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Reserved {
+    device: u64,
+    bytes: u64,
+}
+
+fn device_of(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(dir)?.dev())
 }
 
 /// What a gate decided.
@@ -65,17 +123,18 @@ pub enum Gate {
 
 /// The free-space gate: `needed` bytes of blocks, `already` of them allocated
 /// by an earlier run's staging file, on a filesystem of `total` bytes with
-/// `free` available, keeping `floor` free.
-pub fn space_gate(needed: u64, already: u64, free: u64, total: u64, floor: u64) -> Gate {
+/// `free` available, of which the running restores there will still write
+/// `reserved`, keeping `floor` free.
+pub fn space_gate(needed: u64, already: u64, free: u64, total: u64, floor: u64, reserved: u64) -> Gate {
     if needed > total {
         return Gate::Never(format!(
             "the restore needs {needed} bytes, more than the target filesystem's whole size ({total} bytes)"
         ));
     }
     let remaining = needed.saturating_sub(already);
-    if free < remaining.saturating_add(floor) {
+    if free < remaining.saturating_add(floor).saturating_add(reserved) {
         return Gate::Hold(format!(
-            "free space: the restore needs {remaining} more bytes and worker.target_free_bytes_min keeps {floor} free; the filesystem has {free}"
+            "free space: the restore needs {remaining} more bytes, the restores running on that filesystem will still write {reserved} and worker.target_free_bytes_min keeps {floor} free; the filesystem has {free}"
         ));
     }
     Gate::Pass
@@ -106,10 +165,16 @@ mod tests {
 
     #[test]
     fn space_gate_holds_fails_and_passes() {
-        assert_eq!(space_gate(100, 0, 1000, 10_000, 0), Gate::Pass);
-        assert!(matches!(space_gate(100, 0, 150, 10_000, 100), Gate::Hold(r) if r.contains("target_free_bytes_min")));
+        assert_eq!(space_gate(100, 0, 1000, 10_000, 0, 0), Gate::Pass);
+        assert!(
+            matches!(space_gate(100, 0, 150, 10_000, 100, 0), Gate::Hold(r) if r.contains("target_free_bytes_min"))
+        );
         // An earlier run's staging file already holds most of it.
-        assert_eq!(space_gate(100, 80, 150, 10_000, 100), Gate::Pass);
-        assert!(matches!(space_gate(20_000, 0, 150, 10_000, 0), Gate::Never(r) if r.contains("whole size")));
+        assert_eq!(space_gate(100, 80, 150, 10_000, 100, 0), Gate::Pass);
+        assert!(matches!(space_gate(20_000, 0, 150, 10_000, 0, 0), Gate::Never(r) if r.contains("whole size")));
+        // What running restores will still write is not free: 1000 free, 950
+        // of it theirs.
+        assert!(matches!(space_gate(100, 0, 1000, 10_000, 0, 950), Gate::Hold(r) if r.contains("still write 950")));
+        assert_eq!(space_gate(100, 0, 1000, 10_000, 0, 900), Gate::Pass);
     }
 }

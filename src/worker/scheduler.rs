@@ -29,30 +29,53 @@ impl Worker {
         }
     }
 
-    /// Start every queued job that passes its gates, while there is room.
+    /// Start every queued job that passes its gates, while there is room,
+    /// oldest first. The manifests the gates need are read a round's worth
+    /// at once and the jobs that pass start in one commit: a burst of
+    /// submissions starts together, not one store round trip and one sync
+    /// apart.
     pub(super) async fn schedule_once(self: &Arc<Self>) -> Result<(), JobDbError> {
+        // A removed target's space is freed before the gates look at it.
+        self.engine.holdings.drop_unlinked();
         let records = self.store.list()?;
         self.publish_gauges(&records);
-        let queued: Vec<JobRecord> = records.into_iter().filter(|r| r.state == JobState::Queued).collect();
-        for record in queued {
-            if self.shutdown.is_cancelled() || self.live().running.len() >= self.config.jobs_running_max.get() {
-                return Ok(());
+        let now = Instant::now();
+        let mut queued = records.into_iter().filter(|r| {
+            r.state == JobState::Queued && self.live().held.get(&r.spec.id).is_none_or(|h| h.next_try <= now)
+        });
+        let mut starting: Vec<JobRecord> = Vec::new();
+        let mut reserved = Vec::new();
+        let mut never = Vec::new();
+        loop {
+            let room = self.config.jobs_running_max.get().saturating_sub(self.live().running.len() + starting.len());
+            let round: Vec<JobRecord> = queued.by_ref().take(room).collect();
+            if self.shutdown.is_cancelled() || round.is_empty() {
+                break;
             }
-            let id = record.spec.id.clone();
-            if self.live().held.get(&id).is_some_and(|h| h.next_try > Instant::now()) {
-                continue;
-            }
-            // Record changes commit with fsync: off the async threads.
-            let worker = Arc::clone(self);
-            let _ = match self.gate(&record).await {
-                Gate::Pass => tokio::task::spawn_blocking(move || worker.start_run(record)).await,
-                Gate::Hold(reason) => {
-                    self.hold(&id, reason);
-                    Ok(())
+            self.learn_needs(&round).await;
+            for record in round {
+                match self.gate(&record, &reserved) {
+                    Gate::Pass => {
+                        reserved.extend(self.reserved_by(&record));
+                        starting.push(record);
+                    }
+                    Gate::Hold(reason) => self.hold(&record.spec.id, reason),
+                    Gate::Never(reason) => never.push((record, reason)),
                 }
-                Gate::Never(reason) => tokio::task::spawn_blocking(move || worker.fail_queued(&record, reason)).await,
-            };
+            }
         }
+        if starting.is_empty() && never.is_empty() {
+            return Ok(());
+        }
+        // Record changes commit with fsync: off the async threads.
+        let worker = Arc::clone(self);
+        let _ = tokio::task::spawn_blocking(move || {
+            for (record, reason) in never {
+                worker.fail_queued(&record, reason);
+            }
+            worker.start_runs(starting);
+        })
+        .await;
         Ok(())
     }
 
@@ -144,14 +167,19 @@ impl Worker {
         }
     }
 
-    /// Queued → running (compare-and-set), then spawn the run.
-    pub(super) fn start_run(self: &Arc<Self>, record: JobRecord) {
-        let id = record.spec.id.clone();
-        let Ok(resolved) = crate::job::spec::resolve(&record.spec, &self.config) else { return };
-        let cancel = self.shutdown.child_token();
-        let progress = Arc::new(Progress::default());
+    /// Queued → running (compare-and-set, one commit for all of them), then
+    /// spawn their runs.
+    pub(super) fn start_runs(self: &Arc<Self>, records: Vec<JobRecord>) {
+        let records: Vec<_> = records
+            .into_iter()
+            .filter_map(|r| Some((crate::job::spec::resolve(&r.spec, &self.config).ok()?, r)))
+            .collect();
+        if records.is_empty() {
+            return;
+        }
+        let ids: Vec<&str> = records.iter().map(|(_, r)| r.spec.id.as_str()).collect();
         let mut live = self.live();
-        let started = self.store.transition(&id, &[JobState::Queued], None, |r| {
+        let started = self.store.transition_each(&ids, &[JobState::Queued], |r| {
             r.state = JobState::Running;
             r.run += 1;
             r.restart_pending = false;
@@ -159,20 +187,56 @@ impl Worker {
             r.reason = None;
             r.started_unix_secs = Some(unix_now_secs());
         });
-        let restart_pending = record.restart_pending;
-        let record = match started {
-            Ok(r) => r,
+        let started = match started {
+            Ok(started) => started,
             Err(e) => {
-                tracing::info!(job = %id, error = %e, "job changed before it could start");
+                tracing::error!(error = %e, jobs = ?ids, "jobs could not start; retrying");
                 return;
             }
         };
-        live.held.remove(&id);
-        live.needs.remove(&id);
-        live.busy_targets.insert(record.spec.target.clone(), id.clone());
-        live.running
-            .insert(id.clone(), Running { run: record.run, cancel: cancel.clone(), progress: Arc::clone(&progress) });
+        let mut launches = Vec::new();
+        for ((resolved, queued), started) in records.iter().zip(started) {
+            let id = &queued.spec.id;
+            let record = match started {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::info!(job = %id, error = %e, "job changed before it could start");
+                    continue;
+                }
+            };
+            let run = Running {
+                run: record.run,
+                cancel: self.shutdown.child_token(),
+                progress: Arc::new(Progress::default()),
+                target: record.spec.target.clone(),
+                needs: live.needs.remove(id),
+            };
+            live.held.remove(id);
+            live.busy_targets.insert(record.spec.target.clone(), id.clone());
+            launches.push((
+                record,
+                resolved.clone(),
+                queued.restart_pending,
+                run.cancel.clone(),
+                Arc::clone(&run.progress),
+            ));
+            live.running.insert(id.clone(), run);
+        }
         drop(live);
+        for (record, resolved, restart, cancel, progress) in launches {
+            self.launch(record, resolved, restart, cancel, progress);
+        }
+    }
+
+    fn launch(
+        self: &Arc<Self>,
+        record: JobRecord,
+        resolved: crate::job::spec::ResolvedSpec,
+        restart: bool,
+        cancel: CancellationToken,
+        progress: Arc<Progress>,
+    ) {
+        let id = record.spec.id.clone();
         tracing::info!(job = %id, run = record.run, target = %record.spec.target.display(), "job started");
         let spec = RestoreSpec {
             manifest_url: resolved.manifest_url,
@@ -180,9 +244,9 @@ impl Worker {
             secondaries: resolved.secondaries,
             peers: resolved.peers,
             in_place: false,
-            restart: restart_pending,
+            restart,
             blocks: None,
-            job: Some(id.to_string()),
+            job: Some(id),
         };
         let worker = Arc::clone(self);
         if let Some(plan) = resolved.export {
