@@ -8,7 +8,8 @@
 #
 # Builds a seeded volume, snapshots it in SIZE blocks (with NEW) into a tmpfs
 # store served by nginx (/work/shared/bench/nginx.conf.in, port 9080; with
-# --port 9089 also the fixture's latency.conf.in, 30 ms to first byte: W7,
+# --port 9089 also the fixture's latency.conf.in, 30 ms to first byte: W7
+# (--port 9090: the same with delays spread over 22-37 ms, W7s),
 # or W8 with --block-size 256KiB; --port 9083: W3, with the store itself as
 # the file:// secondary), then alternates OLD and NEW restores (fdatasync
 # included; each restore is verified against the manifest outside the timed
@@ -58,7 +59,7 @@ rm -f "$WORK/source.img"
 nginx_write_conf "$CONF_IN" "$RUN" "$WORK/root"
 nginx_start "$RUN"
 OLD_PORT=${OLD_PORT:-$PORT}
-if [[ $PORT == 9089 || $OLD_PORT == 9089 ]]; then nginx_latency_start "$(dirname "$CONF_IN")" "$RUN" "$WORK/root"; fi
+if [[ " 9089 9090 " == *" $PORT "* || " 9089 9090 " == *" $OLD_PORT "* ]]; then nginx_latency_start "$(dirname "$CONF_IN")" "$RUN" "$WORK/root"; fi
 # W3/W4's ports fail some keys on purpose: the store itself is their secondary.
 secondary() { if [[ $1 == 9083 || $1 == 9084 ]]; then echo "--secondary=file://$STORE"; fi; }
 for which in old new; do

@@ -42,6 +42,9 @@
 #          objects rewritten with flipped bytes) exposed as bucket2 on 9080;
 #          rehydrate --secondary file://<good store>
 #       W7 W1's snapshot on the latency port 9089 (rehydrate only)
+#       W7s the same on 9090, whose delays are spread over 22-37 ms (mean
+#           29.5) instead of all 30: W7 over W7s is what the fixed port's
+#           answering in lockstep costs
 #       W8 the volume in 256 KiB blocks on 9089 (rehydrate only)
 #       W8c the same 256 KiB snapshot on the clean port 9080: what the block
 #           size costs without the latency (W8 over W8c is the latency's cost)
@@ -185,7 +188,7 @@ done <"$WORK/corrupted"
 nginx_write_conf "$CONF_IN" "$RUN" "$ROOT" "$ACCESS_LOG"
 sed -i -e 's|^\(    location = /bucket { return 200; }\)$|\1\n    location = /bucket2 { return 200; }|' "$RUN/nginx.conf"
 nginx_start "$RUN"
-if want W7 || want W8; then
+if want W7 || want W7s || want W8; then
     nginx_latency_start "$(dirname "$CONF_IN")" "$RUN" "$ROOT" "$ACCESS_LOG" || exit 1
 fi
 
@@ -405,6 +408,7 @@ for round in $(seq "$RUNS"); do
         rehydrate_round "$round" W5 9080 s3://bucket2/snap/vol.manifest "$WORK/clean.toml" --secondary "file://$STORE"
     fi
     if want W7; then rehydrate_round "$round" W7 9089 s3://bucket/snap/vol.manifest "$WORK/clean.toml"; fi
+    if want W7s; then rehydrate_round "$round" W7s 9090 s3://bucket/snap/vol.manifest "$WORK/clean.toml"; fi
     if want W8; then
         VERIFY=file://$ROOT/bucket/snap256/vol.manifest \
             rehydrate_round "$round" W8 9089 s3://bucket/snap256/vol.manifest "$WORK/clean.toml"

@@ -21,7 +21,8 @@
 #                                      followed by 4 KiB of zeros: zstd makes ~2:1
 #   nginx_latency_start CONF_DIR RUN ROOT [ACCESS_LOG]
 #                                      write RUN/latency.conf from CONF_DIR/latency.conf.in
-#                                      (30 ms to first byte, port 9089) and start it
+#                                      (30 ms to first byte, port 9089; and 9090, the
+#                                      same with delays spread over 22-37 ms) and start it
 #   nginx_latency_stop RUN             stop it if it was started (idempotent)
 
 NGINX_PORTS=(9080 9082 9083 9084)
@@ -112,7 +113,8 @@ nginx_latency_start() {
         else
             sed -e "s|@RUN@|$run|g" -e "s|@ROOT@|$root|g" "$conf_dir/latency.conf.in"
         fi
-    } >"$run/latency.conf"
+    } | sed '$d' >"$run/latency.conf"
+    latency_spread_server "$root" >>"$run/latency.conf"
     if (exec 3<>/dev/tcp/127.0.0.1/9089) 2>/dev/null; then
         echo "nginx_latency_start: port 9089 is in use: stop it and rerun" >&2
         return 1
@@ -122,6 +124,30 @@ nginx_latency_start() {
         (exec 3<>/dev/tcp/127.0.0.1/9089) 2>/dev/null && return 0
         sleep 0.1
     done
+}
+
+# A second server for the latency config (it closes the http block the
+# template leaves open once its last line is dropped): port 9090, the same
+# files, each request's delay spread over 22-37 ms (mean 29.5) by the last hex
+# digit of its random $request_id. The fixed 30 ms port answers every
+# request its one worker read in one pass of its event loop together; these
+# do not line up, as a store's answers do not.
+latency_spread_server() { # ROOT
+    echo '  map $request_id $spread_delay {'
+    local i=0 digit
+    for digit in 0 1 2 3 4 5 6 7 8 9 a b c d e f; do
+        printf '    ~%s$ 0.%03d;\n' "$digit" $((22 + i))
+        i=$((i + 1))
+    done
+    echo '  }'
+    echo '  server {'
+    echo '    listen 127.0.0.1:9090;'
+    echo "    root $1;"
+    echo '    location = /bucket { return 200; }'
+    echo '    location / { echo_sleep $spread_delay; echo_exec @object; }'
+    echo '    location @object { try_files $uri =404; }'
+    echo '  }'
+    echo '}'
 }
 
 nginx_latency_stop() {

@@ -64,7 +64,7 @@ impl Worker {
                 }
             }
         }
-        if starting.is_empty() && never.is_empty() {
+        if self.shutdown.is_cancelled() || (starting.is_empty() && never.is_empty()) {
             return Ok(());
         }
         // Record changes commit with fsync: off the async threads.
