@@ -46,6 +46,7 @@
 #           29.5) instead of all 30: W7 over W7s is what the fixed port's
 #           answering in lockstep costs
 #       W8 the volume in 256 KiB blocks on 9089 (rehydrate only)
+#       W8s the same 256 KiB snapshot on 9090 (delays spread, as W7s)
 #       W8c the same 256 KiB snapshot on the clean port 9080: what the block
 #           size costs without the latency (W8 over W8c is the latency's cost)
 #       W9 a zstd snapshot of data compressing ~2:1 on 9080, throughput in
@@ -151,7 +152,7 @@ echo "e2e: ${SIZE_MIB} MiB volume, $RUNS run(s); binary $BIN; store in $WORK; ta
 seeded_volume "$SEED" "$SIZE_MIB" "$WORK/source.img" || exit 1
 "$BIN" snapshot create --source "$WORK/source.img" --store "file://$STORE" --name vol --block-size 1MiB --json \
     >"$WORK/snapshot.json"
-if want W8 || want W8c; then
+if want W8 || want W8s || want W8c; then
     "$BIN" snapshot create --source "$WORK/source.img" --store "file://$ROOT/bucket/snap256" --name vol \
         --block-size 256KiB --json >/dev/null
 fi
@@ -188,7 +189,7 @@ done <"$WORK/corrupted"
 nginx_write_conf "$CONF_IN" "$RUN" "$ROOT" "$ACCESS_LOG"
 sed -i -e 's|^\(    location = /bucket { return 200; }\)$|\1\n    location = /bucket2 { return 200; }|' "$RUN/nginx.conf"
 nginx_start "$RUN"
-if want W7 || want W7s || want W8; then
+if want W7 || want W7s || want W8 || want W8s; then
     nginx_latency_start "$(dirname "$CONF_IN")" "$RUN" "$ROOT" "$ACCESS_LOG" || exit 1
 fi
 
@@ -412,6 +413,10 @@ for round in $(seq "$RUNS"); do
     if want W8; then
         VERIFY=file://$ROOT/bucket/snap256/vol.manifest \
             rehydrate_round "$round" W8 9089 s3://bucket/snap256/vol.manifest "$WORK/clean.toml"
+    fi
+    if want W8s; then
+        VERIFY=file://$ROOT/bucket/snap256/vol.manifest \
+            rehydrate_round "$round" W8s 9090 s3://bucket/snap256/vol.manifest "$WORK/clean.toml"
     fi
     if want W8c; then
         VERIFY=file://$ROOT/bucket/snap256/vol.manifest \

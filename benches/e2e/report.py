@@ -157,7 +157,7 @@ def table(a):
         return med([r["bytes_per_sec"] for r in rows.get(key, [])])
 
     p = rate(("P", "P: GET stream + fio"))
-    wl_order = ["P", "W1", "W2", "W2b", "W3", "W4", "W5", "W7", "W7s", "W8", "W8c", "W9", "W10", "CPU"]
+    wl_order = ["P", "W1", "W2", "W2b", "W3", "W4", "W5", "W7", "W7s", "W8", "W8s", "W8c", "W9", "W10", "CPU"]
     order.sort(key=lambda k: (wl_order.index(k[0]) if k[0] in wl_order else 99,
                               0 if k[1].endswith(" best") and k[0] == "P" else
                               1 if k[1].startswith("GET") or k[1].startswith("fio") else 2 if k[1].startswith("P") else
@@ -237,7 +237,7 @@ def table(a):
     print(f"load average: {a.load}")
     print("W1 clean 9080 | W2 300 req/s 9082 (rate_limit 300 configured) | W2b the same, nothing configured | W3 1.2 % 500 9083 (+file secondary) | W4 1.2 % at 256 KiB/s 9084 "
           "(+file secondary) | W5 3 corrupt objects, bucket2 on 9080 (+file secondary) | W7 1 MiB blocks, 30 ms to first "
-          "byte 9089 | W7s the same, delays spread over 22-37 ms, 9090 | W8 256 KiB blocks on 9089 | W8c the same on 9080 | W9 zstd blocks of data compressing ~2:1, 9080, volume bytes | "
+          "byte 9089 | W7s the same, delays spread over 22-37 ms, 9090 | W8 256 KiB blocks on 9089 | W8s the same on 9090 | W8c the same on 9080 | W9 zstd blocks of data compressing ~2:1, 9080, volume bytes | "
           "W10 8 restores of 512 MiB at once through one `rehydrate serve`, 9080 (aggregate) | CPU: 1 GiB W1 for CPU per GiB")
     print("P: fio best = the best of the fio configurations (engine, queue depth, block size, jobs), GET stream best = "
           "the best curl parallelism; P = both bests at once. /P: throughput over P; /W1: over rehydrate's W1 in the same "
