@@ -12,10 +12,14 @@
 //! - **Scheduling**: one loop starts queued jobs, oldest first, up to
 //!   `worker.jobs_running_max`. Before a job starts it must pass its gates:
 //!   the previous run on its target has stopped, and the target's filesystem
-//!   has room for what is still to be written plus `worker.target_free_bytes_min`.
-//!   A held job is skipped (the jobs behind it go on) and looked at again with
-//!   doubling backoff; its status names the gate. A job that can never fit
-//!   (needs more than the filesystem's size) fails at once.
+//!   has room for what is still to be written plus `worker.target_free_bytes_min`,
+//!   beyond what the restores running there (or starting in the same round)
+//!   will still write. A held job is skipped (the jobs behind it go on) and
+//!   looked at again with doubling backoff; its status names the gate. A job
+//!   that can never fit (needs more than the filesystem's size) fails at
+//!   once. The manifests a round's gates need are read at once and the jobs
+//!   that pass start in one commit, so jobs submitted together start
+//!   together.
 //! - **Replacement and resume**: a restore derives its work from its target's
 //!   checkpoint, so a replacing job, a resubmitted cancelled job and a job
 //!   resumed after a restart all take over what earlier runs settled.
