@@ -5,6 +5,8 @@
 //! decided in, write, all in one write transaction; otherwise the change is
 //! refused with the state found ([`JobDbError::Conflict`]). So a task that was
 //! cancelled or replaced can never flip the status of a job it no longer owns.
+//! Several jobs' changes can share one transaction (one commit, one sync:
+//! [`JobStore::transition_each`]), each still its own compare-and-set.
 //!
 //! Limits: records are a few hundred bytes plus the damage report (cut to
 //! [`DAMAGE_RECORDED_MAX`] blocks); at most `worker.jobs_records_max` are kept,
