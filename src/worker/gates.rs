@@ -39,9 +39,10 @@ impl Worker {
     }
 
     /// The gates a queued job passes before it starts (its needs read by
-    /// [`learn_needs`](Self::learn_needs)). `starting`: the jobs that passed
-    /// earlier in this round and have not started yet.
-    pub(super) fn gate(&self, record: &JobRecord, starting: &[Reserved]) -> Gate {
+    /// [`learn_needs`](Self::learn_needs)). `starting`: what the jobs that
+    /// passed earlier in this round will write; a job that passes adds its
+    /// own.
+    pub(super) fn gate(&self, record: &JobRecord, starting: &mut Vec<Reserved>) -> Gate {
         let holder = self.live().busy_targets.get(&record.spec.target).cloned();
         if let Some(holder) = holder {
             return Gate::Hold(format!(
@@ -60,13 +61,16 @@ impl Worker {
         let dir = crate::target::parent_dir(&record.spec.target);
         let already = staged_bytes(&record.spec.target);
         let space = filesystem_bytes(&dir).and_then(|space| Ok((space, device_of(&dir)?)));
-        match space {
-            Ok(((free, total), device)) => {
-                let reserved = self.reserved_on(device, starting);
-                space_gate(needed, already, free, total, self.config.target_free_bytes_min, reserved)
-            }
-            Err(e) => Gate::Hold(format!("free space of {}: {e}", dir.display())),
+        let ((free, total), device) = match space {
+            Ok(space) => space,
+            Err(e) => return Gate::Hold(format!("free space of {}: {e}", dir.display())),
+        };
+        let reserved = self.reserved_on(device, starting);
+        let gate = space_gate(needed, already, free, total, self.config.target_free_bytes_min, reserved);
+        if gate == Gate::Pass {
+            starting.push(Reserved { device, bytes: needed.saturating_sub(already) });
         }
+        gate
     }
 
     /// Bytes the running restores (and `starting`) on filesystem `device`
@@ -82,14 +86,6 @@ impl Worker {
         let running: u64 = running.map(|(target, needs)| needs.saturating_sub(staged_bytes(target))).sum();
         let starting: u64 = starting.iter().filter(|s| s.device == device).map(|s| s.bytes).sum();
         running.saturating_add(starting)
-    }
-
-    /// What a job that passed its gate holds on its filesystem until it
-    /// starts (`None`: nothing, a block device or needs not known).
-    pub(super) fn reserved_by(&self, record: &JobRecord) -> Option<Reserved> {
-        let needed = self.live().needs.get(&record.spec.id).copied()?;
-        let device = device_of(&crate::target::parent_dir(&record.spec.target)).ok()?;
-        Some(Reserved { device, bytes: needed.saturating_sub(staged_bytes(&record.spec.target)) })
     }
 
     pub(super) async fn manifest_bytes(&self, manifest_url: &str) -> Option<u64> {

@@ -54,11 +54,8 @@ impl Worker {
             }
             self.learn_needs(&round).await;
             for record in round {
-                match self.gate(&record, &reserved) {
-                    Gate::Pass => {
-                        reserved.extend(self.reserved_by(&record));
-                        starting.push(record);
-                    }
+                match self.gate(&record, &mut reserved) {
+                    Gate::Pass => starting.push(record),
                     Gate::Hold(reason) => self.hold(&record.spec.id, reason),
                     Gate::Never(reason) => never.push((record, reason)),
                 }

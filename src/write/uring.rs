@@ -174,10 +174,7 @@ async fn handle_group(file: Rc<Fds<tokio_uring::fs::File>>, group: Vec<Request>)
         }
     }
     let vectored = |bufs: Vec<Bytes>, at: u64| async move { direct.writev_at(bufs, at).await.0 };
-    let single = |bytes: Bytes, at: u64| {
-        let file = Rc::clone(&file);
-        async move { write_all_at(bytes, at, |buf, at| write_at(Rc::clone(&file), buf, at)).await }
-    };
+    let single = |bytes: Bytes, at: u64| write_block(Rc::clone(&file), bytes, at);
     let (results, covered) = write_group(&blocks, vectored, single).await;
     file.count_merged(covered);
     for ((reply, permit), result) in replies.into_iter().zip(results) {
@@ -189,13 +186,17 @@ async fn handle_group(file: Rc<Fds<tokio_uring::fs::File>>, group: Vec<Request>)
 async fn handle(file: Rc<Fds<tokio_uring::fs::File>>, request: Request) {
     match request {
         Request::Write { offset, bytes, reply, _permit } => {
-            let result = write_all_at(bytes, offset, |buf, at| write_at(Rc::clone(&file), buf, at)).await;
-            let _ = reply.send(result);
+            let _ = reply.send(write_block(file, bytes, offset).await);
         }
         Request::Sync { reply, _permit } => {
             let _ = reply.send(sync_data(&file.buffered).await);
         }
     }
+}
+
+/// All of one block at `offset`, short writes resubmitted.
+async fn write_block(file: Rc<Fds<tokio_uring::fs::File>>, bytes: Bytes, offset: u64) -> io::Result<()> {
+    write_all_at(bytes, offset, |buf, at| write_at(Rc::clone(&file), buf, at)).await
 }
 
 /// One write through the ring: through the `O_DIRECT` descriptor when `buf`

@@ -126,9 +126,11 @@ impl Client {
 
     /// The receive buffer for an answer of at most `answer_len_bytes` body
     /// bytes: none below [`SIZED_ANSWER_MIN_BYTES`] (the kernel's own sizing
-    /// serves those better); else the body and a head, rounded up to a power
-    /// of two (so blocks of one size need no resizing between requests), at
-    /// most the cap.
+    /// serves those better; a connection sized for a larger answer before
+    /// keeps that size, since the kernel does not tune a buffer set by hand
+    /// again); else the body and a head, rounded up to a power of two (so
+    /// blocks of one size need no resizing between requests), at most the
+    /// cap.
     fn receive_buffer_for(&self, answer_len_bytes: u64) -> Option<usize> {
         let cap = self.receive_buffer_bytes?;
         if answer_len_bytes < SIZED_ANSWER_MIN_BYTES {
