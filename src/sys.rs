@@ -1,5 +1,6 @@
 //! The raw calls into the kernel that std does not wrap, in one place: the
-//! space of a filesystem (`statvfs`), the size of a block device
+//! space of a filesystem (`statvfs`), allocating part of a file
+//! (`fallocate`), the size of a block device
 //! (`BLKGETSIZE64`) and the page size through rustix; open-file-description range locks
 //! (`F_OFD_SETLK`) and whether a process exists (`kill(pid, 0)`) through libc,
 //! which rustix does not cover. Everything else uses std.
@@ -32,6 +33,19 @@ pub fn filesystem_space(path: &Path) -> io::Result<FilesystemSpace> {
 /// arm64 kernel with 16 or 64 KiB pages).
 pub fn blocks_are_whole_pages() -> bool {
     crate::block::BLOCK_SIZE_MIN_BYTES.is_multiple_of(rustix::param::page_size() as u32)
+}
+
+/// Allocate the bytes `offset..offset + len` of the regular file `file`
+/// (`fallocate(2)`, mode 0, the file's size unchanged since the range is
+/// inside it): holes in the range get extents that read as zeros, bytes
+/// already there are left as they are. `EINTR` is retried.
+pub fn allocate_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    loop {
+        match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), offset, len) {
+            Err(rustix::io::Errno::INTR) => continue,
+            result => return result.map_err(io::Error::from),
+        }
+    }
 }
 
 /// `BLKGETSIZE64 = _IOR(0x12, 114, size_t)`: a block device's size in bytes.

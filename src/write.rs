@@ -169,6 +169,12 @@ pub struct WriterConfig {
     pub queue_depth: NonZeroUsize,
     /// Threads of the pwrite backend.
     pub pwrite_threads: NonZeroUsize,
+    /// Allocate a staging file's blocks (the snapshot's stored blocks in the
+    /// restore's range) with `fallocate` before the first write: the room is
+    /// taken at the start, so a filesystem filling up under a running
+    /// restore cannot fail it, and direct writes land in allocated extents
+    /// (see `restore/allocate.rs`).
+    pub preallocate: bool,
 }
 
 impl Default for WriterConfig {
@@ -187,6 +193,11 @@ impl Default for WriterConfig {
             // Buffered pwrites mostly copy into the page cache; 4 threads keep
             // a disk busy without crowding a small machine's cores.
             pwrite_threads: NonZeroUsize::new(4).expect("4 is not zero"),
+            // A direct write into a hole makes ext4 and xfs allocate, which
+            // io_uring cannot do without blocking: it hands each such write
+            // to a kernel worker thread, a wake-up and a context switch per
+            // block. Into allocated extents the write is issued inline.
+            preallocate: true,
         }
     }
 }

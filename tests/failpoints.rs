@@ -1,4 +1,4 @@
-//! I/O failures at the durability edges, injected with fail points (and one
+//! I/O failures at the durability edges, injected with fail points (and
 //! real ENOSPC on a small tmpfs): the restore fails clearly, counts nothing
 //! as settled past the last successful fdatasync, leaves nothing behind, and
 //! a rerun succeeds.
@@ -45,6 +45,11 @@ const BLOCK_DELAY: Duration = Duration::from_millis(10);
 struct Fixture {
     dir: tempfile::TempDir,
     engine: Engine,
+    /// The engine's config and the slow store, for another engine over the
+    /// same snapshot and state ([`Fixture::engine_with`]).
+    config: rehydrate::config::Config,
+    root: PathBuf,
+    slow: Arc<FaultStore>,
     state: PathBuf,
     url: String,
     manifest: Manifest,
@@ -72,9 +77,18 @@ impl Fixture {
             concurrency_max: NonZeroUsize::new(2).unwrap(),
             ..AdaptiveConcurrencyConfig::default()
         };
+        let engine = Engine::new(config.clone());
+        engine.register_remote_store(StoreUrl::File { root: root.clone() }, slow.clone()).unwrap();
+        Fixture { dir, engine, config, root, slow, state, url, manifest, vol }
+    }
+
+    /// An engine like the fixture's, with `write.preallocate` as given.
+    fn engine_with(&self, preallocate: bool) -> Engine {
+        let mut config = self.config.clone();
+        config.write.preallocate = preallocate;
         let engine = Engine::new(config);
-        engine.register_remote_store(StoreUrl::File { root }, slow).unwrap();
-        Fixture { dir, engine, state, url, manifest, vol }
+        engine.register_remote_store(StoreUrl::File { root: self.root.clone() }, self.slow.clone()).unwrap();
+        engine
     }
 
     fn out(&self) -> PathBuf {
@@ -253,28 +267,41 @@ impl Drop for Tmpfs {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_enospc_on_a_full_filesystem_fails_cleanly_and_a_rerun_succeeds() {
-    let _serial = serial();
-    let scenario = fail::FailScenario::setup();
-    let fx = Fixture::new().await;
-    // Room for the restore when it starts (its free-space check passes),
-    // then the filesystem fills up under it.
-    let Some(tmpfs) = Tmpfs::mount(&fx.dir.path().join("small"), "8m") else {
-        return;
-    };
-    let target = tmpfs.0.join("vol.img");
+/// Restore into `target` while another writer fills its filesystem, once
+/// the restore has written something.
+async fn restore_while_filling(
+    engine: &Engine,
+    url: &str,
+    target: &Path,
+    filler: &Path,
+) -> Result<RestoreReport, RestoreError> {
     let progress = Arc::new(Progress::default());
-    let restore = fx.restore(&target, &progress);
+    let (spec, cancel) = (spec(url, target), CancellationToken::new());
+    let restore = rehydrate::restore::restore(engine, &spec, &progress, &cancel);
     let fill = async {
         let started = Instant::now();
         while progress.bytes_written.load(Ordering::Relaxed) == 0 {
             assert!(started.elapsed() < Duration::from_secs(60), "nothing written");
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        fill_up(&tmpfs.0.join("filler"));
+        fill_up(filler);
     };
-    let (result, ()) = tokio::join!(restore, fill);
+    tokio::join!(restore, fill).0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_enospc_on_a_full_filesystem_fails_cleanly_and_a_rerun_succeeds() {
+    let _serial = serial();
+    let scenario = fail::FailScenario::setup();
+    let fx = Fixture::new().await;
+    // Room for the restore when it starts (its free-space check passes),
+    // then the filesystem fills up under it: without preallocation (off, or
+    // a filesystem without fallocate) a write meets ENOSPC.
+    let Some(tmpfs) = Tmpfs::mount(&fx.dir.path().join("small"), "8m") else {
+        return;
+    };
+    let target = tmpfs.0.join("vol.img");
+    let result = restore_while_filling(&fx.engine_with(false), &fx.url, &target, &tmpfs.0.join("filler")).await;
     let err = result.unwrap_err();
     assert!(matches!(err, RestoreError::Io(_)), "expected Io, got {err}");
     assert!(err.to_string().contains("No space left on device"), "{err}");
@@ -284,6 +311,82 @@ async fn real_enospc_on_a_full_filesystem_fails_cleanly_and_a_rerun_succeeds() {
 
     std::fs::remove_file(tmpfs.0.join("filler")).unwrap();
     fx.rerun_succeeds(&target).await;
+    drop(tmpfs);
+    scenario.teardown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filesystem_filling_up_under_a_preallocated_restore_does_not_fail_it() {
+    let _serial = serial();
+    let scenario = fail::FailScenario::setup();
+    let fx = Fixture::new().await;
+    assert!(fx.config.write.preallocate, "preallocation is the default");
+    let Some(tmpfs) = Tmpfs::mount(&fx.dir.path().join("small"), "8m") else {
+        return;
+    };
+    let target = tmpfs.0.join("vol.img");
+    let filler = tmpfs.0.join("filler");
+    let report = restore_while_filling(&fx.engine, &fx.url, &target, &filler).await.unwrap();
+    check_ledger(&report, &fx.manifest);
+    check_identical(&fx.manifest, &fx.vol, &target);
+    // The filler did fill the filesystem: the restore's room was taken first.
+    let free = rehydrate::sys::filesystem_space(&tmpfs.0).unwrap().available_bytes;
+    assert!(free < 64 * 1024, "{free} bytes still free: the filler stopped early");
+    assert!(std::fs::metadata(&filler).unwrap().len() > 0);
+    drop(tmpfs);
+    scenario.teardown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_restore_without_room_is_refused_before_it_fetches_and_keeps_its_progress() {
+    let _serial = serial();
+    let scenario = fail::FailScenario::setup();
+    let fx = Fixture::new().await;
+    let Some(tmpfs) = Tmpfs::mount(&fx.dir.path().join("small"), "8m") else {
+        return;
+    };
+    let target = tmpfs.0.join("vol.img");
+    // A first run without preallocation stops after a few settles: its
+    // staging file holds only what it wrote.
+    let sparse = fx.engine_with(false);
+    let progress = Arc::new(Progress::default());
+    let cancel = CancellationToken::new();
+    let stop = async {
+        while progress.blocks_settled.load(Ordering::Relaxed) < 8 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        cancel.cancel();
+    };
+    let first_spec = spec(&fx.url, &target);
+    let (first, ()) = tokio::join!(rehydrate::restore::restore(&sparse, &first_spec, &progress, &cancel), stop);
+    assert!(matches!(first, Err(RestoreError::Interrupted(_))), "{first:?}");
+    let staging = staging_files(&tmpfs.0);
+    assert_eq!(staging.len(), 1);
+    let checkpoint = std::fs::read(fx.checkpoint_path(&target)).unwrap();
+    let settled = Checkpoint::decode(&checkpoint).unwrap().settled().settled_count();
+    assert!((8..BLOCKS).contains(&settled), "{settled} blocks settled");
+
+    // The filesystem fills up; the resumed run cannot take the room for the
+    // rest: a real ENOSPC from fallocate, before any block is fetched.
+    // (Two blocks' worth stays free: room for its lock file, not its blocks.)
+    let filler = tmpfs.0.join("filler");
+    fill_up(&filler);
+    let filled = std::fs::metadata(&filler).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&filler).unwrap().set_len(filled - 2 * u64::from(BLOCK)).unwrap();
+    let progress = Arc::new(Progress::default());
+    let err = fx.restore(&target, &progress).await.unwrap_err();
+    assert!(matches!(err, RestoreError::Refused(_)), "expected Refused, got {err}");
+    let message = err.to_string();
+    assert!(message.contains("no room for the restore's blocks") && message.contains("free space"), "{message}");
+    assert_eq!(progress.bytes_written.load(Ordering::Relaxed), 0, "nothing written");
+    // Its progress is kept: the same staging file, the same checkpoint.
+    assert_eq!(staging_files(&tmpfs.0), staging);
+    assert_eq!(std::fs::read(fx.checkpoint_path(&target)).unwrap(), checkpoint);
+
+    // Room again: the rerun resumes and finishes.
+    std::fs::remove_file(&filler).unwrap();
+    let report = fx.rerun_succeeds(&target).await;
+    assert!(report.blocks_resumed >= settled, "{} resumed, {settled} settled", report.blocks_resumed);
     drop(tmpfs);
     scenario.teardown();
 }

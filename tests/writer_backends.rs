@@ -61,6 +61,7 @@ fn config(backend: BackendChoice, direct_io: DirectIo, queue_depth: usize, pwrit
         direct_io,
         queue_depth: NonZeroUsize::new(queue_depth).unwrap(),
         pwrite_threads: NonZeroUsize::new(pwrite_threads).unwrap(),
+        ..WriterConfig::default()
     }
 }
 
