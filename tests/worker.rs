@@ -908,14 +908,29 @@ async fn a_held_job_starts_once_space_is_freed() {
     server.stop().await;
 }
 
+/// Without preallocation (off, or a filesystem without `fallocate`) a
+/// running restore's target is sparse until written: the gate counts what it
+/// will still write, not the free space it has not taken yet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_waits_for_the_space_a_running_restore_will_still_write() {
+    second_job_waits_for_the_space_of_the_first(false).await;
+}
+
+/// With preallocation the running restore has taken its room at its start:
+/// the free space says so, and it will write nothing more than it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waits_for_the_space_a_running_restore_took() {
+    second_job_waits_for_the_space_of_the_first(true).await;
+}
+
+async fn second_job_waits_for_the_space_of_the_first(preallocate: bool) {
     let f = Fixture::new(45).await;
     let needs = f.manifest.block_bytes_total();
     // Room for one restore of this snapshot and a half.
     let Some(small) = Tmpfs::mount(&format!("{}k", needs * 3 / 2 / 1024)) else { return };
     let mut config = f.config();
     config.worker.target_roots = vec![f.roots(), small.dir.path().to_owned()];
+    config.write.preallocate = preallocate;
     // Every block waits until opened: the first restore runs, having
     // written nothing yet.
     let engine = Engine::new(config);
@@ -928,14 +943,22 @@ async fn a_job_waits_for_the_space_a_running_restore_will_still_write() {
     let second = small.dir.path().join("second.img");
     assert_eq!(submit(&server.client, &f.spec("first", &first)).await.status.as_u16(), 201);
     wait_for(&server.client, "first", "running", |j| state(j) == "running").await;
-    // The filesystem's free space would hold the second one now, but not
-    // once the first has written its blocks.
     let (free, _) = rehydrate::worker::filesystem_bytes(small.dir.path()).unwrap();
-    assert!(free >= needs, "the tmpfs has {free} bytes free, less than one restore ({needs})");
+    // Without preallocation the free space would hold the second one now,
+    // but not once the first has written its blocks; with it, the first's
+    // room is gone already.
+    let still_write = if preallocate {
+        assert!(free < needs, "the tmpfs has {free} bytes free: the first restore took no room ({needs})");
+        0
+    } else {
+        assert!(free >= needs, "the tmpfs has {free} bytes free, less than one restore ({needs})");
+        needs
+    };
     assert_eq!(submit(&server.client, &f.spec("second", &second)).await.status.as_u16(), 201);
     let held = wait_for(&server.client, "second", "held", |j| j["held_by"].is_string()).await;
     assert_eq!(state(&held), "queued", "{held:#}");
-    assert!(held["held_by"].as_str().unwrap().contains("will still write"), "{held:#}");
+    let reason = held["held_by"].as_str().unwrap();
+    assert!(reason.contains(&format!("will still write {still_write} ")), "{held:#}");
     // The first finishes whole; the second still does not fit beside it.
     open.send_replace(true);
     let job = wait_for(&server.client, "first", "succeeded", |j| state(j) == "succeeded").await;
