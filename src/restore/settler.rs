@@ -250,7 +250,7 @@ impl Settler {
     /// names a block that was not durable when it was written.
     pub(super) async fn settle(&mut self) -> Result<(), RestoreError> {
         if self.written.is_empty() {
-            return self.save_if_dirty();
+            return self.save_if_dirty().await;
         }
         fail::fail_point!("settle-before-sync");
         let started = Instant::now();
@@ -284,7 +284,7 @@ impl Settler {
         self.progress.set_stalled(self.read_stall());
         fail::fail_point!("settle-before-checkpoint");
         self.dirty = true;
-        self.save_if_dirty()?;
+        self.save_if_dirty().await?;
         self.release_settled();
         Ok(())
     }
@@ -296,13 +296,20 @@ impl Settler {
         self.unsettled_bytes = 0;
     }
 
-    pub(super) fn save_if_dirty(&mut self) -> Result<(), RestoreError> {
+    pub(super) async fn save_if_dirty(&mut self) -> Result<(), RestoreError> {
         if !self.dirty {
             return Ok(());
         }
         if let Some(durable) = &self.durable {
             self.checkpoint.set_updated_unix_secs(unix_now_secs());
-            if let Err(e) = durable.save(&self.checkpoint) {
+            // A save writes, fsyncs and renames a file: it waits on a
+            // blocking thread, not on one of the runtime's workers, which
+            // the restore's fetches need (two of them on a 2-core machine).
+            let (durable, checkpoint) = (durable.clone(), self.checkpoint.clone());
+            let saved = tokio::task::spawn_blocking(move || durable.save(&checkpoint))
+                .await
+                .unwrap_or_else(|e| Err(RestoreError::Io(format!("saving the checkpoint: {e}"))));
+            if let Err(e) = saved {
                 self.checkpoint_save_failed = true;
                 return Err(e);
             }
