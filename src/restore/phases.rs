@@ -159,7 +159,7 @@ async fn restore_validated(
     progress.set_phase(Phase::Allocate);
     let durable = Durable::open(engine, spec, blocks, &snapshot.layout())?;
     let Some(Allocated { target, checkpoint, mut staging, writer }) =
-        allocate_phase(engine, spec, &*snapshot, blocks, durable.as_ref(), run.publish.is_some())?
+        allocate_phase(engine, spec, &*snapshot, blocks, durable.as_ref(), run.publish.is_some()).await?
     else {
         if let Some(d) = &durable {
             d.remove();
