@@ -391,6 +391,34 @@ async fn a_resumed_restore_without_room_is_refused_before_it_fetches_and_keeps_i
     scenario.teardown();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_restore_without_room_is_refused_and_leaves_no_checkpoint() {
+    let _serial = serial();
+    let scenario = fail::FailScenario::setup();
+    let fx = Fixture::new().await;
+    let Some(tmpfs) = Tmpfs::mount(&fx.dir.path().join("small"), "8m") else {
+        return;
+    };
+    let target = tmpfs.0.join("vol.img");
+    // Two blocks' worth free: room for the lock file, not for the volume.
+    let filler = tmpfs.0.join("filler");
+    fill_up(&filler);
+    let filled = std::fs::metadata(&filler).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&filler).unwrap().set_len(filled - 2 * u64::from(BLOCK)).unwrap();
+    let progress = Arc::new(Progress::default());
+    let err = fx.restore(&target, &progress).await.unwrap_err();
+    assert!(matches!(err, RestoreError::Refused(_)), "expected Refused, got {err}");
+    assert!(err.to_string().contains("free space"), "{err}");
+    assert_eq!(progress.bytes_written.load(Ordering::Relaxed), 0, "nothing written");
+    assert_eq!(staging_files(&tmpfs.0), Vec::<String>::new());
+    // No checkpoint either: the rerun is not told its staging file is gone.
+    assert!(!fx.checkpoint_path(&target).exists(), "a refused fresh restore left its checkpoint");
+    std::fs::remove_file(&filler).unwrap();
+    fx.rerun_succeeds(&target).await;
+    drop(tmpfs);
+    scenario.teardown();
+}
+
 /// Write to `path` until the filesystem is full.
 fn fill_up(path: &Path) {
     use std::io::Write;

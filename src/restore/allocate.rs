@@ -225,8 +225,7 @@ pub(super) fn check_free_space(target: &Target, snapshot: &dyn Snapshot) -> Resu
 }
 
 /// Allocate the staging file's blocks this restore will write (see the
-/// module doc).
-/// The calls wait on a blocking thread: one `fallocate` of 16 GiB took
+/// module doc). The calls wait on a blocking thread: one `fallocate` of 16 GiB took
 /// 80 ms on ext4 here, and a volume whose stored blocks alternate with zero
 /// ones takes a call per block (12 µs each).
 async fn preallocate(target: &Target, snapshot: &dyn Snapshot, blocks: BlockRange) -> Result<(), RestoreError> {
