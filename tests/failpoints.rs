@@ -82,6 +82,14 @@ impl Fixture {
         Fixture { dir, engine, config, root, slow, state, url, manifest, vol }
     }
 
+    /// An 8 MiB tmpfs (room for the volume and a third) and a target on it;
+    /// `None` (the test skips) where mount is not allowed.
+    fn small_filesystem(&self) -> Option<(Tmpfs, PathBuf)> {
+        let tmpfs = Tmpfs::mount(&self.dir.path().join("small"), "8m")?;
+        let target = tmpfs.0.join("vol.img");
+        Some((tmpfs, target))
+    }
+
     /// An engine like the fixture's, with `write.preallocate` as given.
     fn engine_with(&self, preallocate: bool) -> Engine {
         let mut config = self.config.clone();
@@ -297,10 +305,9 @@ async fn real_enospc_on_a_full_filesystem_fails_cleanly_and_a_rerun_succeeds() {
     // Room for the restore when it starts (its free-space check passes),
     // then the filesystem fills up under it: without preallocation (off, or
     // a filesystem without fallocate) a write meets ENOSPC.
-    let Some(tmpfs) = Tmpfs::mount(&fx.dir.path().join("small"), "8m") else {
+    let Some((tmpfs, target)) = fx.small_filesystem() else {
         return;
     };
-    let target = tmpfs.0.join("vol.img");
     let result = restore_while_filling(&fx.engine_with(false), &fx.url, &target, &tmpfs.0.join("filler")).await;
     let err = result.unwrap_err();
     assert!(matches!(err, RestoreError::Io(_)), "expected Io, got {err}");
@@ -321,10 +328,9 @@ async fn a_filesystem_filling_up_under_a_preallocated_restore_does_not_fail_it()
     let scenario = fail::FailScenario::setup();
     let fx = Fixture::new().await;
     assert!(fx.config.write.preallocate, "preallocation is the default");
-    let Some(tmpfs) = Tmpfs::mount(&fx.dir.path().join("small"), "8m") else {
+    let Some((tmpfs, target)) = fx.small_filesystem() else {
         return;
     };
-    let target = tmpfs.0.join("vol.img");
     let filler = tmpfs.0.join("filler");
     let report = restore_while_filling(&fx.engine, &fx.url, &target, &filler).await.unwrap();
     check_ledger(&report, &fx.manifest);
@@ -342,10 +348,9 @@ async fn a_resumed_restore_without_room_is_refused_before_it_fetches_and_keeps_i
     let _serial = serial();
     let scenario = fail::FailScenario::setup();
     let fx = Fixture::new().await;
-    let Some(tmpfs) = Tmpfs::mount(&fx.dir.path().join("small"), "8m") else {
+    let Some((tmpfs, target)) = fx.small_filesystem() else {
         return;
     };
-    let target = tmpfs.0.join("vol.img");
     // A first run without preallocation stops after a few settles: its
     // staging file holds only what it wrote.
     let sparse = fx.engine_with(false);
@@ -370,9 +375,7 @@ async fn a_resumed_restore_without_room_is_refused_before_it_fetches_and_keeps_i
     // rest: a real ENOSPC from fallocate, before any block is fetched.
     // (Two blocks' worth stays free: room for its lock file, not its blocks.)
     let filler = tmpfs.0.join("filler");
-    fill_up(&filler);
-    let filled = std::fs::metadata(&filler).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&filler).unwrap().set_len(filled - 2 * u64::from(BLOCK)).unwrap();
+    fill_up_leaving(&filler, 2 * u64::from(BLOCK));
     let progress = Arc::new(Progress::default());
     let err = fx.restore(&target, &progress).await.unwrap_err();
     assert!(matches!(err, RestoreError::Refused(_)), "expected Refused, got {err}");
@@ -396,15 +399,12 @@ async fn a_fresh_restore_without_room_is_refused_and_leaves_no_checkpoint() {
     let _serial = serial();
     let scenario = fail::FailScenario::setup();
     let fx = Fixture::new().await;
-    let Some(tmpfs) = Tmpfs::mount(&fx.dir.path().join("small"), "8m") else {
+    let Some((tmpfs, target)) = fx.small_filesystem() else {
         return;
     };
-    let target = tmpfs.0.join("vol.img");
     // Two blocks' worth free: room for the lock file, not for the volume.
     let filler = tmpfs.0.join("filler");
-    fill_up(&filler);
-    let filled = std::fs::metadata(&filler).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&filler).unwrap().set_len(filled - 2 * u64::from(BLOCK)).unwrap();
+    fill_up_leaving(&filler, 2 * u64::from(BLOCK));
     let progress = Arc::new(Progress::default());
     let err = fx.restore(&target, &progress).await.unwrap_err();
     assert!(matches!(err, RestoreError::Refused(_)), "expected Refused, got {err}");
@@ -417,6 +417,13 @@ async fn a_fresh_restore_without_room_is_refused_and_leaves_no_checkpoint() {
     fx.rerun_succeeds(&target).await;
     drop(tmpfs);
     scenario.teardown();
+}
+
+/// Fill the filesystem with `path`, then give back `free_bytes` of it.
+fn fill_up_leaving(path: &Path, free_bytes: u64) {
+    fill_up(path);
+    let filled = std::fs::metadata(path).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(path).unwrap().set_len(filled - free_bytes).unwrap();
 }
 
 /// Write to `path` until the filesystem is full.
