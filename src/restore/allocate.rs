@@ -298,9 +298,12 @@ pub(super) struct Allocated {
 }
 
 /// Allocate: open the target and the checkpoint that belongs to it, check
-/// the room a restore from the beginning needs, start the writer (`live`:
-/// for a volume served while it is restored). `None`: the target in place is
-/// already the whole restore.
+/// the room a restore from the beginning needs, take it, start the writer
+/// (`live`: for a volume served while it is restored). `None`: the target in
+/// place is already the whole restore. When a step after the opening fails,
+/// a fresh staging file goes (the guard) and so does the checkpoint saved
+/// for it, so a rerun starts clean; a resumed one keeps its staging file and
+/// checkpoint for the rerun.
 pub(super) async fn allocate_phase(
     engine: &Engine,
     spec: &RestoreSpec,
@@ -314,33 +317,43 @@ pub(super) async fn allocate_phase(
         Allocation::AlreadyRestored => return Ok(None),
     };
     let mut staging = StagingGuard::new(&target);
+    match prepare(engine, &target, &checkpoint, snapshot, blocks, live).await {
+        Ok(writer) => Ok(Some(Allocated { target, checkpoint, staging, writer })),
+        Err(e) => {
+            match (target.fresh, durable) {
+                (true, Some(d)) => d.remove(),
+                (true, None) => {}
+                (false, _) => staging.disarm(),
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The opened target's room (checked from the beginning, taken when
+/// preallocating) and its writer.
+async fn prepare(
+    engine: &Engine,
+    target: &Target,
+    checkpoint: &Checkpoint,
+    snapshot: &dyn Snapshot,
+    blocks: BlockRange,
+    live: bool,
+) -> Result<Writer, RestoreError> {
     let blocks_resumed = checkpoint.settled().settled_count();
-    let room = if blocks_resumed == 0 {
-        check_free_space(&target, snapshot)
+    if blocks_resumed == 0 {
+        check_free_space(target, snapshot)?;
     } else {
         tracing::info!(
             blocks_resumed,
             percent = 100.0 * blocks_resumed as f64 / blocks.len() as f64,
             "resuming from checkpoint"
         );
-        Ok(())
-    };
-    let room = match room {
-        Ok(()) if engine.config.write.preallocate && target.staged => preallocate(&target, snapshot, blocks).await,
-        room => room,
-    };
-    if let Err(e) = room {
-        // A fresh staging file goes (the guard) and so does the checkpoint
-        // saved for it; a resumed one keeps its progress for a rerun.
-        match (target.fresh, durable) {
-            (true, Some(d)) => d.remove(),
-            (true, None) => {}
-            (false, _) => staging.disarm(),
-        }
-        return Err(e);
     }
-    let writer_file =
-        target.file.try_clone().map_err(|e| io_error(&target, "cannot duplicate the target handle", e))?;
+    if engine.config.write.preallocate && target.staged {
+        preallocate(target, snapshot, blocks).await?;
+    }
+    let writer_file = target.file.try_clone().map_err(|e| io_error(target, "cannot duplicate the target handle", e))?;
     let mut write = engine.config.write.clone();
     if live && !crate::sys::blocks_are_whole_pages() {
         // The export reads and writes the target through the page cache;
@@ -349,8 +362,7 @@ pub(super) async fn allocate_phase(
         // while it is restored").
         write.direct_io = crate::write::DirectIo::Off;
     }
-    let writer = Writer::open(writer_file, &write).map_err(|e| io_error(&target, "cannot start the writer", e))?;
-    Ok(Some(Allocated { target, checkpoint, staging, writer }))
+    Writer::open(writer_file, &write).map_err(|e| io_error(target, "cannot start the writer", e))
 }
 
 #[cfg(test)]
