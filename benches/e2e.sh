@@ -61,12 +61,23 @@
 #  4. Runs benches/nbd.sh (the NBD export: first byte, read latency, throughput
 #     while a client reads) at the same size and rounds; E2E_NBD=0 skips it.
 #
+# The reference client (issue 16): wrk fetching every object of W1's, W7's,
+# W8's and W8c's snapshot once each (benches/e2e/once.lua), with as many
+# connections as rehydrate's window admits at the default budget (120 of
+# 1 MiB, 409 of 256 KiB), right after rehydrate on the same shape: a C client
+# that only receives, so its W7, W8 and W8c over its own W1 are what the
+# fixture (one nginx worker on the same two cores, loopback) leaves of W1
+# for those shapes whatever the client. Skipped, with a line saying so,
+# when wrk is not installed (apt-get install -y wrk) or E2E_WRK=0.
+#
 # CPU seconds per GiB are whole-machine busy jiffies (user+nice+system+irq+
 # softirq+steal from /proc/stat) over the timed window, divided by the GiB
 # moved: they include nginx, the kernel, and anything else running. "own
 # CPU" is the client process's user+sys (GNU time; W10: the worker's
 # /proc/PID/stat over the window). Peak RSS is GNU time's %M of the client
-# process (W10: the worker's VmHWM, the peak since it started).
+# process (W10: the worker's VmHWM, the peak since it started). "server
+# CPU" is nginx's worker processes' user+sys over the window (both nginx
+# instances), on the same cores as the client.
 #
 # Needs: nginx, fio, s5cmd, curl, python3, openssl, /usr/bin/time. Installs
 # nothing: if something is missing it says what and how to install it, and
@@ -80,6 +91,7 @@
 #      SEED          (default 1) volume seed
 #      E2E_ONLY      workloads to run, e.g. "P W1 W3 W4" (default: all)
 #      E2E_S5CMD     0: leave s5cmd out (default 1)
+#      E2E_WRK       0: leave the reference client (wrk) out (default 1)
 #      REHYDRATE_OLD a second binary (the one before a change): on the
 #                    workloads in E2E_OLD_ON (default "W1 W7 W8 W9 CPU") it
 #                    restores right after BIN, as the row "rehydrate old"
@@ -107,6 +119,11 @@ S5CMD_WORKERS=${S5CMD_WORKERS:-32 64 128}
 SEED=${SEED:-1}
 E2E_ONLY=${E2E_ONLY:-}
 E2E_S5CMD=${E2E_S5CMD:-1}
+E2E_WRK=${E2E_WRK:-1}
+if [[ $E2E_WRK != 0 ]] && ! command -v wrk >/dev/null 2>&1; then
+    echo "e2e: wrk is not installed: the reference client's rows are skipped (apt-get install -y wrk)" >&2
+    E2E_WRK=0
+fi
 OLD_BIN=${REHYDRATE_OLD:-}
 E2E_OLD_ON=${E2E_OLD_ON:-W1 W7 W8 W9 CPU}
 want() { [[ -z $E2E_ONLY || " $E2E_ONLY " == *" $1 "* ]]; }
@@ -174,6 +191,10 @@ if want CPU; then
     rm -f "$WORK/source.img"
 fi
 ls "$STORE/blocks" | sort >"$WORK/keys"
+sed -e 's|^|/bucket/snap/blocks/|' "$WORK/keys" >"$WORK/wrk-snap.keys"
+if [[ -d $ROOT/bucket/snap256 ]]; then
+    ls "$ROOT/bucket/snap256/blocks" | sort | sed -e 's|^|/bucket/snap256/blocks/|' >"$WORK/wrk-snap256.keys"
+fi
 NOBJ=$(wc -l <"$WORK/keys")
 BYTES=$(du -sb --apparent-size "$STORE/blocks" | cut -f1)
 
@@ -214,6 +235,16 @@ unset AWS_PROFILE AWS_SESSION_TOKEN
 
 # --- measurement --------------------------------------------------------------
 busy_jiffies() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }
+server_jiffies() { # nginx's worker processes (both instances): user+sys
+    local total=0 master worker
+    for master in "$RUN/nginx.pid" "$RUN/nginx-latency.pid"; do
+        [[ -f $master ]] || continue
+        for worker in $(pgrep -P "$(cat "$master")"); do
+            total=$((total + $(awk '{print $14 + $15}' "/proc/$worker/stat" 2>/dev/null || echo 0)))
+        done
+    done
+    echo "$total"
+}
 log_lines() { wc -l <"$ACCESS_LOG" 2>/dev/null || echo 0; }
 
 # measure ROUND WORKLOAD CLIENT SYNC_DIR -- CMD...: time CMD (and `sync -f
@@ -222,14 +253,14 @@ measure() {
     local round=$1 wl=$2 client=$3 sync_dir=$4
     shift 5
     sync -f "$OUT"
-    local b0 l0 t0 t1 b1 code=0
-    b0=$(busy_jiffies) l0=$(log_lines) t0=$(date +%s.%N)
+    local b0 l0 t0 t1 b1 s0 s1 code=0
+    s0=$(server_jiffies) b0=$(busy_jiffies) l0=$(log_lines) t0=$(date +%s.%N)
     /usr/bin/time -f "%M %U %S" -o "$WORK/rss" "$@" >"$WORK/stdout" 2>"$WORK/stderr" || code=$?
     [[ $sync_dir == - ]] || sync -f "$sync_dir"
-    t1=$(date +%s.%N) b1=$(busy_jiffies)
+    t1=$(date +%s.%N) b1=$(busy_jiffies) s1=$(server_jiffies)
     tail -n "+$((l0 + 1))" "$ACCESS_LOG" >"$WORK/window.log"
     python3 "$REPORT_PY" record --round "$round" --workload "$wl" --client "$client" --bytes "${MEASURE_BYTES:-$BYTES}" \
-        --t0 "$t0" --t1 "$t1" --busy-jiffies "$((b1 - b0))" --clk-tck "$(getconf CLK_TCK)" \
+        --t0 "$t0" --t1 "$t1" --busy-jiffies "$((b1 - b0))" --server-jiffies "$((s1 - s0))" --clk-tck "$(getconf CLK_TCK)" \
         --rss-file "$WORK/rss" --access "$WORK/window.log" --exit "$code" >"$WORK/last.json"
     if ((code != 0)); then
         echo "  $wl $client exited $code; last stderr lines:" >&2
@@ -283,6 +314,16 @@ rehydrate_round() { # round workload port manifest config [restore args]; VERIFY
         args[4]=$old_config
         rehydrate_one "$OLD_BIN" "rehydrate old" "${args[@]}"
     fi
+}
+# The reference client on one workload's shape: every object once.
+reference_round() { # round workload port snapshot connections
+    [[ $E2E_WRK != 0 ]] || return 0
+    local keys=$WORK/wrk-$4.keys
+    rm -f "$WORK/wrk.done"
+    # Both snapshots hold the same volume: W1's bytes (as rehydrate's W8 rows).
+    KEYS=$keys THREADS=2 DONE=$WORK/wrk.done \
+        measure "$1" "$2" wrk - -- wrk -t2 -c"$5" -d600s -s "$HERE/benches/e2e/once.lua" "http://127.0.0.1:$3"
+    echo '{}' | commit && say
 }
 rehydrate_one() { # binary client round workload port manifest config [restore args]
     local bin=$1 client=$2 round=$3 wl=$4 port=$5 manifest=$6 config=$7
@@ -387,6 +428,7 @@ for round in $(seq "$RUNS"); do
     s5() { [[ $E2E_S5CMD == 0 ]] || s5cmd_round "$@"; }
     # W1 always: the other workloads are compared with it in the same round.
     rehydrate_round "$round" W1 9080 s3://bucket/snap/vol.manifest "$WORK/clean.toml"
+    reference_round "$round" W1 9080 snap 120
 
     if want W2; then
         s5 "$round" W2 9082 bucket "$best_workers"
@@ -408,11 +450,15 @@ for round in $(seq "$RUNS"); do
         s5 "$round" W5 9080 bucket2 "$best_workers"
         rehydrate_round "$round" W5 9080 s3://bucket2/snap/vol.manifest "$WORK/clean.toml" --secondary "file://$STORE"
     fi
-    if want W7; then rehydrate_round "$round" W7 9089 s3://bucket/snap/vol.manifest "$WORK/clean.toml"; fi
+    if want W7; then
+        rehydrate_round "$round" W7 9089 s3://bucket/snap/vol.manifest "$WORK/clean.toml"
+        reference_round "$round" W7 9089 snap 120
+    fi
     if want W7s; then rehydrate_round "$round" W7s 9090 s3://bucket/snap/vol.manifest "$WORK/clean.toml"; fi
     if want W8; then
         VERIFY=file://$ROOT/bucket/snap256/vol.manifest \
             rehydrate_round "$round" W8 9089 s3://bucket/snap256/vol.manifest "$WORK/clean.toml"
+        reference_round "$round" W8 9089 snap256 409
     fi
     if want W8s; then
         VERIFY=file://$ROOT/bucket/snap256/vol.manifest \
@@ -421,6 +467,7 @@ for round in $(seq "$RUNS"); do
     if want W8c; then
         VERIFY=file://$ROOT/bucket/snap256/vol.manifest \
             rehydrate_round "$round" W8c 9080 s3://bucket/snap256/vol.manifest "$WORK/clean.toml"
+        reference_round "$round" W8c 9080 snap256 409
     fi
     if want W9; then
         VERIFY=file://$ROOT/bucket/snapz/vol.manifest MEASURE_BYTES=$((SIZE_MIB << 20)) \

@@ -56,6 +56,7 @@ def record(a):
         "round": a.round, "workload": a.workload, "client": a.client, "bytes": a.bytes,
         "secs": secs, "bytes_per_sec": a.bytes / secs if secs > 0 else 0.0,
         "busy_secs": a.busy_jiffies / a.clk_tck, "rss_kib": rss, "own_cpu_secs": own_cpu,
+        "server_cpu_secs": a.server_jiffies / a.clk_tck,
         "requests": requests, "s503": s503, "other_errors": other_errors, "exit": a.exit,
     }))
 
@@ -163,16 +164,19 @@ def table(a):
                               1 if k[1].startswith("GET") or k[1].startswith("fio") else 2 if k[1].startswith("P") else
                               2 if k[1].startswith("s5cmd -w") else 3 if k[1].startswith("s5cmd") else 4))
 
-    head = ["wl", "client", "GiB/s", "/P", "/W1", "/s5cmd", "time/W1", "jobs +-%", "own CPU s/GiB", "tail s", "CPU s/GiB", "RSS MiB", "requests", "503s",
+    head = ["wl", "client", "GiB/s", "/P", "/W1", "/s5cmd", "time/W1", "jobs +-%", "own CPU s/GiB", "tail s", "CPU s/GiB",
+            "server CPU s/GiB", "RSS MiB", "requests", "503s",
             "secondary", "hedges", "corrupt written", "missing", "exit"]
     # rehydrate's time on each workload over its W1 time in the same round:
     # the rounds drift with the machine, the pairs much less.
     # Each binary against its own W1 ("rehydrate old" against the old one's;
     # W10's worker against the new one's).
-    w1 = {(r["round"], r["client"]): r for r in recs if r["workload"] == "W1" and r["client"].startswith("rehydrate")}
+    # The reference client's rows ("wrk") against its own W1-shaped row.
+    w1 = {(r["round"], r["client"]): r for r in recs
+          if r["workload"] == "W1" and (r["client"].startswith("rehydrate") or r["client"] == "wrk")}
 
     def w1_of(r):
-        return w1.get((r["round"], r["client"] if r["client"] == "rehydrate old" else "rehydrate"))
+        return w1.get((r["round"], r["client"] if r["client"] in ("rehydrate old", "wrk") else "rehydrate"))
 
     def time_over_w1(rs):  # only where the bytes are W1's
         return med([r["secs"] / w1_of(r)["secs"] if w1_of(r) and w1_of(r)["bytes"] == r["bytes"] else None for r in rs])
@@ -215,15 +219,20 @@ def table(a):
             label = "s5cmd -w " + ",".join(sorted({r["client"].split()[-1] for r in rs}))
         exits = ",".join(sorted({str(r["exit"]) for r in rs}))
         rehydrate_row = client.startswith("rehydrate")
+        reference_row = client == "wrk"
         if client.endswith(" best"):
             label += " (" + ",".join(sorted({r["best_of"] for r in rs})) + ")"
         own = med([r["own_cpu_secs"] / x if r.get("own_cpu_secs") is not None else None for r, x in zip(rs, gib)])
         lines.append([wl, label, fmt(g / GIB, ".3f"), fmt(g / p if p else None, ".2f"),
-                      fmt(rate_over_w1(rs) if rehydrate_row else None, ".3f"), fmt(g / ref if ref else None, ".2f"),
-                      fmt(time_over_w1(rs) if rehydrate_row else None, ".3f"), fmt(spread(rs), ".1f"),
+                      fmt(rate_over_w1(rs) if rehydrate_row or reference_row else None, ".3f"),
+                      fmt(g / ref if ref else None, ".2f"),
+                      fmt(time_over_w1(rs) if rehydrate_row or reference_row else None, ".3f"), fmt(spread(rs), ".1f"),
                       fmt(own if rehydrate_row else None, ".2f"),
                       fmt(med([r.get("tail_secs") for r in rs]) if rehydrate_row else None, ".3f"),
-                      fmt(cpu, ".2f"), fmt(rss, ".0f"), fmt(med([r["requests"] for r in rs]), ".0f"),
+                      fmt(cpu, ".2f"),
+                      fmt(med([r["server_cpu_secs"] / x if r.get("server_cpu_secs") is not None else None
+                               for r, x in zip(rs, gib)]), ".2f"),
+                      fmt(rss, ".0f"), fmt(med([r["requests"] for r in rs]), ".0f"),
                       fmt(med([r["s503"] for r in rs]), ".0f"), fmt(med([r.get("secondary") for r in rs]), ".0f"),
                       fmt(med([r.get("hedges") for r in rs]), ".0f"),
                       fmt(med([r.get("corrupt_written") for r in rs]), ".0f")
@@ -245,7 +254,9 @@ def table(a):
           "rehydrate's process user+sys s per GiB (GNU time); /s5cmd: rehydrate over s5cmd on the same "
           "workload (W1: s5cmd's best worker count); time/W1: median over rounds of rehydrate's time over its W1 time "
           "in the same round; tail s: from the last block sent for to the last written; CPU: whole machine busy s per GiB; "
-          "requests, 503s: nginx access log")
+          "server CPU: nginx's worker processes' user+sys s per GiB (on the same cores); wrk: the reference client "
+          "(wrk, every object once, as many connections as rehydrate's window admits: 120 of 1 MiB, 409 of 256 KiB; "
+          "it only receives), its /W1 and time/W1 over its own W1-shaped row; requests, 503s: nginx access log")
     print()
     for l in lines:
         print("  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(l, widths))))
@@ -260,7 +271,7 @@ def main():
         p = argparse.ArgumentParser()
         for name in ("workload", "client", "t0", "t1", "rss-file", "access"):
             p.add_argument("--" + name, required=True)
-        for name in ("round", "bytes", "busy-jiffies", "clk-tck", "exit"):
+        for name in ("round", "bytes", "busy-jiffies", "server-jiffies", "clk-tck", "exit"):
             p.add_argument("--" + name, required=True, type=int)
         record(p.parse_args(args))
     elif cmd == "merge":
