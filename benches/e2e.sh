@@ -321,7 +321,7 @@ reference_round() { # round workload port snapshot connections
     local keys=$WORK/wrk-$4.keys
     rm -f "$WORK/wrk.done"
     # Both snapshots hold the same volume: W1's bytes (as rehydrate's W8 rows).
-    KEYS=$keys THREADS=2 DONE=$WORK/wrk.done \
+    KEYS=$keys THREADS=2 CONNECTIONS=$5 DONE=$WORK/wrk.done \
         measure "$1" "$2" wrk - -- wrk -t2 -c"$5" -d600s -s "$HERE/benches/e2e/once.lua" "http://127.0.0.1:$3"
     echo '{}' | commit && say
 }

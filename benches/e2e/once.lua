@@ -1,16 +1,24 @@
 -- wrk script for benches/e2e.sh's reference client: every key in $KEYS
 -- (one request path per line) is fetched once, the keys dealt out between
--- wrk's threads in turn ($THREADS, wrk's -t); a thread stops once it has
--- the answers to its share. A connection whose thread has sent its whole
--- share asks for the thread's first key again, so a few requests past the
--- keys may go out; they end unanswered. wrk itself runs for its -d
--- duration whatever its threads do, so each thread that is done adds a line
--- to $DONE, and the one that finds every thread's line there ends wrk.
+-- wrk's threads in turn ($THREADS, wrk's -t; $CONNECTIONS, its -c).
+--
+-- No response() callback: with one, wrk copies every body into a Lua
+-- string. Instead wrk calls delay() before every request of a connection
+-- (its first one too): delay() promises the next key of the thread's
+-- share, or, with the share all promised, keeps the connection waiting for
+-- good. Once every connection of the thread waits, the thread has all its
+-- answers. wrk also calls the first thread's request() once before any
+-- connection (to check the request parses): a call no delay() promised
+-- takes no key. wrk itself runs for its -d duration
+-- whatever its threads do, so each thread that is done adds a line to
+-- $DONE, and the one that finds every thread's line there ends wrk.
 local keys = {}
 for line in io.lines(os.getenv("KEYS")) do
     keys[#keys + 1] = line
 end
 local threads = tonumber(os.getenv("THREADS"))
+-- wrk gives each thread connections / threads of them.
+local connections = math.floor(tonumber(os.getenv("CONNECTIONS")) / threads)
 local next_id = 0
 
 function setup(thread)
@@ -24,18 +32,19 @@ function init(args)
     for _ = id + 1, #keys, threads do
         share = share + 1
     end
-    answered = 0
+    promised = 0
+    unsent = 0
+    waiting = 0
 end
 
-function request()
-    local key = keys[next_key] or keys[id + 1]
-    next_key = next_key + threads
-    return wrk.format("GET", key)
-end
-
-function response(status, headers, body)
-    answered = answered + 1
-    if answered == share then
+function delay()
+    if promised < share then
+        promised = promised + 1
+        unsent = unsent + 1
+        return 0
+    end
+    waiting = waiting + 1
+    if waiting == connections then
         local done = io.open(os.getenv("DONE"), "a")
         done:write("done\n")
         done:close()
@@ -46,6 +55,15 @@ function response(status, headers, body)
         if lines >= threads then
             os.exit(0)
         end
-        wrk.thread:stop()
     end
+    return 3600000
+end
+
+function request()
+    local key = keys[next_key]
+    if unsent > 0 then
+        unsent = unsent - 1
+        next_key = next_key + threads
+    end
+    return wrk.format("GET", key)
 end
