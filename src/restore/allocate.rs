@@ -204,7 +204,12 @@ pub(super) fn already_restored_or_refuse(
 }
 
 pub(super) fn io_error(target: &Target, what: &str, e: std::io::Error) -> RestoreError {
-    RestoreError::Io(format!("{}: {what}: {e}", target.write_path.display()))
+    io_error_at(&target.write_path, what, e)
+}
+
+/// [`io_error`] where only the written path is at hand (a blocking thread's).
+fn io_error_at(write_path: &std::path::Path, what: &str, e: std::io::Error) -> RestoreError {
+    RestoreError::Io(format!("{}: {what}: {e}", write_path.display()))
 }
 
 /// A fresh file target is sparse: it needs room for the non-zero blocks.
@@ -260,10 +265,7 @@ fn allocate_runs(
                     path.display()
                 )));
             }
-            Err(e) => {
-                let what = format!("{}: cannot allocate the blocks to write: {e}", write_path.display());
-                return Err(RestoreError::Io(what));
-            }
+            Err(e) => return Err(io_error_at(write_path, "cannot allocate the blocks to write", e)),
         }
     }
     tracing::debug!(runs_count, elapsed_ms = started.elapsed().as_millis() as u64, "preallocated the blocks to write");
