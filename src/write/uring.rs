@@ -5,7 +5,10 @@
 //! task on the ring thread, so up to `queue_depth` writes are in the ring at
 //! once; each owns its buffer (a `Bytes` refcount), which the kernel hands
 //! back with the completion. Aligned writes go through the `O_DIRECT`
-//! descriptor when there is one (see `write.rs`).
+//! descriptor when there is one (see `write.rs`); small ones may wait a few
+//! milliseconds for their neighbours first (`coalesce.rs`, [`Held`]): the
+//! loop wakes for a request, a finished write, or the oldest held write's
+//! deadline, and a held write holds its permit, so `close` waits for it.
 //!
 //! Why a tokio channel and not crossbeam: the ring thread must keep polling
 //! its runtime. tokio-uring submits queued entries and reaps completions when
@@ -24,12 +27,13 @@ use std::fs::File;
 use std::io;
 use std::rc::Rc;
 use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use super::coalesce::{group_adjacent, write_group};
+use super::coalesce::{HOLD_MAX, Held, RUN_BYTES, group_adjacent, write_group};
 use super::progress::{INTERRUPTED_MAX, write_all_at};
 use super::{Fds, Request, URING_START_TIMEOUT, WriterThread, redo_buffered};
 
@@ -39,12 +43,8 @@ pub(super) fn start(file: Fds<File>, queue_depth: usize) -> io::Result<(mpsc::Se
     let (tx, rx) = mpsc::channel(queue_depth);
     let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
     let (exit_tx, exited) = oneshot::channel();
-    // Requests in flight never exceed queue_depth (one permit each), so a
-    // submission queue that large never needs an early flush. The kernel
-    // wants a power of two.
-    let entries = queue_depth.next_power_of_two().max(8) as u32;
     let handle = std::thread::Builder::new().name("rehydrate-uring".to_owned()).spawn(move || {
-        let _ = exit_tx.send(run(file, rx, entries, ready_tx));
+        let _ = exit_tx.send(run(file, rx, queue_depth, HOLD_MAX, ready_tx));
     })?;
     // Bounded wait: a ring that never answers must not hang `open`. On any
     // failure the thread is not joined (tearing down a ring with a stuck
@@ -69,9 +69,14 @@ pub(super) fn start(file: Fds<File>, queue_depth: usize) -> io::Result<(mpsc::Se
 fn run(
     file: Fds<File>,
     rx: mpsc::Receiver<Request>,
-    entries: u32,
+    queue_depth: usize,
+    hold_max: Duration,
     ready: std_mpsc::SyncSender<io::Result<()>>,
 ) -> io::Result<()> {
+    // Requests in flight never exceed queue_depth (one permit each), so a
+    // submission queue that large never needs an early flush. The kernel
+    // wants a power of two.
+    let entries = queue_depth.next_power_of_two().max(8) as u32;
     let runtime = match tokio_uring::Runtime::new(tokio_uring::builder().entries(entries)) {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -95,33 +100,58 @@ fn run(
             }
         }
         let _ = ready.send(Ok(()));
-        serve(file.map(tokio_uring::fs::File::from_std), rx).await
+        serve(file.map(tokio_uring::fs::File::from_std), rx, queue_depth, hold_max).await
     })
 }
 
-async fn serve(file: Fds<tokio_uring::fs::File>, mut rx: mpsc::Receiver<Request>) -> io::Result<()> {
+async fn serve(
+    file: Fds<tokio_uring::fs::File>,
+    mut rx: mpsc::Receiver<Request>,
+    queue_depth: usize,
+    hold_max: Duration,
+) -> io::Result<()> {
     let file = Rc::new(file);
     // Bounded by queue_depth: each task holds its request's permit until it
     // answers, and finished tasks are reaped as we go.
     let mut in_flight = JoinSet::new();
-    loop {
+    // Small direct writes waiting for their neighbours (`coalesce.rs`). They
+    // hold their permits too, so past half the queue they all go.
+    let mut held = Held::new(hold_max);
+    let held_max = (queue_depth / 2).max(1);
+    let mut open = true;
+    while open || !held.is_empty() {
+        let deadline = held.deadline();
+        let mut ready = Vec::new();
         tokio::select! {
-            request = rx.recv() => match request {
+            request = rx.recv(), if open => match request {
                 Some(request) => {
                     // Whatever else is queued goes with it, so writes that
-                    // sit end to end are merged (`coalesce.rs`).
+                    // sit end to end are merged.
+                    let now = Instant::now();
                     let mut batch = vec![request];
                     while let Ok(more) = rx.try_recv() {
                         batch.push(more);
                     }
-                    for group in group_adjacent(batch, |request| mergeable(&file, request)) {
-                        in_flight.spawn_local(handle_group(file.clone(), group));
+                    for request in batch {
+                        match mergeable(&file, &request).filter(|&(_, len)| len < RUN_BYTES) {
+                            Some((offset, len)) => ready.extend(held.hold(offset, len, request, now)),
+                            None => ready.push(request),
+                        }
                     }
                 }
                 // Disconnected and empty: everything queued was taken.
-                None => break,
+                None => open = false,
             },
             Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => log_panic(joined),
+            () = sleep_until(deadline), if deadline.is_some() => {}
+        }
+        ready.extend(held.take_runs());
+        let expired = held.deadline().is_some_and(|at| at <= Instant::now());
+        if !open || expired || held.len() >= held_max {
+            ready.extend(held.take_all());
+        }
+        for group in group_adjacent(ready, |request| mergeable(&file, request)) {
+            in_flight.spawn_local(handle_group(file.clone(), group));
         }
     }
     while let Some(joined) = in_flight.join_next().await {
@@ -137,6 +167,13 @@ async fn serve(file: Fds<tokio_uring::fs::File>, mut rx: mpsc::Receiver<Request>
         }
         // Unreachable once every task is joined; the fds close on drop.
         Err(_) => Ok(()),
+    }
+}
+
+/// Sleep until `deadline`; the caller polls this only when there is one.
+async fn sleep_until(deadline: Option<Instant>) {
+    if let Some(deadline) = deadline {
+        tokio::time::sleep_until(deadline.into()).await;
     }
 }
 
@@ -251,20 +288,29 @@ mod tests {
     const BLOCK: usize = 64 * 1024;
 
     fn block(fill: u8) -> Bytes {
-        let mut buf = BufPool::shared().take(BLOCK).unwrap();
-        buf.extend_from_slice(&vec![fill; BLOCK]).unwrap();
+        block_of(BLOCK, fill)
+    }
+
+    fn block_of(len: usize, fill: u8) -> Bytes {
+        let mut buf = BufPool::shared().take(len).unwrap();
+        buf.extend_from_slice(&vec![fill; len]).unwrap();
         buf.into_bytes()
     }
 
-    #[test]
-    fn writes_queued_together_end_to_end_go_as_one_vectored_write_and_the_rest_alone() {
+    /// A target in a fresh directory with its `O_DIRECT` descriptor.
+    fn direct_target() -> (tempfile::TempDir, std::path::PathBuf, Fds<File>, Arc<WriteCounts>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("target");
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         let direct = open_direct(&file, DirectIo::On).unwrap();
         assert!(direct.is_some(), "the test directory's filesystem refuses O_DIRECT");
         let counts = Arc::new(WriteCounts::default());
-        let fds = Fds { buffered: file, direct, counts: Arc::clone(&counts) };
+        (dir, path, Fds { buffered: file, direct, counts: Arc::clone(&counts) }, counts)
+    }
+
+    #[test]
+    fn writes_queued_together_end_to_end_go_as_one_vectored_write_and_the_rest_alone() {
+        let (_dir, path, fds, counts) = direct_target();
 
         // Queued before the ring thread runs, so it finds them all at once:
         // blocks 0-7 out of order, block 9 after a gap, and an unaligned
@@ -285,7 +331,7 @@ mod tests {
         send(tail_offset, Bytes::from(vec![0xEE; 1000]));
         drop(tx);
         let (ready, _ready_rx) = std_mpsc::sync_channel(1);
-        run(fds, rx, 64, ready).unwrap();
+        run(fds, rx, 64, HOLD_MAX, ready).unwrap();
 
         for answer in answers {
             answer.blocking_recv().unwrap().unwrap();
@@ -300,5 +346,50 @@ mod tests {
         }
         assert!(data[8 * BLOCK..9 * BLOCK].iter().all(|&b| b == 0), "the gap stays a hole");
         assert!(data[10 * BLOCK..].iter().all(|&b| b == 0xEE));
+    }
+
+    #[test]
+    fn small_writes_arriving_one_at_a_time_are_held_until_their_run_is_whole_or_their_time_is_up() {
+        let (_dir, path, fds, counts) = direct_target();
+        let quarter = RUN_BYTES / 4;
+        let (tx, rx) = mpsc::channel(64);
+        let permits = Arc::new(Semaphore::new(64));
+        // Each write alone in the queue (the ring thread takes it before the
+        // next is sent): blocks 1, 0, 3, 2 make one run of RUN_BYTES; block
+        // 5 has no neighbour and goes when its (long, for the test) hold is
+        // up, answered while the queue is still open.
+        let sender = std::thread::spawn(move || {
+            let send = |i: u8| {
+                let (reply, answer) = oneshot::channel();
+                let _permit = Arc::clone(&permits).try_acquire_owned().unwrap();
+                let request = super::super::Request::Write {
+                    offset: u64::from(i) * quarter as u64,
+                    bytes: block_of(quarter, i + 1),
+                    reply,
+                    _permit,
+                };
+                tx.blocking_send(request).unwrap();
+                std::thread::sleep(Duration::from_millis(10));
+                answer
+            };
+            let run: Vec<_> = [1u8, 0, 3, 2].into_iter().map(send).collect();
+            for answer in run {
+                answer.blocking_recv().unwrap().unwrap();
+            }
+            send(5).blocking_recv().unwrap().unwrap();
+        });
+        let (ready, _ready_rx) = std_mpsc::sync_channel(1);
+        run(fds, rx, 64, Duration::from_secs(2), ready).unwrap();
+        sender.join().unwrap();
+
+        assert_eq!(counts.merged.load(Ordering::Relaxed), 4, "blocks 0-3 in one vectored write");
+        assert_eq!(counts.direct.load(Ordering::Relaxed), 5, "block 5 went direct alone");
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(data.len(), 6 * quarter);
+        for i in [0u8, 1, 2, 3, 5] {
+            let at = usize::from(i) * quarter;
+            assert!(data[at..at + quarter].iter().all(|&b| b == i + 1), "block {i}");
+        }
+        assert!(data[4 * quarter..5 * quarter].iter().all(|&b| b == 0), "the gap stays a hole");
     }
 }
