@@ -92,6 +92,10 @@
 #      E2E_ONLY      workloads to run, e.g. "P W1 W3 W4" (default: all)
 #      E2E_S5CMD     0: leave s5cmd out (default 1)
 #      E2E_WRK       0: leave the reference client (wrk) out (default 1)
+#      E2E_PAIR      0: compare every workload with the round's one W1 run
+#                    (default 1: each rehydrate workload after W1 runs right
+#                    after a W1 run of its own, "rehydrate beside Wn", and is
+#                    compared with that: the disk drifts within a round)
 #      REHYDRATE_OLD a second binary (the one before a change): on the
 #                    workloads in E2E_OLD_ON (default "W1 W7 W8 W9 CPU") it
 #                    restores right after BIN, as the row "rehydrate old"
@@ -120,6 +124,7 @@ SEED=${SEED:-1}
 E2E_ONLY=${E2E_ONLY:-}
 E2E_S5CMD=${E2E_S5CMD:-1}
 E2E_WRK=${E2E_WRK:-1}
+E2E_PAIR=${E2E_PAIR:-1}
 if [[ $E2E_WRK != 0 ]] && ! command -v wrk >/dev/null 2>&1; then
     echo "e2e: wrk is not installed: the reference client's rows are skipped (apt-get install -y wrk)" >&2
     E2E_WRK=0
@@ -303,6 +308,7 @@ s5cmd_round() { # round workload port bucket workers
 }
 
 rehydrate_round() { # round workload port manifest config [restore args]; VERIFY: the manifest to verify against
+    w1_beside "$1" "$2"
     rehydrate_one "$BIN" rehydrate "$@"
     if [[ -n $OLD_BIN && " $E2E_OLD_ON " == *" $2 "* ]]; then
         local old_config=$5
@@ -314,6 +320,12 @@ rehydrate_round() { # round workload port manifest config [restore args]; VERIFY
         args[4]=$old_config
         rehydrate_one "$OLD_BIN" "rehydrate old" "${args[@]}"
     fi
+}
+# A W1 run right before workload $2, which report.py compares it with.
+w1_beside() { # round workload
+    [[ $E2E_PAIR != 0 && $2 != W1 && $2 != CPU ]] || return 0
+    VERIFY='' MEASURE_BYTES='' rehydrate_one "$BIN" "rehydrate beside $2" "$1" W1 9080 \
+        s3://bucket/snap/vol.manifest "$WORK/clean.toml"
 }
 # The reference client on one workload's shape: every object once.
 reference_round() { # round workload port snapshot connections
@@ -397,6 +409,7 @@ EOF
 proc_cpu_secs() { awk -v tck="$(getconf CLK_TCK)" '{print ($14 + $15) / tck}' "/proc/$1/stat"; }
 w10_round() { # round
     local round=$1 c0 c1 hwm ok=true f
+    w1_beside "$round" W10
     rm -f "$OUT"/w10/*.img
     c0=$(proc_cpu_secs "$WORKER_PID")
     MEASURE_BYTES=$((8 * 512 << 20)) measure "$round" W10 "rehydrate serve, 8 jobs" "$OUT" -- \

@@ -140,6 +140,8 @@ def table(a):
     for rnd in rounds:
         rr = [r for r in recs if r["round"] == rnd]
         for r in rr:
+            if r["client"].startswith("rehydrate beside "):
+                continue  # a W1 run paired with one workload: only its ratio's denominator
             if r["client"].startswith("s5cmd") and r["workload"] != "W1":
                 add((r["workload"], "s5cmd at W1's best -w"), r)
             else:
@@ -167,8 +169,9 @@ def table(a):
     head = ["wl", "client", "GiB/s", "/P", "/W1", "/s5cmd", "time/W1", "jobs +-%", "own CPU s/GiB", "tail s", "CPU s/GiB",
             "server CPU s/GiB", "RSS MiB", "requests", "503s",
             "secondary", "hedges", "corrupt written", "missing", "exit"]
-    # rehydrate's time on each workload over its W1 time in the same round:
-    # the rounds drift with the machine, the pairs much less.
+    # rehydrate's time on each workload over its W1 time in the same round,
+    # the W1 run right before it where there is one: the rounds drift with
+    # the machine, the pairs much less.
     # Each binary against its own W1 ("rehydrate old" against the old one's;
     # W10's worker against the new one's).
     # The reference client's rows ("wrk") against its own W1-shaped row.
@@ -176,6 +179,11 @@ def table(a):
           if r["workload"] == "W1" and (r["client"].startswith("rehydrate") or r["client"] == "wrk")}
 
     def w1_of(r):
+        # The W1 run right before this workload's (e2e.sh's E2E_PAIR), else the round's.
+        if r["client"] == "rehydrate":
+            beside = w1.get((r["round"], "rehydrate beside " + r["workload"]))
+            if beside:
+                return beside
         return w1.get((r["round"], r["client"] if r["client"] in ("rehydrate old", "wrk") else "rehydrate"))
 
     def time_over_w1(rs):  # only where the bytes are W1's
@@ -253,7 +261,7 @@ def table(a):
           "round; jobs +-%: W10's largest distance of a job's time from the median job's (worst round); own CPU: "
           "rehydrate's process user+sys s per GiB (GNU time); /s5cmd: rehydrate over s5cmd on the same "
           "workload (W1: s5cmd's best worker count); time/W1: median over rounds of rehydrate's time over its W1 time "
-          "in the same round; tail s: from the last block sent for to the last written; CPU: whole machine busy s per GiB; "
+          "in the same round (with E2E_PAIR, the default: the W1 run right before it); tail s: from the last block sent for to the last written; CPU: whole machine busy s per GiB; "
           "server CPU: nginx's worker processes' user+sys s per GiB (on the same cores); wrk: the reference client "
           "(wrk, every object once, as many connections as rehydrate's window admits: 120 of 1 MiB, 409 of 256 KiB; "
           "it only receives), its /W1 and time/W1 over its own W1-shaped row; requests, 503s: nginx access log")
