@@ -179,8 +179,9 @@ def table(a):
           if r["workload"] == "W1" and (r["client"].startswith("rehydrate") or r["client"] == "wrk")}
 
     def w1_of(r):
-        # The W1 run right before this workload's (e2e.sh's E2E_PAIR), else the round's.
-        if r["client"] == "rehydrate":
+        # The W1 run right before this workload's (e2e.sh's E2E_PAIR; W10's
+        # worker too), else the round's.
+        if r["client"].startswith("rehydrate") and r["client"] != "rehydrate old":
             beside = w1.get((r["round"], "rehydrate beside " + r["workload"]))
             if beside:
                 return beside
